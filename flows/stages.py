@@ -1,0 +1,79 @@
+"""One Prefect flow per stage, and `pipeline`, which chains them (DESIGN §1 data flow).
+
+image source -> ingest -> encode -> hierarchy -> train (decoder, level 0..L-1) -> evaluate
+"""
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.report import format_report, publish_report, record_run
+from storage.config import TFConfig
+from storage.tables import new_run_id
+from tasks.encode import encode_latents
+from tasks.evaluate import evaluate_run
+from tasks.hierarchy import build_teacher
+from tasks.ingest import ingest_images
+from tasks.train import train_decoder_task, train_level_task
+
+
+def _finish(flow_name: str, config: TFConfig, root: str, run_id: str, results: list[dict]) -> dict:
+    weights = next((r["encoder_weights"] for r in results if "encoder_weights" in r), "")
+    table = record_run(root, run_id, flow_name, results, weights)
+    publish_report(run_id, results)
+    outputs = {"run table": str(table)}
+    for r in results:
+        if "metrics_table" in r:
+            outputs.update({"metrics": r["metrics_table"], "grid": r["grid_png"]})
+    print(format_report(run_id, results, outputs))
+    return {"run_id": run_id, "stages": results, "outputs": outputs}
+
+
+@flow(name="ingest")
+def ingest_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None) -> dict:
+    run_id = run_id or new_run_id()
+    return _finish("ingest", config, root, run_id, [ingest_images(config, root)])
+
+
+@flow(name="encode")
+def encode_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None) -> dict:
+    run_id = run_id or new_run_id()
+    return _finish("encode", config, root, run_id, [encode_latents(config, root)])
+
+
+@flow(name="hierarchy")
+def hierarchy_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None) -> dict:
+    run_id = run_id or new_run_id()
+    return _finish("hierarchy", config, root, run_id, [build_teacher(config, root)])
+
+
+def _train(config: TFConfig, root: str, levels: list[int] | None) -> list[dict]:
+    wanted = range(config.hierarchy.num_levels) if levels is None else levels
+    return [train_decoder_task(config, root)] + [train_level_task(config, root, level) for level in wanted]
+
+
+@flow(name="train")
+def train_flow(config: TFConfig = TFConfig(), root: str = "data", levels: list[int] | None = None,
+               run_id: str | None = None) -> dict:
+    run_id = run_id or new_run_id()
+    return _finish("train", config, root, run_id, _train(config, root, levels))
+
+
+@flow(name="evaluate")
+def evaluate_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None) -> dict:
+    run_id = run_id or new_run_id()
+    return _finish("evaluate", config, root, run_id, [evaluate_run(config, root, run_id)])
+
+
+@flow(name="pipeline")
+def pipeline_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None) -> dict:
+    run_id = run_id or new_run_id()
+    results = [ingest_images(config, root)]
+    results.append(encode_latents(config, root))
+    results.append(build_teacher(config, root))
+    results += _train(config, root, None)
+    results.append(evaluate_run(config, root, run_id))
+    return _finish("pipeline", config, root, run_id, results)
+
+
+FLOWS = {"pipeline": pipeline_flow, "ingest": ingest_flow, "encode": encode_flow,
+         "hierarchy": hierarchy_flow, "train": train_flow, "evaluate": evaluate_flow}

@@ -1,0 +1,189 @@
+"""DINOv2 patch-token encoder (timm), loaded only from a local weights file.
+
+Latents are the patch tokens of the last block after the final norm, with the
+class and register tokens dropped, laid out as a [g, g, C] grid per image.
+Weights come from a local file through timm's own pretrained path, so timm's
+DINOv2 checkpoint filter converts the original Facebook key layout and
+resamples the position embeddings to the requested image size. Nothing is ever
+downloaded: without a file the model is randomly initialised (only when
+allowed) and labelled "random-init".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+# Short names -> timm architectures. Both forms are accepted by build_encoder.
+ENCODERS: dict[str, str] = {
+    "dinov2-s14": "vit_small_patch14_dinov2",
+    "dinov2-b14": "vit_base_patch14_dinov2",
+    "dinov2-l14": "vit_large_patch14_dinov2",
+    "dinov2-g14": "vit_giant_patch14_dinov2",
+    "dinov2-s14-reg": "vit_small_patch14_reg4_dinov2",
+    "dinov2-b14-reg": "vit_base_patch14_reg4_dinov2",
+    "dinov2-l14-reg": "vit_large_patch14_reg4_dinov2",
+    "dinov2-g14-reg": "vit_giant_patch14_reg4_dinov2",
+}
+
+RANDOM_INIT_LABEL = "random-init"
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Raised when no usable encoder weights file is configured."""
+
+
+def _missing_weights_message(timm_name: str, weights: str | None) -> str:
+    what = "no encoder weights configured" if not weights else f"encoder weights file not found: {weights}"
+    return (
+        f"{what} (model {timm_name}). Supply weights by setting the config key "
+        f"encoder.weights to a local file: either a timm/HF safetensors file "
+        f"(timm key layout, e.g. model.safetensors of timm/{timm_name}.lvd142m) or the "
+        f"original Facebook checkpoint dinov2_vit*14*_pretrain.pth. Nothing is downloaded. "
+        f"For wiring-only runs set encoder.allow_random_init: true instead "
+        f"(results are then labelled encoder_weights='{RANDOM_INIT_LABEL}')."
+    )
+
+
+def resolve_encoder_name(model: str) -> str:
+    """Map a short name from ENCODERS (or a timm name) to the timm architecture name."""
+    if model in ENCODERS:
+        return ENCODERS[model]
+    if model in ENCODERS.values():
+        return model
+    known = ", ".join(sorted(ENCODERS) + sorted(ENCODERS.values()))
+    raise ValueError(f"unknown encoder {model!r}; expected one of: {known}")
+
+
+def weights_file_label(path: str) -> str:
+    """'file:<basename>:<first 12 hex of sha256>' identifying a weights file by content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"file:{os.path.basename(path)}:{digest.hexdigest()[:12]}"
+
+
+def build_encoder(
+    model: str,
+    img_size: int,
+    weights: str | None,
+    allow_random_init: bool,
+    seed: int = 0,
+) -> tuple[nn.Module, str]:
+    """Build a DINOv2 encoder in eval mode and return (model, weights_label).
+
+    With an existing `weights` file the weights are loaded through timm (safetensors
+    in timm layout, or the original dinov2_*_pretrain.pth layout, read with
+    weights_only=True). Otherwise the model is randomly initialised under `seed`
+    if `allow_random_init`, else MissingWeightsError is raised.
+    """
+    timm_name = resolve_encoder_name(model)
+    if weights and os.path.isfile(weights):
+        # Clearing url/hf_hub_id guarantees timm has no remote source to fall back on.
+        overlay = dict(file=os.fspath(weights), url=None, hf_hub_id=None)
+        encoder = timm.create_model(
+            timm_name,
+            pretrained=True,
+            img_size=img_size,
+            num_classes=0,
+            pretrained_cfg_overlay=overlay,
+        )
+        label = weights_file_label(weights)
+    elif allow_random_init:
+        if weights:
+            logger.warning("encoder weights file %s not found; using random init (allowed by config)", weights)
+        # fork_rng keeps the caller's global torch RNG stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = timm.create_model(timm_name, pretrained=False, img_size=img_size, num_classes=0)
+        label = RANDOM_INIT_LABEL
+    else:
+        raise MissingWeightsError(_missing_weights_message(timm_name, weights))
+    encoder.requires_grad_(False)
+    return encoder.eval(), label
+
+
+def grid_size(model: nn.Module) -> int:
+    """Tokens per side of the patch grid (img_size // patch)."""
+    rows, cols = model.patch_embed.grid_size
+    if rows != cols:
+        raise ValueError(f"expected a square token grid, got {rows}x{cols}")
+    return int(rows)
+
+
+def token_dim(model: nn.Module) -> int:
+    """Channels per patch token."""
+    return int(model.embed_dim)
+
+
+def _image_size(model: nn.Module) -> tuple[int, int]:
+    rows, cols = model.patch_embed.img_size
+    return int(rows), int(cols)
+
+
+def _normalise(model: nn.Module, images01: Tensor) -> Tensor:
+    """Resize [B,3,H,W] in [0,1] to the model's size and apply its mean/std."""
+    size = _image_size(model)
+    if tuple(images01.shape[-2:]) != size:
+        images01 = F.interpolate(images01, size=size, mode="bilinear", align_corners=False, antialias=True)
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg["mean"], dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
+    return (images01 - mean) / std
+
+
+def _patch_tokens(model: nn.Module, images01: Tensor) -> Tensor:
+    """[B,3,H,W] in [0,1] -> [B, T, C] final-norm patch tokens without prefix tokens."""
+    tokens = model.forward_features(_normalise(model, images01))
+    return tokens[:, model.num_prefix_tokens :]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_images(
+    model: nn.Module,
+    images: np.ndarray,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    dtype: torch.dtype | None = None,
+) -> np.ndarray:
+    """Encode uint8 [N,H,W,3] images to float32 token grids [N, g, g, C].
+
+    The model is moved to `device`. A `dtype` such as torch.bfloat16 runs the
+    forward pass under autocast; the result is always float32.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 [N,H,W,3] images, got {images.dtype} {images.shape}")
+    device = torch.device(device)
+    model.to(device)
+    side, channels = grid_size(model), token_dim(model)
+    out = np.empty((len(images), side, side, channels), dtype=np.float32)
+    use_autocast = dtype is not None and dtype != torch.float32
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        batch01 = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=use_autocast):
+            tokens = _patch_tokens(model, batch01)
+        out[start : start + len(batch)] = tokens.float().reshape(len(batch), side, side, channels).cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def encode_tensor(model: nn.Module, images01: Tensor) -> Tensor:
+    """Encode float [B,3,H,W] images in [0,1] (on the model's device) to [B, T, C] tokens."""
+    if images01.ndim != 4 or images01.shape[1] != 3:
+        raise ValueError(f"expected [B,3,H,W] images, got {tuple(images01.shape)}")
+    return _patch_tokens(model, images01.to(_model_device(model), torch.float32))

@@ -1,0 +1,122 @@
+"""The mean-flow objective (DESIGN.md section 3): x-prediction, improved-MeanFlow compound target.
+
+Convention: z_t = (1 - t) x + t e, e ~ N(0, I), so the instantaneous velocity is v = e - x and t = 1
+is pure noise. The x head gives the average velocity on [r, t]: u = (z_t - x_hat) / max(t, t_floor).
+Target V = u + (t - r) * stopgrad(du/dt), du/dt from one forward-mode JVP of (z, t, r) -> u along
+(v_c, 1, 0), v_c the v head's detached prediction. Losses ||V - v||^2 and ||v_hat - v||^2, each
+adaptively weighted by 1 / stopgrad(loss + eps), plus a region-variance term on levels 0..2.
+
+All randomness comes from the generator argument, drawn in this order: (t, r), e, label dropout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.dit import math_attention
+from models.hierarchy import region_canvas
+
+
+@dataclass
+class MeanFlowConfig:
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    time_shift: float = 10.0      # s in t' = s t / (1 + (s - 1) t); s > 1 moves times towards noise
+    uniform_share: float = 0.1    # pairs drawn from Uniform(0, 1) instead
+    equal_share: float = 0.0      # pairs forced to r = t (plain flow matching)
+    t_floor: float = 0.05
+    adaptive_eps: float = 0.01
+    v_weight: float = 1.0
+    region_weight: float = 1.0
+    label_dropout: float = 0.1
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_times(batch: int, cfg: MeanFlowConfig, generator: torch.Generator, device=None) -> tuple[Tensor, Tensor]:
+    """(t, r), float32 [batch] each, 0 <= r <= t <= 1."""
+    device = generator.device if device is None else device
+    logit = cfg.logit_mean + cfg.logit_std * torch.randn(2, batch, generator=generator, device=device)
+    pair = shift_time(torch.sigmoid(logit), cfg.time_shift)
+    uniform = torch.rand(2, batch, generator=generator, device=device)
+    use_uniform = torch.rand(batch, generator=generator, device=device) < cfg.uniform_share
+    pair = torch.where(use_uniform, uniform, pair)
+    t, r = pair.max(dim=0).values, pair.min(dim=0).values
+    use_equal = torch.rand(batch, generator=generator, device=device) < cfg.equal_share
+    return t, torch.where(use_equal, t, r)
+
+
+def average_velocity(model: nn.Module, z: Tensor, t: Tensor, r: Tensor, cond: Tensor, label: Tensor,
+                     level: Tensor, t_floor: float = 0.05) -> tuple[Tensor, Tensor]:
+    """(u, v_hat): the average velocity on [r, t] from the x head, and the v head's velocity."""
+    x_hat, v_hat = model(z, t - r, cond, label, level)
+    return (z - x_hat) / t.clamp_min(t_floor)[:, None, None], v_hat
+
+
+def region_variance_loss(x_hat: Tensor, target: Tensor, regions: Tensor) -> Tensor:
+    """Per token (1 - cos(x_hat, mean of target over the token's region))^2, averaged within each
+    region, then over the regions of each image, then over the batch."""
+    per_token = (1 - F.cosine_similarity(x_hat, region_canvas(target, regions), dim=-1)) ** 2
+    counts = torch.zeros(regions.shape[0], int(regions.max()) + 1, dtype=per_token.dtype, device=regions.device)
+    counts.scatter_add_(1, regions, torch.ones_like(per_token))
+    region_size = counts.gather(1, regions)            # [B, T]: each region's tokens sum to weight 1
+    per_image = (per_token / region_size).sum(dim=1) / (counts > 0).sum(dim=1)
+    return per_image.mean()
+
+
+def adaptive_mean(per_sample: Tensor, eps: float) -> Tensor:
+    """mean(loss / stopgrad(loss + eps)): gradient of log(loss + eps), value bounded by 1."""
+    return (per_sample / (per_sample.detach() + eps)).mean()
+
+
+def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, level: Tensor, regions: Tensor | None,
+                  cfg: MeanFlowConfig, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    """x: target level-l canvas [B, T, C]; cond [B, T, C]; label [B]; level [B]; regions [B, T] ids or
+    None. Returns (scalar loss with gradient, float stats: loss, loss_u, loss_v, loss_region)."""
+    batch = x.shape[0]
+    loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    model_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    t, r = (s.to(loss_dtype) for s in sample_times(batch, cfg, generator, x.device))
+    e = torch.randn(x.shape, generator=generator, device=x.device, dtype=loss_dtype)
+    dropped = torch.rand(batch, generator=generator, device=x.device) < cfg.label_dropout
+    label = torch.where(dropped, torch.full_like(label, model.config.num_classes), label)
+
+    target = x.to(loss_dtype)
+    z = (1 - t[:, None, None]) * target + t[:, None, None] * e
+    v = e - target
+
+    # Network inputs in the model dtype; autocast (if active) lowers the matmuls further.
+    z_in, t_in, r_in, cond_in = z.to(model_dtype), t.to(model_dtype), r.to(model_dtype), cond.to(model_dtype)
+    x_hat, v_hat = model(z_in, t_in - r_in, cond_in, label, level)
+    u = (z - x_hat.to(loss_dtype)) / t.clamp_min(cfg.t_floor)[:, None, None]
+
+    def u_of(z_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
+        return average_velocity(model, z_, t_, r_, cond_in, label, level, cfg.t_floor)[0]
+
+    tangents = (v_hat.detach().to(model_dtype), torch.ones_like(t_in), torch.zeros_like(r_in))
+    with torch.no_grad(), math_attention(model):   # the tangent is a stop-gradient target: no graph needed
+        _, du_dt = torch.func.jvp(u_of, (z_in, t_in, r_in), tangents)
+    compound = u + (t - r)[:, None, None] * du_dt.to(loss_dtype)
+
+    loss_u = ((compound - v) ** 2).mean(dim=(1, 2))
+    loss_v = ((v_hat.to(loss_dtype) - v) ** 2).mean(dim=(1, 2))
+    loss = adaptive_mean(loss_u, cfg.adaptive_eps) + cfg.v_weight * adaptive_mean(loss_v, cfg.adaptive_eps)
+    loss_region = torch.zeros((), dtype=loss_dtype, device=x.device)
+    if regions is not None and cfg.region_weight > 0:
+        loss_region = region_variance_loss(x_hat.to(loss_dtype), target, regions)
+        loss = loss + cfg.region_weight * loss_region
+    stats = {"loss": loss, "loss_u": loss_u.mean(), "loss_v": loss_v.mean(), "loss_region": loss_region}
+    return loss, {name: float(value.detach()) for name, value in stats.items()}
+
+
+@torch.no_grad()
+def one_step(model: nn.Module, z1: Tensor, cond: Tensor, label: Tensor, level: Tensor, t_floor: float = 0.05) -> Tensor:
+    """One-step sample x0 = z1 - u(z1, r=0, t=1) (equals the x head's prediction at h = 1)."""
+    t = torch.ones(z1.shape[0], dtype=z1.dtype, device=z1.device)
+    u, _ = average_velocity(model, z1, t, torch.zeros_like(t), cond, label, level, t_floor)
+    return z1 - u

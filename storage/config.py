@@ -1,0 +1,161 @@
+"""The one typed pipeline config: YAML in, validated pydantic out, split per stage.
+
+Prefect renders a pydantic model as a form, so flows take `TFConfig` directly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Part):
+    kind: Literal["scenes", "imagefolder"] = "scenes"
+    path: str | None = Field(None, description="ImageNet-style class-folder root (imagefolder only)")
+    num_images: int = Field(512, ge=0, description="scenes: how many images; imagefolder: cap (0 = all)")
+    image_size: int = Field(112, ge=28, description="pixels per side after resize + centre crop")
+    seed: int = 0
+
+
+class IngestConfig(_Part):
+    chunk_size: int = Field(64, ge=1, description="samples per chunk (= Zarr chunk and shard)")
+    workers: int = Field(2, ge=1, description="Dask local-cluster processes")
+    dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
+
+
+class EncoderConfig(_Part):
+    model: str = "vit_small_patch14_reg4_dinov2"
+    weights: str | None = Field(None, description="local timm/HF safetensors or original *_pretrain.pth")
+    allow_random_init: bool = False
+    batch_size: int = Field(64, ge=1)
+    dtype: Literal["float16", "float32"] = Field("float16", description="latent storage dtype")
+
+
+class HierarchyConfig(_Part):
+    algorithm: Literal["kmeans-agglomerative"] = "kmeans-agglomerative"
+    k: int = 2
+    alpha: float = 0.0
+    lam: float = 0.2
+    cuts: list[float] = Field(default_factory=lambda: [0.65, 0.35])
+    cut_mode: Literal["height", "quantile"] = "height"
+    linkage: Literal["average", "complete", "single", "weighted"] = "average"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cuts_decrease(self) -> "HierarchyConfig":
+        if not self.cuts or any(b > a for a, b in zip(self.cuts, self.cuts[1:])):
+            raise ValueError(f"hierarchy.cuts must be non-empty and non-increasing, got {self.cuts}")
+        if any(not 0.0 <= c <= 1.0 for c in self.cuts):
+            raise ValueError(f"hierarchy.cuts must lie in [0, 1], got {self.cuts}")
+        return self
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.cuts) + 2
+
+
+class GeneratorConfig(_Part):
+    preset: Literal["tiny", "S", "B", "L", "H"] = "tiny"
+    width: int | None = None
+    depth: int | None = None
+    head_depth: int | None = None
+    heads: int | None = None
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    time_shift: float = 10.0
+    uniform_share: float = 0.1
+    equal_share: float = 0.0
+    t_floor: float = 0.05
+    adaptive_eps: float = 0.01
+    v_weight: float = 1.0
+    region_weight: float = 1.0
+    label_dropout: float = 0.1
+    seed: int = 0
+
+
+class DecoderConfig(_Part):
+    checkpoint: str | None = Field(None, description="load this safetensors decoder instead of training")
+    width: int = 192
+    depth: int = 4
+    heads: int = 4
+    steps: int = Field(400, ge=1)
+    batch_size: int = 32
+    lr: float = 1e-3
+    holdout: float = Field(0.1, ge=0.0, lt=1.0, description="share of samples held out for PSNR/SSIM")
+    seed: int = 0
+
+
+class EvaluateConfig(_Part):
+    num_samples: int = Field(64, ge=2)
+    keep_trajectories: int = Field(16, ge=0)
+    edits_per_level: int = Field(8, ge=1)
+    inception_weights: str | None = Field(None, description="local pt_inception-2015-12-05 weights for FID/KID/IS")
+    region_threshold: float = Field(0.05, description="cosine distance that splits a generated canvas into regions")
+    bootstrap: int = 1000
+    grid_rows: int = 8
+    seed: int = 1234
+
+
+class TFConfig(_Part):
+    """Everything a run needs. Each stage hashes only its own part plus upstream keys."""
+
+    name: str = "scenes"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    hierarchy: HierarchyConfig = Field(default_factory=HierarchyConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TFConfig":
+        if self.source.kind == "imagefolder" and not self.source.path:
+            raise ValueError("source.path is required when source.kind is 'imagefolder'")
+        if self.source.kind == "scenes" and self.source.num_images < 2:
+            raise ValueError("source.num_images must be at least 2 for scenes")
+        if self.source.image_size % 14:
+            raise ValueError(f"source.image_size {self.source.image_size} is not a multiple of the patch size 14")
+        return self
+
+
+def _coerce(value: str) -> Any:
+    """`--set a.b=value`: parse the value as YAML so numbers, lists and null work."""
+    return yaml.safe_load(value) if value != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = _coerce(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TFConfig:
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping")
+    return TFConfig.model_validate(apply_overrides(data, overrides or []))

@@ -1,0 +1,116 @@
+"""Parquet tables: metrics, runs and rejects. Append-only, one file per run (or chunk).
+
+Metrics schema (version METRICS_SCHEMA_VERSION), one row per (metric, level, variant):
+  run_id, schema_version, timestamp, code_version,
+  latents_key, teacher_key, model_key,      stage keys of what was measured
+  group       quality | per_level | structure | control | alignment | decoder
+  metric      e.g. fid, fd_dinov2, fd_level, nesting, plan_adherence, reencode_ari, ...
+  level       int (-1 when the metric is not per level)
+  variant     sub-case, e.g. edit kind ("token_exchange"), "" otherwise
+  value       float (NaN when status != "ok")
+  n           number of samples behind the value
+  ci_low, ci_high   95% bootstrap interval where it applies, else NaN
+  status      ok | skipped
+  reason      why skipped, "" otherwise
+  feature_extractor, extractor_weights    what produced the features, and its weights label
+  encoder_weights                          the pipeline encoder's weights label ("random-init" or file)
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from storage.files import atomic_write_bytes
+
+METRICS_SCHEMA_VERSION = 1
+METRIC_COLUMNS = [
+    "run_id", "schema_version", "timestamp", "code_version", "latents_key", "teacher_key", "model_key",
+    "group", "metric", "level", "variant", "value", "n", "ci_low", "ci_high", "status", "reason",
+    "feature_extractor", "extractor_weights", "encoder_weights",
+]
+RUN_COLUMNS = ["run_id", "timestamp", "flow", "stage", "key", "status", "duration_s", "path", "encoder_weights"]
+REJECT_COLUMNS = ["stage", "path", "reason", "chunk", "timestamp"]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write_bytes(path, frame.to_parquet(index=False))
+
+
+def metric_row(group: str, metric: str, value: float | None, *, level: int = -1, variant: str = "",
+               n: int = 0, ci: tuple[float, float] | None = None, status: str = "ok", reason: str = "",
+               feature_extractor: str = "", extractor_weights: str = "") -> dict:
+    """One metric value; skipped metrics carry a reason and never a number."""
+    if status == "ok" and (value is None or (isinstance(value, float) and math.isnan(value))):
+        status, reason = "skipped", reason or "value could not be computed (NaN)"
+    if status != "ok":
+        value = float("nan")
+    low, high = ci if ci is not None else (float("nan"), float("nan"))
+    return {"group": group, "metric": metric, "level": int(level), "variant": variant,
+            "value": float(value), "n": int(n), "ci_low": float(low), "ci_high": float(high),
+            "status": status, "reason": reason, "feature_extractor": feature_extractor,
+            "extractor_weights": extractor_weights}
+
+
+def write_metrics(root: Path, run_id: str, rows: list[dict], context: dict) -> Path:
+    """Append one run's rows: `tables/metrics/run_id=<run>/part-<uuid>.parquet`."""
+    frame = pd.DataFrame([{**context, **row} for row in rows])
+    frame["run_id"] = run_id
+    frame["schema_version"] = METRICS_SCHEMA_VERSION
+    frame["timestamp"] = now_iso()
+    for column in METRIC_COLUMNS:
+        if column not in frame:
+            frame[column] = ""
+    path = Path(root) / "tables" / "metrics" / f"run_id={run_id}" / f"part-{uuid.uuid4().hex[:8]}.parquet"
+    atomic_write_parquet(frame[METRIC_COLUMNS], path)
+    return path
+
+
+def _load_table(folder: Path, columns: list[str]) -> pd.DataFrame:
+    files = sorted(folder.glob("**/*.parquet")) if folder.exists() else []
+    if not files:
+        return pd.DataFrame(columns=columns)
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def load_metrics(root: str | Path, **filters) -> pd.DataFrame:
+    """One tidy DataFrame across runs. Filters match columns: `load_metrics(r, metric="fid", level=[0, 1])`."""
+    frame = _load_table(Path(root) / "tables" / "metrics", METRIC_COLUMNS)
+    for column, wanted in filters.items():
+        if column not in frame:
+            raise KeyError(f"unknown metrics column {column!r}; columns are {METRIC_COLUMNS}")
+        values = wanted if isinstance(wanted, (list, tuple, set)) else [wanted]
+        frame = frame[frame[column].isin(values)]
+    return frame.reset_index(drop=True)
+
+
+def write_run_report(root: Path, run_id: str, rows: list[dict]) -> Path:
+    frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "report.parquet"
+    atomic_write_parquet(frame, path)
+    return path
+
+
+def load_runs(root: str | Path) -> pd.DataFrame:
+    return _load_table(Path(root) / "tables" / "runs", RUN_COLUMNS)
+
+
+def write_rejects(stage_dir: Path, chunk: int, rows: list[dict]) -> None:
+    """Per-chunk rejects, written before the chunk's completion marker."""
+    frame = pd.DataFrame([{**r, "chunk": chunk, "timestamp": now_iso()} for r in rows], columns=REJECT_COLUMNS)
+    atomic_write_parquet(frame, Path(stage_dir) / "_rejects" / f"{chunk:06d}.parquet")
+
+
+def load_rejects(stage_dir: str | Path) -> pd.DataFrame:
+    return _load_table(Path(stage_dir) / "_rejects", REJECT_COLUMNS)

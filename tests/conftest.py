@@ -1,0 +1,8 @@
+"""Test-wide settings: Prefect runs ephemerally with its state inside the test session."""
+import os
+import tempfile
+
+# Set before any Prefect import so the ephemeral API and its database live in a temp folder.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tf-prefect-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

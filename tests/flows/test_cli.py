@@ -1,0 +1,26 @@
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import STAGES, build_parser, main
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_has_help_with_the_common_options(stage, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([stage, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--config", "--root", "--set"):
+        assert option in out
+
+
+def test_invalid_override_is_a_clear_error(tmp_path, capsys):
+    assert main(["ingest", "--root", str(tmp_path), "--set", "hierarchy.cuts=[0.2, 0.5]"]) == 2
+    assert "non-increasing" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "pipeline" in done.stdout

@@ -1,0 +1,22 @@
+import numpy as np
+
+from models.channel_stats import chunk_moments, mean_std
+
+
+def test_chunked_moments_match_numpy_on_the_full_array():
+    rng = np.random.default_rng(0)
+    data = rng.normal(3.0, 2.0, size=(103, 4, 4, 8)).astype(np.float32)
+    bounds = [(0, 10), (10, 11), (11, 64), (64, 64), (64, 103)]
+    moments = [chunk_moments(data[a:b]) for a, b in bounds]
+    counts = np.array([m[0] for m in moments])
+    means = np.stack([m[1] for m in moments])
+    m2s = np.stack([m[2] for m in moments])
+    mean, std = mean_std(counts, means, m2s, eps=0.0)
+    flat = data.reshape(-1, 8).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, flat.std(0), rtol=1e-6)
+    # merge order does not matter
+    order = [4, 0, 2, 1, 3]
+    mean2, std2 = mean_std(counts[order], means[order], m2s[order], eps=0.0)
+    np.testing.assert_allclose(mean2, mean, rtol=1e-6)
+    np.testing.assert_allclose(std2, std, rtol=1e-6)

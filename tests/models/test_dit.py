@@ -1,0 +1,139 @@
+"""The DiT backbone: attention paths agree, both heads train, conditioning matters, FLOP count, presets."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.dit import PRESETS, Block, TrajectoryDiT, dit_config, math_attention
+
+SMALL = dict(token_dim=16, grid=4, width=32, depth=3, head_depth=2, heads=4, num_classes=5)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny ops on a shared 2-core machine: thread hand-offs cost more than the math (30x here)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def perturbed_model(seed: int = 0, dtype=torch.float64, **overrides) -> TrajectoryDiT:
+    """A model moved off its adaLN-Zero start so every path carries signal."""
+    torch.manual_seed(seed)
+    model = TrajectoryDiT(dit_config("tiny", **{**SMALL, **overrides})).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def model_inputs(cfg, batch: int = 3, dtype=torch.float64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = cfg.grid * cfg.grid
+    return (torch.randn(batch, tokens, cfg.token_dim, generator=g, dtype=dtype),
+            torch.rand(batch, generator=g, dtype=dtype),
+            torch.randn(batch, tokens, cfg.token_dim, generator=g, dtype=dtype),
+            torch.randint(0, cfg.num_classes + 1, (batch,), generator=g),
+            torch.randint(0, cfg.num_levels, (batch,), generator=g))
+
+
+def test_math_attention_equals_sdpa_and_restores_the_flag():
+    model = perturbed_model()
+    args = model_inputs(model.config)
+    fused = model(*args)
+    with math_attention(model):
+        assert all(m.use_math_attention for m in model.modules() if hasattr(m, "use_math_attention"))
+        explicit = model(*args)
+    for a, b in zip(fused, explicit):
+        assert a.abs().max() > 1e-3   # a non-trivial output
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    with pytest.raises(RuntimeError), math_attention(model):
+        raise RuntimeError("the flag must be restored on errors too")
+    assert not any(m.use_math_attention for m in model.modules() if hasattr(m, "use_math_attention"))
+
+
+def test_forward_ad_through_math_attention_matches_finite_differences():
+    model = perturbed_model(1)
+    z, h, cond, label, level = model_inputs(model.config)
+    direction = torch.randn_like(z)
+
+    def x_head(z_):
+        return model(z_, h, cond, label, level)[0]
+
+    with math_attention(model), torch.no_grad():
+        _, tangent = torch.func.jvp(x_head, (z,), (direction,))
+        eps = 1e-6
+        finite = (x_head(z + eps * direction) - x_head(z - eps * direction)) / (2 * eps)
+    assert float((tangent - finite).norm() / finite.norm()) < 1e-7
+
+
+def test_fresh_model_outputs_zero_and_is_adaln_zero():
+    model = TrajectoryDiT(dit_config("tiny", **SMALL)).double()
+    x_hat, v_hat = model(*model_inputs(model.config))
+    assert float(x_hat.detach().abs().max()) == 0.0 and float(v_hat.detach().abs().max()) == 0.0
+    # The blocks are identities at init: the trunk output equals the fused input plus positions.
+    z, h, cond, label, level = model_inputs(model.config)
+    tokens = model.fuse(torch.cat([z, cond], -1)) + model.position
+    c = torch.randn(3, model.config.width, dtype=torch.float64)
+    torch.testing.assert_close(model.trunk[0](tokens, c), tokens, atol=0, rtol=0)
+
+
+def test_heads_differ_and_every_parameter_gets_gradient():
+    model = perturbed_model()
+    x_hat, v_hat = model(*model_inputs(model.config))
+    assert x_hat.shape == v_hat.shape == (3, 16, 16)
+    assert not torch.allclose(x_hat, v_hat)
+    (x_hat.square().mean() + v_hat.square().mean()).backward()
+    silent = [name for name, p in model.named_parameters() if p.grad is None or not float(p.grad.abs().sum()) > 0]
+    assert silent == []
+    # Trunk, then two separate heads: depth - head_depth shared blocks, head_depth per head.
+    assert (len(model.trunk), len(model.x_blocks), len(model.v_blocks)) == (1, 2, 2)
+    assert sum(isinstance(m, Block) for m in model.modules()) == 5
+
+
+def test_every_conditioning_input_changes_the_output():
+    model = perturbed_model(2)
+    z, h, cond, label, level = model_inputs(model.config)
+    base = model(z, h, cond, label, level)[0]
+    for changed in ((z + 0.1, h, cond, label, level), (z, h + 0.3, cond, label, level),
+                    (z, h, cond * 2, label, level), (z, h, cond, (label + 1) % 6, level),
+                    (z, h, cond, label, (level + 1) % 4)):
+        assert (model(*changed)[0] - base).abs().max() > 1e-4
+
+
+def test_position_embedding_breaks_token_permutation_symmetry():
+    model = perturbed_model(3)
+    z, h, cond, label, level = model_inputs(model.config)
+    order = torch.randperm(z.shape[1], generator=torch.Generator().manual_seed(0))
+    permuted_out = model(z[:, order], h, cond[:, order], label, level)[0]
+    assert (permuted_out - model(z, h, cond, label, level)[0][:, order]).abs().max() > 1e-4
+
+
+def test_flops_per_token_matches_torch_flop_counter():
+    model = perturbed_model(dtype=torch.float32, mlp_ratio=3.0)
+    cfg = model.config
+    args = model_inputs(cfg, batch=2, dtype=torch.float32)
+    with math_attention(model), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*args)
+    per_token = counter.get_total_flops() / (2 * cfg.grid * cfg.grid)
+    assert abs(per_token - model.num_flops_per_token()) <= 0.5
+
+
+def test_presets_shapes_and_validation():
+    assert set(PRESETS) == {"tiny", "S", "B", "L", "H"}
+    expected = {"tiny": (128, 4, 2, 4), "S": (384, 12, 4, 6), "B": (768, 16, 8, 12),
+                "L": (1024, 32, 8, 16), "H": (1280, 48, 8, 16)}
+    for name, sizes in expected.items():
+        cfg = dit_config(name)
+        assert (cfg.width, cfg.depth, cfg.head_depth, cfg.heads) == sizes
+    assert dit_config("B", grid=16, token_dim=768).grid == 16
+    for name in ("tiny", "S"):
+        model = TrajectoryDiT(dit_config(name, token_dim=384, grid=8))
+        x_hat, v_hat = model(*model_inputs(model.config, batch=1, dtype=torch.float32))
+        assert x_hat.shape == v_hat.shape == (1, 64, 384)
+    with pytest.raises(ValueError):
+        dit_config("XL")
+    with pytest.raises(ValueError):
+        TrajectoryDiT(dit_config("tiny", head_depth=5))
+    with pytest.raises(ValueError):
+        TrajectoryDiT(dit_config("tiny", width=130))

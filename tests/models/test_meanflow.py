@@ -1,0 +1,263 @@
+"""The mean-flow objective against finite differences, a direct float64 re-computation and numpy."""
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models.dit import TrajectoryDiT, dit_config, math_attention
+from models.meanflow import MeanFlowConfig, average_velocity, meanflow_loss, one_step, region_variance_loss, \
+    sample_times, shift_time
+
+TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny ops on a shared 2-core machine: thread hand-offs cost more than the math (30x here)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def perturbed_model(seed: int = 0, scale: float = 0.1) -> TrajectoryDiT:
+    torch.manual_seed(seed)
+    model = TrajectoryDiT(dit_config("tiny", **TINY)).double()
+    with torch.no_grad():   # off the zero init, so both heads and the JVP are non-trivial
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def make_batch(batch: int = 6, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, 8, generator=g, dtype=dtype)
+    cond = torch.randn(batch, 16, 8, generator=g, dtype=dtype)
+    label = torch.randint(0, 3, (batch,), generator=g)
+    level = torch.randint(0, 4, (batch,), generator=g)
+    return x, cond, label, level
+
+
+def region_loss_by_loops(x_hat, target, regions):
+    images = []
+    for i in range(len(regions)):
+        per_region = []
+        for rid in regions[i].unique():
+            inside = regions[i] == rid
+            mean = target[i][inside].mean(0, keepdim=True)
+            cos = (x_hat[i][inside] * mean).sum(-1) / (x_hat[i][inside].norm(dim=-1) * mean.norm(dim=-1))
+            per_region.append(((1 - cos) ** 2).mean())
+        images.append(torch.stack(per_region).mean())
+    return torch.stack(images).mean()
+
+
+def test_jvp_matches_central_finite_differences():
+    model = perturbed_model()
+    x, cond, label, level = make_batch()
+    t = torch.tensor([0.9, 0.5, 0.3, 0.7, 0.02, 1.0], dtype=torch.float64)   # 0.02: below the floor
+    r = torch.tensor([0.2, 0.5, 0.1, 0.0, 0.01, 0.4], dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    v_c = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    def u(z_, t_, r_):
+        return average_velocity(model, z_, t_, r_, cond, label, level)[0]
+
+    with torch.no_grad(), math_attention(model):
+        _, du_dt = torch.func.jvp(u, (z, t, r), (v_c, torch.ones_like(t), torch.zeros_like(r)))
+        eps = 1e-6
+        finite = (u(z + eps * v_c, t + eps, r) - u(z - eps * v_c, t - eps, r)) / (2 * eps)
+    assert float(finite.norm()) > 1.0
+    assert float((du_dt - finite).norm() / finite.norm()) < 1e-6
+
+
+def test_loss_and_gradient_equal_a_direct_float64_computation():
+    cfg = MeanFlowConfig(label_dropout=0.5, uniform_share=0.3)
+    model = perturbed_model(1)
+    x, cond, label, level = make_batch()
+    regions = torch.tensor([[0] * 8 + [3] * 8, [0] * 16, list(range(16)), [0, 1] * 8, [0] * 3 + [2] * 13,
+                            [5] * 15 + [0]])
+    loss, stats = meanflow_loss(model, x, cond, label, level, regions, cfg, torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    # Same draws (documented order: times, noise, label dropout); finite differences replace the JVP.
+    g = torch.Generator().manual_seed(5)
+    t, r = (s.double() for s in sample_times(6, cfg, g))
+    e = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    dropped = torch.rand(6, generator=g) < 0.5
+    assert 0 < int(dropped.sum()) < 6
+    label = torch.where(dropped, torch.tensor(3), label)
+    z = (1 - t[:, None, None]) * x + t[:, None, None] * e
+    v = e - x
+
+    def net(z_, t_):
+        x_hat, v_hat = model(z_, t_ - r, cond, label, level)
+        return (z_ - x_hat) / torch.maximum(t_, torch.tensor(0.05))[:, None, None], x_hat, v_hat
+
+    u, x_hat, v_hat = net(z, t)
+    eps = 1e-6
+    with torch.no_grad():
+        v_c = v_hat.detach()
+        du_dt = (net(z + eps * v_c, t + eps)[0] - net(z - eps * v_c, t - eps)[0]) / (2 * eps)
+    loss_u = ((u + (t - r)[:, None, None] * du_dt - v) ** 2).mean((1, 2))
+    loss_v = ((v_hat - v) ** 2).mean((1, 2))
+    loss_region = region_loss_by_loops(x_hat, x, regions)
+    expected = (loss_u / (loss_u.detach() + 0.01)).mean() + (loss_v / (loss_v.detach() + 0.01)).mean() + loss_region
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+
+    np.testing.assert_allclose(float(loss.detach()), float(expected.detach()), rtol=1e-6)
+    for name, value in (("loss_u", loss_u.mean()), ("loss_v", loss_v.mean()), ("loss_region", loss_region)):
+        np.testing.assert_allclose(stats[name], float(value.detach()), rtol=1e-5)
+    assert stats["loss_region"] > 0.01
+    for (name, _), got, want in zip(model.named_parameters(), grads, expected_grads):
+        assert float((got - want).norm()) <= 1e-5 * float(want.norm()) + 1e-12, name
+
+
+def test_gradients_reach_every_parameter_of_both_heads():
+    model = perturbed_model(2, scale=0.05)
+    x, cond, label, level = make_batch()
+    regions = torch.tensor([[0] * 8 + [1] * 8] * 6)
+    loss, _ = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(), torch.Generator().manual_seed(0))
+    loss.backward()
+    silent = [name for name, p in model.named_parameters() if p.grad is None or not float(p.grad.abs().sum()) > 0]
+    assert silent == []
+
+
+def test_time_sampler_matches_a_numpy_computation():
+    n = 100_000
+    cfg = MeanFlowConfig()   # shift 10, logit-normal(0, 1), 10% uniform
+    t, r = sample_times(n, cfg, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.float32 and (t >= r).all() and float(t.max()) <= 1 and float(r.min()) >= 0
+    rng = np.random.default_rng(0)
+    s = 1 / (1 + np.exp(-rng.normal(size=(2, n))))
+    pair = np.where(rng.random(n) < 0.1, rng.random((2, n)), 10 * s / (1 + 9 * s))
+    for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+        assert abs(np.quantile(t.numpy(), q) - np.quantile(pair.max(0), q)) < 0.01
+        assert abs(np.quantile(r.numpy(), q) - np.quantile(pair.min(0), q)) < 0.01
+    # Shifted logit-normal pairs almost never have r < 0.2; uniform pairs do with probability 0.36.
+    assert abs(float((r < 0.2).double().mean()) - 0.1 * 0.36) < 0.004
+    assert abs(float(shift_time(torch.tensor(0.5), 10.0)) - 10 / 11) < 1e-7
+
+    t, r = sample_times(n, MeanFlowConfig(uniform_share=1.0), torch.Generator().manual_seed(1))
+    for q in (0.1, 0.5, 0.9):   # max / min of two uniforms
+        assert abs(np.quantile(t.numpy(), q) - q ** 0.5) < 0.01
+        assert abs(np.quantile(r.numpy(), q) - (1 - (1 - q) ** 0.5)) < 0.01
+
+    t, r = sample_times(n, MeanFlowConfig(equal_share=0.25), torch.Generator().manual_seed(2))
+    assert abs(float((t == r).double().mean()) - 0.25) < 0.01
+    assert (t >= r).all()
+
+
+class LabelSpy(nn.Module):
+    """A linear stand-in generator that records the labels it is called with."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.config = SimpleNamespace(num_classes=num_classes)
+        self.scale = nn.Parameter(torch.tensor([0.5, -0.5]))
+        self.labels = []
+
+    def forward(self, z, h, cond, label, level):
+        self.labels.append(label)
+        return self.scale[0] * z + 0 * cond, self.scale[1] * z * h[:, None, None]
+
+
+def test_label_dropout_replaces_the_requested_share_with_the_null_label():
+    n = 20_000
+    spy = LabelSpy(num_classes=7)
+    label = torch.arange(n) % 7
+    x = torch.randn(n, 1, 1, dtype=torch.float64)
+    meanflow_loss(spy, x, x, label, torch.zeros(n, dtype=torch.long), None, MeanFlowConfig(label_dropout=0.3),
+                  torch.Generator().manual_seed(0))
+    seen = spy.labels[0]
+    null = seen == 7
+    assert abs(float(null.double().mean()) - 0.3) < 0.01
+    assert torch.equal(seen[~null], label[~null])
+    assert all(torch.equal(other, seen) for other in spy.labels[1:])   # the JVP sees the same labels
+
+
+def test_region_loss_zero_on_planted_region_means_and_equal_to_loops():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 16, 8, generator=g, dtype=torch.float64)
+    regions = torch.tensor([[0] * 4 + [1] * 12, [2] * 16, [0] * 2 + [7] * 13 + [4]])
+    means = torch.zeros_like(target)
+    for i in range(3):
+        for rid in regions[i].unique():
+            means[i, regions[i] == rid] = target[i, regions[i] == rid].mean(0)
+    assert float(region_variance_loss(means, target, regions)) < 1e-12
+    assert float(region_variance_loss(3 * means, target, regions)) < 1e-12   # cosine: scale-free
+    assert float(region_variance_loss(target, target, regions)) > 0.05
+    noisy = means + 0.5 * torch.randn(means.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(region_variance_loss(noisy, target, regions), region_loss_by_loops(noisy, target, regions),
+                               atol=1e-12, rtol=1e-10)
+
+
+def test_one_step_is_z1_minus_u_at_r0_t1():
+    model = perturbed_model(3)
+    z1, cond, label, level = make_batch(seed=4)
+    x_hat, _ = model(z1, torch.ones(6, dtype=torch.float64), cond, label, level)
+    x0 = one_step(model, z1, cond, label, level)
+    assert not x0.requires_grad
+    torch.testing.assert_close(x0, z1 - (z1 - x_hat), atol=1e-12, rtol=0)
+
+
+def test_loss_is_deterministic_given_the_generator_seed():
+    model = perturbed_model(4)
+    x, cond, label, level = make_batch()
+
+    def run(seed):
+        return meanflow_loss(model, x, cond, label, level, None, MeanFlowConfig(), torch.Generator().manual_seed(seed))[1]
+
+    assert run(7) == run(7)
+    assert run(7)["loss_u"] != run(8)["loss_u"]
+
+
+def test_bfloat16_autocast_gives_a_close_loss_and_finite_gradients():
+    torch.manual_seed(5)
+    model = TrajectoryDiT(dit_config("tiny", **TINY))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, cond, label, level = make_batch(dtype=torch.float32)
+    regions = torch.tensor([[0] * 8 + [1] * 8] * 6)
+    full = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(), torch.Generator().manual_seed(0))[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, low = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(),
+                                  torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    for name in ("loss_u", "loss_v", "loss_region"):
+        assert low[name] == pytest.approx(full[name], rel=0.05), name
+
+
+def test_tiny_model_overfits_one_batch():
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = TrajectoryDiT(dit_config("tiny", **TINY))
+    x, cond, label, level = make_batch(batch=4, dtype=torch.float32)   # cond identifies x: a learnable map
+    train_cfg = MeanFlowConfig(label_dropout=0.0)
+    # Fixed evaluation draws, without the uniform share: its rare t near 0 amplify x errors by 1/t^2
+    # and would make a 64-sample average of the raw loss a lottery.
+    eval_cfg = MeanFlowConfig(label_dropout=0.0, uniform_share=0.0)
+
+    def raw_loss() -> float:
+        with torch.no_grad():
+            stats = meanflow_loss(model, x.repeat(16, 1, 1), cond.repeat(16, 1, 1), label.repeat(16),
+                                  level.repeat(16), None, eval_cfg, torch.Generator().manual_seed(123))[1]
+        return stats["loss_u"] + stats["loss_v"]
+
+    before = raw_loss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        loss, _ = meanflow_loss(model, x, cond, label, level, None, train_cfg, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = raw_loss()
+    assert after < before / 5, (before, after)
+    assert time.perf_counter() - start < 15

@@ -1,0 +1,33 @@
+import math
+
+import numpy as np
+
+from storage.tables import load_metrics, metric_row, write_metrics, write_rejects, load_rejects
+
+
+def test_metrics_append_per_run_and_filter(tmp_path):
+    ctx = {"latents_key": "l", "teacher_key": "t", "model_key": "m", "code_version": "v", "encoder_weights": "random-init"}
+    write_metrics(tmp_path, "run-a", [metric_row("quality", "fd_dinov2", 1.5, n=10),
+                                      metric_row("structure", "nesting", 0.9, level=0, n=10, ci=(0.8, 1.0))], ctx)
+    write_metrics(tmp_path, "run-b", [metric_row("quality", "fd_dinov2", 2.5, n=10)], ctx)
+    frame = load_metrics(tmp_path)
+    assert len(frame) == 3 and set(frame.run_id) == {"run-a", "run-b"}
+    fd = load_metrics(tmp_path, metric="fd_dinov2")
+    assert sorted(fd.value) == [1.5, 2.5]
+    nest = load_metrics(tmp_path, metric="nesting", level=0).iloc[0]
+    assert (nest.ci_low, nest.ci_high) == (0.8, 1.0)
+    assert (frame.encoder_weights == "random-init").all()
+
+
+def test_skipped_metric_never_carries_a_number(tmp_path):
+    row = metric_row("quality", "fid", 12.0, status="skipped", reason="no weights")
+    assert math.isnan(row["value"]) and row["reason"] == "no weights"
+    nan_row = metric_row("quality", "fid", float("nan"))
+    assert nan_row["status"] == "skipped" and nan_row["reason"]
+
+
+def test_rejects_are_kept_per_chunk(tmp_path):
+    write_rejects(tmp_path, 0, [{"stage": "ingest", "path": "a.jpg", "reason": "truncated"}])
+    write_rejects(tmp_path, 1, [])
+    frame = load_rejects(tmp_path)
+    assert list(frame.path) == ["a.jpg"] and list(frame.chunk) == [0]

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from storage import zarr_store
+from storage.zarr_store import ArraySpec
+
+
+def _arrays(n):
+    return {"sample": ArraySpec((n,), str, ("sample",), fill_value=""),
+            "x": ArraySpec((n, 3, 2), np.float16, ("sample", "a", "b")),
+            "label": ArraySpec((n,), np.int64, ("sample",), fill_value=-1)}
+
+
+def test_round_trip_is_exact_and_readable_by_xarray(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "store"
+    zarr_store.create_store(path, _arrays(10), 4, {"stage": "t", "key": "abc"})
+    x = rng.normal(size=(10, 3, 2)).astype(np.float16)
+    labels = rng.integers(0, 5, 10)
+    zarr_store.write_array(path, "sample", np.array([f"id-{i}" for i in range(10)]))
+    for chunk, (start, stop) in enumerate(zarr_store.chunk_bounds(10, 4)):
+        zarr_store.write_chunk(path, chunk, start, {"x": x[start:stop], "label": labels[start:stop]})
+    assert np.array_equal(zarr_store.open_array(path, "x")[:], x)
+    ds = zarr_store.open_dataset(path)
+    assert ds["x"].dims == ("sample", "a", "b")
+    assert list(ds["sample"].values) == [f"id-{i}" for i in range(10)]
+    assert np.array_equal(ds["label"].values, labels)
+    assert ds.attrs["key"] == "abc"
+
+
+def test_markers_track_pending_chunks_and_completion(tmp_path):
+    path = tmp_path / "store"
+    zarr_store.create_store(path, _arrays(10), 4, {"stage": "t"})
+    assert zarr_store.pending_chunks(path, 3) == [0, 1, 2]
+    zarr_store.write_chunk(path, 1, 4, {"label": np.arange(4)})
+    assert zarr_store.pending_chunks(path, 3) == [0, 2]
+    assert not zarr_store.is_complete(path)
+    zarr_store.mark_complete(path, {"n": 10})
+    assert zarr_store.is_complete(path) and zarr_store.completion(path) == {"n": 10}
+
+
+def test_recreating_with_other_config_is_refused(tmp_path):
+    path = tmp_path / "store"
+    zarr_store.create_store(path, _arrays(4), 4, {"stage": "t", "lam": 0.2})
+    zarr_store.create_store(path, _arrays(4), 4, {"stage": "t", "lam": 0.2})  # same: resume
+    with pytest.raises(ValueError, match="another config"):
+        zarr_store.create_store(path, _arrays(4), 4, {"stage": "t", "lam": 0.3})
+
+
+def test_chunk_bounds_cover_every_sample_once():
+    bounds = zarr_store.chunk_bounds(103, 16)
+    covered = np.concatenate([np.arange(a, b) for a, b in bounds])
+    assert np.array_equal(covered, np.arange(103))
