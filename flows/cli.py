@@ -14,6 +14,7 @@ STAGES = {
     "train": "decoder + one mean-flow generator per level (safetensors)",
     "evaluate": "sample trajectories, edit suite, metric tables (Parquet) and grid PNG",
 }
+FORCEABLE = ("ingest", "encode", "hierarchy", "train", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value, e.g. --set generator.steps=50 (repeatable)")
         sub.add_argument("--run-id", default=None, help="run id for the tables (default: time + random)")
+        sub.add_argument("--dask-address", default=None, help="use this Dask scheduler instead of a local cluster")
+        sub.add_argument("--force", choices=FORCEABLE, default=None,
+                         help="recompute this stage and everything downstream of it")
         if name == "train":
             sub.add_argument("--level", type=int, action="append", default=None,
                              help="train only this level (repeatable; default: all)")
+    for name, help_text in (("status", "list stores, runs, and what a config would recompute"),
+                            ("serve", "serve every flow's deployment (with schedules) from this process")):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", type=Path, default=None, help="YAML config")
+        sub.add_argument("--root", type=Path, default=Path("data"), help="store root (default: ./data)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 
@@ -43,15 +53,28 @@ def main(argv: list[str] | None = None) -> int:
     _prefect_defaults(args.root)
     from storage.config import load_config
 
+    overrides = list(args.overrides)
+    if getattr(args, "dask_address", None):
+        overrides.append(f"ingest.dask_address={args.dask_address}")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
         print(f"tf {args.command}: invalid config: {error}", file=sys.stderr)
         return 2
+    if args.command == "status":
+        from flows.status import status_text
+
+        print(status_text(args.root, config if args.config or args.overrides else None))
+        return 0
     args.root.mkdir(parents=True, exist_ok=True)
+    if args.command == "serve":
+        from flows.deploy import serve
+
+        serve(str(args.config) if args.config else None, str(args.root))
+        return 0
     from flows.stages import FLOWS
 
-    kwargs = {"config": config, "root": str(args.root), "run_id": args.run_id}
+    kwargs = {"config": config, "root": str(args.root), "run_id": args.run_id, "force": args.force}
     if args.command == "train":
         kwargs["levels"] = args.level
     FLOWS[args.command](**kwargs)

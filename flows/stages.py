@@ -16,6 +16,14 @@ from tasks.ingest import ingest_images
 from tasks.train import train_decoder_task, train_level_task
 
 
+ORDER = ("ingest", "encode", "hierarchy", "train", "evaluate")
+
+
+def forced(stage: str, force: str | None) -> bool:
+    """`--force X` recomputes X and everything downstream of it."""
+    return force is not None and ORDER.index(stage) >= ORDER.index(force)
+
+
 def _finish(flow_name: str, config: TFConfig, root: str, run_id: str, results: list[dict]) -> dict:
     weights = next((r["encoder_weights"] for r in results if "encoder_weights" in r), "")
     table = record_run(root, run_id, flow_name, results, weights)
@@ -29,49 +37,55 @@ def _finish(flow_name: str, config: TFConfig, root: str, run_id: str, results: l
 
 
 @flow(name="ingest")
-def ingest_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None) -> dict:
+def ingest_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
+                force: str | None = None) -> dict:
     run_id = run_id or new_run_id()
-    return _finish("ingest", config, root, run_id, [ingest_images(config, root)])
+    return _finish("ingest", config, root, run_id, [ingest_images(config, root, forced("ingest", force))])
 
 
 @flow(name="encode")
-def encode_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None) -> dict:
+def encode_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
+                force: str | None = None) -> dict:
     run_id = run_id or new_run_id()
-    return _finish("encode", config, root, run_id, [encode_latents(config, root)])
+    return _finish("encode", config, root, run_id, [encode_latents(config, root, forced("encode", force))])
 
 
 @flow(name="hierarchy")
-def hierarchy_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None) -> dict:
+def hierarchy_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
+                   force: str | None = None) -> dict:
     run_id = run_id or new_run_id()
-    return _finish("hierarchy", config, root, run_id, [build_teacher(config, root)])
+    return _finish("hierarchy", config, root, run_id, [build_teacher(config, root, forced("hierarchy", force))])
 
 
-def _train(config: TFConfig, root: str, levels: list[int] | None) -> list[dict]:
+def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -> list[dict]:
     wanted = range(config.hierarchy.num_levels) if levels is None else levels
-    return [train_decoder_task(config, root)] + [train_level_task(config, root, level) for level in wanted]
+    return [train_decoder_task(config, root, force)] + [train_level_task(config, root, l, force) for l in wanted]
 
 
 @flow(name="train")
 def train_flow(config: TFConfig = TFConfig(), root: str = "data", levels: list[int] | None = None,
-               run_id: str | None = None) -> dict:
+               run_id: str | None = None, force: str | None = None) -> dict:
     run_id = run_id or new_run_id()
-    return _finish("train", config, root, run_id, _train(config, root, levels))
+    return _finish("train", config, root, run_id, _train(config, root, levels, forced("train", force)))
 
 
 @flow(name="evaluate")
-def evaluate_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None) -> dict:
+def evaluate_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
+                  force: str | None = None) -> dict:
     run_id = run_id or new_run_id()
-    return _finish("evaluate", config, root, run_id, [evaluate_run(config, root, run_id)])
+    return _finish("evaluate", config, root, run_id, [evaluate_run(config, root, run_id, forced("evaluate", force))])
 
 
 @flow(name="pipeline")
-def pipeline_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None) -> dict:
+def pipeline_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
+                  force: str | None = None) -> dict:
+    """image source -> ingest -> encode -> hierarchy -> train (decoder, levels) -> evaluate."""
     run_id = run_id or new_run_id()
-    results = [ingest_images(config, root)]
-    results.append(encode_latents(config, root))
-    results.append(build_teacher(config, root))
-    results += _train(config, root, None)
-    results.append(evaluate_run(config, root, run_id))
+    results = [ingest_images(config, root, forced("ingest", force))]
+    results.append(encode_latents(config, root, forced("encode", force)))
+    results.append(build_teacher(config, root, forced("hierarchy", force)))
+    results += _train(config, root, None, forced("train", force))
+    results.append(evaluate_run(config, root, run_id, forced("evaluate", force)))
     return _finish("pipeline", config, root, run_id, results)
 
 

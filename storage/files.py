@@ -44,3 +44,17 @@ def write_png(path: Path, image: np.ndarray) -> None:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def remove_tree(path: Path) -> bool:
+    """Remove a stage folder for a forced recompute: rename first, so it vanishes atomically."""
+    import shutil
+    import uuid
+
+    path = Path(path)
+    if not path.exists():
+        return False
+    doomed = path.with_name(f".{path.name}.removing-{uuid.uuid4().hex[:6]}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+    return True

@@ -31,6 +31,7 @@ class ArraySpec:
     dims: tuple[str, ...]
     fill_value: Any = 0
     per_sample: bool = True         # chunked along axis 0; False = small array in one chunk
+    chunk_rows: int | None = None   # rows per Zarr chunk along axis 0, overriding both of the above
 
 
 def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attrs: dict) -> None:
@@ -44,7 +45,10 @@ def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attr
         return
     group = zarr.open_group(str(zarr_path(path)), mode="w", zarr_format=3)
     for name, spec in arrays.items():
-        chunks = (min(chunk_size, spec.shape[0]),) + spec.shape[1:] if spec.per_sample else spec.shape
+        if spec.chunk_rows:
+            chunks = (max(1, min(spec.chunk_rows, spec.shape[0])),) + spec.shape[1:]
+        else:
+            chunks = (min(chunk_size, spec.shape[0]),) + spec.shape[1:] if spec.per_sample else spec.shape
         group.create_array(name, shape=spec.shape, chunks=chunks, dtype=spec.dtype,
                            dimension_names=list(spec.dims), fill_value=spec.fill_value)
     group.attrs.update({"schema_version": SCHEMA_VERSION, "chunk_size": chunk_size,
@@ -89,7 +93,10 @@ def chunk_infos(path: Path) -> list[dict]:
 
 
 def write_rows(path: Path, index: int | slice, values: dict[str, np.ndarray]) -> None:
-    """Write `values[name]` at `index` of each named array (single writer only)."""
+    """Write `values[name]` at `index` of each named array.
+
+    Concurrent writers are safe only on disjoint Zarr chunks (e.g. one row each of a
+    `chunk_rows=1` array); otherwise a single writer only."""
     group = zarr.open_group(str(zarr_path(path)), mode="r+")
     for name, data in values.items():
         group[name][index] = data

@@ -1,13 +1,14 @@
 """Per-chunk work that runs on Dask workers (kept free of Prefect so workers import fast)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from models.hierarchy import HierarchySpec, build_hierarchies
 from storage import zarr_store
-from storage.config import HierarchyConfig, SourceConfig
+from storage.config import EncoderConfig, HierarchyConfig, SourceConfig
 from storage.sources import read_chunk
 from storage.tables import write_rejects
 
@@ -35,3 +36,74 @@ def hierarchy_chunk(hierarchy: dict, latents: str, store: str, chunk: int, start
     regions = build_hierarchies(tokens, spec)
     zarr_store.write_chunk(Path(store), chunk, start, {"regions": regions})
     return chunk
+
+
+# --- encode -------------------------------------------------------------------------------
+# One encoder per worker process, built on first use and kept: (model, img_size, weights,
+# allow_random_init) -> (module on its device, weights label). torch and timm are imported
+# lazily so ingest/hierarchy workers never pay for them.
+_ENCODERS: dict[tuple, tuple] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):   # not inside a Dask worker (in-process encode)
+        return None
+
+
+def cached_encoder(model: str, img_size: int, weights: str | None, allow_random_init: bool, device: str):
+    from models.encoder import build_encoder
+
+    key = (model, img_size, weights, allow_random_init)
+    with _ENCODERS_LOCK:
+        if key not in _ENCODERS:
+            encoder, label = build_encoder(model, img_size, weights, allow_random_init)
+            _ENCODERS[key] = (encoder.to(device), label)
+        return _ENCODERS[key]
+
+
+def encode_chunk_with(model, weights_label: str, device: str, images: str, store: str, chunk: int,
+                      start: int, stop: int, batch_size: int, dtype: str) -> dict:
+    """Encode images[start:stop] into the latent store: tokens, labels, valid flags and this
+    chunk's row of (count, mean, M2), then the chunk marker last. The one implementation of
+    "encode one chunk", called in-process and by `encode_chunk` on Dask workers."""
+    import torch
+
+    from models.channel_stats import chunk_moments
+    from models.encoder import encode_images
+
+    images, store = Path(images), Path(store)
+    pixels = zarr_store.open_array(images, "image")[start:stop]
+    valid = zarr_store.open_array(images, "valid")[start:stop]
+    labels = zarr_store.open_array(images, "label")[start:stop]
+    cuda = torch.device(device).type == "cuda"
+    tokens = encode_images(model, pixels, device=device, batch_size=batch_size,
+                           dtype=torch.bfloat16 if cuda else None)
+    tokens[~valid] = 0.0   # rejected slots hold no image; keep them out of every statistic
+    count, mean, m2 = chunk_moments(tokens[valid])
+    # chunk_* arrays hold one row per Zarr chunk, so parallel chunks never share a file.
+    zarr_store.write_rows(store, chunk, {"chunk_count": count, "chunk_mean": mean, "chunk_m2": m2})
+    info = {"stop": stop, "images": int(valid.sum()), "worker": _worker_address(), "device": str(device),
+            "cuda": cuda, "encoder_weights": weights_label}
+    zarr_store.write_chunk(store, chunk, start, {"tokens": tokens.astype(dtype), "valid": valid, "label": labels},
+                           info)
+    return {"chunk": chunk, **info}
+
+
+def encode_chunk(encoder: dict, image_size: int, device: str, images: str, store: str, chunk: int,
+                 start: int, stop: int, expect_weights: str) -> dict:
+    """Dask entry: build (once per worker) the encoder, check it is the planned one, encode a chunk."""
+    from tasks.stage import pick_device
+
+    cfg = EncoderConfig.model_validate(encoder)
+    device = pick_device(device)
+    model, label = cached_encoder(cfg.model, image_size, cfg.weights, cfg.allow_random_init, device)
+    if label != expect_weights:
+        raise RuntimeError(f"worker {_worker_address()} loaded encoder weights {label!r} but the latent store "
+                           f"was planned with {expect_weights!r}: encoder.weights must name the same file "
+                           f"on every GPU worker")
+    return encode_chunk_with(model, label, device, images, store, chunk, start, stop, cfg.batch_size, cfg.dtype)

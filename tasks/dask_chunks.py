@@ -2,10 +2,15 @@
 
 Chunks are idempotent (each writes its own region, then its marker), so a failed chunk
 is simply retried; one that keeps failing is reported by name, never dropped.
+
+`resources` (e.g. {"GPU": 1}) is for GPU work only: such chunks run only on workers started
+with `--resources GPU=1`. If no connected worker offers them within RESOURCE_WAIT_S, the
+run stops with an error instead of waiting forever.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Iterator, Sequence
 
 from tasks.progress import Progress
@@ -23,13 +28,37 @@ def dask_client(address: str | None, workers: int) -> Iterator["distributed.Clie
         with Client(address) as client:
             yield client
         return
+    # dashboard_address=None still opens the scheduler's HTTP server on :8787 (all interfaces,
+    # a warning when taken); a free loopback port keeps the local cluster private and quiet.
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=40) as cluster, Client(cluster) as client:
+                      dashboard_address="127.0.0.1:0", silence_logs=40) as cluster, Client(cluster) as client:
         yield client
 
 
 class ChunkFailures(RuntimeError):
     pass
+
+
+RESOURCE_WAIT_S = 120.0
+
+
+def wait_for_resources(client: "distributed.Client", resources: dict, timeout: float = RESOURCE_WAIT_S) -> list[str]:
+    """Addresses of workers offering every resource in `resources`; waits up to `timeout` for one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        able = [addr for addr, w in workers.items()
+                if all(w.get("resources", {}).get(name, 0) >= need for name, need in resources.items())]
+        if able or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if not able:
+        offered = {addr: w.get("resources", {}) for addr, w in workers.items()}
+        flags = " ".join(f"{name}={need}" for name, need in resources.items())
+        raise RuntimeError(f"no Dask worker offers resources {resources} after {timeout:.0f}s "
+                           f"(workers and their resources: {offered}); start one with "
+                           f"`dask worker <scheduler> --resources {flags}`")
+    return able
 
 
 def run_chunks(fn: Callable, chunk_args: Sequence[tuple], *, description: str, address: str | None,
@@ -41,6 +70,8 @@ def run_chunks(fn: Callable, chunk_args: Sequence[tuple], *, description: str, a
         return []
     results: list = [None] * len(chunk_args)
     with dask_client(address, workers) as client, Progress(len(chunk_args), description, unit="chunk") as bar:
+        if resources:
+            wait_for_resources(client, resources)
         futures = {client.submit(fn, *args, retries=retries, pure=False, resources=resources): i
                    for i, args in enumerate(chunk_args)}
         failed = []

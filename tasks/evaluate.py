@@ -25,6 +25,7 @@ from models.trajectory_metrics import (MetricValues, generated_regions, hierarch
 from storage import zarr_store
 from storage.checkpoints import load_checkpoint
 from storage.config import TFConfig
+from storage.files import remove_tree
 from storage.keys import CODE_VERSIONS, Layout, stable_hash
 from storage.scenes import masks_to_grid
 from storage.tables import metric_row, write_metrics
@@ -64,10 +65,12 @@ def _rows(values: list[MetricValues], n_boot: int, **labels) -> list[dict]:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_run(cfg: TFConfig, root: str, run_id: str) -> dict:
+def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
     out = layout.evaluation()
+    if force:
+        remove_tree(out)
     if zarr_store.is_complete(out):
         done = zarr_store.completion(out)
         return stage_result("evaluate", layout.keys.evaluate, out, False, started, metrics_table=done["table"],

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage import zarr_store
 from storage.config import TFConfig
+from storage.files import remove_tree
 from storage.keys import Layout
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import hierarchy_chunk
@@ -17,10 +18,12 @@ from tasks.stage import stage_result
 
 
 @task(name="hierarchy", cache_policy=NO_CACHE)
-def build_teacher(cfg: TFConfig, root: str) -> dict:
+def build_teacher(cfg: TFConfig, root: str, force: bool = False) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
     latents, path = layout.latents(), layout.teacher()
+    if force:
+        remove_tree(path)
     if zarr_store.is_complete(path):
         return stage_result("hierarchy", layout.keys.teacher, path, False, started)
     if not zarr_store.is_complete(latents):

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage import zarr_store
 from storage.config import TFConfig
+from storage.files import remove_tree
 from storage.keys import Layout
 from storage.sources import list_source
 from storage.tables import load_rejects
@@ -31,10 +32,12 @@ def image_store_arrays(num: int, size: int, with_masks: bool) -> dict[str, Array
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
-def ingest_images(cfg: TFConfig, root: str) -> dict:
+def ingest_images(cfg: TFConfig, root: str, force: bool = False) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
     path = layout.images()
+    if force:
+        remove_tree(path)
     if zarr_store.is_complete(path):
         return stage_result("ingest", layout.keys.images, path, False, started)
     listing = list_source(cfg.source)

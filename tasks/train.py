@@ -17,6 +17,7 @@ from models.train_loop import OptimConfig, train_decoder, train_generator
 from storage import zarr_store
 from storage.checkpoints import checkpoint_exists, load_checkpoint, save_module
 from storage.config import TFConfig
+from storage.files import remove_tree
 from storage.keys import Layout
 from tasks.level_data import level_data, load_latents, load_regions
 from tasks.progress import Progress
@@ -55,10 +56,12 @@ def _progress_callback(bar: Progress):
 
 
 @task(name="train-decoder", cache_policy=NO_CACHE)
-def train_decoder_task(cfg: TFConfig, root: str) -> dict:
+def train_decoder_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
     prefix = layout.decoder() / "decoder"
+    if force:
+        remove_tree(layout.decoder())
     if checkpoint_exists(prefix):
         return stage_result("train-decoder", layout.keys.decoder, layout.decoder(), False, started)
     device = pick_device(cfg.device)
@@ -94,10 +97,12 @@ def train_decoder_task(cfg: TFConfig, root: str) -> dict:
 
 
 @task(name="train-level", cache_policy=NO_CACHE, task_run_name="train-level-{level}")
-def train_level_task(cfg: TFConfig, root: str, level: int) -> dict:
+def train_level_task(cfg: TFConfig, root: str, level: int, force: bool = False) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
     prefix = layout.generator(level) / "generator"
+    if force:
+        remove_tree(layout.generator(level))
     stage = f"train-L{level}"
     if checkpoint_exists(prefix):
         return stage_result(stage, layout.keys.generators[level], layout.generator(level), False, started)

@@ -77,3 +77,49 @@ def test_rerun_reuses_everything(tiny_run):
     assert {s["status"] for s in again["stages"]} == {"reused"}
     runs = load_runs(root)
     assert set(runs.run_id) == {"first", "second"}
+
+
+def _mtimes(folder: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_h_sub_change_recomputes_only_what_reads_the_subpart_cut(tiny_run):
+    from flows.stages import pipeline_flow
+
+    cfg, root, _ = tiny_run
+    before = Layout(root, cfg)
+    untouched = {name: _mtimes(path) for name, path in (
+        ("images", before.images()), ("latents", before.latents()), ("decoder", before.decoder()),
+        ("L0", before.generator(0)), ("L1", before.generator(1)))}
+    changed = load_config(CONFIG, ["hierarchy.cuts=[0.65, 0.2]"])
+    report = {s["stage"]: s["status"] for s in pipeline_flow(config=changed, root=str(root), run_id="hsub")["stages"]}
+    assert report == {"ingest": "reused", "encode": "reused", "hierarchy": "computed", "train-decoder": "reused",
+                      "train-L0": "reused", "train-L1": "reused", "train-L2": "computed", "train-L3": "computed",
+                      "evaluate": "computed"}
+    for name, files in untouched.items():   # not only the report: the stores were not rewritten
+        assert files == _mtimes({"images": before.images(), "latents": before.latents(), "decoder": before.decoder(),
+                                 "L0": before.generator(0), "L1": before.generator(1)}[name]), name
+    after = Layout(root, changed)
+    assert after.teacher() != before.teacher() and before.teacher().exists()   # both hierarchies side by side
+    runs = load_runs(root)
+    assert set(runs[runs.run_id == "hsub"].status) == {"computed", "reused"}
+
+
+def test_force_recomputes_the_stage_and_everything_downstream(tiny_run):
+    from flows.stages import pipeline_flow
+
+    cfg, root, _ = tiny_run
+    stages = pipeline_flow(config=cfg, root=str(root), run_id="forced", force="train")["stages"]
+    report = {s["stage"]: s["status"] for s in stages}
+    assert [report[s] for s in ("ingest", "encode", "hierarchy")] == ["reused"] * 3
+    assert {report[s] for s in report if s.startswith("train") or s == "evaluate"} == {"computed"}
+
+
+def test_status_lists_stores_runs_and_what_is_stale(tiny_run, capsys):
+    from flows.cli import main
+
+    cfg, root, _ = tiny_run
+    assert main(["status", "--root", str(root), "--config", str(CONFIG), "--set", "hierarchy.cuts=[0.65, 0.1]"]) == 0
+    out = capsys.readouterr().out
+    assert Layout(root, cfg).images().name in out and "first" in out
+    assert "hierarchy      would compute" in out and "ingest         up to date" in out

@@ -1,0 +1,41 @@
+"""Bench results in the DESIGN §7 shape: {"figures": {name: {"value", "unit"}}, machine, commit, command}."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, {os.cpu_count()} CPU cores"
+    except ImportError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPU cores, no GPU"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def write_result(name: str, figures: dict[str, tuple[float, str]], extra: dict | None = None) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    body = {"figures": {k: {"value": v, "unit": u} for k, (v, u) in figures.items()},
+            "machine": machine(), "commit": commit(), "command": " ".join([Path(sys.executable).name] + sys.argv),
+            **(extra or {})}
+    path.write_text(json.dumps(body, indent=2) + "\n")
+    return path

@@ -1,0 +1,56 @@
+"""`tf status`: what is under a root, which runs wrote it, and what a config would (re)compute."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from storage import zarr_store
+from storage.checkpoints import checkpoint_exists
+from storage.config import TFConfig
+from storage.keys import Layout
+from storage.tables import load_runs
+
+STAGE_PREFIXES = ("images", "latents", "teacher", "decoder", "generator", "evaluate")
+
+
+def _is_done(path: Path) -> bool:
+    if path.name.startswith("decoder-"):
+        return checkpoint_exists(path / "decoder")
+    if path.name.startswith("generator-"):
+        return checkpoint_exists(path / "generator")
+    return zarr_store.is_complete(path)
+
+
+def stored_stages(root: Path) -> list[dict]:
+    out = []
+    for path in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.split("-")[0] in STAGE_PREFIXES):
+        out.append({"folder": path.name, "complete": _is_done(path)})
+    return out
+
+
+def expected_stages(root: Path, cfg: TFConfig) -> list[dict]:
+    """For this config: each stage's folder and whether a run would reuse it or compute it."""
+    layout = Layout(root, cfg)
+    wanted = [("ingest", layout.images()), ("encode", layout.latents()), ("hierarchy", layout.teacher()),
+              ("train-decoder", layout.decoder())]
+    wanted += [(f"train-L{level}", layout.generator(level)) for level in range(cfg.hierarchy.num_levels)]
+    wanted.append(("evaluate", layout.evaluation()))
+    return [{"stage": stage, "folder": path.name,
+             "state": "up to date" if path.exists() and _is_done(path) else "would compute"}
+            for stage, path in wanted]
+
+
+def status_text(root: Path, cfg: TFConfig | None) -> str:
+    root = Path(root)
+    if not root.exists():
+        return f"{root}: no such root (nothing has run here yet)"
+    lines = [f"root {root.resolve()}", "", "stores:"]
+    lines += [f"  {s['folder']:<40} {'complete' if s['complete'] else 'INCOMPLETE'}" for s in stored_stages(root)]
+    runs = load_runs(root)
+    lines += ["", f"runs: {runs.run_id.nunique()}"]
+    for run_id, frame in runs.groupby("run_id", sort=True):
+        computed = ", ".join(frame[frame.status == "computed"].stage) or "-"
+        lines.append(f"  {run_id}  flow={frame.flow.iloc[0]}  computed: {computed}")
+    if cfg is not None:
+        lines += ["", f"for config {cfg.name!r}:"]
+        lines += [f"  {s['stage']:<14} {s['state']:<14} {s['folder']}" for s in expected_stages(root, cfg)]
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Encode over an existing Dask scheduler: chunks carry resources={"GPU": 1}, so they run only on
+the worker started with `--resources GPU=1`, and give the same latents and statistics as the
+in-process encode. Real scheduler and worker processes on 127.0.0.1, stopped by process group."""
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from storage import zarr_store
+from storage.config import load_config
+from storage.keys import Layout
+
+REPO = Path(__file__).parents[2]
+CONFIG = REPO / "configs" / "tiny.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextlib.contextmanager
+def dask_cluster(logs: Path):
+    """Scheduler + cpu-worker + gpu-worker (GPU=1) as separate processes; yields (address, gpu, cpu)."""
+    from distributed import Client
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    dask = [sys.executable, "-m", "dask"]
+    worker = ["worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+    commands = {
+        "scheduler": dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        "cpu-worker": dask + worker + ["--name", "cpu-worker"],
+        "gpu-worker": dask + worker + ["--name", "gpu-worker", "--resources", "GPU=1"],
+    }
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        for name, command in commands.items():
+            with open(logs / f"{name}.log", "wb") as log:
+                procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=60)
+            names = {w["name"]: addr for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+        yield address, names["gpu-worker"], names["cpu-worker"]
+    except Exception:
+        for log in sorted(logs.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+        raise
+    finally:
+        for proc in reversed(procs):   # workers first, then the scheduler
+            _stop(proc)
+
+
+def test_encode_chunks_run_on_the_gpu_worker_and_match_the_in_process_encode(tmp_path):
+    from tasks.encode import encode_latents
+    from tasks.ingest import ingest_images
+
+    started = time.monotonic()
+    remote_root, local_root = tmp_path / "dask", tmp_path / "local"
+    with dask_cluster(tmp_path / "logs") as (address, gpu_worker, cpu_worker):
+        cfg = load_config(CONFIG, [f"ingest.dask_address={address}"])
+        ingest = ingest_images.fn(cfg, str(remote_root))
+        result = encode_latents.fn(cfg, str(remote_root))
+    assert ingest["status"] == result["status"] == "computed"
+    assert result["encoder_weights"] == "random-init"
+
+    layout = Layout(remote_root, cfg)
+    infos = zarr_store.chunk_infos(layout.latents())
+    num_chunks = len(zarr_store.chunk_bounds(cfg.source.num_images, cfg.ingest.chunk_size))
+    assert len(infos) == num_chunks == 3
+    assert all(info["worker"] == gpu_worker != cpu_worker for info in infos), infos
+    assert all(info["cuda"] is False and info["device"] == "cpu" for info in infos)  # tiny.yaml: device cpu
+    for name in ("chunk_count", "chunk_mean", "chunk_m2"):   # one Zarr chunk per encode chunk: no shared files
+        assert zarr_store.open_array(layout.latents(), name).chunks[0] == 1
+
+    # The same images, encoded in-process (no dask_address) on a second root.
+    local_cfg = load_config(CONFIG)
+    local = Layout(local_root, local_cfg)
+    assert local.keys.latents == layout.keys.latents
+    shutil.copytree(layout.images(), local.images())
+    encode_latents.fn(local_cfg, str(local_root))
+    assert all(info["worker"] is None for info in zarr_store.chunk_infos(local.latents()))
+
+    remote_ds, local_ds = zarr_store.open_dataset(layout.latents()), zarr_store.open_dataset(local.latents())
+    tokens = remote_ds["tokens"].values
+    assert tokens.dtype == np.float16 and tokens.shape == (48, 4, 4, 384)
+    np.testing.assert_allclose(tokens.astype(np.float32), local_ds["tokens"].values.astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
+    assert np.array_equal(remote_ds["label"].values, local_ds["label"].values)
+    assert np.array_equal(remote_ds["valid"].values, local_ds["valid"].values)
+    flat = tokens[remote_ds["valid"].values].reshape(-1, 384).astype(np.float64)
+    np.testing.assert_allclose(remote_ds["mean"].values, flat.mean(0), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(remote_ds["std"].values, np.sqrt(flat.var(0) + 1e-6), rtol=1e-3, atol=1e-3)
+    assert time.monotonic() - started < 90
+
+
+def test_gpu_chunks_without_a_gpu_worker_fail_with_how_to_instead_of_hanging():
+    import pytest
+    from distributed import Client, LocalCluster
+
+    from tasks.dask_chunks import wait_for_resources
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(RuntimeError, match="--resources GPU=1"):
+            wait_for_resources(client, {"GPU": 1}, timeout=0)
