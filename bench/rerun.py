@@ -28,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="tf-rerun-"))
     shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     from flows.stages import pipeline_flow
     from storage.config import load_config
