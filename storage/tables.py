@@ -95,6 +95,14 @@ def load_metrics(root: str | Path, **filters) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def compare_runs(root: str | Path, run_ids: list[str], **filters) -> pd.DataFrame:
+    """One row per (group, metric, level, variant), one value column per run: ready for a plot."""
+    frame = load_metrics(root, run_id=list(run_ids), status="ok", **filters)
+    table = frame.pivot_table(index=["group", "metric", "level", "variant"], columns="run_id", values="value",
+                              aggfunc="first")
+    return table.reindex(columns=[r for r in run_ids if r in table.columns]).reset_index()
+
+
 def write_run_report(root: Path, run_id: str, rows: list[dict]) -> Path:
     frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
     path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "report.parquet"

@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from storage.tables import load_metrics, metric_row, write_metrics, write_rejects, load_rejects
+from storage.tables import compare_runs, load_metrics, load_rejects, metric_row, write_metrics, write_rejects
 
 
 def test_metrics_append_per_run_and_filter(tmp_path):
@@ -31,3 +31,14 @@ def test_rejects_are_kept_per_chunk(tmp_path):
     write_rejects(tmp_path, 1, [])
     frame = load_rejects(tmp_path)
     assert list(frame.path) == ["a.jpg"] and list(frame.chunk) == [0]
+
+
+def test_compare_runs_puts_two_runs_side_by_side(tmp_path):
+    ctx = {"latents_key": "l", "teacher_key": "t", "model_key": "m", "code_version": "v", "encoder_weights": "x"}
+    for run, shift in (("tf", 0.0), ("flat", 1.0)):
+        write_metrics(tmp_path, run, [metric_row("per_level", "fd_level", 1.0 + shift + level, level=level, n=5)
+                                      for level in range(3)]
+                      + [metric_row("quality", "fid", None, status="skipped", reason="no weights")], ctx)
+    table = compare_runs(tmp_path, ["tf", "flat"])
+    assert list(table.columns[-2:]) == ["tf", "flat"] and len(table) == 3   # skipped rows stay out
+    assert (table["flat"] - table["tf"]).tolist() == [1.0, 1.0, 1.0]
