@@ -7,11 +7,9 @@ extraction from generated canvases, nesting, plan adherence, partition agreement
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import numpy as np
-import scipy.linalg
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import squareform
@@ -104,14 +102,14 @@ def frechet_distance(
     sigma1: np.ndarray,
     mu2: np.ndarray,
     sigma2: np.ndarray,
-    eps: float = 1e-6,
 ) -> float:
     """Frechet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2); lower is better.
 
-    FD = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)).
-    If the matrix square root is not finite (near-singular covariances), it is
-    recomputed with eps * I added to both covariances. The real part is kept and
-    negative round-off is clamped to 0.
+    FD = ||mu1 - mu2||^2 + Tr(sigma1) + Tr(sigma2) - 2 Tr((sigma1 sigma2)^1/2).
+    The last trace equals sum_i sqrt(lambda_i) over the eigenvalues of the symmetric PSD
+    matrix sigma1^1/2 sigma2 sigma1^1/2, which two symmetric eigendecompositions give
+    exactly, also for singular covariances (fewer samples than dimensions), and far faster
+    than a general matrix square root at 2048 dimensions. Round-off is clamped to 0.
     """
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
@@ -122,11 +120,11 @@ def frechet_distance(
             f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
         )
     diff = mu1 - mu2
-    covmean = _sqrtm_quiet(sigma1 @ sigma2)
-    if not np.all(np.isfinite(covmean)):
-        offset = eps * np.eye(sigma1.shape[0])
-        covmean = _sqrtm_quiet((sigma1 + offset) @ (sigma2 + offset))
-    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(np.real(covmean)))
+    values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
     return max(value, 0.0)
 
 
@@ -135,14 +133,6 @@ def fd_from_features(a: np.ndarray, b: np.ndarray) -> float:
     mu_a, sigma_a = feature_stats(a)
     mu_b, sigma_b = feature_stats(b)
     return frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
-
-
-def _sqrtm_quiet(matrix: np.ndarray) -> np.ndarray:
-    # Singular products are expected here; the finiteness check handles them.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.asarray(scipy.linalg.sqrtm(matrix))
 
 
 def _as_feature_matrix(features: np.ndarray) -> np.ndarray:
