@@ -7,6 +7,7 @@ CONFIG ?= configs/scenes.yaml
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 300
 
 .PHONY: run test setup clean
 

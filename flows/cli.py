@@ -46,6 +46,8 @@ def _prefect_defaults(root: Path) -> None:
     # Ephemeral Prefect needs no server; keep its state out of the user's home unless told otherwise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_HOME", str(root.resolve() / ".prefect"))
+    # The first start migrates a fresh database; 20 s (Prefect's default) is too short on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 
 
 def main(argv: list[str] | None = None) -> int:

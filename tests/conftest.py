@@ -6,3 +6,5 @@ import tempfile
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tf-prefect-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# A fresh database is migrated on the first ephemeral start; Prefect's 20 s default fails on a slow CI box.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
