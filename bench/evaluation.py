@@ -92,7 +92,7 @@ def profile_parts(generators, decoder, dinov2_fn, inception_path, device, args) 
 
     from models.decoder import tensor_to_images
     from models.hierarchy import HierarchySpec
-    from models.streaming_eval import _structure_chunk
+    from models.structure_stream import structure_chunk
     from models.trajectory import level_noises, one_step_level
 
     cuda = device.type == "cuda"
@@ -143,7 +143,7 @@ def profile_parts(generators, decoder, dinov2_fn, inception_path, device, args) 
     out["level_noises_cpu_1thread"] = round((time.perf_counter() - started) * 1000 * 1000 / 200, 1)
     canvases = np.stack([x[:40].float().cpu().numpy()] * 4)
     started = time.process_time()
-    _structure_chunk(canvases, None, 0.05, HierarchySpec(), 0)
+    structure_chunk(canvases, None, 0.05, HierarchySpec(), 0)
     out["structure_cpu_1proc"] = round((time.process_time() - started) * 1000 * 1000 / 40, 1)
     print("profile, ms per 1000 samples:", out, flush=True)
     return out
@@ -176,6 +176,7 @@ def main() -> None:
     from models.fidelity import dinov2_feature_fn, inception_feature_fn
     from models.hierarchy import HierarchySpec, region_canvas
     from models.streaming_eval import PHASES, evaluate_streaming, metric_values, reference_stats
+    from tasks.structure_pool import process_structure
 
     size = SIZES[args.size]
     device = torch.device(args.device)
@@ -234,8 +235,9 @@ def main() -> None:
     structure_samples = None if args.structure_samples < 0 else args.structure_samples
     common = dict(inception_fn=inception_fn, encoder=encoder, hierarchy_spec=HierarchySpec(), device=device,
                   batch_size=args.batch_size, keep=args.keep, reencode_samples=args.reencode,
-                  structure_samples=structure_samples, structure_workers=args.structure_workers,
-                  noise_threads=args.noise_threads, max_inflight=args.inflight,
+                  structure_samples=structure_samples,
+                  structure_runner=process_structure(args.structure_workers, args.inflight),
+                  noise_threads=args.noise_threads,
                   overlap_features=not args.no_overlap and device.type == "cuda")
     label_pool = np.arange(size["classes"])
 

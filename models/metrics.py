@@ -52,6 +52,19 @@ class StreamingStats:
         self._mean = np.zeros(self.dim, dtype=np.float64)
         self._m2 = np.zeros((self.dim, self.dim), dtype=np.float64)
 
+    @classmethod
+    def from_moments(cls, count: int, mean: np.ndarray, m2: np.ndarray) -> StreamingStats:
+        """Statistics from their state (count, mean [D], M2 [D, D]), e.g. moments kept on a GPU."""
+        mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+        m2 = np.asarray(m2, dtype=np.float64)
+        if m2.shape != (len(mean), len(mean)):
+            raise ValueError(f"M2 must be [{len(mean)}, {len(mean)}], got {m2.shape}")
+        if count < 0:
+            raise ValueError(f"count must be non-negative, got {count}")
+        out = cls(len(mean))
+        out.count, out._mean, out._m2 = int(count), mean.copy(), m2.copy()
+        return out
+
     def update(self, batch: np.ndarray) -> None:
         """Fold a batch [n, dim] into the running statistics (in place)."""
         x = _as_feature_matrix(batch)

@@ -105,6 +105,11 @@ class EvaluateConfig(_Part):
     bootstrap: int = 1000
     grid_rows: int = 8
     seed: int = 1234
+    batch_size: int = Field(256, ge=1, description="samples per streamed batch (sampling, decoding, features)")
+    structure_samples: int = Field(10_000, ge=0, description="first N samples scored for nesting / plan adherence")
+    reencode_samples: int = Field(512, ge=0, description="first N samples re-encoded for ARI / mIoU")
+    structure_workers: int = Field(0, ge=0, description="worker processes for structure values (0: in-process)")
+    tokens_per_sample: int = Field(4, ge=0, description="tokens per sample in the token-level FD variant")
 
 
 class TFConfig(_Part):

@@ -1,7 +1,10 @@
-"""Evaluate: sample trajectories, decode every level, run the edit suite, write metric tables.
+"""Evaluate: stream sampled trajectories through every metric, run the edit suite, write the tables.
 
 Reads the latent/teacher/image stores and the checkpoints; writes the evaluation folder
-(trajectories Zarr, edits Parquet, grid PNG) and one metrics Parquet part for the run.
+(trajectories Zarr for the kept subset, edits Parquet/Zarr, grid PNG) and one metrics
+Parquet part for the run. Samples are streamed in batches (models.streaming_eval), so
+50k samples never sit in memory; the real side's image statistics are cached with the
+real set (tasks.evaluate_reference).
 """
 from __future__ import annotations
 
@@ -15,13 +18,13 @@ from prefect.cache_policies import NO_CACHE
 from models.decoder import TokenDecoder, tensor_to_images
 from models.dit import TrajectoryDiT
 from models.edit_suite import plan_edits, run_edit_suite
-from models.encoder import build_encoder, encode_images
-from models.fidelity import fidelity_unavailable_reason, inception_metrics
-from models.hierarchy import build_hierarchies
-from models.metrics import bootstrap_ci, fd_from_features
+from models.encoder import build_encoder
+from models.fidelity import (dinov2_extractor_label, dinov2_feature_fn, fidelity_unavailable_reason,
+                             inception_extractor_label, inception_feature_fn)
+from models.metrics import bootstrap_ci
+from models.streaming_eval import KID_FEATURES, evaluate_streaming, metric_values
 from models.trajectory import level_noises, sample_trajectory
-from models.trajectory_metrics import (MetricValues, generated_regions, hierarchy_alignment, per_level_fd,
-                                       reencode_agreement, structural_consistency)
+from models.trajectory_metrics import MetricValues, generated_regions, hierarchy_alignment
 from storage import zarr_store
 from storage.checkpoints import load_checkpoint
 from storage.config import TFConfig
@@ -30,12 +33,16 @@ from storage.keys import CODE_VERSIONS, Layout, stable_hash
 from storage.scenes import masks_to_grid
 from storage.tables import metric_row, write_metrics
 from storage.trajectory_store import new_edit_id, write_edits, write_grid, write_trajectories
+from tasks.chunk_workers import hierarchy_spec
+from tasks.evaluate_reference import image_reference, level_reference
+from tasks.evaluate_report import publish_artifacts
 from tasks.level_data import canvases, load_latents, load_regions
 from tasks.progress import Progress
 from tasks.stage import pick_device, stage_result
+from tasks.structure_pool import process_structure
 from tasks.train import decoder_config, generator_config, num_classes
-from tasks.chunk_workers import hierarchy_spec
-from tasks.evaluate_report import publish_artifacts
+
+INCEPTION_METRICS = ("fid", "kid_mean", "kid_std", "is_mean", "is_std")
 
 
 def _load_generators(cfg: TFConfig, layout: Layout, grid: int, dim: int, device: str) -> list[TrajectoryDiT]:
@@ -64,6 +71,61 @@ def _rows(values: list[MetricValues], n_boot: int, **labels) -> list[dict]:
     return rows
 
 
+def _quality_rows(values: list[MetricValues], dinov2: dict, inception: dict, reason: str | None) -> list[dict]:
+    """fd_dinov2 under the DINOv2 extractor; fid, kid_mean/std, is_mean/std under Inception (or skipped)."""
+    rows = []
+    for v in values:
+        n = v.extra.get("n", 0)
+        if v.metric == "fd_dinov2":
+            rows.append(metric_row("quality", "fd_dinov2", float(v.values[0]), n=n, **dinov2))
+        elif v.metric == "fid":
+            rows.append(metric_row("quality", "fid", float(v.values[0]), n=n, **inception))
+        elif v.metric in ("kid", "is"):
+            rows.append(metric_row("quality", f"{v.metric}_mean", float(v.values[0]), n=n, **inception))
+            rows.append(metric_row("quality", f"{v.metric}_std", float(v.extra["std"]), n=n, **inception))
+    have = {r["metric"] for r in rows}
+    why = reason or "too few samples for this metric"
+    rows += [metric_row("quality", name, None, status="skipped", reason=why, **inception)
+             for name in INCEPTION_METRICS if name not in have]
+    return rows
+
+
+def _extractors(cfg: TFConfig, device: str):
+    """The re-encoding DINOv2 (also the FD-DINOv2 extractor) and Inception when its weights exist."""
+    ev = cfg.evaluate
+    encoder, weights_label = build_encoder(cfg.encoder.model, cfg.source.image_size, cfg.encoder.weights,
+                                           cfg.encoder.allow_random_init)
+    encoder = encoder.to(device).eval()
+    dinov2 = {"fn": dinov2_feature_fn(encoder, device, batch_size=cfg.encoder.batch_size),
+              "label": dinov2_extractor_label(encoder, weights_label),
+              "row": {"feature_extractor": f"dinov2-cls:{cfg.encoder.model}", "extractor_weights": weights_label}}
+    reason = fidelity_unavailable_reason(ev.inception_weights)
+    inception = {"fn": None, "label": None, "reason": reason,
+                 "row": {"feature_extractor": "inception-v3-compat", "extractor_weights": ev.inception_weights or ""}}
+    if reason is None:
+        inception["fn"] = inception_feature_fn(ev.inception_weights, device)
+        inception["label"] = inception_extractor_label(ev.inception_weights)
+    return encoder, weights_label, dinov2, inception
+
+
+def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, inception: dict,
+               device: str) -> tuple[dict, dict]:
+    """Real-side statistics; image features are reused from the images store (even under --force evaluate)."""
+    ev = cfg.evaluate
+    reference, reused = {}, {}
+    for name, extractor in (("dinov2", dinov2), ("inception", inception)):
+        if extractor["fn"] is None:
+            continue
+        fns = {"dinov2_fn": extractor["fn"]} if name == "dinov2" else {"inception_fn": extractor["fn"]}
+        arrays, reused[name] = image_reference(layout.images(), latents.index, extractor["label"], device=device,
+                                               batch_size=ev.batch_size, **fns)
+        reference.update(arrays)
+    real_levels = canvases(latents.tokens, teacher)
+    reference.update(level_reference(real_levels, device=device, batch_size=ev.batch_size,
+                                     tokens_per_sample=ev.tokens_per_sample))
+    return reference, reused
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> dict:
     started = time.monotonic()
@@ -86,61 +148,46 @@ def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> 
     decoder_tensors, decoder_meta = load_checkpoint(layout.decoder() / "decoder", device)
     decoder.load_state_dict(decoder_tensors)
     decoder = decoder.to(device).eval()
+    encoder, weights_label, dinov2, inception = _extractors(cfg, device)
+    reference, reference_reused = _reference(cfg, layout, latents, teacher, dinov2, inception, device)
+
+    # Sample and score every trajectory in batches; keep whole only the first few (stored, edited, shown).
+    seeds = ev.seed * 1_000_003 + np.arange(ev.num_samples)
+    keep = min(ev.num_samples, max(ev.keep_trajectories, ev.grid_rows, 2))
+    with Progress(ev.num_samples, "evaluate: sample + metrics", unit="sample") as bar:
+        result = evaluate_streaming(
+            generators, decoder, seeds, latents.label.numpy(), dinov2["fn"], inception_fn=inception["fn"],
+            encoder=encoder, hierarchy_spec=hierarchy_spec(cfg.hierarchy), label_seed=ev.seed,
+            batch_size=ev.batch_size, device=device, region_threshold=ev.region_threshold, keep=keep,
+            reencode_samples=ev.reencode_samples, structure_samples=ev.structure_samples,
+            tokens_per_sample=ev.tokens_per_sample, structure_runner=process_structure(ev.structure_workers),
+            token_shape=(grid * grid, dim), progress=lambda done, total, timing: bar.advance(done - bar.done))
+    kid_real = len(reference.get(KID_FEATURES, ()))
+    kid_size = max(1, min(1000, kid_real, 0 if result.inception_pool is None else len(result.inception_pool)))
+    values = metric_values(result, reference, kid_subset_size=kid_size)
+    quality = [v for v in values if v.group == "quality"]
+    values = [v for v in values if v.group != "quality"]
 
     def decode(tokens: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             return np.concatenate([tensor_to_images(decoder(b.to(device)).cpu()) for b in tokens.split(64)])
 
-    # Sample trajectories: labels follow the data's classes, each sample has its own seed.
-    rng = np.random.default_rng(ev.seed)
-    seeds = ev.seed * 1_000_003 + np.arange(ev.num_samples)
-    label = torch.from_numpy(rng.choice(latents.label.numpy(), ev.num_samples)).to(device)
-    noises = level_noises(levels, grid * grid, dim, seeds.tolist(), device)
-    with Progress(5, "evaluate", unit="step") as bar:
-        trajectory = sample_trajectory(generators, noises, label)
-        generated = [c.float().cpu().numpy() for c in trajectory]
-        level_images = [decode(c) for c in trajectory]
-        regions = generated_regions(generated, ev.region_threshold)
-        bar.advance()
+    # Edits on the kept trajectories, re-sampled in float32 like the edited ones so only the edit differs.
+    kept = result.kept
+    kept_labels = torch.from_numpy(kept.labels).to(device)
+    noises = level_noises(levels, grid * grid, dim, kept.seeds.tolist(), device)
+    with torch.no_grad():
+        base = sample_trajectory(generators, noises, kept_labels)
+    regions = generated_regions([c.float().cpu().numpy() for c in base], ev.region_threshold)
+    specs = plan_edits(keep, regions, levels, ev.edits_per_level, ev.seed)
+    control, edited = run_edit_suite(generators, noises, kept_labels, base, regions, specs, decode, grid, patch)
+    values += control
+    if zarr_store.has_array(layout.images(), "masks"):
+        truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[latents.index], grid)
+        values += hierarchy_alignment(teacher.numpy(), truth.reshape(len(truth), truth.shape[1], -1))
 
-        encoder, encoder_label = build_encoder(cfg.encoder.model, cfg.source.image_size, cfg.encoder.weights,
-                                               cfg.encoder.allow_random_init)
-        encoder = encoder.to(device)
-        reencoded = encode_images(encoder, level_images[-1], device=device, batch_size=cfg.encoder.batch_size)
-        real_raw = latents.tokens.numpy() * latents.std + latents.mean
-        labels = {"feature_extractor": cfg.encoder.model, "extractor_weights": encoder_label}
-        values: list[MetricValues] = []
-        fd = fd_from_features(reencoded.reshape(len(reencoded), -1, dim).mean(1), real_raw.mean(1))
-        quality = [metric_row("quality", "fd_dinov2", fd, n=ev.num_samples, **labels)]
-        real_images = zarr_store.open_array(layout.images(), "image").oindex[latents.index]
-        reason = fidelity_unavailable_reason(ev.inception_weights)
-        inception = {"feature_extractor": "inception-v3-compat", "extractor_weights": ev.inception_weights or ""}
-        if reason is None:
-            scores = inception_metrics(level_images[-1], real_images, ev.inception_weights, device=device)
-            quality += [metric_row("quality", name, value, n=ev.num_samples, **inception) for name, value in scores.items()]
-        else:
-            quality += [metric_row("quality", name, None, status="skipped", reason=reason, **inception)
-                        for name in ("fid", "kid_mean", "is_mean")]
-        bar.advance()
-
-        real_levels = [c.numpy() for c in canvases(latents.tokens, teacher)]
-        values += per_level_fd(generated, real_levels)
-        values += structural_consistency(generated, regions)
-        rebuilt = build_hierarchies(reencoded, hierarchy_spec(cfg.hierarchy))
-        values += reencode_agreement(regions, rebuilt.reshape(len(rebuilt), rebuilt.shape[1], -1))
-        bar.advance()
-
-        specs = plan_edits(ev.num_samples, regions, levels, ev.edits_per_level, ev.seed)
-        control, edited = run_edit_suite(generators, noises, label, trajectory, regions, specs, decode, grid, patch)
-        values += control
-        bar.advance()
-
-        if zarr_store.has_array(layout.images(), "masks"):
-            truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[latents.index], grid)
-            values += hierarchy_alignment(teacher.numpy(), truth.reshape(len(truth), truth.shape[1], -1))
-        bar.advance()
-
-    rows = quality + _rows(values, ev.bootstrap, **labels)
+    rows = _quality_rows(quality, dinov2["row"], inception["row"], inception["reason"])
+    rows += _rows(values, ev.bootstrap, feature_extractor=cfg.encoder.model, extractor_weights=weights_label)
     rows += [metric_row("decoder", name, decoder_meta[key], n=decoder_meta.get("holdout_n", 0))
              for name, key in (("holdout_psnr", "holdout_psnr"), ("holdout_ssim", "holdout_ssim"))]
     context = {"latents_key": layout.keys.latents, "teacher_key": layout.keys.teacher,
@@ -148,32 +195,34 @@ def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> 
                "code_version": f"evaluate-v{CODE_VERSIONS['evaluate']}", "encoder_weights": latents.weights_label}
     table = write_metrics(root, run_id, rows, context)
 
-    keep = min(ev.keep_trajectories, ev.num_samples)
     ids = [f"traj-{s}" for s in seeds]
-    stacked_canvas = np.stack(generated, 1)[:keep].reshape(keep, levels, grid, grid, dim)
-    stacked_images = np.stack(level_images, 1)[:keep]
-    stacked_regions = np.stack(regions, 1)[:keep].reshape(keep, levels - 1, grid, grid)
     attrs = {"stage": "evaluate", "key": layout.keys.evaluate, "run_id": run_id,
              "encoder_weights": latents.weights_label}
-    write_trajectories(out / "trajectories.zarr", ids[:keep], seeds[:keep], label[:keep].cpu().numpy(),
-                       stacked_canvas, stacked_images, stacked_regions, attrs)
-    edit_ids = [new_edit_id() for _ in specs]
+    write_trajectories(out / "trajectories.zarr", ids[:keep], kept.seeds, kept.labels,
+                       kept.canvases.reshape(keep, levels, grid, grid, dim), kept.images,
+                       np.stack(regions, 1).reshape(keep, levels - 1, grid, grid), attrs)
+    _write_edits(out, run_id, ids, specs, edited, regions, kept, decode, attrs, levels, grid, dim)
+    write_grid(out / "grid.png", kept.images[:min(ev.grid_rows, keep)])
+    publish_artifacts(run_id, rows, out, table)
+    timing = {k: round(float(v), 3) for k, v in result.timing.items()}
+    zarr_store.mark_complete(out, {"run_id": run_id, "metrics_rows": len(rows), "table": str(table),
+                                   "timing_s": timing, "counts": result.counts, "reference_reused": reference_reused})
+    return stage_result("evaluate", layout.keys.evaluate, out, True, started, metrics_table=str(table),
+                        grid_png=str(out / "grid.png"), rows=len(rows), reference_reused=reference_reused)
+
+
+def _write_edits(out, run_id: str, ids: list[str], specs: list[dict], edited: list[list[torch.Tensor]],
+                 regions: list[np.ndarray], kept, decode, attrs: dict, levels: int, grid: int, dim: int) -> None:
+    """Edit objects (id, parent, donor, level, region, source) in Parquet and their trajectories in Zarr."""
     edit_records = [{"edit_id": e, "parent": ids[s["parent"]], "donor": ids[s["donor"]], "level": s["level"],
                      "region": s["region"], "source": s["kind"], "result": f"{e}-traj", "run_id": run_id}
-                    for e, s in zip(edit_ids, specs)]
+                    for e, s in zip([new_edit_id() for _ in specs], specs)]
     write_edits(out / "edits.parquet", edit_records)
+    parents = [s["parent"] for s in specs]
     edited_levels = [torch.cat([batch[level] for batch in edited]) for level in range(levels)]
-    write_trajectories(out / "edits.zarr", [r["result"] for r in edit_records],
-                       np.asarray([seeds[s["parent"]] for s in specs]),
-                       np.asarray([int(label[s["parent"]]) for s in specs]),
+    write_trajectories(out / "edits.zarr", [r["result"] for r in edit_records], kept.seeds[parents],
+                       kept.labels[parents],
                        np.stack([c.float().cpu().numpy() for c in edited_levels], 1).reshape(len(specs), levels, grid, grid, dim),
                        np.stack([decode(c) for c in edited_levels], 1),
-                       np.stack([regions[l][[s["parent"] for s in specs]] for l in range(levels - 1)], 1)
-                       .reshape(len(specs), levels - 1, grid, grid),
+                       np.stack([regions[l][parents] for l in range(levels - 1)], 1).reshape(len(specs), levels - 1, grid, grid),
                        attrs, parents=[r["parent"] for r in edit_records])
-    rows_to_show = min(ev.grid_rows, ev.num_samples)
-    write_grid(out / "grid.png", np.stack(level_images, 1)[:rows_to_show])
-    publish_artifacts(run_id, rows, out, table)
-    zarr_store.mark_complete(out, {"run_id": run_id, "metrics_rows": len(rows), "table": str(table)})
-    return stage_result("evaluate", layout.keys.evaluate, out, True, started, metrics_table=str(table),
-                        grid_png=str(out / "grid.png"), rows=len(rows))

@@ -101,6 +101,9 @@ def test_h_sub_change_recomputes_only_what_reads_the_subpart_cut(tiny_run):
                                  "L0": before.generator(0), "L1": before.generator(1)}[name]), name
     after = Layout(root, changed)
     assert after.teacher() != before.teacher() and before.teacher().exists()   # both hierarchies side by side
+    # the real images' FD-DINOv2 statistics were computed by the first run and read back here
+    assert zarr_store.completion(before.evaluation())["reference_reused"] == {"dinov2": False}
+    assert zarr_store.completion(after.evaluation())["reference_reused"] == {"dinov2": True}
     runs = load_runs(root)
     assert set(runs[runs.run_id == "hsub"].status) == {"computed", "reused"}
 

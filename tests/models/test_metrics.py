@@ -304,3 +304,18 @@ def test_fd_is_exact_for_singular_covariances():
     few = rng.normal(size=(5, 16))
     assert np.isfinite(fd_from_features(few, few + 0.5))
     assert fd_from_features(few, few) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_streaming_stats_from_moments_round_trips_and_checks_shapes():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 5))
+    stats = StreamingStats(5)
+    stats.update(x)
+    copy = StreamingStats.from_moments(stats.count, stats.mean, stats.cov * (stats.count - 1))
+    np.testing.assert_allclose(copy.cov, np.cov(x, rowvar=False), rtol=1e-12)
+    np.testing.assert_allclose(copy.mean, x.mean(0), rtol=1e-12)
+    more = rng.normal(size=(7, 5))
+    copy.update(more)   # keeps folding like the original
+    np.testing.assert_allclose(copy.cov, np.cov(np.vstack([x, more]), rowvar=False), rtol=1e-12)
+    with pytest.raises(ValueError, match="M2"):
+        StreamingStats.from_moments(3, np.zeros(5), np.zeros((4, 4)))

@@ -12,6 +12,7 @@ from models.metrics import fd_from_features, feature_stats
 from models.streaming_eval import (DINOV2, FID, KID_FEATURES, PHASES, evaluate_streaming, level_key, metric_values,
                                    reference_stats, token_subsample)
 from models.trajectory import level_noises, sample_trajectory
+from tasks.structure_pool import process_structure
 from models.trajectory_metrics import (generated_regions, per_level_fd, reencode_agreement,
                                        structural_consistency)
 
@@ -200,7 +201,7 @@ def test_timing_and_counts(results):
 
 
 def test_threads_and_worker_processes_match_inline(models, results):
-    result = run(models, 10, noise_threads=2, structure_workers=1, max_inflight=2, overlap_features=True)
+    result = run(models, 10, noise_threads=2, structure_runner=process_structure(1, 2), overlap_features=True)
     inline = results[3]
     for metric in ("nesting", "plan_adherence", "reencode_ari", "reencode_miou"):
         np.testing.assert_array_equal(result.per_sample[metric], inline.per_sample[metric])
