@@ -98,7 +98,7 @@ class DecoderConfig(_Part):
 
 class EvaluateConfig(_Part):
     num_samples: int = Field(64, ge=2)
-    keep_trajectories: int = Field(16, ge=0)
+    keep_trajectories: int = Field(64, ge=0, description="trajectories stored whole (every canvas and decoded level)")
     edits_per_level: int = Field(8, ge=1)
     inception_weights: str | None = Field(None, description="local pt_inception-2015-12-05 weights for FID/KID/IS")
     region_threshold: float = Field(0.05, description="cosine distance that splits a generated canvas into regions")
