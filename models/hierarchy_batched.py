@@ -1,0 +1,193 @@
+"""The per-image hierarchy of models.hierarchy, batched over images in torch (GPU or CPU).
+
+Same algorithm, written for a batch [B, T, C] at once instead of a loop over images:
+
+- level 0: k-means (k = spec.k, k-means++ start, Lloyd iterations) on the L2-normalised tokens
+  (plus alpha * coordinates); the cluster nearest the image centre is the object;
+- levels 1..: average-linkage (UPGMA) agglomeration of the object tokens under
+  (1 - cos) + lam * ||coord_i - coord_j||, with the Lance-Williams update on a [B, T, T]
+  distance matrix, one merge per step for every image at once; merge heights are min-max
+  normalised per image and the tree is cut at each threshold (as scipy's fcluster
+  "distance"); ids are canonical (1..k in raster first-appearance order), background 0.
+
+Average linkage has no inversions, so "every merge at height <= t" is a prefix of the merge
+order: the labels after each merge are kept and the cut picks the right prefix. Results agree
+with the scipy/scikit-learn reference up to tie-breaking and k-means starts
+(tests/models/test_hierarchy_batched.py, bench/dataplane.py report the ARI).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.hierarchy import BACKGROUND_ID, OBJECT_ID, HierarchySpec
+
+_INF = float("inf")
+
+
+def grid_coordinates_t(height: int, width: int, device, dtype=torch.float32) -> Tensor:
+    """[H*W, 2] raster-order (row, col) coordinates scaled to [0, 1], as models.hierarchy.grid_coordinates."""
+    rows = torch.linspace(0.0, 1.0, height, device=device, dtype=dtype) if height > 1 else torch.full((1,), 0.5, device=device, dtype=dtype)
+    cols = torch.linspace(0.0, 1.0, width, device=device, dtype=dtype) if width > 1 else torch.full((1,), 0.5, device=device, dtype=dtype)
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.stack([rr.reshape(-1), cc.reshape(-1)], 1)
+
+
+def sklearn_plusplus_draws(tokens: int, k: int, seed: int) -> tuple[int, list[np.ndarray]]:
+    """The random draws scikit-learn's KMeans(n_init=1, random_state=seed) makes for k-means++ on
+    `tokens` equally weighted samples: the first centre's index and, per further centre, the
+    uniforms of its local trials. They depend on (tokens, k, seed) only, so one set serves a batch."""
+    rng = np.random.RandomState(seed)
+    first = int(rng.choice(tokens, p=np.full(tokens, 1.0 / tokens)))
+    trials = 2 + int(np.log(k))
+    return first, [rng.uniform(size=trials) for _ in range(1, k)]
+
+
+def _kmeans_plus_plus(x: Tensor, k: int, seed: int) -> Tensor:
+    """[B, T, D] -> k starting centres [B, k, D]: k-means++ with greedy local trials, drawn as
+    scikit-learn draws them, so batched and reference k-means start from the same centres."""
+    batch, tokens, _ = x.shape
+    rows = torch.arange(batch, device=x.device)
+    first, uniforms = sklearn_plusplus_draws(tokens, k, seed)
+    centres = [x[:, first]]
+    closest = ((x - centres[0][:, None]) ** 2).sum(-1)                          # [B, T]
+    potential = closest.sum(1)
+    for draws in uniforms:
+        targets = torch.as_tensor(draws, dtype=x.dtype, device=x.device)[None] * potential[:, None]
+        candidates = torch.searchsorted(closest.cumsum(1), targets).clamp(max=tokens - 1)   # [B, trials]
+        picked = x[rows[:, None], candidates]                                    # [B, trials, D]
+        to_candidates = ((x[:, None] - picked[:, :, None]) ** 2).sum(-1)        # [B, trials, T]
+        to_candidates = torch.minimum(to_candidates, closest[:, None])
+        best = to_candidates.sum(-1).argmin(1)                                   # [B]
+        closest = to_candidates[rows, best]
+        potential = closest.sum(1)
+        centres.append(x[rows, candidates[rows, best]])
+    return torch.stack(centres, 1)
+
+
+def object_masks(unit: Tensor, coords: Tensor, spec: HierarchySpec, iterations: int = 50) -> Tensor:
+    """Level 0 for a batch: unit tokens [B, T, C], coords [T, 2] -> bool [B, T] (True = object).
+
+    An image whose tokens are all identical, or whose k-means leaves a cluster empty, is all object.
+    """
+    batch, tokens, _ = unit.shape
+    features = unit.double()   # float64 like the reference: k-means starts and ties depend on it
+    coords = coords.double()
+    if spec.alpha > 0:
+        features = torch.cat([features, spec.alpha * coords.expand(batch, -1, -1)], -1)
+    features = features - features.mean(1, keepdim=True)   # scikit-learn centres the data too
+    centres = _kmeans_plus_plus(features, spec.k, spec.seed)
+    for _ in range(iterations):
+        labels = torch.cdist(features, centres).argmin(-1)                       # [B, T]
+        onehot = torch.nn.functional.one_hot(labels, spec.k).to(features.dtype)  # [B, T, k]
+        counts = onehot.sum(1)                                                    # [B, k]
+        sums = onehot.transpose(1, 2) @ features                                  # [B, k, D]
+        centres = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], centres)
+    labels = torch.cdist(features, centres).argmin(-1)
+    onehot = torch.nn.functional.one_hot(labels, spec.k).to(features.dtype)
+    counts = onehot.sum(1)
+    centre_distance = (coords - 0.5).norm(dim=1)                                  # [T]
+    mean_distance = (onehot * centre_distance[None, :, None]).sum(1) / counts.clamp(min=1)
+    mean_distance = torch.where(counts > 0, mean_distance, torch.full_like(mean_distance, _INF))
+    is_object = labels == mean_distance.argmin(-1, keepdim=True)
+    identical = (features - features[:, :1]).abs().amax((1, 2)) <= 1e-9
+    degenerate = identical | (counts == 0).any(-1)
+    return is_object | degenerate[:, None]
+
+
+def _canonical(labels: Tensor, valid: Tensor) -> Tensor:
+    """Relabel each row's valid entries to 1..k in order of first appearance; invalid -> 0."""
+    batch, tokens = labels.shape
+    position = torch.arange(tokens, device=labels.device).expand(batch, -1)
+    big = torch.full_like(position, tokens)
+    # first position of each label value (labels are token indices 0..T-1)
+    first = torch.full((batch, tokens), tokens, device=labels.device, dtype=torch.long)
+    first = first.scatter_reduce(1, labels, torch.where(valid, position, big), reduce="amin")
+    present = first < tokens
+    order = torch.argsort(torch.where(present, first, big), dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(1, tokens + 1, device=labels.device).expand(batch, -1))
+    return torch.where(valid, rank.gather(1, labels), torch.zeros_like(labels))
+
+
+def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: HierarchySpec) -> Tensor:
+    """Object-token ids for every cut: long [B, len(cuts), T]; background tokens 0."""
+    batch, tokens, _ = unit.shape
+    device = unit.device
+    cuts = len(spec.cuts)
+    if cuts == 0:
+        return torch.zeros((batch, 0, tokens), dtype=torch.long, device=device)
+    if spec.linkage != "average" or spec.cut_mode != "height":
+        raise ValueError("the batched hierarchy implements average linkage with height cuts; "
+                         "use the reference backend for other settings")
+    cosine = (1.0 - unit @ unit.transpose(1, 2)).clamp(0.0, 2.0)
+    dist = cosine + spec.lam * torch.cdist(coords, coords)[None]
+    pair_ok = is_object[:, :, None] & is_object[:, None, :]
+    eye = torch.eye(tokens, dtype=torch.bool, device=device)[None]
+    dist = torch.where(pair_ok & ~eye, dist, torch.full_like(dist, _INF))
+    size = is_object.to(dist.dtype)
+    label = torch.arange(tokens, device=device).expand(batch, -1).clone()
+    rows = torch.arange(batch, device=device)
+    steps = max(int(is_object.sum(1).max()) - 1, 0)
+    heights = torch.full((batch, max(steps, 1)), _INF, dtype=dist.dtype, device=device)
+    snapshots = torch.empty((steps + 1, batch, tokens), dtype=torch.long, device=device)
+    snapshots[0] = label
+    for step in range(steps):
+        flat = dist.reshape(batch, -1)
+        best, where = flat.min(1)
+        live = torch.isfinite(best)
+        i, j = where // tokens, where % tokens
+        heights[:, step] = best
+        si, sj = size[rows, i], size[rows, j]
+        merged = (si[:, None] * dist[rows, i] + sj[:, None] * dist[rows, j]) / (si + sj).clamp(min=1)[:, None]
+        merged[rows, i] = _INF
+        merged[rows, j] = _INF
+        # finished images keep their matrix: write back what is there
+        new_i = torch.where(live[:, None], merged, dist[rows, i])
+        dist[rows, i] = new_i
+        dist[rows, :, i] = new_i
+        gone = torch.where(live[:, None], torch.full_like(new_i, _INF), dist[rows, j])
+        dist[rows, j] = gone
+        dist[rows, :, j] = gone
+        size[rows, i] = torch.where(live, si + sj, si)
+        label = torch.where(live[:, None] & (label == j[:, None]), i[:, None], label)
+        snapshots[step + 1] = label
+    merges = torch.isfinite(heights)
+    low = torch.where(merges, heights, torch.full_like(heights, _INF)).amin(1, keepdim=True)
+    high = torch.where(merges, heights, torch.full_like(heights, -_INF)).amax(1, keepdim=True)
+    span = high - low
+    normalised = torch.where(span > 0, (heights - low) / span.clamp(min=1e-30), torch.zeros_like(heights))
+    out = []
+    for threshold in spec.cuts:
+        # fcluster "distance" merges every link at height <= t; with no inversions that is a prefix
+        taken = ((normalised <= threshold) & merges).sum(1)
+        labels = snapshots[taken.clamp(max=steps), rows]
+        out.append(_canonical(labels, is_object))
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
+def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec = HierarchySpec(),
+                              kmeans_iterations: int = 50) -> Tensor:
+    """[N, g, g, C] tokens (any float dtype, any device) -> int16 [N, len(cuts)+1, g, g] region ids.
+
+    Computed in float32 on the tokens' device. Matches models.hierarchy.build_hierarchies up to
+    tie-breaking and k-means starts.
+    """
+    if tokens.ndim != 4:
+        raise ValueError(f"tokens must be [N, g, g, C], got shape {tuple(tokens.shape)}")
+    n, height, width, channels = tokens.shape
+    flat = tokens.reshape(n, height * width, channels).float()
+    if not torch.isfinite(flat).all():
+        raise ValueError("tokens contain NaN or inf")
+    unit = flat / flat.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    coords = grid_coordinates_t(height, width, tokens.device)
+    identical = (unit - unit[:, :1]).abs().amax((1, 2)) <= 1e-9
+    is_object = object_masks(unit, coords, spec, kmeans_iterations)
+    ids = torch.full((n, spec.num_levels, height * width), BACKGROUND_ID, dtype=torch.long, device=tokens.device)
+    ids[:, 0] = torch.where(is_object, OBJECT_ID, BACKGROUND_ID)
+    if spec.cuts:
+        ids[:, 1:] = part_levels_batched(unit, coords, is_object, spec)
+    ids = torch.where(identical[:, None, None], torch.full_like(ids, OBJECT_ID), ids)
+    return ids.reshape(n, spec.num_levels, height, width).to(torch.int16)
