@@ -1,0 +1,303 @@
+"""Data-plane bench: JPEG files (ImageNet class-folder layout) -> DINOv2 latents -> teacher store, one GPU.
+
+    python bench/dataplane.py --images 20000 --device cuda [--out DIR]
+
+1. Writes ImageNet-shaped synthetic JPEGs (typical sizes 500x375 and the like, quality 90, smooth
+   content plus grain, ~100 KB each like ImageNet's mean) into <workdir>/train/<synset>/<synset>_<i>.JPEG.
+2. Runs the pipeline once, timed: reader threads load file bytes for the next batches while the GPU
+   decodes (torchvision nvjpeg), centre-crops and resizes, encodes (DINOv2 in bf16), builds the
+   hierarchy (models.hierarchy_batched) and writer threads put chunks into the project's Zarr
+   latent and teacher stores (storage.zarr_store: template first, disjoint chunks, marker last).
+3. Measures the encoder alone on resident batches, the hierarchy's share of the encoder's time,
+   the batched hierarchy's ARI against the scipy/scikit-learn reference on stored latents, and
+   peak host and GPU memory. Writes <out>/dataplane.json (DESIGN §7 shape).
+
+Random encoder weights (the figure is throughput, not quality). No prefect / dask imports: it runs
+where torch, torchvision, timm, numpy, scikit-learn and zarr exist.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import io
+import math
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench import results_io  # noqa: E402
+
+SIZES = [((500, 375), 0.45), ((375, 500), 0.15), ((500, 333), 0.15), ((500, 400), 0.1), ((640, 480), 0.1),
+         ((800, 600), 0.05)]
+
+
+def _write_jpeg(job: tuple[str, int]) -> int:
+    from PIL import Image
+
+    path, seed = job
+    rng = np.random.default_rng(seed)
+    (w, h) = SIZES[rng.choice(len(SIZES), p=[p for _, p in SIZES])][0]
+    small = rng.integers(0, 256, (max(2, h // 10), max(2, w // 10), 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
+    image = np.clip(image + rng.normal(0, 14, image.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    Path(path).write_bytes(buffer.getvalue())
+    return len(buffer.getvalue())
+
+
+def make_jpegs(folder: Path, count: int, classes: int, workers: int) -> tuple[list[str], np.ndarray, float]:
+    """(paths, labels, mean bytes) of `count` JPEGs in <folder>/<synset>/; labels = sorted synset index."""
+    synsets = [f"n{10_000_000 + 7919 * c:08d}" for c in range(classes)]
+    jobs = []
+    for i in range(count):
+        synset = synsets[i % classes]
+        (folder / synset).mkdir(parents=True, exist_ok=True)
+        jobs.append((str(folder / synset / f"{synset}_{i}.JPEG"), i))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        sizes = pool.map(_write_jpeg, jobs, chunksize=64)
+    # ImageFolder order: sorted synsets, then sorted file names
+    paths = sorted(p for p, _ in jobs)
+    order = sorted(synsets)
+    labels = np.array([order.index(Path(p).parent.name) for p in paths], dtype=np.int64)
+    return paths, labels, float(np.mean(sizes))
+
+
+def read_bytes(paths: list[str]) -> list[torch.Tensor]:
+    return [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
+
+
+def gpu_preprocess(images: list[torch.Tensor], size: int, resize_short: int) -> torch.Tensor:
+    """uint8 CHW images (any size, on the GPU) -> float [B,3,size,size] in [0,1].
+
+    Resize-short-side-then-centre-crop, done as the equivalent crop first (the central
+    size/resize_short share of the short side) and one antialiased bilinear resize."""
+    out = []
+    for image in images:
+        _, h, w = image.shape
+        crop = max(1, round(min(h, w) * size / resize_short))
+        top, left = (h - crop) // 2, (w - crop) // 2
+        patch = image[None, :, top:top + crop, left:left + crop].float()
+        out.append(F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+    return torch.cat(out).div_(255.0)
+
+
+class Timer:
+    """Per-phase GPU time from CUDA events (or wall time on CPU), summed over calls."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.pending, self.total = device, [], {}
+
+    def span(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                if timer.device.type == "cuda":
+                    self.start = torch.cuda.Event(enable_timing=True)
+                    self.start.record()
+                else:
+                    self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.device.type == "cuda":
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    timer.pending.append((name, self.start, end))
+                else:
+                    timer.total[name] = timer.total.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Span()
+
+    def seconds(self) -> dict[str, float]:
+        for name, start, end in self.pending:
+            end.synchronize()
+            self.total[name] = self.total.get(name, 0.0) + start.elapsed_time(end) / 1000.0
+        self.pending = []
+        return dict(self.total)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="vit_base_patch14_reg4_dinov2")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--resize-short", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=512, help="images per GPU batch = rows per store chunk")
+    parser.add_argument("--readers", type=int, default=12)
+    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--reference-images", type=int, default=200)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    parser.add_argument("--out", default=None, help="folder for dataplane.json (default bench/results)")
+    args = parser.parse_args()
+
+    from models.encoder import _normalise, build_encoder
+    from models.hierarchy import HierarchySpec, build_hierarchies
+    from models.hierarchy_batched import build_hierarchies_batched
+    from sklearn.metrics import adjusted_rand_score
+    from storage import zarr_store
+    from storage.zarr_store import ArraySpec
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(args.device)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tf-dataplane-"))
+    started = time.perf_counter()
+    paths, labels, mean_bytes = make_jpegs(workdir / "train", args.images, args.classes, os.cpu_count() or 4)
+    print(f"{len(paths)} JPEGs ({mean_bytes / 1024:.0f} KB mean) in {time.perf_counter() - started:.1f}s", flush=True)
+
+    encoder, weights_label = build_encoder(args.model, args.image_size, None, allow_random_init=True)
+    encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
+    grid, dim = encoder.patch_embed.grid_size[0], encoder.embed_dim
+    spec = HierarchySpec()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def forward(images01: torch.Tensor) -> torch.Tensor:
+        tokens = encoder.forward_features(_normalise(encoder, images01).contiguous(memory_format=torch.channels_last))
+        return tokens[:, encoder.num_prefix_tokens:]
+
+    encode = torch.compile(forward) if args.compile else forward
+
+    # --- stores: the project's Zarr template, then disjoint chunk writes with markers ---------
+    n, batch = len(paths), args.batch
+    latents, teacher = workdir / "latents", workdir / "teacher"
+    zarr_store.create_store(latents, {"tokens": ArraySpec((n, grid, grid, dim), "float16", ("sample", "y", "x", "channel")),
+                                      "label": ArraySpec((n,), "int64", ("sample",))}, batch,
+                            {"stage": "latents", "encoder_weights": weights_label})
+    zarr_store.create_store(teacher, {"regions": ArraySpec((n, spec.num_levels, grid, grid), "int16",
+                                                           ("sample", "level", "y", "x"))}, batch,
+                            {"stage": "teacher", "spec": str(spec)})
+
+    # --- warm-up (cuDNN choices, compile), untimed ----------------------------------------------
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        warm = torch.rand(batch, 3, args.image_size, args.image_size, device=device)
+        for _ in range(2):
+            build_hierarchies_batched(encode(warm).float().reshape(batch, grid, grid, dim), spec)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    # --- the timed run: JPEG -> teacher store ----------------------------------------------------
+    chunks = zarr_store.chunk_bounds(n, batch)
+    readers = cf.ThreadPoolExecutor(args.readers)
+    writers = cf.ThreadPoolExecutor(args.writers)
+    timer = Timer(device)
+
+    def load(start: int, stop: int) -> list:
+        step = math.ceil((stop - start) / args.readers)
+        parts = [readers.submit(read_bytes, paths[s:min(s + step, stop)]) for s in range(start, stop, step)]
+        return parts
+
+    def store(chunk: int, start: int, tokens: np.ndarray, regions: np.ndarray) -> None:
+        zarr_store.write_chunk(latents, chunk, start, {"tokens": tokens, "label": labels[start:start + len(tokens)]})
+        zarr_store.write_chunk(teacher, chunk, start, {"regions": regions})
+
+    wall = time.perf_counter()
+    ahead = {c: load(*chunks[c]) for c in range(min(3, len(chunks)))}
+    writes, read_wait = [], 0.0
+    with torch.no_grad():
+        for c, (start, stop) in enumerate(chunks):
+            waited = time.perf_counter()
+            data = [t for part in ahead.pop(c) for t in part.result()]
+            read_wait += time.perf_counter() - waited
+            if c + 3 < len(chunks):
+                ahead[c + 3] = load(*chunks[c + 3])
+            with timer.span("decode"):
+                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            with timer.span("preprocess"):
+                images01 = gpu_preprocess(decoded, args.image_size, args.resize_short)
+            with timer.span("encode"), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                tokens = encode(images01)
+            with timer.span("hierarchy"):
+                regions = build_hierarchies_batched(tokens.float().reshape(len(tokens), grid, grid, dim), spec)
+            with timer.span("to_host"):
+                host_tokens = tokens.to(torch.float16).reshape(len(tokens), grid, grid, dim).cpu().numpy()
+                host_regions = regions.cpu().numpy()
+            writes.append(writers.submit(store, c, start, host_tokens, host_regions))
+            while len(writes) > 2 * args.writers:   # bounded host memory
+                writes.pop(0).result()
+        for w in writes:
+            w.result()
+    end_to_end_s = time.perf_counter() - wall
+    readers.shutdown()
+    writers.shutdown()
+    for path in (latents, teacher):
+        zarr_store.mark_complete(path, {"samples": n})
+    phases = timer.seconds()
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    print(f"end to end {n / end_to_end_s:.0f} img/s ({end_to_end_s:.1f}s); phases {phases}; read wait {read_wait:.1f}s",
+          flush=True)
+
+    # --- every sample exactly once, in order -----------------------------------------------------
+    stored_labels = np.asarray(zarr_store.open_array(latents, "label")[:])
+    markers = len(zarr_store.chunk_infos(latents))
+    assert markers == len(chunks) and np.array_equal(stored_labels, labels), "store incomplete or out of order"
+
+    # --- encoder alone on resident batches -------------------------------------------------------
+    resident = torch.rand(batch, 3, args.image_size, args.image_size, device=device)
+    repeats = max(3, min(20, math.ceil(8192 / batch)))
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        encode(resident)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            out = encode(resident)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        encoder_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            build_hierarchies_batched(out.float().reshape(batch, grid, grid, dim), spec)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        hierarchy_s = time.perf_counter() - t0
+    encoder_img_s = repeats * batch / encoder_s
+
+    # --- batched hierarchy vs the scipy / scikit-learn reference on stored latents --------------
+    k = min(args.reference_images, n)
+    sample_tokens = np.asarray(zarr_store.open_array(latents, "tokens")[:k], dtype=np.float32)
+    reference = build_hierarchies(sample_tokens, spec)
+    stored = np.asarray(zarr_store.open_array(teacher, "regions")[:k])
+    ari = [float(np.mean([adjusted_rand_score(reference[i, l].ravel(), stored[i, l].ravel()) for i in range(k)]))
+           for l in range(spec.num_levels)]
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    bytes_per_image = grid * grid * dim * 2 + spec.num_levels * grid * grid * 2 + 8
+    figures = {
+        "end_to_end_img_per_s": (round(n / end_to_end_s, 1), "img/s"),
+        "encoder_img_per_s": (round(encoder_img_s, 1), "img/s"),
+        "hierarchy_share": (round(hierarchy_s / encoder_s, 4), "hierarchy time / encoder time, same batches"),
+        "hierarchy_share_in_pipeline": (round(phases["hierarchy"] / phases["encode"], 4), "GPU time ratio"),
+        "hierarchy_ari_vs_reference": (round(min(ari), 4), f"min over levels of mean ARI, {k} images"),
+        "peak_gpu_mem_gib": (round(peak_gpu, 2), "GiB"),
+        "peak_host_mem_gib": (round(peak_host, 2), "GiB (max RSS)"),
+        "store_bytes_per_image": (bytes_per_image, "B (float16 latents + int16 regions + label)"),
+        "imagenet_train_tb": (round(bytes_per_image * 1_281_167 / 1e12, 3), "TB uncompressed for 1.28M images"),
+    }
+    extra = {"phases_gpu_s": {k2: round(v, 3) for k2, v in phases.items()}, "read_wait_s": round(read_wait, 3),
+             "end_to_end_s": round(end_to_end_s, 2), "ari_per_level": [round(a, 4) for a in ari],
+             "config": {"images": n, "classes": args.classes, "model": args.model, "batch": batch,
+                        "readers": args.readers, "writers": args.writers, "compile": args.compile,
+                        "mean_jpeg_kb": round(mean_bytes / 1024, 1), "torch": torch.__version__,
+                        "cpus": os.cpu_count(), "weights": weights_label}}
+    if args.out:
+        results_io.RESULTS = Path(args.out)
+    path = results_io.write_result("dataplane", figures, extra)
+    print(path.read_text(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
