@@ -6,7 +6,8 @@ Target V = u + (t - r) * stopgrad(du/dt), du/dt from one forward-mode JVP of (z,
 (v_c, 1, 0), v_c the v head's detached prediction. Losses ||V - v||^2 and ||v_hat - v||^2, each
 adaptively weighted by 1 / stopgrad(loss + eps), plus a region-variance term on levels 0..2.
 
-All randomness comes from the generator argument, drawn in this order: (t, r), e, label dropout.
+All randomness comes from the generator argument, drawn in this order: (t, r), e, label dropout
+(`draw`; a data-parallel rank takes its rows of one global draw, so N ranks equal one process).
 """
 from __future__ import annotations
 
@@ -74,17 +75,64 @@ def adaptive_mean(per_sample: Tensor, eps: float) -> Tensor:
     return (per_sample / (per_sample.detach() + eps)).mean()
 
 
+@dataclass
+class Draws:
+    """The random inputs of one loss evaluation: times, noise and which labels are dropped."""
+    t: Tensor          # [B]
+    r: Tensor          # [B]
+    e: Tensor          # [B, T, C]
+    dropped: Tensor    # [B] bool
+
+    def rows(self, start: int, stop: int) -> "Draws":
+        """A slice of the batch: data-parallel ranks take their share of one global draw."""
+        return Draws(self.t[start:stop], self.r[start:stop], self.e[start:stop], self.dropped[start:stop])
+
+
+def draw(shape: tuple[int, ...], cfg: MeanFlowConfig, generator: torch.Generator, device=None,
+         dtype: torch.dtype = torch.float32) -> Draws:
+    """All randomness of meanflow_loss for a batch of this shape, in the documented order."""
+    device = generator.device if device is None else device
+    t, r = (s.to(dtype) for s in sample_times(shape[0], cfg, generator, device))
+    e = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    dropped = torch.rand(shape[0], generator=generator, device=device) < cfg.label_dropout
+    return Draws(t, r, e, dropped)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def time_derivative(model: nn.Module, z: Tensor, t: Tensor, r: Tensor, cond: Tensor, label: Tensor, level: Tensor,
+                    v_c: Tensor, t_floor: float) -> Tensor:
+    """du/dt along (dz, dt, dr) = (v_c, 1, 0): one forward-mode JVP of (z, t, r) -> u. Call it inside
+    math_attention(model): the fused attention kernels have no forward-mode AD."""
+    def u_of(z_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
+        return average_velocity(model, z_, t_, r_, cond, label, level, t_floor)[0]
+
+    return torch.func.jvp(u_of, (z, t, r), (v_c, torch.ones_like(t), torch.zeros_like(r)))[1]
+
+
 def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, level: Tensor, regions: Tensor | None,
-                  cfg: MeanFlowConfig, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+                  cfg: MeanFlowConfig, generator: torch.Generator | None = None, draws: Draws | None = None,
+                  jvp_model: nn.Module | None = None, tangent_fn=None) -> tuple[Tensor, dict[str, float]]:
     """x: target level-l canvas [B, T, C]; cond [B, T, C]; label [B]; level [B]; regions [B, T] ids or
-    None. Returns (scalar loss with gradient, float stats: loss, loss_u, loss_v, loss_region)."""
-    batch = x.shape[0]
+    None. Randomness comes from `generator`, or from pre-made `draws` (data-parallel slices).
+    `jvp_model` (default `model`) runs the tangent pass: pass the plain module when `model` is a DDP
+    wrapper, whose forward hooks expect one forward per backward. `tangent_fn` (default
+    `time_derivative`) may be its torch.compile'd version: the whole JVP then runs as one graph.
+    Returns (scalar loss with gradient, float stats: loss, loss_u, loss_v, loss_region)."""
     loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     model_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    t, r = (s.to(loss_dtype) for s in sample_times(batch, cfg, generator, x.device))
-    e = torch.randn(x.shape, generator=generator, device=x.device, dtype=loss_dtype)
-    dropped = torch.rand(batch, generator=generator, device=x.device) < cfg.label_dropout
-    label = torch.where(dropped, torch.full_like(label, model.config.num_classes), label)
+    jvp_model = model if jvp_model is None else jvp_model
+    if draws is None:
+        draws = draw(tuple(x.shape), cfg, generator, x.device, loss_dtype)
+    t, r, e = draws.t.to(loss_dtype), draws.r.to(loss_dtype), draws.e.to(loss_dtype)
+    label = torch.where(draws.dropped, torch.full_like(label, unwrap(model).config.num_classes), label)
 
     target = x.to(loss_dtype)
     z = (1 - t[:, None, None]) * target + t[:, None, None] * e
@@ -95,12 +143,9 @@ def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, leve
     x_hat, v_hat = model(z_in, t_in - r_in, cond_in, label, level)
     u = (z - x_hat.to(loss_dtype)) / t.clamp_min(cfg.t_floor)[:, None, None]
 
-    def u_of(z_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
-        return average_velocity(model, z_, t_, r_, cond_in, label, level, cfg.t_floor)[0]
-
-    tangents = (v_hat.detach().to(model_dtype), torch.ones_like(t_in), torch.zeros_like(r_in))
-    with torch.no_grad(), math_attention(model):   # the tangent is a stop-gradient target: no graph needed
-        _, du_dt = torch.func.jvp(u_of, (z_in, t_in, r_in), tangents)
+    v_c = v_hat.detach().to(model_dtype)
+    with torch.no_grad(), math_attention(unwrap(jvp_model)):   # the tangent is a stop-gradient target: no graph needed
+        du_dt = (tangent_fn or time_derivative)(jvp_model, z_in, t_in, r_in, cond_in, label, level, v_c, cfg.t_floor)
     compound = u + (t - r)[:, None, None] * du_dt.to(loss_dtype)
 
     loss_u = ((compound - v) ** 2).mean(dim=(1, 2))

@@ -1,10 +1,17 @@
-"""Training loops for one level's generator and for the decoder: AdamW, warmup, clipping, EMA.
+"""Training loops for one level's generator and for the decoder, resumable bit-for-bit.
 
-Pure torch: data arrives as tensors, progress leaves through a callback, nothing is written.
+AdamW or Muon + AdamW (models/optim.py), linear warmup, gradient clipping, EMA copies at several
+decays, optional torch.compile, bf16 autocast on CUDA. Pure torch: data arrives as tensors,
+progress leaves through `on_step`, and every `checkpoint_every` steps `on_checkpoint(state)`
+gets the whole TrainState (export it with models.train_state.export_state); nothing is written
+here. `resume=(tensors, meta)` continues an exported state exactly where it stopped.
+
+Data parallel: with `world` > 1 every rank draws the same global batch indices and the same
+global noise (identical generators) and keeps its own rows; the wrapper given by `wrap` (DDP)
+averages the gradients, so N ranks follow the same trajectory as one process up to float sums.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -12,19 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from models.decoder import decoder_loss
-from models.meanflow import MeanFlowConfig, meanflow_loss
+from models.meanflow import MeanFlowConfig, draw, meanflow_loss, time_derivative
+from models.optim import OptimConfig, build_optimizers
+from models.train_state import EMA, TrainState, import_state
 
+__all__ = ["OptimConfig", "LevelData", "EMA", "TrainState", "new_state", "train_generator", "train_decoder"]
 
-@dataclass
-class OptimConfig:
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
+Exported = tuple[dict[str, Tensor], dict]
 
 
 @dataclass
@@ -35,72 +36,88 @@ class LevelData:
     regions: Tensor | None    # [N, T] int64 level-l region ids (levels below the last), else None
 
 
-class EMA:
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for ema_p, p in zip(self.shadow.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
-
-
-def _optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    warmup = max(cfg.warmup_steps, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    return optimizer, schedule
+def new_state(model: nn.Module, cfg: OptimConfig, device: str, resume: Exported | None = None) -> TrainState:
+    """Fresh optimisers, EMAs and generators for `model`; then the exported state on top, if given."""
+    model = model.to(device).train()
+    optimizers, schedules = build_optimizers(model, cfg)
+    emas = [EMA(model, decay) for decay in sorted(set(cfg.ema_decays))]
+    generators = {"sampler": torch.Generator().manual_seed(cfg.seed),
+                  "noise": torch.Generator(device=device).manual_seed(cfg.seed)}
+    state = TrainState(model, optimizers, schedules, emas, generators)
+    return import_state(state, *resume) if resume is not None else state
 
 
-def _step(model, optimizer, schedule, loss: Tensor, clip: float) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    schedule.step()
-    return float(norm)
+def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor, dict]],
+         on_step: Callable[[int, dict], None] | None, on_checkpoint: Callable[[TrainState], None] | None) -> TrainState:
+    while state.step < cfg.steps:
+        loss, stats = loss_fn()
+        for optimizer in state.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip))
+        for optimizer, schedule in zip(state.optimizers, state.schedules):
+            optimizer.step()
+            schedule.step()
+        for ema in state.emas:
+            ema.update(state.model)
+        for name, value in stats.items():
+            state.history.setdefault(name, []).append(float(value))
+        state.step += 1
+        if on_step is not None:
+            on_step(state.step - 1, stats)
+        if on_checkpoint is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
+                and state.step < cfg.steps:
+            on_checkpoint(state)
+    return state
+
+
+def _batch_index(state: TrainState, n: int, cfg: OptimConfig, rank: int, world: int) -> tuple[Tensor, slice]:
+    size = min(cfg.batch_size, n)
+    if size % world:
+        raise ValueError(f"global batch {size} is not divisible by {world} ranks")
+    index = torch.randint(n, (size,), generator=state.generators["sampler"])
+    share = size // world
+    return index, slice(rank * share, (rank + 1) * share)
 
 
 def train_generator(model: nn.Module, data: LevelData, level: int, objective: MeanFlowConfig, cfg: OptimConfig,
-                    device: str, on_step: Callable[[int, dict], None] | None = None) -> tuple[nn.Module, list[dict]]:
-    """Returns (EMA model, per-step loss history)."""
-    model = model.to(device).train()
-    ema = EMA(model, cfg.ema_decay)
-    optimizer, schedule = _optimizer(model, cfg)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    sampler = torch.Generator().manual_seed(cfg.seed)
-    history = []
+                    device: str, on_step: Callable[[int, dict], None] | None = None, *,
+                    resume: Exported | None = None, on_checkpoint: Callable[[TrainState], None] | None = None,
+                    rank: int = 0, world: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
+    """Trains `model` for level `level` up to cfg.steps; returns the final TrainState (EMAs: state.ema(decay))."""
+    state = new_state(model, cfg, device, resume)
+    net = wrap(state.model) if wrap is not None else state.model
+    tangent_fn = time_derivative
+    if cfg.compile:   # the training forward and the whole JVP each become one compiled graph
+        net, tangent_fn = torch.compile(net), torch.compile(time_derivative)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    for step in range(cfg.steps):
-        index = torch.randint(len(data.target), (min(cfg.batch_size, len(data.target)),), generator=sampler)
-        batch = [t[index].to(device) if t is not None else None
-                 for t in (data.target, data.cond, data.label, data.regions)]
-        levels = torch.full((len(index),), level, dtype=torch.long, device=device)
+    shape = tuple(data.target.shape[1:])
+
+    def loss_fn() -> tuple[Tensor, dict]:
+        index, rows = _batch_index(state, len(data.target), cfg, rank, world)
+        draws = draw((len(index), *shape), objective, state.generators["noise"], device, torch.float32).rows(
+            rows.start, rows.stop)
+        mine = index[rows]
+        x, cond, label = (t[mine].to(device) for t in (data.target, data.cond, data.label))
+        regions = data.regions[mine].to(device) if data.regions is not None else None
+        levels = torch.full((len(mine),), level, dtype=torch.long, device=device)
         with amp:
-            loss, stats = meanflow_loss(model, batch[0], batch[1], batch[2], levels, batch[3], objective, generator)
-        stats["grad_norm"] = _step(model, optimizer, schedule, loss, cfg.grad_clip)
-        ema.update(model)
-        history.append({"step": step, **stats})
-        if on_step is not None:
-            on_step(step, stats)
-    return ema.shadow, history
+            # jvp_model: the tangent pass bypasses DDP's one-forward-per-backward hooks
+            return meanflow_loss(net, x, cond, label, levels, regions, objective, draws=draws,
+                                 jvp_model=state.model, tangent_fn=tangent_fn)
+
+    return _fit(state, cfg, loss_fn, on_step, on_checkpoint)
 
 
 def train_decoder(decoder: nn.Module, tokens: Tensor, images: Tensor, cfg: OptimConfig, device: str,
-                  on_step: Callable[[int, dict], None] | None = None) -> tuple[nn.Module, list[dict]]:
-    """tokens [N, T, C] normalised latents, images [N, 3, H, W] in [0, 1]. Returns (EMA decoder, history)."""
-    decoder = decoder.to(device).train()
-    ema = EMA(decoder, cfg.ema_decay)
-    optimizer, schedule = _optimizer(decoder, cfg)
-    sampler = torch.Generator().manual_seed(cfg.seed)
-    history = []
-    for step in range(cfg.steps):
-        index = torch.randint(len(tokens), (min(cfg.batch_size, len(tokens)),), generator=sampler)
-        loss, stats = decoder_loss(decoder(tokens[index].to(device)), images[index].to(device))
-        stats["grad_norm"] = _step(decoder, optimizer, schedule, loss, cfg.grad_clip)
-        ema.update(decoder)
-        history.append({"step": step, **stats})
-        if on_step is not None:
-            on_step(step, stats)
-    return ema.shadow, history
+                  on_step: Callable[[int, dict], None] | None = None, *, resume: Exported | None = None,
+                  on_checkpoint: Callable[[TrainState], None] | None = None) -> TrainState:
+    """tokens [N, T, C] normalised latents, images [N, 3, H, W] in [0, 1]. Returns the final TrainState."""
+    state = new_state(decoder, cfg, device, resume)
+    net = torch.compile(state.model) if cfg.compile else state.model
+
+    def loss_fn() -> tuple[Tensor, dict]:
+        index, _ = _batch_index(state, len(tokens), cfg, 0, 1)
+        return decoder_loss(net(tokens[index].to(device)), images[index].to(device))
+
+    return _fit(state, cfg, loss_fn, on_step, on_checkpoint)

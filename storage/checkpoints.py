@@ -1,6 +1,8 @@
 """Checkpoints: safetensors weights plus a JSON sidecar, each written atomically.
 
-The sidecar is written last, so a checkpoint exists only when both files do.
+The sidecar is written last, so a checkpoint exists only when both files do. A stage folder is
+finished when `_COMPLETE` exists (written after its final checkpoints); training-state snapshots
+for resume sit beside them until then.
 """
 from __future__ import annotations
 
@@ -47,3 +49,48 @@ def load_module(prefix: Path, module: torch.nn.Module, device: str | torch.devic
     tensors, meta = load_checkpoint(prefix, device)
     module.load_state_dict(tensors)
     return meta
+
+
+# Training-state snapshots (resume). Each snapshot's tensors go to a step-named file; the JSON
+# pointer `train-state.json`, renamed into place last, is the commit point, so a kill at any moment
+# leaves either the previous snapshot or the new one, never new tensors under an old sidecar.
+STATE_POINTER = "train-state.json"
+COMPLETE = "_COMPLETE"
+
+
+def save_train_state(folder: Path, name: str, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    folder = Path(folder)
+    weights = folder / f"{name}-state-{step:09d}.safetensors"
+    flat = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+    atomic_write_bytes(weights, save_safetensors_bytes(flat))
+    atomic_write_json(folder / f"{name}-{STATE_POINTER}", {"step": step, "weights": weights.name, "meta": meta})
+    for old in folder.glob(f"{name}-state-*.safetensors"):
+        if old.name != weights.name:
+            old.unlink(missing_ok=True)
+    return weights
+
+
+def load_train_state(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The latest committed snapshot as (tensors, meta), or None when there is none."""
+    pointer = Path(folder) / f"{name}-{STATE_POINTER}"
+    if not pointer.exists():
+        return None
+    record = read_json(pointer)
+    tensors = load_safetensors_bytes((Path(folder) / record["weights"]).read_bytes())
+    return tensors, record["meta"]
+
+
+def clear_train_state(folder: Path, name: str) -> None:
+    """After the final checkpoint is written: the snapshots are no longer needed."""
+    folder = Path(folder)
+    (folder / f"{name}-{STATE_POINTER}").unlink(missing_ok=True)
+    for old in folder.glob(f"{name}-state-*.safetensors"):
+        old.unlink(missing_ok=True)
+
+
+def mark_complete(folder: Path, meta: dict) -> None:
+    atomic_write_json(Path(folder) / COMPLETE, meta)
+
+
+def is_complete(folder: Path) -> bool:
+    return (Path(folder) / COMPLETE).exists()

@@ -1,0 +1,111 @@
+"""Training loop: Muon/AdamW groups, warmup, EMAs, and exact resume from an exported state."""
+import numpy as np
+import pytest
+import torch
+
+from models.dit import TrajectoryDiT, dit_config
+from models.meanflow import MeanFlowConfig
+from models.optim import OptimConfig, build_optimizers, param_groups
+from models.train_loop import LevelData, train_generator
+from models.train_state import export_state
+from storage.checkpoints import load_train_state, save_train_state
+
+TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model(seed: int = 0) -> TrajectoryDiT:
+    torch.manual_seed(seed)
+    return TrajectoryDiT(dit_config("tiny", **TINY))
+
+
+def tiny_data(n: int = 12, seed: int = 0) -> LevelData:
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(n, 16, 8, generator=g)
+    regions = torch.randint(0, 3, (n, 16), generator=g)
+    return LevelData(target, torch.randn(n, 16, 8, generator=g), torch.randint(0, 3, (n,), generator=g), regions)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_muon_gets_hidden_matrices_and_adamw_the_rest():
+    model = tiny_model()
+    muon, adamw = param_groups(model, "muon")
+    muon_names, adamw_names = {n for n, _ in muon}, {n for n, _ in adamw}
+    assert muon_names and not muon_names & adamw_names
+    assert muon_names | adamw_names == {n for n, _ in model.named_parameters()}
+    assert all(p.ndim == 2 for _, p in muon)
+    assert "trunk.0.attn.qkv.weight" in muon_names and "x_blocks.0.mlp.2.weight" in muon_names
+    for name in ("fuse.weight", "class_embed.weight", "level_embed.weight", "h_embed.0.weight",
+                 "x_final.linear.weight", "v_final.modulation.1.weight", "trunk.0.attn.qkv.bias"):
+        assert name in adamw_names, name
+    optimizers, _ = build_optimizers(model, OptimConfig(optimizer="muon"))
+    assert [type(o).__name__ for o in optimizers] == ["Muon", "AdamW"]
+    assert param_groups(model, "adamw")[0] == []
+
+
+def test_warmup_is_linear_then_flat():
+    model = tiny_model()
+    optimizers, schedules = build_optimizers(model, OptimConfig(lr=1e-3, warmup_steps=4))
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizers[0].param_groups[0]["lr"])
+        optimizers[0].step()
+        schedules[0].step()
+    np.testing.assert_allclose(lrs, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_ema_copies_follow_their_decays():
+    cfg = OptimConfig(steps=3, batch_size=4, ema_decays=[0.0, 0.5], warmup_steps=1)
+    state = train_generator(tiny_model(), tiny_data(), 1, MeanFlowConfig(), cfg, "cpu")
+    model, instant, half = state.model, state.ema(0.0), state.ema(0.5)
+    for p, p0 in zip(model.parameters(), instant.parameters()):
+        assert torch.equal(p, p0)   # decay 0: the EMA is the model
+    start = tiny_model()             # the same init the run started from
+    moved = [float((h - s).detach().abs().max()) for h, s in zip(half.parameters(), start.parameters())]
+    assert max(moved) > 0
+    assert any(not torch.equal(h, p) for h, p in zip(half.parameters(), model.parameters()))
+    assert set(state.history) >= {"loss", "loss_u", "loss_v", "loss_region", "grad_norm"}
+    assert len(state.history["loss"]) == 3
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, optimizer):
+    cfg = OptimConfig(steps=6, batch_size=4, optimizer=optimizer, ema_decays=[0.9, 0.99], warmup_steps=3,
+                      checkpoint_every=2, seed=3)
+    objective = MeanFlowConfig(label_dropout=0.3)
+    data = tiny_data()
+    unbroken = export_state(train_generator(tiny_model(), data, 1, objective, cfg, "cpu"))
+
+    def kill_after_step_4(state):
+        tensors, meta = export_state(state)
+        save_train_state(tmp_path, "generator", state.step, tensors, meta)
+        if state.step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_generator(tiny_model(), data, 1, objective, cfg, "cpu", on_checkpoint=kill_after_step_4)
+    torch.manual_seed(12345)          # disturb the global RNG: resume must restore it
+    np.random.seed(7)
+    saved = load_train_state(tmp_path, "generator")
+    assert saved[1]["step"] == 4 and len(list(tmp_path.glob("generator-state-*.safetensors"))) == 1
+    fresh = tiny_model(seed=99)      # a different init: every weight must come from the snapshot
+    resumed = export_state(train_generator(fresh, data, 1, objective, cfg, "cpu", resume=saved))
+
+    tensors, meta = unbroken
+    assert set(tensors) == set(resumed[0]) and meta["step"] == resumed[1]["step"] == 6
+    different = [name for name in tensors if not torch.equal(tensors[name], resumed[0][name])]
+    assert different == []
+    assert any(name.startswith("state/optimizers") for name in tensors)
+    assert {f"ema/{d!r}/fuse.weight" for d in (0.9, 0.99)} <= set(tensors)
+    assert any(name.startswith("state/global_rng") for name in tensors)   # torch + numpy states, compared above
+    assert meta["tree"] == resumed[1]["tree"]   # optimiser hyper-parameters, schedules, Python's RNG
