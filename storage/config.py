@@ -72,7 +72,12 @@ class GeneratorConfig(_Part):
     weight_decay: float = 0.0
     warmup_steps: int = 20
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = Field(0.999, description="the EMA the sampler uses (also tracked if not in ema_decays)")
+    ema_decays: list[float] = Field(default_factory=lambda: [0.999, 0.9999], description="EMA copies kept")
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for hidden 2-D weights + AdamW")
+    mode: Literal["staged", "flat"] = Field("staged", description="flat: one one-step model straight to the latent")
+    compile: bool = Field(False, description="torch.compile the network and the JVP")
+    checkpoint_every: int = Field(100, ge=0, description="training-state snapshot period in steps (0: none)")
     time_shift: float = 10.0
     uniform_share: float = 0.1
     equal_share: float = 0.0
@@ -92,6 +97,7 @@ class DecoderConfig(_Part):
     steps: int = Field(400, ge=1)
     batch_size: int = 32
     lr: float = 1e-3
+    checkpoint_every: int = Field(100, ge=0, description="training-state snapshot period in steps (0: none)")
     holdout: float = Field(0.1, ge=0.0, lt=1.0, description="share of samples held out for PSNR/SSIM")
     seed: int = 0
 
