@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", type=Path, default=None, help="YAML config")
         sub.add_argument("--root", type=Path, default=Path("data"), help="store root (default: ./data)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sub = commands.add_parser("dashboard", help="the web dashboard (Streamlit) over a root",
+                              description="the web dashboard (Streamlit) over a root")
+    sub.add_argument("--root", type=Path, default=Path("data"), help="store root (default: ./data)")
+    sub.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    sub.add_argument("--port", type=int, default=8501, help="port (default: 8501)")
     return parser
 
 
@@ -52,6 +57,10 @@ def _prefect_defaults(root: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "dashboard":
+        from dashboards.server import serve
+
+        return serve(args.root, args.host, args.port)
     _prefect_defaults(args.root)
     from storage.config import load_config
 

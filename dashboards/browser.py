@@ -1,0 +1,108 @@
+"""Drive the running dashboard in a real browser (headless Debian chromium through Playwright).
+
+Shared by the end-to-end test and bench/dashboard.py: start `tf dashboard` on a free loopback port,
+open a page and wait until its content shows, run an edit and wait for its result. No browser is
+downloaded: Playwright launches the system chromium.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+# What "the page shows its content" means: a selector that appears only once the page's data is drawn.
+CONTENT = {"runs": '[data-testid="stDataFrame"]', "trajectories": '[data-testid="stImage"] img',
+           "hierarchy": '[data-testid="stImage"] img', "edit": ".st-key-edit_run button"}
+EDIT_DONE = '[data-testid="stImageCaption"]:has-text("edited (final image)")'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the dashboard exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"the dashboard at {url} did not become healthy in {timeout:.0f} s")
+
+
+@contextmanager
+def dashboard_server(root: Path, log: Path, port: int | None = None):
+    """`tf dashboard --root root` on a free loopback port; yields its URL; stopped by its PID afterwards."""
+    port = port or free_port()
+    tf = Path(sys.executable).with_name("tf")
+    command = [str(tf), "dashboard", "--root", str(root), "--port", str(port)] if tf.exists() else \
+        [sys.executable, "-m", "flows.cli", "dashboard", "--root", str(root), "--port", str(port)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)   # `tf dashboard` execs the server: this PID is the server
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@contextmanager
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        raise FileNotFoundError(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                              args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def open_page(context, url: str, page: str, timeout_s: float = 60.0):
+    """A new tab on ?page=<page>; returns (tab, seconds until the page's content was visible)."""
+    tab = context.new_page()
+    tab.set_default_timeout(timeout_s * 1000)
+    started = time.perf_counter()
+    tab.goto(f"{url}/?page={page}")
+    tab.locator(CONTENT[page]).first.wait_for(state="visible")
+    return tab, time.perf_counter() - started
+
+
+def wait_idle(tab) -> None:
+    """Until the script run that a click started has finished (the status widget disappears)."""
+    tab.wait_for_timeout(100)
+    tab.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden")
+
+
+def run_edit(tab, cell: str = "cell_0_0") -> float:
+    """Click a token (selects its region), then Run edit; seconds from the click to the shown result."""
+    tab.locator(f".st-key-{cell} button").click()
+    wait_idle(tab)
+    started = time.perf_counter()
+    tab.locator(".st-key-edit_run button").click()
+    tab.locator(EDIT_DONE).first.wait_for(state="visible")
+    tab.locator('[data-testid="stMetric"]').first.wait_for(state="visible")
+    return time.perf_counter() - started

@@ -1,0 +1,78 @@
+"""Streamlit caches around the data and edit services: heavy objects survive reruns and sessions.
+
+Tables are cached against a stamp of the files behind them, so a new run or a saved edit shows up
+on the next rerun without restarting the server; models are cached per run folder set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboards import data, visuals
+
+
+def tables_stamp(root: str) -> tuple:
+    """Names and modification times of every Parquet table and stored edit: changes when anything is added."""
+    base = Path(root)
+    files = list((base / "tables").glob("**/*.parquet")) + list((base / "dashboard-edits").glob("edit-*/edit.json"))
+    return tuple(sorted((str(f), f.stat().st_mtime_ns) for f in files))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def runs_overview(root: str, stamp: tuple) -> pd.DataFrame:
+    return data.runs_overview(root)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def per_level(root: str, run_ids: tuple[str, ...], metric: str, stamp: tuple) -> pd.DataFrame:
+    return data.per_level_comparison(root, list(run_ids), metric)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def comparison(root: str, run_a: str, run_b: str, stamp: tuple) -> pd.DataFrame:
+    return data.comparison_table(root, run_a, run_b)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def trajectory_sources(root: str, stamp: tuple) -> dict[str, str]:
+    return {name: str(path) for name, path in data.trajectory_sources(root).items()}
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def trajectory_ids(store: str) -> list[str]:
+    return data.trajectory_ids(Path(store))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def trajectory(store: str, trajectory_id: str) -> data.Trajectory:
+    return data.load_trajectory(Path(store), trajectory_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def pca(store: str, trajectory_id: str, size: int) -> np.ndarray:
+    return visuals.pca_rgb(trajectory(store, trajectory_id).canvas, size)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def hierarchy_rows(images: str, teacher: str, start: int, count: int) -> list[dict]:
+    return visuals.hierarchy_rows(Path(images), Path(teacher), start, count)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def run_folders(root: str, run_id: str, stamp: tuple) -> data.RunFolders:
+    return data.run_folders(root, run_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def saved_edits(root: str, stamp: tuple) -> pd.DataFrame:
+    return data.load_edits(root)
+
+
+@st.cache_resource(show_spinner="Loading the run's generators and decoder ...", max_entries=4)
+def models(root: str, run_id: str, stamp: tuple):
+    from dashboards.edit_service import load_models   # torch is imported only when a page needs models
+
+    return load_models(data.run_folders(root, run_id))

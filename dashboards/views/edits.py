@@ -1,0 +1,106 @@
+"""Edit playground: pick a trajectory, a level, a region (click the token grid or pick an id) and a source,
+run the edit, see it next to the original with its locality and preservation numbers; it is saved as an edit object."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from dashboards import cache, data
+from dashboards.views.common import big, evaluated_runs, usable_root
+from dashboards.visuals import colour_partition, overlay
+
+SOURCES = {"token_exchange": "another trajectory's tokens (token exchange)",
+           "region_mean": "the region mean (of the chosen trajectory over the region)"}
+LABELS = {"locality_latent": "locality (latent)", "locality_pixel": "locality (pixels)",
+          "preservation_psnr_outside": "PSNR outside (dB)", "preservation_ssim_outside": "SSIM outside",
+          "preservation_coarse_identical": "coarser levels identical", "adherence": "adherence",
+          "adherence_baseline": "adherence (unedited baseline)"}
+
+
+def _pick_region(region: int) -> None:
+    st.session_state["edit_region"] = region
+
+
+def _token_grid(ids: np.ndarray, selected: int) -> None:
+    """One button per token, labelled with its region id; a click selects that token's region."""
+    for y, row in enumerate(ids):
+        for x, column in enumerate(st.columns(len(row), gap="small")):
+            region = int(row[x])
+            column.button(str(region), key=f"cell_{y}_{x}", on_click=_pick_region, args=(region,),
+                          type="primary" if region == selected else "secondary", width="stretch")
+
+
+def render(root: str) -> None:
+    if not usable_root(root):
+        return
+    runs = evaluated_runs(root)
+    if not runs:
+        st.warning(f"No run under `{root}` has stored trajectories to edit. Run `tf evaluate --root {root}`.")
+        return
+    run_id = st.selectbox("Run", runs, key="edit_run_id")
+    folders = cache.run_folders(root, run_id, cache.tables_stamp(root))
+    store = str(folders.evaluation / "trajectories.zarr")
+    ids = cache.trajectory_ids(store)
+    pick = st.columns(3)
+    parent_id = pick[0].selectbox("Trajectory", ids, key="edit_parent")
+    parent = cache.trajectory(store, parent_id)
+    levels = len(parent.images)
+    level = pick[1].selectbox("Level l*", list(range(levels)), index=min(1, levels - 1), key="edit_level")
+    partition = data.partition_of_level(parent.regions, level)
+    present = [int(r) for r in np.unique(partition)]
+    if st.session_state.get("edit_region") not in present:
+        st.session_state["edit_region"] = present[-1]   # an object region rather than the background
+    region = pick[2].selectbox("Region id", present, key="edit_region")
+
+    grid_col, view_col = st.columns([3, 2])
+    with grid_col:
+        st.caption("Token grid (region id per token); click a token to edit its region.")
+        _token_grid(partition, region)
+    view_col.image(big(overlay(parent.images[-1], np.where(partition == region, partition, 0))),
+                   caption=f"{parent_id}, region {region} of level {level}")
+    view_col.image(big(colour_partition(partition, parent.images.shape[1])), caption=f"level {level} partition")
+
+    source_col, donor_col = st.columns(2)
+    source = source_col.radio("Source", list(SOURCES), format_func=SOURCES.get, key="edit_source")
+    donors = [t for t in ids if t != parent_id] if source == "token_exchange" else ids
+    donor = donor_col.selectbox("Source trajectory", donors, key="edit_donor")
+    if st.button("Run edit", type="primary", key="edit_run"):
+        from dashboards.edit_service import EditRequest, run_edit, save_edit
+
+        request = EditRequest(Path(store), parent_id, int(level), int(region), source, donor)
+        with st.spinner("Editing and re-sampling the finer levels ..."):
+            try:
+                result = run_edit(cache.models(root, run_id, cache.tables_stamp(root)), request)
+                save_edit(root, run_id, result)
+                st.session_state["edit_result"] = result
+            except (ValueError, KeyError, FileNotFoundError) as error:
+                st.error(f"The edit could not run: {error}")
+    result = st.session_state.get("edit_result")
+    if result is not None and result.request.store == Path(store):
+        _show_result(root, result)
+    saved = cache.saved_edits(root, cache.tables_stamp(root))
+    with st.expander(f"Edit objects saved under this root ({len(saved)})"):
+        if len(saved):
+            st.dataframe(saved, hide_index=True)
+
+
+def _show_result(root: str, result) -> None:
+    request = result.request
+    st.subheader(f"Edit {result.record.get('edit_id', '')}")
+    st.caption(f"{request.parent}, level {request.level}, region {request.region}, source {request.source} "
+               f"from {request.donor}; {result.seconds:.2f} s. Saved to "
+               f"`{Path(root) / 'dashboard-edits' / result.record.get('edit_id', '')}`.")
+    before, after = st.columns(2)
+    before.image(big(result.original[-1]), caption="original (final image)")
+    after.image(big(result.edited[-1]), caption="edited (final image)")
+    numbers = st.columns(len(result.numbers))
+    for column, (name, value) in zip(numbers, result.numbers.items()):
+        column.metric(LABELS.get(name, name), f"{value:.4g}")
+    st.caption("Locality: change outside the region / change inside (lower is better). Preservation: PSNR/SSIM of "
+               "the decoded image outside the region, and whether the levels above l* stayed bit-identical.")
+    rows = st.columns(len(result.edited))
+    for level, column in enumerate(rows):
+        column.image(big(result.original[level]), caption=f"L{level} original")
+        column.image(big(result.edited[level]), caption=f"L{level} edited")

@@ -1,0 +1,46 @@
+"""Runs page: every run with stage keys, encoder weights, computed/reused stages and headline metrics;
+two runs side by side with per-level plots."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboards import cache, data
+from dashboards.views.common import usable_root
+
+
+def render(root: str) -> None:
+    if not usable_root(root):
+        return
+    stamp = cache.tables_stamp(root)
+    overview = cache.runs_overview(root, stamp)
+    st.caption(f"{len(overview)} runs under `{root}`. A run that reused `evaluate` shows the metrics of the run "
+               "that computed it (column metrics_from).")
+    headline = ["run_id", "timestamp", "encoder_weights", "computed", "reused", "metrics_from"]
+    headline += [label for label, _ in data.HEADLINE]
+    st.subheader("Runs")
+    st.dataframe(overview[headline], hide_index=True, key="runs_table")
+    with st.expander("Stage keys of every run"):
+        keys = ["run_id"] + [c for c in overview.columns if c.startswith("key:")]
+        st.dataframe(overview[keys], hide_index=True)
+
+    st.subheader("Compare two runs")
+    ids = list(overview.run_id)
+    left, right = st.columns(2)
+    run_a = left.selectbox("Run A", ids, index=min(1, len(ids) - 1), key="run_a")
+    run_b = right.selectbox("Run B", ids, index=0, key="run_b")
+    table = cache.comparison(root, run_a, run_b, stamp)
+    if table.empty:
+        st.info("Neither run has metric rows with status ok.")
+    else:
+        st.dataframe(table, hide_index=True, key="compare_table")
+    chosen = tuple(dict.fromkeys([run_a, run_b]))
+    for title, metrics in data.PLOTS.items():
+        st.markdown(f"**{title}** (per level, one bar per run)")
+        columns = st.columns(len(metrics))
+        for column, metric in zip(columns, metrics):
+            frame = cache.per_level(root, chosen, metric, stamp)
+            if frame.empty:
+                column.caption(f"{metric}: not measured")
+            else:
+                column.caption(metric)
+                column.bar_chart(frame, x_label="level", y_label=metric, stack=False, height=220)
