@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import io
 import math
 import multiprocessing
@@ -81,15 +82,18 @@ def gpu_preprocess(images: list[torch.Tensor], size: int, resize_short: int) -> 
     """uint8 CHW images (any size, on the GPU) -> float [B,3,size,size] in [0,1].
 
     Resize-short-side-then-centre-crop, done as the equivalent crop first (the central
-    size/resize_short share of the short side) and one antialiased bilinear resize."""
-    out = []
-    for image in images:
-        _, h, w = image.shape
+    size/resize_short share of the short side) and one antialiased bilinear resize; images of
+    one shape (most ImageNet photos share a few) go through one interpolate call."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[1:]), []).append(index)
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=images[0].device)
+    for (h, w), members in groups.items():
         crop = max(1, round(min(h, w) * size / resize_short))
         top, left = (h - crop) // 2, (w - crop) // 2
-        patch = image[None, :, top:top + crop, left:left + crop].float()
-        out.append(F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
-    return torch.cat(out).div_(255.0)
+        patch = torch.stack([images[i][:, top:top + crop, left:left + crop] for i in members]).float()
+        out[members] = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.div_(255.0)
 
 
 class Timer:
@@ -141,6 +145,7 @@ def main() -> None:
     parser.add_argument("--reference-images", type=int, default=200)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    parser.add_argument("--no-graph", action="store_true", help="eager hierarchy loop (no CUDA graph)")
     parser.add_argument("--out", default=None, help="folder for dataplane.json (default bench/results)")
     args = parser.parse_args()
 
@@ -169,6 +174,7 @@ def main() -> None:
         return tokens[:, encoder.num_prefix_tokens:]
 
     encode = torch.compile(forward) if args.compile else forward
+    compiled = args.compile
 
     # --- stores: the project's Zarr template, then disjoint chunk writes with markers ---------
     n, batch = len(paths), args.batch
@@ -181,10 +187,17 @@ def main() -> None:
                             {"stage": "teacher", "spec": str(spec)})
 
     # --- warm-up (cuDNN choices, compile), untimed ----------------------------------------------
+    tail = n % batch
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-        warm = torch.rand(batch, 3, args.image_size, args.image_size, device=device)
-        for _ in range(2):
-            build_hierarchies_batched(encode(warm).float().reshape(batch, grid, grid, dim), spec)
+        for rows in [batch, batch] + ([tail] if tail else []):   # also the last, shorter batch's graph
+            warm = torch.rand(rows, 3, args.image_size, args.image_size, device=device)
+            try:
+                out = encode(warm)
+            except Exception as error:   # compile unavailable: measure eager, and say so
+                print(f"torch.compile failed ({type(error).__name__}: {error}); eager encoder", flush=True)
+                encode, compiled = forward, False
+                out = encode(warm)
+            build_hierarchies_batched(out.float().reshape(rows, grid, grid, dim), spec, use_graph=not args.no_graph)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -200,36 +213,81 @@ def main() -> None:
         parts = [readers.submit(read_bytes, paths[s:min(s + step, stop)]) for s in range(start, stop, step)]
         return parts
 
-    def store(chunk: int, start: int, tokens: np.ndarray, regions: np.ndarray) -> None:
-        zarr_store.write_chunk(latents, chunk, start, {"tokens": tokens, "label": labels[start:start + len(tokens)]})
-        zarr_store.write_chunk(teacher, chunk, start, {"regions": regions})
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None       # decode + preprocess of the next batch
+    copier = torch.cuda.Stream(device) if cuda else None     # device -> pinned host copies
+    slots = 2 * args.writers + 2
+    host_tokens = [torch.empty((batch, grid, grid, dim), dtype=torch.float16, pin_memory=cuda) for _ in range(slots)]
+    host_regions = [torch.empty((batch, spec.num_levels, grid, grid), dtype=torch.int16, pin_memory=cuda)
+                    for _ in range(slots)]
+    slot_writes: list[cf.Future | None] = [None] * slots
+    preparer = cf.ThreadPoolExecutor(1)
+    read_wait = [0.0]
 
-    wall = time.perf_counter()
-    ahead = {c: load(*chunks[c]) for c in range(min(3, len(chunks)))}
-    writes, read_wait = [], 0.0
-    with torch.no_grad():
-        for c, (start, stop) in enumerate(chunks):
-            waited = time.perf_counter()
-            data = [t for part in ahead.pop(c) for t in part.result()]
-            read_wait += time.perf_counter() - waited
-            if c + 3 < len(chunks):
-                ahead[c + 3] = load(*chunks[c + 3])
+    def prepare(c: int):
+        """Bytes -> decoded -> preprocessed batch on the side stream; returns (images, ready event)."""
+        waited = time.perf_counter()
+        data = [t for part in ahead.pop(c) for t in part.result()]
+        read_wait[0] += time.perf_counter() - waited
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
             with timer.span("decode"):
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
             with timer.span("preprocess"):
                 images01 = gpu_preprocess(decoded, args.image_size, args.resize_short)
-            with timer.span("encode"), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            ready = None
+            if cuda:
+                ready = torch.cuda.Event()
+                ready.record(side)
+        return images01, ready
+
+    def store(chunk: int, start: int, rows: int, slot: int, copied) -> None:
+        if copied is not None:
+            copied.synchronize()
+        tokens = host_tokens[slot][:rows].numpy()
+        zarr_store.write_chunk(latents, chunk, start, {"tokens": tokens, "label": labels[start:start + rows]})
+        zarr_store.write_chunk(teacher, chunk, start, {"regions": host_regions[slot][:rows].numpy()})
+
+    wall = time.perf_counter()
+    ahead = {c: load(*chunks[c]) for c in range(min(3, len(chunks)))}
+    prepared = preparer.submit(prepare, 0)
+    with torch.no_grad():
+        for c, (start, stop) in enumerate(chunks):
+            images01, ready = prepared.result()
+            if c + 3 < len(chunks):
+                ahead[c + 3] = load(*chunks[c + 3])
+            if c + 1 < len(chunks):
+                prepared = preparer.submit(prepare, c + 1)
+            if cuda:
+                torch.cuda.current_stream(device).wait_event(ready)
+                images01.record_stream(torch.cuda.current_stream(device))
+            with timer.span("encode"), torch.autocast(device.type, dtype=dtype, enabled=cuda):
                 tokens = encode(images01)
             with timer.span("hierarchy"):
-                regions = build_hierarchies_batched(tokens.float().reshape(len(tokens), grid, grid, dim), spec)
-            with timer.span("to_host"):
-                host_tokens = tokens.to(torch.float16).reshape(len(tokens), grid, grid, dim).cpu().numpy()
-                host_regions = regions.cpu().numpy()
-            writes.append(writers.submit(store, c, start, host_tokens, host_regions))
-            while len(writes) > 2 * args.writers:   # bounded host memory
-                writes.pop(0).result()
-        for w in writes:
-            w.result()
+                regions = build_hierarchies_batched(tokens.float().reshape(len(tokens), grid, grid, dim), spec,
+                                                    use_graph=not args.no_graph)
+            tokens16 = tokens.to(torch.float16).reshape(len(tokens), grid, grid, dim)
+            slot = c % slots
+            if slot_writes[slot] is not None:      # the slot's previous chunk must be on disk first
+                slot_writes[slot].result()
+            rows, copied = len(tokens), None
+            if cuda:
+                copier.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(copier), timer.span("to_host"):
+                    host_tokens[slot][:rows].copy_(tokens16, non_blocking=True)
+                    host_regions[slot][:rows].copy_(regions, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(copier)
+                tokens16.record_stream(copier)
+                regions.record_stream(copier)
+            else:
+                host_tokens[slot][:rows].copy_(tokens16)
+                host_regions[slot][:rows].copy_(regions)
+            slot_writes[slot] = writers.submit(store, c, start, rows, slot, copied)
+        for w in slot_writes:
+            if w is not None:
+                w.result()
+    read_wait = read_wait[0]
+    preparer.shutdown()
     end_to_end_s = time.perf_counter() - wall
     readers.shutdown()
     writers.shutdown()
@@ -260,7 +318,7 @@ def main() -> None:
         encoder_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(repeats):
-            build_hierarchies_batched(out.float().reshape(batch, grid, grid, dim), spec)
+            build_hierarchies_batched(out.float().reshape(batch, grid, grid, dim), spec, use_graph=not args.no_graph)
         if device.type == "cuda":
             torch.cuda.synchronize()
         hierarchy_s = time.perf_counter() - t0
@@ -290,7 +348,7 @@ def main() -> None:
     extra = {"phases_gpu_s": {k2: round(v, 3) for k2, v in phases.items()}, "read_wait_s": round(read_wait, 3),
              "end_to_end_s": round(end_to_end_s, 2), "ari_per_level": [round(a, 4) for a in ari],
              "config": {"images": n, "classes": args.classes, "model": args.model, "batch": batch,
-                        "readers": args.readers, "writers": args.writers, "compile": args.compile,
+                        "readers": args.readers, "writers": args.writers, "compile": compiled, "cuda_graph": not args.no_graph,
                         "mean_jpeg_kb": round(mean_bytes / 1024, 1), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "weights": weights_label}}
     if args.out:

@@ -35,6 +35,14 @@ def test_batched_matches_reference_on_real_shaped_latents(real_shaped_tokens, sp
     assert (batched == reference).all(axis=(1, 2, 3)).mean() >= 0.9
 
 
+def test_fixed_step_count_as_in_a_cuda_graph_gives_the_same_ids(real_shaped_tokens):
+    """A CUDA graph runs T - 1 merge steps for every image; images that finish early must idle."""
+    tokens = torch.from_numpy(real_shaped_tokens[:6])
+    dynamic = build_hierarchies_batched(tokens, HierarchySpec(), static_steps=False)
+    fixed = build_hierarchies_batched(tokens, HierarchySpec(), static_steps=True)
+    torch.testing.assert_close(fixed, dynamic, rtol=0, atol=0)
+
+
 def test_levels_nest_and_background_stays_zero(real_shaped_tokens):
     ids = build_hierarchies_batched(torch.from_numpy(real_shaped_tokens), HierarchySpec(cuts=(0.7, 0.4, 0.2))).numpy()
     background = ids[:, 0] == BACKGROUND_ID
