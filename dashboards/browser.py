@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
@@ -43,9 +44,15 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60.0) -> 
     raise TimeoutError(f"the dashboard at {url} did not become healthy in {timeout:.0f} s")
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+
+
 @contextmanager
 def dashboard_server(root: Path, log: Path, port: int | None = None):
-    """`tf dashboard --root root` on a free loopback port; yields its URL; stopped by its PID afterwards."""
+    """`tf dashboard --root root` on a free loopback port; yields its URL and PID; stopped by that PID afterwards."""
     port = port or free_port()
     tf = Path(sys.executable).with_name("tf")
     command = [str(tf), "dashboard", "--root", str(root), "--port", str(port)] if tf.exists() else \
@@ -55,7 +62,7 @@ def dashboard_server(root: Path, log: Path, port: int | None = None):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
-        yield url
+        yield Server(url, process.pid)
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGTERM)   # `tf dashboard` execs the server: this PID is the server
@@ -100,6 +107,8 @@ def wait_idle(tab) -> None:
 def run_edit(tab, cell: str = "cell_0_0") -> float:
     """Click a token (selects its region), then Run edit; seconds from the click to the shown result."""
     tab.locator(f".st-key-{cell} button").click()
+    # the rerun is back when the clicked token is drawn as selected; only then is the region set in the browser too
+    tab.locator(f'.st-key-{cell} [data-testid="stBaseButton-primary"]').wait_for(state="visible")
     wait_idle(tab)
     started = time.perf_counter()
     tab.locator(".st-key-edit_run button").click()

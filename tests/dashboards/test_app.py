@@ -1,0 +1,88 @@
+"""The Streamlit pages through AppTest: empty or missing roots, and each page's content on a tiny-pipeline root."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboards import data
+
+APP = str(Path(__file__).parents[2] / "dashboards" / "app.py")
+PAGES = ["runs", "trajectories", "hierarchy", "edit"]
+
+
+def open_page(monkeypatch, root, page: str) -> AppTest:
+    monkeypatch.setenv("TF_DASHBOARD_ROOT", str(root))
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.query_params["page"] = page
+    return app.run()
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_missing_or_empty_root_gives_a_message(monkeypatch, tmp_path, page):
+    for root, words in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "no runs yet"), ("", "No store root")):
+        app = open_page(monkeypatch, root, page)
+        assert not app.exception, app.exception
+        assert any(words in w.value for w in app.warning), [w.value for w in app.warning]
+
+
+def test_runs_page_lists_runs_and_compares_two(monkeypatch, tiny_root):
+    app = open_page(monkeypatch, tiny_root, "runs")
+    assert not app.exception
+    runs = app.dataframe[0].value
+    assert set(runs.run_id) == {"first", "second"} and (runs.encoder_weights == "random-init").all()
+    assert runs.set_index("run_id").loc["second", "metrics_from"] == "first"
+    app.selectbox(key="run_a").select("first")
+    app.selectbox(key="run_b").select("second")
+    app.run()
+    table = next(d.value for d in app.dataframe if "difference" in d.value.columns)
+    assert {"first", "second"} <= set(table.columns)
+    # one chart per metric of the per-level FD, consistency and controllability groups
+    assert len(app.get("vega_lite_chart")) == sum(len(m) for m in data.PLOTS.values())
+
+
+def test_trajectory_viewer_levels_overlays_and_pca(monkeypatch, tiny_root):
+    app = open_page(monkeypatch, tiny_root, "trajectories")
+    assert not app.exception
+    urls = [i.proto.imgs[0].url for i in app.image]
+    assert len(urls) == 8                                 # 4 levels decoded + 4 PCA views
+    assert sum("canvas PCA" in i.proto.imgs[0].caption for i in app.image) == 4
+    app.toggle(key="traj_pca").set_value(False).run()
+    assert len(app.image) == 4
+    plain = [i.proto.imgs[0].url for i in app.image]
+    app.toggle(key="traj_overlay").set_value(True).run()
+    overlaid = [i.proto.imgs[0].url for i in app.image]
+    assert all(a != b for a, b in zip(plain, overlaid))   # every level shows its partition in colours
+
+
+def test_hierarchy_browser_shows_teacher_truth_and_ari(monkeypatch, tiny_root):
+    app = open_page(monkeypatch, tiny_root, "hierarchy")
+    assert not app.exception
+    captions = [i.proto.imgs[0].caption for i in app.image]
+    assert sum(c.startswith("teacher L") for c in captions) == 4 * 3
+    ari = [c for c in captions if "ARI" in c]
+    assert len(ari) == 4 * 3 and all(c.startswith("truth L") for c in ari)
+
+
+def test_edit_playground_click_run_and_save(monkeypatch, tiny_root):
+    app = open_page(monkeypatch, tiny_root, "edit")
+    assert not app.exception
+    parent_id = app.selectbox(key="edit_parent").value
+    level = app.selectbox(key="edit_level").value
+    store = data.run_folders(tiny_root, app.selectbox(key="edit_run_id").value).evaluation / "trajectories.zarr"
+    partition = data.partition_of_level(data.load_trajectory(store, parent_id).regions, level)
+    app.button(key="cell_3_0").click().run()             # a token click selects that token's region
+    assert app.selectbox(key="edit_region").value == int(partition[3, 0])
+    before = len(data.load_edits(tiny_root))
+    app.button(key="edit_run").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    numbers = {m.label: m.value for m in app.metric}
+    assert {"locality (latent)", "locality (pixels)", "PSNR outside (dB)", "coarser levels identical"} <= set(numbers)
+    assert float(numbers["coarser levels identical"]) == 1.0
+    captions = [i.proto.imgs[0].caption for i in app.image]
+    assert "edited (final image)" in captions and "original (final image)" in captions
+    edits = data.load_edits(tiny_root)
+    assert len(edits) == before + 1
+    newest = edits.iloc[0]
+    assert newest.parent == parent_id and newest.region == int(partition[3, 0]) and newest.level == level
+    assert np.isfinite(newest.preservation_psnr_outside)

@@ -1,0 +1,47 @@
+"""End to end in a real browser: `tf dashboard` over a tiny-pipeline root, every page, one edit, screenshots."""
+import os
+from pathlib import Path
+
+import pytest
+
+from dashboards import browser, data
+
+pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+if not Path(browser.CHROMIUM).exists():
+    pytest.skip(f"{browser.CHROMIUM} missing (.ci/run installs Debian's chromium)", allow_module_level=True)
+
+
+def test_every_page_and_an_edit_in_chromium(tiny_root, tmp_path):
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    log = tmp_path / "dashboard.log"
+    before = len(data.load_edits(tiny_root))
+    with browser.dashboard_server(tiny_root, log) as server, browser.browser() as chromium:
+        url = server.url
+        assert url.startswith("http://127.0.0.1:")   # loopback by default
+        context = chromium.new_context(viewport={"width": 1400, "height": 2000})
+        for page in ("runs", "trajectories", "hierarchy"):
+            tab, seconds = browser.open_page(context, url, page)
+            heading = {"runs": "Runs", "trajectories": "Trajectory viewer", "hierarchy": "Hierarchy browser"}[page]
+            assert tab.get_by_role("heading", name=heading).first.is_visible()
+            assert "Traceback" not in tab.content()
+            tab.screenshot(path=str(shots / f"{page}.png"))
+            tab.close()
+        tab, _ = browser.open_page(context, url, "edit")
+        seconds = browser.run_edit(tab, "cell_1_1")
+        region = tab.locator(".st-key-cell_1_1 button").inner_text().strip()
+        assert f"region {region}," in tab.locator('[data-testid="stCaptionContainer"]:has-text("source")').first.inner_text()
+        tab.locator('[data-testid="stMetric"]:has-text("locality (pixels)")').first.wait_for(state="visible")
+        assert tab.locator('[data-testid="stMetric"]:has-text("PSNR outside")').count() == 1
+        value = tab.locator('[data-testid="stMetric"]:has-text("locality (pixels)") [data-testid="stMetricValue"]')
+        float(value.first.inner_text())   # a number, not an error text
+        edited = tab.locator('[data-testid="stImage"]').filter(has_text="edited (final image)").locator("img").first
+        assert edited.evaluate("img => img.complete && img.naturalWidth") > 0
+        tab.screenshot(path=str(shots / "edit.png"))
+        assert seconds > 0
+    with pytest.raises(ProcessLookupError):   # stopped by its PID
+        os.kill(server.pid, 0)
+    assert "Traceback" not in log.read_text()
+    assert len(data.load_edits(tiny_root)) == before + 1
+    for name in ("runs", "trajectories", "hierarchy", "edit"):
+        assert (shots / f"{name}.png").stat().st_size > 10_000, name

@@ -1,0 +1,77 @@
+"""The dashboard's non-UI logic on a tiny-pipeline root: runs, folders, metrics, trajectories, pictures."""
+import numpy as np
+import pytest
+
+from dashboards import data, visuals
+from storage.tables import load_metrics
+
+
+def test_root_problems_are_sentences_not_errors(tmp_path):
+    assert "No store root" in data.root_problem("")
+    assert "does not exist" in data.root_problem(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    assert "not a folder" in data.root_problem(tmp_path / "file")
+    assert "no runs yet" in data.root_problem(tmp_path)
+
+
+def test_runs_overview_has_keys_weights_stages_and_headline_metrics(tiny_root):
+    assert data.root_problem(tiny_root) is None
+    overview = data.runs_overview(tiny_root).set_index("run_id")
+    assert set(overview.index) == {"first", "second"}
+    assert (overview.encoder_weights == "random-init").all()
+    assert "train-L3" in overview.loc["first", "computed"] and overview.loc["first", "reused"] == ""
+    assert overview.loc["second", "computed"] == "" and "evaluate" in overview.loc["second", "reused"]
+    assert overview.loc["first", "key:evaluate"] == overview.loc["second", "key:evaluate"]
+    # the reusing run shows the numbers of the run that computed its evaluation
+    assert overview.loc["second", "metrics_from"] == "first"
+    fd = load_metrics(tiny_root, run_id="first", metric="fd_dinov2").value.iloc[0]
+    assert overview.loc["second", "fd_dinov2"] == pytest.approx(fd)
+    assert np.isnan(overview.loc["first", "fid"])     # skipped without Inception weights: no number
+
+
+def test_per_level_comparison_and_side_by_side_table(tiny_root):
+    frame = data.per_level_comparison(tiny_root, ["first", "second"], "fd_level")
+    assert list(frame.index) == [0, 1, 2, 3] and list(frame.columns) == ["first", "second"]
+    assert np.allclose(frame["first"], frame["second"])
+    table = data.comparison_table(tiny_root, "first", "second")
+    assert {"first", "second", "difference"} <= set(table.columns)
+    assert {"fd_level", "nesting", "locality_pixel"} <= set(table.metric)
+    assert np.allclose(table.difference.dropna(), 0.0)
+    assert data.per_level_comparison(tiny_root, ["first"], "no_such_metric").empty
+
+
+def test_run_folders_are_found_under_the_root(tiny_root):
+    folders = data.run_folders(tiny_root, "first")
+    assert len(folders.generators) == 4 and all(p.parent == tiny_root for p in folders.generators)
+    assert folders.evaluation.exists() and folders.teacher.exists() and folders.images.exists()
+    with pytest.raises(KeyError):
+        data.run_folders(tiny_root, "nope")
+
+
+def test_trajectory_load_and_pictures(tiny_root):
+    sources = data.trajectory_sources(tiny_root)
+    store = next(p for name, p in sources.items() if "trajectories" in name)
+    ids = data.trajectory_ids(store)
+    assert len(ids) == 4   # tiny.yaml keep_trajectories
+    trajectory = data.load_trajectory(store, ids[0])
+    assert trajectory.images.shape == (4, 56, 56, 3) and trajectory.canvas.shape == (4, 4, 4, 384)
+    assert trajectory.regions.shape == (3, 4, 4)
+    pca = visuals.pca_rgb(trajectory.canvas, 56)
+    assert pca.shape == (4, 56, 56, 3) and pca.dtype == np.uint8 and pca.max() == 255 and pca.min() == 0
+    ids_grid = np.array([[0, 1], [1, 2]])
+    coloured = visuals.colour_partition(ids_grid, 4)
+    assert (coloured[0, 0] == visuals.PALETTE[0]).all() and (coloured[3, 3] == visuals.PALETTE[2]).all()
+    assert (coloured[0, 2] == coloured[2, 0]).all()    # the same region gets the same colour
+    blended = visuals.overlay(np.zeros((4, 4, 3), np.uint8), ids_grid)
+    assert blended[3, 3].tolist() != blended[0, 0].tolist()
+
+
+def test_hierarchy_rows_carry_truth_and_per_image_ari(tiny_root):
+    folders = data.run_folders(tiny_root, "first")
+    rows = visuals.hierarchy_rows(folders.images, folders.teacher, 2, 3)
+    assert [r["index"] for r in rows] == [2, 3, 4]
+    for row in rows:
+        assert row["teacher"].shape == (3, 4, 4) and row["truth"].shape == (3, 4, 4)
+        assert len(row["ari"]) == 3 and all(-1.0 <= a <= 1.0 for a in row["ari"])
+        assert row["truth"][0].max() <= 1    # level 0 of the ground truth is object vs background
+    assert visuals.hierarchy_rows(folders.images, folders.teacher, 10_000, 3) == []
