@@ -46,6 +46,9 @@ class HierarchyConfig(_Part):
     cut_mode: Literal["height", "quantile"] = "height"
     linkage: Literal["average", "complete", "single", "weighted"] = "average"
     seed: int = 0
+    backend: Literal["reference", "batched"] = Field(
+        "reference", description="reference: scikit-learn/scipy per image on CPU workers; batched: torch over a "
+                                 "chunk at once, on the GPU when there is one (average linkage, height cuts)")
 
     @model_validator(mode="after")
     def _cuts_decrease(self) -> "HierarchyConfig":

@@ -32,6 +32,8 @@ def partition_keys(cfg: TFConfig) -> list[str]:
     """One key per level 0..L-1 saying what that level's partition depends on."""
     h = cfg.hierarchy
     split = {"algorithm": h.algorithm, "k": h.k, "alpha": h.alpha, "seed": h.seed}
+    if h.backend != "reference":   # the batched code agrees up to ties, so it is its own partition
+        split["backend"] = h.backend
     tree = {"lam": h.lam, "linkage": h.linkage, "cut_mode": h.cut_mode}
     keys = [stable_hash({"split": split})]
     for cut in h.cuts:

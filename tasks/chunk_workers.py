@@ -31,9 +31,18 @@ def hierarchy_spec(cfg: HierarchyConfig) -> HierarchySpec:
 
 
 def hierarchy_chunk(hierarchy: dict, latents: str, store: str, chunk: int, start: int, stop: int) -> int:
-    spec = hierarchy_spec(HierarchyConfig.model_validate(hierarchy))
+    config = HierarchyConfig.model_validate(hierarchy)
+    spec = hierarchy_spec(config)
     tokens = np.asarray(zarr_store.open_array(Path(latents), "tokens")[start:stop], dtype=np.float32)
-    regions = build_hierarchies(tokens, spec)
+    if config.backend == "batched":
+        import torch
+
+        from models.hierarchy_batched import build_hierarchies_batched
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        regions = build_hierarchies_batched(torch.from_numpy(tokens).to(device), spec).cpu().numpy()
+    else:
+        regions = build_hierarchies(tokens, spec)
     zarr_store.write_chunk(Path(store), chunk, start, {"regions": regions})
     return chunk
 
