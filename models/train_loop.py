@@ -90,7 +90,8 @@ def train_generator(model: nn.Module, data: LevelData, level: int, objective: Me
     tangent_fn = time_derivative
     if cfg.compile:   # the training forward and the whole JVP each become one compiled graph
         net, tangent_fn = torch.compile(net), torch.compile(time_derivative)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    on_cuda = torch.device(device).type == "cuda"   # "cuda:3" on a DDP rank too
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
     shape = tuple(data.target.shape[1:])
 
     def loss_fn() -> tuple[Tensor, dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,19 +16,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.decoder import DecoderConfig, TokenDecoder, images_to_tensor, tensor_to_images
-from models.dit import TrajectoryDiT, dit_config
-from models.flat import flat_level, flat_level_data
+from models.dit import TrajectoryDiT
 from models.image_metrics import psnr, ssim
-from models.meanflow import MeanFlowConfig
-from models.train_loop import LevelData, OptimConfig, TrainState, train_decoder, train_generator
-from models.train_state import export_state
+from models.train_loop import OptimConfig, train_decoder, train_generator
 from storage import zarr_store
-from storage.checkpoints import (clear_train_state, is_complete, load_checkpoint, load_train_state, mark_complete,
-                                 save_checkpoint, save_train_state)
+from storage.checkpoints import clear_train_state, is_complete, load_checkpoint, load_train_state, mark_complete, \
+    save_checkpoint
 from storage.config import TFConfig
 from storage.files import remove_tree
-from storage.keys import CODE_VERSIONS, Layout, stable_hash
-from tasks.level_data import level_data, load_latents, load_regions
+from storage.keys import Layout
+from tasks.generator_job import (finish_generator, flat_generator_dir, generator_config, generator_job,  # noqa: F401
+                                 num_classes, objective_config, snapshotter)
+from tasks.level_data import load_latents
 from tasks.progress import Progress
 from tasks.stage import pick_device, stage_result
 
@@ -38,54 +36,6 @@ def decoder_config(cfg: TFConfig, grid: int, dim: int) -> DecoderConfig:
     d = cfg.decoder
     return DecoderConfig(token_dim=dim, grid=grid, patch=cfg.source.image_size // grid,
                          width=d.width, depth=d.depth, heads=d.heads)
-
-
-def generator_config(cfg: TFConfig, grid: int, dim: int, num_classes: int):
-    g = cfg.generator
-    overrides = {k: v for k, v in (("width", g.width), ("depth", g.depth), ("head_depth", g.head_depth),
-                                   ("heads", g.heads)) if v is not None}
-    return dit_config(g.preset, token_dim=dim, grid=grid, num_classes=num_classes,
-                      num_levels=cfg.hierarchy.num_levels, **overrides)
-
-
-def objective_config(cfg: TFConfig) -> MeanFlowConfig:
-    g = cfg.generator
-    return MeanFlowConfig(time_shift=g.time_shift, uniform_share=g.uniform_share, equal_share=g.equal_share,
-                          t_floor=g.t_floor, adaptive_eps=g.adaptive_eps, v_weight=g.v_weight,
-                          region_weight=g.region_weight, label_dropout=g.label_dropout)
-
-
-def generator_optim(cfg: TFConfig, seed: int) -> OptimConfig:
-    g = cfg.generator
-    return OptimConfig(steps=g.steps, batch_size=g.batch_size, lr=g.lr, weight_decay=g.weight_decay,
-                       warmup_steps=g.warmup_steps, grad_clip=g.grad_clip,
-                       ema_decays=sorted(set(g.ema_decays) | {g.ema_decay}), optimizer=g.optimizer,
-                       checkpoint_every=g.checkpoint_every, compile=g.compile, seed=seed)
-
-
-def num_classes(layout: Layout) -> int:
-    return len(zarr_store.store_attrs(layout.images())["classes"])
-
-
-def flat_generator_dir(layout: Layout, cfg: TFConfig) -> Path:
-    """The flat baseline's own stage folder: keyed by the generator config and the latents only."""
-    key = stable_hash({"generator": cfg.generator.model_dump(), "latents": layout.keys.latents, "flat": True,
-                       "v": CODE_VERSIONS["generator"]})
-    return layout.root / f"generator-flat-{key}"
-
-
-def ema_file(decay: float, chosen: float) -> str:
-    """The sampled EMA is `generator`; the other tracked decays sit beside it."""
-    return "generator" if decay == chosen else f"generator-ema{decay!r}"
-
-
-def snapshotter(folder: Path, name: str, enabled: bool = True):
-    """on_checkpoint callback: export the TrainState and commit it as the stage's latest snapshot."""
-    def on_checkpoint(state: TrainState) -> None:
-        if enabled:
-            tensors, meta = export_state(state)
-            save_train_state(folder, name, state.step, tensors, meta)
-    return on_checkpoint
 
 
 def run_with_progress(description: str, total: int, start: int, train):
@@ -140,44 +90,6 @@ def train_decoder_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     return stage_result("train-decoder", layout.keys.decoder, folder, True, started, **quality)
 
 
-def generator_job(cfg: TFConfig, root: str, level: int | None) -> dict:
-    """Everything to train one generator (level l, or the flat baseline for level None), shared by the
-    Prefect task and the torchrun entry point: data, a seeded fresh model, optimiser config, folder."""
-    layout = Layout(root, cfg)
-    latents = load_latents(layout.latents())
-    num_levels = cfg.hierarchy.num_levels
-    if level is None:
-        data: LevelData = flat_level_data(latents.tokens, latents.label)
-        folder, key, train_level, seed = flat_generator_dir(layout, cfg), None, flat_level(num_levels), cfg.generator.seed
-        key = folder.name.removeprefix("generator-flat-")
-    else:
-        data = level_data(latents, load_regions(layout.teacher(), latents.index), level)
-        folder, key, train_level, seed = layout.generator(level), layout.keys.generators[level], level, \
-            cfg.generator.seed + level
-    torch.manual_seed(seed)
-    model = TrajectoryDiT(generator_config(cfg, latents.grid, latents.tokens.shape[-1], num_classes(layout)))
-    meta = {"stage": "generator", "level": level, "flat": level is None, "trained_level": train_level, "key": key,
-            "latents_key": layout.keys.latents, "teacher_key": None if level is None else layout.keys.teacher,
-            "config": asdict(model.config), "objective": asdict(objective_config(cfg)),
-            "encoder_weights": latents.weights_label, "optimizer": cfg.generator.optimizer}
-    return {"data": data, "model": model, "optim": generator_optim(cfg, seed), "folder": folder, "key": key,
-            "level": train_level, "meta": meta}
-
-
-def finish_generator(cfg: TFConfig, job: dict, state: TrainState) -> dict:
-    """Final checkpoints (one per EMA decay; `generator` is the sampled one), marker, snapshot cleanup."""
-    losses = state.history.get("loss", [])
-    tail = losses[-max(1, len(losses) // 10):]
-    meta = {**job["meta"], "steps": state.step, "first_loss": losses[0] if losses else None,
-            "final_loss": float(np.mean(tail)) if tail else None}
-    for ema in state.emas:
-        save_checkpoint(job["folder"] / ema_file(ema.decay, cfg.generator.ema_decay),
-                        dict(ema.shadow.cpu().state_dict()), {**meta, "ema_decay": ema.decay})
-    mark_complete(job["folder"], {"stage": "generator", "key": job["key"], "steps": state.step})
-    clear_train_state(job["folder"], "generator")
-    return meta
-
-
 def _train_generator_stage(cfg: TFConfig, root: str, level: int | None, force: bool, stage: str) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
@@ -189,12 +101,12 @@ def _train_generator_stage(cfg: TFConfig, root: str, level: int | None, force: b
         return stage_result(stage, key, folder, False, started)
     device = pick_device(cfg.device)
     job = generator_job(cfg, root, level)
-    resume = load_train_state(folder, "generator")
+    resume = load_train_state(folder, "generator")   # a killed run continues from its latest snapshot
     start = resume[1]["step"] if resume else 0
     state = run_with_progress(f"train {stage}", job["optim"].steps, start, lambda on_step: train_generator(
-        job["model"], job["data"], job["level"], objective_config(cfg), job["optim"], device, on_step,
+        job["model"], job["data"], job["level"], job["objective"], job["optim"], device, on_step,
         resume=resume, on_checkpoint=snapshotter(folder, "generator")))
-    meta = finish_generator(cfg, job, state)
+    meta = finish_generator(job, state, resumed_from_step=start)
     return stage_result(stage, key, folder, True, started, final_loss=meta["final_loss"], resumed_from_step=start)
 
 

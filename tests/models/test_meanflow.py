@@ -261,3 +261,40 @@ def test_tiny_model_overfits_one_batch():
     after = raw_loss()
     assert after < before / 5, (before, after)
     assert time.perf_counter() - start < 15
+
+
+def test_compiled_jvp_gives_the_eager_loss_and_gradients():
+    """torch.compile (inductor, CPU C++ toolchain) of the whole tangent pass: same loss as eager."""
+    import shutil
+
+    from models.meanflow import time_derivative
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("g++") is None:
+        pytest.skip("no C/C++ compiler on PATH: inductor cannot build CPU kernels")
+    torch.manual_seed(6)
+    model = TrajectoryDiT(dit_config("tiny", **TINY))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, cond, label, level = make_batch(dtype=torch.float32)
+    regions = torch.tensor([[0] * 8 + [1] * 8] * 6)
+
+    def run(tangent_fn):
+        loss, stats = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(),
+                                    torch.Generator().manual_seed(0), tangent_fn=tangent_fn)
+        return stats, torch.autograd.grad(loss, list(model.parameters()))
+
+    eager, eager_grads = run(None)
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(time_derivative, fullgraph=True)   # fullgraph: a graph break fails here
+    try:
+        compiled, compiled_grads = run(compiled_fn)
+    except Exception as error:   # only a missing/broken toolchain may skip; anything else is a failure
+        if any(word in type(error).__name__ for word in ("CppCompileError", "InvalidCxxCompiler")):
+            pytest.skip(f"CPU inductor toolchain unavailable: {error}")
+        raise
+    for name in ("loss", "loss_u", "loss_v", "loss_region"):
+        assert compiled[name] == pytest.approx(eager[name], rel=1e-4, abs=1e-6), name
+    assert eager["loss_u"] != pytest.approx(eager["loss_v"])   # the JVP term matters to the value compared
+    for got, want in zip(compiled_grads, eager_grads):
+        assert float((got - want).norm()) <= 1e-3 * float(want.norm()) + 1e-7

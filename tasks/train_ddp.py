@@ -1,0 +1,116 @@
+"""Multi-GPU (or multi-process CPU) training of one generator with torchrun + DistributedDataParallel.
+
+    torchrun --nproc_per_node=4 -m tasks.train_ddp --config configs/imagenet.yaml --root data --level 2
+    torchrun --nproc_per_node=4 -m tasks.train_ddp --config ... --root ... --flat
+
+Plain torch, no Prefect run: it reads the same stores and writes the same stage folder as the
+`train-level-l` task (final checkpoints, `_COMPLETE`, resumable snapshots), so either can finish
+what the other started. Every rank draws the same global batch and noise and trains on its own
+rows; DDP averages the gradients, so N ranks follow the single-process run with the same global
+batch (generator.batch_size) up to float summation order. Only rank 0 writes. NCCL on CUDA, gloo
+on CPU. `--synthetic SEED` trains a tiny model on random data instead of the stores (for tests).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from models.dit import TrajectoryDiT, dit_config
+from models.meanflow import MeanFlowConfig
+from models.optim import OptimConfig
+from models.train_loop import LevelData, train_generator
+from models.train_state import export_state
+from storage.checkpoints import is_complete, load_train_state, save_train_state
+from storage.config import load_config
+from storage.files import atomic_write_json
+from tasks.generator_job import finish_generator, generator_job
+
+SYNTHETIC_MODEL = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
+
+
+def synthetic_job(seed: int, folder: Path, steps: int, batch_size: int, optimizer: str, checkpoint_every: int) -> dict:
+    """A tiny model on random data: the same training path without the stores."""
+    g = torch.Generator().manual_seed(seed)
+    data = LevelData(torch.randn(32, 16, 8, generator=g), torch.randn(32, 16, 8, generator=g),
+                     torch.randint(0, 3, (32,), generator=g), torch.randint(0, 3, (32, 16), generator=g))
+    torch.manual_seed(seed)
+    model = TrajectoryDiT(dit_config("tiny", **SYNTHETIC_MODEL))
+    optim = OptimConfig(steps=steps, batch_size=batch_size, optimizer=optimizer, ema_decays=[0.9, 0.99],
+                        warmup_steps=2, checkpoint_every=checkpoint_every, seed=seed)
+    return {"data": data, "model": model, "optim": optim, "folder": folder, "key": f"synthetic-{seed}", "level": 1,
+            "objective": MeanFlowConfig(), "ema_decay": 0.99,
+            "meta": {"stage": "generator", "synthetic": True, "seed": seed}}
+
+
+def store_job(args) -> dict:
+    cfg = load_config(args.config, args.set)
+    return generator_job(cfg, args.root, None if args.flat else args.level)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config")
+    parser.add_argument("--root", default="data")
+    parser.add_argument("--level", type=int)
+    parser.add_argument("--flat", action="store_true", help="train the flat baseline instead of a level")
+    parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    parser.add_argument("--synthetic", type=int, metavar="SEED", help="tiny model on random data (tests)")
+    parser.add_argument("--out", help="stage folder for --synthetic")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--checkpoint-every", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.synthetic is None and (args.config is None or (args.level is None) == (not args.flat)):
+        parser.error("give --config and exactly one of --level L / --flat (or --synthetic SEED --out DIR)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    if args.synthetic is not None:
+        job = synthetic_job(args.synthetic, Path(args.out), args.steps, args.batch_size, args.optimizer,
+                            args.checkpoint_every)
+    else:
+        job = store_job(args)
+    folder = job["folder"]
+    writes: list[str] = []
+
+    def on_checkpoint(state) -> None:
+        if rank == 0:   # identical states on every rank: one writer
+            writes.append(save_train_state(folder, "generator", state.step, *export_state(state)).name)
+
+    is_complete_before = is_complete(folder)
+    if not is_complete_before:
+        resume = load_train_state(folder, "generator")
+        wrap = (lambda m: DistributedDataParallel(m, device_ids=[local])) if cuda else DistributedDataParallel
+        state = train_generator(job["model"], job["data"], job["level"], job["objective"], job["optim"],
+                                device, resume=resume,
+                                on_checkpoint=on_checkpoint, rank=rank, world=world, wrap=wrap)
+        dist.barrier()
+        if rank == 0:
+            finish_generator(job, state, world_size=world)
+            writes.append("final")
+    if os.environ.get("TF_DDP_WRITE_LOG"):   # for tests: which rank wrote what, and its own-rows losses
+        losses = state.history.get("loss", []) if not is_complete_before else []
+        atomic_write_json(Path(os.environ["TF_DDP_WRITE_LOG"]) / f"rank{rank}.json",
+                          {"writes": writes, "losses": losses})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
