@@ -1,0 +1,42 @@
+"""The flat baseline: a one-step model straight to the latent, trained by the same loop as a level."""
+import pytest
+import torch
+
+from models.dit import TrajectoryDiT, dit_config
+from models.flat import flat_level, flat_level_data, sample_flat
+from models.meanflow import MeanFlowConfig, one_step
+from models.optim import OptimConfig
+from models.train_loop import train_generator
+
+TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_flat_data_has_no_plan_and_trains_at_the_last_level():
+    g = torch.Generator().manual_seed(0)
+    tokens, label = torch.randn(16, 16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+    data = flat_level_data(tokens, label)
+    assert torch.equal(data.target, tokens) and data.regions is None
+    assert float(data.cond.abs().max()) == 0.0
+    assert flat_level(4) == 3
+
+    torch.manual_seed(0)
+    model = TrajectoryDiT(dit_config("tiny", **TINY))
+    state = train_generator(model, data, flat_level(4), MeanFlowConfig(), OptimConfig(steps=4, batch_size=8, lr=1e-2, ema_decays=[0.0]), "cpu")
+    assert len(state.history["loss"]) == 4 and state.history["loss_region"] == [0.0] * 4
+
+    sampler = state.ema(0.0)   # decay 0: the trained weights themselves
+    z1 = torch.randn(5, 16, 8, generator=g)
+    label5 = torch.tensor([0, 1, 2, 3, 1])   # 3 = the null (unconditional) label
+    out = sample_flat(sampler, z1, label5, num_levels=4)
+    expected = one_step(sampler, z1, torch.zeros_like(z1), label5, torch.full((5,), 3))
+    assert out.shape == (5, 16, 8) and torch.equal(out, expected)
+    other_level = one_step(sampler, z1, torch.zeros_like(z1), label5, torch.full((5,), 0))
+    assert not torch.equal(out, other_level)   # the level embedding is part of what it learned
