@@ -137,3 +137,22 @@ def test_presets_shapes_and_validation():
         TrajectoryDiT(dit_config("tiny", head_depth=5))
     with pytest.raises(ValueError):
         TrajectoryDiT(dit_config("tiny", width=130))
+
+
+def test_reference_presets_build_with_trunk_and_two_equal_heads_from_the_config():
+    """B/L/H at ImageNet shape (16x16 tokens of 768-d), built on the meta device (no memory):
+    depth - 8 shared blocks, then 8 blocks in each of the x and v heads; chosen by generator.preset."""
+    from storage.config import TFConfig
+    from tasks.generator_job import generator_config
+
+    for preset, (width, depth) in {"B": (768, 16), "L": (1024, 32), "H": (1280, 48)}.items():
+        cfg = generator_config(TFConfig(generator={"preset": preset}), grid=16, dim=768, num_classes=1000)
+        assert (cfg.width, cfg.depth, cfg.head_depth, cfg.grid, cfg.token_dim) == (width, depth, 8, 16, 768)
+        with torch.device("meta"):
+            model = TrajectoryDiT(cfg)
+        assert (len(model.trunk), len(model.x_blocks), len(model.v_blocks)) == (depth - 8, 8, 8)
+        assert model.fuse.in_features == 2 * 768 and model.class_embed.num_embeddings == 1001   # + null label
+        per_block = sum(p.numel() for p in model.trunk[0].parameters())
+        assert per_block == 4 * width * width + 4 * width + 2 * 4 * width * width + 5 * width + 6 * width * (width + 1)
+    overridden = generator_config(TFConfig(generator={"preset": "B", "depth": 10}), grid=8, dim=384, num_classes=6)
+    assert (overridden.depth, overridden.head_depth, overridden.width) == (10, 8, 768)
