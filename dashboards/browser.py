@@ -19,8 +19,11 @@ from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
 # What "the page shows its content" means: a selector that appears only once the page's data is drawn.
-CONTENT = {"runs": '[data-testid="stDataFrame"]', "trajectories": '[data-testid="stImage"] img',
-           "hierarchy": '[data-testid="stImage"] img', "edit": ".st-key-edit_run button"}
+TITLES = {"runs": "Runs", "trajectories": "Trajectory viewer", "hierarchy": "Hierarchy browser",
+          "edit": "Edit playground"}
+CONTENT = {"runs": '[data-testid="stDataFrame"]',
+           "trajectories": '[data-testid="stImage"]:has-text("level 0 decoded") img',
+           "hierarchy": '[data-testid="stImage"]:has-text("teacher L0") img', "edit": ".st-key-edit_run button"}
 EDIT_DONE = '[data-testid="stImageCaption"]:has-text("edited (final image)")'
 
 
@@ -98,6 +101,15 @@ def open_page(context, url: str, page: str, timeout_s: float = 60.0):
     return tab, time.perf_counter() - started
 
 
+def switch_page(tab, page: str) -> float:
+    """Seconds from clicking the page in the sidebar to its title and content being visible."""
+    started = time.perf_counter()
+    tab.get_by_test_id("stRadioGroup").get_by_text(TITLES[page], exact=True).click()
+    tab.get_by_role("heading", name=TITLES[page]).first.wait_for(state="visible")
+    tab.locator(CONTENT[page]).first.wait_for(state="visible")
+    return time.perf_counter() - started
+
+
 def wait_idle(tab) -> None:
     """Until the script run that a click started has finished (the status widget disappears)."""
     tab.wait_for_timeout(100)
@@ -110,8 +122,16 @@ def run_edit(tab, cell: str = "cell_0_0") -> float:
     # the rerun is back when the clicked token is drawn as selected; only then is the region set in the browser too
     tab.locator(f'.st-key-{cell} [data-testid="stBaseButton-primary"]').wait_for(state="visible")
     wait_idle(tab)
+    from playwright.sync_api import expect
+
+    caption = tab.locator(EDIT_DONE).first
+    previous = caption.inner_text() if caption.count() else None
     started = time.perf_counter()
     tab.locator(".st-key-edit_run button").click()
-    tab.locator(EDIT_DONE).first.wait_for(state="visible")
-    tab.locator('[data-testid="stMetric"]').first.wait_for(state="visible")
+    # The edited picture is drawn after the numbers and its caption names the new edit id.
+    if previous is None:
+        caption.wait_for(state="visible")
+    else:
+        expect(caption).not_to_have_text(previous, timeout=60_000)
+    tab.locator('[data-testid="stImage"]').filter(has_text="edited (final image)").locator("img").first.wait_for()
     return time.perf_counter() - started

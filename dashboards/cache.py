@@ -15,9 +15,13 @@ from dashboards import data, visuals
 
 
 def tables_stamp(root: str) -> tuple:
-    """Names and modification times of every Parquet table and stored edit: changes when anything is added."""
-    base = Path(root)
-    files = list((base / "tables").glob("**/*.parquet")) + list((base / "dashboard-edits").glob("edit-*/edit.json"))
+    """Names and modification times of every Parquet table: changes when a run adds or rewrites one."""
+    return tuple(sorted((str(f), f.stat().st_mtime_ns) for f in (Path(root) / "tables").glob("**/*.parquet")))
+
+
+def edits_stamp(root: str) -> tuple:
+    """The same for the edit objects the dashboard saved (kept apart so an edit does not reset the run caches)."""
+    files = (Path(root) / data.EDITS_FOLDER).glob("edit-*/edit.json")
     return tuple(sorted((str(f), f.stat().st_mtime_ns) for f in files))
 
 
@@ -37,7 +41,7 @@ def comparison(root: str, run_a: str, run_b: str, stamp: tuple) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def trajectory_sources(root: str, stamp: tuple) -> dict[str, str]:
+def trajectory_sources(root: str, stamp: tuple) -> dict[str, str]:   # stamp: tables and edits
     return {name: str(path) for name, path in data.trajectory_sources(root).items()}
 
 
@@ -72,7 +76,17 @@ def saved_edits(root: str, stamp: tuple) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner="Loading the run's generators and decoder ...", max_entries=4)
-def models(root: str, run_id: str, stamp: tuple):
+def _models(decoder: str, generators: tuple[str, ...], stamps: tuple):
     from dashboards.edit_service import load_models   # torch is imported only when a page needs models
 
-    return load_models(data.run_folders(root, run_id))
+    return load_models(data.RunFolders("", None, None, None, Path(decoder), tuple(map(Path, generators)), None))
+
+
+def models(root: str, run_id: str):
+    """A run's models, cached by their checkpoint files (the same checkpoints serve every run that reused them)."""
+    folders = run_folders(root, run_id, tables_stamp(root))
+    if folders.decoder is None or not folders.generators:
+        raise FileNotFoundError(f"run {run_id} names no decoder or generators in its report")
+    checkpoints = [folders.decoder / "decoder.safetensors"] + [g / "generator.safetensors" for g in folders.generators]
+    stamps = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in checkpoints)
+    return _models(str(folders.decoder), tuple(map(str, folders.generators)), stamps)

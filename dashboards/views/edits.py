@@ -72,7 +72,7 @@ def render(root: str) -> None:
         request = EditRequest(Path(store), parent_id, int(level), int(region), source, donor)
         with st.spinner("Editing and re-sampling the finer levels ..."):
             try:
-                result = run_edit(cache.models(root, run_id, cache.tables_stamp(root)), request)
+                result = run_edit(cache.models(root, run_id), request)
                 save_edit(root, run_id, result)
                 st.session_state["edit_result"] = result
             except (ValueError, KeyError, FileNotFoundError) as error:
@@ -80,26 +80,34 @@ def render(root: str) -> None:
     result = st.session_state.get("edit_result")
     if result is not None and result.request.store == Path(store):
         _show_result(root, result)
-    saved = cache.saved_edits(root, cache.tables_stamp(root))
+    saved = cache.saved_edits(root, cache.edits_stamp(root))
     with st.expander(f"Edit objects saved under this root ({len(saved)})"):
         if len(saved):
             st.dataframe(saved, hide_index=True)
+    # Load the run's models once the page is drawn, while the user picks a region: the first edit is then quick.
+    try:
+        cache.models(root, run_id)
+    except FileNotFoundError as error:
+        st.warning(f"Edits need the run's checkpoints: {error}")
 
 
 def _show_result(root: str, result) -> None:
+    """Heading, numbers, then pictures: the pictures come last and carry the edit id, so a reader (or the
+    browser test) that sees the new edited picture knows the numbers above it are the new ones too."""
     request = result.request
-    st.subheader(f"Edit {result.record.get('edit_id', '')}")
+    edit_id = result.record.get("edit_id", "")
+    st.subheader(f"Edit {edit_id}")
     st.caption(f"{request.parent}, level {request.level}, region {request.region}, source {request.source} "
                f"from {request.donor}; {result.seconds:.2f} s. Saved to "
-               f"`{Path(root) / 'dashboard-edits' / result.record.get('edit_id', '')}`.")
-    before, after = st.columns(2)
-    before.image(big(result.original[-1]), caption="original (final image)")
-    after.image(big(result.edited[-1]), caption="edited (final image)")
+               f"`{Path(root) / 'dashboard-edits' / edit_id}`.")
     numbers = st.columns(len(result.numbers))
     for column, (name, value) in zip(numbers, result.numbers.items()):
         column.metric(LABELS.get(name, name), f"{value:.4g}")
     st.caption("Locality: change outside the region / change inside (lower is better). Preservation: PSNR/SSIM of "
                "the decoded image outside the region, and whether the levels above l* stayed bit-identical.")
+    before, after = st.columns(2)
+    before.image(big(result.original[-1]), caption="original (final image)")
+    after.image(big(result.edited[-1]), caption=f"edited (final image) {edit_id}")
     rows = st.columns(len(result.edited))
     for level, column in enumerate(rows):
         column.image(big(result.original[level]), caption=f"L{level} original")

@@ -11,7 +11,7 @@ from dashboards.visuals import overlay
 def render(root: str) -> None:
     if not usable_root(root):
         return
-    sources = cache.trajectory_sources(root, cache.tables_stamp(root))
+    sources = cache.trajectory_sources(root, cache.tables_stamp(root) + cache.edits_stamp(root))
     if not sources:
         st.warning(f"No stored trajectories under `{root}`: no complete `evaluate-*` folder yet. "
                    f"Run `tf evaluate --root {root}`.")

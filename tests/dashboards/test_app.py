@@ -79,10 +79,10 @@ def test_edit_playground_click_run_and_save(monkeypatch, tiny_root):
     numbers = {m.label: m.value for m in app.metric}
     assert {"locality (latent)", "locality (pixels)", "PSNR outside (dB)", "coarser levels identical"} <= set(numbers)
     assert float(numbers["coarser levels identical"]) == 1.0
-    captions = [i.proto.imgs[0].caption for i in app.image]
-    assert "edited (final image)" in captions and "original (final image)" in captions
     edits = data.load_edits(tiny_root)
     assert len(edits) == before + 1
     newest = edits.iloc[0]
+    captions = [i.proto.imgs[0].caption for i in app.image]
+    assert f"edited (final image) {newest.edit_id}" in captions and "original (final image)" in captions
     assert newest.parent == parent_id and newest.region == int(partition[3, 0]) and newest.level == level
     assert np.isfinite(newest.preservation_psnr_outside)
