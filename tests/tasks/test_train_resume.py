@@ -81,3 +81,20 @@ def test_sigkilled_training_resumes_to_the_unbroken_weights(tmp_path):
         reference = expected.state_dict()
         assert set(tensors) == set(reference)
         assert [k for k in reference if not torch.equal(tensors[k], reference[k])] == [], name
+
+
+def test_snapshot_pointer_is_the_commit_point(tmp_path):
+    """A kill between the tensors and the pointer leaves the previous snapshot readable and whole."""
+    from storage.checkpoints import clear_train_state, load_train_state, save_train_state
+
+    assert load_train_state(tmp_path, "generator") is None
+    save_train_state(tmp_path, "generator", 2, {"w": torch.full((3,), 2.0)}, {"step": 2})
+    # the next snapshot's tensors landed, its pointer did not (killed in between)
+    (tmp_path / "generator-state-000000004.safetensors").write_bytes(b"partial")
+    tensors, meta = load_train_state(tmp_path, "generator")
+    assert meta["step"] == 2 and torch.equal(tensors["w"], torch.full((3,), 2.0))
+    save_train_state(tmp_path, "generator", 4, {"w": torch.full((3,), 4.0)}, {"step": 4})
+    assert [p.name for p in tmp_path.glob("generator-state-*")] == ["generator-state-000000004.safetensors"]
+    assert load_train_state(tmp_path, "generator")[1]["step"] == 4
+    clear_train_state(tmp_path, "generator")
+    assert list(tmp_path.iterdir()) == []
