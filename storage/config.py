@@ -121,6 +121,12 @@ class EvaluateConfig(_Part):
     tokens_per_sample: int = Field(4, ge=0, description="tokens per sample in the token-level FD variant")
 
 
+class ConcurrencyConfig(_Part):
+    on_locked: Literal["wait", "fail"] = Field(
+        "wait", description="a second run on a stage another live run is writing: wait for it, or fail at once")
+    wait_timeout_s: float = Field(3600.0, gt=0, description="how long `wait` waits before failing")
+
+
 class TFConfig(_Part):
     """Everything a run needs. Each stage hashes only its own part plus upstream keys."""
 
@@ -133,6 +139,7 @@ class TFConfig(_Part):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig)   # not part of any stage key
 
     @model_validator(mode="after")
     def _consistent(self) -> "TFConfig":

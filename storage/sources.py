@@ -6,7 +6,7 @@ workers can read disjoint slices. Bad files never vanish: they come back as reje
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,13 @@ from PIL import Image
 from storage.config import SourceConfig
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
+MIN_SIDE = 8   # smaller images carry no content worth a sample (a 1x1 "image" is one colour)
+# Above this many pixels a file is refused before decoding (PIL only warns below 2x its own limit).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class BadImage(ValueError):
+    """A file that opens but cannot become a sample (too small, too large)."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,7 @@ class SourceListing:
     labels: np.ndarray        # int64 [N]
     classes: list[str]
     has_masks: bool
+    empty_classes: tuple[str, ...] = field(default=())   # class folders without one image file
 
 
 def list_source(cfg: SourceConfig) -> SourceListing:
@@ -48,14 +56,28 @@ def _list_imagefolder(root: Path, cap: int) -> SourceListing:
                     labels.append(index)
     if not ids:
         raise FileNotFoundError(f"no images under {root} (suffixes {sorted(IMAGE_SUFFIXES)})")
+    present = set(labels)   # before the cap: a class cut off by the cap is not empty
+    empty = tuple(name for index, name in enumerate(classes) if index not in present)
     if cap:
         ids, labels = ids[:cap], labels[:cap]
-    return SourceListing(ids, np.asarray(labels, np.int64), classes, False)
+    return SourceListing(ids, np.asarray(labels, np.int64), classes, False, empty)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: 16/32-bit and float greyscale are scaled, not clipped; palette
+    images with transparency go through RGBA; alpha is dropped (as torchvision's ImageFolder does)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else (65535.0 if values.max(initial=0) > 255 else 255.0)
+        return Image.fromarray(np.clip(np.rint(values * 255.0 / top), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
 
 
 def center_crop_resize(image: Image.Image, size: int) -> np.ndarray:
     """Resize the short side to `size` (bicubic, antialiased), centre-crop to size x size, RGB uint8."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
@@ -65,7 +87,12 @@ def center_crop_resize(image: Image.Image, size: int) -> np.ndarray:
 
 
 def read_image(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as image:
+    with Image.open(path) as image:   # PIL itself refuses > 2x MAX_IMAGE_PIXELS (DecompressionBombError)
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise BadImage(f"decompression bomb: {width}x{height} = {width * height} px > {MAX_PIXELS} px limit")
+        if min(width, height) < MIN_SIDE:
+            raise BadImage(f"image is {width}x{height} px, smaller than the {MIN_SIDE} px minimum side")
         image.load()
         return center_crop_resize(image, size)
 

@@ -38,10 +38,7 @@ def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attr
     """Write the template. Re-creating an existing matching store is a no-op (resume)."""
     path = Path(path)
     if (zarr_path(path) / "zarr.json").exists():
-        existing = zarr.open_group(str(zarr_path(path)), mode="r").attrs.asdict()
-        if existing.get("stage_attrs") != _jsonable(attrs):
-            raise ValueError(
-                f"{path} was written by another config:\n  stored {existing.get('stage_attrs')}\n  now    {attrs}")
+        check_compatible(path, attrs, exact=True)
         return
     group = zarr.open_group(str(zarr_path(path)), mode="w", zarr_format=3)
     for name, spec in arrays.items():
@@ -53,6 +50,41 @@ def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attr
                            dimension_names=list(spec.dims), fill_value=spec.fill_value)
     group.attrs.update({"schema_version": SCHEMA_VERSION, "chunk_size": chunk_size,
                         "stage_attrs": _jsonable(attrs), **_jsonable(attrs)})
+
+
+class IncompatibleStore(ValueError):
+    """A store on disk was written by another config or another schema version."""
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def differences(stored: dict, now: dict) -> list[str]:
+    """`a.b: stored X, now Y` for every dotted key whose value differs (missing keys show as <absent>)."""
+    old, new = _flatten(_jsonable(stored)), _flatten(_jsonable(now))
+    return [f"{key}: stored {old.get(key, '<absent>')!r}, now {new.get(key, '<absent>')!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key, "<absent>") != new.get(key, "<absent>")]
+
+
+def check_compatible(path: Path, attrs: dict, exact: bool = False) -> None:
+    """Refuse a store of another schema version, or whose recorded config differs from `attrs`
+    (every key of `attrs`; with `exact`, the stored record must have no other keys either)."""
+    meta = zarr.open_group(str(zarr_path(path)), mode="r").attrs.asdict()
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise IncompatibleStore(f"{path} has store schema version {version!r}, this code reads version "
+                                f"{SCHEMA_VERSION}; remove it or recompute with --force")
+    stored = meta.get("stage_attrs", {})
+    compared = stored if exact else {k: stored.get(k, "<absent>") for k in attrs}
+    diff = differences(compared, attrs)
+    if diff:
+        raise IncompatibleStore(f"{path} was written by another config; what differs:\n  " + "\n  ".join(diff))
 
 
 def zarr_path(path: Path) -> Path:

@@ -28,7 +28,7 @@ from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import encode_chunk, encode_chunk_with
 from tasks.dask_chunks import run_chunks
 from tasks.progress import Progress
-from tasks.stage import pick_device, stage_result
+from tasks.stage import pick_device, stage_lock, stage_result
 
 GPU_RESOURCES = {"GPU": 1}
 
@@ -70,12 +70,18 @@ def plan_encoder(cfg: TFConfig) -> tuple[str, int, int]:
 
 @task(name="encode", cache_policy=NO_CACHE)
 def encode_latents(cfg: TFConfig, root: str, force: bool = False) -> dict:
+    with stage_lock(cfg, Layout(root, cfg).latents()):   # a second run on this store waits or fails here
+        return _encode(cfg, root, force)
+
+
+def _encode(cfg: TFConfig, root: str, force: bool) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
     images, path = layout.images(), layout.latents()
     if force:
         remove_tree(path)
     if zarr_store.is_complete(path):
+        zarr_store.check_compatible(path, {"stage": "latents", "key": layout.keys.latents})
         return stage_result("encode", layout.keys.latents, path, False, started,
                             encoder_weights=zarr_store.store_attrs(path)["encoder_weights"])
     if not zarr_store.is_complete(images):

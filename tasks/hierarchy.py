@@ -14,17 +14,23 @@ from storage.keys import Layout
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import hierarchy_chunk
 from tasks.dask_chunks import run_chunks
-from tasks.stage import stage_result
+from tasks.stage import stage_lock, stage_result
 
 
 @task(name="hierarchy", cache_policy=NO_CACHE)
 def build_teacher(cfg: TFConfig, root: str, force: bool = False) -> dict:
+    with stage_lock(cfg, Layout(root, cfg).teacher()):   # a second run on this store waits or fails here
+        return _build_teacher(cfg, root, force)
+
+
+def _build_teacher(cfg: TFConfig, root: str, force: bool) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
     latents, path = layout.latents(), layout.teacher()
     if force:
         remove_tree(path)
     if zarr_store.is_complete(path):
+        zarr_store.check_compatible(path, {"stage": "teacher", "key": layout.keys.teacher})
         return stage_result("hierarchy", layout.keys.teacher, path, False, started)
     if not zarr_store.is_complete(latents):
         raise RuntimeError(f"latent store {latents} is incomplete: run `tf encode` first")

@@ -18,3 +18,10 @@ def pick_device(preference: str) -> str:
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was requested but torch sees no GPU")
     return preference
+
+
+def stage_lock(cfg, stage_dir: Path):
+    """The stage folder's lock (storage.locks), waiting or failing as `concurrency.on_locked` says."""
+    from storage.locks import stage_lock as lock
+
+    return lock(stage_dir, cfg.concurrency.on_locked, cfg.concurrency.wait_timeout_s)
