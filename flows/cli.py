@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"ingest.dask_address={args.dask_address}")
     try:
         config = load_config(args.config, overrides)
+        if args.command in STAGES:   # impossible combinations stop here, before any stage starts
+            from storage.config import preflight
+
+            preflight(config, args.command, getattr(args, "level", None))
     except (ValueError, FileNotFoundError) as error:
         print(f"tf {args.command}: invalid config: {error}", file=sys.stderr)
         return 2

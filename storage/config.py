@@ -4,6 +4,8 @@ Prefect renders a pydantic model as a form, so flows take `TFConfig` directly.
 """
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,9 +149,42 @@ class TFConfig(_Part):
             raise ValueError("source.path is required when source.kind is 'imagefolder'")
         if self.source.kind == "scenes" and self.source.num_images < 2:
             raise ValueError("source.num_images must be at least 2 for scenes")
-        if self.source.image_size % 14:
-            raise ValueError(f"source.image_size {self.source.image_size} is not a multiple of the patch size 14")
+        patch = encoder_patch(self.encoder.model)
+        if self.source.image_size % patch:
+            raise ValueError(f"source.image_size {self.source.image_size} is not a multiple of the patch size {patch} "
+                             f"of encoder.model {self.encoder.model}: the token grid would not be whole "
+                             f"(nearest: {max(patch, self.source.image_size // patch * patch)})")
+        if self.hierarchy.k < 2:
+            raise ValueError(f"hierarchy.k must be at least 2 (object vs background), got {self.hierarchy.k}")
         return self
+
+
+def encoder_patch(model: str) -> int:
+    """Patch size from a timm name (`..._patch14_...`); DINOv2 names without it use 14."""
+    match = re.search(r"patch(\d+)", model)
+    return int(match.group(1)) if match and int(match.group(1)) > 0 else 14
+
+
+def preflight(cfg: TFConfig, command: str, levels: list[int] | None = None) -> None:
+    """Combinations that only fail later, refused before any work starts (files, not just values:
+    a config is also validated on machines that do not hold the files, so this is not in the model)."""
+    uses_encoder = command in ("pipeline", "encode", "evaluate")
+    enc = cfg.encoder
+    if uses_encoder and not enc.allow_random_init:
+        if not enc.weights:
+            raise ValueError("encoder.weights is not set and encoder.allow_random_init is false: give a local "
+                             "weights file (encoder.weights=/path/dinov2.safetensors) or allow a random init")
+        if not os.path.isfile(enc.weights):
+            raise ValueError(f"encoder.weights {enc.weights} does not exist and encoder.allow_random_init is false")
+    if command in ("pipeline", "train") and cfg.decoder.checkpoint:
+        weights = cfg.decoder.checkpoint.removesuffix(".safetensors") + ".safetensors"
+        if not os.path.isfile(weights):
+            raise ValueError(f"decoder.checkpoint {weights} does not exist")
+    num_levels = cfg.hierarchy.num_levels
+    bad = [l for l in (levels or []) if not 0 <= l < num_levels]
+    if bad:
+        raise ValueError(f"--level {bad} does not match the hierarchy: hierarchy.cuts {cfg.hierarchy.cuts} "
+                         f"gives levels 0..{num_levels - 1}")
 
 
 def _coerce(value: str) -> Any:
@@ -164,11 +199,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, value = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"--set {item!r}: empty key segment in {key!r}")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = _coerce(value)
+        try:
+            node[parts[-1]] = _coerce(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {key}: the value {value!r} is not valid YAML ({error})") from None
     return data
 
 
@@ -176,7 +216,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file must hold a mapping")
     return TFConfig.model_validate(apply_overrides(data, overrides or []))
