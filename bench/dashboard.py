@@ -1,6 +1,7 @@
 """Dashboard responsiveness in a real browser (headless Debian chromium through Playwright), on CPU.
 
     .venv/bin/python bench/dashboard.py [--root data] [--config configs/scenes.yaml] [--screenshots docs]
+                                        [--second-run hierarchy.cuts=[0.65,0.3]]
 
 The root (default ./data, what `make run` writes; built with --config when missing) is copied to a
 temporary folder first, so the edits the bench makes never land in it. `tf dashboard` is started on a
@@ -28,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")   # first start migrates a database
 
 from bench.results_io import write_result  # noqa: E402
 from dashboards import browser  # noqa: E402
@@ -54,6 +56,14 @@ def root_source(root: Path) -> dict:
     return store_attrs(stores[0]).get("source", {}) if stores else {}
 
 
+def screenshot(tab, path: Path) -> None:
+    """The page down to the end of its content (Streamlit scrolls inside the page, so full_page would not)."""
+    tab.wait_for_timeout(1500)   # charts and images finish drawing
+    box = tab.locator('[data-testid="stMainBlockContainer"]').bounding_box()
+    height = min(tab.viewport_size["height"], box["y"] + box["height"] + 16)
+    tab.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": tab.viewport_size["width"], "height": height})
+
+
 def screenshot_pages(context, url: str, folder: Path) -> None:
     """The README's pictures: each page as a user first sees it (the viewer with region overlays on)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,9 +72,17 @@ def screenshot_pages(context, url: str, folder: Path) -> None:
         if page == "trajectories":
             tab.get_by_text("Region overlays").click()
             browser.wait_idle(tab)
-        tab.wait_for_timeout(1500)   # charts and images finish drawing
-        tab.screenshot(path=str(folder / f"dashboard-{page}.png"))
+        screenshot(tab, folder / f"dashboard-{page}.png")
         tab.close()
+
+
+def second_run(root: Path, config: str, overrides: list[str]) -> None:
+    """A second run on the copy (e.g. another hierarchy cut), so the runs page has two runs to compare."""
+    from flows.stages import pipeline_flow
+    from storage.config import load_config
+
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    pipeline_flow(config=load_config(config, overrides), root=str(root), run_id=None)
 
 
 def main() -> None:
@@ -73,13 +91,17 @@ def main() -> None:
     parser.add_argument("--config", default="configs/scenes.yaml", help="used only to build a missing root")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--screenshots", default=None, help="folder for the README's page screenshots")
+    parser.add_argument("--second-run", action="append", default=[], metavar="KEY=VALUE",
+                        help="before measuring, run the pipeline again on the copy with this override (repeatable)")
     args = parser.parse_args()
     source = Path(args.root)
     ensure_root(source, args.config)
     work = Path(tempfile.mkdtemp(prefix="tf-dashboard-bench-"))
     root = work / "root"
     shutil.copytree(source, root, ignore=shutil.ignore_patterns(".prefect", "dashboard-edits"))
-    viewport = {"width": 1400, "height": 1800}
+    if args.second_run:
+        second_run(root, args.config, args.second_run)
+    viewport = {"width": 1400, "height": 2400}
     modes = ("new_tab", "cold_browser", "sidebar")
     times: dict[str, dict[str, list[float]]] = {mode: {page: [] for page in PAGES} for mode in modes}
     edits: list[float] = []
@@ -105,8 +127,7 @@ def main() -> None:
                 edits.append(browser.run_edit(tab, cell))
             if args.screenshots:
                 Path(args.screenshots).mkdir(parents=True, exist_ok=True)
-                tab.wait_for_timeout(1000)
-                tab.screenshot(path=str(Path(args.screenshots) / "dashboard-edit.png"))
+                screenshot(tab, Path(args.screenshots) / "dashboard-edit.png")
                 screenshot_pages(context, server.url, Path(args.screenshots))
             context.close()
     finally:
@@ -119,7 +140,7 @@ def main() -> None:
                "server_first_page_s": (round(server_first, 3), "s"),
                "edit_round_trip_s": (round(statistics.median(edits[1:]), 3), "s"),
                "edit_first_round_trip_s": (round(edits[0], 3), "s")}
-    extra = {"root": str(source), "root_source": root_source(source),
+    extra = {"root": str(source), "root_source": root_source(source), "second_run": args.second_run,
              "browser": "Debian chromium, headless, Playwright",
              "page_median_s": {mode: {p: round(v, 3) for p, v in m.items()} for mode, m in medians.items()},
              "edit_runs_s": [round(v, 3) for v in edits], "load_average_1m": round(os.getloadavg()[0], 2)}

@@ -45,19 +45,25 @@ def trajectory_sources(root: str, stamp: tuple) -> dict[str, str]:   # stamp: ta
     return {name: str(path) for name, path in data.trajectory_sources(root).items()}
 
 
+def store_stamp(store: str) -> int:
+    """When the store was completed: a forced re-evaluation rewrites it in place, and then the caches must miss."""
+    marker = Path(store) / "_COMPLETE"
+    return marker.stat().st_mtime_ns if marker.exists() else 0
+
+
 @st.cache_data(show_spinner=False, max_entries=32)
-def trajectory_ids(store: str) -> list[str]:
+def trajectory_ids(store: str, stamp: int = 0) -> list[str]:
     return data.trajectory_ids(Path(store))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def trajectory(store: str, trajectory_id: str) -> data.Trajectory:
+def trajectory(store: str, trajectory_id: str, stamp: int = 0) -> data.Trajectory:
     return data.load_trajectory(Path(store), trajectory_id)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def pca(store: str, trajectory_id: str, size: int) -> np.ndarray:
-    return visuals.pca_rgb(trajectory(store, trajectory_id).canvas, size)
+def pca(store: str, trajectory_id: str, size: int, stamp: int = 0) -> np.ndarray:
+    return visuals.pca_rgb(trajectory(store, trajectory_id, stamp).canvas, size)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

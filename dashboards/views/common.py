@@ -35,4 +35,15 @@ def evaluated_runs(root: str) -> list[str]:
 
 
 def big(image: np.ndarray) -> np.ndarray:
-    return upscale(image, SHOW_PX) if image.shape[0] < SHOW_PX else image
+    """Enlarged by a whole factor (crisp token edges) to at least SHOW_PX; `show` draws it SHOW_PX wide."""
+    factor = -(-SHOW_PX // image.shape[0])
+    return upscale(image, image.shape[0] * factor) if factor > 1 else image
+
+
+def show(container, image: np.ndarray, caption: str) -> None:
+    """Every picture at the same width, whatever its caption's length."""
+    container.image(big(image), caption=caption, width=SHOW_PX)
+
+
+def number(value: float) -> str:
+    return f"{value:.2e}" if value != 0 and abs(value) < 0.01 else f"{value:.4g}"

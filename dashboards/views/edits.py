@@ -8,7 +8,7 @@ import numpy as np
 import streamlit as st
 
 from dashboards import cache, data
-from dashboards.views.common import big, evaluated_runs, usable_root
+from dashboards.views.common import evaluated_runs, number, show, usable_root
 from dashboards.visuals import colour_partition, overlay
 
 SOURCES = {"token_exchange": "another trajectory's tokens (token exchange)",
@@ -42,10 +42,13 @@ def render(root: str) -> None:
     run_id = st.selectbox("Run", runs, key="edit_run_id")
     folders = cache.run_folders(root, run_id, cache.tables_stamp(root))
     store = str(folders.evaluation / "trajectories.zarr")
-    ids = cache.trajectory_ids(store)
+    ids = cache.trajectory_ids(store, cache.store_stamp(store))
+    if len(ids) < 2:
+        st.warning("Editing needs at least two stored trajectories (a parent and a source).")
+        return
     pick = st.columns(3)
     parent_id = pick[0].selectbox("Trajectory", ids, key="edit_parent")
-    parent = cache.trajectory(store, parent_id)
+    parent = cache.trajectory(store, parent_id, cache.store_stamp(store))
     levels = len(parent.images)
     level = pick[1].selectbox("Level l*", list(range(levels)), index=min(1, levels - 1), key="edit_level")
     partition = data.partition_of_level(parent.regions, level)
@@ -58,13 +61,15 @@ def render(root: str) -> None:
     with grid_col:
         st.caption("Token grid (region id per token); click a token to edit its region.")
         _token_grid(partition, region)
-    view_col.image(big(overlay(parent.images[-1], np.where(partition == region, partition, 0))),
-                   caption=f"{parent_id}, region {region} of level {level}")
-    view_col.image(big(colour_partition(partition, parent.images.shape[1])), caption=f"level {level} partition")
+    highlighted = overlay(parent.images[-1], np.where(partition == region, partition, 0))
+    show(view_col, highlighted, f"{parent_id}, region {region} of level {level}")
+    show(view_col, colour_partition(partition, parent.images.shape[1]), f"level {level} partition")
 
     source_col, donor_col = st.columns(2)
     source = source_col.radio("Source", list(SOURCES), format_func=SOURCES.get, key="edit_source")
     donors = [t for t in ids if t != parent_id] if source == "token_exchange" else ids
+    if st.session_state.get("edit_donor") not in donors:
+        st.session_state["edit_donor"] = donors[0]
     donor = donor_col.selectbox("Source trajectory", donors, key="edit_donor")
     if st.button("Run edit", type="primary", key="edit_run"):
         from dashboards.edit_service import EditRequest, run_edit, save_edit
@@ -100,15 +105,16 @@ def _show_result(root: str, result) -> None:
     st.caption(f"{request.parent}, level {request.level}, region {request.region}, source {request.source} "
                f"from {request.donor}; {result.seconds:.2f} s. Saved to "
                f"`{Path(root) / 'dashboard-edits' / edit_id}`.")
-    numbers = st.columns(len(result.numbers))
-    for column, (name, value) in zip(numbers, result.numbers.items()):
-        column.metric(LABELS.get(name, name), f"{value:.4g}")
+    items = list(result.numbers.items())
+    for start in range(0, len(items), 4):   # four to a row, so the numbers are never cut off
+        for column, (name, value) in zip(st.columns(4), items[start:start + 4]):
+            column.metric(LABELS.get(name, name), number(value))
     st.caption("Locality: change outside the region / change inside (lower is better). Preservation: PSNR/SSIM of "
                "the decoded image outside the region, and whether the levels above l* stayed bit-identical.")
     before, after = st.columns(2)
-    before.image(big(result.original[-1]), caption="original (final image)")
-    after.image(big(result.edited[-1]), caption=f"edited (final image) {edit_id}")
+    show(before, result.original[-1], "original (final image)")
+    show(after, result.edited[-1], f"edited (final image) {edit_id}")
     rows = st.columns(len(result.edited))
     for level, column in enumerate(rows):
-        column.image(big(result.original[level]), caption=f"L{level} original")
-        column.image(big(result.edited[level]), caption=f"L{level} edited")
+        show(column, result.original[level], f"L{level} original")
+        show(column, result.edited[level], f"L{level} edited")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboards import cache
-from dashboards.views.common import big, run_ids, usable_root
+from dashboards.views.common import run_ids, show, usable_root
 from dashboards.visuals import colour_partition
 
 PER_PAGE = 4
@@ -34,10 +34,10 @@ def render(root: str) -> None:
         panels = 1 + len(teacher) + (len(truth) if truth is not None else 0)
         columns = st.columns(panels)
         size = max(row["image"].shape[0], 1)
-        columns[0].image(big(row["image"]), caption=f"#{row['index']} {row['id']}")
+        show(columns[0], row["image"], f"#{row['index']} {row['id']}")
         for level, ids in enumerate(teacher):
-            columns[1 + level].image(big(colour_partition(ids, size)), caption=f"teacher L{level}")
+            show(columns[1 + level], colour_partition(ids, size), f"teacher L{level}")
         if truth is not None:
             for level, ids in enumerate(truth):
-                columns[1 + len(teacher) + level].image(
-                    big(colour_partition(ids, size)), caption=f"truth L{level}, ARI {row['ari'][level]:.2f}")
+                show(columns[1 + len(teacher) + level], colour_partition(ids, size),
+                     f"truth L{level}, ARI {row['ari'][level]:.2f}")

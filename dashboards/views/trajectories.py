@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboards import cache, data
-from dashboards.views.common import big, usable_root
+from dashboards.views.common import show, usable_root
 from dashboards.visuals import overlay
 
 
@@ -19,7 +19,7 @@ def render(root: str) -> None:
     names = list(sources)
     source = st.selectbox("Trajectory store", names, key="traj_source")
     store = sources[source]
-    ids = cache.trajectory_ids(store)
+    ids = cache.trajectory_ids(store, cache.store_stamp(store))
     if not ids:
         st.warning("This store holds no trajectories.")
         return
@@ -27,17 +27,17 @@ def render(root: str) -> None:
     shown = st.columns(2)
     show_regions = shown[0].toggle("Region overlays (the level's partition in colours)", key="traj_overlay")
     show_pca = shown[1].toggle("PCA of the latent canvas", value=True, key="traj_pca")
-    trajectory = cache.trajectory(store, trajectory_id)
+    trajectory = cache.trajectory(store, trajectory_id, cache.store_stamp(store))
     parent = f", parent `{trajectory.parent}`" if trajectory.parent else ""
     st.caption(f"`{trajectory_id}`: seed {trajectory.seed}, label {trajectory.label}{parent}. "
                "Columns are levels 0..L-1, coarse to fine; the last level is the full latent.")
     levels = len(trajectory.images)
     columns = st.columns(levels)
-    pca = cache.pca(store, trajectory_id, trajectory.images.shape[1]) if show_pca else None
+    pca = cache.pca(store, trajectory_id, trajectory.images.shape[1], cache.store_stamp(store)) if show_pca else None
     for level, column in enumerate(columns):
         image = trajectory.images[level]
         if show_regions:
             image = overlay(image, data.partition_of_level(trajectory.regions, level))
-        column.image(big(image), caption=f"level {level} decoded")
+        show(column, image, f"level {level} decoded")
         if pca is not None:
-            column.image(big(pca[level]), caption=f"level {level} canvas PCA")
+            show(column, pca[level], f"level {level} canvas PCA")

@@ -86,3 +86,19 @@ def test_edit_playground_click_run_and_save(monkeypatch, tiny_root):
     assert f"edited (final image) {newest.edit_id}" in captions and "original (final image)" in captions
     assert newest.parent == parent_id and newest.region == int(partition[3, 0]) and newest.level == level
     assert np.isfinite(newest.preservation_psnr_outside)
+
+
+def test_a_root_whose_runs_wrote_nothing_to_show(monkeypatch, tmp_path):
+    """Runs exist (e.g. only ingest ran) but no teacher, checkpoints or evaluation: messages, not stack traces."""
+    from storage.tables import write_run_report
+
+    write_run_report(tmp_path, "only-ingest", [{
+        "run_id": "only-ingest", "timestamp": "2026-01-01T00:00:00+00:00", "flow": "ingest", "stage": "ingest",
+        "key": "abc", "status": "computed", "duration_s": 1.0, "path": "data/images-abc", "encoder_weights": ""}])
+    for page in PAGES:
+        app = open_page(monkeypatch, tmp_path, page)
+        assert not app.exception, (page, app.exception)
+        if page == "runs":
+            assert list(app.dataframe[0].value.run_id) == ["only-ingest"]
+        else:
+            assert app.warning, page
