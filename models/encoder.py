@@ -2,11 +2,20 @@
 
 Latents are the patch tokens of the last block after the final norm, with the
 class and register tokens dropped, laid out as a [g, g, C] grid per image.
-Weights come from a local file through timm's own pretrained path, so timm's
-DINOv2 checkpoint filter converts the original Facebook key layout and
-resamples the position embeddings to the requested image size. Nothing is ever
-downloaded: without a file the model is randomly initialised (only when
-allowed) and labelled "random-init".
+Weights come from a local file through timm's own pretrained path
+(`pretrained_cfg_overlay=dict(file=...)`), so timm's DINOv2 checkpoint filter
+converts the original Meta key layout (drops mask_token, folds the class
+position of pos_embed into cls_token for the register models, renames
+register_tokens) and resamples the position embeddings to the requested image
+size. `encoder.weights` may name:
+  - a file: timm/HF `*.safetensors` or `pytorch_model.bin`, or Meta's
+    `dinov2_vit*14[_reg4]_pretrain.pth` (read by timm with weights_only=True);
+  - a directory: a snapshot folder holding model.safetensors, a
+    `models--timm--<name>.lvd142m` repo folder, or an HF hub cache root;
+  - `hf-cache`: the HF hub cache of this machine (HF_HUB_CACHE, else
+    HF_HOME/hub, else ~/.cache/huggingface/hub).
+Nothing is ever downloaded: without weights the model is randomly initialised
+(only when allowed) and labelled "random-init".
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -43,23 +53,32 @@ class MissingWeightsError(FileNotFoundError):
 
 
 def _missing_weights_message(timm_name: str, weights: str | None) -> str:
-    what = "no encoder weights configured" if not weights else f"encoder weights file not found: {weights}"
+    if not weights:
+        what = "no encoder weights configured"
+    elif weights == HF_CACHE or os.path.isdir(weights):
+        root = hf_cache_root() if weights == HF_CACHE else weights
+        what = (f"encoder weights not found in the HF cache {root} (encoder.weights={weights!r}): expected "
+                f"{root}/models--timm--{timm_name}.lvd142m/snapshots/<hash>/model.safetensors")
+    else:
+        what = f"encoder weights file not found: {weights}"
     return (
         f"{what} (model {timm_name}). Supply weights by setting the config key "
         f"encoder.weights to a local file: either a timm/HF safetensors file "
         f"(timm key layout, e.g. model.safetensors of timm/{timm_name}.lvd142m) or the "
-        f"original Facebook checkpoint dinov2_vit*14*_pretrain.pth. Nothing is downloaded. "
+        f"original Facebook checkpoint dinov2_vit*14*_pretrain.pth, or to a populated HF cache "
+        f"folder ('{HF_CACHE}' for HF_HUB_CACHE / HF_HOME). Nothing is downloaded. "
         f"For wiring-only runs set encoder.allow_random_init: true instead "
         f"(results are then labelled encoder_weights='{RANDOM_INIT_LABEL}')."
     )
 
 
 def resolve_encoder_name(model: str) -> str:
-    """Map a short name from ENCODERS (or a timm name) to the timm architecture name."""
+    """Map a short name from ENCODERS (or a timm name, with or without its `.lvd142m` tag) to
+    the timm architecture name."""
     if model in ENCODERS:
         return ENCODERS[model]
-    if model in ENCODERS.values():
-        return model
+    if model.split(".", 1)[0] in ENCODERS.values():
+        return model.split(".", 1)[0]
     known = ", ".join(sorted(ENCODERS) + sorted(ENCODERS.values()))
     raise ValueError(f"unknown encoder {model!r}; expected one of: {known}")
 
@@ -73,6 +92,71 @@ def weights_file_label(path: str) -> str:
     return f"file:{os.path.basename(path)}:{digest.hexdigest()[:12]}"
 
 
+HF_CACHE = "hf-cache"   # encoder.weights value: the HF hub cache of this machine
+_SNAPSHOT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def hf_cache_root() -> Path:
+    """The HF hub cache as huggingface_hub finds it: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _snapshot_file(snapshot: Path) -> Path | None:
+    return next((snapshot / name for name in _SNAPSHOT_FILES if (snapshot / name).is_file()), None)
+
+
+def _repo_snapshot(repo: Path) -> Path | None:
+    """refs/main's snapshot (what the hub client would load), else the only snapshot there is."""
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
+        return repo / "snapshots" / ref.read_text().strip()
+    snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
+    return snapshots[0] if len(snapshots) == 1 else None
+
+
+def _cache_repos(root: Path, timm_name: str) -> list[Path]:
+    # timm publishes DINOv2 as timm/<name>.lvd142m; an untagged repo name is accepted too.
+    return sorted(p for p in root.glob(f"models--timm--{timm_name}*")
+                  if p.name == f"models--timm--{timm_name}" or p.name.startswith(f"models--timm--{timm_name}."))
+
+
+def resolve_weights(timm_name: str, weights: str | None) -> str | None:
+    """The local weights file `weights` stands for (see the module docstring), or None."""
+    if not weights:
+        return None
+    location = hf_cache_root() if weights == HF_CACHE else Path(weights).expanduser()
+    if location.is_file():
+        return os.fspath(location)
+    if not location.is_dir():
+        return None
+    if _snapshot_file(location):                       # a snapshot folder
+        return os.fspath(_snapshot_file(location))
+    if location.name.startswith("models--"):           # one repo folder
+        repos = [location]
+    else:                                              # a cache root (or HF_HOME holding hub/)
+        root = location / "hub" if not _cache_repos(location, timm_name) and (location / "hub").is_dir() else location
+        repos = _cache_repos(root, timm_name)
+    for repo in repos:
+        snapshot = _repo_snapshot(repo)
+        if snapshot is not None and _snapshot_file(snapshot):
+            return os.fspath(_snapshot_file(snapshot))
+    return None
+
+
+def weights_label(model: str, weights: str | None, allow_random_init: bool) -> str:
+    """The label build_encoder will give, without building it (for planning Dask encode jobs)."""
+    timm_name = resolve_encoder_name(model)
+    path = resolve_weights(timm_name, weights)
+    if path:
+        return weights_file_label(path)
+    if allow_random_init:
+        return RANDOM_INIT_LABEL
+    raise MissingWeightsError(_missing_weights_message(timm_name, weights))
+
+
 def build_encoder(
     model: str,
     img_size: int,
@@ -82,26 +166,28 @@ def build_encoder(
 ) -> tuple[nn.Module, str]:
     """Build a DINOv2 encoder in eval mode and return (model, weights_label).
 
-    With an existing `weights` file the weights are loaded through timm (safetensors
-    in timm layout, or the original dinov2_*_pretrain.pth layout, read with
+    When `weights` resolves to a local file (resolve_weights) it is loaded through timm
+    (safetensors in timm layout, or the original dinov2_*_pretrain.pth layout, read with
     weights_only=True). Otherwise the model is randomly initialised under `seed`
     if `allow_random_init`, else MissingWeightsError is raised.
     """
     timm_name = resolve_encoder_name(model)
-    if weights and os.path.isfile(weights):
+    path = resolve_weights(timm_name, weights)
+    if path:
         # Clearing url/hf_hub_id guarantees timm has no remote source to fall back on.
-        overlay = dict(file=os.fspath(weights), url=None, hf_hub_id=None)
+        overlay = dict(file=path, url=None, hf_hub_id=None)
         encoder = timm.create_model(
             timm_name,
             pretrained=True,
             img_size=img_size,
             num_classes=0,
             pretrained_cfg_overlay=overlay,
+            weight_init="skip",   # every tensor comes from the file (strict load): random init is wasted time
         )
-        label = weights_file_label(weights)
+        label = weights_file_label(path)
     elif allow_random_init:
         if weights:
-            logger.warning("encoder weights file %s not found; using random init (allowed by config)", weights)
+            logger.warning("encoder weights %s not found; using random init (allowed by config)", weights)
         # fork_rng keeps the caller's global torch RNG stream untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
