@@ -8,6 +8,9 @@ chunk that looks finished but is not. The store is complete when `_COMPLETE` exi
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +40,17 @@ class ArraySpec:
 def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attrs: dict) -> None:
     """Write the template. Re-creating an existing matching store is a no-op (resume)."""
     path = Path(path)
-    if (zarr_path(path) / "zarr.json").exists():
+    final = zarr_path(path)
+    if (final / "zarr.json").exists():
         check_compatible(path, attrs, exact=True)
         return
-    group = zarr.open_group(str(zarr_path(path)), mode="w", zarr_format=3)
+    # Built beside its place and renamed in: a kill mid-template leaves no half-described store
+    # (a group without its attrs would be refused on resume), only a temp folder cleared here.
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob(f".{ZARR}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path / f".{ZARR}.tmp-{uuid.uuid4().hex[:8]}"
+    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     for name, spec in arrays.items():
         if spec.chunk_rows:
             chunks = (max(1, min(spec.chunk_rows, spec.shape[0])),) + spec.shape[1:]
@@ -50,6 +60,9 @@ def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attr
                            dimension_names=list(spec.dims), fill_value=spec.fill_value)
     group.attrs.update({"schema_version": SCHEMA_VERSION, "chunk_size": chunk_size,
                         "stage_attrs": _jsonable(attrs), **_jsonable(attrs)})
+    if final.exists():   # a template without zarr.json, left by a kill before templates were atomic
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 class IncompatibleStore(ValueError):
