@@ -18,11 +18,29 @@ class _Part(BaseModel):
 
 
 class SourceConfig(_Part):
-    kind: Literal["scenes", "imagefolder"] = "scenes"
-    path: str | None = Field(None, description="ImageNet-style class-folder root (imagefolder only)")
-    num_images: int = Field(512, ge=0, description="scenes: how many images; imagefolder: cap (0 = all)")
+    kind: Literal["scenes", "imagefolder", "imagenet_val", "imagenet_tar"] = "scenes"
+    path: str | None = Field(None, description="imagefolder: class-folder root; imagenet_val: flat val folder; "
+                                               "imagenet_tar: ILSVRC2012_img_train.tar")
+    num_images: int = Field(512, ge=0, description="scenes: how many images; other kinds: cap (0 = all)")
     image_size: int = Field(112, ge=28, description="pixels per side after resize + centre crop")
     seed: int = 0
+    # ImageNet kinds (storage/imagenet.py).
+    resize_short: int | None = Field(None, ge=28, description="short side before the centre crop; None: "
+                                     "round(image_size*256/224) for imagenet_*, image_size for imagefolder")
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    labels_file: str | None = Field(None, description="imagenet_val: '<file> <synset>' lines, or the devkit "
+                                                      "ILSVRC2012_validation_ground_truth.txt")
+    synsets_file: str | None = Field(None, description="imagenet_val: synset order of devkit class ids (meta.mat "
+                                                       "or one synset a line)")
+    index_path: str | None = Field(None, description="imagenet_tar: Parquet index (default <tar>.index.parquet)")
+
+    @model_validator(mode="after")
+    def _imagenet_fields(self) -> "SourceConfig":
+        if self.kind == "imagenet_val" and not self.labels_file:
+            raise ValueError("source.labels_file is required when source.kind is 'imagenet_val'")
+        if self.resize_short is not None and self.resize_short < self.image_size:
+            raise ValueError(f"source.resize_short {self.resize_short} is below source.image_size {self.image_size}")
+        return self
 
 
 class IngestConfig(_Part):
@@ -145,8 +163,8 @@ class TFConfig(_Part):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TFConfig":
-        if self.source.kind == "imagefolder" and not self.source.path:
-            raise ValueError("source.path is required when source.kind is 'imagefolder'")
+        if self.source.kind != "scenes" and not self.source.path:
+            raise ValueError(f"source.path is required when source.kind is {self.source.kind!r}")
         if self.source.kind == "scenes" and self.source.num_images < 2:
             raise ValueError("source.num_images must be at least 2 for scenes")
         patch = encoder_patch(self.encoder.model)
@@ -174,7 +192,9 @@ def preflight(cfg: TFConfig, command: str, levels: list[int] | None = None) -> N
         if not enc.weights:
             raise ValueError("encoder.weights is not set and encoder.allow_random_init is false: give a local "
                              "weights file (encoder.weights=/path/dinov2.safetensors) or allow a random init")
-        if not os.path.isfile(enc.weights):
+        # A folder (HF cache root, repo or snapshot) or "hf-cache" is resolved by models.encoder, which
+        # names what it looked for when nothing is there.
+        if not (os.path.isfile(enc.weights) or os.path.isdir(enc.weights) or enc.weights == "hf-cache"):
             raise ValueError(f"encoder.weights {enc.weights} does not exist and encoder.allow_random_init is false")
     if command in ("pipeline", "train") and cfg.decoder.checkpoint:
         weights = cfg.decoder.checkpoint.removesuffix(".safetensors") + ".safetensors"

@@ -40,6 +40,10 @@ def list_source(cfg: SourceConfig) -> SourceListing:
         ids = [f"scene-s{cfg.seed}-{i:07d}" for i in range(cfg.num_images)]
         # Labels are decided by the renderer; -1 until the chunk is rendered.
         return SourceListing(ids, np.full(cfg.num_images, -1, np.int64), list(SCENE_CLASSES), True)
+    if cfg.kind in ("imagenet_val", "imagenet_tar"):   # flat val folder + labels, nested train tar
+        from storage.imagenet import list_imagenet
+
+        return list_imagenet(cfg)
     return _list_imagefolder(Path(cfg.path), cfg.num_images)
 
 
@@ -107,6 +111,10 @@ def read_chunk(cfg: SourceConfig, ids: list[str], labels: np.ndarray, start: int
         batch = render_scenes(range(start, stop), seed=cfg.seed, size=cfg.image_size)
         return {"image": batch["image"], "label": batch["label"].astype(np.int64),
                 "masks": batch["masks"], "valid": np.ones(count, bool), "rejects": []}
+    from storage import imagenet   # ImageNet kinds, and imagefolder with source.resize_short/interpolation set
+
+    if imagenet.handles(cfg):
+        return imagenet.read_imagenet_chunk(cfg, ids, labels, start)
     images = np.zeros((count, cfg.image_size, cfg.image_size, 3), np.uint8)
     valid = np.zeros(count, bool)
     rejects = []
