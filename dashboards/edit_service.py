@@ -8,6 +8,7 @@ dashboard writes.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -50,6 +51,9 @@ def load_models(folders: RunFolders, device: str | None = None) -> Models:
     if folders.decoder is None or not folders.generators:
         raise FileNotFoundError(f"run {folders.run_id} has no trained decoder/generators in its report")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = os.environ.get("TF_DASHBOARD_TORCH_THREADS")   # set by `tf dashboard` (dashboards/server.py)
+    if device == "cpu" and threads:
+        torch.set_num_threads(int(threads))
     generators = []
     for folder in folders.generators:
         tensors, meta = load_checkpoint(folder / "generator", device)

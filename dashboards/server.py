@@ -26,6 +26,10 @@ def dashboard_env(root: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["TF_DASHBOARD_ROOT"] = str(Path(root).resolve())
     env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
+    # Edits are batches of two trajectories; next to the browser and other work on the same cores, more
+    # intra-op threads only spin against each other (measured on 2 busy cores: about 0.3 s per edit with
+    # 1 thread, 1.5-6 s with 2). Set TF_DASHBOARD_TORCH_THREADS to change it.
+    env.setdefault("TF_DASHBOARD_TORCH_THREADS", "1")
     return env
 
 

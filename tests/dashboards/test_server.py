@@ -14,6 +14,7 @@ def test_tf_dashboard_execs_streamlit_on_loopback_with_the_root(monkeypatch, tmp
     assert argv[argv.index("--server.address") + 1] == "127.0.0.1"
     assert argv[argv.index("--server.port") + 1] == "8600"
     assert env["TF_DASHBOARD_ROOT"] == str(tmp_path.resolve())
+    assert env["TF_DASHBOARD_TORCH_THREADS"] == "1"   # edits stay quick on a busy CPU
 
 
 def test_host_can_be_chosen(monkeypatch, tmp_path):
