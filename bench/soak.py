@@ -37,6 +37,9 @@ SETUP = ("ingest", "encode", "hierarchy", "decoder", "train", "train-1", "train-
 OVERRIDES = ["source.num_images=96", "ingest.chunk_size=8", "generator.steps=40", "generator.checkpoint_every=4",
              "ingest.workers=1"]
 RUN_ID = "soak"
+KILL = ("SIGKILL to the stage process's group (Dask workers included) at uniform(0, reference time) after it "
+        "starts (even trials), or, for stages with chunk markers, at uniform(0, reference chunk-writing time) after "
+        "the first chunk marker appears (odd trials); then the stage is run again to completion")
 COUNTS = ("trials", "kills", "lost", "duplicated", "mismatched", "store_invalid", "resume_failures")
 
 
@@ -300,10 +303,19 @@ def trial(stage: str, index: int, rng: random.Random, ref_root: Path, work: Path
     root.mkdir(parents=True)
     copy_upstream(stage, ref_root, root, cfg)
     pid = launch(stage, root, cfg, root / "killed.log")
-    # Even trials: anywhere in the run; odd trials: inside the reference's chunk-writing window,
-    # since start-up (Dask cluster, model build) would otherwise take most of the kills.
-    delay = rng.uniform(*writes) if writes and index % 2 else rng.uniform(0.0, work_s)
+    # Even trials: anywhere in the run. Odd trials: once the first chunk marker exists, within the
+    # reference's chunk-writing time, since start-up (Dask cluster, model build) would otherwise
+    # take most of the kills, and on a loaded machine start-up time varies too much to aim by clock.
+    started = time.monotonic()
+    if writes and index % 2:
+        markers = stage_dirs(root, cfg)[stage][0] / "_chunks"
+        while not any(markers.glob("*.json")) and wait_exit(pid, 0.005) is None:
+            pass
+        delay = rng.uniform(0.0, writes[1] - writes[0])
+    else:
+        delay = rng.uniform(0.0, work_s)
     killed = wait_exit(pid, delay) is None
+    delay = time.monotonic() - started   # when the kill came, counted from the stage's start
     if killed:
         os.killpg(pid, signal.SIGKILL)
         wait_exit(pid)
@@ -322,10 +334,10 @@ def trial(stage: str, index: int, rng: random.Random, ref_root: Path, work: Path
     return record
 
 
-def reference(ref_root: Path, cfg, log=print) -> dict[str, float]:
+def reference(ref_root: Path, cfg, setup: list[str], log=print) -> dict[str, float]:
     """One uninterrupted run of every stage; returns each stage's seconds."""
     times = {}
-    for stage in SETUP:
+    for stage in setup:
         launched = time.time()
         result, seconds = run_to_end(stage, ref_root, cfg, ref_root / "logs" / f"{stage}.log")
         if result is None:
@@ -375,7 +387,8 @@ def soak(trials: int, stages: list[str], config: str, overrides: list[str], work
     shutil.rmtree(work, ignore_errors=True)
     ref_root.mkdir(parents=True)
     started = time.monotonic()
-    times = reference(ref_root, cfg, log)
+    needs = {"ingest": 1, "encode": 2, "hierarchy": 3, "train": 5, "evaluate": len(SETUP)}   # SETUP prefixes
+    times = reference(ref_root, cfg, list(SETUP[:max(needs[s] for s in stages)]), log)
     records = []
     for stage in stages:
         for index in range(trials):
@@ -401,8 +414,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "reliability.json")
     parser.add_argument("--merge", action="store_true",
                         help="replace only these stages' trials in an existing --out file")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="no soak: merge these result files (disjoint stages, e.g. two soaks run side by side)")
     args = parser.parse_args(argv)
     from bench.results_io import commit, machine
+
+    if args.combine:
+        parts = [json.loads(path.read_text()) for path in args.combine]
+        records = [r for part in parts for r in part["trials"]]
+        result = {**parts[0], **summarise(records), "trials": records, "kill": KILL, "commit": commit(),
+                  "command": " | ".join(part["command"] for part in parts),
+                  "wall_s": max(part["wall_s"] for part in parts),
+                  "reference_s": {k: v for part in parts for k, v in part["reference_s"].items()}}
+        result["figures"] = {k: {"value": result["total"][k], "unit": "count"} for k in COUNTS}
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(json.dumps({"total": result["total"], "per_stage": result["per_stage"]}, indent=2))
+        return 0
 
     overrides = OVERRIDES if args.overrides is None else args.overrides
     stages = args.stages.split(",")
@@ -417,9 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"bench": "reliability", "machine": machine(), "commit": commit(),
               "command": " ".join([Path(sys.executable).name] + sys.argv), "config": args.config,
               "overrides": overrides, "seed": args.seed,
-              "kill": "SIGKILL to the stage process's group (Dask workers included) at uniform(0, reference time) "
-                      "after it starts (even trials) or uniform over the reference's chunk-writing window (odd "
-                      "trials, stages with chunk markers); then the stage is run again to completion",
+              "kill": KILL,
               "figures": {k: {"value": body["total"][k], "unit": "count"} for k in COUNTS}, **body}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
