@@ -148,12 +148,11 @@ def _list_val(cfg: SourceConfig) -> SourceListing:
     if not files:
         raise FileNotFoundError(f"no images in {root} (suffixes {sorted(IMAGE_SUFFIXES)})")
     labels = [label_of[mapping[PurePosixPath(name).stem]] for name in files]
-    present = set(labels)
-    empty = tuple(name for i, name in enumerate(classes) if i not in present)
     ids = [VAL_PREFIX + name for name in files]
     if cfg.num_images:
         ids, labels = ids[:cfg.num_images], labels[:cfg.num_images]
-    return SourceListing(ids, np.asarray(labels, np.int64), classes, False, empty)
+    # No empty_classes: a class without val images here (a partial val set) is no bad input.
+    return SourceListing(ids, np.asarray(labels, np.int64), classes, False)
 
 
 # --- the nested train tar -------------------------------------------------------------------
