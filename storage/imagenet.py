@@ -197,13 +197,12 @@ def read_imagenet_chunk(cfg: SourceConfig, ids: list[str], labels: np.ndarray, s
 
     if cfg.kind == "imagenet_tar":
         chunk = _tar_rows(cfg, ids, start)
-        offsets = (chunk["class_offset"] + chunk["member_offset"]).to_numpy()
+        class_offset, member_offset, size = (chunk[c].to_numpy() for c in ("class_offset", "member_offset", "size"))
         with open(cfg.path, "rb") as archive:
-            for slot in np.argsort(offsets, kind="stable"):   # one forward pass over the archive
-                row = chunk.iloc[slot]
+            for slot in np.argsort(class_offset + member_offset, kind="stable"):   # one forward pass
                 try:
-                    data = tarindex.read_member(archive, int(row["class_offset"]), int(row["member_offset"]),
-                                                int(row["size"]))
+                    data = tarindex.read_member(archive, int(class_offset[slot]), int(member_offset[slot]),
+                                                int(size[slot]))
                     images[slot] = decode(io.BytesIO(data), cfg)
                     valid[slot] = True
                 except Exception as error:
