@@ -10,7 +10,6 @@ always happen here.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -18,8 +17,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.channel_stats import mean_std
-from models.encoder import (RANDOM_INIT_LABEL, build_encoder, grid_size, resolve_encoder_name, token_dim,
-                            weights_file_label)
+from models.encoder import build_encoder, grid_size, resolve_encoder_name, token_dim
+from models.encoder import weights_label as planned_weights_label
 from storage import zarr_store
 from storage.config import TFConfig
 from storage.files import remove_tree
@@ -55,13 +54,8 @@ def plan_encoder(cfg: TFConfig) -> tuple[str, int, int]:
     import torch
 
     enc = cfg.encoder
-    if enc.weights and os.path.isfile(enc.weights):
-        label = weights_file_label(enc.weights)
-    elif enc.allow_random_init:
-        label = RANDOM_INIT_LABEL
-    else:   # raises MissingWeightsError saying how to supply weights
-        build_encoder(enc.model, cfg.source.image_size, enc.weights, enc.allow_random_init)
-        raise AssertionError("unreachable")
+    # a file, an HF cache folder or "hf-cache"; raises MissingWeightsError saying how to supply weights
+    label = planned_weights_label(enc.model, enc.weights, enc.allow_random_init)
     with torch.device("meta"):
         skeleton = timm.create_model(resolve_encoder_name(enc.model), pretrained=False,
                                      img_size=cfg.source.image_size, num_classes=0)

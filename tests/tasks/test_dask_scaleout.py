@@ -79,7 +79,6 @@ def test_encode_chunks_run_on_the_gpu_worker_and_match_the_in_process_encode(tmp
     from tasks.encode import encode_latents
     from tasks.ingest import ingest_images
 
-    started = time.monotonic()
     remote_root, local_root = tmp_path / "dask", tmp_path / "local"
     with dask_cluster(tmp_path / "logs") as (address, gpu_worker, cpu_worker):
         cfg = load_config(CONFIG, [f"ingest.dask_address={address}"])
@@ -115,7 +114,6 @@ def test_encode_chunks_run_on_the_gpu_worker_and_match_the_in_process_encode(tmp
     flat = tokens[remote_ds["valid"].values].reshape(-1, 384).astype(np.float64)
     np.testing.assert_allclose(remote_ds["mean"].values, flat.mean(0), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(remote_ds["std"].values, np.sqrt(flat.var(0) + 1e-6), rtol=1e-3, atol=1e-3)
-    assert time.monotonic() - started < 90
 
 
 def test_gpu_chunks_without_a_gpu_worker_fail_with_how_to_instead_of_hanging():
