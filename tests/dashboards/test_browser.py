@@ -11,6 +11,17 @@ if not Path(browser.CHROMIUM).exists():
     pytest.skip(f"{browser.CHROMIUM} missing (.ci/run installs Debian's chromium)", allow_module_level=True)
 
 
+def listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a listening TCP socket on `port` (from /proc/net/tcp)."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            out.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return out
+
+
 def test_every_page_and_an_edit_in_chromium(tiny_root, tmp_path):
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -18,12 +29,11 @@ def test_every_page_and_an_edit_in_chromium(tiny_root, tmp_path):
     before = len(data.load_edits(tiny_root))
     with browser.dashboard_server(tiny_root, log) as server, browser.browser() as chromium:
         url = server.url
-        assert url.startswith("http://127.0.0.1:")   # loopback by default
+        assert listening_addresses(int(url.rsplit(":", 1)[1])) == {"127.0.0.1"}   # loopback by default
         context = chromium.new_context(viewport={"width": 1400, "height": 2000})
         for page in ("runs", "trajectories", "hierarchy"):
             tab, seconds = browser.open_page(context, url, page)
-            heading = {"runs": "Runs", "trajectories": "Trajectory viewer", "hierarchy": "Hierarchy browser"}[page]
-            assert tab.get_by_role("heading", name=heading).first.is_visible()
+            assert tab.get_by_role("heading", name=browser.TITLES[page]).first.is_visible()
             assert "Traceback" not in tab.content()
             tab.screenshot(path=str(shots / f"{page}.png"))
             tab.close()
