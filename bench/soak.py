@@ -71,10 +71,14 @@ def launch(stage: str, root: Path, cfg, log: Path) -> int:
     sys.stderr.flush()
     pid = os.fork()
     if pid:
+        try:
+            os.setpgid(pid, pid)
+        except (PermissionError, ProcessLookupError):   # the child did it first, or already exited
+            pass
         return pid
     code = 1
     try:
-        os.setsid()
+        os.setpgid(0, 0)   # its own process group (the parent sets it too: no race with an early kill)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -306,15 +310,15 @@ def trial(stage: str, index: int, rng: random.Random, ref_root: Path, work: Path
     # Even trials: anywhere in the run. Odd trials: once the first chunk marker exists, within the
     # reference's chunk-writing time, since start-up (Dask cluster, model build) would otherwise
     # take most of the kills, and on a loaded machine start-up time varies too much to aim by clock.
-    started = time.monotonic()
+    started, code = time.monotonic(), None
     if writes and index % 2:
         markers = stage_dirs(root, cfg)[stage][0] / "_chunks"
-        while not any(markers.glob("*.json")) and wait_exit(pid, 0.005) is None:
-            pass
+        while code is None and not any(markers.glob("*.json")):
+            code = wait_exit(pid, 0.005)
         delay = rng.uniform(0.0, writes[1] - writes[0])
     else:
         delay = rng.uniform(0.0, work_s)
-    killed = wait_exit(pid, delay) is None
+    killed = (code if code is not None else wait_exit(pid, delay)) is None
     delay = time.monotonic() - started   # when the kill came, counted from the stage's start
     if killed:
         os.killpg(pid, signal.SIGKILL)
@@ -367,7 +371,7 @@ def summarise(records: list[dict]) -> dict:
             per_stage[stage]["killed_after_a_snapshot"] = sum(
                 r["killed"] and r["at_kill"]["snapshot_step"] > 0 for r in rows)
             per_stage[stage]["resumed_from_checkpoint"] = sum((r.get("resumed_from_step") or 0) > 0 for r in rows)
-        else:
+        elif stage != "evaluate":   # evaluate has no chunk markers to count
             per_stage[stage]["killed_with_partial_output"] = sum(
                 r["killed"] and 0 < r["at_kill"].get("chunks_done", 0) and not r["at_kill"].get("complete")
                 for r in rows)
@@ -397,6 +401,7 @@ def soak(trials: int, stages: list[str], config: str, overrides: list[str], work
             flags = {k: record.get(k) for k in ("killed", "lost", "duplicated", "mismatched", "store_invalid",
                                                 "resume_failed", "resumed_from_step")}
             log(f"{stage} trial {index}: kill at {record['kill_after_s']:.2f}s {record['at_kill']} {flags}")
+            (work / "trials.jsonl").open("a").write(json.dumps(record, default=str) + "\n")   # survives a crash
     return {**summarise(records), "reference_s": {k: v if isinstance(v, tuple) else round(v, 2)
                                                   for k, v in times.items()},
             "wall_s": round(time.monotonic() - started, 1), "trials": records}

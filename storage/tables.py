@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from storage.files import atomic_write_bytes
+from storage.keys import stable_hash
 
 METRICS_SCHEMA_VERSION = 1
 METRIC_COLUMNS = [
@@ -72,7 +73,11 @@ def write_metrics(root: Path, run_id: str, rows: list[dict], context: dict) -> P
     for column in METRIC_COLUMNS:
         if column not in frame:
             frame[column] = ""
-    path = Path(root) / "tables" / "metrics" / f"run_id={run_id}" / f"part-{uuid.uuid4().hex[:8]}.parquet"
+    # Named by what was measured, not at random: a run killed after this write and retried under
+    # the same run id replaces its part instead of adding a duplicate of every row.
+    measured = sorted(f"{r['group']}/{r['metric']}/{r['level']}/{r['variant']}" for r in rows)
+    name = stable_hash({"context": {k: v for k, v in context.items() if k.endswith("_key")}, "rows": measured}, 8)
+    path = Path(root) / "tables" / "metrics" / f"run_id={run_id}" / f"part-{name}.parquet"
     atomic_write_parquet(frame[METRIC_COLUMNS], path)
     return path
 
