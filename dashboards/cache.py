@@ -1,7 +1,7 @@
 """Streamlit caches around the data and edit services: heavy objects survive reruns and sessions.
 
 Tables are cached against a stamp of the files behind them, so a new run or a saved edit shows up
-on the next rerun without restarting the server; models are cached per run folder set.
+on the next rerun without restarting the server; models are cached by their checkpoint files.
 """
 from __future__ import annotations
 
