@@ -38,7 +38,7 @@ from tasks.evaluate_reference import image_reference, level_reference
 from tasks.evaluate_report import publish_artifacts
 from tasks.level_data import canvases, load_latents, load_regions
 from tasks.progress import Progress
-from tasks.stage import pick_device, stage_result
+from tasks.stage import pick_device, stage_lock, stage_result
 from tasks.structure_pool import process_structure
 from tasks.train import decoder_config, generator_config, num_classes
 
@@ -128,6 +128,11 @@ def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, in
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> dict:
+    with stage_lock(cfg, Layout(root, cfg).evaluation()):   # a second run on this store waits or fails here
+        return _evaluate(cfg, root, run_id, force)
+
+
+def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
     out = layout.evaluation()
