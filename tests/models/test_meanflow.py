@@ -1,5 +1,4 @@
 """The mean-flow objective against finite differences, a direct float64 re-computation and numpy."""
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -235,7 +234,6 @@ def test_bfloat16_autocast_gives_a_close_loss_and_finite_gradients():
 
 
 def test_tiny_model_overfits_one_batch():
-    start = time.perf_counter()
     torch.manual_seed(0)
     model = TrajectoryDiT(dit_config("tiny", **TINY))
     x, cond, label, level = make_batch(batch=4, dtype=torch.float32)   # cond identifies x: a learnable map
@@ -260,7 +258,6 @@ def test_tiny_model_overfits_one_batch():
         optimizer.step()
     after = raw_loss()
     assert after < before / 5, (before, after)
-    assert time.perf_counter() - start < 15
 
 
 def test_compiled_jvp_gives_the_eager_loss_and_gradients():
