@@ -23,6 +23,9 @@ CODE_VERSIONS = {
 }
 
 
+RUN_ONLY = {"compile", "checkpoint_every"}   # how a model is trained, not which weights come out
+
+
 def stable_hash(obj: object, length: int = 12) -> str:
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
@@ -65,9 +68,10 @@ def stage_keys(cfg: TFConfig) -> StageKeys:
     encoder = cfg.encoder.model_dump(exclude={"batch_size"})
     latents = stable_hash({"encoder": encoder, "up": images, "v": v["latents"]})
     teacher = stable_hash({"hierarchy": cfg.hierarchy.model_dump(), "up": latents, "v": v["teacher"]})
-    decoder = stable_hash({"decoder": cfg.decoder.model_dump(), "up": latents, "v": v["decoder"]})
+    # settings that change how, not what, is trained stay out of the keys
+    decoder = stable_hash({"decoder": cfg.decoder.model_dump(exclude=RUN_ONLY), "up": latents, "v": v["decoder"]})
     parts = partition_keys(cfg)
-    gen_cfg = cfg.generator.model_dump()
+    gen_cfg = cfg.generator.model_dump(exclude=RUN_ONLY | {"mode"})
     generators = tuple(
         stable_hash({"generator": gen_cfg, "latents": latents, "level": level,
                      "target": parts[level], "condition": parts[level - 1] if level else "none",

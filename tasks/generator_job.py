@@ -19,7 +19,7 @@ from models.train_state import export_state
 from storage import zarr_store
 from storage.checkpoints import clear_train_state, mark_complete, save_checkpoint, save_train_state
 from storage.config import TFConfig
-from storage.keys import CODE_VERSIONS, Layout, stable_hash
+from storage.keys import CODE_VERSIONS, RUN_ONLY, Layout, stable_hash
 from tasks.level_data import level_data, load_latents, load_regions
 
 
@@ -52,7 +52,8 @@ def num_classes(layout: Layout) -> int:
 
 def flat_generator_dir(layout: Layout, cfg: TFConfig) -> Path:
     """The flat baseline's own stage folder: keyed by the generator config and the latents only."""
-    key = stable_hash({"generator": cfg.generator.model_dump(), "latents": layout.keys.latents, "flat": True,
+    trained = cfg.generator.model_dump(exclude=RUN_ONLY | {"mode"})
+    key = stable_hash({"generator": trained, "latents": layout.keys.latents, "flat": True,
                        "v": CODE_VERSIONS["generator"]})
     return layout.root / f"generator-flat-{key}"
 

@@ -49,3 +49,16 @@ def test_encoder_change_moves_everything_but_images():
     base = stage_keys(load_config(None, []))
     moved = stage_keys(load_config(None, ["encoder.model=vit_base_patch14_reg4_dinov2"]))
     assert "images" not in _changed(base, moved) and "latents" in _changed(base, moved)
+
+
+def test_run_only_settings_keep_the_model_keys():
+    """compile, snapshot period and mode change how a model is trained, not its weights' key."""
+    from storage.config import load_config
+    from storage.keys import stage_keys
+
+    base = stage_keys(load_config("configs/tiny.yaml"))
+    same = stage_keys(load_config("configs/tiny.yaml", ["generator.compile=true", "generator.checkpoint_every=7",
+                                                        "decoder.checkpoint_every=9", "generator.mode=flat"]))
+    assert same.generators == base.generators and same.decoder == base.decoder
+    other = stage_keys(load_config("configs/tiny.yaml", ["generator.lr=0.002"]))
+    assert other.generators != base.generators and other.decoder == base.decoder
