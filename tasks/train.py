@@ -29,7 +29,7 @@ from tasks.generator_job import (finish_generator, flat_generator_dir, generator
                                  num_classes, objective_config, snapshotter)
 from tasks.level_data import load_latents
 from tasks.progress import Progress
-from tasks.stage import pick_device, stage_result
+from tasks.stage import pick_device, stage_lock, stage_result
 
 
 def decoder_config(cfg: TFConfig, grid: int, dim: int) -> DecoderConfig:
@@ -48,6 +48,11 @@ def run_with_progress(description: str, total: int, start: int, train):
 
 @task(name="train-decoder", cache_policy=NO_CACHE)
 def train_decoder_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
+    with stage_lock(cfg, Layout(root, cfg).decoder()):   # a second run on this folder waits or fails here
+        return _train_decoder(cfg, root, force)
+
+
+def _train_decoder(cfg: TFConfig, root: str, force: bool) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
     folder = layout.decoder()
@@ -112,13 +117,15 @@ def _train_generator_stage(cfg: TFConfig, root: str, level: int | None, force: b
 
 @task(name="train-level", cache_policy=NO_CACHE, task_run_name="train-level-{level}")
 def train_level_task(cfg: TFConfig, root: str, level: int, force: bool = False) -> dict:
-    return _train_generator_stage(cfg, root, level, force, f"train-L{level}")
+    with stage_lock(cfg, Layout(root, cfg).generator(level)):
+        return _train_generator_stage(cfg, root, level, force, f"train-L{level}")
 
 
 @task(name="train-flat", cache_policy=NO_CACHE)
 def train_flat_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     """The flat baseline: one one-step model to the full latent, same backbone and step budget."""
-    return _train_generator_stage(cfg, root, None, force, "train-flat")
+    with stage_lock(cfg, flat_generator_dir(Layout(root, cfg), cfg)):
+        return _train_generator_stage(cfg, root, None, force, "train-flat")
 
 
 def load_flat_generator(cfg: TFConfig, root: str, grid: int, dim: int, device: str = "cpu") -> TrajectoryDiT:
