@@ -27,8 +27,7 @@ from PIL import Image
 
 from storage import tarindex
 from storage.config import SourceConfig
-from storage.sources import (IMAGE_SUFFIXES, MAX_PIXELS, MIN_SIDE, BadImage, SourceListing,
-                             to_rgb)
+from storage.sources import IMAGE_SUFFIXES, SourceListing, check_size, to_rgb
 
 IMAGENET_KINDS = ("imagenet_val", "imagenet_tar")
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -67,11 +66,7 @@ def preprocess(image: Image.Image, size: int, resize_short: int, interpolation: 
 def decode(source, cfg: SourceConfig) -> np.ndarray:
     """A file path or file object -> preprocessed pixels, with storage.sources' size guards."""
     with Image.open(source) as image:
-        width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise BadImage(f"decompression bomb: {width}x{height} = {width * height} px > {MAX_PIXELS} px limit")
-        if min(width, height) < MIN_SIDE:
-            raise BadImage(f"image is {width}x{height} px, smaller than the {MIN_SIDE} px minimum side")
+        check_size(image)
         image.load()
         return preprocess(image, cfg.image_size, resize_short_side(cfg), cfg.interpolation)
 

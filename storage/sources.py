@@ -90,13 +90,18 @@ def center_crop_resize(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def check_size(image: Image.Image) -> None:
+    """Refuse decompression bombs and images too small to crop, before decoding the pixels."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise BadImage(f"decompression bomb: {width}x{height} = {width * height} px > {MAX_PIXELS} px limit")
+    if min(width, height) < MIN_SIDE:
+        raise BadImage(f"image is {width}x{height} px, smaller than the {MIN_SIDE} px minimum side")
+
+
 def read_image(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as image:   # PIL itself refuses > 2x MAX_IMAGE_PIXELS (DecompressionBombError)
-        width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise BadImage(f"decompression bomb: {width}x{height} = {width * height} px > {MAX_PIXELS} px limit")
-        if min(width, height) < MIN_SIDE:
-            raise BadImage(f"image is {width}x{height} px, smaller than the {MIN_SIDE} px minimum side")
+        check_size(image)
         image.load()
         return center_crop_resize(image, size)
 

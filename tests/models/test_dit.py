@@ -8,13 +8,7 @@ from models.dit import PRESETS, Block, TrajectoryDiT, dit_config, math_attention
 SMALL = dict(token_dim=16, grid=4, width=32, depth=3, head_depth=2, heads=4, num_classes=5)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny ops on a shared 2-core machine: thread hand-offs cost more than the math (30x here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.py
 
 
 def perturbed_model(seed: int = 0, dtype=torch.float64, **overrides) -> TrajectoryDiT:

@@ -11,12 +11,7 @@ from models.train_loop import train_generator
 TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.py
 
 
 def test_flat_data_has_no_plan_and_trains_at_the_last_level():

@@ -13,13 +13,7 @@ from models.meanflow import MeanFlowConfig, average_velocity, meanflow_loss, one
 TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny ops on a shared 2-core machine: thread hand-offs cost more than the math (30x here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.py
 
 
 def perturbed_model(seed: int = 0, scale: float = 0.1) -> TrajectoryDiT:
@@ -214,14 +208,18 @@ def test_loss_is_deterministic_given_the_generator_seed():
     assert run(7)["loss_u"] != run(8)["loss_u"]
 
 
-def test_bfloat16_autocast_gives_a_close_loss_and_finite_gradients():
-    torch.manual_seed(5)
+def _perturbed_tiny_case(seed: int):
+    """A tiny model nudged off its zero-initialised heads, a float32 batch and two regions per sample."""
+    torch.manual_seed(seed)
     model = TrajectoryDiT(dit_config("tiny", **TINY))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    x, cond, label, level = make_batch(dtype=torch.float32)
-    regions = torch.tensor([[0] * 8 + [1] * 8] * 6)
+    return model, make_batch(dtype=torch.float32), torch.tensor([[0] * 8 + [1] * 8] * 6)
+
+
+def test_bfloat16_autocast_gives_a_close_loss_and_finite_gradients():
+    model, (x, cond, label, level), regions = _perturbed_tiny_case(5)
     full = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(), torch.Generator().manual_seed(0))[1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, low = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(),
@@ -268,13 +266,7 @@ def test_compiled_jvp_gives_the_eager_loss_and_gradients():
 
     if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("g++") is None:
         pytest.skip("no C/C++ compiler on PATH: inductor cannot build CPU kernels")
-    torch.manual_seed(6)
-    model = TrajectoryDiT(dit_config("tiny", **TINY))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    x, cond, label, level = make_batch(dtype=torch.float32)
-    regions = torch.tensor([[0] * 8 + [1] * 8] * 6)
+    model, (x, cond, label, level), regions = _perturbed_tiny_case(6)
 
     def run(tangent_fn):
         loss, stats = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(),

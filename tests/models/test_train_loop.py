@@ -13,12 +13,7 @@ from storage.checkpoints import load_train_state, save_train_state
 TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.py
 
 
 def tiny_model(seed: int = 0) -> TrajectoryDiT:
