@@ -192,13 +192,46 @@ def _linkage_for(batch: int, tokens: int, steps: int, device: torch.device, use_
     return _GRAPHS[key]
 
 
+def linkage_distances(unit: Tensor, coords: Tensor, is_object: Tensor, lam: float) -> Tensor:
+    """The merge loop's input: float [B, T, T] (1 - cos) + lam * ||coord_i - coord_j|| between object
+    tokens, inf on the diagonal and wherever a background token takes part."""
+    tokens = unit.shape[1]
+    cosine = (1.0 - unit @ unit.transpose(1, 2)).clamp(0.0, 2.0)
+    dist = cosine + lam * torch.cdist(coords, coords)[None]
+    pair_ok = is_object[:, :, None] & is_object[:, None, :]
+    eye = torch.eye(tokens, dtype=torch.bool, device=unit.device)[None]
+    return torch.where(pair_ok & ~eye, dist, torch.full_like(dist, _INF))
+
+
+LINKAGES = ("auto", "triton", "torch")
+
+
+def uses_triton_linkage(linkage: str, device: torch.device) -> bool:
+    """Whether `linkage` ("auto", "triton" or "torch") runs the fused Triton merge loop on `device`."""
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    if linkage == "torch":
+        return False
+    from models.linkage_triton import triton_available
+
+    if linkage == "triton":
+        if not triton_available():
+            raise RuntimeError("linkage='triton' needs triton, which is not installed")
+        return True
+    return device.type == "cuda" and triton_available()
+
+
 def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: HierarchySpec,
-                        use_graph: bool = True, static_steps: bool | None = None) -> Tensor:
+                        use_graph: bool = True, static_steps: bool | None = None,
+                        linkage: str = "auto") -> Tensor:
     """Object-token ids for every cut: long [B, len(cuts), T]; background tokens 0.
 
-    On CUDA the merge loop runs as a captured CUDA graph (one per batch shape), since each
-    step is ~20 small kernels and eager launches would dominate. A graph needs a fixed step
-    count (static_steps, default on CUDA): T - 1 steps, where finished images idle."""
+    The merge loop runs as one fused Triton kernel (models.linkage_triton, one program per
+    image) with linkage="triton", or "auto" on CUDA where triton is installed. Otherwise
+    ("torch") it is the torch loop here; on CUDA it runs as a captured CUDA graph (one per batch
+    shape), since each step is ~20 small kernels and eager launches would dominate. A graph needs
+    a fixed step count (static_steps, default on CUDA): T - 1 steps, where finished images idle.
+    Both give the same heights and ids."""
     batch, tokens, _ = unit.shape
     device = unit.device
     cuts = len(spec.cuts)
@@ -207,18 +240,19 @@ def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: H
     if spec.linkage != "average" or spec.cut_mode != "height":
         raise ValueError("the batched hierarchy implements average linkage with height cuts; "
                          "use the reference backend for other settings")
-    cosine = (1.0 - unit @ unit.transpose(1, 2)).clamp(0.0, 2.0)
-    dist = cosine + spec.lam * torch.cdist(coords, coords)[None]
-    pair_ok = is_object[:, :, None] & is_object[:, None, :]
-    eye = torch.eye(tokens, dtype=torch.bool, device=device)[None]
-    dist = torch.where(pair_ok & ~eye, dist, torch.full_like(dist, _INF))
+    dist = linkage_distances(unit, coords, is_object, spec.lam)
     if static_steps is None:
         static_steps = device.type == "cuda"
     steps = tokens - 1 if static_steps else max(int(is_object.sum(1).max()) - 1, 0)
-    linkage = _linkage_for(batch, tokens, steps, device, use_graph)
-    linkage.load(dist, is_object.to(dist.dtype))
-    linkage.replay()
-    heights, snapshots, steps = linkage.heights, linkage.snapshots, linkage.steps
+    if uses_triton_linkage(linkage, device):
+        from models.linkage_triton import run_linkage_triton
+
+        heights, snapshots = run_linkage_triton(dist, is_object.to(dist.dtype), steps, inplace=True)
+    else:
+        state = _linkage_for(batch, tokens, steps, device, use_graph)
+        state.load(dist, is_object.to(dist.dtype))
+        state.replay()
+        heights, snapshots, steps = state.heights, state.snapshots, state.steps
     rows = torch.arange(batch, device=device)
     merges = torch.isfinite(heights)
     low = torch.where(merges, heights, torch.full_like(heights, _INF)).amin(1, keepdim=True)
@@ -237,11 +271,12 @@ def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: H
 @torch.no_grad()
 def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec = HierarchySpec(),
                               kmeans_iterations: int = 50, static_steps: bool | None = None,
-                              use_graph: bool = True) -> Tensor:
+                              use_graph: bool = True, linkage: str = "auto") -> Tensor:
     """[N, g, g, C] tokens (any float dtype, any device) -> int16 [N, len(cuts)+1, g, g] region ids.
 
-    Computed in float32 on the tokens' device. Matches models.hierarchy.build_hierarchies up to
-    tie-breaking and k-means starts.
+    Computed in float32 on the tokens' device; `linkage` picks the merge loop (part_levels_batched:
+    "auto" = the Triton kernel on CUDA where triton is installed, else torch; same ids).
+    Matches models.hierarchy.build_hierarchies up to tie-breaking and k-means starts.
     """
     if tokens.ndim != 4:
         raise ValueError(f"tokens must be [N, g, g, C], got shape {tuple(tokens.shape)}")
@@ -257,6 +292,6 @@ def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec = HierarchySpe
     ids[:, 0] = torch.where(is_object, OBJECT_ID, BACKGROUND_ID)
     if spec.cuts:
         ids[:, 1:] = part_levels_batched(unit, coords, is_object, spec, use_graph=use_graph,
-                                             static_steps=static_steps)
+                                         static_steps=static_steps, linkage=linkage)
     ids = torch.where(identical[:, None, None], torch.full_like(ids, OBJECT_ID), ids)
     return ids.reshape(n, spec.num_levels, height, width).to(torch.int16)

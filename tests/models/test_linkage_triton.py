@@ -1,0 +1,44 @@
+"""The fused Triton merge loop (models.linkage_triton) against the torch loop of models.hierarchy_batched.
+
+No GPU here: the kernel runs on CPU tensors through Triton's interpreter. TRITON_INTERPRET=1 has
+to be set before triton.language is first imported, so the checks (linkage_triton_checks.py)
+run once, in one subprocess, and each test reads its own result.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.hierarchy import HierarchySpec
+from models.hierarchy_batched import build_hierarchies_batched
+
+CHECKS = Path(__file__).with_name("linkage_triton_checks.py")
+
+
+@pytest.fixture(scope="module")
+def interpreted_results():
+    pytest.importorskip("triton", reason="triton is not installed: the fused linkage kernel cannot run")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=CHECKS.parents[2])
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("check", ["kernel_T24_all_steps", "kernel_T19_fewer_steps", "kernel_T2_one_step"])
+def test_kernel_gives_the_torch_loops_heights_and_labels(interpreted_results, check):
+    """Random problems (~60% object tokens), one all background, one full of ties, one all object."""
+    assert interpreted_results[check] == "ok", interpreted_results[check]
+
+
+def test_hierarchies_with_the_triton_linkage_equal_the_torch_linkage(interpreted_results):
+    assert interpreted_results["hierarchies"] == "ok", interpreted_results["hierarchies"]
+
+
+def test_unknown_linkage_is_refused():
+    with pytest.raises(ValueError, match="linkage"):
+        build_hierarchies_batched(torch.randn(1, 2, 2, 3), HierarchySpec(), linkage="cuda")
