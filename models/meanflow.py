@@ -11,6 +11,7 @@ All randomness comes from the generator argument, drawn in this order: (t, r), e
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.dit import math_attention
+from models.dit_jvp import average_velocity_jvp
 from models.hierarchy import region_canvas
 
 
@@ -33,6 +35,7 @@ class MeanFlowConfig:
     v_weight: float = 1.0
     region_weight: float = 1.0
     label_dropout: float = 0.1
+    jvp_attention: str = "auto"   # kernel | math | auto (kernel on CUDA): see time_derivative
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -108,9 +111,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def time_derivative(model: nn.Module, z: Tensor, t: Tensor, r: Tensor, cond: Tensor, label: Tensor, level: Tensor,
-                    v_c: Tensor, t_floor: float) -> Tensor:
-    """du/dt along (dz, dt, dr) = (v_c, 1, 0): one forward-mode JVP of (z, t, r) -> u. Call it inside
-    math_attention(model): the fused attention kernels have no forward-mode AD."""
+                    v_c: Tensor, t_floor: float, kind: str = "math") -> Tensor:
+    """du/dt along (dz, dt, dr) = (v_c, 1, 0). kind "math": torch.func.jvp of (z, t, r) -> u, to be
+    called inside math_attention(model) (the fused attention kernels have no forward-mode AD);
+    "kernel": the written-out forward-mode pass of models.dit_jvp (fused attention + tangent kernel)."""
+    if kind == "kernel":
+        ones = torch.ones_like(t)
+        return average_velocity_jvp(unwrap(model), z, t, r, cond, label, level, v_c, ones, torch.zeros_like(r),
+                                    t_floor)[1]
+
     def u_of(z_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
         return average_velocity(model, z_, t_, r_, cond, label, level, t_floor)[0]
 
@@ -144,8 +153,11 @@ def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, leve
     u = (z - x_hat.to(loss_dtype)) / t.clamp_min(cfg.t_floor)[:, None, None]
 
     v_c = v_hat.detach().to(model_dtype)
-    with torch.no_grad(), math_attention(unwrap(jvp_model)):   # the tangent is a stop-gradient target: no graph needed
-        du_dt = (tangent_fn or time_derivative)(jvp_model, z_in, t_in, r_in, cond_in, label, level, v_c, cfg.t_floor)
+    kind = cfg.jvp_attention if cfg.jvp_attention != "auto" else ("kernel" if x.is_cuda else "math")
+    written_out = contextlib.nullcontext() if kind == "kernel" else math_attention(unwrap(jvp_model))
+    with torch.no_grad(), written_out:   # the tangent is a stop-gradient target: no graph needed
+        du_dt = (tangent_fn or time_derivative)(jvp_model, z_in, t_in, r_in, cond_in, label, level, v_c, cfg.t_floor,
+                                                kind)
     compound = u + (t - r)[:, None, None] * du_dt.to(loss_dtype)
 
     loss_u = ((compound - v) ** 2).mean(dim=(1, 2))

@@ -100,6 +100,9 @@ class GeneratorConfig(_Part):
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for hidden 2-D weights + AdamW")
     mode: Literal["staged", "flat"] = Field("staged", description="flat: one one-step model straight to the latent")
     compile: bool = Field(False, description="torch.compile the network and the JVP")
+    jvp_attention: Literal["auto", "kernel", "math"] = Field(
+        "auto", description="attention in the JVP: kernel = fused primal + forward-only tangent kernel "
+                            "(Triton on CUDA), math = written out; auto = kernel on CUDA, math elsewhere")
     checkpoint_every: int = Field(100, ge=0, description="training-state snapshot period in steps (0: none)")
     time_shift: float = 10.0
     uniform_share: float = 0.1

@@ -35,7 +35,8 @@ def objective_config(cfg: TFConfig) -> MeanFlowConfig:
     g = cfg.generator
     return MeanFlowConfig(time_shift=g.time_shift, uniform_share=g.uniform_share, equal_share=g.equal_share,
                           t_floor=g.t_floor, adaptive_eps=g.adaptive_eps, v_weight=g.v_weight,
-                          region_weight=g.region_weight, label_dropout=g.label_dropout)
+                          region_weight=g.region_weight, label_dropout=g.label_dropout,
+                          jvp_attention=g.jvp_attention)
 
 
 def generator_optim(cfg: TFConfig, seed: int) -> OptimConfig:

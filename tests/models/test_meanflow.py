@@ -259,7 +259,8 @@ def test_tiny_model_overfits_one_batch():
 
 
 def test_compiled_jvp_gives_the_eager_loss_and_gradients():
-    """torch.compile (inductor, CPU C++ toolchain) of the whole tangent pass: same loss as eager."""
+    """torch.compile (inductor, CPU C++ toolchain) of the whole tangent pass, written out with the
+    attention tangent op (the kind used on CUDA): same loss and gradients as the eager math JVP."""
     import shutil
 
     from models.meanflow import time_derivative
@@ -268,8 +269,8 @@ def test_compiled_jvp_gives_the_eager_loss_and_gradients():
         pytest.skip("no C/C++ compiler on PATH: inductor cannot build CPU kernels")
     model, (x, cond, label, level), regions = _perturbed_tiny_case(6)
 
-    def run(tangent_fn):
-        loss, stats = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(),
+    def run(tangent_fn, kind="math"):
+        loss, stats = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(jvp_attention=kind),
                                     torch.Generator().manual_seed(0), tangent_fn=tangent_fn)
         return stats, torch.autograd.grad(loss, list(model.parameters()))
 
@@ -277,7 +278,7 @@ def test_compiled_jvp_gives_the_eager_loss_and_gradients():
     torch._dynamo.reset()
     compiled_fn = torch.compile(time_derivative, fullgraph=True)   # fullgraph: a graph break fails here
     try:
-        compiled, compiled_grads = run(compiled_fn)
+        compiled, compiled_grads = run(compiled_fn, "kernel")
     except Exception as error:   # only a missing/broken toolchain may skip; anything else is a failure
         if any(word in type(error).__name__ for word in ("CppCompileError", "InvalidCxxCompiler")):
             pytest.skip(f"CPU inductor toolchain unavailable: {error}")

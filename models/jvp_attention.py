@@ -1,0 +1,145 @@
+"""Attention with a forward-mode derivative that keeps the fused kernel for the primal.
+
+torch.func.jvp through F.scaled_dot_product_attention raises NotImplementedError for the flash,
+memory-efficient and cuDNN kernels, and the written-out math path holds the full [B, H, N, N] score,
+probability and tangent tensors. The mean-flow tangent enters the loss only through a stop-gradient,
+so a forward-only JVP suffices. For O = softmax(S) V with S = scale * Q K^T:
+
+    dS   = scale * (dQ K^T + Q dK^T)
+    dO_i = sum_j P_ij (dS_ij V_j + dV_j) - mu_i O_i,      mu_i = sum_j P_ij dS_ij   (per query row i)
+
+which a flash-style pass over key blocks computes with one online softmax (running max m, sum l) and
+three accumulators (P V, P dS V + P dV, P dS), never storing an N x N tensor.
+
+`attention_tangent` is the Triton kernel on CUDA and a query-chunked torch version of the same
+formula elsewhere; `attention_tangent_op` wraps it as a custom op that torch.compile leaves opaque.
+models/dit_jvp.py uses it next to fused SDPA for the value. tests/models/test_jvp_attention.py checks
+both against torch.func.jvp of the math path in float64 (the Triton kernel through Triton's CPU
+interpreter).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+try:   # triton ships with CUDA builds of torch; CPU-only installs use the torch formula
+    import triton
+    import triton.language as tl
+except ImportError:   # pragma: no cover - depends on the install
+    triton = None
+
+
+def math_attention_fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(Q K^T / sqrt(d)) V written out (differentiable in both modes, O(N^2) memory)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def tangent_torch(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor,
+                  chunk: int = 1024) -> Tensor:
+    """dO by the formula above, in chunks of query rows (memory [B, H, chunk, N]), computed in
+    float32 at least."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, dq, dk, dv = (t.to(work) for t in (q, k, v, dq, dk, dv))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = q.new_empty(q.shape)
+    for start in range(0, q.shape[-2], chunk):
+        rows = slice(start, start + chunk)
+        p = torch.softmax(q[..., rows, :] @ k.transpose(-2, -1) * scale, dim=-1)
+        ds = (dq[..., rows, :] @ k.transpose(-2, -1) + q[..., rows, :] @ dk.transpose(-2, -1)) * scale
+        pds = p * ds
+        mu = pds.sum(-1, keepdim=True)
+        out[..., rows, :] = pds @ v + p @ dv - mu * (p @ v)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _tangent_kernel(Q, K, V, DQ, DK, DV, DO, n_tokens, head_dim, scale,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One program: BLOCK_M query rows of one (batch, head); inputs contiguous [B*H, N, D]."""
+        block_m = tl.program_id(0)
+        base = tl.program_id(1).to(tl.int64) * n_tokens * head_dim
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < n_tokens
+        dim_ok = dims < head_dim
+        q_at = base + rows[:, None] * head_dim + dims[None, :]
+        q_ok = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(Q + q_at, mask=q_ok, other=0.0)
+        dq = tl.load(DQ + q_at, mask=q_ok, other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+        l_i = tl.zeros([BLOCK_M], ACC)
+        mu = tl.zeros([BLOCK_M], ACC)
+        acc_o = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        acc_t = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        for start in range(0, n_tokens, BLOCK_N):
+            keys = start + cols
+            key_ok = keys < n_tokens
+            kv_at = base + keys[:, None] * head_dim + dims[None, :]
+            kv_ok = key_ok[:, None] & dim_ok[None, :]
+            k = tl.load(K + kv_at, mask=kv_ok, other=0.0)
+            dk = tl.load(DK + kv_at, mask=kv_ok, other=0.0)
+            v = tl.load(V + kv_at, mask=kv_ok, other=0.0)
+            dv = tl.load(DV + kv_at, mask=kv_ok, other=0.0)
+            kt, dkt = tl.trans(k), tl.trans(dk)
+            s = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * scale
+            ds = (tl.dot(dq, kt, input_precision=PRECISION, out_dtype=ACC)
+                  + tl.dot(q, dkt, input_precision=PRECISION, out_dtype=ACC)) * scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            pds = p * ds
+            l_i = l_i * alpha + tl.sum(p, 1)
+            mu = mu * alpha + tl.sum(pds, 1)
+            acc_o = acc_o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+            acc_t = (acc_t * alpha[:, None]
+                     + tl.dot(pds.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+                     + tl.dot(p.to(dv.dtype), dv, input_precision=PRECISION, out_dtype=ACC))
+            m_i = m_new
+        o = acc_o / l_i[:, None]
+        do = acc_t / l_i[:, None] - (mu / l_i)[:, None] * o
+        tl.store(DO + q_at, do.to(DO.dtype.element_ty), mask=q_ok)
+
+
+def tangent_triton(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor,
+                   block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> Tensor:
+    """dO through the Triton kernel: [B, H, N, D] inputs of one dtype (bf16/fp16/fp32/fp64); fp32
+    accumulation (fp64 for fp64 inputs), fp32 matmuls without TF32."""
+    if triton is None:
+        raise RuntimeError("triton is not installed: use tangent_torch")
+    batch, heads, tokens, dim = q.shape
+    dtype = q.dtype
+    q, k, v, dq, dk, dv = (t.to(dtype).contiguous() for t in (q, k, v, dq, dk, dv))
+    out = torch.empty_like(q)
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    precision = "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"   # ignored for 16-bit inputs
+    block_d = max(16, triton.next_power_of_2(dim))
+    grid = (triton.cdiv(tokens, block_m), batch * heads)
+    _tangent_kernel[grid](q, k, v, dq, dk, dv, out, tokens, dim, 1.0 / math.sqrt(dim),
+                          ACC=acc, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                          num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def attention_tangent(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+    if q.is_cuda and triton is not None:
+        return tangent_triton(q, k, v, dq, dk, dv)
+    return tangent_torch(q, k, v, dq, dk, dv).to(q.dtype)
+
+
+@torch.library.custom_op("tf::attention_tangent", mutates_args=())
+def attention_tangent_op(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+    """attention_tangent as an opaque op, so torch.compile keeps the kernel as it is."""
+    return attention_tangent(q, k, v, dq, dk, dv)
+
+
+@attention_tangent_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+    return q.new_empty(q.shape)

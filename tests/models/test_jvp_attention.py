@@ -1,0 +1,80 @@
+"""The forward-only attention tangent (models/jvp_attention.py) against torch.func.jvp of the written-out
+math path, in float64: the torch formula, the custom op, and the Triton kernel itself through Triton's CPU interpreter (in a subprocess, since
+TRITON_INTERPRET must be set before triton is imported)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.jvp_attention import attention_tangent_op, math_attention_fn, tangent_torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def qkv_and_tangents(shape=(2, 3, 37, 8), seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    primals = tuple(torch.randn(shape, generator=g, dtype=dtype) for _ in range(3))
+    tangents = tuple(torch.randn(shape, generator=g, dtype=dtype) for _ in range(3))
+    return primals, tangents
+
+
+def math_tangent(primals, tangents):
+    return torch.func.jvp(math_attention_fn, primals, tangents)
+
+
+def test_torch_formula_equals_math_jvp_in_float64():
+    primals, tangents = qkv_and_tangents()
+    expected = math_tangent(primals, tangents)[1]
+    for chunk in (5, 1024):   # several query chunks, and one
+        got = tangent_torch(*primals, *tangents, chunk=chunk)
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_tangent_is_not_the_trivial_part():
+    """dO has a softmax term; dropping it (P dV only) must be visibly wrong, so the check above bites."""
+    primals, tangents = qkv_and_tangents(seed=1)
+    expected = math_tangent(primals, tangents)[1]
+    p = torch.softmax(primals[0] @ primals[1].transpose(-2, -1) / primals[0].shape[-1] ** 0.5, -1)
+    assert (p @ tangents[2] - expected).abs().max() > 0.1
+
+
+def test_custom_op_equals_math_jvp_and_has_a_fake():
+    primals, tangents = qkv_and_tangents(seed=2)
+    expected = math_tangent(primals, tangents)[1]
+    got = attention_tangent_op(*primals, *tangents)
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+    torch.library.opcheck(attention_tangent_op, (*primals, *tangents))   # schema, fake tensor and strides
+
+
+INTERPRETED = r"""
+import json, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+from models.jvp_attention import math_attention_fn, tangent_triton
+out = {}
+for dtype, name in ((torch.float64, "float64"), (torch.float32, "float32")):
+    g = torch.Generator().manual_seed(5)
+    shape = (2, 2, 37, 8)   # 37 tokens: partial last block; head dim 8 padded to 16
+    p = tuple(torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    t = tuple(torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = torch.func.jvp(math_attention_fn, p, t)[1]
+    got = tangent_triton(*(x.to(dtype) for x in p + t), block_m=16, block_n=16).double()
+    out[name] = float(((got - ref).abs().max() / ref.abs().max()))
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernel_in_interpreter_equals_math_jvp():
+    pytest.importorskip("triton", reason="triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", INTERPRETED, str(REPO)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert errors["float64"] < 1e-12, errors
+    assert errors["float32"] < 1e-5, errors
