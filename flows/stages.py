@@ -1,6 +1,9 @@
 """One Prefect flow per stage, and `pipeline`, which chains them (DESIGN §1 data flow).
 
 image source -> ingest -> encode -> hierarchy -> train (decoder, level 0..L-1) -> evaluate
+
+With `generator.mode: flat` the train stage trains the flat baseline (one one-step model straight to
+the latent) in place of the level generators, and evaluate samples and scores it (tasks.evaluate).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from tasks.encode import encode_latents
 from tasks.evaluate import evaluate_run
 from tasks.hierarchy import build_teacher
 from tasks.ingest import ingest_images
-from tasks.train import train_decoder_task, train_level_task
+from tasks.train import train_decoder_task, train_flat_task, train_level_task
 
 
 ORDER = ("ingest", "encode", "hierarchy", "train", "evaluate")
@@ -58,6 +61,10 @@ def hierarchy_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: st
 
 
 def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -> list[dict]:
+    if config.generator.mode == "flat":   # one model for the whole latent: there are no levels to pick
+        if levels is not None:
+            raise ValueError("generator.mode is flat: --levels does not apply (the flat model has no levels)")
+        return [train_decoder_task(config, root, force), train_flat_task(config, root, force)]
     wanted = range(config.hierarchy.num_levels) if levels is None else levels
     return [train_decoder_task(config, root, force)] + [train_level_task(config, root, l, force) for l in wanted]
 

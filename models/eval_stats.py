@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 DINOV2, FID = "fd_dinov2", "fid"
 KID_FEATURES = "kid.features"
+# (per_sample key, metric, variant) of the per-sample structure values
+STRUCTURE_VALUES = (("nesting", "nesting", ""), ("plan_adherence", "plan_adherence", ""),
+                    ("reencode_ari", "reencode_ari", ""), ("reencode_miou", "reencode_miou", ""),
+                    ("reencode_ari_final", "reencode_ari", "final_hierarchy"),
+                    ("reencode_miou_final", "reencode_miou", "final_hierarchy"))
 _U64 = np.uint64
 
 
@@ -179,7 +184,8 @@ def metric_values(
     Pooled (one number, extra["n"] = generated count): quality fd_dinov2, fid, kid (extra "std"),
     is (extra "std", "splits"); per_level fd_level, variants "mean_pooled" and "tokens". Per sample:
     structure nesting (levels 0..L-3), plan_adherence (0..L-2), reencode_ari / reencode_miou
-    (0..L-2). A metric whose inputs are missing (no Inception features, no reference entry, no
+    (0..L-2) against the trajectory's own regions (variant "") and against the hierarchy rebuilt on
+    its final latent (variant "final_hierarchy"). A metric whose inputs are missing (no Inception features, no reference entry, no
     samples) is left out; the caller writes it as skipped.
     """
     out: list[MetricValues] = []
@@ -216,10 +222,10 @@ def metric_values(
             if value is not None:
                 out.append(MetricValues("per_level", "fd_level", np.array([value]), level, variant, pooled=True,
                                         extra={"n": result.stats[name].count}))
-    for metric in ("nesting", "plan_adherence", "reencode_ari", "reencode_miou"):
-        values = result.per_sample.get(metric)
+    for key, metric, variant in STRUCTURE_VALUES:
+        values = result.per_sample.get(key)
         if values is None or len(values) == 0:
             continue
         for level in range(values.shape[1]):
-            out.append(MetricValues("structure", metric, values[:, level].copy(), level))
+            out.append(MetricValues("structure", metric, values[:, level].copy(), level, variant))
     return out

@@ -23,6 +23,13 @@ memory, and folds every batch into:
   their decoded final image is encoded again (encoder on `device`) and the hierarchy rebuilt on CPU;
 - the first `keep` trajectories whole: every level's canvas and decoded image, regions, seeds, labels.
 
+mode="flat" evaluates the flat baseline (models.flat) the same way: `generators` is the one flat
+model, sampled in one step from the last level's noise (the noise a staged run's final level gets
+for the same seed) straight to the final latent. Its trajectory is the final latent alone: the
+level-(L-1) FD statistics, FD-DINOv2 / FID / KID / IS of the decoded final, and re-encode agreement
+against the hierarchy rebuilt on the final ("final_hierarchy", which a staged run gets too); no
+per-level canvases, so no per-level FD below L-1, no nesting, plan adherence or plan re-encode values.
+
 Noise is drawn with models.trajectory.level_noises (per-sample CPU generators, so every sample is
 the same in any batch), in `noise_threads` threads one batch ahead, into pinned memory.
 With `overlap_features` (default on cuda) the feature passes of batch b run in a thread (on
@@ -54,6 +61,7 @@ from models.eval_stats import (DINOV2, FID, KID_FEATURES, RunningMoments, autoca
                                metric_values, moment_folder, reference_stats, token_subsample)
 from models.hierarchy import HierarchySpec
 from models.metrics import StreamingStats
+from models.flat import sample_flat
 from models.noise_feeder import NoiseFeeder
 from models.structure_stream import InlineStructure
 from models.trajectory import sample_trajectory
@@ -85,6 +93,7 @@ class StreamingEvalResult:
     counts: dict[str, int]
     labels: np.ndarray = field(repr=False, default=None)   # [N] the drawn labels
     seeds: np.ndarray = field(repr=False, default=None)    # [N]
+    mode: str = "staged"                                   # "flat": canvases / images hold the final only
 
 
 
@@ -173,6 +182,8 @@ def evaluate_streaming(
     overlap_features: bool | None = None,
     token_shape: tuple[int, int] | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
+    mode: str = "staged",
+    latent_stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> StreamingEvalResult:
     """Sample len(seeds) trajectories in batches and fold them into streaming metric state.
 
@@ -184,14 +195,22 @@ def evaluate_streaming(
     must be L-1). structure_runner: a factory with InlineStructure's signature (default:
     InlineStructure, in this thread; tasks.structure_pool.process_structure(workers, inflight) for
     worker processes). noise_threads=0 draws noise in this thread. overlap_features: None = on for cuda.
-    progress(done, total, timing) is called after every batch.
+    progress(done, total, timing) is called after every batch. mode="flat": generators is [the flat
+    model], L = hierarchy_spec.num_levels + 1 (required). latent_stats: (mean, std) [C] of the
+    normalised latents, so the hierarchy rebuilt on a final latent sees the encoder's scale.
     """
     device = torch.device(device)
+    if mode not in ("staged", "flat"):
+        raise ValueError(f"mode must be 'staged' or 'flat', got {mode!r}")
+    flat = mode == "flat"
+    if flat and (len(generators) != 1 or hierarchy_spec is None):
+        raise ValueError("mode='flat' takes one generator and a hierarchy_spec (it sets the number of levels)")
     if dtype is None and device.type == "cuda":
         dtype = torch.bfloat16
     autocast = autocast_for(device, dtype)
     seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
-    n_total, levels = len(seeds), len(generators)
+    n_total = len(seeds)
+    levels = hierarchy_spec.num_levels + 1 if flat else len(generators)
     if n_total == 0:
         raise ValueError("no seeds")
     if levels < 2:
@@ -248,8 +267,11 @@ def evaluate_streaming(
             clock.lap("noise")
 
             with autocast:
-                trajectory = sample_trajectory(generators, [noise[level] for level in range(levels)],
-                                               label_device[start:stop])
+                if flat:   # one network call from the final level's noise: the latent alone
+                    trajectory = [sample_flat(generators[0], noise[levels - 1], label_device[start:stop], levels)]
+                else:
+                    trajectory = sample_trajectory(generators, [noise[level] for level in range(levels)],
+                                                   label_device[start:stop])
             trajectory = [c.float() for c in trajectory]
             del noise
             clock.lap("sampling")
@@ -283,7 +305,7 @@ def evaluate_streaming(
             rows = torch.arange(n, device=device)[:, None]
             picks = torch.from_numpy(token_subsample(np.arange(start, stop), tokens, tokens_per_sample,
                                                      token_seed)).to(device)
-            for level, canvas in enumerate(trajectory):
+            for level, canvas in enumerate(trajectory, start=levels - len(trajectory)):
                 fold(level_key(level, "mean_pooled"), canvas.mean(1, dtype=torch.float64))
                 if tokens_per_sample > 0:
                     fold(level_key(level, "tokens"), canvas[rows, picks].reshape(-1, channels))
@@ -293,8 +315,10 @@ def evaluate_streaming(
             if s:
                 if runner is None:
                     make_runner = structure_runner or InlineStructure
+                    extra = {} if latent_stats is None else {"latent_stats": latent_stats}
                     runner = make_runner(structure_n, reencode_n, levels, batch, tokens, channels,
-                                         reencode_shape, region_threshold, hierarchy_spec, max(keep_n, reencode_n))
+                                         reencode_shape, region_threshold, hierarchy_spec, max(keep_n, reencode_n),
+                                         **extra)
                 runner.submit(b, start, [c[:s] for c in trajectory], reencoded)
             del trajectory
             clock.lap("structure")
@@ -318,6 +342,11 @@ def evaluate_streaming(
     if runner is not None:
         per_sample = {"nesting": runner.nesting, "plan_adherence": runner.plan,
                       "reencode_ari": runner.ari, "reencode_miou": runner.miou}
+        if hasattr(runner, "ari_final"):
+            per_sample.update(reencode_ari_final=runner.ari_final, reencode_miou_final=runner.miou_final)
+        if flat:   # no plan: these stay out (the caller writes them as skipped)
+            for key in ("nesting", "plan_adherence", "reencode_ari", "reencode_miou"):
+                per_sample[key] = np.empty((0, per_sample[key].shape[1]))
         regions = runner.regions[:keep_n]
         structure_cpu = runner.cpu_s
     timing = dict(clock.timing)
@@ -337,5 +366,5 @@ def evaluate_streaming(
         per_sample=per_sample, kept=kept,
         inception_pool=np.concatenate(pools) if pools else None,
         inception_logits=np.concatenate(logits) if logits else None,
-        timing=timing, counts=counts, labels=labels, seeds=seeds)
+        timing=timing, counts=counts, labels=labels, seeds=seeds, mode=mode)
 

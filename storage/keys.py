@@ -19,7 +19,7 @@ CODE_VERSIONS = {
     "teacher": "1",
     "decoder": "1",
     "generator": "1",
-    "evaluate": "2",   # 2: streamed evaluation, FD-DINOv2 on the class token
+    "evaluate": "3",   # 2: streamed, FD-DINOv2 on the class token; 3: final_hierarchy re-encode rows, mode
 }
 
 

@@ -14,6 +14,9 @@ Metrics schema (version METRICS_SCHEMA_VERSION), one row per (metric, level, var
   reason      why skipped, "" otherwise
   feature_extractor, extractor_weights    what produced the features, and its weights label
   encoder_weights                          the pipeline encoder's weights label ("random-init" or file)
+  mode        generator mode: staged (one generator per level) | flat (the one-step baseline)
+
+Version 2 added `mode`; parts written before it load as "staged" (the only mode they could have).
 """
 from __future__ import annotations
 
@@ -27,11 +30,11 @@ import pandas as pd
 from storage.files import atomic_write_bytes
 from storage.keys import stable_hash
 
-METRICS_SCHEMA_VERSION = 1
+METRICS_SCHEMA_VERSION = 2
 METRIC_COLUMNS = [
     "run_id", "schema_version", "timestamp", "code_version", "latents_key", "teacher_key", "model_key",
     "group", "metric", "level", "variant", "value", "n", "ci_low", "ci_high", "status", "reason",
-    "feature_extractor", "extractor_weights", "encoder_weights",
+    "feature_extractor", "extractor_weights", "encoder_weights", "mode",
 ]
 RUN_COLUMNS = ["run_id", "timestamp", "flow", "stage", "key", "status", "duration_s", "path", "encoder_weights"]
 REJECT_COLUMNS = ["stage", "path", "reason", "chunk", "timestamp"]
@@ -92,6 +95,7 @@ def _load_table(folder: Path, columns: list[str]) -> pd.DataFrame:
 def load_metrics(root: str | Path, **filters) -> pd.DataFrame:
     """One tidy DataFrame across runs. Filters match columns: `load_metrics(r, metric="fid", level=[0, 1])`."""
     frame = _load_table(Path(root) / "tables" / "metrics", METRIC_COLUMNS)
+    frame["mode"] = frame["mode"].fillna("staged") if "mode" in frame else "staged"
     for column, wanted in filters.items():
         if column not in frame:
             raise KeyError(f"unknown metrics column {column!r}; columns are {METRIC_COLUMNS}")
@@ -100,12 +104,15 @@ def load_metrics(root: str | Path, **filters) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def compare_runs(root: str | Path, run_ids: list[str], **filters) -> pd.DataFrame:
-    """One row per (group, metric, level, variant), one value column per run: ready for a plot."""
+def compare_runs(root: str | Path, run_ids: list[str], by: str = "run_id", **filters) -> pd.DataFrame:
+    """One row per (group, metric, level, variant), one value column per run: ready for a plot.
+    by="mode" names the columns by generator mode instead (e.g. a staged and a flat run: "staged", "flat");
+    skipped rows are left out, so a metric only one mode has shows NaN under the other."""
     frame = load_metrics(root, run_id=list(run_ids), status="ok", **filters)
-    table = frame.pivot_table(index=["group", "metric", "level", "variant"], columns="run_id", values="value",
+    table = frame.pivot_table(index=["group", "metric", "level", "variant"], columns=by, values="value",
                               aggfunc="first")
-    return table.reindex(columns=[r for r in run_ids if r in table.columns]).reset_index()
+    order = list(dict.fromkeys(v for r in run_ids for v in frame.loc[frame.run_id == r, by]))   # in run order
+    return table.reindex(columns=[r for r in order if r in table.columns]).reset_index()
 
 
 def write_run_report(root: Path, run_id: str, rows: list[dict]) -> Path:

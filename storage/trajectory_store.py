@@ -14,8 +14,10 @@ from storage.zarr_store import ArraySpec
 
 
 def write_trajectories(path: Path, ids: list[str], seeds: np.ndarray, labels: np.ndarray, canvases: np.ndarray,
-                       images: np.ndarray, regions: np.ndarray, attrs: dict, parents: list[str] | None = None) -> None:
-    """canvases [K, L, g, g, C], images [K, L, H, W, 3] (decoded per level), regions [K, L-1, g, g]."""
+                       images: np.ndarray, regions: np.ndarray, attrs: dict, parents: list[str] | None = None,
+                       level_ids: np.ndarray | None = None) -> None:
+    """canvases [K, L, g, g, C], images [K, L, H, W, 3] (decoded per level), regions [K, L-1, g, g].
+    level_ids: the level of each stored canvas (default 0..L-1; the flat baseline stores the last alone)."""
     k, levels = canvases.shape[:2]
     arrays = {
         "trajectory": ArraySpec((k,), str, ("trajectory",), fill_value=""),
@@ -30,7 +32,7 @@ def write_trajectories(path: Path, ids: list[str], seeds: np.ndarray, labels: np
     zarr_store.create_store(path, arrays, max(k, 1), attrs)
     zarr_store.write_rows(path, slice(None), {
         "trajectory": np.asarray(ids, dtype=str), "parent": np.asarray(parents or [""] * k, dtype=str),
-        "seed": seeds, "label": labels, "level": np.arange(levels), "canvas": canvases.astype(np.float16),
+        "seed": seeds, "label": labels, "level": np.arange(levels) if level_ids is None else np.asarray(level_ids, np.int64), "canvas": canvases.astype(np.float16),
         "image": images, "regions": regions.astype(np.int16)})
     zarr_store.mark_complete(path, {"trajectories": k})
 

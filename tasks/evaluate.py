@@ -5,6 +5,14 @@ Reads the latent/teacher/image stores and the checkpoints; writes the evaluation
 Parquet part for the run. Samples are streamed in batches (models.streaming_eval), so
 50k samples never sit in memory; the real side's image statistics are cached with the
 real set (tasks.evaluate_reference).
+
+With `generator.mode: flat` the flat baseline is evaluated instead of the level generators, into
+its own folder (`evaluate-flat-<key>`, beside the staged `evaluate-<key>`): one step from the final
+level's noise to the latent; FD-DINOv2 / FID / KID / IS of the decoded final, the final level's FD,
+re-encode agreement against the hierarchy rebuilt on the final (variant "final_hierarchy", which the
+staged run also writes) and the decoder's PSNR / SSIM are numbers; what needs staged canvases
+(per-level FD below the final, nesting, plan adherence, plan re-encode agreement, edits) is written
+as skipped with the reason. Every row carries the mode.
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ from storage import zarr_store
 from storage.checkpoints import load_checkpoint
 from storage.config import TFConfig
 from storage.files import remove_tree
+from pathlib import Path
+
 from storage.keys import CODE_VERSIONS, Layout, stable_hash
 from storage.scenes import masks_to_grid
 from storage.tables import metric_row, write_metrics
@@ -40,9 +50,47 @@ from tasks.level_data import canvases, load_latents, load_regions
 from tasks.progress import Progress
 from tasks.stage import pick_device, stage_lock, stage_result
 from tasks.structure_pool import process_structure
-from tasks.train import decoder_config, generator_config, num_classes
+from tasks.train import decoder_config, flat_generator_dir, generator_config, load_flat_generator, num_classes
 
 INCEPTION_METRICS = ("fid", "kid_mean", "kid_std", "is_mean", "is_std")
+CONTROL_METRICS = ("locality_latent", "locality_pixel", "adherence", "adherence_baseline",
+                   "preservation_coarse_identical", "preservation_psnr_outside", "preservation_ssim_outside")
+FLAT_REASON = "flat baseline: one step straight to the latent, no staged canvas / plan at this level"
+
+
+def _flat_key(layout: Layout, cfg: TFConfig) -> str:
+    return flat_generator_dir(layout, cfg).name.removeprefix("generator-flat-")
+
+
+def evaluation_key(layout: Layout, cfg: TFConfig) -> str:
+    """The staged evaluation's key; for the flat baseline, the same hash over the flat generator."""
+    if cfg.generator.mode != "flat":
+        return layout.keys.evaluate
+    return stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": [_flat_key(layout, cfg)],
+                        "mode": "flat", "decoder": layout.keys.decoder, "teacher": layout.keys.teacher,
+                        "v": CODE_VERSIONS["evaluate"]})
+
+
+def evaluation_dir(layout: Layout, cfg: TFConfig) -> Path:
+    """`evaluate-<key>` (staged) or `evaluate-flat-<key>`: both evaluations of one root sit side by side."""
+    if cfg.generator.mode != "flat":
+        return layout.evaluation()
+    return layout.root / f"evaluate-flat-{evaluation_key(layout, cfg)}"
+
+
+def _flat_skipped_rows(levels: int, **labels) -> list[dict]:
+    """What needs the staged canvases, written as skipped for the flat baseline (never a number)."""
+    rows = [metric_row("per_level", "fd_level", None, level=level, variant=variant, status="skipped",
+                       reason=FLAT_REASON, **labels)
+            for level in range(levels - 1) for variant in ("mean_pooled", "tokens")]
+    rows += [metric_row("structure", "nesting", None, level=level, status="skipped", reason=FLAT_REASON, **labels)
+             for level in range(levels - 2)]
+    rows += [metric_row("structure", metric, None, level=level, status="skipped", reason=FLAT_REASON, **labels)
+             for metric in ("plan_adherence", "reencode_ari", "reencode_miou") for level in range(levels - 1)]
+    rows += [metric_row("control", metric, None, level=level, status="skipped",
+                        reason="flat baseline: no levels to edit", **labels)
+             for metric in CONTROL_METRICS for level in range(levels)]
+    return rows
 
 
 def _load_generators(cfg: TFConfig, layout: Layout, grid: int, dim: int, device: str) -> list[TrajectoryDiT]:
@@ -128,19 +176,20 @@ def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, in
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> dict:
-    with stage_lock(cfg, Layout(root, cfg).evaluation()):   # a second run on this store waits or fails here
+    with stage_lock(cfg, evaluation_dir(Layout(root, cfg), cfg)):   # a second run on this store waits or fails here
         return _evaluate(cfg, root, run_id, force)
 
 
 def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
-    out = layout.evaluation()
+    flat = cfg.generator.mode == "flat"
+    out, key = evaluation_dir(layout, cfg), evaluation_key(layout, cfg)
     if force:
         remove_tree(out)
     if zarr_store.is_complete(out):
         done = zarr_store.completion(out)
-        return stage_result("evaluate", layout.keys.evaluate, out, False, started, metrics_table=done["table"],
+        return stage_result("evaluate", key, out, False, started, metrics_table=done["table"],
                             grid_png=str(out / "grid.png"), rows=done["metrics_rows"])
     ev = cfg.evaluate
     device = pick_device(cfg.device)
@@ -148,7 +197,8 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
     teacher = load_regions(layout.teacher(), latents.index)
     grid, dim, levels = latents.grid, latents.tokens.shape[-1], cfg.hierarchy.num_levels
     patch = cfg.source.image_size // grid
-    generators = _load_generators(cfg, layout, grid, dim, device)
+    generators = [load_flat_generator(cfg, root, grid, dim, device)] if flat else \
+        _load_generators(cfg, layout, grid, dim, device)
     decoder = TokenDecoder(decoder_config(cfg, grid, dim))
     decoder_tensors, decoder_meta = load_checkpoint(layout.decoder() / "decoder", device)
     decoder.load_state_dict(decoder_tensors)
@@ -166,7 +216,8 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
             batch_size=ev.batch_size, device=device, region_threshold=ev.region_threshold, keep=keep,
             reencode_samples=ev.reencode_samples, structure_samples=ev.structure_samples,
             tokens_per_sample=ev.tokens_per_sample, structure_runner=process_structure(ev.structure_workers),
-            token_shape=(grid * grid, dim), progress=lambda done, total, timing: bar.advance(done - bar.done))
+            token_shape=(grid * grid, dim), progress=lambda done, total, timing: bar.advance(done - bar.done),
+            mode=cfg.generator.mode, latent_stats=(latents.mean, latents.std))
     kid_real = len(reference.get(KID_FEATURES, ()))
     kid_size = max(1, min(1000, kid_real, 0 if result.inception_pool is None else len(result.inception_pool)))
     values = metric_values(result, reference, kid_subset_size=kid_size)
@@ -177,42 +228,51 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
         with torch.no_grad():
             return np.concatenate([tensor_to_images(decoder(b.to(device)).cpu()) for b in tokens.split(64)])
 
-    # Edits on the kept trajectories, re-sampled in float32 like the edited ones so only the edit differs.
     kept = result.kept
-    kept_labels = torch.from_numpy(kept.labels).to(device)
-    noises = level_noises(levels, grid * grid, dim, kept.seeds.tolist(), device)
-    with torch.no_grad():
-        base = sample_trajectory(generators, noises, kept_labels)
-    regions = generated_regions([c.float().cpu().numpy() for c in base], ev.region_threshold)
-    specs = plan_edits(keep, regions, levels, ev.edits_per_level, ev.seed)
-    control, edited = run_edit_suite(generators, noises, kept_labels, base, regions, specs, decode, grid, patch)
-    values += control
+    if flat:   # no levels to edit; the kept regions are the hierarchy rebuilt on each final
+        regions = [kept.regions[:, level] for level in range(levels - 1)]
+    else:   # edits on the kept trajectories, re-sampled in float32 like the edited ones so only the edit differs
+        kept_labels = torch.from_numpy(kept.labels).to(device)
+        noises = level_noises(levels, grid * grid, dim, kept.seeds.tolist(), device)
+        with torch.no_grad():
+            base = sample_trajectory(generators, noises, kept_labels)
+        regions = generated_regions([c.float().cpu().numpy() for c in base], ev.region_threshold)
+        specs = plan_edits(keep, regions, levels, ev.edits_per_level, ev.seed)
+        control, edited = run_edit_suite(generators, noises, kept_labels, base, regions, specs, decode, grid, patch)
+        values += control
     if zarr_store.has_array(layout.images(), "masks"):
         truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[latents.index], grid)
         values += hierarchy_alignment(teacher.numpy(), truth.reshape(len(truth), truth.shape[1], -1))
 
     rows = _quality_rows(quality, dinov2["row"], inception["row"], inception["reason"])
     rows += _rows(values, ev.bootstrap, feature_extractor=cfg.encoder.model, extractor_weights=weights_label)
+    if flat:
+        rows += _flat_skipped_rows(levels, feature_extractor=cfg.encoder.model, extractor_weights=weights_label)
     rows += [metric_row("decoder", name, decoder_meta[key], n=decoder_meta.get("holdout_n", 0))
              for name, key in (("holdout_psnr", "holdout_psnr"), ("holdout_ssim", "holdout_ssim"))]
     context = {"latents_key": layout.keys.latents, "teacher_key": layout.keys.teacher,
-               "model_key": stable_hash([layout.keys.decoder, *layout.keys.generators]),
-               "code_version": f"evaluate-v{CODE_VERSIONS['evaluate']}", "encoder_weights": latents.weights_label}
+               "model_key": stable_hash([layout.keys.decoder, _flat_key(layout, cfg)] if flat else
+                                        [layout.keys.decoder, *layout.keys.generators]),
+               "code_version": f"evaluate-v{CODE_VERSIONS['evaluate']}", "encoder_weights": latents.weights_label,
+               "mode": cfg.generator.mode}
     table = write_metrics(root, run_id, rows, context)
 
     ids = [f"traj-{s}" for s in seeds]
-    attrs = {"stage": "evaluate", "key": layout.keys.evaluate, "run_id": run_id,
-             "encoder_weights": latents.weights_label}
+    attrs = {"stage": "evaluate", "key": key, "run_id": run_id, "encoder_weights": latents.weights_label,
+             "mode": cfg.generator.mode}
+    stored = kept.canvases.shape[1]   # every level, or the final alone (flat)
     write_trajectories(out / "trajectories.zarr", ids[:keep], kept.seeds, kept.labels,
-                       kept.canvases.reshape(keep, levels, grid, grid, dim), kept.images,
-                       np.stack(regions, 1).reshape(keep, levels - 1, grid, grid), attrs)
-    _write_edits(out, run_id, ids, specs, edited, regions, kept, decode, attrs, levels, grid, dim)
+                       kept.canvases.reshape(keep, stored, grid, grid, dim), kept.images,
+                       np.stack(regions, 1).reshape(keep, levels - 1, grid, grid), attrs,
+                       level_ids=np.arange(levels - stored, levels))
+    if not flat:
+        _write_edits(out, run_id, ids, specs, edited, regions, kept, decode, attrs, levels, grid, dim)
     write_grid(out / "grid.png", kept.images[:min(ev.grid_rows, keep)])
     publish_artifacts(run_id, rows, out, table)
     timing = {k: round(float(v), 3) for k, v in result.timing.items()}
     zarr_store.mark_complete(out, {"run_id": run_id, "metrics_rows": len(rows), "table": str(table),
                                    "timing_s": timing, "counts": result.counts, "reference_reused": reference_reused})
-    return stage_result("evaluate", layout.keys.evaluate, out, True, started, metrics_table=str(table),
+    return stage_result("evaluate", key, out, True, started, metrics_table=str(table),
                         grid_png=str(out / "grid.png"), rows=len(rows), reference_reused=reference_reused)
 
 

@@ -26,12 +26,13 @@ from models.structure_stream import InlineStructure, structure_chunk
 
 def _chunk_from_files(canvas_file: str, canvas_shape: tuple, lo: int, hi: int,
                       reencode_file: str | None, reencode_shape: tuple | None, r_lo: int, r_hi: int,
-                      threshold: float, spec: HierarchySpec | None, want_regions: int) -> dict:
-    canvases = np.memmap(canvas_file, dtype=np.float32, mode="r", shape=canvas_shape)[:, lo:hi]
+                      threshold: float, spec: HierarchySpec | None, want_regions: int,
+                      used_levels: int | None = None, latent_stats: tuple | None = None) -> dict:
+    canvases = np.memmap(canvas_file, dtype=np.float32, mode="r", shape=canvas_shape)[:used_levels, lo:hi]
     reencoded = None
     if reencode_file is not None and r_hi > r_lo:
         reencoded = np.memmap(reencode_file, dtype=np.float32, mode="r", shape=reencode_shape)[r_lo:r_hi]
-    return structure_chunk(canvases, reencoded, threshold, spec, want_regions)
+    return structure_chunk(canvases, reencoded, threshold, spec, want_regions, latent_stats)
 
 
 def _worker_init() -> None:
@@ -54,9 +55,9 @@ class ProcessStructure(InlineStructure):
 
     def __init__(self, num_samples: int, reencode: int, levels: int, batch: int, tokens: int, channels: int,
                  reencode_shape: tuple | None, threshold: float, spec: HierarchySpec | None, want_regions: int,
-                 *, workers: int, inflight: int):
+                 latent_stats: tuple | None = None, *, workers: int, inflight: int):
         super().__init__(num_samples, reencode, levels, batch, tokens, channels, reencode_shape, threshold,
-                         spec, want_regions)
+                         spec, want_regions, latent_stats)
         self.workers = max(1, workers)
         slot_bytes = levels * batch * tokens * channels * 4
         r_bytes = int(np.prod(reencode_shape)) * 4 if reencode_shape else 0
@@ -93,7 +94,8 @@ class ProcessStructure(InlineStructure):
             r_lo, r_hi = start + lo, start + min(hi, r)
             future = self.pool.submit(_chunk_from_files, self.slots[slot], self.slot_shape, lo, hi,
                                       self.reencode_file if r_hi > r_lo else None, self.reencode_shape,
-                                      r_lo, r_hi, self.threshold, self.spec, max(0, min(want - lo, hi - lo)))
+                                      r_lo, r_hi, self.threshold, self.spec, max(0, min(want - lo, hi - lo)),
+                                      len(canvases), self.latent_stats)
             self.slot_futures[slot].append((start + lo, future))
 
     def _drain(self, slot: int) -> None:

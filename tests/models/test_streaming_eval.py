@@ -96,10 +96,13 @@ def in_memory(models):
         images = [tensor_to_images(decoder(c)) for c in trajectory]
     regions = generated_regions(generated, THRESHOLD)
     reencoded = encode_images(encoder, images[-1][:REENCODE])
-    rebuilt = build_hierarchies(reencoded, SPEC)
+    rebuilt = build_hierarchies(reencoded, SPEC).reshape(REENCODE, LEVELS - 1, -1)
+    final_ids = build_hierarchies(generated[-1][:REENCODE].reshape(REENCODE, GRID, GRID, C), SPEC)
+    final_ids = final_ids.reshape(REENCODE, LEVELS - 1, -1)
     return {"labels": labels, "generated": generated, "images": images, "regions": regions,
             "structure": structural_consistency(generated, regions),
-            "reencode": reencode_agreement([r[:REENCODE] for r in regions], rebuilt.reshape(REENCODE, LEVELS - 1, -1)),
+            "reencode": reencode_agreement([r[:REENCODE] for r in regions], rebuilt),
+            "reencode_final": reencode_agreement([final_ids[:, l] for l in range(LEVELS - 1)], rebuilt),
             "dinov2": stub_dinov2(images[-1]), "inception": stub_inception(images[-1])}
 
 
@@ -158,6 +161,8 @@ def test_per_sample_structure_is_identical_for_any_batch_size(results, in_memory
     expected = {}
     for v in in_memory["structure"] + in_memory["reencode"]:
         expected.setdefault(v.metric, []).append(v.values)
+    for v in in_memory["reencode_final"]:
+        expected.setdefault(v.metric + "_final", []).append(v.values)
     expected = {metric: np.stack(columns, 1) for metric, columns in expected.items()}
     assert expected["nesting"].shape == (N, LEVELS - 2) and expected["reencode_ari"].shape == (REENCODE, LEVELS - 1)
     assert np.isfinite(expected["plan_adherence"]).all() and 0 < np.nanmean(expected["nesting"]) <= 1
@@ -167,7 +172,8 @@ def test_per_sample_structure_is_identical_for_any_batch_size(results, in_memory
         values = [v for v in metric_values(result, {}) if v.group == "structure"]
         assert [(v.metric, v.level) for v in values] == (
             [("nesting", l) for l in range(LEVELS - 2)] + [("plan_adherence", l) for l in range(LEVELS - 1)]
-            + [(m, l) for m in ("reencode_ari", "reencode_miou") for l in range(LEVELS - 1)])
+            + [(m, l) for m in ("reencode_ari", "reencode_miou") for l in range(LEVELS - 1)] * 2)
+        assert {v.variant for v in values if v.metric == "reencode_ari"} == {"", "final_hierarchy"}
 
 
 def test_kept_subset_is_the_first_k_trajectories(results, in_memory):
@@ -203,7 +209,7 @@ def test_timing_and_counts(results):
 def test_threads_and_worker_processes_match_inline(models, results):
     result = run(models, 10, noise_threads=2, structure_runner=process_structure(1, 2), overlap_features=True)
     inline = results[3]
-    for metric in ("nesting", "plan_adherence", "reencode_ari", "reencode_miou"):
+    for metric in ("nesting", "plan_adherence", "reencode_ari", "reencode_miou", "reencode_ari_final"):
         np.testing.assert_array_equal(result.per_sample[metric], inline.per_sample[metric])
     np.testing.assert_array_equal(result.kept.regions, inline.kept.regions)
     assert result.timing["structure_cpu"] > 0 and result.timing["features_busy"] > 0
@@ -232,3 +238,36 @@ def test_token_subsample_depends_on_the_sample_only():
     assert whole.shape == (50, 4) and whole.min() >= 0 and whole.max() < T
     np.testing.assert_array_equal(token_subsample(np.arange(20, 30), T, 4, seed=3), whole[20:30])
     assert not np.array_equal(token_subsample(np.arange(50), T, 4, seed=4), whole)
+
+
+def test_flat_mode_scores_the_final_latent_alone(models, in_memory, reference, real):
+    """The flat baseline: one model, one step from the last level's noise; only what a final latent has."""
+    from models.flat import sample_flat
+
+    _, decoder, encoder = models
+    flat_model = StubGenerator(LEVELS - 1).eval()
+    labels = torch.from_numpy(in_memory["labels"])
+    with torch.no_grad():
+        final = sample_flat(flat_model, level_noises(LEVELS, T, C, SEEDS.tolist())[-1], labels, LEVELS).numpy()
+        images = tensor_to_images(decoder(torch.from_numpy(final)))
+    rebuilt = build_hierarchies(encode_images(encoder, images[:REENCODE]), SPEC).reshape(REENCODE, LEVELS - 1, -1)
+    m = max(KEEP, REENCODE)
+    own = build_hierarchies(final[:m].reshape(m, GRID, GRID, C), SPEC).reshape(m, LEVELS - 1, -1)
+    expected = reencode_agreement([own[:REENCODE, l] for l in range(LEVELS - 1)], rebuilt)
+    for batch, runner in ((5, None), (10, process_structure(1, 2))):
+        result = evaluate_streaming([flat_model], decoder, SEEDS, LABEL_POOL, stub_dinov2, inception_fn=stub_inception,
+                                    encoder=encoder, hierarchy_spec=SPEC, batch_size=batch, keep=KEEP,
+                                    reencode_samples=REENCODE, tokens_per_sample=TOKENS, mode="flat",
+                                    structure_runner=runner)
+        assert result.mode == "flat" and result.kept.canvases.shape == (KEEP, 1, T, C)
+        np.testing.assert_array_equal(result.kept.canvases[:, 0], final[:KEEP])
+        np.testing.assert_array_equal(result.kept.images[:, 0], images[:KEEP])
+        np.testing.assert_array_equal(result.kept.regions, own[:KEEP])
+        values = by_key(metric_values(result, reference))
+        assert {k[2] for k in values if k[1] == "fd_level"} == {LEVELS - 1}
+        assert not [k for k in values if k[1] in ("nesting", "plan_adherence")]
+        assert {k[3] for k in values if k[1] in ("reencode_ari", "reencode_miou")} == {"final_hierarchy"}
+        for v in expected:
+            np.testing.assert_array_equal(values[("structure", v.metric, v.level, "final_hierarchy")].values, v.values)
+        assert rel(float(values[("quality", DINOV2, -1, "")].values[0]),
+                   fd_from_features(stub_dinov2(images), stub_dinov2(real[0]))) < 1e-6
