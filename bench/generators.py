@@ -1,0 +1,242 @@
+"""Generator training speed on one GPU: the B-size mean-flow step with its JVP vs a plain step.
+
+    python3 bench/generators.py --preset B --batch 256 --grid 16 --token-dim 768 --out bench/results
+
+Needs only torch (+ triton on CUDA): no Prefect, Dask or Zarr. Measures, on synthetic canvases:
+  - plain_*:   forward of both heads, MSE on both outputs, backward, AdamW step (the reference point);
+  - jvp_<kind>_*: the training step of models/meanflow.py (forward, tangent pass, backward, AdamW),
+    with the tangent pass "kernel" (models/dit_jvp.py: fused SDPA + forward-only Triton tangent
+    kernel) or "math" (torch.func.jvp through the written-out attention), eager or torch.compile'd;
+and first checks the Triton tangent kernel against torch.func.jvp of the math attention on the GPU.
+
+FLOPs counted per sample (documented in the README):
+  forward  F   = torch.utils.flop_counter on the model's forward (both heads; matmuls and SDPA),
+  backward 2F,
+  tangent  J   = flop_counter on the written-out x-head pass (value + tangent matmuls, SDPA value)
+                 + 8 T^2 width per block for the attention tangent kernel (dQ K^T, Q dK^T, (P*dS) V, P dV;
+                 the kernel also recomputes P V and Q K^T, which are not counted).
+  plain step: 3F; JVP step: 3F + J. MFU = counted FLOPs / step time / 989 TFLOP/s (H200 dense bf16).
+  The tangent pass recomputes the x path's values (its direction v_c is the forward's own output);
+  mfu_without_recompute counts J minus those value FLOPs, the stricter figure.
+Writes bench/results/generators.json with train_img_per_s, mfu, jvp_step_cost_ratio (best JVP step
+time / plain step time, same compile setting) and peak memory per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from bench.results_io import write_result  # noqa: E402
+from models.dit import TrajectoryDiT, dit_config  # noqa: E402
+from models.dit_jvp import x_head_jvp  # noqa: E402
+from models.jvp_attention import math_attention_fn, tangent_torch, tangent_triton  # noqa: E402
+from models.meanflow import MeanFlowConfig, meanflow_loss, time_derivative  # noqa: E402
+
+H200_BF16_DENSE = 989e12
+
+
+def kernel_check(device: str, heads: int, tokens: int, dim: int) -> dict:
+    """Triton tangent vs torch.func.jvp of the math attention (float64 reference), and its speed."""
+    out: dict = {}
+    g = torch.Generator(device).manual_seed(0)
+    shape = (4, heads, tokens, dim)
+    ref_in = [torch.randn(shape, generator=g, device=device, dtype=torch.float64) for _ in range(6)]
+    reference = torch.func.jvp(math_attention_fn, tuple(ref_in[:3]), tuple(ref_in[3:]))[1]
+    scale = float(reference.abs().max())
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        try:
+            got = tangent_triton(*(x.to(dtype) for x in ref_in)).double()
+            out[f"max_rel_error_{name}"] = float((got - reference).abs().max()) / scale
+        except Exception as error:   # e.g. no fp64 dot on this GPU/triton: recorded, not hidden
+            out[f"max_rel_error_{name}"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
+    bf16_torch = tangent_torch(*(x.to(torch.bfloat16) for x in ref_in)).double()
+    out["max_rel_error_bfloat16_torch_formula"] = float((bf16_torch - reference).abs().max()) / scale
+    # speed at the training shape
+    big = [torch.randn((256, heads, tokens, dim), device=device, dtype=torch.bfloat16) for _ in range(6)]
+    timings = {}
+    for block_m, block_n, warps, stages in ((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3),
+                                            (128, 64, 4, 3)):
+        try:
+            for _ in range(2):
+                tangent_triton(*big, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(10):
+                tangent_triton(*big, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+            torch.cuda.synchronize()
+            timings[f"{block_m}x{block_n}_w{warps}_s{stages}"] = (time.perf_counter() - start) / 10 * 1e3
+        except Exception as error:
+            timings[f"{block_m}x{block_n}_w{warps}_s{stages}"] = f"failed: {type(error).__name__}"
+    sdpa_ms = _time(lambda: F.scaled_dot_product_attention(*big[:3]), 10)
+    out["tangent_kernel_ms"] = timings
+    out["sdpa_forward_ms"] = sdpa_ms * 1e3
+    flops = 12 * tokens * tokens * dim * heads * 256   # all six matmuls the kernel does
+    best = min(v for v in timings.values() if isinstance(v, float))
+    out["tangent_kernel_tflops"] = flops / (best / 1e3) / 1e12
+    return out
+
+
+def _time(fn, steps: int) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def count_flops(model: TrajectoryDiT, batch: dict) -> dict:
+    cfg = model.config
+    tokens, width = cfg.grid * cfg.grid, cfg.width
+    small = {k: v[:2] for k, v in batch.items()}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with FlopCounterMode(display=False) as counter:
+            model(small["z"], small["h"], small["cond"], small["label"], small["level"])
+        forward = counter.get_total_flops() / 2
+        with FlopCounterMode(display=False) as counter:
+            x_head_jvp(model, small["z"], small["h"], small["cond"], small["label"], small["level"], small["z"],
+                       torch.ones_like(small["h"]))
+        x_blocks = cfg.depth   # trunk + x head
+        tangent = counter.get_total_flops() / 2 + 8 * tokens * tokens * width * x_blocks
+        with FlopCounterMode(display=False) as counter:   # the v head alone, to split off the x path's value
+            hidden, c = torch.randn(2, tokens, width, device=small["z"].device), torch.randn(2, width, device=small["z"].device)
+            for block in model.v_blocks:
+                hidden = block(hidden, c)
+            model.v_final(hidden, c)
+        x_value = forward - counter.get_total_flops() / 2
+    # the tangent pass recomputes the x path's values (the tangent direction v_c is the forward's own
+    # output, so it cannot start earlier): "tangent" counts them, "tangent_only" does not
+    return {"forward": forward, "backward": 2 * forward, "tangent": tangent, "tangent_only": tangent - x_value}
+
+
+def make_batch(cfg, batch: int, device: str) -> dict:
+    g = torch.Generator(device).manual_seed(0)
+    tokens = cfg.grid * cfg.grid
+    return {"z": torch.randn(batch, tokens, cfg.token_dim, generator=g, device=device),
+            "cond": torch.randn(batch, tokens, cfg.token_dim, generator=g, device=device),
+            "h": torch.rand(batch, generator=g, device=device),
+            "label": torch.randint(0, cfg.num_classes, (batch,), generator=g, device=device),
+            "level": torch.randint(0, cfg.num_levels, (batch,), generator=g, device=device),
+            "regions": torch.randint(0, 8, (batch, tokens), generator=g, device=device)}
+
+
+def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int) -> dict:
+    """kind None: the plain step; else the mean-flow step with that tangent pass."""
+    torch._dynamo.reset()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    net = torch.compile(model) if compiled else model
+    tangent_fn = torch.compile(time_derivative) if compiled else time_derivative
+    objective = MeanFlowConfig(jvp_attention=kind or "kernel")
+    gen = torch.Generator("cuda").manual_seed(0)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if kind is None:
+                x_hat, v_hat = net(batch["z"], batch["h"], batch["cond"], batch["label"], batch["level"])
+                loss = F.mse_loss(x_hat.float(), batch["cond"]) + F.mse_loss(v_hat.float(), batch["z"])
+            else:
+                loss, _ = meanflow_loss(net, batch["cond"], batch["z"], batch["label"], batch["level"],
+                                        batch["regions"], objective, gen, jvp_model=model, tangent_fn=tangent_fn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        step()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        seconds = _time(step, steps)
+    except torch.cuda.OutOfMemoryError as error:
+        return {"error": f"OutOfMemoryError: {str(error)[:160]}"}
+    finally:
+        del optimizer
+        gc.collect()
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    torch.cuda.empty_cache()
+    return {"step_s": seconds, "first_step_s": first, "peak_gpu_mem_gib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="B")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--token-dim", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--variants", default="plain:eager,plain:compile,kernel:eager,kernel:compile,math:eager")
+    parser.add_argument("--out", default=None, help="folder for generators.json (default bench/results)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/generators.py measures GPU training: no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = "cuda"
+    cfg = dit_config(args.preset, token_dim=args.token_dim, grid=args.grid, num_classes=1000, num_levels=4)
+    report: dict = {"config": {"preset": args.preset, "batch": args.batch, "tokens": args.grid ** 2,
+                               "token_dim": args.token_dim, "width": cfg.width, "depth": cfg.depth,
+                               "head_depth": cfg.head_depth, "heads": cfg.heads, "dtype": "bf16 autocast",
+                               "optimizer": "AdamW fused", "torch": torch.__version__}}
+    report["kernel_check"] = kernel_check(device, cfg.heads, args.grid ** 2, cfg.width // cfg.heads)
+    print(report["kernel_check"], flush=True)
+    model = TrajectoryDiT(cfg).to(device)
+    with torch.no_grad():   # adaLN-Zero gates start at zero; nudge them so every path does real work
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    batch = make_batch(cfg, args.batch, device)
+    flops = count_flops(model, batch)
+    report["flops_per_sample"] = flops
+    plain_flops = 3 * flops["forward"]
+    jvp_flops = plain_flops + flops["tangent"]
+    jvp_flops_strict = plain_flops + flops["tangent_only"]
+    variants = {}
+    for spec in args.variants.split(","):
+        kind, mode = spec.split(":")
+        result = run_variant(model, batch, None if kind == "plain" else kind, mode == "compile", args.steps)
+        if "step_s" in result:
+            counted = plain_flops if kind == "plain" else jvp_flops
+            result["img_per_s"] = args.batch / result["step_s"]
+            result["mfu"] = counted * args.batch / result["step_s"] / H200_BF16_DENSE
+            if kind != "plain":
+                result["mfu_without_recompute"] = jvp_flops_strict * args.batch / result["step_s"] / H200_BF16_DENSE
+        variants[spec] = result
+        print(spec, result, flush=True)
+    report["variants"] = variants
+
+    def best(prefix: str, mode: str) -> float | None:
+        times = [v["step_s"] for k, v in variants.items() if k.startswith(prefix) and k.endswith(mode) and "step_s" in v]
+        return min(times) if times else None
+
+    jvp_keys = [k for k, v in variants.items() if not k.startswith("plain") and "step_s" in v]
+    top = min(jvp_keys, key=lambda k: variants[k]["step_s"])
+    mode = top.split(":")[1]
+    plain = best("plain", mode)
+    figures = {"train_img_per_s": (round(variants[top]["img_per_s"], 1), "img/s"),
+               "mfu": (round(variants[top]["mfu"], 4), "fraction of 989 TFLOP/s"),
+               "mfu_without_recompute": (round(variants[top]["mfu_without_recompute"], 4), "fraction of 989 TFLOP/s"),
+               "jvp_step_cost_ratio": (round(variants[top]["step_s"] / plain, 3) if plain else math.nan, "x plain step"),
+               "plain_img_per_s": (round(args.batch / plain, 1) if plain else math.nan, "img/s"),
+               "peak_gpu_mem_gib": (round(variants[top]["peak_gpu_mem_gib"], 2), "GiB")}
+    report["best_variant"] = top
+    path = write_result("generators", figures, report)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "generators.json").write_text(path.read_text())
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
