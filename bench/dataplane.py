@@ -245,12 +245,16 @@ def main() -> None:
                 ready.record(side)
         return images01, ready
 
+    write_seconds: list[float] = []
+
     def store(chunk: int, start: int, rows: int, slot: int, copied) -> None:
         if copied is not None:
             copied.synchronize()
+        began = time.perf_counter()
         tokens = host_tokens[slot][:rows].numpy()
         zarr_store.write_chunk(latents, chunk, start, {"tokens": tokens, "label": labels[start:start + rows]})
         zarr_store.write_chunk(teacher, chunk, start, {"regions": host_regions[slot][:rows].numpy()})
+        write_seconds.append(time.perf_counter() - began)
 
     wall = time.perf_counter()
     ahead = {c: load(*chunks[c]) for c in range(min(3, len(chunks)))}
@@ -288,6 +292,9 @@ def main() -> None:
                 host_tokens[slot][:rows].copy_(tokens16)
                 host_regions[slot][:rows].copy_(regions)
             slot_writes[slot] = writers.submit(store, c, start, rows, slot, copied)
+        if cuda:
+            torch.cuda.synchronize(device)
+        gpu_loop_s = time.perf_counter() - wall   # every batch decoded, encoded, clustered and copied out
         for w in slot_writes:
             if w is not None:
                 w.result()
@@ -368,7 +375,10 @@ def main() -> None:
              "hierarchy_resident": {"linkage": linkage_used, "images": repeats * batch, "total_s": round(hierarchy_s, 4),
                                     "level0_kmeans_s": round(level0_s, 4),
                                     "part_levels_and_rest_s": round(hierarchy_s - level0_s, 4)},
-             "end_to_end_s": round(end_to_end_s, 2), "ari_per_level": [round(a, 4) for a in ari],
+             "end_to_end_s": round(end_to_end_s, 2), "gpu_loop_s": round(gpu_loop_s, 2),
+             "write_drain_s": round(end_to_end_s - gpu_loop_s, 2),
+             "chunk_write_s": {"mean": round(float(np.mean(write_seconds)), 3), "max": round(max(write_seconds), 3),
+                               "writers": args.writers}, "ari_per_level": [round(a, 4) for a in ari],
              "config": {"images": n, "classes": args.classes, "model": args.model, "batch": batch,
                         "readers": args.readers, "writers": args.writers, "compile": compiled, "cuda_graph": not args.no_graph,
                         "linkage": args.linkage,
