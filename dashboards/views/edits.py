@@ -24,10 +24,12 @@ def _pick_region(region: int) -> None:
 
 
 def _token_grid(ids: np.ndarray, selected: int) -> None:
-    """One button per token, labelled with its region id; a click selects that token's region."""
-    for y, row in enumerate(ids):
-        for x, column in enumerate(st.columns(len(row), gap="small")):
-            region = int(row[x])
+    """One button per token, labelled with its region id; a click selects that token's region. Drawn column
+    by column (one row of columns holding g buttons each): the same grid as a row of columns per token row,
+    with g + 1 layout blocks instead of g * (g + 1) for the browser to draw."""
+    for x, column in enumerate(st.columns(ids.shape[1], gap="small")):
+        for y in range(ids.shape[0]):
+            region = int(ids[y, x])
             column.button(str(region), key=f"cell_{y}_{x}", on_click=_pick_region, args=(region,),
                           type="primary" if region == selected else "secondary", width="stretch")
 

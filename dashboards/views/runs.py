@@ -7,6 +7,9 @@ import streamlit as st
 from dashboards import cache, data
 from dashboards.views.common import usable_root
 
+# session state: the per-level plots were put off once (the page's first run), the put-off fragment has run once
+PLOTS_SEEN, PLOTS_NEXT = "runs_plots_seen", "runs_plots_next"
+
 
 def render(root: str) -> None:
     if not usable_root(root):
@@ -34,6 +37,28 @@ def render(root: str) -> None:
     else:
         st.dataframe(table, hide_index=True, key="compare_table")
     chosen = tuple(dict.fromkeys([run_a, run_b]))
+    if st.session_state.get(PLOTS_SEEN):
+        per_level_plots(root, chosen, stamp)
+    else:
+        # The session's first run of this page: the tables above are its content and are drawn first; the
+        # seven charts (Vega, the costliest elements for the browser to draw) come with the next run.
+        st.session_state[PLOTS_SEEN] = True
+        _plots_next_run()
+
+
+@st.fragment(run_every=0.4)
+def _plots_next_run() -> None:
+    """Called by the first run: a line saying the plots come next. The browser runs this fragment again when
+    its interval is up (the timer fires once the page above is drawn), and that run asks for a run of the
+    whole page, which draws the plots; a full run also stops the fragment's timer."""
+    if not st.session_state.get(PLOTS_NEXT):
+        st.session_state[PLOTS_NEXT] = True
+        st.caption("Drawing the per-level plots ...")
+        return
+    st.rerun()
+
+
+def per_level_plots(root: str, chosen: tuple[str, ...], stamp: tuple) -> None:
     for title, metrics in data.PLOTS.items():
         st.markdown(f"**{title}** (per level, one bar per run)")
         columns = st.columns(len(metrics))
