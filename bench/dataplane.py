@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--linkage", choices=("auto", "triton", "torch"), default="auto",
                         help="merge loop of the hierarchy: fused Triton kernel, torch loop (CUDA graph), "
                              "or auto (Triton on CUDA where installed)")
+    parser.add_argument("--compress-latents", action="store_true",
+                        help="zstd-compress the latents (the stage default stores them raw)")
     parser.add_argument("--out", default=None, help="folder for dataplane.json (default bench/results)")
     args = parser.parse_args()
 
@@ -183,7 +185,8 @@ def main() -> None:
     # --- stores: the project's Zarr template, then disjoint chunk writes with markers ---------
     n, batch = len(paths), args.batch
     latents, teacher = workdir / "latents", workdir / "teacher"
-    zarr_store.create_store(latents, {"tokens": ArraySpec((n, grid, grid, dim), "float16", ("sample", "y", "x", "channel")),
+    zarr_store.create_store(latents, {"tokens": ArraySpec((n, grid, grid, dim), "float16", ("sample", "y", "x", "channel"),
+                                                                compressed=args.compress_latents),
                                       "label": ArraySpec((n,), "int64", ("sample",))}, batch,
                             {"stage": "latents", "encoder_weights": weights_label})
     zarr_store.create_store(teacher, {"regions": ArraySpec((n, spec.num_levels, grid, grid), "int16",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class ArraySpec:
     fill_value: Any = 0
     per_sample: bool = True         # chunked along axis 0; False = small array in one chunk
     chunk_rows: int | None = None   # rows per Zarr chunk along axis 0, overriding both of the above
+    compressed: bool = True         # False: raw bytes (float latents barely compress and zstd caps write speed)
 
 
 def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attrs: dict) -> None:
@@ -56,8 +58,9 @@ def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attr
             chunks = (max(1, min(spec.chunk_rows, spec.shape[0])),) + spec.shape[1:]
         else:
             chunks = (min(chunk_size, spec.shape[0]),) + spec.shape[1:] if spec.per_sample else spec.shape
+        codec = {} if spec.compressed else {"compressors": None}
         group.create_array(name, shape=spec.shape, chunks=chunks, dtype=spec.dtype,
-                           dimension_names=list(spec.dims), fill_value=spec.fill_value)
+                           dimension_names=list(spec.dims), fill_value=spec.fill_value, **codec)
     group.attrs.update({"schema_version": SCHEMA_VERSION, "chunk_size": chunk_size,
                         "stage_attrs": _jsonable(attrs), **_jsonable(attrs)})
     if final.exists():   # a template without zarr.json, left by a kill before templates were atomic
@@ -124,11 +127,39 @@ def pending_chunks(path: Path, num_chunks: int) -> list[int]:
     return [c for c in range(num_chunks) if not chunk_done(path, c)]
 
 
+def _raw_chunk_file(array: zarr.Array, folder: Path, start: int, data: np.ndarray) -> Path | None:
+    """The file of the one Zarr chunk that `data` fills exactly, when the array stores raw
+    little-endian bytes under the default "/" key encoding; else None (zarr writes it)."""
+    chunks, shape = array.chunks, array.shape
+    if array.compressors or array.filters or getattr(array.serializer, "endian", None) is None and data.itemsize > 1:
+        return None
+    encoding = array.metadata.chunk_key_encoding
+    if getattr(encoding, "separator", None) != "/" or type(encoding).__name__ != "DefaultChunkKeyEncoding":
+        return None
+    if start % chunks[0] or len(data) != chunks[0] or tuple(chunks[1:]) != tuple(shape[1:]) \
+            or data.shape[1:] != tuple(shape[1:]) or sys.byteorder != "little":
+        return None
+    return folder.joinpath("c", str(start // chunks[0]), *("0" for _ in shape[1:]))
+
+
 def write_chunk(path: Path, chunk: int, start: int, values: dict[str, np.ndarray], info: dict | None = None) -> None:
-    """Fill one chunk region of every array in `values`, then write its marker last."""
+    """Fill one chunk region of every array in `values`, then write its marker last.
+
+    A region that is exactly one raw (uncompressed) Zarr chunk is written as that chunk's file
+    directly (temporary file, then rename): zarr funnels every writer thread through one event
+    loop, which capped parallel chunk writes near 0.8 GB/s on the H200 host."""
     group = zarr.open_group(str(zarr_path(path)), mode="r+")
     for name, data in values.items():
-        group[name][start:start + len(data)] = data
+        array = group[name]
+        raw = _raw_chunk_file(array, zarr_path(path) / name, start, data)
+        if raw is None:
+            array[start:start + len(data)] = data
+            continue
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        tmp = raw.with_name(f".{raw.name}.tmp-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as handle:
+            handle.write(memoryview(np.ascontiguousarray(data, dtype=array.dtype)).cast("B"))
+        os.replace(tmp, raw)
     atomic_write_text(_marker(path, chunk), json.dumps({"chunk": chunk, "start": start, **(info or {})}))
 
 

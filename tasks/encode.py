@@ -35,7 +35,7 @@ GPU_RESOURCES = {"GPU": 1}
 def latent_store_arrays(num: int, num_chunks: int, grid: int, dim: int, dtype) -> dict[str, ArraySpec]:
     return {
         "sample": ArraySpec((num,), str, ("sample",), fill_value=""),
-        "tokens": ArraySpec((num, grid, grid, dim), dtype, ("sample", "gy", "gx", "channel")),
+        "tokens": ArraySpec((num, grid, grid, dim), dtype, ("sample", "gy", "gx", "channel"), compressed=False),
         "label": ArraySpec((num,), np.int64, ("sample",), fill_value=-1),
         "valid": ArraySpec((num,), bool, ("sample",), fill_value=False),
         # One row per encode chunk, each its own Zarr chunk: parallel chunk tasks never share a file.

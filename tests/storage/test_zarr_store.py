@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import zarr
 
 from storage import zarr_store
 from storage.zarr_store import ArraySpec
@@ -51,3 +52,32 @@ def test_chunk_bounds_cover_every_sample_once():
     bounds = zarr_store.chunk_bounds(103, 16)
     covered = np.concatenate([np.arange(a, b) for a, b in bounds])
     assert np.array_equal(covered, np.arange(103))
+
+
+def test_raw_chunks_are_written_directly_and_read_back_by_zarr_and_xarray(tmp_path):
+    """Uncompressed arrays take the direct chunk-file path for whole chunks; the partial last chunk
+    and compressed arrays go through zarr. Every value reads back exactly either way."""
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((10, 4, 4, 6)).astype(np.float16)
+    labels = np.arange(10, dtype=np.int64)
+    zarr_store.create_store(tmp_path / "s", {
+        "raw": ArraySpec(tokens.shape, "float16", ("sample", "gy", "gx", "channel"), compressed=False),
+        "packed": ArraySpec(tokens.shape, "float16", ("sample", "gy", "gx", "channel")),
+        "label": ArraySpec((10,), "int64", ("sample",), compressed=False)}, 4, {"stage": "test"})
+    group = zarr.open_group(str(zarr_store.zarr_path(tmp_path / "s")), mode="r")
+    assert group["raw"].compressors == () and group["packed"].compressors != ()
+    for chunk, (start, stop) in enumerate(zarr_store.chunk_bounds(10, 4)):
+        raw_file = zarr_store._raw_chunk_file(group["raw"], tmp_path, start, tokens[start:stop])
+        assert (raw_file is not None) == (stop - start == 4)   # the 2-row tail goes through zarr
+        zarr_store.write_chunk(tmp_path / "s", chunk, start, {"raw": tokens[start:stop], "packed": tokens[start:stop],
+                                                            "label": labels[start:stop]})
+    assert np.array_equal(zarr_store.open_array(tmp_path / "s", "raw")[:], tokens)
+    assert np.array_equal(zarr_store.open_array(tmp_path / "s", "packed")[:], tokens)
+    assert np.array_equal(zarr_store.open_array(tmp_path / "s", "label")[:], labels)
+    assert np.array_equal(zarr_store.open_dataset(tmp_path / "s")["raw"].values, tokens)
+    chunk_file = zarr_store.zarr_path(tmp_path / "s") / "raw" / "c" / "1" / "0" / "0" / "0"
+    assert chunk_file.read_bytes() == tokens[4:8].tobytes()   # written by us, in zarr's layout
+    assert not list((zarr_store.zarr_path(tmp_path / "s") / "raw").rglob(".*tmp-*"))   # no temp files left
+    # a re-write of the same chunk (a retried chunk) replaces it
+    zarr_store.write_chunk(tmp_path / "s", 1, 4, {"raw": np.zeros((4, 4, 4, 6), np.float16)})
+    assert not zarr_store.open_array(tmp_path / "s", "raw")[4:8].any()
