@@ -207,5 +207,19 @@ def store_attrs(path: Path) -> dict:
 
 
 def open_dataset(path: Path) -> xr.Dataset:
-    """The store as a lazy xarray Dataset (sample ids are the `sample` coordinate)."""
-    return xr.open_zarr(str(zarr_path(path)), consolidated=False)
+    """The store as a lazy xarray Dataset with coordinates (nothing is read but metadata):
+
+    - `sample`: the stable sample ids (the store's `sample` id array, copied from the image
+      store), or the integer row index where the store has no id array;
+    - `label` and its alias `class` (integer class per sample) where the store has labels;
+      the class names, where the stage recorded them, are in `attrs["classes"]`;
+    - `level`: the store's `level` array (e.g. the teacher's levels), or the integer index for
+      any array with a `level` axis but no such array."""
+    ds = xr.open_zarr(str(zarr_path(path)), consolidated=False)
+    index = {dim: np.arange(size) for dim, size in ds.sizes.items()
+             if dim in ("sample", "level") and dim not in ds.variables}
+    ds = ds.assign_coords(index)
+    if "label" in ds.variables and ds["label"].dims == ("sample",):
+        ds = ds.set_coords("label")
+        ds = ds.assign_coords({"class": ds["label"].variable})
+    return ds

@@ -81,3 +81,34 @@ def test_raw_chunks_are_written_directly_and_read_back_by_zarr_and_xarray(tmp_pa
     # a re-write of the same chunk (a retried chunk) replaces it
     zarr_store.write_chunk(tmp_path / "s", 1, 4, {"raw": np.zeros((4, 4, 4, 6), np.float16)})
     assert not zarr_store.open_array(tmp_path / "s", "raw")[4:8].any()
+
+
+def test_open_dataset_has_sample_class_and_level_coordinates_lazily(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 6)
+    zarr_store.create_store(tmp_path / "a", {
+        "sample": ArraySpec((6,), str, ("sample",), fill_value=""),
+        "label": ArraySpec((6,), np.int64, ("sample",), fill_value=-1),
+        "level": ArraySpec((2,), np.int64, ("level",), per_sample=False),
+        "regions": ArraySpec((6, 2, 3, 3), np.int16, ("sample", "level", "gy", "gx"))}, 4,
+        {"stage": "t", "classes": ["cat", "dog", "eel"]})
+    ids = np.array([f"img-{i}" for i in range(6)])
+    zarr_store.write_array(tmp_path / "a", "sample", ids)
+    zarr_store.write_array(tmp_path / "a", "label", labels)
+    zarr_store.write_array(tmp_path / "a", "level", np.array([0, 1]))
+    ds = zarr_store.open_dataset(tmp_path / "a")
+    assert set(ds.coords) >= {"sample", "label", "class", "level"}
+    assert ds["regions"].chunks is not None   # lazy (dask), not loaded
+    assert ds["class"].chunks is not None and ds["class"].dims == ("sample",)
+    assert list(ds["sample"].values) == list(ids) and ds["level"].values.tolist() == [0, 1]
+    assert np.array_equal(ds["class"].values, labels) and np.array_equal(ds["label"].values, labels)
+    assert ds.attrs["classes"] == ["cat", "dog", "eel"]
+    assert ds["regions"].sel(sample="img-4").shape == (2, 3, 3)   # ids select rows
+    assert np.array_equal(ds["regions"].coords["class"].values, labels)
+
+    # a store without ids or a level array: integer index coordinates
+    zarr_store.create_store(tmp_path / "b", {
+        "x": ArraySpec((5, 3), np.float32, ("sample", "level"))}, 4, {"stage": "t"})
+    ds = zarr_store.open_dataset(tmp_path / "b")
+    assert ds["sample"].values.tolist() == list(range(5)) and ds["level"].values.tolist() == [0, 1, 2]
+    assert "class" not in ds.coords
