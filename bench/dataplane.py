@@ -353,7 +353,7 @@ def main() -> None:
 
     # --- batched hierarchy vs the scipy / scikit-learn reference on stored latents --------------
     k = min(args.reference_images, n)
-    sample_tokens = np.asarray(zarr_store.open_array(latents, "tokens")[:k], dtype=np.float32)
+    sample_tokens = zarr_store.read_floats(zarr_store.open_array(latents, "tokens"), slice(0, k))
     reference = build_hierarchies(sample_tokens, spec)
     stored = np.asarray(zarr_store.open_array(teacher, "regions")[:k])
     ari = [float(np.mean([adjusted_rand_score(reference[i, l].ravel(), stored[i, l].ravel()) for i in range(k)]))

@@ -54,7 +54,8 @@ class EncoderConfig(_Part):
     weights: str | None = Field(None, description="local timm/HF safetensors or original *_pretrain.pth")
     allow_random_init: bool = False
     batch_size: int = Field(64, ge=1)
-    dtype: Literal["float16", "float32"] = Field("float16", description="latent storage dtype")
+    dtype: Literal["float16", "float32", "bfloat16"] = Field(
+        "float16", description="latent storage dtype (bfloat16: stored as uint16 bit patterns, read back as float32)")
 
 
 class HierarchyConfig(_Part):

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import uuid
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class ArraySpec:
     per_sample: bool = True         # chunked along axis 0; False = small array in one chunk
     chunk_rows: int | None = None   # rows per Zarr chunk along axis 0, overriding both of the above
     compressed: bool = True         # False: raw bytes (float latents barely compress and zstd caps write speed)
+    attrs: dict | None = None       # the Zarr array's attributes (e.g. FLOAT_ENCODING for bfloat16)
 
 
 def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attrs: dict) -> None:
@@ -60,7 +62,8 @@ def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attr
             chunks = (min(chunk_size, spec.shape[0]),) + spec.shape[1:] if spec.per_sample else spec.shape
         codec = {} if spec.compressed else {"compressors": None}
         group.create_array(name, shape=spec.shape, chunks=chunks, dtype=spec.dtype,
-                           dimension_names=list(spec.dims), fill_value=spec.fill_value, **codec)
+                           dimension_names=list(spec.dims), fill_value=spec.fill_value,
+                           attributes=dict(spec.attrs or {}), **codec)
     group.attrs.update({"schema_version": SCHEMA_VERSION, "chunk_size": chunk_size,
                         "stage_attrs": _jsonable(attrs), **_jsonable(attrs)})
     if final.exists():   # a template without zarr.json, left by a kill before templates were atomic
@@ -206,6 +209,50 @@ def store_attrs(path: Path) -> dict:
     return zarr.open_group(str(zarr_path(path)), mode="r").attrs.asdict()
 
 
+# --- float arrays stored as float16 / float32 / bfloat16 ------------------------------------
+# Zarr has no bfloat16, so a bfloat16 array is stored as its raw 16-bit patterns (uint16) with
+# the array attribute {FLOAT_ENCODING: "bfloat16"}. Every reader goes through `read_floats`
+# (or `open_dataset`, which decodes lazily) and gets float32.
+FLOAT_ENCODING = "float_encoding"
+BFLOAT16 = "bfloat16"
+
+
+def float_storage(dtype: str) -> tuple[str, dict | None]:
+    """(Zarr dtype, array attrs) that store floats of the configured `dtype`."""
+    return ("uint16", {FLOAT_ENCODING: BFLOAT16}) if str(dtype) == BFLOAT16 else (str(dtype), None)
+
+
+def encode_floats(values: np.ndarray, dtype: str) -> np.ndarray:
+    """`values` as stored for `dtype`: bfloat16 as its bit patterns, rounded to nearest even as
+    torch rounds (NaN -> the quiet NaN 0x7FC0); other dtypes by a plain cast."""
+    if str(dtype) != BFLOAT16:
+        return np.asarray(values).astype(dtype, copy=False)
+    x = np.ascontiguousarray(values, dtype=np.float32)
+    bits = x.view(np.uint32)
+    out = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def _is_bf16(attrs: Any) -> bool:
+    return dict(attrs or {}).get(FLOAT_ENCODING) == BFLOAT16
+
+
+def decode_floats(raw: np.ndarray, attrs: Any) -> np.ndarray:
+    """Stored values (of an array with attributes `attrs`) as float32."""
+    if _is_bf16(attrs):
+        return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(raw, dtype=np.float32)
+
+
+def read_floats(array: zarr.Array, selection: Any = slice(None), orthogonal: bool = False) -> np.ndarray:
+    """`array[selection]` (or `.oindex[selection]`) as float32, whatever float encoding it has."""
+    raw = array.oindex[selection] if orthogonal else array[selection]
+    return decode_floats(raw, array.attrs.asdict())
+
+
 def open_dataset(path: Path) -> xr.Dataset:
     """The store as a lazy xarray Dataset with coordinates (nothing is read but metadata):
 
@@ -216,6 +263,11 @@ def open_dataset(path: Path) -> xr.Dataset:
     - `level`: the store's `level` array (e.g. the teacher's levels), or the integer index for
       any array with a `level` axis but no such array."""
     ds = xr.open_zarr(str(zarr_path(path)), consolidated=False)
+    for name in [n for n in ds.data_vars if _is_bf16(ds[n].attrs)]:   # bfloat16 -> float32, lazily
+        var = ds[name].variable
+        decoded = var.copy(data=var.data.map_blocks(partial(decode_floats, attrs=dict(var.attrs)), dtype=np.float32))
+        decoded.attrs = {k: v for k, v in var.attrs.items() if k != FLOAT_ENCODING} | {"stored_as": BFLOAT16}
+        ds[name] = decoded
     index = {dim: np.arange(size) for dim, size in ds.sizes.items()
              if dim in ("sample", "level") and dim not in ds.variables}
     ds = ds.assign_coords(index)

@@ -33,7 +33,7 @@ def hierarchy_spec(cfg: HierarchyConfig) -> HierarchySpec:
 def hierarchy_chunk(hierarchy: dict, latents: str, store: str, chunk: int, start: int, stop: int) -> int:
     config = HierarchyConfig.model_validate(hierarchy)
     spec = hierarchy_spec(config)
-    tokens = np.asarray(zarr_store.open_array(Path(latents), "tokens")[start:stop], dtype=np.float32)
+    tokens = zarr_store.read_floats(zarr_store.open_array(Path(latents), "tokens"), slice(start, stop))
     if config.backend == "batched":
         import torch
 
@@ -98,7 +98,7 @@ def encode_chunk_with(model, weights_label: str, device: str, images: str, store
     zarr_store.write_rows(store, chunk, {"chunk_count": count, "chunk_mean": mean, "chunk_m2": m2})
     info = {"stop": stop, "images": int(valid.sum()), "worker": _worker_address(), "device": str(device),
             "cuda": cuda, "encoder_weights": weights_label}
-    zarr_store.write_chunk(store, chunk, start, {"tokens": tokens.astype(dtype), "valid": valid, "label": labels},
+    zarr_store.write_chunk(store, chunk, start, {"tokens": zarr_store.encode_floats(tokens, dtype), "valid": valid, "label": labels},
                            info)
     return {"chunk": chunk, **info}
 

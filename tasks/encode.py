@@ -33,9 +33,11 @@ GPU_RESOURCES = {"GPU": 1}
 
 
 def latent_store_arrays(num: int, num_chunks: int, grid: int, dim: int, dtype) -> dict[str, ArraySpec]:
+    stored, float_attrs = zarr_store.float_storage(dtype)   # bfloat16: uint16 bit patterns + attribute
     return {
         "sample": ArraySpec((num,), str, ("sample",), fill_value=""),
-        "tokens": ArraySpec((num, grid, grid, dim), dtype, ("sample", "gy", "gx", "channel"), compressed=False),
+        "tokens": ArraySpec((num, grid, grid, dim), stored, ("sample", "gy", "gx", "channel"), compressed=False,
+                            attrs=float_attrs),
         "label": ArraySpec((num,), np.int64, ("sample",), fill_value=-1),
         "valid": ArraySpec((num,), bool, ("sample",), fill_value=False),
         # One row per encode chunk, each its own Zarr chunk: parallel chunk tasks never share a file.

@@ -28,7 +28,8 @@ def load_latents(path: Path, limit: int | None = None) -> Latents:
     if limit is not None:
         valid = valid[:limit]
     tokens = zarr_store.open_array(path, "tokens")
-    raw = np.asarray(tokens.oindex[valid] if len(valid) else tokens[:0], dtype=np.float32)
+    raw = zarr_store.read_floats(tokens, valid, orthogonal=True) if len(valid) else \
+        zarr_store.read_floats(tokens, slice(0, 0))
     mean, std = zarr_store.open_array(path, "mean")[:], zarr_store.open_array(path, "std")[:]
     grid = raw.shape[1]
     flat = (raw.reshape(len(raw), grid * grid, -1) - mean) / std

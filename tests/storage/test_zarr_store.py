@@ -112,3 +112,50 @@ def test_open_dataset_has_sample_class_and_level_coordinates_lazily(tmp_path):
     ds = zarr_store.open_dataset(tmp_path / "b")
     assert ds["sample"].values.tolist() == list(range(5)) and ds["level"].values.tolist() == [0, 1, 2]
     assert "class" not in ds.coords
+
+
+def test_bfloat16_round_trip_equals_torch_rounding_and_float16_is_unchanged(tmp_path):
+    """encoder.dtype bfloat16: latents stored as uint16 bit patterns with an attribute; every
+    reader (read_floats, open_dataset, load_latents) gets float32 equal to torch's bf16 rounding."""
+    import torch
+
+    from tasks.encode import latent_store_arrays
+    from tasks.level_data import load_latents
+
+    rng = np.random.default_rng(2)
+    tokens = (rng.standard_normal((10, 2, 2, 8)) * 10.0 ** rng.integers(-4, 4, (10, 2, 2, 8))).astype(np.float32)
+    tokens.flat[:4] = [np.inf, -np.inf, 1.0e-40, -0.0]
+    torch_bf16 = torch.from_numpy(tokens).to(torch.bfloat16).float().numpy()
+    for dtype in ("bfloat16", "float16"):
+        path = tmp_path / dtype
+        zarr_store.create_store(path, latent_store_arrays(10, 3, 2, 8, dtype), 4, {"stage": "latents"})
+        for chunk, (start, stop) in enumerate(zarr_store.chunk_bounds(10, 4)):
+            zarr_store.write_chunk(path, chunk, start, {"tokens": zarr_store.encode_floats(tokens[start:stop], dtype),
+                                                        "valid": np.ones(stop - start, bool),
+                                                        "label": np.zeros(stop - start, np.int64)})
+        zarr_store.write_array(path, "mean", np.zeros(8, np.float32))
+        zarr_store.write_array(path, "std", np.ones(8, np.float32))
+        array = zarr_store.open_array(path, "tokens")
+        expected = torch_bf16 if dtype == "bfloat16" else tokens.astype(np.float16).astype(np.float32)
+        if dtype == "bfloat16":
+            assert array.dtype == np.uint16 and array.attrs["float_encoding"] == "bfloat16"
+        else:
+            assert array.dtype == np.float16 and "float_encoding" not in array.attrs
+        got = zarr_store.read_floats(array)
+        assert got.dtype == np.float32
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))   # bit-exact, -0.0 and inf included
+        ds = zarr_store.open_dataset(path)
+        assert ds["tokens"].dtype == (np.float32 if dtype == "bfloat16" else np.float16)   # float16 as before
+        assert ds["tokens"].chunks is not None   # decoded lazily
+        assert np.array_equal(ds["tokens"].values.astype(np.float32).view(np.uint32), expected.view(np.uint32))
+        rows = np.array([1, 5, 9])
+        assert np.array_equal(zarr_store.read_floats(array, rows, orthogonal=True), expected[rows])
+        with_attrs = {"encoder_weights": "w"}
+        zarr_store.create_store(path, latent_store_arrays(10, 3, 2, 8, dtype), 4, {"stage": "latents"})  # resume ok
+        group = zarr.open_group(str(zarr_store.zarr_path(path)), mode="r+")
+        group.attrs.update(with_attrs)
+        latents = load_latents(path)
+        finite = np.isfinite(expected).all(axis=(1, 2, 3))
+        assert np.array_equal(latents.tokens.numpy()[finite], expected.reshape(10, 4, 8)[finite])
+    nan = zarr_store.encode_floats(np.array([np.nan], np.float32), "bfloat16")
+    assert np.isnan(zarr_store.decode_floats(nan, {"float_encoding": "bfloat16"})).all()   # NaN stays NaN (payload not kept)
