@@ -4,6 +4,11 @@ A stage first writes a template (every array at full size, chunked along the sam
 axis), then writers fill disjoint chunk regions. A chunk counts as done only when its
 marker exists, and markers are written last, atomically, so a killed run leaves no
 chunk that looks finished but is not. The store is complete when `_COMPLETE` exists.
+
+Per-sample block arrays (images, latents, regions, masks) are sharded: one stage chunk is one
+shard, stored as inner chunks of up to INNER_ROWS rows, so a random read fetches 64 rows, not a
+whole stage chunk; `open_dataset` chunks dask by the shards. Latents may be stored as bfloat16
+(uint16 bit patterns + attribute); `read_floats` / `open_dataset` give float32 back.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ SCHEMA_VERSION = 1
 ZARR = "store.zarr"       # the Zarr group inside a stage folder; markers sit beside it
 COMPLETE = "_COMPLETE"
 MARKERS = "_chunks"
+INNER_ROWS = 64           # rows per inner chunk of a sharded array: what one random read fetches
+MIN_INNER_ROWS = 8        # a shard whose rows no divisor in [MIN_INNER_ROWS, INNER_ROWS] splits stays one chunk
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class ArraySpec:
     chunk_rows: int | None = None   # rows per Zarr chunk along axis 0, overriding both of the above
     compressed: bool = True         # False: raw bytes (float latents barely compress and zstd caps write speed)
     attrs: dict | None = None       # the Zarr array's attributes (e.g. FLOAT_ENCODING for bfloat16)
+    inner_rows: int | None = None   # rows per inner chunk when sharded (default INNER_ROWS)
 
 
 def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attrs: dict) -> None:
@@ -60,7 +68,10 @@ def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attr
             chunks = (max(1, min(spec.chunk_rows, spec.shape[0])),) + spec.shape[1:]
         else:
             chunks = (min(chunk_size, spec.shape[0]),) + spec.shape[1:] if spec.per_sample else spec.shape
-        codec = {} if spec.compressed else {"compressors": None}
+        codec: dict[str, Any] = {} if spec.compressed else {"compressors": None}
+        inner = _inner_rows(spec, chunks[0])
+        if inner:   # one stage chunk = one shard, read in inner chunks of `inner` rows
+            codec["shards"], chunks = chunks, (inner,) + tuple(chunks[1:])
         group.create_array(name, shape=spec.shape, chunks=chunks, dtype=spec.dtype,
                            dimension_names=list(spec.dims), fill_value=spec.fill_value,
                            attributes=dict(spec.attrs or {}), **codec)
@@ -130,11 +141,65 @@ def pending_chunks(path: Path, num_chunks: int) -> list[int]:
     return [c for c in range(num_chunks) if not chunk_done(path, c)]
 
 
+def _inner_rows(spec: ArraySpec, rows: int) -> int | None:
+    """Rows per inner chunk when a chunk of `rows` rows of this array is stored as a shard: only
+    per-sample blocks (2+ dimensions, fixed-size dtype) of more than one inner chunk; else None."""
+    if spec.chunk_rows or not spec.per_sample or len(spec.shape) < 2 or np.dtype(spec.dtype).kind in "OUST":
+        return None
+    target = spec.inner_rows or INNER_ROWS
+    if rows <= target:
+        return None
+    return next((d for d in range(target, MIN_INNER_ROWS - 1, -1) if rows % d == 0), None)
+
+
+def _shard_layout(array: zarr.Array) -> tuple[int, ...] | None:
+    """For a sharded array whose shards are raw little-endian inner chunks split along axis 0 only,
+    with the default index (at the end, [BytesCodec little, Crc32cCodec]): chunks per shard; else None."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+    codecs = array.metadata.codecs
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    codec = codecs[0]
+    inner_ok = len(codec.codecs) == 1 and isinstance(codec.codecs[0], BytesCodec) \
+        and (codec.codecs[0].endian is None or codec.codecs[0].endian.value == "little")
+    index_ok = len(codec.index_codecs) == 2 and isinstance(codec.index_codecs[0], BytesCodec) \
+        and codec.index_codecs[0].endian is not None and codec.index_codecs[0].endian.value == "little" \
+        and isinstance(codec.index_codecs[1], Crc32cCodec) and codec.index_location == ShardingCodecIndexLocation.end
+    shards, inner = array.shards, tuple(codec.chunk_shape)
+    if not (inner_ok and index_ok) or shards[0] % inner[0] or tuple(inner[1:]) != tuple(shards[1:]):
+        return None
+    return (shards[0] // inner[0],) + (1,) * (len(shards) - 1)
+
+
+def _shard_index(per_shard: tuple[int, ...], data: np.ndarray) -> bytes:
+    """The shard index zarr's ShardingCodec reads for a shard holding `data` as its inner chunks
+    back to back in C order: (offset, nbytes) little-endian uint64 per inner chunk, then the
+    crc32c of those bytes (little-endian uint32)."""
+    import google_crc32c
+
+    count = per_shard[0]
+    nbytes = data.nbytes // count
+    index = np.empty(per_shard + (2,), dtype="<u8")
+    index[..., 0] = (np.arange(count, dtype=np.uint64) * nbytes).reshape(per_shard)
+    index[..., 1] = nbytes
+    raw = index.tobytes()
+    return raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
+
+
 def _raw_chunk_file(array: zarr.Array, folder: Path, start: int, data: np.ndarray) -> Path | None:
-    """The file of the one Zarr chunk that `data` fills exactly, when the array stores raw
-    little-endian bytes under the default "/" key encoding; else None (zarr writes it)."""
+    """The file of the one Zarr chunk (or shard) that `data` fills exactly, when the array stores
+    raw little-endian bytes under the default "/" key encoding; else None (zarr writes it).
+    A shard's file is the inner chunks back to back (they split axis 0 only, so that is `data`'s
+    bytes) followed by its index (`_shard_index`)."""
     chunks, shape = array.chunks, array.shape
-    if array.compressors or array.filters or getattr(array.serializer, "endian", None) is None and data.itemsize > 1:
+    if array.shards is not None:
+        if _shard_layout(array) is None:
+            return None
+        chunks = array.shards
+    elif array.compressors or array.filters or \
+            getattr(array.serializer, "endian", None) is None and data.itemsize > 1:
         return None
     encoding = array.metadata.chunk_key_encoding
     if getattr(encoding, "separator", None) != "/" or type(encoding).__name__ != "DefaultChunkKeyEncoding":
@@ -149,7 +214,8 @@ def write_chunk(path: Path, chunk: int, start: int, values: dict[str, np.ndarray
     """Fill one chunk region of every array in `values`, then write its marker last.
 
     A region that is exactly one raw (uncompressed) Zarr chunk is written as that chunk's file
-    directly (temporary file, then rename): zarr funnels every writer thread through one event
+    directly (temporary file, then rename), and so is a whole raw shard (inner chunks + index):
+    zarr funnels every writer thread through one event
     loop, which capped parallel chunk writes near 0.8 GB/s on the H200 host."""
     group = zarr.open_group(str(zarr_path(path)), mode="r+")
     for name, data in values.items():
@@ -160,8 +226,11 @@ def write_chunk(path: Path, chunk: int, start: int, values: dict[str, np.ndarray
             continue
         raw.parent.mkdir(parents=True, exist_ok=True)
         tmp = raw.with_name(f".{raw.name}.tmp-{uuid.uuid4().hex[:8]}")
+        data = np.ascontiguousarray(data, dtype=array.dtype)
         with open(tmp, "wb") as handle:
-            handle.write(memoryview(np.ascontiguousarray(data, dtype=array.dtype)).cast("B"))
+            handle.write(memoryview(data).cast("B"))
+            if array.shards is not None:
+                handle.write(_shard_index(_shard_layout(array), data))
         os.replace(tmp, raw)
     atomic_write_text(_marker(path, chunk), json.dumps({"chunk": chunk, "start": start, **(info or {})}))
 
@@ -262,7 +331,9 @@ def open_dataset(path: Path) -> xr.Dataset:
       the class names, where the stage recorded them, are in `attrs["classes"]`;
     - `level`: the store's `level` array (e.g. the teacher's levels), or the integer index for
       any array with a `level` axis but no such array."""
-    ds = xr.open_zarr(str(zarr_path(path)), consolidated=False)
+    chunk_size = zarr.open_group(str(zarr_path(path)), mode="r").attrs.get("chunk_size")
+    # dask chunks = the stage chunks (= the shards), not the small inner chunks
+    ds = xr.open_zarr(str(zarr_path(path)), consolidated=False, chunks={"sample": chunk_size} if chunk_size else {})
     for name in [n for n in ds.data_vars if _is_bf16(ds[n].attrs)]:   # bfloat16 -> float32, lazily
         var = ds[name].variable
         decoded = var.copy(data=var.data.map_blocks(partial(decode_floats, attrs=dict(var.attrs)), dtype=np.float32))

@@ -159,3 +159,48 @@ def test_bfloat16_round_trip_equals_torch_rounding_and_float16_is_unchanged(tmp_
         assert np.array_equal(latents.tokens.numpy()[finite], expected.reshape(10, 4, 8)[finite])
     nan = zarr_store.encode_floats(np.array([np.nan], np.float32), "bfloat16")
     assert np.isnan(zarr_store.decode_floats(nan, {"float_encoding": "bfloat16"})).all()   # NaN stays NaN (payload not kept)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stage_chunks_are_shards_written_directly_and_read_back_exactly(tmp_path, dtype):
+    """A stage chunk of a per-sample block array is one shard of 64-row inner chunks. Whole raw
+    shards are written as files (data + zarr's shard index); the partial last shard goes through
+    zarr. zarr, xarray (dask chunks = shards) and random row reads give back every value."""
+    rng = np.random.default_rng(3)
+    n, chunk = 300, 128   # shards of 128 rows: two whole, one of 44 rows
+    tokens = rng.standard_normal((n, 2, 2, 6)).astype(np.float32)
+    stored, attrs = zarr_store.float_storage(dtype)
+    encoded = zarr_store.encode_floats(tokens, dtype)
+    path = tmp_path / "s"
+    zarr_store.create_store(path, {
+        "raw": ArraySpec(tokens.shape, stored, ("sample", "gy", "gx", "channel"), compressed=False, attrs=attrs),
+        "packed": ArraySpec(tokens.shape, stored, ("sample", "gy", "gx", "channel"), attrs=attrs),
+        "odd": ArraySpec((n, 3), "int16", ("sample", "k"), compressed=False, inner_rows=48),
+        "label": ArraySpec((n,), "int64", ("sample",), compressed=False)}, chunk, {"stage": "test"})
+    group = zarr.open_group(str(zarr_store.zarr_path(path)), mode="r")
+    assert group["raw"].shards == (128, 2, 2, 6) and group["raw"].chunks == (64, 2, 2, 6)
+    assert group["odd"].shards == (128, 3) and group["odd"].chunks == (32, 3)   # largest divisor of 128 <= 48
+    assert group["label"].shards is None and group["label"].chunks == (128,)
+    odd = rng.integers(-1000, 1000, (n, 3)).astype(np.int16)
+    for c, (start, stop) in enumerate(zarr_store.chunk_bounds(n, chunk)):
+        direct = zarr_store._raw_chunk_file(group["raw"], tmp_path, start, encoded[start:stop])
+        assert (direct is not None) == (stop - start == chunk)
+        assert zarr_store._raw_chunk_file(group["packed"], tmp_path, start, encoded[start:stop]) is None
+        zarr_store.write_chunk(path, c, start, {"raw": encoded[start:stop], "packed": encoded[start:stop],
+                                                "odd": odd[start:stop], "label": np.arange(start, stop)})
+    expected = zarr_store.decode_floats(encoded, attrs)
+    for name in ("raw", "packed"):
+        assert np.array_equal(zarr_store.read_floats(group[name]), expected)
+        rows = np.array([0, 63, 64, 200, 299])
+        assert np.array_equal(zarr_store.read_floats(group[name], rows, orthogonal=True), expected[rows])
+    assert np.array_equal(group["odd"][:], odd) and np.array_equal(group["label"][:], np.arange(n))
+    ds = zarr_store.open_dataset(path)
+    assert ds["raw"].chunks[0] == (128, 128, 44) and ds["label"].chunks[0] == (128, 128, 44)
+    assert np.array_equal(ds["raw"].values, expected) and np.array_equal(ds["odd"].values, odd)
+    # our shard file is byte for byte what zarr writes for the same shard
+    mine = (zarr_store.zarr_path(path) / "raw" / "c" / "1" / "0" / "0" / "0").read_bytes()
+    twin = zarr.create_array(store=str(tmp_path / "twin.zarr"), shape=tokens.shape, chunks=(64, 2, 2, 6),
+                             shards=(128, 2, 2, 6), dtype=stored, compressors=None)
+    twin[128:256] = encoded[128:256]
+    assert mine == (tmp_path / "twin.zarr" / "c" / "1" / "0" / "0" / "0").read_bytes()
+    assert not list(zarr_store.zarr_path(path).rglob(".*tmp-*"))
