@@ -77,7 +77,7 @@ def test_raw_chunks_are_written_directly_and_read_back_by_zarr_and_xarray(tmp_pa
     assert np.array_equal(zarr_store.open_dataset(tmp_path / "s")["raw"].values, tokens)
     chunk_file = zarr_store.zarr_path(tmp_path / "s") / "raw" / "c" / "1" / "0" / "0" / "0"
     assert chunk_file.read_bytes() == tokens[4:8].tobytes()   # written by us, in zarr's layout
-    assert not list((zarr_store.zarr_path(tmp_path / "s") / "raw").rglob(".*tmp-*"))   # no temp files left
+    assert not list((zarr_store.zarr_path(tmp_path / "s") / "raw").rglob(".*.tmp"))   # no temp files left (atomic_write_bytes names)
     # a re-write of the same chunk (a retried chunk) replaces it
     zarr_store.write_chunk(tmp_path / "s", 1, 4, {"raw": np.zeros((4, 4, 4, 6), np.float16)})
     assert not zarr_store.open_array(tmp_path / "s", "raw")[4:8].any()
@@ -203,4 +203,4 @@ def test_stage_chunks_are_shards_written_directly_and_read_back_exactly(tmp_path
                              shards=(128, 2, 2, 6), dtype=stored, compressors=None)
     twin[128:256] = encoded[128:256]
     assert mine == (tmp_path / "twin.zarr" / "c" / "1" / "0" / "0" / "0").read_bytes()
-    assert not list(zarr_store.zarr_path(path).rglob(".*tmp-*"))
+    assert not list(zarr_store.zarr_path(path).rglob(".*.tmp"))   # no temp files left
