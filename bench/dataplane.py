@@ -157,7 +157,7 @@ def main() -> None:
     from models.encoder import _normalise, build_encoder
     from models.hierarchy import HierarchySpec, build_hierarchies
     from models.hierarchy_batched import (build_hierarchies_batched, grid_coordinates_t, object_masks,
-                                          uses_triton_linkage)
+                                          uses_triton)
     from sklearn.metrics import adjusted_rand_score
     from storage import zarr_store
     from storage.zarr_store import ArraySpec
@@ -310,7 +310,7 @@ def main() -> None:
         zarr_store.mark_complete(path, {"samples": n})
     phases = timer.seconds()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    linkage_used = "triton" if uses_triton_linkage(args.linkage, device) else "torch"
+    linkage_used = "triton" if uses_triton(args.linkage, device, "linkage") else "torch"
     print(f"end to end {n / end_to_end_s:.0f} img/s ({end_to_end_s:.1f}s); phases {phases}; read wait {read_wait:.1f}s",
           flush=True)
 
@@ -387,9 +387,7 @@ def main() -> None:
                         "linkage": args.linkage,
                         "mean_jpeg_kb": round(mean_bytes / 1024, 1), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "weights": weights_label}}
-    if args.out:
-        results_io.RESULTS = Path(args.out)
-    path = results_io.write_result("dataplane", figures, extra)
+    path = results_io.write_result("dataplane", figures, extra, args.out)
     print(path.read_text(), flush=True)
 
 

@@ -67,20 +67,21 @@ def _kmeans_plus_plus(x: Tensor, k: int, seed: int) -> Tensor:
     return torch.stack(centres, 1)
 
 
-KMEANS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch")
 
 
-def uses_triton_kmeans(kmeans: str, device: torch.device) -> bool:
-    """Whether `kmeans` ("auto", "triton" or "torch") runs level 0 as the Triton kernel on `device`."""
-    if kmeans not in KMEANS:
-        raise ValueError(f"kmeans must be one of {KMEANS}, got {kmeans!r}")
-    if kmeans == "torch":
+def uses_triton(choice: str, device: torch.device, part: str = "linkage") -> bool:
+    """Whether `choice` ("auto", "triton" or "torch") for `part` ("kmeans" or "linkage") runs as its
+    Triton kernel on `device`: "auto" means on CUDA where triton is installed."""
+    if choice not in BACKENDS:
+        raise ValueError(f"{part} must be one of {BACKENDS}, got {choice!r}")
+    if choice == "torch":
         return False
     from models.linkage_triton import triton_available
 
-    if kmeans == "triton":
+    if choice == "triton":
         if not triton_available():
-            raise RuntimeError("kmeans='triton' needs triton, which is not installed")
+            raise RuntimeError(f"{part}='triton' needs triton, which is not installed")
         return True
     return device.type == "cuda" and triton_available()
 
@@ -151,7 +152,7 @@ def object_masks(unit: Tensor, coords: Tensor, spec: HierarchySpec, iterations: 
     CUDA where it is installed); the same labels up to ties at rounding level.
     An image whose tokens are all identical, or whose k-means leaves a cluster empty, is all object.
     """
-    if uses_triton_kmeans(kmeans, unit.device):
+    if uses_triton(kmeans, unit.device, "kmeans"):
         labels, identical = _kmeans_triton(unit, coords, spec, iterations)
     else:
         labels, identical = _kmeans_torch(unit, coords, spec, iterations)
@@ -273,24 +274,6 @@ def linkage_distances(unit: Tensor, coords: Tensor, is_object: Tensor, lam: floa
     return torch.where(pair_ok & ~eye, dist, torch.full_like(dist, _INF))
 
 
-LINKAGES = ("auto", "triton", "torch")
-
-
-def uses_triton_linkage(linkage: str, device: torch.device) -> bool:
-    """Whether `linkage` ("auto", "triton" or "torch") runs the fused Triton merge loop on `device`."""
-    if linkage not in LINKAGES:
-        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
-    if linkage == "torch":
-        return False
-    from models.linkage_triton import triton_available
-
-    if linkage == "triton":
-        if not triton_available():
-            raise RuntimeError("linkage='triton' needs triton, which is not installed")
-        return True
-    return device.type == "cuda" and triton_available()
-
-
 def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: HierarchySpec,
                         use_graph: bool = True, static_steps: bool | None = None,
                         linkage: str = "auto") -> Tensor:
@@ -314,7 +297,7 @@ def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: H
     if static_steps is None:
         static_steps = device.type == "cuda"
     steps = tokens - 1 if static_steps else max(int(is_object.sum(1).max()) - 1, 0)
-    if uses_triton_linkage(linkage, device):
+    if uses_triton(linkage, device, "linkage"):
         from models.linkage_triton import run_linkage_triton
 
         heights, snapshots = run_linkage_triton(dist, is_object.to(dist.dtype), steps, inplace=True)

@@ -154,8 +154,8 @@ def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, leve
 
     v_c = v_hat.detach().to(model_dtype)
     kind = cfg.jvp_attention if cfg.jvp_attention != "auto" else ("kernel" if x.is_cuda else "math")
-    written_out = contextlib.nullcontext() if kind == "kernel" else math_attention(unwrap(jvp_model))
-    with torch.no_grad(), written_out:   # the tangent is a stop-gradient target: no graph needed
+    math_path = contextlib.nullcontext() if kind == "kernel" else math_attention(unwrap(jvp_model))
+    with torch.no_grad(), math_path:   # the tangent is a stop-gradient target: no graph needed
         du_dt = (tangent_fn or time_derivative)(jvp_model, z_in, t_in, r_in, cond_in, label, level, v_c, cfg.t_floor,
                                                 kind)
     compound = u + (t - r)[:, None, None] * du_dt.to(loss_dtype)

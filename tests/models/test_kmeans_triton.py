@@ -3,29 +3,22 @@
 No GPU here: the kernel runs on CPU tensors through Triton's interpreter, in one subprocess with
 TRITON_INTERPRET=1 (kmeans_triton_checks.py); each test reads its own result.
 """
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from models.hierarchy import HierarchySpec
-from models.hierarchy_batched import object_masks, uses_triton_kmeans
+from models.hierarchy_batched import object_masks, uses_triton
+from triton_interpreter import run_interpreted
 
 CHECKS = Path(__file__).with_name("kmeans_triton_checks.py")
 
 
 @pytest.fixture(scope="module")
 def interpreted_results():
-    pytest.importorskip("triton", reason="triton is not installed: the fused k-means kernel cannot run")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=CHECKS.parents[2])
-    assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    pytest.importorskip("triton", reason="triton is not installed: the fused kernel cannot run")
+    return run_interpreted([str(CHECKS)])
 
 
 @pytest.mark.parametrize("check", ["labels_T49_k2", "labels_T36_k3_alpha", "labels_T25_two_iterations",
@@ -45,7 +38,7 @@ def test_object_masks_and_hierarchies_equal_the_torch_kmeans(interpreted_results
 
 
 def test_auto_uses_torch_on_cpu_and_rejects_unknown_names():
-    assert not uses_triton_kmeans("auto", torch.device("cpu"))
-    assert not uses_triton_kmeans("torch", torch.device("cuda"))
+    assert not uses_triton("auto", torch.device("cpu"), "kmeans")
+    assert not uses_triton("torch", torch.device("cuda"), "kmeans")
     with pytest.raises(ValueError, match="kmeans must be one of"):
         object_masks(torch.zeros(1, 4, 3), torch.zeros(4, 2), HierarchySpec(), kmeans="sklearn")
