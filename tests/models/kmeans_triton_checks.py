@@ -6,14 +6,14 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import json  # noqa: E402
 import sys  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from triton_interpreter import run_checks  # noqa: E402
 
 from models.hierarchy import HierarchySpec  # noqa: E402
 from models.hierarchy_batched import (_kmeans_plus_plus, _kmeans_torch, _kmeans_triton,  # noqa: E402
@@ -85,17 +85,5 @@ CHECKS = {
 }
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    results = {}
-    for name in sys.argv[1:] or CHECKS:
-        try:
-            CHECKS[name]()
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-    print(json.dumps(results))
-
-
 if __name__ == "__main__":
-    main()
+    run_checks(CHECKS)

@@ -1,20 +1,13 @@
 """The forward-only attention tangent (models/jvp_attention.py) against torch.func.jvp of the written-out
-math path, in float64: the torch formula, the custom op, and the Triton kernel itself through Triton's CPU interpreter (in a subprocess, since
-TRITON_INTERPRET must be set before triton is imported)."""
+math path, in float64: the torch formula, the custom op, and the Triton kernel itself through Triton's
+CPU interpreter (in a subprocess: triton_interpreter.py)."""
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from models.jvp_attention import attention_tangent_op, math_attention_fn, tangent_torch
-
-REPO = Path(__file__).resolve().parents[2]
+from triton_interpreter import REPO, run_interpreted
 
 
 def qkv_and_tangents(shape=(2, 3, 37, 8), seed=0, dtype=torch.float64):
@@ -71,10 +64,6 @@ print(json.dumps(out))
 
 def test_triton_kernel_in_interpreter_equals_math_jvp():
     pytest.importorskip("triton", reason="triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", INTERPRETED, str(REPO)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = run_interpreted(["-c", INTERPRETED, str(REPO)])
     assert errors["float64"] < 1e-12, errors
     assert errors["float32"] < 1e-5, errors

@@ -4,10 +4,6 @@ No GPU here: the kernel runs on CPU tensors through Triton's interpreter. TRITON
 to be set before triton.language is first imported, so the checks (linkage_triton_checks.py)
 run once, in one subprocess, and each test reads its own result.
 """
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,18 +11,15 @@ import torch
 
 from models.hierarchy import HierarchySpec
 from models.hierarchy_batched import build_hierarchies_batched
+from triton_interpreter import run_interpreted
 
 CHECKS = Path(__file__).with_name("linkage_triton_checks.py")
 
 
 @pytest.fixture(scope="module")
 def interpreted_results():
-    pytest.importorskip("triton", reason="triton is not installed: the fused linkage kernel cannot run")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=CHECKS.parents[2])
-    assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    pytest.importorskip("triton", reason="triton is not installed: the fused kernel cannot run")
+    return run_interpreted([str(CHECKS)])
 
 
 @pytest.mark.parametrize("check", ["kernel_T24_all_steps", "kernel_T19_fewer_steps", "kernel_T2_one_step"])
