@@ -291,9 +291,7 @@ def main() -> None:
                         "overlap_features": common["overlap_features"],
                         "torch": torch.__version__, "cpus": os.cpu_count(),
                         "weights": "random (shapes of the ImageNet configuration); synthetic real set"}}
-    if args.out:
-        results_io.RESULTS = Path(args.out)
-    path = results_io.write_result("evaluation" + args.tag, figures, extra)
+    path = results_io.write_result("evaluation" + args.tag, figures, extra, args.out)
     print(path.read_text(), flush=True)
 
 

@@ -231,10 +231,7 @@ def main() -> None:
                "plain_img_per_s": (round(args.batch / plain, 1) if plain else math.nan, "img/s"),
                "peak_gpu_mem_gib": (round(variants[top]["peak_gpu_mem_gib"], 2), "GiB")}
     report["best_variant"] = top
-    path = write_result("generators", figures, report)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "generators.json").write_text(path.read_text())
+    path = write_result("generators", figures, report, args.out)
     print(path.read_text())
 
 

@@ -24,6 +24,9 @@ def machine() -> str:
 
 
 def commit() -> str:
+    """BENCH_COMMIT if set (a copied working tree on another machine may carry a stale .git), else git's HEAD."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
@@ -31,9 +34,12 @@ def commit() -> str:
         return "unknown"
 
 
-def write_result(name: str, figures: dict[str, tuple[float, str]], extra: dict | None = None) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, figures: dict[str, tuple[float, str]], extra: dict | None = None,
+                 folder: str | Path | None = None) -> Path:
+    """Writes `<folder or bench/results>/<name>.json`."""
+    folder = Path(folder) if folder else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     body = {"figures": {k: {"value": v, "unit": u} for k, (v, u) in figures.items()},
             "machine": machine(), "commit": commit(), "command": " ".join([Path(sys.executable).name] + sys.argv),
             **(extra or {})}

@@ -381,9 +381,7 @@ def main() -> None:
                  "equal training wall-clock per method, TF split evenly over its levels"
                  if data["weights_label"] == "random-init" else "encoder weights: " + data["weights_label"]),
     }
-    if args.out:
-        results_io.RESULTS = Path(args.out)
-    path = results_io.write_result("tf_vs_flat", figures, extra)
+    path = results_io.write_result("tf_vs_flat", figures, extra, args.out)
     print(path.read_text(), flush=True)
 
 
