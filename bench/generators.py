@@ -5,19 +5,21 @@
 Needs only torch (+ triton on CUDA): no Prefect, Dask or Zarr. Measures, on synthetic canvases:
   - plain_*:   forward of both heads, MSE on both outputs, backward, AdamW step (the reference point);
   - jvp_<kind>_*: the training step of models/meanflow.py (forward, tangent pass, backward, AdamW),
-    with the tangent pass "kernel" (models/dit_jvp.py: fused SDPA + forward-only Triton tangent
-    kernel) or "math" (torch.func.jvp through the written-out attention), eager or torch.compile'd;
+    with the tangent pass "kernel" (models/dit_jvp.py: tangents only, reusing the forward's values,
+    forward-only Triton kernel for attention) or "math" (torch.func.jvp through the written-out
+    attention, values recomputed), eager or torch.compile'd;
 and first checks the Triton tangent kernel against torch.func.jvp of the math attention on the GPU.
 
 FLOPs counted per sample (documented in the README):
   forward  F   = torch.utils.flop_counter on the model's forward (both heads; matmuls and SDPA),
   backward 2F,
-  tangent  J   = flop_counter on the written-out x-head pass (value + tangent matmuls, SDPA value)
-                 + 8 T^2 width per block for the attention tangent kernel (dQ K^T, Q dK^T, (P*dS) V, P dV;
-                 the kernel also recomputes P V and Q K^T, which are not counted).
+  tangent  J   = flop_counter on the tangent pass models.dit_jvp.x_head_tangent (tangent matmuls of the
+                 x path and the per-sample conditioning it recomputes) + 8 T^2 width per block for the
+                 attention tangent kernel (dQ K^T, Q dK^T, (P*dS) V, P dV; the kernel also recomputes
+                 Q K^T and P V, which are not counted).
   plain step: 3F; JVP step: 3F + J. MFU = counted FLOPs / step time / 989 TFLOP/s (H200 dense bf16).
-  The tangent pass recomputes the x path's values (its direction v_c is the forward's own output);
-  mfu_without_recompute counts J minus those value FLOPs, the stricter figure.
+  The x path's values are the forward's own (kept, not recomputed), so they are counted once, in F.
+  The "math" kind recomputes them inside torch.func.jvp; its MFU still counts only 3F + J.
 Writes bench/results/generators.json with train_img_per_s, mfu, jvp_step_cost_ratio (best JVP step
 time / plain step time, same compile setting) and peak memory per variant.
 """
@@ -38,9 +40,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench.results_io import write_result  # noqa: E402
 from models.dit import TrajectoryDiT, dit_config  # noqa: E402
-from models.dit_jvp import x_head_jvp  # noqa: E402
+from models.dit_jvp import x_head_tangent  # noqa: E402
 from models.jvp_attention import math_attention_fn, tangent_torch, tangent_triton  # noqa: E402
-from models.meanflow import MeanFlowConfig, meanflow_loss, time_derivative  # noqa: E402
+from models.meanflow import MeanFlowConfig, draw, meanflow_loss  # noqa: E402
 
 H200_BF16_DENSE = 989e12
 
@@ -102,24 +104,17 @@ def count_flops(model: TrajectoryDiT, batch: dict) -> dict:
     cfg = model.config
     tokens, width = cfg.grid * cfg.grid, cfg.width
     small = {k: v[:2] for k, v in batch.items()}
+    args = (small["z"], small["h"], small["cond"], small["label"], small["level"])
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         with FlopCounterMode(display=False) as counter:
-            model(small["z"], small["h"], small["cond"], small["label"], small["level"])
+            _, _, values = model(*args, keep_values=True)
         forward = counter.get_total_flops() / 2
         with FlopCounterMode(display=False) as counter:
-            x_head_jvp(model, small["z"], small["h"], small["cond"], small["label"], small["level"], small["z"],
-                       torch.ones_like(small["h"]))
+            x_head_tangent(model, values, small["h"], small["label"], small["level"], small["z"],
+                           torch.ones_like(small["h"]))
         x_blocks = cfg.depth   # trunk + x head
         tangent = counter.get_total_flops() / 2 + 8 * tokens * tokens * width * x_blocks
-        with FlopCounterMode(display=False) as counter:   # the v head alone, to split off the x path's value
-            hidden, c = torch.randn(2, tokens, width, device=small["z"].device), torch.randn(2, width, device=small["z"].device)
-            for block in model.v_blocks:
-                hidden = block(hidden, c)
-            model.v_final(hidden, c)
-        x_value = forward - counter.get_total_flops() / 2
-    # the tangent pass recomputes the x path's values (the tangent direction v_c is the forward's own
-    # output, so it cannot start earlier): "tangent" counts them, "tangent_only" does not
-    return {"forward": forward, "backward": 2 * forward, "tangent": tangent, "tangent_only": tangent - x_value}
+    return {"forward": forward, "backward": 2 * forward, "tangent": tangent}
 
 
 def make_batch(cfg, batch: int, device: str) -> dict:
@@ -137,19 +132,25 @@ def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int
     """kind None: the plain step; else the mean-flow step with that tangent pass."""
     torch._dynamo.reset()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    net = torch.compile(model) if compiled else model
-    tangent_fn = torch.compile(time_derivative) if compiled else time_derivative
     objective = MeanFlowConfig(jvp_attention=kind or "kernel")
     gen = torch.Generator("cuda").manual_seed(0)
+
+    def plain_loss(z, h, cond, label, level):
+        x_hat, v_hat = model(z, h, cond, label, level)
+        return F.mse_loss(x_hat.float(), cond) + F.mse_loss(v_hat.float(), z)
+
+    # compiled as models/train_loop.py does on one GPU: the whole loss (forward, tangent pass, loss) is one graph
+    plain_fn = torch.compile(plain_loss) if compiled else plain_loss
+    loss_fn = torch.compile(meanflow_loss) if compiled else meanflow_loss
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if kind is None:
-                x_hat, v_hat = net(batch["z"], batch["h"], batch["cond"], batch["label"], batch["level"])
-                loss = F.mse_loss(x_hat.float(), batch["cond"]) + F.mse_loss(v_hat.float(), batch["z"])
+                loss = plain_fn(batch["z"], batch["h"], batch["cond"], batch["label"], batch["level"])
             else:
-                loss, _ = meanflow_loss(net, batch["cond"], batch["z"], batch["label"], batch["level"],
-                                        batch["regions"], objective, gen, jvp_model=model, tangent_fn=tangent_fn)
+                draws = draw(tuple(batch["cond"].shape), objective, gen)
+                loss, _ = loss_fn(model, batch["cond"], batch["z"], batch["label"], batch["level"], batch["regions"],
+                                  objective, draws=draws)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -201,7 +202,6 @@ def main() -> None:
     report["flops_per_sample"] = flops
     plain_flops = 3 * flops["forward"]
     jvp_flops = plain_flops + flops["tangent"]
-    jvp_flops_strict = plain_flops + flops["tangent_only"]
     variants = {}
     for spec in args.variants.split(","):
         kind, mode = spec.split(":")
@@ -210,8 +210,6 @@ def main() -> None:
             counted = plain_flops if kind == "plain" else jvp_flops
             result["img_per_s"] = args.batch / result["step_s"]
             result["mfu"] = counted * args.batch / result["step_s"] / H200_BF16_DENSE
-            if kind != "plain":
-                result["mfu_without_recompute"] = jvp_flops_strict * args.batch / result["step_s"] / H200_BF16_DENSE
         variants[spec] = result
         print(spec, result, flush=True)
     report["variants"] = variants
@@ -226,7 +224,6 @@ def main() -> None:
     plain = best("plain", mode)
     figures = {"train_img_per_s": (round(variants[top]["img_per_s"], 1), "img/s"),
                "mfu": (round(variants[top]["mfu"], 4), "fraction of 989 TFLOP/s"),
-               "mfu_without_recompute": (round(variants[top]["mfu_without_recompute"], 4), "fraction of 989 TFLOP/s"),
                "jvp_step_cost_ratio": (round(variants[top]["step_s"] / plain, 3) if plain else math.nan, "x plain step"),
                "plain_img_per_s": (round(args.batch / plain, 1) if plain else math.nan, "img/s"),
                "peak_gpu_mem_gib": (round(variants[top]["peak_gpu_mem_gib"], 2), "GiB")}

@@ -137,7 +137,7 @@ def decoder_loss(
     l1 = diff.abs().mean()
     l2 = diff.square().mean()
     loss = l1_weight * l1 + l2_weight * l2
-    return loss, {"loss": loss.item(), "l1": l1.item(), "l2": l2.item()}
+    return loss, {"loss": loss.detach(), "l1": l1.detach(), "l2": l2.detach()}
 
 
 def images_to_tensor(images_uint8: np.ndarray) -> Tensor:

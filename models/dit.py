@@ -16,6 +16,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,15 +89,47 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.use_math_attention = False   # set by math_attention(); the fused kernels lack forward AD
 
-    def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, width = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+    def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[B, T, 3 * width] -> q, k, v as [B, heads, T, width / heads] views (no copies)."""
+        batch, tokens, three_width = qkv.shape
+        q, k, v = qkv.view(batch, tokens, 3, self.heads, three_width // (3 * self.heads)).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def mix(self, qkv: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d)) v per head, heads merged back: [B, T, width]."""
+        q, k, v = self.split_heads(qkv)
         if self.use_math_attention:
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
             mixed = torch.softmax(scores, dim=-1) @ v
         else:
             mixed = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(mixed.transpose(1, 2).reshape(batch, tokens, width))
+        return merge_heads(mixed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.mix(self.qkv(x)))
+
+
+def merge_heads(mixed: Tensor) -> Tensor:
+    """[B, heads, T, d] -> [B, T, heads * d] (a view when the heads are token-major)."""
+    batch, heads, tokens, dim = mixed.shape
+    return mixed.transpose(1, 2).reshape(batch, tokens, heads * dim)
+
+
+class BlockValues(NamedTuple):
+    """What one block's forward-mode tangent needs of its forward pass (models/dit_jvp.py); each is
+    also saved for the backward, so keeping them costs no memory."""
+    x: Tensor      # block input (residual stream)
+    qkv: Tensor    # fused q, k, v projection
+    a: Tensor      # attention output after proj, before its gate
+    mid: Tensor    # residual stream after the attention branch
+    pre: Tensor    # MLP hidden before the GELU
+    m: Tensor      # MLP output, before its gate
+
+
+class XPathValues(NamedTuple):
+    """The x path's values from one forward: trunk then x-head blocks, and the x final layer's input."""
+    blocks: tuple[BlockValues, ...]
+    final_input: Tensor
 
 
 class Block(nn.Module):
@@ -111,10 +144,18 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def run(self, x: Tensor, c: Tensor) -> tuple[Tensor, BlockValues]:
+        """The block's output and the values its tangent pass reuses."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        qkv = self.attn.qkv(modulate(self.norm1(x), shift1, scale1))
+        a = self.attn.proj(self.attn.mix(qkv))
+        mid = x + gate1[:, None] * a
+        pre = self.mlp[0](modulate(self.norm2(mid), shift2, scale2))
+        m = self.mlp[2](self.mlp[1](pre))
+        return mid + gate2[:, None] * m, BlockValues(x, qkv, a, mid, pre, m)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        return self.run(x, c)[0]
 
 
 class FinalLayer(nn.Module):
@@ -169,19 +210,28 @@ class TrajectoryDiT(nn.Module):
         for final in (self.x_final, self.v_final):
             nn.init.zeros_(final.linear.weight)
 
-    def forward(self, z: Tensor, h: Tensor, cond: Tensor, label: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, z: Tensor, h: Tensor, cond: Tensor, label: Tensor, level: Tensor,
+                keep_values: bool = False) -> tuple[Tensor, ...]:
         """z: noisy level-l canvas [B, T, C]; h = t - r [B] float; cond: level-(l-1) canvas [B, T, C]
         (zeros at level 0); label [B] int64 (num_classes = null); level [B] int64.
-        Returns (x_hat, v_hat), both [B, T, C]: the x-prediction and the instantaneous-velocity head."""
+        Returns (x_hat, v_hat), both [B, T, C]: the x-prediction and the instantaneous-velocity head;
+        with keep_values, also the x path's XPathValues for the tangent pass."""
         tokens = self.fuse(torch.cat([z, cond], dim=-1)) + self.position
         time = timestep_embedding(h).to(self.h_embed[0].weight.dtype)
         c = self.h_embed(time) + self.class_embed(label) + self.level_embed(level)
+        kept = []
         for block in self.trunk:
-            tokens = block(tokens, c)
+            tokens, values = block.run(tokens, c)
+            kept.append(values)
         x_tokens, v_tokens = tokens, tokens
         for x_block, v_block in zip(self.x_blocks, self.v_blocks):
-            x_tokens, v_tokens = x_block(x_tokens, c), v_block(v_tokens, c)
-        return self.x_final(x_tokens, c), self.v_final(v_tokens, c)
+            (x_tokens, values), v_tokens = x_block.run(x_tokens, c), v_block(v_tokens, c)
+            kept.append(values)
+        x_hat, v_hat = self.x_final(x_tokens, c), self.v_final(v_tokens, c)
+        if keep_values:   # detached: for the no-grad tangent pass only (no zero gradients flow back into them)
+            kept = tuple(BlockValues(*(value.detach() for value in block)) for block in kept)
+            return x_hat, v_hat, XPathValues(kept, x_tokens.detach())
+        return x_hat, v_hat
 
     def num_flops_per_token(self) -> int:
         """Forward matmul FLOPs per token (2 per multiply-add), both heads included: the per-token

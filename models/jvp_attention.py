@@ -57,21 +57,24 @@ def tangent_torch(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: T
 
 if triton is not None:
     @triton.jit
-    def _tangent_kernel(Q, K, V, DQ, DK, DV, DO, n_tokens, head_dim, scale,
+    def _tangent_kernel(Q, K, V, DQ, DK, DV, DO, heads, n_tokens, head_dim, scale,
+                        p_b, p_h, p_n, t_b, t_h, t_n, o_b, o_h, o_n,
                         ACC: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One program: BLOCK_M query rows of one (batch, head); inputs contiguous [B*H, N, D]."""
+        """One program: BLOCK_M query rows of one (batch, head). Inputs are strided [B, H, N, D] views
+        with unit stride in D (p_*: strides of Q, K, V; t_*: of DQ, DK, DV; o_*: of DO)."""
         block_m = tl.program_id(0)
-        base = tl.program_id(1).to(tl.int64) * n_tokens * head_dim
+        b = (tl.program_id(1) // heads).to(tl.int64)
+        h = (tl.program_id(1) % heads).to(tl.int64)
+        p_base, t_base, o_base = b * p_b + h * p_h, b * t_b + h * t_h, b * o_b + h * o_h
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < n_tokens
         dim_ok = dims < head_dim
-        q_at = base + rows[:, None] * head_dim + dims[None, :]
         q_ok = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(Q + q_at, mask=q_ok, other=0.0)
-        dq = tl.load(DQ + q_at, mask=q_ok, other=0.0)
+        q = tl.load(Q + p_base + rows[:, None] * p_n + dims[None, :], mask=q_ok, other=0.0)
+        dq = tl.load(DQ + t_base + rows[:, None] * t_n + dims[None, :], mask=q_ok, other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), ACC)
         l_i = tl.zeros([BLOCK_M], ACC)
@@ -81,12 +84,13 @@ if triton is not None:
         for start in range(0, n_tokens, BLOCK_N):
             keys = start + cols
             key_ok = keys < n_tokens
-            kv_at = base + keys[:, None] * head_dim + dims[None, :]
             kv_ok = key_ok[:, None] & dim_ok[None, :]
-            k = tl.load(K + kv_at, mask=kv_ok, other=0.0)
-            dk = tl.load(DK + kv_at, mask=kv_ok, other=0.0)
-            v = tl.load(V + kv_at, mask=kv_ok, other=0.0)
-            dv = tl.load(DV + kv_at, mask=kv_ok, other=0.0)
+            p_at = p_base + keys[:, None] * p_n + dims[None, :]
+            t_at = t_base + keys[:, None] * t_n + dims[None, :]
+            k = tl.load(K + p_at, mask=kv_ok, other=0.0)
+            dk = tl.load(DK + t_at, mask=kv_ok, other=0.0)
+            v = tl.load(V + p_at, mask=kv_ok, other=0.0)
+            dv = tl.load(DV + t_at, mask=kv_ok, other=0.0)
             kt, dkt = tl.trans(k), tl.trans(dk)
             s = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * scale
             ds = (tl.dot(dq, kt, input_precision=PRECISION, out_dtype=ACC)
@@ -105,34 +109,53 @@ if triton is not None:
             m_i = m_new
         o = acc_o / l_i[:, None]
         do = acc_t / l_i[:, None] - (mu / l_i)[:, None] * o
-        tl.store(DO + q_at, do.to(DO.dtype.element_ty), mask=q_ok)
+        tl.store(DO + o_base + rows[:, None] * o_n + dims[None, :], do.to(DO.dtype.element_ty), mask=q_ok)
+
+
+def token_major_empty(like: Tensor) -> Tensor:
+    """An uninitialised [B, H, N, D] tensor laid out as [B, N, H, D]: merging the heads back into
+    [B, N, H * D] is then a free view (the attention output's usual layout)."""
+    batch, heads, tokens, dim = like.shape
+    return like.new_empty((batch, tokens, heads, dim)).transpose(1, 2)
+
+
+def _same_strides(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The kernel takes one stride set per triple, unit stride in D: copy only when that fails."""
+    if all(t.stride() == tensors[0].stride() for t in tensors) and tensors[0].stride(-1) == 1:
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
 
 
 def tangent_triton(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor,
                    block_m: int = 64, block_n: int = 32, num_warps: int = 4, num_stages: int = 3) -> Tensor:
-    """dO through the Triton kernel: [B, H, N, D] inputs of one dtype (bf16/fp16/fp32/fp64); fp32
-    accumulation (fp64 for fp64 inputs), fp32 matmuls without TF32. Default blocks: the fastest of
-    five tried on an H200 at B=256, 12 heads, 256 tokens, d=64 (bench/results/generators.json)."""
+    """dO through the Triton kernel: [B, H, N, D] inputs of one dtype (bf16/fp16/fp32/fp64), any
+    strides with unit stride in D (e.g. head views of a fused QKV projection: no copies); the output is
+    token-major (token_major_empty). fp32 accumulation (fp64 for fp64 inputs), fp32 matmuls without
+    TF32. Default blocks: the fastest of five tried on an H200 at B=256, 12 heads, 256 tokens, d=64
+    (bench/results/generators.json)."""
     if triton is None:
         raise RuntimeError("triton is not installed: use tangent_torch")
     batch, heads, tokens, dim = q.shape
     dtype = q.dtype
-    q, k, v, dq, dk, dv = (t.to(dtype).contiguous() for t in (q, k, v, dq, dk, dv))
-    out = torch.empty_like(q)
+    q, k, v = _same_strides((q, k, v))
+    dq, dk, dv = _same_strides(tuple(t.to(dtype) for t in (dq, dk, dv)))
+    out = token_major_empty(q)
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     precision = "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"   # ignored for 16-bit inputs
     block_d = max(16, triton.next_power_of_2(dim))
     grid = (triton.cdiv(tokens, block_m), batch * heads)
-    _tangent_kernel[grid](q, k, v, dq, dk, dv, out, tokens, dim, 1.0 / math.sqrt(dim),
+    _tangent_kernel[grid](q, k, v, dq, dk, dv, out, heads, tokens, dim, 1.0 / math.sqrt(dim),
+                          *q.stride()[:3], *dq.stride()[:3], *out.stride()[:3],
                           ACC=acc, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                           num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 def attention_tangent(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+    """dO in q's dtype, token-major on every device (the custom op's fake promises that layout)."""
     if q.is_cuda and triton is not None:
         return tangent_triton(q, k, v, dq, dk, dv)
-    return tangent_torch(q, k, v, dq, dk, dv).to(q.dtype)
+    return token_major_empty(q).copy_(tangent_torch(q, k, v, dq, dk, dv))
 
 
 @torch.library.custom_op("tf::attention_tangent", mutates_args=())
@@ -143,4 +166,4 @@ def attention_tangent_op(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor
 
 @attention_tangent_op.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
-    return q.new_empty(q.shape)
+    return token_major_empty(q)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.dit import math_attention
-from models.dit_jvp import average_velocity_jvp
-from models.hierarchy import region_canvas
+from models.dit import XPathValues
+from models.dit_jvp import average_velocity_tangent
 
 
 @dataclass
@@ -62,13 +62,25 @@ def average_velocity(model: nn.Module, z: Tensor, t: Tensor, r: Tensor, cond: Te
     return (z - x_hat) / t.clamp_min(t_floor)[:, None, None], v_hat
 
 
+def region_slots(regions: Tensor) -> Tensor:
+    """[B, T] region ids (any integers) -> [B, T] index of the first token of each token's region: dense
+    per-image slots found without reading ids back to the host, so the training step never waits on it."""
+    same = regions[:, :, None] == regions[:, None, :]
+    return same.to(torch.uint8).argmax(dim=-1)   # argmax returns the first maximal index
+
+
 def region_variance_loss(x_hat: Tensor, target: Tensor, regions: Tensor) -> Tensor:
     """Per token (1 - cos(x_hat, mean of target over the token's region))^2, averaged within each
     region, then over the regions of each image, then over the batch."""
-    per_token = (1 - F.cosine_similarity(x_hat, region_canvas(target, regions), dim=-1)) ** 2
-    counts = torch.zeros(regions.shape[0], int(regions.max()) + 1, dtype=per_token.dtype, device=regions.device)
-    counts.scatter_add_(1, regions, torch.ones_like(per_token))
-    region_size = counts.gather(1, regions)            # [B, T]: each region's tokens sum to weight 1
+    slots = region_slots(regions)
+    wide = slots[..., None].expand(-1, -1, target.shape[-1])
+    work = torch.promote_types(target.dtype, torch.float32)   # half-precision sums lose too much
+    sums = torch.zeros(target.shape, dtype=work, device=target.device).scatter_add_(1, wide, target.to(work))
+    counts = torch.zeros(slots.shape, dtype=work, device=target.device).scatter_add_(
+        1, slots, torch.ones(slots.shape, dtype=work, device=target.device))
+    region_size = counts.gather(1, slots)              # [B, T]: each region's tokens sum to weight 1
+    region_mean = sums.gather(1, wide) / region_size[..., None]
+    per_token = (1 - F.cosine_similarity(x_hat, region_mean.to(target.dtype), dim=-1)) ** 2
     per_image = (per_token / region_size).sum(dim=1) / (counts > 0).sum(dim=1)
     return per_image.mean()
 
@@ -111,14 +123,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def time_derivative(model: nn.Module, z: Tensor, t: Tensor, r: Tensor, cond: Tensor, label: Tensor, level: Tensor,
-                    v_c: Tensor, t_floor: float, kind: str = "math") -> Tensor:
+                    v_c: Tensor, t_floor: float, kind: str = "math",
+                    forward: tuple[Tensor, XPathValues] | None = None) -> Tensor:
     """du/dt along (dz, dt, dr) = (v_c, 1, 0). kind "math": torch.func.jvp of (z, t, r) -> u, to be
     called inside math_attention(model) (the fused attention kernels have no forward-mode AD);
-    "kernel": the written-out forward-mode pass of models.dit_jvp (fused attention + tangent kernel)."""
+    "kernel": the written-out tangent pass of models.dit_jvp (tangent kernel for attention), reusing
+    `forward` = (x_hat, values) of model(z, t - r, ..., keep_values=True) when given."""
     if kind == "kernel":
-        ones = torch.ones_like(t)
-        return average_velocity_jvp(unwrap(model), z, t, r, cond, label, level, v_c, ones, torch.zeros_like(r),
-                                    t_floor)[1]
+        plain = unwrap(model)
+        if forward is None:
+            x_hat, _, values = plain(z, t - r, cond, label, level, keep_values=True)
+        else:
+            x_hat, values = forward
+        return average_velocity_tangent(plain, x_hat, values, z, t, r, label, level, v_c, torch.ones_like(t),
+                                        torch.zeros_like(r), t_floor)
 
     def u_of(z_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
         return average_velocity(model, z_, t_, r_, cond, label, level, t_floor)[0]
@@ -134,7 +152,9 @@ def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, leve
     `jvp_model` (default `model`) runs the tangent pass: pass the plain module when `model` is a DDP
     wrapper, whose forward hooks expect one forward per backward. `tangent_fn` (default
     `time_derivative`) may be its torch.compile'd version: the whole JVP then runs as one graph.
-    Returns (scalar loss with gradient, float stats: loss, loss_u, loss_v, loss_region)."""
+    Returns (scalar loss with gradient, stats: loss, loss_u, loss_v, loss_region as detached 0-dim
+    tensors). Nothing here reads a value back to the host, so a GPU step runs without a stall; callers
+    convert the stats when they log."""
     loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     model_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     jvp_model = model if jvp_model is None else jvp_model
@@ -149,15 +169,20 @@ def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, leve
 
     # Network inputs in the model dtype; autocast (if active) lowers the matmuls further.
     z_in, t_in, r_in, cond_in = z.to(model_dtype), t.to(model_dtype), r.to(model_dtype), cond.to(model_dtype)
-    x_hat, v_hat = model(z_in, t_in - r_in, cond_in, label, level)
+    kind = cfg.jvp_attention if cfg.jvp_attention != "auto" else ("kernel" if x.is_cuda else "math")
+    forward = None
+    if kind == "kernel":   # the tangent pass reuses this forward's x-path values
+        x_hat, v_hat, values = model(z_in, t_in - r_in, cond_in, label, level, keep_values=True)
+        forward = (x_hat.detach(), values)
+    else:
+        x_hat, v_hat = model(z_in, t_in - r_in, cond_in, label, level)
     u = (z - x_hat.to(loss_dtype)) / t.clamp_min(cfg.t_floor)[:, None, None]
 
     v_c = v_hat.detach().to(model_dtype)
-    kind = cfg.jvp_attention if cfg.jvp_attention != "auto" else ("kernel" if x.is_cuda else "math")
     math_path = contextlib.nullcontext() if kind == "kernel" else math_attention(unwrap(jvp_model))
     with torch.no_grad(), math_path:   # the tangent is a stop-gradient target: no graph needed
         du_dt = (tangent_fn or time_derivative)(jvp_model, z_in, t_in, r_in, cond_in, label, level, v_c, cfg.t_floor,
-                                                kind)
+                                                kind, forward)
     compound = u + (t - r)[:, None, None] * du_dt.to(loss_dtype)
 
     loss_u = ((compound - v) ** 2).mean(dim=(1, 2))
@@ -168,7 +193,7 @@ def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, leve
         loss_region = region_variance_loss(x_hat.to(loss_dtype), target, regions)
         loss = loss + cfg.region_weight * loss_region
     stats = {"loss": loss, "loss_u": loss_u.mean(), "loss_v": loss_v.mean(), "loss_region": loss_region}
-    return loss, {name: float(value.detach()) for name, value in stats.items()}
+    return loss, {name: value.detach() for name, value in stats.items()}
 
 
 @torch.no_grad()

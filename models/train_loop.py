@@ -54,12 +54,13 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor
         for optimizer in state.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip))
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
         for optimizer, schedule in zip(state.optimizers, state.schedules):
             optimizer.step()
             schedule.step()
         for ema in state.emas:
             ema.update(state.model)
+        stats = _read_back(stats)
         for name, value in stats.items():
             state.history.setdefault(name, []).append(float(value))
         state.step += 1
@@ -69,6 +70,14 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor
                 and state.step < cfg.steps:
             on_checkpoint(state)
     return state
+
+
+def _read_back(stats: dict[str, Tensor]) -> dict[str, float]:
+    """The step's stats as floats, in one device-to-host copy at the end of the step: a read-back in
+    the middle (a float() before backward) would stall the GPU while the host catches up."""
+    names = list(stats)
+    values = torch.stack([stats[name].detach().float().reshape(()) for name in names]).tolist()
+    return dict(zip(names, values))
 
 
 def _batch_index(state: TrainState, n: int, cfg: OptimConfig, rank: int, world: int) -> tuple[Tensor, slice]:
@@ -87,8 +96,10 @@ def train_generator(model: nn.Module, data: LevelData, level: int, objective: Me
     """Trains `model` for level `level` up to cfg.steps; returns the final TrainState (EMAs: state.ema(decay))."""
     state = new_state(model, cfg, device, resume)
     net = wrap(state.model) if wrap is not None else state.model
-    tangent_fn = time_derivative
-    if cfg.compile:   # the training forward and the whole JVP each become one compiled graph
+    tangent_fn, step_loss = time_derivative, meanflow_loss
+    if cfg.compile and wrap is None:   # forward, tangent pass and loss: one graph, no launch gaps between them
+        step_loss = torch.compile(meanflow_loss)
+    elif cfg.compile:   # DDP's hooks need its own module call: the forward and the JVP compile separately
         net, tangent_fn = torch.compile(net), torch.compile(time_derivative)
     on_cuda = torch.device(device).type == "cuda"   # "cuda:3" on a DDP rank too
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
@@ -104,8 +115,8 @@ def train_generator(model: nn.Module, data: LevelData, level: int, objective: Me
         levels = torch.full((len(mine),), level, dtype=torch.long, device=device)
         with amp:
             # jvp_model: the tangent pass bypasses DDP's one-forward-per-backward hooks
-            return meanflow_loss(net, x, cond, label, levels, regions, objective, draws=draws,
-                                 jvp_model=state.model, tangent_fn=tangent_fn)
+            return step_loss(net, x, cond, label, levels, regions, objective, draws=draws,
+                             jvp_model=state.model, tangent_fn=tangent_fn)
 
     return _fit(state, cfg, loss_fn, on_step, on_checkpoint)
 

@@ -34,7 +34,8 @@ from tasks.generator_job import finish_generator, generator_job
 SYNTHETIC_MODEL = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
 
 
-def synthetic_job(seed: int, folder: Path, steps: int, batch_size: int, optimizer: str, checkpoint_every: int) -> dict:
+def synthetic_job(seed: int, folder: Path, steps: int, batch_size: int, optimizer: str, checkpoint_every: int,
+                  jvp_attention: str = "auto") -> dict:
     """A tiny model on random data: the same training path without the stores."""
     g = torch.Generator().manual_seed(seed)
     data = LevelData(torch.randn(32, 16, 8, generator=g), torch.randn(32, 16, 8, generator=g),
@@ -44,7 +45,7 @@ def synthetic_job(seed: int, folder: Path, steps: int, batch_size: int, optimize
     optim = OptimConfig(steps=steps, batch_size=batch_size, optimizer=optimizer, ema_decays=[0.9, 0.99],
                         warmup_steps=2, checkpoint_every=checkpoint_every, seed=seed)
     return {"data": data, "model": model, "optim": optim, "folder": folder, "key": f"synthetic-{seed}", "level": 1,
-            "objective": MeanFlowConfig(), "ema_decay": 0.99,
+            "objective": MeanFlowConfig(jvp_attention=jvp_attention), "ema_decay": 0.99,
             "meta": {"stage": "generator", "synthetic": True, "seed": seed}}
 
 
@@ -66,6 +67,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="--synthetic only: the global batch")
     parser.add_argument("--optimizer", default="adamw", help="--synthetic only")
     parser.add_argument("--checkpoint-every", type=int, default=2, help="--synthetic only")
+    parser.add_argument("--jvp-attention", default="auto", help="--synthetic only: kernel | math | auto")
     args = parser.parse_args(argv)
     if args.synthetic is None and (args.config is None or (args.level is None) == (not args.flat)):
         parser.error("give --config and exactly one of --level L / --flat (or --synthetic SEED --out DIR)")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(local)
     if args.synthetic is not None:
         job = synthetic_job(args.synthetic, Path(args.out), args.steps, args.batch_size, args.optimizer,
-                            args.checkpoint_every)
+                            args.checkpoint_every, args.jvp_attention)
     else:
         job = store_job(args)
     folder = job["folder"]

@@ -45,6 +45,18 @@ def test_custom_op_equals_math_jvp_and_has_a_fake():
     torch.library.opcheck(attention_tangent_op, (*primals, *tangents))   # schema, fake tensor and strides
 
 
+def test_custom_op_takes_head_views_and_returns_token_major():
+    """q, k, v as strided head views of one fused projection; the output merges heads by a view."""
+    g = torch.Generator().manual_seed(3)
+    fused = [torch.randn((2, 11, 3, 4, 8), generator=g, dtype=torch.float64) for _ in range(2)]
+    primals, tangents = (tuple(f.permute(2, 0, 3, 1, 4)) for f in fused)
+    expected = math_tangent(tuple(x.contiguous() for x in primals), tuple(x.contiguous() for x in tangents))[1]
+    got = attention_tangent_op(*primals, *tangents)
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+    assert got.transpose(1, 2).is_contiguous()
+    torch.library.opcheck(attention_tangent_op, (*primals, *tangents))
+
+
 INTERPRETED = r"""
 import json, os, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -58,6 +70,14 @@ for dtype, name in ((torch.float64, "float64"), (torch.float32, "float32")):
     ref = torch.func.jvp(math_attention_fn, p, t)[1]
     got = tangent_triton(*(x.to(dtype) for x in p + t), block_m=16, block_n=16).double()
     out[name] = float(((got - ref).abs().max() / ref.abs().max()))
+# head views of fused [B, N, 3, H, D] projections, as the DiT passes them: strided, no copies
+g = torch.Generator().manual_seed(6)
+fused = [torch.randn((2, 37, 3, 2, 8), generator=g, dtype=torch.float64) for _ in range(2)]
+p, t = (tuple(f.permute(2, 0, 3, 1, 4)) for f in fused)
+ref = torch.func.jvp(math_attention_fn, tuple(x.contiguous() for x in p), tuple(x.contiguous() for x in t))[1]
+got = tangent_triton(*p, *t, block_m=16, block_n=16)
+out["strided"] = float(((got - ref).abs().max() / ref.abs().max()))
+out["token_major"] = got.transpose(1, 2).is_contiguous()
 print(json.dumps(out))
 """
 
@@ -67,3 +87,5 @@ def test_triton_kernel_in_interpreter_equals_math_jvp():
     errors = run_interpreted(["-c", INTERPRETED, str(REPO)])
     assert errors["float64"] < 1e-12, errors
     assert errors["float32"] < 1e-5, errors
+    assert errors["strided"] < 1e-12, errors
+    assert errors["token_major"], errors

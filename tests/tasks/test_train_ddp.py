@@ -26,7 +26,8 @@ def torchrun() -> list[str]:
     return ["torchrun"]
 
 
-def test_two_ranks_equal_one_process_and_only_rank0_writes(tmp_path):
+@pytest.mark.parametrize("jvp_attention", ["math", "kernel"])   # kernel: the forward hands its values through DDP
+def test_two_ranks_equal_one_process_and_only_rank0_writes(tmp_path, jvp_attention):
     # AdamW: the ranks' float32 gradient all-reduce differs from one process only in summation order
     # (seen: 1.5e-8). Muon would amplify that to bf16 rounding (its Newton-Schulz runs in bfloat16;
     # seen: 4.6e-5 after 4 steps), which says nothing about DDP, so it is not the optimiser here.
@@ -36,7 +37,8 @@ def test_two_ranks_equal_one_process_and_only_rank0_writes(tmp_path):
     env = {**os.environ, "TF_DDP_WRITE_LOG": str(log), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "tasks.train_ddp",
                             "--synthetic", str(SEED), "--out", str(out), "--steps", str(STEPS),
-                            "--batch-size", str(BATCH), "--optimizer", optimizer, "--checkpoint-every", "2"]
+                            "--batch-size", str(BATCH), "--optimizer", optimizer, "--checkpoint-every", "2",
+                            "--jvp-attention", jvp_attention]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert is_complete(out)
@@ -47,7 +49,7 @@ def test_two_ranks_equal_one_process_and_only_rank0_writes(tmp_path):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        job = synthetic_job(SEED, tmp_path / "single", STEPS, BATCH, optimizer, 0)
+        job = synthetic_job(SEED, tmp_path / "single", STEPS, BATCH, optimizer, 0, jvp_attention)
         state = train_generator(job["model"], job["data"], job["level"], job["objective"], job["optim"], "cpu")
     finally:
         torch.set_num_threads(previous)

@@ -1,0 +1,187 @@
+"""Where the B-size training step spends its GPU time, by kernel family (torch.profiler).
+
+    python3 bench/step_profile.py --variants plain:compile,kernel:compile --out bench/results
+
+Variants (same synthetic batch and model as bench/generators.py):
+  plain   forward of both heads + MSE + backward + AdamW (the reference step);
+  kernel  the mean-flow step as the training loop runs it on one GPU (the whole loss compiled as one
+          graph: forward, tangent pass reusing the forward's values, and the loss terms).
+A suffix ":cudnn" runs SDPA on cuDNN's attention kernels, ":autotune" lets inductor autotune the matmuls
+(cuBLAS against Triton templates, which can fuse their epilogues). Each variant's step time, then per family
+(gemm, sdpa, jvp-attention, triton fused elementwise, optimizer, other) the GPU milliseconds per step
+and the 25 costliest kernels, go to step_profile.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from bench.generators import H200_BF16_DENSE, count_flops, make_batch  # noqa: E402
+from bench.results_io import commit, machine  # noqa: E402
+from models.dit import TrajectoryDiT, dit_config  # noqa: E402
+from models.meanflow import MeanFlowConfig, draw, meanflow_loss  # noqa: E402
+
+FAMILIES = (("jvp-attention", ("attention_tangent", "_tangent_kernel")),
+            ("sdpa", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+            ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "sm90_")),
+            ("optimizer", ("multi_tensor", "adam", "foreach")),
+            ("triton", ("triton_",)))
+
+
+def family(name: str) -> str:
+    lower = name.lower()
+    for label, keys in FAMILIES:
+        if any(key in lower for key in keys):
+            return label
+    return "other"
+
+
+def make_step(model, batch, kind: str, compiled: bool):
+    objective = MeanFlowConfig(jvp_attention="kernel")
+    gen = torch.Generator("cuda").manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def plain_loss(z, h, cond, label, level):
+        x_hat, v_hat = model(z, h, cond, label, level)
+        return F.mse_loss(x_hat.float(), cond) + F.mse_loss(v_hat.float(), z)
+
+    if kind == "plain":
+        loss_fn = torch.compile(plain_loss) if compiled else plain_loss
+    else:
+        loss_fn = torch.compile(meanflow_loss) if compiled else meanflow_loss
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if kind == "plain":
+                loss = loss_fn(batch["z"], batch["h"], batch["cond"], batch["label"], batch["level"])
+            else:
+                draws = draw(tuple(batch["cond"].shape), objective, gen)
+                loss, _ = loss_fn(model, batch["cond"], batch["z"], batch["label"], batch["level"], batch["regions"],
+                                  objective, draws=draws)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def idle_gaps(prof, steps: int) -> dict:
+    """GPU idle time between kernels over the profiled steps (host stalls, launch latency), and the
+    largest gaps with the kernels on either side."""
+    try:
+        spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                       if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > e.time_range.start)
+    except Exception as error:   # profiler API differences: report, don't fail the variant
+        return {"idle_error": f"{type(error).__name__}: {error}"}
+    if not spans:
+        return {}
+    gaps, reach = [], spans[0][1]
+    for (start, end, name), previous in zip(spans[1:], spans):
+        if start > reach:
+            gaps.append((start - reach, previous[2][:60], name[:60]))
+        reach = max(reach, end)
+    idle_ms = sum(g[0] for g in gaps) / 1e3 / steps
+    return {"gpu_idle_ms_per_step": round(idle_ms, 2),
+            "largest_gaps_ms": [(round(g[0] / 1e3, 3), g[1], g[2]) for g in sorted(gaps, reverse=True)[:12]]}
+
+
+def profile_variant(model, batch, spec: str, steps: int) -> dict:
+    parts = spec.split(":")
+    kind, compiled, options = parts[0], parts[1] == "compile", set(parts[2:])
+    torch._dynamo.reset()
+    attention = sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if "cudnn" in options else contextlib.nullcontext()
+    import torch._inductor.config as inductor
+    inductor.max_autotune_gemm = "autotune" in options
+    inductor.max_autotune_gemm_backends = "CUBLAS,TRITON"
+    result: dict = {}
+    with attention:
+        step = make_step(model, batch, kind, compiled)
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        result["first_step_s"] = time.perf_counter() - start
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        result["step_s"] = (time.perf_counter() - start) / steps
+        result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        profiled = 2
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(profiled):
+                step()
+            torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0.0)
+        if device_us > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + device_us / 1e3 / profiled
+    families: dict[str, float] = {}
+    for name, ms in kernels.items():
+        families[family(name)] = families.get(family(name), 0.0) + ms
+    result["gpu_ms_per_step"] = sum(kernels.values())
+    result.update(idle_gaps(prof, profiled))
+    result["families_ms"] = {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])}
+    result["top_kernels_ms"] = {k[:160]: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:25]}
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="B")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--token-dim", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--variants", default="plain:compile,kernel:compile")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/step_profile.py profiles GPU kernels: no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = dit_config(args.preset, token_dim=args.token_dim, grid=args.grid, num_classes=1000, num_levels=4)
+    model = TrajectoryDiT(cfg).cuda()
+    with torch.no_grad():   # adaLN-Zero gates start at zero; nudge them so every path does real work
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    batch = make_batch(cfg, args.batch, "cuda")
+    flops = count_flops(model, batch)
+    counted = {"plain": 3 * flops["forward"], "kernel": 3 * flops["forward"] + flops["tangent"]}
+    report = {"machine": machine(), "commit": commit(), "command": " ".join(sys.argv), "flops_per_sample": flops,
+              "config": vars(args), "variants": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in args.variants.split(","):
+        try:
+            result = profile_variant(model, batch, spec, args.steps)
+        except Exception as error:   # one failing variant must not hide the others
+            result = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+        if "step_s" in result:
+            result["img_per_s"] = args.batch / result["step_s"]
+            result["mfu"] = counted[spec.split(":")[0]] * args.batch / result["step_s"] / H200_BF16_DENSE
+        report["variants"][spec] = result
+        print(spec, json.dumps(result, indent=1), flush=True)
+        (out / "step_profile.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
