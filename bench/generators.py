@@ -117,6 +117,23 @@ def count_flops(model: TrajectoryDiT, batch: dict) -> dict:
     return {"forward": forward, "backward": 2 * forward, "tangent": tangent}
 
 
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The step's shape: preset, batch, grid, token width, timed steps (shared with bench/step_profile.py)."""
+    parser.add_argument("--preset", default="B")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--token-dim", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=10)
+
+
+def bench_model(cfg, device: str) -> TrajectoryDiT:
+    model = TrajectoryDiT(cfg).to(device)
+    with torch.no_grad():   # adaLN-Zero gates start at zero; nudge them so every path does real work
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    return model
+
+
 def make_batch(cfg, batch: int, device: str) -> dict:
     g = torch.Generator(device).manual_seed(0)
     tokens = cfg.grid * cfg.grid
@@ -128,9 +145,9 @@ def make_batch(cfg, batch: int, device: str) -> dict:
             "regions": torch.randint(0, 8, (batch, tokens), generator=g, device=device)}
 
 
-def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int) -> dict:
-    """kind None: the plain step; else the mean-flow step with that tangent pass."""
-    torch._dynamo.reset()
+def make_step(model, batch: dict, kind: str | None, compiled: bool):
+    """One training step on `batch`: kind None is the plain step, else the mean-flow step with that
+    tangent pass; compiled as models/train_loop.py does on one GPU (the whole loss is one graph)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     objective = MeanFlowConfig(jvp_attention=kind or "kernel")
     gen = torch.Generator("cuda").manual_seed(0)
@@ -139,7 +156,6 @@ def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int
         x_hat, v_hat = model(z, h, cond, label, level)
         return F.mse_loss(x_hat.float(), cond) + F.mse_loss(v_hat.float(), z)
 
-    # compiled as models/train_loop.py does on one GPU: the whole loss (forward, tangent pass, loss) is one graph
     plain_fn = torch.compile(plain_loss) if compiled else plain_loss
     loss_fn = torch.compile(meanflow_loss) if compiled else meanflow_loss
 
@@ -155,6 +171,13 @@ def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int
         loss.backward()
         optimizer.step()
 
+    return step
+
+
+def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int) -> dict:
+    """kind None: the plain step; else the mean-flow step with that tangent pass."""
+    torch._dynamo.reset()
+    step = make_step(model, batch, kind, compiled)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
@@ -165,7 +188,7 @@ def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int
     except torch.cuda.OutOfMemoryError as error:
         return {"error": f"OutOfMemoryError: {str(error)[:160]}"}
     finally:
-        del optimizer
+        del step   # and with it the optimizer's state
         gc.collect()
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     torch.cuda.empty_cache()
@@ -174,11 +197,7 @@ def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="B")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--grid", type=int, default=16)
-    parser.add_argument("--token-dim", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=10)
+    add_step_arguments(parser)
     parser.add_argument("--variants", default="plain:eager,plain:compile,kernel:eager,kernel:compile,math:eager")
     parser.add_argument("--out", default=None, help="folder for generators.json (default bench/results)")
     args = parser.parse_args()
@@ -193,10 +212,7 @@ def main() -> None:
                                "optimizer": "AdamW fused", "torch": torch.__version__}}
     report["kernel_check"] = kernel_check(device, cfg.heads, args.grid ** 2, cfg.width // cfg.heads)
     print(report["kernel_check"], flush=True)
-    model = TrajectoryDiT(cfg).to(device)
-    with torch.no_grad():   # adaLN-Zero gates start at zero; nudge them so every path does real work
-        for p in model.parameters():
-            p.add_(1e-3 * torch.randn_like(p))
+    model = bench_model(cfg, device)
     batch = make_batch(cfg, args.batch, device)
     flops = count_flops(model, batch)
     report["flops_per_sample"] = flops

@@ -24,13 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from bench.generators import H200_BF16_DENSE, count_flops, make_batch  # noqa: E402
+from bench.generators import (H200_BF16_DENSE, add_step_arguments, bench_model, count_flops, make_batch,  # noqa: E402
+                              make_step)
 from bench.results_io import commit, machine  # noqa: E402
-from models.dit import TrajectoryDiT, dit_config  # noqa: E402
-from models.meanflow import MeanFlowConfig, draw, meanflow_loss  # noqa: E402
+from models.dit import dit_config  # noqa: E402
 
 FAMILIES = (("jvp-attention", ("attention_tangent", "_tangent_kernel")),
             ("sdpa", ("flash", "fmha", "cudnn", "attention", "sdpa")),
@@ -45,35 +44,6 @@ def family(name: str) -> str:
         if any(key in lower for key in keys):
             return label
     return "other"
-
-
-def make_step(model, batch, kind: str, compiled: bool):
-    objective = MeanFlowConfig(jvp_attention="kernel")
-    gen = torch.Generator("cuda").manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def plain_loss(z, h, cond, label, level):
-        x_hat, v_hat = model(z, h, cond, label, level)
-        return F.mse_loss(x_hat.float(), cond) + F.mse_loss(v_hat.float(), z)
-
-    if kind == "plain":
-        loss_fn = torch.compile(plain_loss) if compiled else plain_loss
-    else:
-        loss_fn = torch.compile(meanflow_loss) if compiled else meanflow_loss
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if kind == "plain":
-                loss = loss_fn(batch["z"], batch["h"], batch["cond"], batch["label"], batch["level"])
-            else:
-                draws = draw(tuple(batch["cond"].shape), objective, gen)
-                loss, _ = loss_fn(model, batch["cond"], batch["z"], batch["label"], batch["level"], batch["regions"],
-                                  objective, draws=draws)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def idle_gaps(prof, steps: int) -> dict:
@@ -106,7 +76,7 @@ def profile_variant(model, batch, spec: str, steps: int) -> dict:
     inductor.max_autotune_gemm_backends = "CUBLAS,TRITON"
     result: dict = {}
     with attention:
-        step = make_step(model, batch, kind, compiled)
+        step = make_step(model, batch, None if kind == "plain" else kind, compiled)
         start = time.perf_counter()
         step()
         torch.cuda.synchronize()
@@ -147,11 +117,7 @@ def profile_variant(model, batch, spec: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="B")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--grid", type=int, default=16)
-    parser.add_argument("--token-dim", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=10)
+    add_step_arguments(parser)
     parser.add_argument("--variants", default="plain:compile,kernel:compile")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
@@ -159,10 +125,7 @@ def main() -> None:
         raise SystemExit("bench/step_profile.py profiles GPU kernels: no CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = dit_config(args.preset, token_dim=args.token_dim, grid=args.grid, num_classes=1000, num_levels=4)
-    model = TrajectoryDiT(cfg).cuda()
-    with torch.no_grad():   # adaLN-Zero gates start at zero; nudge them so every path does real work
-        for p in model.parameters():
-            p.add_(1e-3 * torch.randn_like(p))
+    model = bench_model(cfg, "cuda")
     batch = make_batch(cfg, args.batch, "cuda")
     flops = count_flops(model, batch)
     counted = {"plain": 3 * flops["forward"], "kernel": 3 * flops["forward"] + flops["tangent"]}
