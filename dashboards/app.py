@@ -16,6 +16,7 @@ import streamlit as st
 # `streamlit run` puts this folder, not the repository, on sys.path; the package imports need the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dashboards.gc_freeze import freeze_after_new_imports  # noqa: E402
 from dashboards.views import edits, hierarchy, runs, trajectories  # noqa: E402
 
 PAGES = {"runs": ("Runs", runs.render), "trajectories": ("Trajectory viewer", trajectories.render),
@@ -42,6 +43,9 @@ def main() -> None:
     title, render = PAGES[page]
     st.title(title)
     render(root)
+    # A page's first visit imports what it needs: freeze what is alive then, so full garbage collections stay short
+    # (they walked ~350k objects, 0.15-0.65 s with the whole server waiting, once or twice per page opened).
+    freeze_after_new_imports()
 
 
 main()

@@ -24,6 +24,7 @@ TITLES = {"runs": "Runs", "trajectories": "Trajectory viewer", "hierarchy": "Hie
 CONTENT = {"runs": '[data-testid="stDataFrame"]',
            "trajectories": '[data-testid="stImage"]:has-text("level 0 decoded") img',
            "hierarchy": '[data-testid="stImage"]:has-text("teacher L0") img', "edit": ".st-key-edit_run button"}
+TOKEN_GRID = ".st-key-edit_token_grid"   # the edit playground's token grid (dashboards/token_grid.py)
 EDIT_DONE = '[data-testid="stImageCaption"]:has-text("edited (final image)")'
 
 
@@ -116,11 +117,17 @@ def wait_idle(tab) -> None:
     tab.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden")
 
 
+def token(cell: str, selected: bool = False) -> str:
+    """Selector of the token grid's button for cell "cell_<row>_<column>" (inside the grid component's shadow
+    root, which Playwright's CSS selectors pierce); with selected, only once it is drawn as selected."""
+    return f'{TOKEN_GRID} button{".selected" if selected else ""}[data-cell="{cell.removeprefix("cell_")}"]'
+
+
 def run_edit(tab, cell: str = "cell_0_0") -> float:
     """Click a token (selects its region), then Run edit; seconds from the click to the shown result."""
-    tab.locator(f".st-key-{cell} button").click()
+    tab.locator(token(cell)).click()
     # the rerun is back when the clicked token is drawn as selected; only then is the region set in the browser too
-    tab.locator(f'.st-key-{cell} [data-testid="stBaseButton-primary"]').wait_for(state="visible")
+    tab.locator(token(cell, selected=True)).wait_for(state="visible")
     wait_idle(tab)
     from playwright.sync_api import expect
 

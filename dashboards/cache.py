@@ -26,6 +26,12 @@ def edits_stamp(root: str) -> tuple:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
+def root_problem(root: str, stamp: tuple) -> str | None:
+    """`data.root_problem` (it reads the runs table) once per state of the tables, not on every rerun of every page."""
+    return data.root_problem(root)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
 def runs_overview(root: str, stamp: tuple) -> pd.DataFrame:
     return data.runs_overview(root)
 
@@ -69,6 +75,22 @@ def pca(store: str, trajectory_id: str, size: int, stamp: int = 0) -> np.ndarray
 @st.cache_data(show_spinner=False, max_entries=64)
 def hierarchy_rows(images: str, teacher: str, start: int, count: int) -> list[dict]:
     return visuals.hierarchy_rows(Path(images), Path(teacher), start, count)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def hierarchy_strips(images: str, teacher: str, start: int, count: int, wanted_px: int) -> list[bytes]:
+    """Each row's picture (`visuals.hierarchy_strip`) as PNG, encoded once here rather than by st.image on every
+    rerun (about 15 ms a row); PNG, not JPEG, keeps the titles and token edges sharp."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for row in hierarchy_rows(images, teacher, start, count):
+        buffer = io.BytesIO()
+        Image.fromarray(visuals.hierarchy_strip(row, wanted_px)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

@@ -1,6 +1,6 @@
 """Pictures for the pages: partitions in colours, overlays, PCA of a latent canvas, the hierarchy browser's rows.
 
-All numpy, no Streamlit: each function returns uint8 RGB arrays that `st.image` shows as they are.
+All numpy (and PIL for titles), no Streamlit: each function returns uint8 RGB arrays that `st.image` shows as they are.
 """
 from __future__ import annotations
 
@@ -34,6 +34,63 @@ def overlay(image: np.ndarray, ids: np.ndarray, alpha: float = 0.45) -> np.ndarr
     """The image with its partition blended on top."""
     colours = colour_partition(ids, image.shape[0]).astype(np.float32)
     return (image.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+# st.image re-samples (bilinear, blurring token edges) and re-encodes any picture wider than this on every run.
+STREAMLIT_MAX_IMAGE_PX = 2 * 730
+TITLE_INK = (49, 51, 63)   # Streamlit's text colour
+STRIP_GAP = 12             # px between the panels of a strip
+
+
+def fit_square(image: np.ndarray, size: int) -> np.ndarray:
+    """An image [h, h, 3] at size x size: nearest neighbour for a whole factor (crisp pixels), else Lanczos."""
+    from PIL import Image
+
+    if size % image.shape[0] == 0:
+        return upscale(image, size)
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
+
+
+def titled_strip(panels: list[tuple[np.ndarray, str]], gap: int = STRIP_GAP, title_px: int = 18) -> np.ndarray:
+    """Panels [h, w, 3] side by side on white, each with its title drawn above it: one picture instead of one
+    `st.image` per panel (every image element costs the browser main-thread time when a page opens)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height = max(image.shape[0] for image, _ in panels)
+    top = title_px + 10
+    width = sum(image.shape[1] for image, _ in panels) + gap * (len(panels) - 1)
+    canvas = np.full((top + height, width, 3), 255, np.uint8)
+    lefts = np.cumsum([0] + [image.shape[1] + gap for image, _ in panels[:-1]])
+    for left, (image, _) in zip(lefts, panels):
+        canvas[top:top + image.shape[0], left:left + image.shape[1]] = image[..., :3]
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    for left, (image, title) in zip(lefts, panels):
+        size = title_px
+        while size > 8 and ImageFont.load_default(size=size).getlength(title) > image.shape[1]:
+            size -= 1   # a long image id: smaller letters rather than over the next title
+        font = ImageFont.load_default(size=size)
+        draw.text((int(left) + image.shape[1] / 2, top - 5), title, fill=TITLE_INK, font=font, anchor="md")
+    return np.asarray(picture)
+
+
+def strip_panel_px(grid: int, count: int, wanted: int, gap: int = STRIP_GAP) -> int:
+    """Panel size for a strip of `count` square panels: about `wanted` px, a multiple of the token grid (whole
+    tokens stay crisp), smaller when the strip would be wider than what st.image shows unchanged."""
+    fitting = min(wanted, (STREAMLIT_MAX_IMAGE_PX - gap * (count - 1)) // count)
+    return grid * max(1, fitting // grid)
+
+
+def hierarchy_strip(row: dict, wanted_px: int, gap: int = STRIP_GAP) -> np.ndarray:
+    """One hierarchy-browser row (from `hierarchy_rows`) as one picture: the image, the teacher partition per
+    level, then the ground truth per level with the per-image ARI in its title."""
+    truth = row["truth"] if row["truth"] is not None else []
+    size = strip_panel_px(row["teacher"].shape[-1], 1 + len(row["teacher"]) + len(truth), wanted_px, gap)
+    panels = [(fit_square(row["image"], size), f"#{row['index']} {row['id']}")]
+    panels += [(colour_partition(ids, size), f"teacher L{level}") for level, ids in enumerate(row["teacher"])]
+    panels += [(colour_partition(ids, size), f"truth L{level}, ARI {ari:.2f}")
+               for level, (ids, ari) in enumerate(zip(truth, row["ari"]))]
+    return titled_strip(panels, gap)
 
 
 def pca_rgb(canvases: np.ndarray, size: int) -> np.ndarray:

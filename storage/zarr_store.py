@@ -20,13 +20,15 @@ import uuid
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 import zarr
 
 from storage.files import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 SCHEMA_VERSION = 1
 ZARR = "store.zarr"       # the Zarr group inside a stage folder; markers sit beside it
@@ -326,6 +328,8 @@ def open_dataset(path: Path) -> xr.Dataset:
       the class names, where the stage recorded them, are in `attrs["classes"]`;
     - `level`: the store's `level` array (e.g. the teacher's levels), or the integer index for
       any array with a `level` axis but no such array."""
+    import xarray as xr   # here, not at module level: about 0.3 s that readers of arrays alone do not need
+
     chunk_size = zarr.open_group(str(zarr_path(path)), mode="r").attrs.get("chunk_size")
     # dask chunks = the stage chunks (= the shards), not the small inner chunks
     ds = xr.open_zarr(str(zarr_path(path)), consolidated=False, chunks={"sample": chunk_size} if chunk_size else {})

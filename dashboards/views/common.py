@@ -4,14 +4,14 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from dashboards import cache, data
+from dashboards import cache
 from dashboards.visuals import upscale
 
 SHOW_PX = 168   # images are 56-224 px; enlarge small ones (nearest neighbour) so tokens stay visible
 
 
 def usable_root(root: str) -> bool:
-    problem = data.root_problem(root)
+    problem = cache.root_problem(root, cache.tables_stamp(root))
     if problem:
         st.warning(problem)
         return False

@@ -4,8 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboards import cache
-from dashboards.views.common import run_ids, show, usable_root
-from dashboards.visuals import colour_partition
+from dashboards.views.common import SHOW_PX, run_ids, usable_root
 
 PER_PAGE = 4
 
@@ -29,15 +28,16 @@ def render(root: str) -> None:
     st.caption(f"teacher `{folders.teacher.name}`, images `{folders.images.name}`. Each row: the image, the teacher "
                "partition of levels 0..L-2 (background dark grey), then the ground truth of the same levels "
                "with the per-image ARI (teacher vs truth) when the store has ground-truth masks.")
-    for row in rows:
-        teacher, truth = row["teacher"], row["truth"]
-        panels = 1 + len(teacher) + (len(truth) if truth is not None else 0)
-        columns = st.columns(panels)
-        size = max(row["image"].shape[0], 1)
-        show(columns[0], row["image"], f"#{row['index']} {row['id']}")
-        for level, ids in enumerate(teacher):
-            show(columns[1 + level], colour_partition(ids, size), f"teacher L{level}")
-        if truth is not None:
-            for level, ids in enumerate(truth):
-                show(columns[1 + len(teacher) + level], colour_partition(ids, size),
-                     f"truth L{level}, ARI {row['ari'][level]:.2f}")
+    # One picture per row, its panels titled inside it: the browser draws 4 image elements, not 4 x 7.
+    strips = cache.hierarchy_strips(str(folders.images), str(folders.teacher), int(start), PER_PAGE, SHOW_PX)
+    for row, strip in zip(rows, strips):
+        st.image(strip, caption=row_caption(row))
+
+
+def row_caption(row: dict) -> str:
+    """The row's panels in words, with the ARI per level as text too."""
+    levels = len(row["teacher"])
+    caption = f"#{row['index']} {row['id']}: teacher L0-L{levels - 1}"
+    if row["truth"] is not None:
+        caption += f"; truth L0-L{len(row['truth']) - 1}, ARI " + ", ".join(f"{ari:.2f}" for ari in row["ari"])
+    return caption

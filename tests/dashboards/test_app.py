@@ -1,4 +1,5 @@
 """The Streamlit pages through AppTest: empty or missing roots, and each page's content on a tiny-pipeline root."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,9 @@ def test_hierarchy_browser_shows_teacher_truth_and_ari(monkeypatch, tiny_root):
     app = open_page(monkeypatch, tiny_root, "hierarchy")
     assert not app.exception
     captions = [i.proto.imgs[0].caption for i in app.image]
-    assert sum(c.startswith("teacher L") for c in captions) == 4 * 3
-    ari = [c for c in captions if "ARI" in c]
-    assert len(ari) == 4 * 3 and all(c.startswith("truth L") for c in ari)
+    assert len(captions) == 4   # one picture per row: the image, teacher L0-L2, truth L0-L2 titled inside it
+    assert all(": teacher L0-L2; truth L0-L2, ARI " in c for c in captions), captions
+    assert all(len(c.split("ARI ")[1].split(", ")) == 3 for c in captions)   # the per-image ARI of every level
 
 
 def test_edit_playground_click_run_and_save(monkeypatch, tiny_root):
@@ -71,8 +72,10 @@ def test_edit_playground_click_run_and_save(monkeypatch, tiny_root):
     level = app.selectbox(key="edit_level").value
     store = data.run_folders(tiny_root, app.selectbox(key="edit_run_id").value).evaluation / "trajectories.zarr"
     partition = data.partition_of_level(data.load_trajectory(store, parent_id).regions, level)
-    app.button(key="cell_3_0").click().run()             # a token click selects that token's region
-    assert app.selectbox(key="edit_region").value == int(partition[3, 0])
+    grid = json.loads(app.get("bidi_component")[0].proto.json)   # the token grid (clicked in test_browser.py)
+    assert grid == {"ids": partition.tolist(), "selected": app.selectbox(key="edit_region").value}
+    app.selectbox(key="edit_region").select(int(partition[3, 0])).run()   # a region picked by its id
+    assert json.loads(app.get("bidi_component")[0].proto.json)["selected"] == int(partition[3, 0])
     before = len(data.load_edits(tiny_root))
     app.button(key="edit_run").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
@@ -86,6 +89,9 @@ def test_edit_playground_click_run_and_save(monkeypatch, tiny_root):
     assert f"edited (final image) {newest.edit_id}" in captions and "original (final image)" in captions
     assert newest.parent == parent_id and newest.region == int(partition[3, 0]) and newest.level == level
     assert np.isfinite(newest.preservation_psnr_outside)
+    app.session_state["edit_saved"] = True                # the saved edits, once their expander opens
+    app.run()
+    assert newest.edit_id in set(app.dataframe[0].value.edit_id)
 
 
 def test_a_root_whose_runs_wrote_nothing_to_show(monkeypatch, tmp_path):

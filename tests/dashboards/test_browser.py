@@ -39,7 +39,7 @@ def test_every_page_and_an_edit_in_chromium(tiny_root, tmp_path):
             tab.close()
         tab, _ = browser.open_page(context, url, "edit")
         seconds = browser.run_edit(tab, "cell_1_1")
-        region = tab.locator(".st-key-cell_1_1 button").inner_text().strip()
+        region = tab.locator(browser.token("cell_1_1")).inner_text().strip()
         assert f"region {region}," in tab.locator('[data-testid="stCaptionContainer"]:has-text("source")').first.inner_text()
         tab.locator('[data-testid="stMetric"]:has-text("locality (pixels)")').first.wait_for(state="visible")
         assert tab.locator('[data-testid="stMetric"]:has-text("PSNR outside")').count() == 1

@@ -75,3 +75,19 @@ def test_hierarchy_rows_carry_truth_and_per_image_ari(tiny_root):
         assert len(row["ari"]) == 3 and all(-1.0 <= a <= 1.0 for a in row["ari"])
         assert row["truth"][0].max() <= 1    # level 0 of the ground truth is object vs background
     assert visuals.hierarchy_rows(folders.images, folders.teacher, 10_000, 3) == []
+
+
+def test_hierarchy_strip_is_one_titled_picture_per_row(tiny_root):
+    folders = data.run_folders(tiny_root, "first")
+    row = visuals.hierarchy_rows(folders.images, folders.teacher, 0, 1)[0]
+    strip = visuals.hierarchy_strip(row, 168, gap=12)
+    size = 168   # a multiple of the 4 x 4 token grid
+    assert strip.dtype == np.uint8 and strip.shape[1] == 7 * size + 6 * 12
+    panels = strip[-size:]   # below the titles: image, teacher L0..L2, truth L0..L2
+    assert (panels[:, size + 12:2 * size + 12] == visuals.colour_partition(row["teacher"][0], size)).all()
+    assert (panels[:, -size:] == visuals.colour_partition(row["truth"][2], size)).all()
+    assert (strip[:-size] != 255).any()   # the titles
+    # many levels: narrower panels (still whole tokens), never wider than what st.image shows unchanged
+    deep = dict(row, teacher=np.zeros((6, 4, 4), int), truth=np.zeros((6, 4, 4), int), ari=[0.5] * 6)
+    wide = visuals.hierarchy_strip(deep, 168, gap=12)
+    assert wide.shape[1] <= visuals.STREAMLIT_MAX_IMAGE_PX and (wide.shape[1] - 12 * 12) % (13 * 4) == 0

@@ -1,0 +1,22 @@
+"""The dashboard server freezes the objects alive after new imports (short full garbage collections), and only then."""
+import gc
+import sys
+import types
+
+from dashboards import gc_freeze
+
+
+def test_freezes_after_new_imports_only(monkeypatch):
+    monkeypatch.setattr(gc_freeze, "_modules_at_last_freeze", 0)
+    try:
+        gc_freeze.freeze_after_new_imports()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        kept = [[] for _ in range(1000)]   # new objects, no new module: nothing more is frozen
+        gc_freeze.freeze_after_new_imports()
+        assert gc.get_freeze_count() == frozen
+        monkeypatch.setitem(sys.modules, "tf_test_new_module", types.ModuleType("tf_test_new_module"))
+        gc_freeze.freeze_after_new_imports()
+        assert gc.get_freeze_count() >= frozen + len(kept)
+    finally:
+        gc.unfreeze()   # leave the test process as it was
