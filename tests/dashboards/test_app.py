@@ -38,8 +38,11 @@ def test_runs_page_lists_runs_and_compares_two(monkeypatch, tiny_root):
     app.run()
     table = next(d.value for d in app.dataframe if "difference" in d.value.columns)
     assert {"first", "second"} <= set(table.columns)
-    # one chart per metric of the per-level FD, consistency and controllability groups
-    assert len(app.get("vega_lite_chart")) == sum(len(m) for m in data.PLOTS.values())
+    # one chart per group (per-level FD, consistency, controllability), a panel per measured metric
+    charts = app.get("vega_lite_chart")
+    assert len(charts) == len(data.PLOTS)
+    for chart, metrics in zip(charts, data.PLOTS.values()):
+        assert json.loads(chart.proto.spec)["facet"]["sort"] == metrics   # the tiny run measures them all
 
 
 def test_trajectory_viewer_levels_overlays_and_pca(monkeypatch, tiny_root):
