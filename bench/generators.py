@@ -124,6 +124,31 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--token-dim", type=int, default=768)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. reduce-overhead: CUDA graphs)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config setting for the compiled variants (repeatable)")
+
+
+def apply_inductor_settings(settings: list[str]) -> dict:
+    """--inductor KEY=VALUE flags onto torch._inductor.config (Python literals, else strings)."""
+    import ast
+
+    import torch._inductor.config as inductor
+
+    applied = {}
+    for setting in settings:
+        key, raw = setting.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        target = inductor
+        *path, leaf = key.split(".")
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, leaf, value)
+        applied[key] = value
+    return applied
 
 
 def bench_model(cfg, device: str) -> TrajectoryDiT:
@@ -145,7 +170,7 @@ def make_batch(cfg, batch: int, device: str) -> dict:
             "regions": torch.randint(0, 8, (batch, tokens), generator=g, device=device)}
 
 
-def make_step(model, batch: dict, kind: str | None, compiled: bool):
+def make_step(model, batch: dict, kind: str | None, compiled: bool, mode: str | None = None):
     """One training step on `batch`: kind None is the plain step, else the mean-flow step with that
     tangent pass; compiled as models/train_loop.py does on one GPU (the whole loss is one graph)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -156,8 +181,8 @@ def make_step(model, batch: dict, kind: str | None, compiled: bool):
         x_hat, v_hat = model(z, h, cond, label, level)
         return F.mse_loss(x_hat.float(), cond) + F.mse_loss(v_hat.float(), z)
 
-    plain_fn = torch.compile(plain_loss) if compiled else plain_loss
-    loss_fn = torch.compile(meanflow_loss) if compiled else meanflow_loss
+    plain_fn = torch.compile(plain_loss, mode=mode) if compiled else plain_loss
+    loss_fn = torch.compile(meanflow_loss, mode=mode) if compiled else meanflow_loss
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -174,10 +199,10 @@ def make_step(model, batch: dict, kind: str | None, compiled: bool):
     return step
 
 
-def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int) -> dict:
+def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int, mode: str | None = None) -> dict:
     """kind None: the plain step; else the mean-flow step with that tangent pass."""
     torch._dynamo.reset()
-    step = make_step(model, batch, kind, compiled)
+    step = make_step(model, batch, kind, compiled, mode)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
@@ -209,7 +234,9 @@ def main() -> None:
     report: dict = {"config": {"preset": args.preset, "batch": args.batch, "tokens": args.grid ** 2,
                                "token_dim": args.token_dim, "width": cfg.width, "depth": cfg.depth,
                                "head_depth": cfg.head_depth, "heads": cfg.heads, "dtype": "bf16 autocast",
-                               "optimizer": "AdamW fused", "torch": torch.__version__}}
+                               "optimizer": "AdamW fused", "torch": torch.__version__,
+                               "compile_mode": args.compile_mode or "default",
+                               "inductor": apply_inductor_settings(args.inductor)}}
     report["kernel_check"] = kernel_check(device, cfg.heads, args.grid ** 2, cfg.width // cfg.heads)
     print(report["kernel_check"], flush=True)
     model = bench_model(cfg, device)
@@ -221,7 +248,8 @@ def main() -> None:
     variants = {}
     for spec in args.variants.split(","):
         kind, mode = spec.split(":")
-        result = run_variant(model, batch, None if kind == "plain" else kind, mode == "compile", args.steps)
+        result = run_variant(model, batch, None if kind == "plain" else kind, mode == "compile", args.steps,
+                             args.compile_mode)
         if "step_s" in result:
             counted = plain_flops if kind == "plain" else jvp_flops
             result["img_per_s"] = args.batch / result["step_s"]

@@ -45,3 +45,20 @@ def write_result(name: str, figures: dict[str, tuple[float, str]], extra: dict |
             **(extra or {})}
     path.write_text(json.dumps(body, indent=2) + "\n")
     return path
+
+
+def merge_result(name: str, figures: dict[str, tuple[float, str]], extra: dict | None = None,
+                 folder: str | Path | None = None) -> Path:
+    """Adds figures (and top-level keys) to `<folder>/<name>.json`, keeping what another bench wrote
+    there; each merged figure names the commit and machine it was measured on."""
+    folder = Path(folder) if folder else RESULTS
+    path = folder / f"{name}.json"
+    body = json.loads(path.read_text()) if path.exists() else {"figures": {}}
+    for key, (value, unit) in figures.items():
+        body["figures"][key] = {"value": value, "unit": unit, "machine": machine(), "commit": commit(),
+                                "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    body.update(extra or {})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    tmp.replace(path)
+    return path
