@@ -68,7 +68,8 @@ def kernel_check(device: str, heads: int, tokens: int, dim: int) -> dict:
     big = [torch.randn((256, heads, tokens, dim), device=device, dtype=torch.bfloat16) for _ in range(6)]
     timings = {}
     for block_m, block_n, warps, stages in ((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3),
-                                            (128, 64, 4, 3)):
+                                            (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 8, 2),
+                                            (128, 128, 8, 2), (64, 32, 4, 4), (32, 64, 4, 3), (64, 256, 8, 1)):
         try:
             for _ in range(2):
                 tangent_triton(*big, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--variants", default="plain:eager,plain:compile,kernel:eager,kernel:compile,math:eager")
     parser.add_argument("--out", default=None, help="folder for generators.json (default bench/results)")
     parser.add_argument("--no-kernel-check", action="store_true", help="skip the tangent kernel's accuracy/speed check")
+    parser.add_argument("--kernel-check-only", action="store_true", help="only the tangent kernel's check")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/generators.py measures GPU training: no CUDA device")
@@ -241,6 +243,8 @@ def main() -> None:
     if not args.no_kernel_check:
         report["kernel_check"] = kernel_check(device, cfg.heads, args.grid ** 2, cfg.width // cfg.heads)
         print(report["kernel_check"], flush=True)
+        if args.kernel_check_only:
+            return
     model = bench_model(cfg, device)
     batch = make_batch(cfg, args.batch, device)
     flops = count_flops(model, batch)

@@ -57,7 +57,7 @@ def tangent_torch(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: T
 
 if triton is not None:
     @triton.jit
-    def _tangent_kernel(Q, K, V, DQ, DK, DV, DO, heads, n_tokens, head_dim, scale,
+    def _tangent_kernel(Q, K, V, DQ, DK, DV, DO, heads, n_tokens, head_dim, scale, scale_log2,
                         p_b, p_h, p_n, t_b, t_h, t_n, o_b, o_h, o_n,
                         ACC: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -92,20 +92,22 @@ if triton is not None:
             v = tl.load(V + p_at, mask=kv_ok, other=0.0)
             dv = tl.load(DV + t_at, mask=kv_ok, other=0.0)
             kt, dkt = tl.trans(k), tl.trans(dk)
-            s = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * scale
-            ds = (tl.dot(dq, kt, input_precision=PRECISION, out_dtype=ACC)
-                  + tl.dot(q, dkt, input_precision=PRECISION, out_dtype=ACC)) * scale
+            # scores in log2 units (exp2 is the GPU's native exponential); dS stays in natural units
+            s = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * scale_log2
+            ds = tl.dot(q, dkt, acc=tl.dot(dq, kt, input_precision=PRECISION, out_dtype=ACC),
+                        input_precision=PRECISION, out_dtype=ACC) * scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
             pds = p * ds
             l_i = l_i * alpha + tl.sum(p, 1)
             mu = mu * alpha + tl.sum(pds, 1)
-            acc_o = acc_o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
-            acc_t = (acc_t * alpha[:, None]
-                     + tl.dot(pds.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
-                     + tl.dot(p.to(dv.dtype), dv, input_precision=PRECISION, out_dtype=ACC))
+            acc_o = tl.dot(p.to(v.dtype), v, acc=acc_o * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+            acc_t = tl.dot(p.to(dv.dtype), dv,
+                           acc=tl.dot(pds.to(v.dtype), v, acc=acc_t * alpha[:, None], input_precision=PRECISION,
+                                      out_dtype=ACC),
+                           input_precision=PRECISION, out_dtype=ACC)
             m_i = m_new
         o = acc_o / l_i[:, None]
         do = acc_t / l_i[:, None] - (mu / l_i)[:, None] * o
@@ -145,6 +147,7 @@ def tangent_triton(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: 
     block_d = max(16, triton.next_power_of_2(dim))
     grid = (triton.cdiv(tokens, block_m), batch * heads)
     _tangent_kernel[grid](q, k, v, dq, dk, dv, out, heads, tokens, dim, 1.0 / math.sqrt(dim),
+                          math.log2(math.e) / math.sqrt(dim),
                           *q.stride()[:3], *dq.stride()[:3], *out.stride()[:3],
                           ACC=acc, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                           num_warps=num_warps, num_stages=num_stages)
