@@ -43,6 +43,8 @@ from models.dit import TrajectoryDiT, dit_config  # noqa: E402
 from models.dit_jvp import x_head_tangent  # noqa: E402
 from models.jvp_attention import math_attention_fn, tangent_torch, tangent_triton  # noqa: E402
 from models.meanflow import MeanFlowConfig, draw, meanflow_loss  # noqa: E402
+from models.optim import OptimConfig  # noqa: E402
+from models.train_loop import compile_settings  # noqa: E402
 
 H200_BF16_DENSE = 989e12
 
@@ -228,6 +230,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for generators.json (default bench/results)")
     parser.add_argument("--no-kernel-check", action="store_true", help="skip the tangent kernel's accuracy/speed check")
     parser.add_argument("--kernel-check-only", action="store_true", help="only the tangent kernel's check")
+    parser.add_argument("--compile-tuning", action="store_true",
+                        help="coordinate-descent tuning of the compiled kernels (generator.compile_tuning)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/generators.py measures GPU training: no CUDA device")
@@ -239,47 +243,59 @@ def main() -> None:
                                "head_depth": cfg.head_depth, "heads": cfg.heads, "dtype": "bf16 autocast",
                                "optimizer": "AdamW fused", "torch": torch.__version__,
                                "compile_mode": args.compile_mode or "default",
+                               "compile_tuning": args.compile_tuning,
                                "inductor": apply_inductor_settings(args.inductor)}}
-    if not args.no_kernel_check:
+    if args.kernel_check_only:
         report["kernel_check"] = kernel_check(device, cfg.heads, args.grid ** 2, cfg.width // cfg.heads)
         print(report["kernel_check"], flush=True)
-        if args.kernel_check_only:
-            return
+        return
     model = bench_model(cfg, device)
     batch = make_batch(cfg, args.batch, device)
     flops = count_flops(model, batch)
     report["flops_per_sample"] = flops
     plain_flops = 3 * flops["forward"]
     jvp_flops = plain_flops + flops["tangent"]
-    variants = {}
-    for spec in args.variants.split(","):
-        kind, mode = spec.split(":")
-        result = run_variant(model, batch, None if kind == "plain" else kind, mode == "compile", args.steps,
-                             args.compile_mode)
-        if "step_s" in result:
-            counted = plain_flops if kind == "plain" else jvp_flops
-            result["img_per_s"] = args.batch / result["step_s"]
-            result["mfu"] = counted * args.batch / result["step_s"] / H200_BF16_DENSE
-        variants[spec] = result
-        print(spec, result, flush=True)
-    report["variants"] = variants
+    variants = report["variants"] = {}
+    # the training loop's own compile settings (generator.compile_tuning)
+    with compile_settings(OptimConfig(compile=True, compile_tuning=args.compile_tuning)):
+        for spec in args.variants.split(","):
+            kind, mode = spec.split(":")
+            result = run_variant(model, batch, None if kind == "plain" else kind, mode == "compile", args.steps,
+                                 args.compile_mode)
+            if "step_s" in result:
+                counted = plain_flops if kind == "plain" else jvp_flops
+                result["img_per_s"] = args.batch / result["step_s"]
+                result["mfu"] = counted * args.batch / result["step_s"] / H200_BF16_DENSE
+            variants[spec] = result
+            print(spec, result, flush=True)
+            write_figures(report, args.batch, args.out)   # after every variant: a cut-short run keeps what it measured
+    del model, batch
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not args.no_kernel_check:
+        report["kernel_check"] = kernel_check(device, cfg.heads, args.grid ** 2, cfg.width // cfg.heads)
+        print(report["kernel_check"], flush=True)
+    print(write_figures(report, args.batch, args.out).read_text())
 
-    def best(prefix: str, mode: str) -> float | None:
-        times = [v["step_s"] for k, v in variants.items() if k.startswith(prefix) and k.endswith(mode) and "step_s" in v]
-        return min(times) if times else None
 
+def write_figures(report: dict, batch: int, out: str | None):
+    """generators.json from the variants measured so far: the fastest JVP step, and the plain step
+    under the same compile setting for the ratio."""
+    variants = report["variants"]
     jvp_keys = [k for k, v in variants.items() if not k.startswith("plain") and "step_s" in v]
+    if not jvp_keys:
+        return write_result("generators", {}, report, out)
     top = min(jvp_keys, key=lambda k: variants[k]["step_s"])
     mode = top.split(":")[1]
-    plain = best("plain", mode)
+    plains = [v["step_s"] for k, v in variants.items() if k == f"plain:{mode}" and "step_s" in v]
+    plain = min(plains) if plains else None
     figures = {"train_img_per_s": (round(variants[top]["img_per_s"], 1), "img/s"),
                "mfu": (round(variants[top]["mfu"], 4), "fraction of 989 TFLOP/s"),
                "jvp_step_cost_ratio": (round(variants[top]["step_s"] / plain, 3) if plain else math.nan, "x plain step"),
-               "plain_img_per_s": (round(args.batch / plain, 1) if plain else math.nan, "img/s"),
+               "plain_img_per_s": (round(batch / plain, 1) if plain else math.nan, "img/s"),
                "peak_gpu_mem_gib": (round(variants[top]["peak_gpu_mem_gib"], 2), "GiB")}
     report["best_variant"] = top
-    path = write_result("generators", figures, report, args.out)
-    print(path.read_text())
+    return write_result("generators", figures, report, out)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,9 @@ def tangent_torch(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: T
 
 if triton is not None:
     @triton.jit
-    def _tangent_kernel(Q, K, V, DQ, DK, DV, DO, heads, n_tokens, head_dim, scale, scale_log2,
+    def _tangent_kernel(Q, K, V, DQ, DK, DV, DO, heads, n_tokens, head_dim, scale, score_scale,
                         p_b, p_h, p_n, t_b, t_h, t_n, o_b, o_h, o_n,
-                        ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr, EXP2: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """One program: BLOCK_M query rows of one (batch, head). Inputs are strided [B, H, N, D] views
         with unit stride in D (p_*: strides of Q, K, V; t_*: of DQ, DK, DV; o_*: of DO)."""
@@ -92,14 +92,19 @@ if triton is not None:
             v = tl.load(V + p_at, mask=kv_ok, other=0.0)
             dv = tl.load(DV + t_at, mask=kv_ok, other=0.0)
             kt, dkt = tl.trans(k), tl.trans(dk)
-            # scores in log2 units (exp2 is the GPU's native exponential); dS stays in natural units
-            s = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * scale_log2
+            # scores in log2 units (exp2 is the GPU's native exponential; fp64 keeps natural units and exp,
+            # since exp2 on fp64 runs at fp32 accuracy); dS stays in natural units
+            s = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * score_scale
             ds = tl.dot(q, dkt, acc=tl.dot(dq, kt, input_precision=PRECISION, out_dtype=ACC),
                         input_precision=PRECISION, out_dtype=ACC) * scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            if EXP2:
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+            else:
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
             pds = p * ds
             l_i = l_i * alpha + tl.sum(p, 1)
             mu = mu * alpha + tl.sum(pds, 1)
@@ -146,10 +151,12 @@ def tangent_triton(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: 
     precision = "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"   # ignored for 16-bit inputs
     block_d = max(16, triton.next_power_of_2(dim))
     grid = (triton.cdiv(tokens, block_m), batch * heads)
-    _tangent_kernel[grid](q, k, v, dq, dk, dv, out, heads, tokens, dim, 1.0 / math.sqrt(dim),
-                          math.log2(math.e) / math.sqrt(dim),
+    exp2 = dtype != torch.float64
+    scale = 1.0 / math.sqrt(dim)
+    score_scale = scale * math.log2(math.e) if exp2 else scale
+    _tangent_kernel[grid](q, k, v, dq, dk, dv, out, heads, tokens, dim, scale, score_scale,
                           *q.stride()[:3], *dq.stride()[:3], *out.stride()[:3],
-                          ACC=acc, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                          ACC=acc, PRECISION=precision, EXP2=exp2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                           num_warps=num_warps, num_stages=num_stages)
     return out
 

@@ -27,6 +27,7 @@ class OptimConfig:
     muon_momentum: float = 0.95
     checkpoint_every: int = 0         # 0: no intermediate training-state snapshots
     compile: bool = False             # wrap the network in torch.compile for the training steps
+    compile_tuning: bool = False      # tune the compiled kernels' launch parameters (longer first compile)
     seed: int = 0
 
     def __post_init__(self):

@@ -72,6 +72,14 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor
     return state
 
 
+def compile_settings(cfg: OptimConfig):
+    """Inductor settings for the steps compiled inside this context (compiles happen at the first
+    step): coordinate-descent tuning of every generated kernel's launch parameters when asked."""
+    import torch._inductor.config as inductor
+
+    return inductor.patch(coordinate_descent_tuning=cfg.compile and cfg.compile_tuning)
+
+
 def _read_back(stats: dict[str, Tensor]) -> dict[str, float]:
     """The step's stats as floats, in one device-to-host copy at the end of the step: a read-back in
     the middle (a float() before backward) would stall the GPU while the host catches up."""
@@ -118,7 +126,8 @@ def train_generator(model: nn.Module, data: LevelData, level: int, objective: Me
             return step_loss(net, x, cond, label, levels, regions, objective, draws=draws,
                              jvp_model=state.model, tangent_fn=tangent_fn)
 
-    return _fit(state, cfg, loss_fn, on_step, on_checkpoint)
+    with compile_settings(cfg):
+        return _fit(state, cfg, loss_fn, on_step, on_checkpoint)
 
 
 def train_decoder(decoder: nn.Module, tokens: Tensor, images: Tensor, cfg: OptimConfig, device: str,

@@ -23,7 +23,7 @@ CODE_VERSIONS = {
 }
 
 
-RUN_ONLY = {"compile", "checkpoint_every", "jvp_attention"}   # how a model is trained, not which weights come out
+RUN_ONLY = {"compile", "compile_tuning", "checkpoint_every", "jvp_attention"}   # how a model is trained, not which weights come out
 
 
 def stable_hash(obj: object, length: int = 12) -> str:

@@ -44,7 +44,8 @@ def generator_optim(cfg: TFConfig, seed: int) -> OptimConfig:
     return OptimConfig(steps=g.steps, batch_size=g.batch_size, lr=g.lr, weight_decay=g.weight_decay,
                        warmup_steps=g.warmup_steps, grad_clip=g.grad_clip,
                        ema_decays=sorted(set(g.ema_decays) | {g.ema_decay}), optimizer=g.optimizer,
-                       checkpoint_every=g.checkpoint_every, compile=g.compile, seed=seed)
+                       checkpoint_every=g.checkpoint_every, compile=g.compile,
+                       compile_tuning=g.compile_tuning, seed=seed)
 
 
 def num_classes(layout: Layout) -> int:
