@@ -13,7 +13,8 @@ Step times come from the loop's own per-step callback (it reads the step's stats
 step ends synchronised); the first `--warmup` steps (compiles) are left out.
 scaling_efficiency_<N>gpu = global img/s on N GPUs / (N x img/s of "1"), merged into
 <out>/generators.json next to the single-GPU figures; the details go to generators_scaling.json.
-Needs only torch (+ triton): no Prefect, Dask or Zarr.
+Needs only torch (+ triton): no Prefect, Dask or Zarr. `--cpu` runs the same launches as CPU
+processes over gloo, uncompiled (for tests of the bench itself; its figures say nothing about GPUs).
 """
 from __future__ import annotations
 
@@ -55,28 +56,33 @@ def worker(args) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     local = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local)
-    device = f"cuda:{local}"
+    if args.cpu:
+        device = "cpu"
+    else:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
     rank, world, wrap = 0, 1, None
     if args.ddp:
-        dist.init_process_group("nccl", timeout=timedelta(minutes=20))
+        dist.init_process_group("gloo" if args.cpu else "nccl", timeout=timedelta(minutes=20))
         rank, world = dist.get_rank(), dist.get_world_size()
-        wrap = lambda m: DistributedDataParallel(m, device_ids=[local])  # noqa: E731
+        wrap = DistributedDataParallel if args.cpu else (lambda m: DistributedDataParallel(m, device_ids=[local]))
     cfg = dit_config(args.preset, token_dim=args.token_dim, grid=args.grid, num_classes=1000, num_levels=4)
     torch.manual_seed(0)   # same start on every rank (DDP broadcasts rank 0's anyway)
     model = bench_model(cfg, device)
     global_batch = args.batch * world
     data = synthetic_data(cfg, 2 * global_batch, device)
-    optim = OptimConfig(steps=args.warmup + args.steps, batch_size=global_batch, warmup_steps=1, compile=True)
+    optim = OptimConfig(steps=args.warmup + args.steps, batch_size=global_batch, warmup_steps=1,
+                        compile=not args.cpu, compile_tuning=args.compile_tuning)
     ends: list[float] = []
-    torch.cuda.reset_peak_memory_stats(device)
+    if not args.cpu:
+        torch.cuda.reset_peak_memory_stats(device)
     train_generator(model, data, 1, MeanFlowConfig(jvp_attention="kernel"), optim, device,
                     on_step=lambda step, stats: ends.append(time.perf_counter()), rank=rank, world=world, wrap=wrap)
     step_s = (ends[-1] - ends[args.warmup - 1]) / args.steps
     if rank == 0:
         result = {"processes": world, "ddp": bool(args.ddp), "per_gpu_batch": args.batch, "global_batch": global_batch,
                   "step_s": step_s, "img_per_s": global_batch / step_s, "first_steps_s": ends[args.warmup - 1] - ends[0],
-                  "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+                  "peak_gpu_mem_gib": None if args.cpu else torch.cuda.max_memory_allocated(device) / 2 ** 30}
         Path(args.result).write_text(json.dumps(result))
     if args.ddp:
         dist.destroy_process_group()
@@ -87,7 +93,8 @@ def launch(run: str, args, scratch: Path) -> dict:
     result = scratch / f"scaling_{run}.json"
     common = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--preset", args.preset,
               "--batch", str(args.batch), "--grid", str(args.grid), "--token-dim", str(args.token_dim),
-              "--steps", str(args.steps), "--warmup", str(args.warmup)]
+              "--steps", str(args.steps), "--warmup", str(args.warmup)] \
+        + (["--cpu"] if args.cpu else []) + (["--compile-tuning"] if args.compile_tuning else [])
     if run == "1":
         command = [sys.executable] + common
     else:
@@ -109,6 +116,8 @@ def main() -> None:
     parser.add_argument("--token-dim", type=int, default=768)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (compiles)")
+    parser.add_argument("--compile-tuning", action="store_true", help="generator.compile_tuning in the runs")
+    parser.add_argument("--cpu", action="store_true", help="CPU processes over gloo (tests of the bench)")
     parser.add_argument("--out", default=None, help="folder for the JSON results (default bench/results)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ddp", action="store_true", help=argparse.SUPPRESS)
@@ -116,10 +125,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/generators_scaling.py measures GPU training: no CUDA device")
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("bench/generators_scaling.py measures GPU training: no CUDA device (--cpu to try it on CPUs)")
     counts = [int(n) for n in args.gpus.split(",")]
-    if max(counts) > torch.cuda.device_count():
+    if not args.cpu and max(counts) > torch.cuda.device_count():
         raise SystemExit(f"asked for {max(counts)} GPUs, {torch.cuda.device_count()} visible")
     folder = Path(args.out) if args.out else Path(__file__).parent / "results"
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,14 +137,16 @@ def main() -> None:
         results = {run: launch(run, args, Path(scratch)) for run in runs}
     single = results["1"]["img_per_s"]
     figures = {}
+    unit = "process" if args.cpu else "GPU"
     for n in (n for n in counts if n > 1):
         figures[f"scaling_efficiency_{n}gpu"] = (round(results[str(n)]["img_per_s"] / (n * single), 4),
-                                                 f"{n}-GPU img/s / ({n} x 1-GPU img/s), per-GPU batch {args.batch}")
+                                                 f"{n}-{unit} img/s / ({n} x 1-{unit} img/s), per-{unit} batch {args.batch}")
         figures[f"train_img_per_s_{n}gpu"] = (round(results[str(n)]["img_per_s"], 1), "img/s")
     figures["train_loop_img_per_s_1gpu"] = (round(single, 1), "img/s")
     detail = {"config": {"preset": args.preset, "per_gpu_batch": args.batch, "tokens": args.grid ** 2,
                          "token_dim": args.token_dim, "steps": args.steps, "warmup": args.warmup,
-                         "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version()))},
+                         "compile_tuning": args.compile_tuning, "torch": torch.__version__,
+                         "backend": "gloo (CPU)" if args.cpu else "nccl " + ".".join(map(str, torch.cuda.nccl.version()))},
               "runs": results}
     print(write_result("generators_scaling", figures, detail, folder).read_text())
     merge_result("generators", {k: v for k, v in figures.items() if k.startswith("scaling_")},

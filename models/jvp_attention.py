@@ -138,7 +138,7 @@ def tangent_triton(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: 
     """dO through the Triton kernel: [B, H, N, D] inputs of one dtype (bf16/fp16/fp32/fp64), any
     strides with unit stride in D (e.g. head views of a fused QKV projection: no copies); the output is
     token-major (token_major_empty). fp32 accumulation (fp64 for fp64 inputs), fp32 matmuls without
-    TF32. Default blocks: the fastest of five tried on an H200 at B=256, 12 heads, 256 tokens, d=64
+    TF32. Default blocks: the fastest of twelve tried on an H200 at B=256, 12 heads, 256 tokens, d=64
     (bench/results/generators.json)."""
     if triton is None:
         raise RuntimeError("triton is not installed: use tangent_torch")

@@ -104,3 +104,28 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, optimizer):
     assert {f"ema/{d!r}/fuse.weight" for d in (0.9, 0.99)} <= set(tensors)
     assert any(name.startswith("state/global_rng") for name in tensors)   # torch + numpy states, compared above
     assert meta["tree"] == resumed[1]["tree"]   # optimiser hyper-parameters, schedules, Python's RNG
+
+
+def test_compile_tuning_reaches_inductor_only_inside_the_loop_and_only_with_compile():
+    """generator.compile_tuning -> OptimConfig -> inductor's coordinate-descent flag while the training
+    loop's steps (and so their compiles) run; the process-wide setting is left as it was."""
+    import torch._inductor.config as inductor
+
+    from models.train_loop import compile_settings
+    from storage.config import load_config
+    from tasks.generator_job import generator_optim
+
+    optim = generator_optim(load_config("configs/tiny.yaml", ["generator.compile=true",
+                                                              "generator.compile_tuning=true"]), seed=0)
+    assert optim.compile and optim.compile_tuning
+    before = inductor.coordinate_descent_tuning
+    with compile_settings(optim):
+        assert inductor.coordinate_descent_tuning is True
+    with compile_settings(OptimConfig(compile=False, compile_tuning=True)):   # nothing compiled: nothing tuned
+        assert inductor.coordinate_descent_tuning is False
+    assert inductor.coordinate_descent_tuning == before
+
+    seen = []
+    train_generator(tiny_model(), tiny_data(), 1, MeanFlowConfig(), OptimConfig(steps=1, batch_size=4,
+                    compile_tuning=True), "cpu", on_step=lambda *_: seen.append(inductor.coordinate_descent_tuning))
+    assert seen == [False]   # compile off in this run

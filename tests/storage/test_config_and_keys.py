@@ -58,6 +58,7 @@ def test_run_only_settings_keep_the_model_keys():
 
     base = stage_keys(load_config("configs/tiny.yaml"))
     same = stage_keys(load_config("configs/tiny.yaml", ["generator.compile=true", "generator.checkpoint_every=7",
+                                                        "generator.compile_tuning=true",
                                                         "decoder.checkpoint_every=9", "generator.mode=flat"]))
     assert same.generators == base.generators and same.decoder == base.decoder
     other = stage_keys(load_config("configs/tiny.yaml", ["generator.lr=0.002"]))
