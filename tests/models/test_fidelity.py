@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as inception_module
+from torch_fidelity.metric_isc import isc_features_to_metric
 
 from models.encoder import build_encoder
 from models.fidelity import (
@@ -153,8 +154,14 @@ def test_streamed_inception_features_match_torch_fidelity(inception_weights):
     assert _rel(kid_std, raw[torch_fidelity.KEY_METRIC_KID_STD]) < 1e-3
     is_mean, is_std = inception_score_from_logits(gen["logits"], splits=4, shuffle_seed=2020)
     assert is_mean > 1.0 + 1e-4
+    # The formula on the same logits: torch-fidelity's own IS of our logits.
+    same_logits = isc_features_to_metric(torch.from_numpy(gen["logits"]), splits=4, shuffle=True, rng_seed=2020)
+    assert _rel(is_mean, same_logits[torch_fidelity.KEY_METRIC_ISC_MEAN]) < 1e-12
+    assert _rel(is_std, same_logits[torch_fidelity.KEY_METRIC_ISC_STD]) < 1e-9
+    # End to end, against torch-fidelity's own float32 logits (batch 64, ours 5): the std of 4 split
+    # scores amplifies their last-bit differences (one CI run saw 9e-6 relative).
     assert _rel(is_mean - 1.0, raw[torch_fidelity.KEY_METRIC_ISC_MEAN] - 1.0) < 1e-6
-    assert _rel(is_std, raw[torch_fidelity.KEY_METRIC_ISC_STD]) < 1e-6
+    assert _rel(is_std, raw[torch_fidelity.KEY_METRIC_ISC_STD]) < 1e-4
 
 
 class _NotATensor:
