@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.generators import bench_model  # noqa: E402
+from bench.generators import bench_model, make_batch  # noqa: E402
 from bench.results_io import merge_result, write_result  # noqa: E402
 from models.dit import dit_config  # noqa: E402
 from models.meanflow import MeanFlowConfig  # noqa: E402
@@ -41,12 +41,8 @@ from models.train_loop import LevelData, train_generator  # noqa: E402
 
 
 def synthetic_data(cfg, rows: int, device: str) -> LevelData:
-    g = torch.Generator(device).manual_seed(0)
-    tokens = cfg.grid * cfg.grid
-    return LevelData(torch.randn(rows, tokens, cfg.token_dim, generator=g, device=device),
-                     torch.randn(rows, tokens, cfg.token_dim, generator=g, device=device),
-                     torch.randint(0, cfg.num_classes, (rows,), generator=g, device=device),
-                     torch.randint(0, 8, (rows, tokens), generator=g, device=device))
+    batch = make_batch(cfg, rows, device)
+    return LevelData(batch["z"], batch["cond"], batch["label"], batch["regions"])
 
 
 def worker(args) -> None:
@@ -150,7 +146,7 @@ def main() -> None:
               "runs": results}
     print(write_result("generators_scaling", figures, detail, folder).read_text())
     merge_result("generators", {k: v for k, v in figures.items() if k.startswith("scaling_")},
-                 {"scaling": {"source": "generators_scaling.json", **results}}, folder)
+                 {"scaling_detail": "generators_scaling.json"}, folder)
 
 
 if __name__ == "__main__":

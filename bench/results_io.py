@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from storage.files import atomic_write_text
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -34,6 +36,10 @@ def commit() -> str:
         return "unknown"
 
 
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name] + sys.argv)
+
+
 def write_result(name: str, figures: dict[str, tuple[float, str]], extra: dict | None = None,
                  folder: str | Path | None = None) -> Path:
     """Writes `<folder or bench/results>/<name>.json`."""
@@ -41,9 +47,8 @@ def write_result(name: str, figures: dict[str, tuple[float, str]], extra: dict |
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     body = {"figures": {k: {"value": v, "unit": u} for k, (v, u) in figures.items()},
-            "machine": machine(), "commit": commit(), "command": " ".join([Path(sys.executable).name] + sys.argv),
-            **(extra or {})}
-    path.write_text(json.dumps(body, indent=2) + "\n")
+            "machine": machine(), "commit": commit(), "command": command_line(), **(extra or {})}
+    atomic_write_text(path, json.dumps(body, indent=2) + "\n")
     return path
 
 
@@ -56,9 +61,7 @@ def merge_result(name: str, figures: dict[str, tuple[float, str]], extra: dict |
     body = json.loads(path.read_text()) if path.exists() else {"figures": {}}
     for key, (value, unit) in figures.items():
         body["figures"][key] = {"value": value, "unit": unit, "machine": machine(), "commit": commit(),
-                                "command": " ".join([Path(sys.executable).name] + sys.argv)}
+                                "command": command_line()}
     body.update(extra or {})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(body, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(body, indent=2) + "\n")
     return path

@@ -6,7 +6,7 @@ Variants (same synthetic batch and model as bench/generators.py):
   plain   forward of both heads + MSE + backward + AdamW (the reference step);
   kernel  the mean-flow step as the training loop runs it on one GPU (the whole loss compiled as one
           graph: forward, tangent pass reusing the forward's values, and the loss terms).
-A suffix ":cudnn", ":flash" or ":efficient" restricts SDPA to that backend, ":autotune" lets inductor autotune the matmuls
+A suffix ":cudnn" runs SDPA on cuDNN's attention kernels, ":autotune" lets inductor autotune the matmuls
 (cuBLAS against Triton templates, which can fuse their epilogues). Each variant's step time, then per family
 (gemm, sdpa, jvp-attention, triton fused elementwise, optimizer, other) the GPU milliseconds per step
 and the 25 costliest kernels (and the 15 costliest of each family), go to step_profile.json.
@@ -70,10 +70,7 @@ def profile_variant(model, batch, spec: str, steps: int) -> dict:
     parts = spec.split(":")
     kind, compiled, options = parts[0], parts[1] == "compile", set(parts[2:])
     torch._dynamo.reset()
-    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    chosen = [backend for option, backend in backends.items() if option in options]
-    attention = sdpa_kernel(chosen) if chosen else contextlib.nullcontext()
+    attention = sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if "cudnn" in options else contextlib.nullcontext()
     import torch._inductor.config as inductor
     inductor.max_autotune_gemm = "autotune" in options
     inductor.max_autotune_gemm_backends = "CUBLAS,TRITON"
