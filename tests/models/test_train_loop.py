@@ -106,7 +106,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, optimizer):
     assert meta["tree"] == resumed[1]["tree"]   # optimiser hyper-parameters, schedules, Python's RNG
 
 
-def test_compile_tuning_reaches_inductor_only_inside_the_loop_and_only_with_compile():
+def test_compile_settings_reach_inductor_only_inside_the_loop_and_only_with_compile():
     """generator.compile_tuning -> OptimConfig -> inductor's coordinate-descent flag while the training
     loop's steps (and so their compiles) run; the process-wide setting is left as it was."""
     import torch._inductor.config as inductor
@@ -118,12 +118,14 @@ def test_compile_tuning_reaches_inductor_only_inside_the_loop_and_only_with_comp
     optim = generator_optim(load_config("configs/tiny.yaml", ["generator.compile=true",
                                                               "generator.compile_tuning=true"]), seed=0)
     assert optim.compile and optim.compile_tuning
-    before = inductor.coordinate_descent_tuning
+    before = inductor.coordinate_descent_tuning, inductor.triton.multi_kernel
     with compile_settings(optim):
-        assert inductor.coordinate_descent_tuning is True
+        assert inductor.coordinate_descent_tuning is True and inductor.triton.multi_kernel == 1
+    with compile_settings(OptimConfig(compile=True)):   # multi-kernel reductions come with compile alone
+        assert inductor.coordinate_descent_tuning is False and inductor.triton.multi_kernel == 1
     with compile_settings(OptimConfig(compile=False, compile_tuning=True)):   # nothing compiled: nothing tuned
-        assert inductor.coordinate_descent_tuning is False
-    assert inductor.coordinate_descent_tuning == before
+        assert inductor.coordinate_descent_tuning is False and inductor.triton.multi_kernel == before[1]
+    assert (inductor.coordinate_descent_tuning, inductor.triton.multi_kernel) == before
 
     seen = []
     train_generator(tiny_model(), tiny_data(), 1, MeanFlowConfig(), OptimConfig(steps=1, batch_size=4,
