@@ -257,7 +257,7 @@ def main() -> None:
     jvp_flops = plain_flops + flops["tangent"]
     variants = report["variants"] = {}
     # the training loop's own compile settings (generator.compile_tuning)
-    with compile_settings(OptimConfig(compile=True, compile_tuning=args.compile_tuning)):
+    with compile_settings(OptimConfig(compile=True, compile_tuning=args.compile_tuning), device):
         for spec in args.variants.split(","):
             kind, mode = spec.split(":")
             result = run_variant(model, batch, None if kind == "plain" else kind, mode == "compile", args.steps,
@@ -291,9 +291,10 @@ def write_figures(report: dict, batch: int, out: str | None):
     plain = min(plains) if plains else None
     figures = {"train_img_per_s": (round(variants[top]["img_per_s"], 1), "img/s"),
                "mfu": (round(variants[top]["mfu"], 4), "fraction of 989 TFLOP/s"),
-               "jvp_step_cost_ratio": (round(variants[top]["step_s"] / plain, 3) if plain else math.nan, "x plain step"),
-               "plain_img_per_s": (round(batch / plain, 1) if plain else math.nan, "img/s"),
                "peak_gpu_mem_gib": (round(variants[top]["peak_gpu_mem_gib"], 2), "GiB")}
+    if plain:   # no plain step measured (yet): no ratio, rather than a NaN
+        figures["jvp_step_cost_ratio"] = (round(variants[top]["step_s"] / plain, 3), "x plain step")
+        figures["plain_img_per_s"] = (round(batch / plain, 1), "img/s")
     report["best_variant"] = top
     return write_result("generators", figures, report, out)
 

@@ -42,12 +42,21 @@ def command_line() -> str:
 
 def write_result(name: str, figures: dict[str, tuple[float, str]], extra: dict | None = None,
                  folder: str | Path | None = None) -> Path:
-    """Writes `<folder or bench/results>/<name>.json`."""
+    """Writes `<folder or bench/results>/<name>.json`; what merge_result added there (figures that name
+    their own commit, and the keys it listed) is kept, the rest is this run's."""
     folder = Path(folder) if folder else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    merged_keys = old.get("merged_keys", [])
     body = {"figures": {k: {"value": v, "unit": u} for k, (v, u) in figures.items()},
             "machine": machine(), "commit": commit(), "command": command_line(), **(extra or {})}
+    for key, figure in old.get("figures", {}).items():
+        if "commit" in figure and key not in body["figures"]:
+            body["figures"][key] = figure
+    body.update({key: old[key] for key in merged_keys if key in old and key not in body})
+    if merged_keys:
+        body["merged_keys"] = merged_keys
     atomic_write_text(path, json.dumps(body, indent=2) + "\n")
     return path
 
@@ -55,7 +64,8 @@ def write_result(name: str, figures: dict[str, tuple[float, str]], extra: dict |
 def merge_result(name: str, figures: dict[str, tuple[float, str]], extra: dict | None = None,
                  folder: str | Path | None = None) -> Path:
     """Adds figures (and top-level keys) to `<folder>/<name>.json`, keeping what another bench wrote
-    there; each merged figure names the commit and machine it was measured on."""
+    there; each merged figure names the commit and machine it was measured on, and the keys are
+    listed in "merged_keys" so that the other bench's next write_result keeps them."""
     folder = Path(folder) if folder else RESULTS
     path = folder / f"{name}.json"
     body = json.loads(path.read_text()) if path.exists() else {"figures": {}}
@@ -63,5 +73,7 @@ def merge_result(name: str, figures: dict[str, tuple[float, str]], extra: dict |
         body["figures"][key] = {"value": value, "unit": unit, "machine": machine(), "commit": commit(),
                                 "command": command_line()}
     body.update(extra or {})
+    if extra:
+        body["merged_keys"] = sorted(set(body.get("merged_keys", [])) | set(extra))
     atomic_write_text(path, json.dumps(body, indent=2) + "\n")
     return path

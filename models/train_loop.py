@@ -72,16 +72,21 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor
     return state
 
 
-def compile_settings(cfg: OptimConfig):
+def compile_settings(cfg: OptimConfig, device: str):
     """Inductor settings for the steps compiled inside this context (compiles happen at the first
-    step). With compile: multi-kernel reductions (each row reduction is generated both persistent and
-    looped, and the faster is kept at its first launch: inductor otherwise loops over the layer-norm
-    tangents' 768-wide rows, +1.8 % img/s on an H200); with compile_tuning also coordinate-descent
-    tuning of every generated kernel's launch parameters."""
+    step). With compile on CUDA: multi-kernel reductions (each row reduction is generated both
+    persistent and looped, and the faster is kept at its first launch: inductor otherwise loops over
+    the layer-norm tangents' 768-wide rows; +1.8 % img/s on an H200), and so no FX graph cache: with
+    torch 2.11 / triton 3.6 a multi-kernel module loaded from that cache fails in a second process
+    (TypeError in triton's JITFunction.cache_key; reproduced on the H200). With compile_tuning also
+    coordinate-descent tuning of every generated kernel's launch parameters."""
     import torch._inductor.config as inductor
 
-    return inductor.patch({"coordinate_descent_tuning": cfg.compile and cfg.compile_tuning,
-                           "triton.multi_kernel": 1 if cfg.compile else inductor.triton.multi_kernel})
+    multi_kernel = cfg.compile and torch.device(device).type == "cuda"
+    settings = {"coordinate_descent_tuning": cfg.compile and cfg.compile_tuning}
+    if multi_kernel:
+        settings.update({"triton.multi_kernel": 1, "fx_graph_cache": False})
+    return inductor.patch(settings)
 
 
 def _read_back(stats: dict[str, Tensor]) -> dict[str, float]:
@@ -130,7 +135,7 @@ def train_generator(model: nn.Module, data: LevelData, level: int, objective: Me
             return step_loss(net, x, cond, label, levels, regions, objective, draws=draws,
                              jvp_model=state.model, tangent_fn=tangent_fn)
 
-    with compile_settings(cfg):
+    with compile_settings(cfg, device):
         return _fit(state, cfg, loss_fn, on_step, on_checkpoint)
 
 

@@ -107,8 +107,8 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, optimizer):
 
 
 def test_compile_settings_reach_inductor_only_inside_the_loop_and_only_with_compile():
-    """generator.compile_tuning -> OptimConfig -> inductor's coordinate-descent flag while the training
-    loop's steps (and so their compiles) run; the process-wide setting is left as it was."""
+    """generator.compile / compile_tuning -> OptimConfig -> inductor's settings while the training loop's
+    steps (and so their compiles) run; the process-wide settings are left as they were."""
     import torch._inductor.config as inductor
 
     from models.train_loop import compile_settings
@@ -118,14 +118,19 @@ def test_compile_settings_reach_inductor_only_inside_the_loop_and_only_with_comp
     optim = generator_optim(load_config("configs/tiny.yaml", ["generator.compile=true",
                                                               "generator.compile_tuning=true"]), seed=0)
     assert optim.compile and optim.compile_tuning
-    before = inductor.coordinate_descent_tuning, inductor.triton.multi_kernel
-    with compile_settings(optim):
-        assert inductor.coordinate_descent_tuning is True and inductor.triton.multi_kernel == 1
-    with compile_settings(OptimConfig(compile=True)):   # multi-kernel reductions come with compile alone
-        assert inductor.coordinate_descent_tuning is False and inductor.triton.multi_kernel == 1
-    with compile_settings(OptimConfig(compile=False, compile_tuning=True)):   # nothing compiled: nothing tuned
-        assert inductor.coordinate_descent_tuning is False and inductor.triton.multi_kernel == before[1]
-    assert (inductor.coordinate_descent_tuning, inductor.triton.multi_kernel) == before
+    def current():
+        return inductor.coordinate_descent_tuning, inductor.triton.multi_kernel, inductor.fx_graph_cache
+
+    before = current()
+    with compile_settings(optim, "cuda"):
+        assert current() == (True, 1, False)   # multi-kernel modules do not survive the FX graph cache
+    with compile_settings(OptimConfig(compile=True), "cuda:1"):   # multi-kernel comes with compile alone
+        assert current() == (False, 1, False)
+    with compile_settings(optim, "cpu"):   # C++ kernels: no multi-kernel, the cache stays
+        assert current() == (True, before[1], before[2])
+    with compile_settings(OptimConfig(compile=False, compile_tuning=True), "cuda"):   # nothing compiled, nothing tuned
+        assert current() == (False, before[1], before[2])
+    assert current() == before
 
     seen = []
     train_generator(tiny_model(), tiny_data(), 1, MeanFlowConfig(), OptimConfig(steps=1, batch_size=4,
