@@ -2,7 +2,9 @@
 
 The state is: the step, the network, every optimiser and its LR schedule, the EMA copies, the run's
 own torch.Generators (batch sampler, objective noise), and the process-global RNGs (torch CPU,
-CUDA when present, NumPy, Python) in case anything draws from them. `export_state` turns it into
+CUDA when present, NumPy, Python) in case anything draws from them (other threads share Python's:
+a Prefect server's threads draw from it, so only its state at the restore is the run's own; the
+loop itself draws from its generators). `export_state` turns it into
 ({name: tensor}, meta) for a safetensors file and a JSON sidecar; `import_state` puts it back.
 No I/O here: storage/checkpoints.py writes and reads the two halves.
 """

@@ -103,7 +103,29 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, optimizer):
     assert any(name.startswith("state/optimizers") for name in tensors)
     assert {f"ema/{d!r}/fuse.weight" for d in (0.9, 0.99)} <= set(tensors)
     assert any(name.startswith("state/global_rng") for name in tensors)   # torch + numpy states, compared above
-    assert meta["tree"] == resumed[1]["tree"]   # optimiser hyper-parameters, schedules, Python's RNG
+    # optimiser hyper-parameters and schedules; Python's global RNG is compared at the restore instead:
+    # after a Prefect flow has run in this process (earlier tests), its server threads draw from it
+    assert without_python_rng(meta["tree"]) == without_python_rng(resumed[1]["tree"])
+
+
+def without_python_rng(tree):
+    """An exported state's JSON tree without global_rng's "python" entry."""
+    if isinstance(tree, dict) and "__dict__" in tree:
+        return {"__dict__": [[key, without_python_rng(value)] for key, value in tree["__dict__"] if key != "python"]}
+    return tree
+
+
+def test_import_restores_pythons_global_rng(tmp_path):
+    """What the end-of-run comparison above leaves to this test: import_state sets Python's RNG back."""
+    import random
+
+    from models.train_state import import_state
+
+    state = train_generator(tiny_model(), tiny_data(), 1, MeanFlowConfig(), OptimConfig(steps=1, batch_size=4), "cpu")
+    tensors, meta = export_state(state)
+    expected = [random.random() for _ in range(3)]
+    import_state(state, tensors, meta)
+    assert [random.random() for _ in range(3)] == expected
 
 
 def test_compile_settings_reach_inductor_only_inside_the_loop_and_only_with_compile():
