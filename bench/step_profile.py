@@ -28,8 +28,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from bench.generators import (H200_BF16_DENSE, add_step_arguments, bench_model, count_flops, make_batch,  # noqa: E402
                               make_step)
-from bench.results_io import commit, machine  # noqa: E402
+from bench.results_io import command_line, commit, machine  # noqa: E402
 from models.dit import dit_config  # noqa: E402
+from models.optim import OptimConfig  # noqa: E402
+from models.train_loop import compile_settings  # noqa: E402
+from storage.files import atomic_write_text  # noqa: E402
 
 FAMILIES = (("jvp-attention", ("attention_tangent", "_tangent_kernel")),
             ("sdpa", ("flash", "fmha", "cudnn", "attention", "sdpa")),
@@ -75,7 +78,7 @@ def profile_variant(model, batch, spec: str, steps: int) -> dict:
     inductor.max_autotune_gemm = "autotune" in options
     inductor.max_autotune_gemm_backends = "CUBLAS,TRITON"
     result: dict = {}
-    with attention:
+    with attention, compile_settings(OptimConfig(compile=compiled), "cuda"):   # as the training loop compiles
         step = make_step(model, batch, None if kind == "plain" else kind, compiled)
         start = time.perf_counter()
         step()
@@ -133,7 +136,7 @@ def main() -> None:
     batch = make_batch(cfg, args.batch, "cuda")
     flops = count_flops(model, batch)
     counted = {"plain": 3 * flops["forward"], "kernel": 3 * flops["forward"] + flops["tangent"]}
-    report = {"machine": machine(), "commit": commit(), "command": " ".join(sys.argv), "flops_per_sample": flops,
+    report = {"machine": machine(), "commit": commit(), "command": command_line(), "flops_per_sample": flops,
               "config": vars(args), "variants": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +150,7 @@ def main() -> None:
             result["mfu"] = counted[spec.split(":")[0]] * args.batch / result["step_s"] / H200_BF16_DENSE
         report["variants"][spec] = result
         print(spec, json.dumps(result, indent=1), flush=True)
-        (out / "step_profile.json").write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(out / "step_profile.json", json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
