@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--ddp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warmup < 1:   # the timed steps are measured from the end of the last warm-up step
+        parser.error("--warmup must be at least 1")
     if args.worker:
         return worker(args)
     if not args.cpu and not torch.cuda.is_available():

@@ -40,14 +40,24 @@ def command_line() -> str:
     return " ".join([Path(sys.executable).name] + sys.argv)
 
 
+def _open(name: str, folder: str | Path | None) -> tuple[Path, dict]:
+    """`<folder or bench/results>/<name>.json` and what it holds now ({} when absent)."""
+    folder = Path(folder) if folder else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    return path, json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save(path: Path, body: dict) -> Path:
+    atomic_write_text(path, json.dumps(body, indent=2) + "\n")
+    return path
+
+
 def write_result(name: str, figures: dict[str, tuple[float, str]], extra: dict | None = None,
                  folder: str | Path | None = None) -> Path:
     """Writes `<folder or bench/results>/<name>.json`; what merge_result added there (figures that name
     their own commit, and the keys it listed) is kept, the rest is this run's."""
-    folder = Path(folder) if folder else RESULTS
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
+    path, old = _open(name, folder)
     merged_keys = old.get("merged_keys", [])
     body = {"figures": {k: {"value": v, "unit": u} for k, (v, u) in figures.items()},
             "machine": machine(), "commit": commit(), "command": command_line(), **(extra or {})}
@@ -57,8 +67,7 @@ def write_result(name: str, figures: dict[str, tuple[float, str]], extra: dict |
     body.update({key: old[key] for key in merged_keys if key in old and key not in body})
     if merged_keys:
         body["merged_keys"] = merged_keys
-    atomic_write_text(path, json.dumps(body, indent=2) + "\n")
-    return path
+    return _save(path, body)
 
 
 def merge_result(name: str, figures: dict[str, tuple[float, str]], extra: dict | None = None,
@@ -66,14 +75,12 @@ def merge_result(name: str, figures: dict[str, tuple[float, str]], extra: dict |
     """Adds figures (and top-level keys) to `<folder>/<name>.json`, keeping what another bench wrote
     there; each merged figure names the commit and machine it was measured on, and the keys are
     listed in "merged_keys" so that the other bench's next write_result keeps them."""
-    folder = Path(folder) if folder else RESULTS
-    path = folder / f"{name}.json"
-    body = json.loads(path.read_text()) if path.exists() else {"figures": {}}
+    path, body = _open(name, folder)
+    body.setdefault("figures", {})
     for key, (value, unit) in figures.items():
         body["figures"][key] = {"value": value, "unit": unit, "machine": machine(), "commit": commit(),
                                 "command": command_line()}
-    body.update(extra or {})
     if extra:
+        body.update(extra)
         body["merged_keys"] = sorted(set(body.get("merged_keys", [])) | set(extra))
-    atomic_write_text(path, json.dumps(body, indent=2) + "\n")
-    return path
+    return _save(path, body)

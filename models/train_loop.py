@@ -82,9 +82,8 @@ def compile_settings(cfg: OptimConfig, device: str):
     coordinate-descent tuning of every generated kernel's launch parameters."""
     import torch._inductor.config as inductor
 
-    multi_kernel = cfg.compile and torch.device(device).type == "cuda"
     settings = {"coordinate_descent_tuning": cfg.compile and cfg.compile_tuning}
-    if multi_kernel:
+    if cfg.compile and torch.device(device).type == "cuda":
         settings.update({"triton.multi_kernel": 1, "fx_graph_cache": False})
     return inductor.patch(settings)
 

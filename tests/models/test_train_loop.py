@@ -115,7 +115,7 @@ def without_python_rng(tree):
     return tree
 
 
-def test_import_restores_pythons_global_rng(tmp_path):
+def test_import_restores_pythons_global_rng():
     """What the end-of-run comparison above leaves to this test: import_state sets Python's RNG back."""
     import random
 
@@ -140,6 +140,7 @@ def test_compile_settings_reach_inductor_only_inside_the_loop_and_only_with_comp
     optim = generator_optim(load_config("configs/tiny.yaml", ["generator.compile=true",
                                                               "generator.compile_tuning=true"]), seed=0)
     assert optim.compile and optim.compile_tuning
+
     def current():
         return inductor.coordinate_descent_tuning, inductor.triton.multi_kernel, inductor.fx_graph_cache
 
