@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 STAGES = ("ingest", "encode", "hierarchy", "train", "evaluate")
-SETUP = ("ingest", "encode", "hierarchy", "decoder", "train", "train-1", "train-2", "train-3", "evaluate")
+SETUP = ("ingest", "encode", "hierarchy", "decoder", "train", "train-1", "train-2", "train-3", "judge", "evaluate")
 # Longer training than tiny.yaml so a kill can land between snapshots; one Dask worker (2 shared cores).
 OVERRIDES = ["source.num_images=96", "ingest.chunk_size=8", "generator.steps=40", "generator.checkpoint_every=4",
              "ingest.workers=1"]
@@ -56,12 +56,14 @@ def _import_stages() -> dict:
     from tasks.evaluate import evaluate_run
     from tasks.hierarchy import build_teacher
     from tasks.ingest import ingest_images
+    from tasks.judge import train_judge_task
     from tasks.train import train_decoder_task, train_level_task
 
     level = lambda l: (lambda cfg, root: train_level_task.fn(cfg, root, l))  # noqa: E731
     return {"ingest": ingest_images.fn, "encode": encode_latents.fn, "hierarchy": build_teacher.fn,
             "decoder": train_decoder_task.fn, "train": level(0), "train-1": level(1), "train-2": level(2),
-            "train-3": level(3), "evaluate": lambda cfg, root: evaluate_run.fn(cfg, root, RUN_ID)}
+            "train-3": level(3), "judge": train_judge_task.fn,
+            "evaluate": lambda cfg, root: evaluate_run.fn(cfg, root, RUN_ID)}
 
 
 def launch(stage: str, root: Path, cfg, log: Path) -> int:
@@ -129,14 +131,14 @@ def stage_dirs(root: Path, cfg) -> dict[str, list[Path]]:
     layout = Layout(root, cfg)
     return {"images": [layout.images()], "latents": [layout.latents()], "teacher": [layout.teacher()],
             "decoder": [layout.decoder()],
-            "generators": [layout.generator(l) for l in range(cfg.hierarchy.num_levels)],
+            "generators": [layout.generator(l) for l in range(cfg.hierarchy.num_levels)], "judge": [layout.judge()],
             "ingest": [layout.images()], "encode": [layout.latents()], "hierarchy": [layout.teacher()],
             "train": [layout.generator(0)], "evaluate": [layout.evaluation()]}
 
 
 UPSTREAM = {"ingest": [], "encode": ["images"], "hierarchy": ["images", "latents"],
             "train": ["images", "latents", "teacher"],
-            "evaluate": ["images", "latents", "teacher", "decoder", "generators"]}
+            "evaluate": ["images", "latents", "teacher", "decoder", "generators", "judge"]}
 
 
 def _rows_differ(a, b) -> "np.ndarray":

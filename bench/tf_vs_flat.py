@@ -61,6 +61,7 @@ from models.meanflow import MeanFlowConfig  # noqa: E402
 from models.metrics import frechet_distance  # noqa: E402
 from models.streaming_eval import evaluate_streaming, metric_values  # noqa: E402
 from models.train_loop import OptimConfig, train_decoder, train_generator  # noqa: E402
+from models.train_state import ema_name  # noqa: E402
 from storage.scenes import render_scene  # noqa: E402
 from tasks.level_data import Latents, canvases, level_data  # noqa: E402
 from tasks.structure_pool import process_structure  # noqa: E402
@@ -108,8 +109,9 @@ def build_data(args, device: torch.device, spec, workers: int) -> dict:
 
     started = time.perf_counter()
     step = max(1, -(-len(raw) // (4 * workers)))
+    standardised = ((raw - mean) / std).astype(np.float32)   # the hierarchy clusters what the generators see
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        parts = pool.map(_hierarchy, [(raw[i:i + step], spec) for i in range(0, len(raw), step)])
+        parts = pool.map(_hierarchy, [(standardised[i:i + step], spec) for i in range(0, len(raw), step)])
     regions = torch.from_numpy(np.concatenate(parts).reshape(len(raw), spec.num_levels, -1).astype(np.int64))
     timing["hierarchy_s"] = time.perf_counter() - started
     return {"images": images, "labels": torch.from_numpy(labels), "tokens": tokens, "regions": regions,
@@ -136,10 +138,19 @@ def budget_stop(optim, seconds: float, device: torch.device):
     return on_step, begin
 
 
+def ema_settings(spec: str) -> tuple[dict, str]:
+    """--ema: 'edm' (EDM half-life 500 kimg ramped up to 5 % of the images seen: the configs' default) or
+    a constant decay such as 0.99 -> (OptimConfig EMA fields, the sampled EMA's name)."""
+    if spec == "edm":
+        return {"ema_decays": [], "ema_halflives_kimg": [500.0]}, ema_name(halflife_kimg=500.0)
+    return {"ema_decays": [float(spec)]}, ema_name(float(spec))
+
+
 def train_generator_for(seconds: float, model, data, level: int, args, device: torch.device, seed: int) -> dict:
+    emas, sampled = ema_settings(args.ema)
     optim = OptimConfig(steps=10**9, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                        grad_clip=1.0, ema_decays=[args.ema], seed=seed)
-    objective = MeanFlowConfig(jvp_attention=args.jvp_attention)
+                        grad_clip=1.0, seed=seed, **emas)
+    objective = MeanFlowConfig(jvp_attention=args.jvp_attention, v_tangent=args.v_tangent)
     on_step, begin = budget_stop(optim, seconds, device)
     begin()
     started = time.perf_counter()
@@ -149,13 +160,13 @@ def train_generator_for(seconds: float, model, data, level: int, args, device: t
     elapsed = time.perf_counter() - started
     losses = state.history["loss"]
     tail = losses[-max(1, len(losses) // 10):]
-    return {"model": state.ema(args.ema).to(device).eval(), "steps": state.step, "seconds": elapsed,
+    return {"model": state.ema(sampled).to(device).eval(), "steps": state.step, "seconds": elapsed,
             "final_loss": float(np.mean(tail))}
 
 
 def warm_up(model_fn, data, level: int, args, device: torch.device) -> None:
     """A few untimed steps on a throwaway model: kernel choices, allocator, Triton compiles."""
-    optim = OptimConfig(steps=3, batch_size=args.batch_size, lr=args.lr, warmup_steps=1, ema_decays=[args.ema])
+    optim = OptimConfig(steps=3, batch_size=args.batch_size, lr=args.lr, warmup_steps=1, **ema_settings(args.ema)[0])
     train_generator(model_fn(), data, level, MeanFlowConfig(jvp_attention=args.jvp_attention), optim, str(device))
 
 
@@ -205,7 +216,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup-steps", type=int, default=20)
-    parser.add_argument("--ema", type=float, default=0.99, help="the EMA decay sampled (the scenes config's)")
+    parser.add_argument("--ema", default="edm", help="the EMA sampled: edm (the configs') or a constant decay")
+    parser.add_argument("--v-tangent", default="h0", choices=["h0", "same"])
     parser.add_argument("--jvp-attention", default="auto", choices=["auto", "kernel", "math"])
     parser.add_argument("--decoder-width", type=int, default=256)
     parser.add_argument("--decoder-depth", type=int, default=4)
@@ -250,13 +262,13 @@ def main() -> None:
     pixels = images_to_tensor(data["images"])
     held = max(1, len(pixels) // 10)
     optim = OptimConfig(steps=10**9, batch_size=min(args.batch_size, 128), lr=1e-3, warmup_steps=20,
-                        ema_decays=[0.99], seed=args.seed)
+                        seed=args.seed, **ema_settings("edm")[0])
     on_step, begin = budget_stop(optim, decoder_seconds, device)
     begin()
     started = time.perf_counter()
     state = train_decoder(decoder, data["tokens"][:-held], pixels[:-held], optim, str(device), on_step)
     decoder_s = time.perf_counter() - started
-    decoder = state.ema(0.99).to(device).eval()
+    decoder = state.ema(ema_settings("edm")[1]).to(device).eval()
     with torch.no_grad():
         recon = np.concatenate([tensor_to_images(decoder(b.to(device)).float().cpu())
                                 for b in data["tokens"][-held:].split(64)])

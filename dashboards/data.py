@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from storage import zarr_store
+from storage.checkpoints import checkpoint_meta
 from storage.files import read_json
 from storage.tables import load_metrics, load_runs
 
@@ -64,9 +65,12 @@ def run_folders(root: str | Path, run_id: str) -> RunFolders:
         raise KeyError(f"no run {run_id!r} under {root}")
     by_stage = {row.stage: _folder(Path(root), row.path) for row in rows.itertuples()}
     levels = sorted(int(s[len("train-L"):]) for s in by_stage if s.startswith("train-L"))
+    generators = tuple(by_stage[f"train-L{l}"] for l in levels)
+    if "train-shared" in by_stage:   # one model samples every level
+        shared = by_stage["train-shared"]
+        generators = (shared,) * len(checkpoint_meta(shared / "generator")["trained_level"])
     return RunFolders(run_id, by_stage.get("ingest"), by_stage.get("encode"), by_stage.get("hierarchy"),
-                      by_stage.get("train-decoder"), tuple(by_stage[f"train-L{l}"] for l in levels),
-                      by_stage.get("evaluate"))
+                      by_stage.get("train-decoder"), generators, by_stage.get("evaluate"))
 
 
 def metrics_run(root: str | Path, run_id: str) -> str:

@@ -54,12 +54,14 @@ def load_models(folders: RunFolders, device: str | None = None) -> Models:
     threads = os.environ.get("TF_DASHBOARD_TORCH_THREADS")   # set by `tf dashboard` (dashboards/server.py)
     if device == "cpu" and threads:
         torch.set_num_threads(int(threads))
-    generators = []
+    loaded: dict = {}   # a shared generator is one folder named at every level: load it once
     for folder in folders.generators:
-        tensors, meta = load_checkpoint(folder / "generator", device)
-        model = TrajectoryDiT(DiTConfig(**meta["config"]))
-        model.load_state_dict(tensors)
-        generators.append(model.to(device).eval())
+        if folder not in loaded:
+            tensors, meta = load_checkpoint(folder / "generator", device)
+            model = TrajectoryDiT(DiTConfig(**meta["config"]))
+            model.load_state_dict(tensors)
+            loaded[folder] = model.to(device).eval()
+    generators = [loaded[folder] for folder in folders.generators]
     tensors, meta = load_checkpoint(folders.decoder / "decoder", device)
     config = DecoderConfig(**meta["config"])
     decoder = TokenDecoder(config)

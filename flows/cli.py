@@ -7,14 +7,15 @@ import sys
 from pathlib import Path
 
 STAGES = {
-    "pipeline": "run every stage: ingest, encode, hierarchy, train, evaluate",
+    "pipeline": "run every stage: ingest, encode, hierarchy, train, judge (scenes), evaluate",
     "ingest": "image source -> image store (Zarr)",
     "encode": "image store -> latent store (DINOv2 tokens + channel stats)",
     "hierarchy": "latent store -> teacher store (region ids per level)",
     "train": "decoder + one mean-flow generator per level (safetensors)",
+    "judge": "scenes only: train the scenes judge on the real scenes (FD-scenes, class, segmentation)",
     "evaluate": "sample trajectories, edit suite, metric tables (Parquet) and grid PNG",
 }
-FORCEABLE = ("ingest", "encode", "hierarchy", "train", "evaluate")
+FORCEABLE = ("ingest", "encode", "hierarchy", "train", "judge", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

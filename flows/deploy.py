@@ -53,6 +53,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("encode", "gpu", None, "Image store -> latent store (DINOv2 patch tokens + channel stats)."),
     Spec("hierarchy", "cpu", None, "Latent store -> teacher store (region ids per level)."),
     Spec("train", "gpu", None, "Decoder + one mean-flow generator per level (safetensors)."),
+    Spec("judge", "gpu", None, "Real scenes -> the scenes judge (safetensors), which evaluate scores with."),
     Spec("evaluate", "gpu", "0 2 * * *",
          "Nightly evaluation: trajectories, edit suite, metric tables (Parquet) and the grid PNG."),
 )

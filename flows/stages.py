@@ -1,6 +1,7 @@
 """One Prefect flow per stage, and `pipeline`, which chains them (DESIGN §1 data flow).
 
 image source -> ingest -> encode -> hierarchy -> train (decoder, level 0..L-1) -> evaluate
+                    ingest -> judge (scenes only: a small network on the real scenes) -> evaluate
 
 With `generator.mode: flat` the train stage trains the flat baseline (one one-step model straight to
 the latent) in place of the level generators, and evaluate samples and scores it (tasks.evaluate).
@@ -16,15 +17,24 @@ from tasks.encode import encode_latents
 from tasks.evaluate import evaluate_run
 from tasks.hierarchy import build_teacher
 from tasks.ingest import ingest_images
-from tasks.train import train_decoder_task, train_flat_task, train_level_task
+from tasks.judge import train_judge_task
+from tasks.train import train_decoder_task, train_flat_task, train_level_task, train_shared_task
 
 
-ORDER = ("ingest", "encode", "hierarchy", "train", "evaluate")
+# Each stage's upstream stages: the judge reads the real scenes only, so it hangs off ingest.
+UPSTREAM = {"ingest": (), "encode": ("ingest",), "hierarchy": ("encode",), "train": ("hierarchy",),
+            "judge": ("ingest",), "evaluate": ("train", "judge")}
+ORDER = tuple(UPSTREAM)
 
 
 def forced(stage: str, force: str | None) -> bool:
     """`--force X` recomputes X and everything downstream of it."""
-    return force is not None and ORDER.index(stage) >= ORDER.index(force)
+    return force is not None and (stage == force or any(forced(up, force) for up in UPSTREAM[stage]))
+
+
+def _judge(config: TFConfig, root: str, force: bool) -> list[dict]:
+    """The scenes judge, which evaluate scores with; other sources have none (their judge rows say skipped)."""
+    return [train_judge_task(config, root, force)] if config.source.kind == "scenes" else []
 
 
 def _finish(flow_name: str, config: TFConfig, root: str, run_id: str, results: list[dict]) -> dict:
@@ -65,6 +75,10 @@ def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -
         if levels is not None:
             raise ValueError("generator.mode is flat: --levels does not apply (the flat model has no levels)")
         return [train_decoder_task(config, root, force), train_flat_task(config, root, force)]
+    if config.generator.sharing == "shared":   # one model for every level: --level names none of its own
+        if levels is not None:
+            raise ValueError("generator.sharing is shared: --levels does not apply (one model serves every level)")
+        return [train_decoder_task(config, root, force), train_shared_task(config, root, force)]
     wanted = range(config.hierarchy.num_levels) if levels is None else levels
     return [train_decoder_task(config, root, force)] + [train_level_task(config, root, l, force) for l in wanted]
 
@@ -76,25 +90,37 @@ def train_flow(config: TFConfig = TFConfig(), root: str = "data", levels: list[i
     return _finish("train", config, root, run_id, _train(config, root, levels, forced("train", force)))
 
 
+@flow(name="judge")
+def judge_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
+               force: str | None = None) -> dict:
+    run_id = run_id or new_run_id()
+    if config.source.kind != "scenes":
+        raise ValueError(f"the scenes judge needs source.kind 'scenes', got {config.source.kind!r}")
+    return _finish("judge", config, root, run_id, _judge(config, root, forced("judge", force)))
+
+
 @flow(name="evaluate")
 def evaluate_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
                   force: str | None = None) -> dict:
     run_id = run_id or new_run_id()
-    return _finish("evaluate", config, root, run_id, [evaluate_run(config, root, run_id, forced("evaluate", force))])
+    results = _judge(config, root, forced("judge", force))   # reused when complete
+    results.append(evaluate_run(config, root, run_id, forced("evaluate", force)))
+    return _finish("evaluate", config, root, run_id, results)
 
 
 @flow(name="pipeline")
 def pipeline_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
                   force: str | None = None) -> dict:
-    """image source -> ingest -> encode -> hierarchy -> train (decoder, levels) -> evaluate."""
+    """image source -> ingest -> encode -> hierarchy -> train (decoder, levels) -> judge -> evaluate."""
     run_id = run_id or new_run_id()
     results = [ingest_images(config, root, forced("ingest", force))]
     results.append(encode_latents(config, root, forced("encode", force)))
     results.append(build_teacher(config, root, forced("hierarchy", force)))
     results += _train(config, root, None, forced("train", force))
+    results += _judge(config, root, forced("judge", force))
     results.append(evaluate_run(config, root, run_id, forced("evaluate", force)))
     return _finish("pipeline", config, root, run_id, results)
 
 
 FLOWS = {"pipeline": pipeline_flow, "ingest": ingest_flow, "encode": encode_flow,
-         "hierarchy": hierarchy_flow, "train": train_flow, "evaluate": evaluate_flow}
+         "hierarchy": hierarchy_flow, "train": train_flow, "judge": judge_flow, "evaluate": evaluate_flow}

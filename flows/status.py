@@ -4,12 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from storage import zarr_store
-from storage.checkpoints import checkpoint_exists
+from storage.checkpoints import checkpoint_exists, is_complete
 from storage.config import TFConfig
 from storage.keys import Layout
 from storage.tables import load_runs
+from tasks.evaluate import evaluation_dir
 
-STAGE_PREFIXES = ("images", "latents", "teacher", "decoder", "generator", "evaluate")
+STAGE_PREFIXES = ("images", "latents", "teacher", "decoder", "generator", "judge", "evaluate")
 
 
 def _is_done(path: Path) -> bool:
@@ -17,6 +18,8 @@ def _is_done(path: Path) -> bool:
         return checkpoint_exists(path / "decoder")
     if path.name.startswith("generator-"):
         return checkpoint_exists(path / "generator")
+    if path.name.startswith("judge-"):
+        return is_complete(path)
     return zarr_store.is_complete(path)
 
 
@@ -32,8 +35,15 @@ def expected_stages(root: Path, cfg: TFConfig) -> list[dict]:
     layout = Layout(root, cfg)
     wanted = [("ingest", layout.images()), ("encode", layout.latents()), ("hierarchy", layout.teacher()),
               ("train-decoder", layout.decoder())]
-    wanted += [(f"train-L{level}", layout.generator(level)) for level in range(cfg.hierarchy.num_levels)]
-    wanted.append(("evaluate", layout.evaluation()))
+    if cfg.generator.mode == "flat":
+        wanted.append(("train-flat", layout.flat_generator()))
+    elif cfg.generator.sharing == "shared":
+        wanted.append(("train-shared", layout.shared_generator()))
+    else:
+        wanted += [(f"train-L{level}", layout.generator(level)) for level in range(cfg.hierarchy.num_levels)]
+    if cfg.source.kind == "scenes":
+        wanted.append(("judge", layout.judge()))
+    wanted.append(("evaluate", evaluation_dir(layout, cfg)))
     return [{"stage": stage, "folder": path.name,
              "state": "up to date" if path.exists() and _is_done(path) else "would compute"}
             for stage, path in wanted]

@@ -4,7 +4,9 @@ Input: the noisy level-l canvas z, fused with the level-(l-1) canvas by channel 
 one linear layer, plus a fixed 2-D sin-cos position embedding. Conditioning (adaLN-Zero): the
 interval h = t - r, the class label (num_classes = the null label) and the level. A shared trunk of
 depth - head_depth blocks feeds two heads of head_depth blocks each: the x head predicts the clean
-canvas (the objective turns it into the average velocity u), the v head the instantaneous velocity.
+canvas (the objective turns it into the average velocity u), the v head is an x-prediction too,
+turned into the instantaneous velocity (reference: with width below the channel count a direct v
+output would have a rank floor that x-prediction has not).
 
 Attention uses F.scaled_dot_product_attention, whose fused kernels have no forward-mode AD (checked:
 on CPU too, torch 2.14). Inside `math_attention(model)` the attention is written out instead, which
@@ -214,7 +216,7 @@ class TrajectoryDiT(nn.Module):
                 keep_values: bool = False) -> tuple[Tensor, ...]:
         """z: noisy level-l canvas [B, T, C]; h = t - r [B] float; cond: level-(l-1) canvas [B, T, C]
         (zeros at level 0); label [B] int64 (num_classes = null); level [B] int64.
-        Returns (x_hat, v_hat), both [B, T, C]: the x-prediction and the instantaneous-velocity head;
+        Returns (x_hat, x_v), both [B, T, C] x-predictions: the x head's and the v head's;
         with keep_values, also the x path's XPathValues for the tangent pass."""
         tokens = self.fuse(torch.cat([z, cond], dim=-1)) + self.position
         time = timestep_embedding(h).to(self.h_embed[0].weight.dtype)
@@ -227,11 +229,11 @@ class TrajectoryDiT(nn.Module):
         for x_block, v_block in zip(self.x_blocks, self.v_blocks):
             (x_tokens, values), v_tokens = x_block.run(x_tokens, c), v_block(v_tokens, c)
             kept.append(values)
-        x_hat, v_hat = self.x_final(x_tokens, c), self.v_final(v_tokens, c)
+        x_hat, x_v = self.x_final(x_tokens, c), self.v_final(v_tokens, c)
         if keep_values:   # detached: for the no-grad tangent pass only (no zero gradients flow back into them)
             kept = tuple(BlockValues(*(value.detach() for value in block)) for block in kept)
-            return x_hat, v_hat, XPathValues(kept, x_tokens.detach())
-        return x_hat, v_hat
+            return x_hat, x_v, XPathValues(kept, x_tokens.detach())
+        return x_hat, x_v
 
     def num_flops_per_token(self) -> int:
         """Forward matmul FLOPs per token (2 per multiply-add), both heads included: the per-token

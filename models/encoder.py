@@ -1,7 +1,8 @@
 """DINOv2 patch-token encoder (timm), loaded only from a local weights file.
 
-Latents are the patch tokens of the last block after the final norm, with the
-class and register tokens dropped, laid out as a [g, g, C] grid per image.
+Latents are the patch tokens of the last block after the final LayerNorm taken without its
+scale and shift (normalise only, as the reference and RAE: DESIGN section 3), with the class
+and register tokens dropped, laid out as a [g, g, C] grid per image.
 Weights come from a local file through timm's own pretrained path
 (`pretrained_cfg_overlay=dict(file=...)`), so timm's DINOv2 checkpoint filter
 converts the original Meta key layout (drops mask_token, folds the class
@@ -46,6 +47,7 @@ ENCODERS: dict[str, str] = {
 }
 
 RANDOM_INIT_LABEL = "random-init"
+ENCODER_OUTPUT = "final norm without affine"   # what a latent is, as the stores record it
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -229,9 +231,13 @@ def _normalise(model: nn.Module, images01: Tensor) -> Tensor:
 
 
 def _patch_tokens(model: nn.Module, images01: Tensor) -> Tensor:
-    """[B,3,H,W] in [0,1] -> [B, T, C] final-norm patch tokens without prefix tokens."""
-    tokens = model.forward_features(_normalise(model, images01))
-    return tokens[:, model.num_prefix_tokens :]
+    """[B,3,H,W] in [0,1] -> [B, T, C] patch tokens of the last block, without prefix tokens,
+    after the final LayerNorm's normalisation only: (x - mean) / sqrt(var + eps) with the norm's
+    eps, its weight and bias left out (the reference's RAE-style encoder has no affine there)."""
+    last = model.forward_intermediates(_normalise(model, images01), indices=1, norm=False,
+                                       output_fmt="NLC", intermediates_only=True)[-1]   # prefix dropped
+    norm = model.norm
+    return F.layer_norm(last, norm.normalized_shape, None, None, norm.eps)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -272,4 +278,5 @@ def encode_tensor(model: nn.Module, images01: Tensor) -> Tensor:
     """Encode float [B,3,H,W] images in [0,1] (on the model's device) to [B, T, C] tokens."""
     if images01.ndim != 4 or images01.shape[1] != 3:
         raise ValueError(f"expected [B,3,H,W] images, got {tuple(images01.shape)}")
-    return _patch_tokens(model, images01.to(_model_device(model), torch.float32))
+    # the model's own dtype: float32 normally, float64 when a test wants exact comparisons
+    return _patch_tokens(model, images01.to(_model_device(model), next(model.parameters()).dtype))

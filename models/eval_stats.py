@@ -23,12 +23,14 @@ if TYPE_CHECKING:
 
 
 DINOV2, FID = "fd_dinov2", "fid"
+JUDGE = "fd_scenes"   # Frechet distance on the scenes judge's penultimate features (models.judge)
 KID_FEATURES = "kid.features"
 # (per_sample key, metric, variant) of the per-sample structure values
 STRUCTURE_VALUES = (("nesting", "nesting", ""), ("plan_adherence", "plan_adherence", ""),
                     ("reencode_ari", "reencode_ari", ""), ("reencode_miou", "reencode_miou", ""),
                     ("reencode_ari_final", "reencode_ari", "final_hierarchy"),
-                    ("reencode_miou_final", "reencode_miou", "final_hierarchy"))
+                    ("reencode_miou_final", "reencode_miou", "final_hierarchy"),
+                    ("judge_plan_ari", "judge_plan_ari", ""), ("judge_plan_miou", "judge_plan_miou", ""))
 _U64 = np.uint64
 
 
@@ -114,12 +116,14 @@ def reference_stats(
     tokens_per_sample: int = 4,
     token_seed: int = 0,
     kid_reservoir: int = 10_000,
+    feature_fns: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Real-side statistics, streamed like evaluate_streaming's generated side.
 
     batches yield (images uint8 [b,H,W,3], canvases: L arrays [b,T,C], the teacher canvases of
     those images in the generators' normalised space, the last level the latent itself; may be
-    empty). dinov2_fn / inception_fn may be None to leave that feature out.
+    empty). dinov2_fn / inception_fn may be None to leave that feature out. feature_fns: more
+    extractors, {name: uint8 images -> [b, D]}, folded under their name (e.g. JUDGE).
     Returns a flat dict of arrays: "<name>.mean" [D], "<name>.cov" [D,D], "<name>.count" (int64
     scalar) for DINOV2, FID (with inception_fn) and level_key(l, "mean_pooled" | "tokens"), and
     KID_FEATURES [min(M, kid_reservoir), 2048] (the first real pool vectors).
@@ -138,6 +142,8 @@ def reference_stats(
             if dinov2_fn is not None:
                 fold(DINOV2, dinov2_fn(images))
             inception = inception_fn(images) if inception_fn is not None else None
+            for name, fn in (feature_fns or {}).items():
+                fold(name, fn(images))
         if inception is not None:
             fold(FID, inception["pool"])
             take = max(0, min(kid_reservoir - kid_kept, n))
@@ -181,12 +187,14 @@ def metric_values(
 ) -> list[MetricValues]:
     """Metric values of a streamed evaluation against real reference statistics.
 
-    Pooled (one number, extra["n"] = generated count): quality fd_dinov2, fid, kid (extra "std"),
+    Pooled (one number, extra["n"] = generated count): quality fd_dinov2, fid, fd_scenes, kid (extra "std"),
     is (extra "std", "splits"); per_level fd_level, variants "mean_pooled" and "tokens". Per sample:
     structure nesting (levels 0..L-3), plan_adherence (0..L-2), reencode_ari / reencode_miou
     (0..L-2) against the trajectory's own regions (variant "") and against the hierarchy rebuilt on
-    its final latent (variant "final_hierarchy"). A metric whose inputs are missing (no Inception features, no reference entry, no
-    samples) is left out; the caller writes it as skipped.
+    its final latent (variant "final_hierarchy"); with the scenes judge, quality class_accuracy (per
+    sample 0/1 against the conditioning label) and judge_plan_ari / judge_plan_miou (0..L-2). A
+    metric whose inputs are missing (no Inception features, no reference entry, no samples) is left
+    out; the caller writes it as skipped.
     """
     out: list[MetricValues] = []
 
@@ -196,7 +204,7 @@ def metric_values(
             return None
         return frechet_distance(stats.mean, stats.cov, reference[f"{name}.mean"], reference[f"{name}.cov"])
 
-    for name in (DINOV2, FID):
+    for name in (DINOV2, FID, JUDGE):
         value = fd(name)
         if value is not None:
             out.append(MetricValues("quality", name, np.array([value]), pooled=True,
@@ -222,6 +230,9 @@ def metric_values(
             if value is not None:
                 out.append(MetricValues("per_level", "fd_level", np.array([value]), level, variant, pooled=True,
                                         extra={"n": result.stats[name].count}))
+    correct = result.per_sample.get("class_correct")
+    if correct is not None and len(correct):
+        out.append(MetricValues("quality", "class_accuracy", np.asarray(correct, np.float64)))
     for key, metric, variant in STRUCTURE_VALUES:
         values = result.per_sample.get(key)
         if values is None or len(values) == 0:

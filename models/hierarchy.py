@@ -2,8 +2,11 @@
 
 Level 0 splits object from background with k-means; levels 1.. cut one
 agglomerative tree of the object tokens at decreasing heights, so every level is
-nested in the one above it. `region_canvas` turns a partition into the canvas
-that the generator of that level is trained on (region-mean latents).
+nested in the one above it. The teacher clusters the standardised latents (per-channel
+(token - mean) / std with the dataset statistics: `stats`), what the generators see,
+as the reference does. `region_canvas` turns a partition into the canvas that the
+generator of that level is trained on (region-mean latents). `ground_truth_hierarchies`
+is the oracle teacher: ground-truth masks voted down to the token grid.
 """
 
 from __future__ import annotations
@@ -152,11 +155,27 @@ def part_levels(unit_tokens: np.ndarray, coords: np.ndarray, spec: HierarchySpec
     return np.stack(levels)
 
 
-def _single_image_hierarchy(tokens: np.ndarray, spec: HierarchySpec) -> np.ndarray:
+Stats = tuple[np.ndarray, np.ndarray]   # per-channel (mean [C], std [C]) of the latents
+
+
+def _checked_stats(stats: Stats | None, channels: int) -> Stats | None:
+    if stats is None:
+        return None
+    mean, std = (np.asarray(v, np.float64).reshape(-1) for v in stats)
+    if mean.shape != (channels,) or std.shape != (channels,):
+        raise ValueError(f"stats must be (mean [{channels}], std [{channels}]), got {mean.shape}, {std.shape}")
+    if not np.all(std > 0):
+        raise ValueError("stats: every std must be positive")
+    return mean, std
+
+
+def _single_image_hierarchy(tokens: np.ndarray, spec: HierarchySpec, stats: Stats | None = None) -> np.ndarray:
     height, width, channels = tokens.shape
     if height * width > _MAX_INT16:
         raise ValueError(f"grid of {height}x{width} tokens does not fit int16 region ids")
     flat = tokens.reshape(height * width, channels).astype(np.float64)
+    if stats is not None:
+        flat = (flat - stats[0]) / stats[1]
     if not np.all(np.isfinite(flat)):
         raise ValueError("tokens contain NaN or inf")
 
@@ -175,30 +194,95 @@ def _single_image_hierarchy(tokens: np.ndarray, spec: HierarchySpec) -> np.ndarr
     return ids.reshape(spec.num_levels, height, width)
 
 
-def build_hierarchy(tokens: np.ndarray, spec: HierarchySpec = HierarchySpec()) -> np.ndarray:
+def build_hierarchy(tokens: np.ndarray, spec: HierarchySpec = HierarchySpec(),
+                    stats: Stats | None = None) -> np.ndarray:
     """[g, g, C] -> int16 [len(spec.cuts)+1, g, g] region ids (level 0 = object/background).
 
+    With `stats` = (mean, std) the tokens are standardised per channel first (in float64), as the
+    teacher does; without, they are clustered as given.
     Background is 0 at every level; object regions are 1..k in raster first-appearance order.
     Tokens identical up to scale (or all zero) give one object region (1) at every level.
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 3:
         raise ValueError(f"tokens must be [g, g, C], got shape {tokens.shape}")
+    stats = _checked_stats(stats, tokens.shape[-1])
     # Problems are tiny; thread pools only add start-up cost and contention.
     with threadpool_limits(limits=1):
-        return _single_image_hierarchy(tokens, spec)
+        return _single_image_hierarchy(tokens, spec, stats)
 
 
-def build_hierarchies(tokens: np.ndarray, spec: HierarchySpec = HierarchySpec()) -> np.ndarray:
-    """[N, g, g, C] -> int16 [N, len(cuts)+1, g, g]; loops build_hierarchy (CPU)."""
+def build_hierarchies(tokens: np.ndarray, spec: HierarchySpec = HierarchySpec(),
+                      stats: Stats | None = None) -> np.ndarray:
+    """[N, g, g, C] -> int16 [N, len(cuts)+1, g, g]; loops build_hierarchy (CPU), `stats` as there."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 4:
         raise ValueError(f"tokens must be [N, g, g, C], got shape {tokens.shape}")
+    stats = _checked_stats(stats, tokens.shape[-1])
     out = np.empty((tokens.shape[0], spec.num_levels, *tokens.shape[1:3]), dtype=np.int16)
     with threadpool_limits(limits=1):
         for index, image_tokens in enumerate(tokens):
-            out[index] = _single_image_hierarchy(image_tokens, spec)
+            out[index] = _single_image_hierarchy(image_tokens, spec, stats)
     return out
+
+
+def _patch_majority(patches: np.ndarray, allowed: np.ndarray, bins: int) -> np.ndarray:
+    """patches [M, P] int codes in [0, bins), allowed bool [M, P] -> [M] the most frequent allowed
+    code per row; ties go to the smallest code (argmax takes the first maximum)."""
+    rows = len(patches)
+    index = (np.arange(rows)[:, None] * bins + patches).ravel()
+    counts = np.bincount(index, weights=allowed.ravel(), minlength=rows * bins)
+    return counts.reshape(rows, bins).argmax(1)
+
+
+def _canonical_object_ids(keys: np.ndarray) -> np.ndarray:
+    """[N, T] keys (< 0: background) -> int16 ids: background 0, others 1..k per image in raster
+    first-appearance order (the clustered teacher's convention)."""
+    out = np.zeros(keys.shape, dtype=np.int16)
+    for image, row in enumerate(keys):
+        inside = row >= 0
+        if inside.any():
+            out[image, inside] = _canonical_ids(row[inside])
+    return out
+
+
+def ground_truth_hierarchies(masks: np.ndarray, grid: int) -> np.ndarray:
+    """The oracle teacher: ground-truth masks [N, L, H, W] (level 0 object vs background, then finer
+    levels, id 0 = background) -> int16 [N, L, grid, grid] region ids in the clustered teacher's format.
+
+    Each token is a patch of (H/grid) x (W/grid) pixels and takes the most frequent ground-truth id
+    of its patch, ties to the smallest id. At levels l > 0 the vote counts only the patch's pixels
+    inside the token's level-(l-1) region: that is the plain majority wherever that one nests, and it
+    keeps a token that straddles a boundary inside its parent. Ids are renumbered to the project's
+    convention (background 0, object regions 1..k in raster first-appearance order); a level-l region
+    is a (parent region, ground-truth id) pair, so level 0 contains level 1 contains level 2 by
+    construction, and the background (level 0's) stays one region at every level.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 4:
+        raise ValueError(f"masks must be [N, levels, H, W], got shape {masks.shape}")
+    n, levels, height, width = masks.shape
+    if grid <= 0 or height % grid or width % grid:
+        raise ValueError(f"mask size {height}x{width} is not divisible by the token grid {grid}")
+    if grid * grid > _MAX_INT16:
+        raise ValueError(f"grid of {grid}x{grid} tokens does not fit int16 region ids")
+    tokens = n * grid * grid
+    # [N, L, H, W] -> [L, N*g*g, P]: one row of P pixels per token, tokens in raster order per image
+    patches = masks.reshape(n, levels, grid, height // grid, grid, width // grid)
+    patches = patches.transpose(1, 0, 2, 4, 3, 5).reshape(levels, tokens, -1)
+    ids = np.zeros((n, levels, grid * grid), dtype=np.int16)
+    parent_raw = parent_pixels = None
+    parent_ids = np.ones((n, grid * grid), dtype=np.int64)   # above level 0: one region, the whole image
+    for level in range(levels):
+        values, codes = np.unique(patches[level], return_inverse=True)   # sorted: smallest code = smallest id
+        codes = codes.reshape(tokens, -1)
+        allowed = np.ones(codes.shape, bool) if parent_raw is None else parent_pixels == parent_raw[:, None]
+        raw = values[_patch_majority(codes, allowed, len(values))]
+        background = (raw == 0) if level == 0 else (parent_ids.reshape(-1) == 0)
+        keys = np.where(background, -1, parent_ids.reshape(-1) * len(values) + np.searchsorted(values, raw))
+        ids[:, level] = _canonical_object_ids(keys.reshape(n, grid * grid))
+        parent_ids, parent_raw, parent_pixels = ids[:, level].astype(np.int64), raw, patches[level]
+    return ids.reshape(n, levels, grid, grid)
 
 
 def region_canvas(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -324,18 +324,26 @@ def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: H
 @torch.no_grad()
 def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec = HierarchySpec(),
                               kmeans_iterations: int = 50, static_steps: bool | None = None,
-                              use_graph: bool = True, linkage: str = "auto", kmeans: str = "auto") -> Tensor:
+                              use_graph: bool = True, linkage: str = "auto", kmeans: str = "auto",
+                              stats: tuple | None = None) -> Tensor:
     """[N, g, g, C] tokens (any float dtype, any device) -> int16 [N, len(cuts)+1, g, g] region ids.
 
     Computed in float32 on the tokens' device; `linkage` picks the merge loop (part_levels_batched:
     "auto" = the Triton kernel on CUDA where triton is installed, else torch; same ids) and
-    `kmeans` level 0 (object_masks: the same choice).
-    Matches models.hierarchy.build_hierarchies up to tie-breaking and k-means starts.
+    `kmeans` level 0 (object_masks: the same choice). `stats` = (mean, std) [C] standardises the
+    tokens per channel first (in float64, then float32), as the teacher does.
+    Matches models.hierarchy.build_hierarchies (with the same `stats`) up to tie-breaking and k-means starts.
     """
     if tokens.ndim != 4:
         raise ValueError(f"tokens must be [N, g, g, C], got shape {tuple(tokens.shape)}")
     n, height, width, channels = tokens.shape
-    flat = tokens.reshape(n, height * width, channels).float()
+    flat = tokens.reshape(n, height * width, channels)
+    if stats is not None:
+        mean, std = (torch.as_tensor(np.asarray(v, np.float64).reshape(-1), device=tokens.device) for v in stats)
+        if mean.shape != (channels,) or std.shape != (channels,) or not bool((std > 0).all()):
+            raise ValueError(f"stats must be (mean [{channels}], std [{channels}]) with std > 0")
+        flat = (flat.double() - mean) / std
+    flat = flat.float()
     if not torch.isfinite(flat).all():
         raise ValueError("tokens contain NaN or inf")
     unit = flat / flat.norm(dim=-1, keepdim=True).clamp(min=1e-12)

@@ -22,7 +22,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 20
     grad_clip: float = 1.0
-    ema_decays: list[float] = field(default_factory=lambda: [0.999])
+    ema_decays: list[float] = field(default_factory=lambda: [0.999])   # constant-decay EMAs
+    ema_halflives_kimg: list[float] = field(default_factory=list)       # EDM EMAs (models.train_state.EMA)
+    ema_rampup: float = 0.05
     optimizer: str = "adamw"          # "adamw" | "muon"
     muon_momentum: float = 0.95
     checkpoint_every: int = 0         # 0: no intermediate training-state snapshots
@@ -33,8 +35,12 @@ class OptimConfig:
     def __post_init__(self):
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
-        if not self.ema_decays or any(not 0.0 <= d < 1.0 for d in self.ema_decays):
-            raise ValueError(f"ema_decays must be a non-empty list in [0, 1), got {self.ema_decays}")
+        if any(not 0.0 <= d < 1.0 for d in self.ema_decays):
+            raise ValueError(f"ema_decays must lie in [0, 1), got {self.ema_decays}")
+        if any(h <= 0 for h in self.ema_halflives_kimg):
+            raise ValueError(f"ema_halflives_kimg must be positive, got {self.ema_halflives_kimg}")
+        if not self.ema_decays and not self.ema_halflives_kimg:
+            raise ValueError("at least one EMA is needed: ema_decays or ema_halflives_kimg")
 
 
 def muon_eligible(model: nn.Module) -> set[str]:

@@ -21,7 +21,11 @@ memory, and folds every batch into:
   CPU-s, more than the whole GPU pass; None takes every sample;
 - re-encode agreement (ARI, Hungarian mIoU per level) for the first `reencode_samples` samples:
   their decoded final image is encoded again (encoder on `device`) and the hierarchy rebuilt on CPU;
-- the first `keep` trajectories whole: every level's canvas and decoded image, regions, seeds, labels.
+- the first `keep` trajectories whole: every level's canvas and decoded image, regions, seeds, labels;
+- with `judge_fn` (the scenes judge, models.judge.judge_fn), for every decoded final image: its
+  penultimate features folded into "fd_scenes" statistics, whether its predicted class is the
+  conditioning label ("class_correct"), and, for the structure-scored samples, its partition per token
+  against the trajectory's own regions (ARI / Hungarian mIoU per level, "judge_plan_ari" / "_miou").
 
 mode="flat" evaluates the flat baseline (models.flat) the same way: `generators` is the one flat
 model, sampled in one step from the last level's noise (the noise a staged run's final level gets
@@ -57,7 +61,7 @@ from torch import Tensor, nn
 
 from models.decoder import tensor_to_images
 from models.encoder import encode_images
-from models.eval_stats import (DINOV2, FID, KID_FEATURES, RunningMoments, autocast_for, level_key,  # noqa: F401
+from models.eval_stats import (DINOV2, FID, JUDGE, KID_FEATURES, RunningMoments, autocast_for, level_key,  # noqa: F401
                                metric_values, moment_folder, reference_stats, token_subsample)
 from models.hierarchy import HierarchySpec
 from models.metrics import StreamingStats
@@ -66,7 +70,7 @@ from models.noise_feeder import NoiseFeeder
 from models.structure_stream import InlineStructure
 from models.trajectory import sample_trajectory
 
-PHASES = ("noise", "sampling", "decode", "features", "stats", "reencode", "structure")
+PHASES = ("noise", "sampling", "decode", "judge", "features", "stats", "reencode", "structure")
 DEFAULT_STRUCTURE_SAMPLES = 10_000
 
 
@@ -85,7 +89,9 @@ class StreamingEvalResult:
     num_levels: int
     stats: dict[str, StreamingStats]           # generated side, keys DINOV2, FID, level_key(l, variant)
     per_sample: dict[str, np.ndarray]          # "nesting" [S, L-2], "plan_adherence" [S, L-1],
-                                               # "reencode_ari" / "reencode_miou" [R, L-1] (float64)
+                                               # "reencode_ari" / "reencode_miou" [R, L-1] (float64);
+                                               # with a judge: "class_correct" [N], "judge_plan_ari" /
+                                               # "judge_plan_miou" [S, L-1]
     kept: KeptTrajectories
     inception_pool: np.ndarray | None          # [min(N, kid_reservoir), 2048] float32
     inception_logits: np.ndarray | None        # [min(N, is_reservoir), 1008] float32
@@ -184,6 +190,7 @@ def evaluate_streaming(
     progress: Callable[[int, int, dict], None] | None = None,
     mode: str = "staged",
     latent_stats: tuple[np.ndarray, np.ndarray] | None = None,
+    judge_fn: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> StreamingEvalResult:
     """Sample len(seeds) trajectories in batches and fold them into streaming metric state.
 
@@ -198,6 +205,8 @@ def evaluate_streaming(
     progress(done, total, timing) is called after every batch. mode="flat": generators is [the flat
     model], L = hierarchy_spec.num_levels + 1 (required). latent_stats: (mean, std) [C] of the
     normalised latents, so the hierarchy rebuilt on a final latent sees the encoder's scale.
+    judge_fn (optional): uint8 [n,H,W,3] -> {"features" [n, D], "logits" [n, classes], "regions"
+    [n, L-1, T]} (models.judge.judge_fn at the token grid), run in this thread in float32.
     """
     device = torch.device(device)
     if mode not in ("staged", "flat"):
@@ -242,6 +251,7 @@ def evaluate_streaming(
     fold = moment_folder(moments, device)
     pending = None   # (start, n, future) of the batch whose features are in flight
     runner = None
+    class_correct = []
 
     def fold_features(start: int, n: int, future: cf.Future) -> None:
         nonlocal pool_kept, logit_kept
@@ -285,6 +295,14 @@ def evaluate_streaming(
                                                 + [images[:k]], 1))
             clock.lap("decode")
 
+            judged = None
+            if judge_fn is not None:   # small network: in this thread, so its regions go with this batch
+                verdict = judge_fn(images)
+                fold(JUDGE, verdict["features"])
+                class_correct.append(np.asarray(verdict["logits"]).argmax(1) == labels[start:stop])
+                judged = np.asarray(verdict["regions"], dtype=np.int64).reshape(n, -1, tokens)   # [n, P, T]
+            clock.lap("judge")
+
             r = max(0, min(reencode_n - start, n))
             reencoded = None
             if r:
@@ -319,7 +337,8 @@ def evaluate_streaming(
                     runner = make_runner(structure_n, reencode_n, levels, batch, tokens, channels,
                                          reencode_shape, region_threshold, hierarchy_spec, max(keep_n, reencode_n),
                                          **extra)
-                runner.submit(b, start, [c[:s] for c in trajectory], reencoded)
+                runner.submit(b, start, [c[:s] for c in trajectory], reencoded,
+                              **({} if judged is None or flat else {"judged": judged[:s]}))
             del trajectory
             clock.lap("structure")
             if progress is not None:
@@ -344,11 +363,15 @@ def evaluate_streaming(
                       "reencode_ari": runner.ari, "reencode_miou": runner.miou}
         if hasattr(runner, "ari_final"):
             per_sample.update(reencode_ari_final=runner.ari_final, reencode_miou_final=runner.miou_final)
+        if judge_fn is not None and not flat:
+            per_sample.update(judge_plan_ari=runner.judge_ari, judge_plan_miou=runner.judge_miou)
         if flat:   # no plan: these stay out (the caller writes them as skipped)
             for key in ("nesting", "plan_adherence", "reencode_ari", "reencode_miou"):
                 per_sample[key] = np.empty((0, per_sample[key].shape[1]))
         regions = runner.regions[:keep_n]
         structure_cpu = runner.cpu_s
+    if class_correct:
+        per_sample["class_correct"] = np.concatenate(class_correct).astype(np.float64)
     timing = dict(clock.timing)
     timing["structure_cpu"] = structure_cpu
     timing["structure_copy"] = runner.copy_s if runner is not None else 0.0

@@ -20,19 +20,22 @@ from models.hierarchy import HierarchySpec, build_hierarchies
 from models.trajectory_metrics import MetricValues, generated_regions, reencode_agreement, structural_consistency
 
 
-def final_hierarchy(final: np.ndarray, spec: HierarchySpec, latent_stats: tuple | None) -> np.ndarray:
-    """Region ids [n, spec.num_levels, T] of the teacher hierarchy rebuilt on final latents [n, T, C]
-    (normalised; latent_stats = (mean, std) [C] takes them back to the encoder's scale first)."""
+def final_hierarchy(final: np.ndarray, spec: HierarchySpec, latent_stats: tuple | None = None) -> np.ndarray:
+    """Region ids [n, spec.num_levels, T] of the teacher hierarchy rebuilt on final latents [n, T, C].
+    They are normalised latents, which is what the teacher clusters (the standardised latents), so
+    they are clustered as they are; latent_stats is not needed here (kept for callers)."""
     n, tokens, channels = final.shape
     grid = int(round(tokens ** 0.5))
-    raw = final if latent_stats is None else final * latent_stats[1] + latent_stats[0]
-    return build_hierarchies(np.asarray(raw, np.float32).reshape(n, grid, grid, channels), spec).reshape(n, -1, tokens)
+    return build_hierarchies(np.asarray(final, np.float32).reshape(n, grid, grid, channels), spec).reshape(n, -1, tokens)
 
 
 def structure_chunk(canvases: np.ndarray, reencoded: np.ndarray | None, threshold: float,
-                     spec: HierarchySpec | None, want_regions: int, latent_stats: tuple | None = None) -> dict:
+                     spec: HierarchySpec | None, want_regions: int, latent_stats: tuple | None = None,
+                     judged: np.ndarray | None = None) -> dict:
     """canvases [L, n, T, C] (L = 1: the flat baseline's final latent alone); reencoded [r, g, g, Ce]
-    raw tokens of the first r samples (or None); latent_stats (mean, std) of the normalised latents."""
+    raw tokens of the first r samples (or None); latent_stats (mean, std) of the normalised latents;
+    judged [n, P, T]: the scenes judge's partition of each decoded final image (pixel-space plan
+    adherence against the trajectory's own regions, levels beyond P NaN)."""
     started = time.process_time()
     levels = [np.asarray(canvases[level]) for level in range(canvases.shape[0])]
     n = canvases.shape[1]
@@ -56,8 +59,8 @@ def structure_chunk(canvases: np.ndarray, reencoded: np.ndarray | None, threshol
         values = structural_consistency(levels, regions)
         out = {"nesting": stack(values, "nesting", n), "plan_adherence": stack(values, "plan_adherence", n),
                "regions": np.stack(regions, 1)[:want_regions].astype(np.int64)}
-    if r:
-        rebuilt = build_hierarchies(np.asarray(reencoded), spec)
+    if r:   # raw re-encoded tokens, standardised like the teacher's input when the stats are known
+        rebuilt = build_hierarchies(np.asarray(reencoded), spec, stats=latent_stats)
         rebuilt = rebuilt.reshape(r, rebuilt.shape[1], -1)
         if not flat:
             agreement = reencode_agreement([ids[:r] for ids in regions], rebuilt)
@@ -67,6 +70,12 @@ def structure_chunk(canvases: np.ndarray, reencoded: np.ndarray | None, threshol
         agreement = reencode_agreement([final_ids[:, level] for level in range(final_ids.shape[1])], rebuilt)
         out["reencode_ari_final"] = stack(agreement, "reencode_ari", r)
         out["reencode_miou_final"] = stack(agreement, "reencode_miou", r)
+    if judged is not None and not flat:   # the same agreement as re-encoding, the judge's partition in its place
+        ari, miou = np.full((n, len(regions)), np.nan), np.full((n, len(regions)), np.nan)
+        shared = min(len(regions), judged.shape[1])
+        agreement = reencode_agreement(regions[:shared], np.asarray(judged))
+        ari[:, :shared], miou[:, :shared] = stack(agreement, "reencode_ari", n), stack(agreement, "reencode_miou", n)
+        out["judge_plan_ari"], out["judge_plan_miou"] = ari, miou
     out["cpu_s"] = time.process_time() - started
     return out
 
@@ -87,6 +96,8 @@ class InlineStructure:
         self.miou = np.full((reencode, levels - 1), np.nan)
         self.ari_final = np.full((reencode, levels - 1), np.nan)
         self.miou_final = np.full((reencode, levels - 1), np.nan)
+        self.judge_ari = np.full((num_samples, levels - 1), np.nan)
+        self.judge_miou = np.full((num_samples, levels - 1), np.nan)
         self.regions = np.zeros((min(want_regions, num_samples), levels - 1, tokens), dtype=np.int64)
         self.cpu_s = 0.0
         self.copy_s = 0.0
@@ -106,14 +117,19 @@ class InlineStructure:
             r = len(out["reencode_ari_final"])
             self.ari_final[start:start + r] = out["reencode_ari_final"]
             self.miou_final[start:start + r] = out["reencode_miou_final"]
+        if "judge_plan_ari" in out:
+            self.judge_ari[start:start + n] = out["judge_plan_ari"]
+            self.judge_miou[start:start + n] = out["judge_plan_miou"]
         self.cpu_s += out["cpu_s"]
 
-    def submit(self, batch_index: int, start: int, canvases: Sequence[Tensor], reencoded: np.ndarray | None) -> None:
+    def submit(self, batch_index: int, start: int, canvases: Sequence[Tensor], reencoded: np.ndarray | None,
+               judged: np.ndarray | None = None) -> None:
         """canvases: L tensors [s, T, C] (any device) of samples start..start+s (one tensor: the flat
-        baseline's final latent); reencoded [r, g, g, Ce]."""
+        baseline's final latent); reencoded [r, g, g, Ce]; judged [s, P, T] the judge's regions."""
         want = max(0, min(self.want - start, canvases[0].shape[0]))
         arrays = np.stack([c.float().cpu().numpy() for c in canvases])
-        self.store(start, structure_chunk(arrays, reencoded, self.threshold, self.spec, want, self.latent_stats))
+        self.store(start, structure_chunk(arrays, reencoded, self.threshold, self.spec, want, self.latent_stats,
+                                          judged))
 
     def finish(self) -> None:
         """Wait for every submitted batch (nothing is pending inline)."""

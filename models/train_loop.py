@@ -36,11 +36,28 @@ class LevelData:
     regions: Tensor | None    # [N, T] int64 level-l region ids (levels below the last), else None
 
 
+DEVICE_RESIDENT_BYTES = 8 * 2**30
+
+
+def resident(data: LevelData, device: str) -> LevelData:
+    """The level's data moved to the GPU once when it fits (under DEVICE_RESIDENT_BYTES): gathering a
+    batch on the host and copying it every step (100 MB a step at 256 x 256 tokens x 384 channels)
+    otherwise bounds the step rate, far below what the GPU computes."""
+    if torch.device(device).type != "cuda":
+        return data
+    parts = [data.target, data.cond, data.label] + ([data.regions] if data.regions is not None else [])
+    if sum(p.numel() * p.element_size() for p in parts) > DEVICE_RESIDENT_BYTES:
+        return data
+    return LevelData(*(p.to(device) if p is not None else None
+                       for p in (data.target, data.cond, data.label, data.regions)))
+
+
 def new_state(model: nn.Module, cfg: OptimConfig, device: str, resume: Exported | None = None) -> TrainState:
     """Fresh optimisers, EMAs and generators for `model`; then the exported state on top, if given."""
     model = model.to(device).train()
     optimizers, schedules = build_optimizers(model, cfg)
-    emas = [EMA(model, decay) for decay in sorted(set(cfg.ema_decays))]
+    emas = [EMA(model, decay) for decay in sorted(set(cfg.ema_decays))] + \
+        [EMA(model, halflife_kimg=h, rampup=cfg.ema_rampup) for h in sorted(set(cfg.ema_halflives_kimg))]
     generators = {"sampler": torch.Generator().manual_seed(cfg.seed),
                   "noise": torch.Generator(device=device).manual_seed(cfg.seed)}
     state = TrainState(model, optimizers, schedules, emas, generators)
@@ -59,7 +76,7 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor
             optimizer.step()
             schedule.step()
         for ema in state.emas:
-            ema.update(state.model)
+            ema.update(state.model, state.step, cfg.batch_size)
         stats = _read_back(stats)
         for name, value in stats.items():
             state.history.setdefault(name, []).append(float(value))
@@ -105,11 +122,19 @@ def _batch_index(state: TrainState, n: int, cfg: OptimConfig, rank: int, world: 
     return index, slice(rank * share, (rank + 1) * share)
 
 
-def train_generator(model: nn.Module, data: LevelData, level: int, objective: MeanFlowConfig, cfg: OptimConfig,
-                    device: str, on_step: Callable[[int, dict], None] | None = None, *,
+def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: int | list[int],
+                    objective: MeanFlowConfig, cfg: OptimConfig, device: str,
+                    on_step: Callable[[int, dict], None] | None = None, *,
                     resume: Exported | None = None, on_checkpoint: Callable[[TrainState], None] | None = None,
                     rank: int = 0, world: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
-    """Trains `model` for level `level` up to cfg.steps; returns the final TrainState (EMAs: state.ema(decay))."""
+    """Trains `model` for level `level` up to cfg.steps; returns the final TrainState (EMAs: state.ema(decay
+    or name)). Given lists of levels and their data, one model learns them all (generator.sharing:
+    shared): each step draws one level uniformly and a batch from that level alone (the reference's
+    sample_single_level_per_batch); stats then carry `level`."""
+    datasets, levels_of = (data, level) if isinstance(data, list) else ([data], [level])
+    if len(datasets) != len(levels_of):
+        raise ValueError(f"{len(datasets)} level data sets for levels {levels_of}")
+    datasets = [resident(d, device) for d in datasets]
     state = new_state(model, cfg, device, resume)
     net = wrap(state.model) if wrap is not None else state.model
     tangent_fn, step_loss = time_derivative, meanflow_loss
@@ -119,20 +144,27 @@ def train_generator(model: nn.Module, data: LevelData, level: int, objective: Me
         net, tangent_fn = torch.compile(net), torch.compile(time_derivative)
     on_cuda = torch.device(device).type == "cuda"   # "cuda:3" on a DDP rank too
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
-    shape = tuple(data.target.shape[1:])
 
     def loss_fn() -> tuple[Tensor, dict]:
-        index, rows = _batch_index(state, len(data.target), cfg, rank, world)
+        which = 0 if len(datasets) == 1 else int(torch.randint(len(datasets), (1,),
+                                                                generator=state.generators["sampler"]))
+        chosen, chosen_level = datasets[which], levels_of[which]
+        shape = tuple(chosen.target.shape[1:])
+        index, rows = _batch_index(state, len(chosen.target), cfg, rank, world)
+        index = index.to(chosen.target.device)
         draws = draw((len(index), *shape), objective, state.generators["noise"], device, torch.float32).rows(
             rows.start, rows.stop)
         mine = index[rows]
-        x, cond, label = (t[mine].to(device) for t in (data.target, data.cond, data.label))
-        regions = data.regions[mine].to(device) if data.regions is not None else None
-        levels = torch.full((len(mine),), level, dtype=torch.long, device=device)
+        x, cond, label = (t[mine].to(device) for t in (chosen.target, chosen.cond, chosen.label))
+        regions = chosen.regions[mine].to(device) if chosen.regions is not None else None
+        levels = torch.full((len(mine),), chosen_level, dtype=torch.long, device=device)
         with amp:
             # jvp_model: the tangent pass bypasses DDP's one-forward-per-backward hooks
-            return step_loss(net, x, cond, label, levels, regions, objective, draws=draws,
-                             jvp_model=state.model, tangent_fn=tangent_fn)
+            loss, stats = step_loss(net, x, cond, label, levels, regions, objective, draws=draws,
+                                    jvp_model=state.model, tangent_fn=tangent_fn)
+        if len(datasets) > 1:
+            stats["level"] = torch.tensor(float(chosen_level))
+        return loss, stats
 
     with compile_settings(cfg, device):
         return _fit(state, cfg, loss_fn, on_step, on_checkpoint)

@@ -20,14 +20,37 @@ from torch import Tensor, nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    """An exponential moving average of a model's parameters: a constant `decay` per step, or EDM's
+    (Karras et al. 2024, the reference's utils/ema_util.py) half-life in thousands of images,
+    `halflife_kimg`, ramped up to `rampup` times the images seen so far, so a short run samples its
+    recent weights and not its random init: decay = 0.5 ** (batch / min(halflife, rampup * images))."""
+
+    def __init__(self, model: nn.Module, decay: float | None = None, halflife_kimg: float | None = None,
+                 rampup: float = 0.05):
+        if (decay is None) == (halflife_kimg is None):
+            raise ValueError("an EMA takes either a constant decay or an EDM half-life in kimg")
+        self.decay, self.halflife_kimg, self.rampup = decay, halflife_kimg, rampup
+        self.name = ema_name(decay, halflife_kimg)
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def beta(self, step: int, batch: int) -> float:
+        """The decay applied by the update after `step` steps of `batch` images (0 at step 0 for EDM:
+        the first update copies the weights)."""
+        if self.decay is not None:
+            return self.decay
+        halflife_images = min(self.halflife_kimg * 1000, step * batch * self.rampup)
+        return 0.5 ** (batch / max(halflife_images, 1e-8))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int = 0, batch: int = 1) -> None:
+        keep = self.beta(step, batch)
         for ema_p, p in zip(self.shadow.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+            ema_p.lerp_(p.detach(), 1.0 - keep)
+
+
+def ema_name(decay: float | None = None, halflife_kimg: float | None = None) -> str:
+    """'0.999' for a constant decay, 'edm500kimg' for an EDM half-life of 500 kimg."""
+    return repr(float(decay)) if decay is not None else f"edm{float(halflife_kimg):g}kimg"
 
 
 @dataclass
@@ -40,15 +63,13 @@ class TrainState:
     step: int = 0
     history: dict[str, list[float]] = field(default_factory=dict)   # per-step stats since step 0
 
-    def ema(self, decay: float) -> nn.Module:
+    def ema(self, which: float | str) -> nn.Module:
+        """The EMA model with this constant decay (a float) or this name (models.train_state.ema_name)."""
+        name = which if isinstance(which, str) else ema_name(which)
         for ema in self.emas:
-            if ema.decay == decay:
+            if ema.name == name:
                 return ema.shadow
-        raise KeyError(f"no EMA with decay {decay}; tracked: {[e.decay for e in self.emas]}")
-
-
-def ema_key(decay: float) -> str:
-    return repr(float(decay))
+        raise KeyError(f"no EMA {name}; tracked: {[e.name for e in self.emas]}")
 
 
 def _split(tree, prefix: str, tensors: dict[str, Tensor]):
@@ -99,7 +120,7 @@ def _set_global_rng(state: dict) -> None:
 def export_state(state: TrainState) -> tuple[dict[str, Tensor], dict]:
     tensors: dict[str, Tensor] = {f"model/{k}": v.detach().cpu().clone() for k, v in state.model.state_dict().items()}
     for ema in state.emas:
-        tensors.update({f"ema/{ema_key(ema.decay)}/{k}": v.detach().cpu().clone()
+        tensors.update({f"ema/{ema.name}/{k}": v.detach().cpu().clone()
                         for k, v in ema.shadow.state_dict().items()})
     for name, values in state.history.items():
         tensors[f"history/{name}"] = torch.tensor(values, dtype=torch.float64)
@@ -109,7 +130,7 @@ def export_state(state: TrainState) -> tuple[dict[str, Tensor], dict]:
         "generators": {name: g.get_state() for name, g in state.generators.items()},
         "global_rng": _global_rng(),
     }
-    meta = {"step": state.step, "ema_decays": [e.decay for e in state.emas], "history_keys": list(state.history),
+    meta = {"step": state.step, "emas": [e.name for e in state.emas], "history_keys": list(state.history),
             "tree": _split(tree, "state", tensors)}
     return tensors, meta
 
@@ -117,10 +138,11 @@ def export_state(state: TrainState) -> tuple[dict[str, Tensor], dict]:
 def import_state(state: TrainState, tensors: dict[str, Tensor], meta: dict) -> TrainState:
     """Load exported tensors + meta into a freshly built TrainState of the same shape (in place)."""
     state.model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
-    if sorted(meta["ema_decays"]) != sorted(e.decay for e in state.emas):
-        raise ValueError(f"checkpoint tracks EMA decays {meta['ema_decays']}, run wants {[e.decay for e in state.emas]}")
+    saved = meta["emas"] if "emas" in meta else [ema_name(d) for d in meta["ema_decays"]]   # older snapshots
+    if sorted(saved) != sorted(e.name for e in state.emas):
+        raise ValueError(f"checkpoint tracks EMAs {saved}, run wants {[e.name for e in state.emas]}")
     for ema in state.emas:
-        prefix = f"ema/{ema_key(ema.decay)}/"
+        prefix = f"ema/{ema.name}/"
         ema.shadow.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     tree = _join(meta["tree"], tensors)
     if len(tree["optimizers"]) != len(state.optimizers):

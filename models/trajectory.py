@@ -4,7 +4,7 @@ A trajectory is one canvas [B, T, C] per level, produced by one network call per
 level: level l is generated from its own noise, conditioned on the level-(l-1)
 canvas (zeros at level 0). Each per-level generator has the interface
 
-    model(z [B,T,C], h [B], cond [B,T,C], label [B] int64, level [B] int64) -> (x_hat, v_hat)
+    model(z [B,T,C], h [B], cond [B,T,C], label [B] int64, level [B] int64) -> (x_hat, x_v)
 
 An edit changes one level inside a region and re-samples the finer levels from
 the same noises, so coarser levels stay bit-identical.

@@ -41,6 +41,11 @@ def load_checkpoint(prefix: Path, device: str | torch.device = "cpu") -> tuple[d
     return {k: v.to(device) for k, v in tensors.items()}, read_json(sidecar)
 
 
+def checkpoint_meta(prefix: Path) -> dict:
+    """A checkpoint's JSON sidecar alone (no tensors read)."""
+    return read_json(_paths(prefix)[1])
+
+
 def save_module(prefix: Path, module: torch.nn.Module, meta: dict) -> Path:
     return save_checkpoint(prefix, dict(module.state_dict()), meta)
 

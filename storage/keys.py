@@ -15,11 +15,13 @@ from storage.config import TFConfig
 # Bump a stage's version when its output would change for the same config.
 CODE_VERSIONS = {
     "images": "1",
-    "latents": "1",
-    "teacher": "1",
-    "decoder": "1",
-    "generator": "1",
-    "evaluate": "3",   # 2: streamed, FD-DINOv2 on the class token; 3: final_hierarchy re-encode rows, mode
+    "latents": "2",    # 2: final norm without its affine (ref, RAE)
+    "teacher": "2",    # 2: clusters the standardised latents; hierarchy.source (ground-truth oracle)
+    "decoder": "2",     # 2: EDM EMA with ramp-up
+    "generator": "2",   # 2: reference-exact objective (plateau times, x-pred v head, summed loss, EDM EMA)
+    "evaluate": "4",   # 2: streamed, FD-DINOv2 on the class token; 3: final_hierarchy re-encode rows, mode;
+                       # 4: scenes-judge rows (FD-scenes, class accuracy, pixel plan adherence)
+    "judge": "1",
 }
 
 
@@ -32,9 +34,13 @@ def stable_hash(obj: object, length: int = 12) -> str:
 
 
 def partition_keys(cfg: TFConfig) -> list[str]:
-    """One key per level 0..L-1 saying what that level's partition depends on."""
+    """One key per level 0..L-1 saying what that level's partition depends on (with the teacher's
+    code version: a change of how partitions are made moves the generators that read them)."""
     h = cfg.hierarchy
-    split = {"algorithm": h.algorithm, "k": h.k, "alpha": h.alpha, "seed": h.seed}
+    if h.source == "ground_truth":   # the scenes' masks at the token grid: no clustering setting enters
+        return [stable_hash({"source": h.source, "level": level, "v": CODE_VERSIONS["teacher"]})
+                for level in range(len(h.cuts) + 1)] + ["raw"]
+    split = {"algorithm": h.algorithm, "k": h.k, "alpha": h.alpha, "seed": h.seed, "v": CODE_VERSIONS["teacher"]}
     if h.backend != "reference":   # the batched code agrees up to ties, so it is its own partition
         split["backend"] = h.backend
     tree = {"lam": h.lam, "linkage": h.linkage, "cut_mode": h.cut_mode}
@@ -54,11 +60,16 @@ class StageKeys:
     generators: tuple[str, ...]
     evaluate: str
     partitions: tuple[str, ...] = field(default=())
+    shared_generator: str = ""   # generator.sharing: shared, one model for every level
+    flat_generator: str = ""     # generator.mode: flat, the one-step baseline
+    judge: str = ""              # the scenes judge (source.kind scenes only; "" otherwise)
 
     def as_dict(self) -> dict[str, str]:
         out = {"images": self.images, "latents": self.latents, "teacher": self.teacher,
                "decoder": self.decoder, "evaluate": self.evaluate}
         out.update({f"generator_L{l}": k for l, k in enumerate(self.generators)})
+        out.update({"generator_shared": self.shared_generator, "generator_flat": self.flat_generator})
+        out["judge"] = self.judge
         return out
 
 
@@ -71,16 +82,27 @@ def stage_keys(cfg: TFConfig) -> StageKeys:
     # settings that change how, not what, is trained stay out of the keys
     decoder = stable_hash({"decoder": cfg.decoder.model_dump(exclude=RUN_ONLY), "up": latents, "v": v["decoder"]})
     parts = partition_keys(cfg)
-    gen_cfg = cfg.generator.model_dump(exclude=RUN_ONLY | {"mode"})
+    # The level count sizes the level embedding, so it is in every generator's key; how the levels are
+    # held (sharing) picks the folder, not the weights of a per-level model.
+    gen_cfg = cfg.generator.model_dump(exclude=RUN_ONLY | {"mode", "sharing"})
+    num_levels = len(parts)
     generators = tuple(
-        stable_hash({"generator": gen_cfg, "latents": latents, "level": level,
+        stable_hash({"generator": gen_cfg, "latents": latents, "level": level, "num_levels": num_levels,
                      "target": parts[level], "condition": parts[level - 1] if level else "none",
                      "v": v["generator"]})
-        for level in range(len(parts))
+        for level in range(num_levels)
     )
-    evaluate = stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": generators,
-                            "decoder": decoder, "teacher": teacher, "v": v["evaluate"]})
-    return StageKeys(images, latents, teacher, decoder, generators, evaluate, tuple(parts))
+    shared = stable_hash({"generator": gen_cfg, "latents": latents, "partitions": parts, "shared": True,
+                          "v": v["generator"]})
+    flat = stable_hash({"generator": gen_cfg, "latents": latents, "num_levels": num_levels, "flat": True,
+                        "v": v["generator"]})
+    # The judge reads the real scenes only (images, labels, masks), so the image store is its one upstream.
+    judge = stable_hash({"judge": cfg.judge.model_dump(), "up": images, "v": v["judge"]}) \
+        if cfg.source.kind == "scenes" else ""
+    sampled = [shared] if cfg.generator.sharing == "shared" else list(generators)
+    evaluate = stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": sampled,
+                            "decoder": decoder, "teacher": teacher, "judge": judge, "v": v["evaluate"]})
+    return StageKeys(images, latents, teacher, decoder, generators, evaluate, tuple(parts), shared, flat, judge)
 
 
 class Layout:
@@ -89,6 +111,7 @@ class Layout:
     def __init__(self, root: str | Path, cfg: TFConfig):
         self.root = Path(root)
         self.keys = stage_keys(cfg)
+        self.sharing = cfg.generator.sharing
 
     def images(self) -> Path:
         return self.root / f"images-{self.keys.images}"
@@ -105,8 +128,21 @@ class Layout:
     def generator(self, level: int) -> Path:
         return self.root / f"generator-L{level}-{self.keys.generators[level]}"
 
+    def shared_generator(self) -> Path:
+        return self.root / f"generator-shared-{self.keys.shared_generator}"
+
+    def flat_generator(self) -> Path:
+        return self.root / f"generator-flat-{self.keys.flat_generator}"
+
+    def level_generator(self, level: int) -> Path:
+        """Where the generator that samples `level` lives: its own folder, or the shared one."""
+        return self.shared_generator() if self.sharing == "shared" else self.generator(level)
+
     def evaluation(self) -> Path:
         return self.root / f"evaluate-{self.keys.evaluate}"
+
+    def judge(self) -> Path:
+        return self.root / f"judge-{self.keys.judge}"
 
     def tables(self) -> Path:
         return self.root / "tables"

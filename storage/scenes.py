@@ -22,6 +22,7 @@ from storage.scene_objects import OBJECT_SPECS, Frame, LayeredCanvas, ObjectSpec
 
 SCENE_CLASSES: tuple[str, ...] = tuple(OBJECT_SPECS)
 MIN_SIZE = 56
+GT_LEVELS = 3   # ground-truth mask levels: 0 object vs background, 1 parts, 2 subparts
 SECOND_OBJECT_PROBABILITY = 0.5
 
 # (colour at the top, colour at the horizon)

@@ -4,7 +4,9 @@ Metrics schema (version METRICS_SCHEMA_VERSION), one row per (metric, level, var
   run_id, schema_version, timestamp, code_version,
   latents_key, teacher_key, model_key,      stage keys of what was measured
   group       quality | per_level | structure | control | alignment | decoder
-  metric      e.g. fid, fd_dinov2, fd_level, nesting, plan_adherence, reencode_ari, ...
+  metric      e.g. fid, fd_dinov2, fd_level, nesting, plan_adherence, reencode_ari, ...; on the scenes,
+              the judge's fd_scenes, class_accuracy, judge_plan_ari / judge_plan_miou (variant
+              "real_holdout": the judge on its held-out real scenes, a reference)
   level       int (-1 when the metric is not per level)
   variant     sub-case, e.g. edit kind ("token_exchange"), "" otherwise
   value       float (NaN when status != "ok")

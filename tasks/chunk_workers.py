@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.hierarchy import HierarchySpec, build_hierarchies
+from models.hierarchy import HierarchySpec, build_hierarchies, ground_truth_hierarchies
 from storage import zarr_store
 from storage.config import EncoderConfig, HierarchyConfig, SourceConfig
 from storage.sources import read_chunk
@@ -31,19 +31,30 @@ def hierarchy_spec(cfg: HierarchyConfig) -> HierarchySpec:
 
 
 def hierarchy_chunk(hierarchy: dict, latents: str, store: str, chunk: int, start: int, stop: int) -> int:
+    """Cluster latents[start:stop] into the teacher store. The hierarchy sees the standardised latents
+    (the dataset mean/std the encode stage stored beside them), what the generators see (DESIGN §3)."""
     config = HierarchyConfig.model_validate(hierarchy)
     spec = hierarchy_spec(config)
     tokens = zarr_store.read_floats(zarr_store.open_array(Path(latents), "tokens"), slice(start, stop))
+    stats = tuple(zarr_store.open_array(Path(latents), name)[:] for name in ("mean", "std"))
     if config.backend == "batched":
         import torch
 
         from models.hierarchy_batched import build_hierarchies_batched
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        regions = build_hierarchies_batched(torch.from_numpy(tokens).to(device), spec).cpu().numpy()
+        regions = build_hierarchies_batched(torch.from_numpy(tokens).to(device), spec, stats=stats).cpu().numpy()
     else:
-        regions = build_hierarchies(tokens, spec)
+        regions = build_hierarchies(tokens, spec, stats=stats)
     zarr_store.write_chunk(Path(store), chunk, start, {"regions": regions})
+    return chunk
+
+
+def ground_truth_chunk(images: str, store: str, chunk: int, start: int, stop: int, grid: int) -> int:
+    """The oracle teacher for samples start:stop: the image store's ground-truth masks voted down
+    to the token grid (models.hierarchy.ground_truth_hierarchies), in the clustered teacher's format."""
+    masks = zarr_store.open_array(Path(images), "masks")[start:stop]
+    zarr_store.write_chunk(Path(store), chunk, start, {"regions": ground_truth_hierarchies(masks, grid)})
     return chunk
 
 

@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.channel_stats import mean_std
-from models.encoder import build_encoder, grid_size, resolve_encoder_name, token_dim
+from models.encoder import ENCODER_OUTPUT, build_encoder, grid_size, resolve_encoder_name, token_dim
 from models.encoder import weights_label as planned_weights_label
 from storage import zarr_store
 from storage.config import TFConfig
@@ -96,7 +96,8 @@ def _encode(cfg: TFConfig, root: str, force: bool) -> dict:
     chunk_size = zarr_store.store_attrs(images)["chunk_size"]
     bounds = zarr_store.chunk_bounds(num, chunk_size)
     attrs = {"stage": "latents", "key": layout.keys.latents, "images_key": layout.keys.images,
-             "encoder": cfg.encoder.model, "encoder_weights": weights_label, "image_size": cfg.source.image_size}
+             "encoder": cfg.encoder.model, "encoder_weights": weights_label, "image_size": cfg.source.image_size,
+             "encoder_output": ENCODER_OUTPUT}
     zarr_store.create_store(path, latent_store_arrays(num, len(bounds), grid, dim, cfg.encoder.dtype), chunk_size, attrs)
     zarr_store.write_array(path, "sample", zarr_store.open_array(images, "sample")[:])
     pending = zarr_store.pending_chunks(path, len(bounds))

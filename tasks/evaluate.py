@@ -44,6 +44,7 @@ from storage.scenes import masks_to_grid
 from storage.tables import metric_row, write_metrics
 from storage.trajectory_store import new_edit_id, write_edits, write_grid, write_trajectories
 from tasks.chunk_workers import hierarchy_spec
+from tasks.evaluate_judge import JUDGE_METRICS, judge_rows, prepare_judge
 from tasks.evaluate_reference import image_reference, level_reference
 from tasks.evaluate_report import publish_artifacts
 from tasks.level_data import canvases, load_latents, load_regions
@@ -68,7 +69,11 @@ def evaluation_key(layout: Layout, cfg: TFConfig) -> str:
         return layout.keys.evaluate
     return stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": [_flat_key(layout, cfg)],
                         "mode": "flat", "decoder": layout.keys.decoder, "teacher": layout.keys.teacher,
-                        "v": CODE_VERSIONS["evaluate"]})
+                        "judge": layout.keys.judge, "v": CODE_VERSIONS["evaluate"]})
+
+
+def _sampled_keys(layout: Layout) -> list[str]:
+    return [layout.keys.shared_generator] if layout.sharing == "shared" else list(layout.keys.generators)
 
 
 def evaluation_dir(layout: Layout, cfg: TFConfig) -> Path:
@@ -94,13 +99,16 @@ def _flat_skipped_rows(levels: int, **labels) -> list[dict]:
 
 
 def _load_generators(cfg: TFConfig, layout: Layout, grid: int, dim: int, device: str) -> list[TrajectoryDiT]:
-    models = []
+    """The sampler of each level: its own model, or the one shared model at every level."""
+    loaded: dict = {}
     for level in range(cfg.hierarchy.num_levels):
-        model = TrajectoryDiT(generator_config(cfg, grid, dim, num_classes(layout)))
-        tensors, _ = load_checkpoint(layout.generator(level) / "generator", device)
-        model.load_state_dict(tensors)
-        models.append(model.to(device).eval())
-    return models
+        folder = layout.level_generator(level)
+        if folder not in loaded:
+            model = TrajectoryDiT(generator_config(cfg, grid, dim, num_classes(layout)))
+            tensors, _ = load_checkpoint(folder / "generator", device)
+            model.load_state_dict(tensors)
+            loaded[folder] = model.to(device).eval()
+    return [loaded[layout.level_generator(level)] for level in range(cfg.hierarchy.num_levels)]
 
 
 def _rows(values: list[MetricValues], n_boot: int, **labels) -> list[dict]:
@@ -205,6 +213,10 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
     decoder = decoder.to(device).eval()
     encoder, weights_label, dinov2, inception = _extractors(cfg, device)
     reference, reference_reused = _reference(cfg, layout, latents, teacher, dinov2, inception, device)
+    judge = prepare_judge(cfg, root, layout, latents.index, grid, device, ev.batch_size)   # None unless scenes
+    if judge is not None:
+        reference.update(judge["reference"])
+        reference_reused["judge"] = judge["reused"]
 
     # Sample and score every trajectory in batches; keep whole only the first few (stored, edited, shown).
     seeds = ev.seed * 1_000_003 + np.arange(ev.num_samples)
@@ -217,10 +229,13 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
             reencode_samples=ev.reencode_samples, structure_samples=ev.structure_samples,
             tokens_per_sample=ev.tokens_per_sample, structure_runner=process_structure(ev.structure_workers),
             token_shape=(grid * grid, dim), progress=lambda done, total, timing: bar.advance(done - bar.done),
-            mode=cfg.generator.mode, latent_stats=(latents.mean, latents.std))
+            mode=cfg.generator.mode, latent_stats=(latents.mean, latents.std),
+            judge_fn=None if judge is None else judge["fn"])
     kid_real = len(reference.get(KID_FEATURES, ()))
     kid_size = max(1, min(1000, kid_real, 0 if result.inception_pool is None else len(result.inception_pool)))
     values = metric_values(result, reference, kid_subset_size=kid_size)
+    judged = [v for v in values if v.metric in JUDGE_METRICS]   # their rows name the judge as extractor
+    values = [v for v in values if v.metric not in JUDGE_METRICS]
     quality = [v for v in values if v.group == "quality"]
     values = [v for v in values if v.group != "quality"]
 
@@ -245,6 +260,7 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
         values += hierarchy_alignment(teacher.numpy(), truth.reshape(len(truth), truth.shape[1], -1))
 
     rows = _quality_rows(quality, dinov2["row"], inception["row"], inception["reason"])
+    rows += judge_rows(cfg, layout, judge, judged, levels, flat, lambda v, **labels: _rows(v, ev.bootstrap, **labels))
     rows += _rows(values, ev.bootstrap, feature_extractor=cfg.encoder.model, extractor_weights=weights_label)
     if flat:
         rows += _flat_skipped_rows(levels, feature_extractor=cfg.encoder.model, extractor_weights=weights_label)
@@ -252,7 +268,7 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
              for name, key in (("holdout_psnr", "holdout_psnr"), ("holdout_ssim", "holdout_ssim"))]
     context = {"latents_key": layout.keys.latents, "teacher_key": layout.keys.teacher,
                "model_key": stable_hash([layout.keys.decoder, _flat_key(layout, cfg)] if flat else
-                                        [layout.keys.decoder, *layout.keys.generators]),
+                                        [layout.keys.decoder, *_sampled_keys(layout)]),
                "code_version": f"evaluate-v{CODE_VERSIONS['evaluate']}", "encoder_weights": latents.weights_label,
                "mode": cfg.generator.mode}
     table = write_metrics(root, run_id, rows, context)

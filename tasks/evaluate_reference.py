@@ -28,6 +28,7 @@ def _set_label(extractor_label: str, index: np.ndarray) -> str:
 
 def image_reference(images_store: Path, index: np.ndarray, extractor_label: str, *,
                     dinov2_fn: Callable | None = None, inception_fn: Callable | None = None,
+                    feature_fns: dict[str, Callable] | None = None,
                     device: str = "cpu", batch_size: int = 256, kid_reservoir: int = 10_000,
                     force: bool = False) -> tuple[dict[str, np.ndarray], bool]:
     """(statistics, reused) of the real images `index` under one extractor; computed and stored when absent."""
@@ -46,7 +47,7 @@ def image_reference(images_store: Path, index: np.ndarray, extractor_label: str,
                 bar.advance(len(chunk))
 
     arrays = reference_stats(batches(), dinov2_fn, inception_fn=inception_fn, device=device,
-                             tokens_per_sample=0, kid_reservoir=kid_reservoir)
+                             tokens_per_sample=0, kid_reservoir=kid_reservoir, feature_fns=feature_fns)
     save_reference(images_store, label, arrays, {"extractor_label": extractor_label, "images": int(len(index))})
     return arrays, False
 

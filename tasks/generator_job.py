@@ -15,11 +15,11 @@ from models.dit import TrajectoryDiT, dit_config
 from models.flat import flat_level, flat_level_data
 from models.meanflow import MeanFlowConfig
 from models.train_loop import LevelData, OptimConfig, TrainState
-from models.train_state import export_state
+from models.train_state import ema_name, export_state
 from storage import zarr_store
 from storage.checkpoints import clear_train_state, mark_complete, save_checkpoint, save_train_state
 from storage.config import TFConfig
-from storage.keys import CODE_VERSIONS, RUN_ONLY, Layout, stable_hash
+from storage.keys import Layout
 from tasks.level_data import level_data, load_latents, load_regions
 
 
@@ -33,17 +33,26 @@ def generator_config(cfg: TFConfig, grid: int, dim: int, num_classes: int):
 
 def objective_config(cfg: TFConfig) -> MeanFlowConfig:
     g = cfg.generator
-    return MeanFlowConfig(time_shift=g.time_shift, uniform_share=g.uniform_share, equal_share=g.equal_share,
+    return MeanFlowConfig(logit_mean=g.logit_mean, logit_std=g.logit_std, time_shift=g.time_shift,
+                          time_dist=g.time_dist, uniform_share=g.uniform_share, equal_share=g.equal_share,
                           t_floor=g.t_floor, adaptive_eps=g.adaptive_eps, v_weight=g.v_weight,
-                          region_weight=g.region_weight, label_dropout=g.label_dropout,
+                          region_weight=g.region_weight, label_dropout=g.label_dropout, v_tangent=g.v_tangent,
                           jvp_attention=g.jvp_attention)
 
 
-def generator_optim(cfg: TFConfig, seed: int) -> OptimConfig:
+def sampled_ema(cfg: TFConfig) -> str:
+    """The name of the EMA the sampler uses (models.train_state.ema_name)."""
     g = cfg.generator
-    return OptimConfig(steps=g.steps, batch_size=g.batch_size, lr=g.lr, weight_decay=g.weight_decay,
-                       warmup_steps=g.warmup_steps, grad_clip=g.grad_clip,
-                       ema_decays=sorted(set(g.ema_decays) | {g.ema_decay}), optimizer=g.optimizer,
+    return ema_name(halflife_kimg=g.ema_halflife_kimg) if g.ema_kind == "edm" else ema_name(g.ema_decay)
+
+
+def generator_optim(cfg: TFConfig, seed: int, steps: int | None = None) -> OptimConfig:
+    g = cfg.generator
+    decays = set(g.ema_decays) | ({g.ema_decay} if g.ema_kind == "constant" else set())
+    halflives = set(g.ema_halflives_kimg) | ({g.ema_halflife_kimg} if g.ema_kind == "edm" else set())
+    return OptimConfig(steps=steps or g.steps, batch_size=g.batch_size, lr=g.lr, weight_decay=g.weight_decay,
+                       warmup_steps=g.warmup_steps, grad_clip=g.grad_clip, ema_decays=sorted(decays),
+                       ema_halflives_kimg=sorted(halflives), ema_rampup=g.ema_rampup, optimizer=g.optimizer,
                        checkpoint_every=g.checkpoint_every, compile=g.compile,
                        compile_tuning=g.compile_tuning, seed=seed)
 
@@ -53,17 +62,14 @@ def num_classes(layout: Layout) -> int:
 
 
 def flat_generator_dir(layout: Layout, cfg: TFConfig) -> Path:
-    """The flat baseline's own stage folder: keyed by the generator config and the latents only."""
-    trained = cfg.generator.model_dump(exclude=RUN_ONLY | {"mode"})
-    key = stable_hash({"generator": trained, "latents": layout.keys.latents, "flat": True,
-                       "v": CODE_VERSIONS["generator"]})
-    return layout.root / f"generator-flat-{key}"
+    """The flat baseline's own stage folder: keyed by the generator config, the level count and the latents."""
+    return layout.flat_generator()
 
 
-def ema_file(decay: float, chosen: float) -> str:
-    """The sampled EMA is `generator`; the other tracked decays sit beside it as generator-ema0_9999
-    (no dot: checkpoint prefixes take their suffix with Path.with_suffix)."""
-    return "generator" if decay == chosen else "generator-ema" + repr(float(decay)).replace(".", "_")
+def ema_file(name: str, chosen: str) -> str:
+    """The sampled EMA is `generator`; the other tracked ones sit beside it as generator-ema0_9999 or
+    generator-edm1000kimg (no dot: checkpoint prefixes take their suffix with Path.with_suffix)."""
+    return "generator" if name == chosen else "generator-" + ("ema" + name if name[0].isdigit() else name).replace(".", "_")
 
 
 def snapshotter(folder: Path, name: str, enabled: bool = True):
@@ -75,29 +81,43 @@ def snapshotter(folder: Path, name: str, enabled: bool = True):
     return on_checkpoint
 
 
-def generator_job(cfg: TFConfig, root: str, level: int | None) -> dict:
-    """Everything to train one generator (level l, or the flat baseline for level None): the data, a
-    freshly seeded model, the optimiser and objective configs, the stage folder, key and metadata."""
+SHARED = "shared"   # generator_job's `which` for the one model of every level (generator.sharing: shared)
+
+
+def generator_job(cfg: TFConfig, root: str, which: int | str | None) -> dict:
+    """Everything to train one generator: level l (an int), the flat baseline (None) or the model shared
+    by every level ("shared"): the data, a freshly seeded model, the optimiser and objective configs,
+    the stage folder, key and metadata. The shared model gets steps x levels, the budget of the
+    per-level models together."""
     layout = Layout(root, cfg)
     latents = load_latents(layout.latents())
-    if level is None:
-        data: LevelData = flat_level_data(latents.tokens, latents.label)
-        folder, seed, trained_level = flat_generator_dir(layout, cfg), cfg.generator.seed, \
-            flat_level(cfg.hierarchy.num_levels)
-        key = folder.name.removeprefix("generator-flat-")
+    num_levels = cfg.hierarchy.num_levels
+    steps = None
+    if which is None:
+        data: LevelData | list[LevelData] = flat_level_data(latents.tokens, latents.label)
+        folder, seed, trained_level = layout.flat_generator(), cfg.generator.seed, flat_level(num_levels)
+        key = layout.keys.flat_generator
+    elif which == SHARED:
+        regions = load_regions(layout.teacher(), latents.index)
+        trained_level = list(range(num_levels))
+        data = [level_data(latents, regions, level) for level in trained_level]
+        folder, seed, key = layout.shared_generator(), cfg.generator.seed, layout.keys.shared_generator
+        steps = cfg.generator.steps * num_levels
     else:
-        data = level_data(latents, load_regions(layout.teacher(), latents.index), level)
-        folder, seed, trained_level = layout.generator(level), cfg.generator.seed + level, level
-        key = layout.keys.generators[level]
+        data = level_data(latents, load_regions(layout.teacher(), latents.index), which)
+        folder, seed, trained_level = layout.generator(which), cfg.generator.seed + which, which
+        key = layout.keys.generators[which]
     torch.manual_seed(seed)
     model = TrajectoryDiT(generator_config(cfg, latents.grid, latents.tokens.shape[-1], num_classes(layout)))
-    meta = {"stage": "generator", "level": level, "flat": level is None, "trained_level": trained_level,
+    meta = {"stage": "generator", "level": which if isinstance(which, int) else None, "flat": which is None,
+            "shared": which == SHARED, "trained_level": trained_level, "num_levels": num_levels,
             "key": key, "latents_key": layout.keys.latents,
-            "teacher_key": None if level is None else layout.keys.teacher, "config": asdict(model.config),
+            "teacher_key": None if which is None else layout.keys.teacher, "config": asdict(model.config),
             "objective": asdict(objective_config(cfg)), "encoder_weights": latents.weights_label,
-            "optimizer": cfg.generator.optimizer}
-    return {"data": data, "model": model, "optim": generator_optim(cfg, seed), "objective": objective_config(cfg),
-            "ema_decay": cfg.generator.ema_decay, "folder": folder, "key": key, "level": trained_level, "meta": meta}
+            "optimizer": cfg.generator.optimizer, "sampled_ema": sampled_ema(cfg)}
+    return {"data": data, "model": model, "optim": generator_optim(cfg, seed, steps),
+            "objective": objective_config(cfg), "ema": sampled_ema(cfg), "folder": folder, "key": key,
+            "level": trained_level, "meta": meta}
 
 
 def finish_generator(job: dict, state: TrainState, **extra_meta) -> dict:
@@ -108,8 +128,8 @@ def finish_generator(job: dict, state: TrainState, **extra_meta) -> dict:
     meta = {**job["meta"], **extra_meta, "steps": state.step, "first_loss": losses[0] if losses else None,
             "final_loss": float(np.mean(tail)) if tail else None}
     for ema in state.emas:
-        save_checkpoint(job["folder"] / ema_file(ema.decay, job["ema_decay"]),
-                        dict(ema.shadow.cpu().state_dict()), {**meta, "ema_decay": ema.decay})
+        save_checkpoint(job["folder"] / ema_file(ema.name, job["ema"]),
+                        dict(ema.shadow.cpu().state_dict()), {**meta, "ema": ema.name})
     save_checkpoint(job["folder"] / "generator-raw", dict(state.model.cpu().state_dict()), meta)
     mark_complete(job["folder"], {"stage": "generator", "key": job["key"], "steps": state.step})
     clear_train_state(job["folder"], "generator")

@@ -1,4 +1,10 @@
-"""Hierarchy: latent store -> teacher store (per-image region ids for levels 0..L-2), on Dask."""
+"""Hierarchy: latent store -> teacher store (per-image region ids for levels 0..L-2).
+
+hierarchy.source "clustered" clusters the standardised latents on Dask; "ground_truth" (the
+scenes' oracle teacher) votes the image store's ground-truth masks down to the token grid, in
+this process (a vote over uint8 masks costs less than starting a cluster). Both write the same
+store, so training, evaluation and the dashboard read either unchanged.
+"""
 from __future__ import annotations
 
 import time
@@ -7,14 +13,20 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from models.encoder import ENCODER_OUTPUT
 from storage import zarr_store
 from storage.config import TFConfig
 from storage.files import remove_tree
 from storage.keys import Layout
 from storage.zarr_store import ArraySpec
-from tasks.chunk_workers import hierarchy_chunk
+from tasks.chunk_workers import ground_truth_chunk, hierarchy_chunk
 from tasks.dask_chunks import run_chunks
+from tasks.progress import Progress
 from tasks.stage import stage_lock, stage_result
+
+# What the teacher store's attributes say it was built from (DESIGN section 3).
+CLUSTERED_INPUT = "standardised latents (per-channel dataset mean/std)"
+GROUND_TRUTH_INPUT = "ground-truth masks (majority vote per token, nested)"
 
 
 @task(name="hierarchy", cache_policy=NO_CACHE)
@@ -38,9 +50,15 @@ def _build_teacher(cfg: TFConfig, root: str, force: bool) -> dict:
     num, grid = tokens.shape[0], tokens.shape[1]
     levels = len(cfg.hierarchy.cuts) + 1
     chunk_size = zarr_store.store_attrs(latents)["chunk_size"]
+    ground_truth = cfg.hierarchy.source == "ground_truth"
+    if ground_truth:
+        images = layout.images()
+        _check_ground_truth(images, num, levels, cfg.hierarchy.cuts)
     attrs = {"stage": "teacher", "key": layout.keys.teacher, "latents_key": layout.keys.latents,
              "hierarchy": cfg.hierarchy.model_dump(), "partition_keys": list(layout.keys.partitions),
-             "encoder_weights": zarr_store.store_attrs(latents)["encoder_weights"]}
+             "encoder_weights": zarr_store.store_attrs(latents)["encoder_weights"],
+             "hierarchy_input": GROUND_TRUTH_INPUT if ground_truth else CLUSTERED_INPUT,
+             "encoder_output": ENCODER_OUTPUT}
     arrays = {"sample": ArraySpec((num,), str, ("sample",), fill_value=""),
               "level": ArraySpec((levels,), np.int64, ("level",), per_sample=False),
               "regions": ArraySpec((num, levels, grid, grid), np.int16, ("sample", "level", "gy", "gx"))}
@@ -48,9 +66,30 @@ def _build_teacher(cfg: TFConfig, root: str, force: bool) -> dict:
     zarr_store.write_array(path, "sample", zarr_store.open_array(latents, "sample")[:])
     zarr_store.write_array(path, "level", np.arange(levels))
     bounds = zarr_store.chunk_bounds(num, chunk_size)
-    todo = [(cfg.hierarchy.model_dump(), str(latents), str(path), c, *bounds[c])
-            for c in zarr_store.pending_chunks(path, len(bounds))]
-    run_chunks(hierarchy_chunk, todo, description="hierarchy", address=cfg.ingest.dask_address,
-               workers=cfg.ingest.workers)
+    pending = zarr_store.pending_chunks(path, len(bounds))
+    if ground_truth:
+        with Progress(len(pending), "hierarchy (ground truth)", unit="chunk") as bar:
+            for chunk in pending:
+                ground_truth_chunk(str(images), str(path), chunk, *bounds[chunk], grid)
+                bar.advance()
+    else:
+        todo = [(cfg.hierarchy.model_dump(), str(latents), str(path), c, *bounds[c]) for c in pending]
+        run_chunks(hierarchy_chunk, todo, description="hierarchy", address=cfg.ingest.dask_address,
+                   workers=cfg.ingest.workers)
     zarr_store.mark_complete(path, {"samples": num, "levels": levels})
     return stage_result("hierarchy", layout.keys.teacher, path, True, started)
+
+
+def _check_ground_truth(images, num: int, levels: int, cuts: list[float]) -> None:
+    """The oracle teacher needs the image store's masks, one ground-truth level per partition level."""
+    if not zarr_store.is_complete(images):
+        raise RuntimeError(f"image store {images} is incomplete: run `tf ingest` first")
+    if not zarr_store.has_array(images, "masks"):
+        raise ValueError(f"hierarchy.source 'ground_truth': the image store {images} holds no ground-truth "
+                         f"masks (only source.kind 'scenes' has them)")
+    shape = zarr_store.open_array(images, "masks").shape
+    if shape[0] != num:
+        raise RuntimeError(f"image store {images} has {shape[0]} masks, the latent store {num} samples")
+    if shape[1] != levels:
+        raise ValueError(f"hierarchy.source 'ground_truth': the image store has {shape[1]} ground-truth levels "
+                         f"but hierarchy.cuts {cuts} gives len(cuts) + 1 = {levels} partition levels")

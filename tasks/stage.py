@@ -1,6 +1,8 @@
 """What every stage task returns: a small dict saying what it wrote and whether it was reused."""
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -18,6 +20,26 @@ def pick_device(preference: str) -> str:
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was requested but torch sees no GPU")
     return preference
+
+
+@contextlib.contextmanager
+def cpu_threads(device: str):
+    """On CPU, torch's threads leave one core to the rest of the run (the Prefect server, Dask workers):
+    with as many OpenMP threads as cores, every small op waits at a barrier for a thread whose core
+    another process holds. Measured on 2 cores beside a busy process: an elementwise op on a
+    [32, 64, 96] tensor took 8 ms with 2 threads and 0.05 ms with 1; a tiny generator's step 1.9 s
+    against 0.67 s."""
+    import torch
+
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(previous, (os.cpu_count() or 2) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def stage_lock(cfg, stage_dir: Path):

@@ -19,17 +19,21 @@ from models.decoder import DecoderConfig, TokenDecoder, images_to_tensor, tensor
 from models.dit import TrajectoryDiT
 from models.image_metrics import psnr, ssim
 from models.train_loop import OptimConfig, train_decoder, train_generator
+from models.train_state import ema_name
 from storage import zarr_store
 from storage.checkpoints import clear_train_state, is_complete, load_checkpoint, load_train_state, mark_complete, \
     save_checkpoint
 from storage.config import TFConfig
 from storage.files import remove_tree
 from storage.keys import Layout
-from tasks.generator_job import (finish_generator, flat_generator_dir, generator_config, generator_job,  # noqa: F401
-                                 num_classes, objective_config, snapshotter)
+from tasks.generator_job import (SHARED, finish_generator, flat_generator_dir, generator_config,  # noqa: F401
+                                 generator_job, num_classes, objective_config, snapshotter)
 from tasks.level_data import load_latents
 from tasks.progress import Progress
-from tasks.stage import pick_device, stage_lock, stage_result
+from tasks.stage import cpu_threads, pick_device, stage_lock, stage_result
+
+
+DECODER_EMA_KIMG = 500.0
 
 
 def decoder_config(cfg: TFConfig, grid: int, dim: int) -> DecoderConfig:
@@ -73,13 +77,16 @@ def _train_decoder(cfg: TFConfig, root: str, force: bool) -> dict:
         tensors, _ = load_checkpoint(d.checkpoint.removesuffix(".safetensors"))
         decoder.load_state_dict(tensors)
     else:
-        optim = OptimConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, warmup_steps=20, ema_decays=[0.99],
-                            checkpoint_every=d.checkpoint_every, seed=d.seed)
+        # EDM EMA: its half-life ramps up with the images seen, so a short run is not its random init
+        optim = OptimConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, warmup_steps=20, ema_decays=[],
+                            ema_halflives_kimg=[DECODER_EMA_KIMG], checkpoint_every=d.checkpoint_every, seed=d.seed)
         resume = load_train_state(folder, "decoder")
-        state = run_with_progress("train decoder", optim.steps, resume[1]["step"] if resume else 0, lambda on_step:
-                                  train_decoder(decoder, latents.tokens[train_idx], images[train_idx], optim, device,
-                                                on_step, resume=resume, on_checkpoint=snapshotter(folder, "decoder")))
-        decoder, history = state.ema(0.99), state.history
+        with cpu_threads(device):
+            state = run_with_progress("train decoder", optim.steps, resume[1]["step"] if resume else 0, lambda on_step:
+                                      train_decoder(decoder, latents.tokens[train_idx], images[train_idx], optim,
+                                                    device, on_step, resume=resume,
+                                                    on_checkpoint=snapshotter(folder, "decoder")))
+        decoder, history = state.ema(ema_name(halflife_kimg=DECODER_EMA_KIMG)), state.history
     with torch.no_grad():
         recon = tensor_to_images(decoder.to(device).eval()(latents.tokens[test_idx].to(device)).cpu())
     truth = tensor_to_images(images[test_idx])
@@ -95,24 +102,32 @@ def _train_decoder(cfg: TFConfig, root: str, force: bool) -> dict:
     return stage_result("train-decoder", layout.keys.decoder, folder, True, started, **quality)
 
 
-def _train_generator_stage(cfg: TFConfig, root: str, level: int | None, force: bool, stage: str) -> dict:
+def _train_generator_stage(cfg: TFConfig, root: str, which: int | str | None, force: bool, stage: str) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
-    folder = layout.generator(level) if level is not None else flat_generator_dir(layout, cfg)
+    folder, key = _generator_folder(layout, which)
     if force:
         remove_tree(folder)
-    key = layout.keys.generators[level] if level is not None else folder.name.removeprefix("generator-flat-")
     if is_complete(folder):
         return stage_result(stage, key, folder, False, started)
     device = pick_device(cfg.device)
-    job = generator_job(cfg, root, level)
+    job = generator_job(cfg, root, which)
     resume = load_train_state(folder, "generator")   # a killed run continues from its latest snapshot
     start = resume[1]["step"] if resume else 0
-    state = run_with_progress(f"train {stage}", job["optim"].steps, start, lambda on_step: train_generator(
-        job["model"], job["data"], job["level"], job["objective"], job["optim"], device, on_step,
-        resume=resume, on_checkpoint=snapshotter(folder, "generator")))
+    with cpu_threads(device):
+        state = run_with_progress(f"train {stage}", job["optim"].steps, start, lambda on_step: train_generator(
+            job["model"], job["data"], job["level"], job["objective"], job["optim"], device, on_step,
+            resume=resume, on_checkpoint=snapshotter(folder, "generator")))
     meta = finish_generator(job, state, resumed_from_step=start)
     return stage_result(stage, key, folder, True, started, final_loss=meta["final_loss"], resumed_from_step=start)
+
+
+def _generator_folder(layout: Layout, which: int | str | None):
+    if which is None:
+        return layout.flat_generator(), layout.keys.flat_generator
+    if which == SHARED:
+        return layout.shared_generator(), layout.keys.shared_generator
+    return layout.generator(which), layout.keys.generators[which]
 
 
 @task(name="train-level", cache_policy=NO_CACHE, task_run_name="train-level-{level}")
@@ -121,16 +136,23 @@ def train_level_task(cfg: TFConfig, root: str, level: int, force: bool = False) 
         return _train_generator_stage(cfg, root, level, force, f"train-L{level}")
 
 
+@task(name="train-shared", cache_policy=NO_CACHE)
+def train_shared_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
+    """One generator for every level (generator.sharing: shared), level-conditioned."""
+    with stage_lock(cfg, Layout(root, cfg).shared_generator()):
+        return _train_generator_stage(cfg, root, SHARED, force, "train-shared")
+
+
 @task(name="train-flat", cache_policy=NO_CACHE)
 def train_flat_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     """The flat baseline: one one-step model to the full latent, same backbone and step budget."""
-    with stage_lock(cfg, flat_generator_dir(Layout(root, cfg), cfg)):
+    with stage_lock(cfg, Layout(root, cfg).flat_generator()):
         return _train_generator_stage(cfg, root, None, force, "train-flat")
 
 
 def load_flat_generator(cfg: TFConfig, root: str, grid: int, dim: int, device: str = "cpu") -> TrajectoryDiT:
     layout = Layout(root, cfg)
     model = TrajectoryDiT(generator_config(cfg, grid, dim, num_classes(layout)))
-    tensors, _ = load_checkpoint(flat_generator_dir(layout, cfg) / "generator", device)
+    tensors, _ = load_checkpoint(layout.flat_generator() / "generator", device)
     model.load_state_dict(tensors)
     return model.to(device).eval()

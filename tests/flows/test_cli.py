@@ -21,6 +21,12 @@ def test_invalid_override_is_a_clear_error(tmp_path, capsys):
     assert "non-increasing" in capsys.readouterr().err
 
 
+def test_judge_of_a_source_without_masks_is_refused_before_any_work(tmp_path, capsys):
+    assert main(["judge", "--root", str(tmp_path / "r"), "--set", "source.kind=imagefolder",
+                 "--set", f"source.path={tmp_path}"]) == 2
+    assert "scenes judge" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 def test_console_script_is_installed():
     done = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "pipeline" in done.stdout

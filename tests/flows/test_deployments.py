@@ -20,7 +20,7 @@ from storage.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "tiny.yaml"
-POOL_OF = {"ingest": "cpu", "hierarchy": "cpu", "encode": "gpu", "train": "gpu", "evaluate": "gpu",
+POOL_OF = {"ingest": "cpu", "hierarchy": "cpu", "encode": "gpu", "train": "gpu", "judge": "gpu", "evaluate": "gpu",
            "pipeline": "gpu"}
 CRON_OF = {"evaluate": "0 2 * * *", "pipeline": "0 3 * * 0"}
 WORKDIR_STEP = "prefect.deployments.steps.set_working_directory"

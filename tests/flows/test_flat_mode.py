@@ -28,7 +28,7 @@ def test_flat_pipeline_trains_the_flat_model_and_reuses_the_rest(two_runs):
     root, staged, flat, _, second = two_runs
     status = {s["stage"]: s["status"] for s in second["stages"]}
     assert status == {"ingest": "reused", "encode": "reused", "hierarchy": "reused", "train-decoder": "reused",
-                      "train-flat": "computed", "evaluate": "computed"}
+                      "train-flat": "computed", "judge": "reused", "evaluate": "computed"}
     from tasks.evaluate import evaluation_dir
 
     layout = Layout(root, flat)
@@ -55,6 +55,10 @@ def test_flat_rows_carry_the_mode_and_skip_what_needs_staged_canvases(two_runs):
     reencode = ok[ok.metric == "reencode_ari"]
     assert set(reencode.variant) == {"final_hierarchy"} and set(reencode.level) == {0, 1, 2}
     assert ok[ok.group == "control"].empty and not skipped[skipped.group == "control"].empty
+    # the judge scores the flat model's images too; its partition has no staged plan to be compared with
+    assert {"fd_scenes", "class_accuracy"} <= set(ok[ok.variant == ""].metric)
+    plan = frame[frame.metric.isin(["judge_plan_ari", "judge_plan_miou"]) & (frame.variant == "")]
+    assert (plan.status == "skipped").all() and set(plan.level) == {0, 1, 2}
 
 
 def test_one_comparison_table_for_both_runs(two_runs):

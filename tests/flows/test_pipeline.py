@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from storage import zarr_store
+from storage.checkpoints import is_complete
 from storage.config import load_config
 from storage.keys import Layout
 from storage.tables import load_metrics, load_runs
@@ -29,6 +30,7 @@ def test_every_stage_was_computed_and_stores_are_complete(tiny_run):
     layout = Layout(root, cfg)
     for path in (layout.images(), layout.latents(), layout.teacher(), layout.evaluation()):
         assert zarr_store.is_complete(path), path
+    assert is_complete(layout.judge()) and (layout.judge() / "judge.safetensors").exists()
     tokens = zarr_store.open_dataset(layout.latents())
     assert tokens.attrs["encoder_weights"] == "random-init"
     assert tokens["tokens"].shape == (cfg.source.num_images, 4, 4, 384)
@@ -59,6 +61,24 @@ def test_metric_table_has_every_group_level_and_metric(tiny_run):
         assert set(frame[frame.metric == metric].level) == {0, 1, 2, 3}, metric
     coarse = frame[frame.metric == "preservation_coarse_identical"]
     assert (coarse.value == 1.0).all()  # edits never touch coarser levels
+
+
+def test_scenes_judge_rows_name_the_judge_and_cover_every_level(tiny_run):
+    cfg, root, _ = tiny_run
+    frame = load_metrics(root, run_id="first")
+    judged = frame[frame.metric.isin(["fd_scenes", "class_accuracy", "judge_plan_ari", "judge_plan_miou"])]
+    assert (judged.feature_extractor == "scenes-judge").all()
+    assert (judged.extractor_weights == f"judge-{Layout(root, cfg).keys.judge}").all()
+    assert (judged.status == "ok").all(), judged[judged.status != "ok"][["metric", "variant", "reason"]]
+    for variant, n in (("", cfg.evaluate.num_samples), ("real_holdout", round(cfg.judge.holdout * cfg.source.num_images))):
+        rows = judged[judged.variant == variant]
+        assert set(rows[rows.group == "quality"].metric) == {"fd_scenes", "class_accuracy"}
+        for metric in ("judge_plan_ari", "judge_plan_miou"):
+            assert set(rows[rows.metric == metric].level) == {0, 1, 2}, (variant, metric)
+        assert (rows[rows.metric == "class_accuracy"].n == n).all()
+    accuracy = judged[judged.metric == "class_accuracy"]
+    assert accuracy.value.between(0, 1).all() and np.isfinite(accuracy[accuracy.variant == ""].ci_low).all()
+    assert (judged[judged.metric == "fd_scenes"].value >= 0).all()
 
 
 def test_grid_png_has_one_column_per_level(tiny_run):
@@ -95,15 +115,16 @@ def test_h_sub_change_recomputes_only_what_reads_the_subpart_cut(tiny_run):
     report = {s["stage"]: s["status"] for s in pipeline_flow(config=changed, root=str(root), run_id="hsub")["stages"]}
     assert report == {"ingest": "reused", "encode": "reused", "hierarchy": "computed", "train-decoder": "reused",
                       "train-L0": "reused", "train-L1": "reused", "train-L2": "computed", "train-L3": "computed",
-                      "evaluate": "computed"}
+                      "judge": "reused", "evaluate": "computed"}
     for name, files in untouched.items():   # not only the report: the stores were not rewritten
         assert files == _mtimes({"images": before.images(), "latents": before.latents(), "decoder": before.decoder(),
                                  "L0": before.generator(0), "L1": before.generator(1)}[name]), name
     after = Layout(root, changed)
     assert after.teacher() != before.teacher() and before.teacher().exists()   # both hierarchies side by side
     # the real images' FD-DINOv2 statistics were computed by the first run and read back here
-    assert zarr_store.completion(before.evaluation())["reference_reused"] == {"dinov2": False}
-    assert zarr_store.completion(after.evaluation())["reference_reused"] == {"dinov2": True}
+    # (and the judge's features of them: the judge is keyed by the images, not the hierarchy)
+    assert zarr_store.completion(before.evaluation())["reference_reused"] == {"dinov2": False, "judge": False}
+    assert zarr_store.completion(after.evaluation())["reference_reused"] == {"dinov2": True, "judge": True}
     runs = load_runs(root)
     assert set(runs[runs.run_id == "hsub"].status) == {"computed", "reused"}
 
@@ -114,7 +135,7 @@ def test_force_recomputes_the_stage_and_everything_downstream(tiny_run):
     cfg, root, _ = tiny_run
     stages = pipeline_flow(config=cfg, root=str(root), run_id="forced", force="train")["stages"]
     report = {s["stage"]: s["status"] for s in stages}
-    assert [report[s] for s in ("ingest", "encode", "hierarchy")] == ["reused"] * 3
+    assert [report[s] for s in ("ingest", "encode", "hierarchy", "judge")] == ["reused"] * 4   # not downstream of train
     assert {report[s] for s in report if s.startswith("train") or s == "evaluate"} == {"computed"}
 
 

@@ -1,3 +1,4 @@
+import copy
 import hashlib
 
 import numpy as np
@@ -145,7 +146,8 @@ def test_encode_images_returns_patch_grid_without_prefix_tokens(img_size, side):
     latents = encode_images(model, images, batch_size=2)
     assert latents.dtype == np.float32 and latents.shape == (3, side, side, 384)
 
-    # Manual reference: normalise with the pretrained mean/std, forward_features, drop cls + 4 registers.
+    # Manual reference: normalise with the pretrained mean/std, forward_features, drop cls + 4 registers
+    # (a random init's final norm has weight 1 and bias 0, so here its affine changes nothing).
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
@@ -158,6 +160,34 @@ def test_encode_images_returns_patch_grid_without_prefix_tokens(img_size, side):
     tokens = encode_tensor(model, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
     assert tokens.shape == (3, side * side, 384)
     np.testing.assert_allclose(tokens.numpy(), expected.reshape(3, -1, 384), rtol=1e-5, atol=1e-5)
+
+
+def test_latents_are_the_final_norm_without_its_scale_and_shift():
+    """DESIGN section 3 (ref, as RAE): the last LayerNorm normalises only. Compared in float64 against
+    timm's forward_features of a copy whose final norm has weight 1 and bias 0: the same ops on the
+    same values, so only rounding at 1e-16 relative separates them, far below any affine effect."""
+    torch.manual_seed(0)
+    model = timm.create_model(SMALL_REG, pretrained=False, img_size=56, num_classes=0).double().eval()
+    with torch.no_grad():   # a non-trivial affine, so leaving it out shows
+        model.norm.weight.copy_(torch.empty(384, dtype=torch.float64).uniform_(0.5, 2.0))
+        model.norm.bias.copy_(torch.randn(384, dtype=torch.float64))
+    identity = copy.deepcopy(model)
+    with torch.no_grad():
+        identity.norm.weight.fill_(1.0)
+        identity.norm.bias.zero_()
+    images01 = torch.from_numpy(_images(2, 56, seed=5)).permute(0, 3, 1, 2).double() / 255.0
+    mean = torch.tensor(model.pretrained_cfg["mean"], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(model.pretrained_cfg["std"], dtype=torch.float64).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = identity.forward_features((images01 - mean) / std)[:, model.num_prefix_tokens:]
+        with_affine = model.forward_features((images01 - mean) / std)[:, model.num_prefix_tokens:]
+    tokens = encode_tensor(model, images01)
+    assert tokens.dtype == torch.float64 and tokens.shape == (2, 16, 384)
+    torch.testing.assert_close(tokens, expected, rtol=1e-12, atol=1e-12)
+    assert (tokens - with_affine).abs().max() > 0.1   # the affine would have mattered
+    # per token: zero mean and unit variance over channels (up to eps), as a bare LayerNorm gives
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(2, 16, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(tokens.var(-1, unbiased=False), torch.ones(2, 16, dtype=torch.float64), rtol=0, atol=1e-4)
 
 
 def test_encode_images_resizes_other_resolutions_and_supports_autocast():

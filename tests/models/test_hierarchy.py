@@ -247,3 +247,84 @@ def test_region_canvas_gradient():
     # d/dx[b, t] = mean of the weights over the region of t (a mean is self-adjoint).
     expected = bruteforce_canvas(weights.numpy(), ids.numpy())
     np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_stats_standardise_per_channel_before_clustering():
+    """`stats` = (mean, std): the same ids as clustering (tokens - mean) / std by hand."""
+    rng = np.random.default_rng(7)
+    tokens = rng.standard_normal((3, 8, 8, 16)) * rng.uniform(0.01, 30.0, 16) + rng.normal(0, 50, 16)
+    mean, std = tokens.reshape(-1, 16).mean(0), tokens.reshape(-1, 16).std(0)
+    spec = HierarchySpec(seed=2)
+    by_hand = build_hierarchies((tokens - mean) / std, spec)
+    np.testing.assert_array_equal(build_hierarchies(tokens, spec, stats=(mean, std)), by_hand)
+    np.testing.assert_array_equal(build_hierarchy(tokens[1], spec, stats=(mean, std)), by_hand[1])
+    assert not np.array_equal(build_hierarchies(tokens, spec), by_hand)   # standardising mattered here
+    with pytest.raises(ValueError, match="stats"):
+        build_hierarchies(tokens, spec, stats=(mean[:3], std))
+    with pytest.raises(ValueError, match="std"):
+        build_hierarchies(tokens, spec, stats=(mean, np.zeros(16)))
+
+
+def hand_made_masks() -> np.ndarray:
+    """Two 4x4 images of nested ground truth [2, 3, 4, 4], voted at a 2x2 grid (patches of 2x2 pixels).
+
+    Image 0, tokens T0 T1 / T2 T3:
+      level 0: T0 all background; T1 3 object : 1 background; T2 2 : 2 (tie -> 0); T3 all object.
+      level 1 (parts 4, 7, 9): T1's object pixels are parts 7, 4, 9 and one background pixel, a
+        4-way tie whose plain vote (0) would leave the object: among its object pixels, 4 wins the
+        tie; T3 is 7, 7, 7, 4 -> 7.
+      level 2 (subparts 20, 21 of part 4; 30, 31 of part 7; 40 of part 9): T1 inside part 4 -> 21;
+        T3 inside part 7: 31, 31, 30 -> 31 (its part-4 pixel, subpart 20, does not vote).
+    Image 1: all object; parts 5 (left half) and 2 (right half), one subpart each.
+    """
+    level0 = [[0, 0, 0, 1], [0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]
+    level1 = [[0, 0, 0, 7], [0, 0, 4, 9], [9, 9, 7, 7], [0, 0, 7, 4]]
+    level2 = [[0, 0, 0, 30], [0, 0, 21, 40], [40, 40, 31, 31], [0, 0, 30, 20]]
+    halves = np.array([[5, 5, 2, 2]] * 4)
+    second = [np.ones((4, 4)), halves, np.where(halves == 5, 50, 60)]
+    return np.array([[level0, level1, level2], second], dtype=np.uint8)
+
+
+def test_ground_truth_vote_on_a_hand_made_mask():
+    from models.hierarchy import ground_truth_hierarchies
+
+    ids = ground_truth_hierarchies(hand_made_masks(), grid=2)
+    assert ids.shape == (2, 3, 2, 2) and ids.dtype == np.int16
+    # image 0: the majority per patch, ties to the smallest id, ids renumbered 4 -> 1, 7 -> 2 (21 -> 1, 31 -> 2)
+    np.testing.assert_array_equal(ids[0, 0], [[0, 1], [0, 1]])
+    np.testing.assert_array_equal(ids[0, 1], [[0, 1], [0, 2]])
+    np.testing.assert_array_equal(ids[0, 2], [[0, 1], [0, 2]])
+    # image 1: numbered in raster first-appearance order, not by ground-truth id (5 -> 1, 2 -> 2)
+    np.testing.assert_array_equal(ids[1, 0], [[1, 1], [1, 1]])
+    np.testing.assert_array_equal(ids[1, 1], [[1, 2], [1, 2]])
+    np.testing.assert_array_equal(ids[1, 2], [[1, 2], [1, 2]])
+    for image in ids:
+        assert_nested(image)
+    # level 0 is the plain majority vote (storage.scenes.masks_to_grid, an independent implementation)
+    from storage.scenes import masks_to_grid
+
+    np.testing.assert_array_equal(ids[:, 0], masks_to_grid(hand_made_masks()[:, 0], 2))
+    with pytest.raises(ValueError, match="divisible"):
+        ground_truth_hierarchies(hand_made_masks(), grid=3)
+
+
+def test_ground_truth_vote_nests_on_rendered_scenes():
+    from models.hierarchy import ground_truth_hierarchies
+    from storage.scenes import masks_to_grid, render_scenes
+
+    masks = render_scenes(range(12), seed=1, size=112)["masks"]
+    for grid in (4, 8):
+        ids = ground_truth_hierarchies(masks, grid)
+        plain = masks_to_grid(masks, grid)
+        patch = 112 // grid
+        blocks = masks.reshape(12, 3, grid, patch, grid, patch)
+        uniform = (blocks.min(axis=(3, 5)) == blocks.max(axis=(3, 5)))   # [N, 3, g, g]: one id in the patch
+        compared = 0
+        for image, votes, pure in zip(ids, plain, uniform):
+            assert_nested(image)
+            np.testing.assert_array_equal(image[0], votes[0])   # level 0: the plain vote
+            for level in range(1, 3):   # a patch of one ground-truth id is that region's token
+                if pure[level].any():
+                    compared += int(pure[level].sum())
+                    assert adjusted_rand_score(votes[level][pure[level]], image[level][pure[level]]) == 1.0
+        assert compared > 0

@@ -67,44 +67,54 @@ def test_jvp_matches_central_finite_differences():
     assert float((du_dt - finite).norm() / finite.norm()) < 1e-6
 
 
-def test_loss_and_gradient_equal_a_direct_float64_computation():
-    cfg = MeanFlowConfig(label_dropout=0.5, uniform_share=0.3)
+@pytest.mark.parametrize("v_tangent", ["h0", "same"])
+def test_loss_and_gradient_equal_a_direct_float64_computation(v_tangent):
+    """The reference's pmf.py written out: both heads x-predictions, v = (z - x_v) / clip(t, 0.05, 1),
+    target v_t = (z - x) / clip(t, 0.05, 1), the JVP tangent from the v head at h = 0 (or from u's
+    forward), losses summed over tokens and channels per sample, adaptive weight 1 / (loss + 0.01)."""
+    from models.meanflow import Draws
+
+    cfg = MeanFlowConfig(v_tangent=v_tangent)
     model = perturbed_model(1)
     x, cond, label, level = make_batch()
     regions = torch.tensor([[0] * 8 + [3] * 8, [0] * 16, list(range(16)), [0, 1] * 8, [0] * 3 + [2] * 13,
                             [5] * 15 + [0]])
-    loss, stats = meanflow_loss(model, x, cond, label, level, regions, cfg, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = torch.tensor([0.9, 0.5, 0.03, 0.7, 0.02, 0.99], dtype=torch.float64)   # 0.03, 0.02: below the floor
+    r = torch.tensor([0.2, 0.5, 0.01, 0.0, 0.02, 0.4], dtype=torch.float64)
+    e = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    dropped = torch.tensor([False, True, False, False, True, False])
+    loss, stats = meanflow_loss(model, x, cond, label, level, regions, cfg, draws=Draws(t, r, e, dropped))
     grads = torch.autograd.grad(loss, list(model.parameters()))
 
-    # Same draws (documented order: times, noise, label dropout); finite differences replace the JVP.
-    g = torch.Generator().manual_seed(5)
-    t, r = (s.double() for s in sample_times(6, cfg, g))
-    e = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    dropped = torch.rand(6, generator=g) < 0.5
-    assert 0 < int(dropped.sum()) < 6
     label = torch.where(dropped, torch.tensor(3), label)
+    clip = torch.clamp(t, 0.05, 1.0)[:, None, None]
     z = (1 - t[:, None, None]) * x + t[:, None, None] * e
-    v = e - x
+    v_t = (z - x) / clip
+    assert float((v_t - (e - x))[2:5].abs().max()) > 0.1   # below the floor the target is not e - x
 
-    def net(z_, t_):
-        x_hat, v_hat = model(z_, t_ - r, cond, label, level)
-        return (z_ - x_hat) / torch.maximum(t_, torch.tensor(0.05))[:, None, None], x_hat, v_hat
+    def net(z_, t_, h_):
+        x_u, x_v = model(z_, h_, cond, label, level)
+        clip_ = torch.clamp(t_, 0.05, 1.0)[:, None, None]
+        return (z_ - x_u) / clip_, (z_ - x_v) / clip_, x_u
 
-    u, x_hat, v_hat = net(z, t)
+    u, v, x_u = net(z, t, t - r)
     eps = 1e-6
     with torch.no_grad():
-        v_c = v_hat.detach()
-        du_dt = (net(z + eps * v_c, t + eps)[0] - net(z - eps * v_c, t - eps)[0]) / (2 * eps)
-    loss_u = ((u + (t - r)[:, None, None] * du_dt - v) ** 2).mean((1, 2))
-    loss_v = ((v_hat - v) ** 2).mean((1, 2))
-    loss_region = region_loss_by_loops(x_hat, x, regions)
+        v_c = net(z, t, torch.zeros_like(t))[1] if v_tangent == "h0" else v.detach()
+        du_dt = (net(z + eps * v_c, t + eps, t + eps - r)[0] - net(z - eps * v_c, t - eps, t - eps - r)[0]) / (2 * eps)
+    loss_u = ((u + (t - r)[:, None, None] * du_dt - v_t) ** 2).sum((1, 2))
+    loss_v = ((v - v_t) ** 2).sum((1, 2))
+    loss_region = region_loss_by_loops(x_u, x, regions)
     expected = (loss_u / (loss_u.detach() + 0.01)).mean() + (loss_v / (loss_v.detach() + 0.01)).mean() + loss_region
     expected_grads = torch.autograd.grad(expected, list(model.parameters()))
 
+    # Finite differences of a clamp straddle its kink at t = 0.05 only if t is within eps of it: not here.
     np.testing.assert_allclose(float(loss.detach()), float(expected.detach()), rtol=1e-6)
-    for name, value in (("loss_u", loss_u.mean()), ("loss_v", loss_v.mean()), ("loss_region", loss_region)):
+    for name, value in (("loss_u", loss_u.mean() / 128), ("loss_v", loss_v.mean() / 128), ("loss_region", loss_region)):
         np.testing.assert_allclose(stats[name], float(value.detach()), rtol=1e-5)
     assert stats["loss_region"] > 0.01
+    assert (float(stats["v_tangent_gap"]) > 1e-4) == (v_tangent == "h0")   # the h = 0 forward differs
     for (name, _), got, want in zip(model.named_parameters(), grads, expected_grads):
         assert float((got - want).norm()) <= 1e-5 * float(want.norm()) + 1e-12, name
 
@@ -119,9 +129,70 @@ def test_gradients_reach_every_parameter_of_both_heads():
     assert silent == []
 
 
-def test_time_sampler_matches_a_numpy_computation():
+def _plateau_by_hand(mu: float, sigma: float, shift: float):
+    """The reference's plateau logit-normal (utils/time_sampler.py) written out independently: the
+    shifted logit-normal (mu_eff = mu + log s) left of its mode m (found by bisection on the density's
+    slope), the constant density at m right of it, renormalised; density and CDF on a float64 grid."""
+    mu_eff = mu + np.log(shift)
+
+    def pdf(t):
+        z = np.log(t) - np.log1p(-t)
+        return np.exp(-0.5 * ((z - mu_eff) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi) * t * (1 - t))
+
+    lo, hi = 1e-9, 1 - 1e-9   # the log-density's slope falls from + to - through the mode
+    slope = lambda t: (pdf(t * (1 + 1e-7)) - pdf(t * (1 - 1e-7))) / (2e-7 * t)   # noqa: E731
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
+    m = (lo + hi) / 2
+    grid = np.concatenate([np.linspace(1e-12, m, 400_001), np.linspace(m, 1 - 1e-12, 400_001)[1:]])
+    density = np.where(grid <= m, pdf(grid), pdf(m))
+    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(grid))])
+    return grid, cdf / cdf[-1], m
+
+
+def test_plateau_time_sampler_matches_the_written_out_density():
+    from models.meanflow import plateau_constants, plateau_density
+
+    n = 400_000
+    cfg = MeanFlowConfig()   # plateau, mu 0, sigma 1, shift 10, 10% uniform pairs, no r = t
+    t, r = (s.double().numpy() for s in sample_times(n, cfg, torch.Generator().manual_seed(0)))
+    assert (t >= r).all() and t.max() <= 1 and r.min() >= 0 and (t == r).mean() == 0
+    grid, cdf, m = _plateau_by_hand(0.0, 1.0, 10.0)
+    assert abs(plateau_constants(0.0, 1.0, 10.0)[0] - m) < 1e-6
+    # The module's density integrates to 1 and is flat right of the mode.
+    dens = plateau_density(torch.from_numpy(grid[1:-1]), 0.0, 1.0, 10.0).numpy()
+    assert abs(np.trapezoid(dens, grid[1:-1]) - 1) < 1e-4 and np.ptp(dens[grid[1:-1] > m + 1e-6]) < 1e-9
+
+    def cdf_of(x):
+        return np.interp(x, grid, cdf)
+
+    # t = max and r = min of a pair that is plateau x plateau (90%) or uniform x uniform (10%).
+    cdf_t = lambda x: 0.9 * cdf_of(x) ** 2 + 0.1 * x ** 2   # noqa: E731
+    cdf_r = lambda x: 1 - 0.9 * (1 - cdf_of(x)) ** 2 - 0.1 * (1 - x) ** 2   # noqa: E731
+    for samples, law in ((t, cdf_t), (r, cdf_r)):
+        ordered = np.sort(samples)
+        ks = np.max(np.abs(np.arange(1, n + 1) / n - law(ordered)))
+        assert ks < 0.005, ks
+    p_above = 1 - cdf_t(0.99)
+    assert 0.10 < p_above < 0.13   # the issue's measurement of the reference: 11.5 %
+    assert abs((t > 0.99).mean() - p_above) < 0.003
+    # t - r against an independent sampler (inverse CDF on the grid).
+    rng = np.random.default_rng(1)
+    pair = np.interp(rng.random((2, n)), cdf, grid)
+    pair = np.where(rng.random(n) < 0.1, rng.random((2, n)), pair)
+    for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+        assert abs(np.quantile(t - r, q) - np.quantile(np.abs(pair[0] - pair[1]), q)) < 0.01
+        assert abs(np.quantile(t, q) - np.quantile(pair.max(0), q)) < 0.01
+
+    t, r = sample_times(n, MeanFlowConfig(equal_share=0.25), torch.Generator().manual_seed(2))
+    assert abs(float((t == r).double().mean()) - 0.25) < 0.01
+    assert (t >= r).all()
+
+
+def test_shifted_time_sampler_matches_a_numpy_computation():
     n = 100_000
-    cfg = MeanFlowConfig()   # shift 10, logit-normal(0, 1), 10% uniform
+    cfg = MeanFlowConfig(time_dist="shifted")   # shift 10, logit-normal(0, 1), 10% uniform
     t, r = sample_times(n, cfg, torch.Generator().manual_seed(0))
     assert t.dtype == torch.float32 and (t >= r).all() and float(t.max()) <= 1 and float(r.min()) >= 0
     rng = np.random.default_rng(0)
@@ -138,10 +209,6 @@ def test_time_sampler_matches_a_numpy_computation():
     for q in (0.1, 0.5, 0.9):   # max / min of two uniforms
         assert abs(np.quantile(t.numpy(), q) - q ** 0.5) < 0.01
         assert abs(np.quantile(r.numpy(), q) - (1 - (1 - q) ** 0.5)) < 0.01
-
-    t, r = sample_times(n, MeanFlowConfig(equal_share=0.25), torch.Generator().manual_seed(2))
-    assert abs(float((t == r).double().mean()) - 0.25) < 0.01
-    assert (t >= r).all()
 
 
 class LabelSpy(nn.Module):

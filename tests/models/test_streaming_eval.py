@@ -9,7 +9,7 @@ from models.decoder import DecoderConfig, TokenDecoder, tensor_to_images
 from models.encoder import encode_images
 from models.hierarchy import HierarchySpec, build_hierarchies, region_canvas
 from models.metrics import fd_from_features, feature_stats
-from models.streaming_eval import (DINOV2, FID, KID_FEATURES, PHASES, evaluate_streaming, level_key, metric_values,
+from models.streaming_eval import (DINOV2, FID, JUDGE, KID_FEATURES, PHASES, evaluate_streaming, level_key, metric_values,
                                    reference_stats, token_subsample)
 from models.trajectory import level_noises, sample_trajectory
 from tasks.structure_pool import process_structure
@@ -271,3 +271,36 @@ def test_flat_mode_scores_the_final_latent_alone(models, in_memory, reference, r
             np.testing.assert_array_equal(values[("structure", v.metric, v.level, "final_hierarchy")].values, v.values)
         assert rel(float(values[("quality", DINOV2, -1, "")].values[0]),
                    fd_from_features(stub_dinov2(images), stub_dinov2(real[0]))) < 1e-6
+
+
+def stub_judge(images: np.ndarray) -> dict:
+    """The scenes judge's interface: features, class logits and a partition per token (brightness bands)."""
+    x = images.astype(np.float64) / 255.0
+    tokens = x.reshape(len(x), GRID, PATCH, GRID, PATCH, 3).mean((2, 4, 5))            # [n, g, g]
+    flat = tokens.reshape(len(x), -1)   # bands at each image's own brightness quantiles (batch-independent)
+    bands = np.stack([sum(tokens > np.quantile(flat, q, axis=1)[:, None, None] for q in cuts)
+                      for cuts in ([0.5], [0.3, 0.7], [0.2, 0.5, 0.8])], 1)
+    return {"features": stub_dinov2(images), "logits": np.concatenate([x.mean((1, 2)), x.std((1, 2))[:, :2]], 1),
+            "regions": bands}
+
+
+def test_judge_rows_stream_like_in_memory(models, in_memory, real):
+    """FD-scenes, class accuracy and the judge's partition against the trajectory's own regions, inline and
+    in worker processes, equal the same computed on the whole set at once."""
+    real_images, _ = real
+    reference = reference_stats([(real_images, [])], None, feature_fns={JUDGE: lambda im: stub_judge(im)["features"]},
+                                tokens_per_sample=0)
+    verdict = stub_judge(in_memory["images"][-1])
+    expected = reencode_agreement(in_memory["regions"], verdict["regions"].reshape(N, 3, -1))
+    assert all(np.ptp(v.values) > 0 for v in expected)   # the stub partitions are not degenerate
+    for result in (run(models, 5, judge_fn=stub_judge),
+                   run(models, 10, judge_fn=stub_judge, structure_runner=process_structure(1, 2))):
+        values = by_key(metric_values(result, reference))
+        fd = fd_from_features(verdict["features"], stub_judge(real_images)["features"])
+        assert rel(values[("quality", "fd_scenes", -1, "")].values[0], fd) < 1e-6
+        correct = verdict["logits"].argmax(1) == in_memory["labels"]
+        np.testing.assert_array_equal(values[("quality", "class_accuracy", -1, "")].values, correct)
+        for v in expected:
+            metric = v.metric.replace("reencode", "judge_plan")
+            np.testing.assert_array_equal(result.per_sample[metric][:, v.level], v.values)
+            np.testing.assert_array_equal(values[("structure", metric, v.level, "")].values, v.values)

@@ -159,3 +159,38 @@ def test_compile_settings_reach_inductor_only_inside_the_loop_and_only_with_comp
     train_generator(tiny_model(), tiny_data(), 1, MeanFlowConfig(), OptimConfig(steps=1, batch_size=4,
                     compile_tuning=True), "cpu", on_step=lambda *_: seen.append(inductor.coordinate_descent_tuning))
     assert seen == [False]   # compile off in this run
+
+
+def test_edm_ema_follows_the_reference_half_life_with_ramp_up():
+    """utils/ema_util.py of the reference written out: half-life min(500 kimg, 0.05 x images seen),
+    decay 0.5 ** (batch / half-life); so the first update copies the weights and a short run's EMA
+    holds recent weights, not the random init."""
+    from models.train_state import EMA
+
+    batch, halflife_kimg = 32, 500.0
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, halflife_kimg=halflife_kimg, rampup=0.05)
+    assert ema.name == "edm500kimg"
+    shadow = [p.detach().double() for p in model.parameters()]   # the recursion in float64
+    generator = torch.Generator().manual_seed(0)
+    for step in range(300):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+        ema.update(model, step, batch)
+        halflife_images = min(halflife_kimg * 1000, step * batch * 0.05)
+        beta = 0.5 ** (batch / max(halflife_images, 1e-8))
+        shadow = [beta * s + (1 - beta) * p.detach().double() for s, p in zip(shadow, model.parameters())]
+        if step == 0:
+            assert beta == 0.0
+            assert all(torch.equal(e, p) for e, p in zip(ema.shadow.parameters(), model.parameters()))
+    # float32 lerp rounds by <= 2^-24 x |value| (values < 5) a step; the average contracts each error by
+    # beta >= 0.5 ** (1 / 15), so the float32 EMA stays within 22 x 3e-7 = 7e-6 of the float64 recursion.
+    for got, want in zip(ema.shadow.parameters(), shadow):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+    # At step 300 the half-life is 480 images = 15 steps: the weights from before step 200 weigh < 1 %.
+    assert 0.5 ** (100 / 15) < 0.01
+    assert ema.beta(300, batch) == 0.5 ** (batch / (300 * batch * 0.05))
+    assert ema.beta(10**9, batch) == 0.5 ** (batch / 500_000)   # past the ramp: the full half-life
+    const = EMA(model, decay=0.99)
+    assert const.name == "0.99" and const.beta(0, batch) == 0.99

@@ -9,6 +9,17 @@ from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import hierarchy_chunk
 
 
+def write_latents(path, tokens):
+    """A latent store as the encode stage leaves it: tokens plus the per-channel mean/std beside them."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)
+    channel = ArraySpec((tokens.shape[-1],), "float32", ("channel",), per_sample=False)
+    zarr_store.create_store(path, {"tokens": ArraySpec(tokens.shape, "float32", ("sample", "y", "x", "c")),
+                                   "mean": channel, "std": channel}, len(tokens), {})
+    zarr_store.write_rows(path, slice(0, len(tokens)), {"tokens": tokens})
+    zarr_store.write_array(path, "mean", flat.mean(0).astype(np.float32))
+    zarr_store.write_array(path, "std", flat.std(0).astype(np.float32))
+
+
 def test_batched_backend_writes_matching_regions_under_its_own_key(tmp_path):
     rng = np.random.default_rng(0)
     # piecewise-constant 8x8 grids (an object with two parts on a background) plus noise
@@ -18,8 +29,7 @@ def test_batched_backend_writes_matching_regions_under_its_own_key(tmp_path):
     tokens[:, 2:6, 2:4] += base[1] * 3
     tokens[:, 2:6, 4:6] += base[2] * 3
     latents = tmp_path / "latents"
-    zarr_store.create_store(latents, {"tokens": ArraySpec(tokens.shape, "float32", ("sample", "y", "x", "c"))}, 6, {})
-    zarr_store.write_rows(latents, slice(0, 6), {"tokens": tokens})
+    write_latents(latents, tokens)
     regions = {}
     for backend in ("reference", "batched"):
         cfg = load_config("configs/tiny.yaml", [f"hierarchy.backend={backend}"])

@@ -66,11 +66,11 @@ def test_two_ranks_equal_one_process_and_only_rank0_writes(tmp_path, jvp_attenti
 
     logs = {rank: json.loads((log / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     writes = {rank: logs[rank]["writes"] for rank in (0, 1)}
-    # Each rank's loss is over its own half of the global batch: the halves differ, and (every loss
-    # term being a per-sample mean) their average is the one-process loss of the whole batch.
+    # Each rank's raw loss_u is over its own half of the global batch: the halves differ, and (every loss
+    # term being a per-sample mean) their average is the one-process value of the whole batch.
     first = [logs[rank]["losses"][0] for rank in (0, 1)]
-    assert abs(first[0] - first[1]) > 1e-4
-    assert (first[0] + first[1]) / 2 == pytest.approx(state.history["loss"][0], rel=1e-5)
+    assert abs(first[0] - first[1]) > 1e-2 * max(first)
+    assert (first[0] + first[1]) / 2 == pytest.approx(state.history["loss_u"][0], rel=1e-5)
     assert writes[1] == []
     assert writes[0] == ["generator-state-000000002.safetensors", "final"]
     assert not list(out.glob("generator-state-*")) and not (out / "generator-train-state.json").exists()

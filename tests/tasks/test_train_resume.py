@@ -74,10 +74,10 @@ def test_sigkilled_training_resumes_to_the_unbroken_weights(tmp_path):
         state = train_generator(job["model"], job["data"], job["level"], job["objective"], job["optim"], "cpu")
     finally:
         torch.set_num_threads(previous)
-    for name, decay, expected in (("generator-raw", None, state.model), ("generator", 0.99, state.ema(0.99)),
-                                  ("generator-ema0_9", 0.9, state.ema(0.9))):
+    for name, decay, expected in (("generator-raw", None, state.model), ("generator", "0.99", state.ema(0.99)),
+                                  ("generator-ema0_9", "0.9", state.ema(0.9))):
         tensors, meta = load_checkpoint(folder / name)
-        assert meta["steps"] == STEPS and meta.get("ema_decay") == decay
+        assert meta["steps"] == STEPS and meta.get("ema") == decay
         reference = expected.state_dict()
         assert set(tensors) == set(reference)
         assert [k for k in reference if not torch.equal(tensors[k], reference[k])] == [], name
