@@ -163,7 +163,8 @@ def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: 
             loss, stats = step_loss(net, x, cond, label, levels, regions, objective, draws=draws,
                                     jvp_model=state.model, tangent_fn=tangent_fn)
         if len(datasets) > 1:
-            stats["level"] = torch.tensor(float(chosen_level))
+            # on the loss's device: _read_back stacks every stat into one tensor (a CPU scalar among CUDA ones fails)
+            stats["level"] = torch.full((), float(chosen_level), device=loss.device)
         return loss, stats
 
     with compile_settings(cfg, device):

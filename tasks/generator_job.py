@@ -84,6 +84,15 @@ def snapshotter(folder: Path, name: str, enabled: bool = True):
 SHARED = "shared"   # generator_job's `which` for the one model of every level (generator.sharing: shared)
 
 
+def generator_folder(layout: Layout, which: int | str | None) -> tuple[Path, str]:
+    """(stage folder, key) of level `which`'s generator, the flat baseline (None) or the shared model."""
+    if which is None:
+        return layout.flat_generator(), layout.keys.flat_generator
+    if which == SHARED:
+        return layout.shared_generator(), layout.keys.shared_generator
+    return layout.generator(which), layout.keys.generators[which]
+
+
 def generator_job(cfg: TFConfig, root: str, which: int | str | None) -> dict:
     """Everything to train one generator: level l (an int), the flat baseline (None) or the model shared
     by every level ("shared"): the data, a freshly seeded model, the optimiser and objective configs,
@@ -95,18 +104,17 @@ def generator_job(cfg: TFConfig, root: str, which: int | str | None) -> dict:
     steps = None
     if which is None:
         data: LevelData | list[LevelData] = flat_level_data(latents.tokens, latents.label)
-        folder, seed, trained_level = layout.flat_generator(), cfg.generator.seed, flat_level(num_levels)
-        key = layout.keys.flat_generator
+        seed, trained_level = cfg.generator.seed, flat_level(num_levels)
     elif which == SHARED:
         regions = load_regions(layout.teacher(), latents.index)
         trained_level = list(range(num_levels))
         data = [level_data(latents, regions, level) for level in trained_level]
-        folder, seed, key = layout.shared_generator(), cfg.generator.seed, layout.keys.shared_generator
+        seed = cfg.generator.seed
         steps = cfg.generator.steps * num_levels
     else:
         data = level_data(latents, load_regions(layout.teacher(), latents.index), which)
-        folder, seed, trained_level = layout.generator(which), cfg.generator.seed + which, which
-        key = layout.keys.generators[which]
+        seed, trained_level = cfg.generator.seed + which, which
+    folder, key = generator_folder(layout, which)
     torch.manual_seed(seed)
     model = TrajectoryDiT(generator_config(cfg, latents.grid, latents.tokens.shape[-1], num_classes(layout)))
     meta = {"stage": "generator", "level": which if isinstance(which, int) else None, "flat": which is None,

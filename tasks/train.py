@@ -27,7 +27,8 @@ from storage.config import TFConfig
 from storage.files import remove_tree
 from storage.keys import Layout
 from tasks.generator_job import (SHARED, finish_generator, flat_generator_dir, generator_config,  # noqa: F401
-                                 generator_job, num_classes, objective_config, snapshotter)
+                                 generator_folder, generator_job, num_classes, objective_config,
+                                 snapshotter)
 from tasks.level_data import load_latents
 from tasks.progress import Progress
 from tasks.stage import cpu_threads, pick_device, stage_lock, stage_result
@@ -105,7 +106,7 @@ def _train_decoder(cfg: TFConfig, root: str, force: bool) -> dict:
 def _train_generator_stage(cfg: TFConfig, root: str, which: int | str | None, force: bool, stage: str) -> dict:
     started = time.monotonic()
     layout = Layout(root, cfg)
-    folder, key = _generator_folder(layout, which)
+    folder, key = generator_folder(layout, which)
     if force:
         remove_tree(folder)
     if is_complete(folder):
@@ -120,14 +121,6 @@ def _train_generator_stage(cfg: TFConfig, root: str, which: int | str | None, fo
             resume=resume, on_checkpoint=snapshotter(folder, "generator")))
     meta = finish_generator(job, state, resumed_from_step=start)
     return stage_result(stage, key, folder, True, started, final_loss=meta["final_loss"], resumed_from_step=start)
-
-
-def _generator_folder(layout: Layout, which: int | str | None):
-    if which is None:
-        return layout.flat_generator(), layout.keys.flat_generator
-    if which == SHARED:
-        return layout.shared_generator(), layout.keys.shared_generator
-    return layout.generator(which), layout.keys.generators[which]
 
 
 @task(name="train-level", cache_policy=NO_CACHE, task_run_name="train-level-{level}")
