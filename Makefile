@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 300
 
-.PHONY: run test setup clean
+.PHONY: run test check setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ run: $(STAMP)
 	$(BIN)/tf pipeline --config $(CONFIG) --root $(ROOT)
 
 test: $(STAMP)
+	bash dashboards/ensure_chromium.sh
 	$(BIN)/python -m pytest -q
+
+# the edit-test loop: the pure-math and storage tests (no Prefect server, no pipeline runs), not the slow ones
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests/models tests/storage
 
 clean:
 	rm -rf $(ROOT) .prefect

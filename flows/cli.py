@@ -5,6 +5,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import get_args
+
+from storage.keys import Stage
 
 STAGES = {
     "pipeline": "run every stage: ingest, encode, hierarchy, train, judge (scenes), evaluate",
@@ -15,7 +18,6 @@ STAGES = {
     "judge": "scenes only: train the scenes judge on the real scenes (FD-scenes, class, segmentation)",
     "evaluate": "sample trajectories, edit suite, metric tables (Parquet) and grid PNG",
 }
-FORCEABLE = ("ingest", "encode", "hierarchy", "train", "judge", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config value, e.g. --set generator.steps=50 (repeatable)")
         sub.add_argument("--run-id", default=None, help="run id for the tables (default: time + random)")
         sub.add_argument("--dask-address", default=None, help="use this Dask scheduler instead of a local cluster")
-        sub.add_argument("--force", choices=FORCEABLE, default=None,
+        sub.add_argument("--force", choices=get_args(Stage), default=None,
                          help="recompute this stage and everything downstream of it")
         if name == "train":
             sub.add_argument("--level", type=int, action="append", default=None,

@@ -8,11 +8,12 @@ the latent) in place of the level generators, and evaluate samples and scores it
 """
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows.report import format_report, publish_report, record_run
 from storage.config import TFConfig
-from storage.tables import new_run_id
+from storage.keys import Stage
+from storage.tables import claim_run_id
 from tasks.encode import encode_latents
 from tasks.evaluate import evaluate_run
 from tasks.hierarchy import build_teacher
@@ -45,28 +46,29 @@ def _finish(flow_name: str, config: TFConfig, root: str, run_id: str, results: l
     for r in results:
         if "metrics_table" in r:
             outputs.update({"metrics": r["metrics_table"], "grid": r["grid_png"]})
-    print(format_report(run_id, results, outputs))
+    # logged, so `prefect flow-run logs` holds it too; Prefect's console handler shows it in the terminal
+    get_run_logger().info("\n" + format_report(run_id, results, outputs))
     return {"run_id": run_id, "stages": results, "outputs": outputs}
 
 
 @flow(name="ingest")
 def ingest_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
-                force: str | None = None) -> dict:
-    run_id = run_id or new_run_id()
+                force: Stage | None = None) -> dict:
+    run_id = claim_run_id(root, run_id)
     return _finish("ingest", config, root, run_id, [ingest_images(config, root, forced("ingest", force))])
 
 
 @flow(name="encode")
 def encode_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
-                force: str | None = None) -> dict:
-    run_id = run_id or new_run_id()
+                force: Stage | None = None) -> dict:
+    run_id = claim_run_id(root, run_id)
     return _finish("encode", config, root, run_id, [encode_latents(config, root, forced("encode", force))])
 
 
 @flow(name="hierarchy")
 def hierarchy_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
-                   force: str | None = None) -> dict:
-    run_id = run_id or new_run_id()
+                   force: Stage | None = None) -> dict:
+    run_id = claim_run_id(root, run_id)
     return _finish("hierarchy", config, root, run_id, [build_teacher(config, root, forced("hierarchy", force))])
 
 
@@ -85,15 +87,15 @@ def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -
 
 @flow(name="train")
 def train_flow(config: TFConfig = TFConfig(), root: str = "data", levels: list[int] | None = None,
-               run_id: str | None = None, force: str | None = None) -> dict:
-    run_id = run_id or new_run_id()
+               run_id: str | None = None, force: Stage | None = None) -> dict:
+    run_id = claim_run_id(root, run_id)
     return _finish("train", config, root, run_id, _train(config, root, levels, forced("train", force)))
 
 
 @flow(name="judge")
 def judge_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
-               force: str | None = None) -> dict:
-    run_id = run_id or new_run_id()
+               force: Stage | None = None) -> dict:
+    run_id = claim_run_id(root, run_id)
     if config.source.kind != "scenes":
         raise ValueError(f"the scenes judge needs source.kind 'scenes', got {config.source.kind!r}")
     return _finish("judge", config, root, run_id, _judge(config, root, forced("judge", force)))
@@ -101,8 +103,8 @@ def judge_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | 
 
 @flow(name="evaluate")
 def evaluate_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
-                  force: str | None = None) -> dict:
-    run_id = run_id or new_run_id()
+                  force: Stage | None = None) -> dict:
+    run_id = claim_run_id(root, run_id)
     results = _judge(config, root, forced("judge", force))   # reused when complete
     results.append(evaluate_run(config, root, run_id, forced("evaluate", force)))
     return _finish("evaluate", config, root, run_id, results)
@@ -110,9 +112,9 @@ def evaluate_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str
 
 @flow(name="pipeline")
 def pipeline_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
-                  force: str | None = None) -> dict:
+                  force: Stage | None = None) -> dict:
     """image source -> ingest -> encode -> hierarchy -> train (decoder, levels) -> judge -> evaluate."""
-    run_id = run_id or new_run_id()
+    run_id = claim_run_id(root, run_id)
     results = [ingest_images(config, root, forced("ingest", force))]
     results.append(encode_latents(config, root, forced("encode", force)))
     results.append(build_teacher(config, root, forced("hierarchy", force)))

@@ -43,6 +43,9 @@ class MeanFlowConfig:
     label_dropout: float = 0.0    # reference: no label dropout without guidance
     v_tangent: str = "h0"         # h0: the v head in its own forward at h = 0 (reference) | same: from u's forward
     jvp_attention: str = "auto"   # kernel | math | auto (kernel on CUDA): see time_derivative
+    cond_noise: float = 0.0       # condition augmentation (not in the reference, 0 = off): a non-zero
+                                  # condition canvas gets N(0, s^2) per element, s ~ U(0, cond_noise) per
+                                  # sample, so a level learns from the imperfect canvases it will be given
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -159,10 +162,12 @@ class Draws:
     r: Tensor          # [B]
     e: Tensor          # [B, T, C]
     dropped: Tensor    # [B] bool
+    cond_e: Tensor | None = None       # [B, T, C] condition noise (cond_noise > 0), already scaled per sample
 
     def rows(self, start: int, stop: int) -> "Draws":
         """A slice of the batch: data-parallel ranks take their share of one global draw."""
-        return Draws(self.t[start:stop], self.r[start:stop], self.e[start:stop], self.dropped[start:stop])
+        return Draws(self.t[start:stop], self.r[start:stop], self.e[start:stop], self.dropped[start:stop],
+                     None if self.cond_e is None else self.cond_e[start:stop])
 
 
 def draw(shape: tuple[int, ...], cfg: MeanFlowConfig, generator: torch.Generator, device=None,
@@ -172,7 +177,12 @@ def draw(shape: tuple[int, ...], cfg: MeanFlowConfig, generator: torch.Generator
     t, r = (s.to(dtype) for s in sample_times(shape[0], cfg, generator, device))
     e = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     dropped = torch.rand(shape[0], generator=generator, device=device) < cfg.label_dropout
-    return Draws(t, r, e, dropped)
+    cond_e = None
+    if cfg.cond_noise > 0:   # drawn last, and only when on: the reference's draws stay bit-identical
+        scale = torch.rand(shape[0], generator=generator, device=device, dtype=dtype) * cfg.cond_noise
+        cond_e = scale.view(-1, *[1] * (len(shape) - 1)) * torch.randn(shape, generator=generator, device=device,
+                                                                        dtype=dtype)
+    return Draws(t, r, e, dropped, cond_e)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -232,6 +242,9 @@ def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, leve
     if draws is None:
         draws = draw(tuple(x.shape), cfg, generator, x.device, loss_dtype)
     t, r, e = draws.t.to(loss_dtype), draws.r.to(loss_dtype), draws.e.to(loss_dtype)
+    if draws.cond_e is not None:   # only real conditions: level 0's and the flat model's are zeros
+        given = (cond != 0).flatten(1).any(1).to(cond.dtype).view(-1, *[1] * (cond.dim() - 1))
+        cond = cond + given * draws.cond_e.to(cond.dtype)
     label = torch.where(draws.dropped, torch.full_like(label, unwrap(model).config.num_classes), label)
 
     target = x.to(loss_dtype)

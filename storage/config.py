@@ -137,6 +137,9 @@ class GeneratorConfig(_Part):
     region_weight: float = 1.0
     label_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="label dropout share (for guidance; "
                                                                   "reference 0)")
+    cond_noise: float = Field(0.0, ge=0.0, description="condition augmentation, not in the reference (0): "
+                              "levels > 0 train on their condition canvas plus N(0, s^2), s ~ U(0, cond_noise) "
+                              "per sample, against the exposure bias of docs/trajectory.md")
     seed: int = 0
 
 

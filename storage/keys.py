@@ -9,8 +9,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from storage.config import TFConfig
+
+# The stages a run can be forced to recompute (with everything downstream): a choice list, so Prefect
+# validates `force` before the run starts and shows it as a dropdown, and the CLI offers the same.
+Stage = Literal["ingest", "encode", "hierarchy", "train", "judge", "evaluate"]
 
 # Bump a stage's version when its output would change for the same config.
 CODE_VERSIONS = {
@@ -85,6 +90,8 @@ def stage_keys(cfg: TFConfig) -> StageKeys:
     # The level count sizes the level embedding, so it is in every generator's key; how the levels are
     # held (sharing) picks the folder, not the weights of a per-level model.
     gen_cfg = cfg.generator.model_dump(exclude=RUN_ONLY | {"mode", "sharing"})
+    if not gen_cfg["cond_noise"]:   # an option added off: generators trained before it keep their keys
+        del gen_cfg["cond_noise"]
     num_levels = len(parts)
     generators = tuple(
         stable_hash({"generator": gen_cfg, "latents": latents, "level": level, "num_levels": num_levels,

@@ -50,6 +50,22 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
+def claim_run_id(root: str | Path, given: str | None = None) -> str:
+    """A run id that no other run of this root holds: `given` while it is free, else `given-<time>-<random>`
+    (a fresh `<time>-<random>` when none is given), so a re-used id never overwrites an earlier run's
+    record. Claimed by creating the run's folder of the runs table: mkdir is atomic, so two runs started
+    at once never share an id."""
+    runs = Path(root) / "tables" / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    candidate = given or new_run_id()
+    while True:
+        try:
+            (runs / f"run_id={candidate}").mkdir()
+            return candidate
+        except FileExistsError:
+            candidate = f"{given}-{new_run_id()}" if given else new_run_id()
+
+
 def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
     atomic_write_bytes(path, frame.to_parquet(index=False))
 
@@ -83,15 +99,27 @@ def write_metrics(root: Path, run_id: str, rows: list[dict], context: dict) -> P
     measured = sorted(f"{r['group']}/{r['metric']}/{r['level']}/{r['variant']}" for r in rows)
     name = stable_hash({"context": {k: v for k, v in context.items() if k.endswith("_key")}, "rows": measured}, 8)
     path = Path(root) / "tables" / "metrics" / f"run_id={run_id}" / f"part-{name}.parquet"
-    atomic_write_parquet(frame[METRIC_COLUMNS], path)
+    atomic_write_parquet(frame[[c for c in METRIC_COLUMNS if c != "run_id"]], path)   # run_id: the folder
     return path
 
 
+def _run_of(path: Path) -> str:
+    return path.parent.name.removeprefix("run_id=")
+
+
 def _load_table(folder: Path, columns: list[str]) -> pd.DataFrame:
+    """Every part under `folder`; run_id comes from its `run_id=<run>` folder (the files leave it out, so
+    `pd.read_parquet(folder)` reads the table whole; older files that hold it agree with the folder)."""
     files = sorted(folder.glob("**/*.parquet")) if folder.exists() else []
     if not files:
         return pd.DataFrame(columns=columns)
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    parts = []
+    for f in files:
+        part = pd.read_parquet(f)
+        part["run_id"] = _run_of(f)
+        parts.append(part)
+    frame = pd.concat(parts, ignore_index=True)
+    return frame[[c for c in columns if c in frame] + [c for c in frame if c not in columns]]
 
 
 def load_metrics(root: str | Path, **filters) -> pd.DataFrame:
@@ -118,7 +146,7 @@ def compare_runs(root: str | Path, run_ids: list[str], by: str = "run_id", **fil
 
 
 def write_run_report(root: Path, run_id: str, rows: list[dict]) -> Path:
-    frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    frame = pd.DataFrame(rows, columns=RUN_COLUMNS).drop(columns="run_id")   # run_id: the folder
     path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "report.parquet"
     atomic_write_parquet(frame, path)
     return path

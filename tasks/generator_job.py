@@ -37,7 +37,7 @@ def objective_config(cfg: TFConfig) -> MeanFlowConfig:
                           time_dist=g.time_dist, uniform_share=g.uniform_share, equal_share=g.equal_share,
                           t_floor=g.t_floor, adaptive_eps=g.adaptive_eps, v_weight=g.v_weight,
                           region_weight=g.region_weight, label_dropout=g.label_dropout, v_tangent=g.v_tangent,
-                          jvp_attention=g.jvp_attention)
+                          jvp_attention=g.jvp_attention, cond_noise=g.cond_noise)
 
 
 def sampled_ema(cfg: TFConfig) -> str:

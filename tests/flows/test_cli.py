@@ -30,3 +30,19 @@ def test_judge_of_a_source_without_masks_is_refused_before_any_work(tmp_path, ca
 def test_console_script_is_installed():
     done = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "pipeline" in done.stdout
+
+
+def test_force_is_a_choice_list_prefect_validates_and_shows_as_a_dropdown():
+    from prefect.exceptions import ParameterTypeError
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.stages import FLOWS, UPSTREAM
+
+    for name, flow in FLOWS.items():
+        schema = parameter_schema(flow).model_dump()
+        force = schema["properties"]["force"]
+        choices = [option for item in force.get("anyOf", [force]) for option in item.get("enum", [])]
+        assert choices == list(UPSTREAM), name           # every stage, in pipeline order, and nothing else
+        with pytest.raises(ParameterTypeError, match="force"):
+            flow.validate_parameters({"force": "trian"})
+        assert flow.validate_parameters({"force": "train"})["force"] == "train"

@@ -130,6 +130,7 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+@pytest.mark.slow
 def test_streamed_inception_features_match_torch_fidelity(inception_weights):
     half = N_IMAGES // 2
     # A mixed generated set, so that its IS is clearly above 1.

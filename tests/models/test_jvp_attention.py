@@ -82,6 +82,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_triton_kernel_in_interpreter_equals_math_jvp():
     pytest.importorskip("triton", reason="triton is not installed")
     errors = run_interpreted(["-c", INTERPRETED, str(REPO)])

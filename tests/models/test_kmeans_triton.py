@@ -12,6 +12,8 @@ from models.hierarchy import HierarchySpec
 from models.hierarchy_batched import object_masks, uses_triton
 from triton_interpreter import run_interpreted
 
+pytestmark = pytest.mark.slow   # Triton kernels in the interpreter: left out of `make check`
+
 CHECKS = Path(__file__).with_name("kmeans_triton_checks.py")
 
 

@@ -13,6 +13,8 @@ from models.hierarchy import HierarchySpec
 from models.hierarchy_batched import build_hierarchies_batched
 from triton_interpreter import run_interpreted
 
+pytestmark = pytest.mark.slow   # Triton kernels in the interpreter: left out of `make check`
+
 CHECKS = Path(__file__).with_name("linkage_triton_checks.py")
 
 

@@ -299,6 +299,7 @@ def test_bfloat16_autocast_gives_a_close_loss_and_finite_gradients():
         assert float(low[name]) == pytest.approx(float(full[name]), rel=0.05), name
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = TrajectoryDiT(dit_config("tiny", **TINY))
@@ -384,6 +385,7 @@ def test_two_halves_of_one_draw_average_to_the_whole_batch_loss_and_gradient():
         torch.testing.assert_close((a + b) / 2, w, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_whole_loss_traces_as_one_graph_and_equals_eager():
     """The one-GPU training loop compiles meanflow_loss whole (forward, tangent pass reusing the forward's
     values, loss terms): it must trace without a graph break (so no host read-back stalls the step) and
@@ -407,3 +409,30 @@ def test_whole_loss_traces_as_one_graph_and_equals_eager():
         assert compiled[name] == pytest.approx(eager[name], rel=1e-5, abs=1e-7), name
     for got, want in zip(compiled_grads, eager_grads):
         assert float((got - want).norm()) <= 1e-5 * float(want.norm()) + 1e-8
+
+
+def test_condition_noise_is_added_to_given_conditions_only_and_leaves_the_reference_draws_alone():
+    from models.meanflow import Draws, draw
+
+    model = perturbed_model()
+    x, cond, label, level = make_batch()
+    cond[:2] = 0                                     # level 0 / the flat model: no condition to perturb
+    plain, noisy = MeanFlowConfig(region_weight=0), MeanFlowConfig(region_weight=0, cond_noise=0.5)
+    g0, g1 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    reference, augmented = draw(tuple(x.shape), plain, g0, dtype=torch.float64), draw(tuple(x.shape), noisy, g1,
+                                                                                     dtype=torch.float64)
+    assert reference.cond_e is None
+    for a, b in ((reference.t, augmented.t), (reference.r, augmented.r), (reference.e, augmented.e)):
+        assert torch.equal(a, b)                     # the reference's randomness is unchanged by the option
+    # the loss with the option equals the reference loss on the perturbed condition written out here
+    expected_cond = cond.clone()
+    expected_cond[2:] += augmented.cond_e[2:]
+    got, _ = meanflow_loss(model, x, cond, label, level, None, noisy, draws=augmented)
+    want, _ = meanflow_loss(model, x, expected_cond, label, level, None, plain,
+                            draws=Draws(reference.t, reference.r, reference.e, reference.dropped))
+    assert float(got) == float(want)
+    # per-sample scale: s ~ U(0, cond_noise), the noise N(0, s^2)
+    big = draw((4000, 64, 4), noisy, torch.Generator().manual_seed(1), dtype=torch.float64).cond_e
+    scale = big.flatten(1).std(1)   # 256 normals: relative sd of a sample std about 1/sqrt(512) = 0.044
+    assert float(scale.max()) <= 0.5 * (1 + 6 * 0.044)          # none above cond_noise, up to 6 sd of estimation
+    assert abs(float(scale.mean()) - 0.25) < 0.01                # E[U(0, 0.5)]; standard error 0.0023

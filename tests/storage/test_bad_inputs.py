@@ -91,6 +91,7 @@ def outcomes(root: Path, cfg, source: Path) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_every_file_is_converted_or_rejected_with_a_reason_and_counts_add_up(ingested):
     cfg, root, source, expected, result = ingested
     got = outcomes(root, cfg, source)

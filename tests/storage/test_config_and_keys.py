@@ -117,3 +117,15 @@ def test_ground_truth_source_is_refused_where_there_is_no_ground_truth():
         load_config(None, ["hierarchy.source=ground_truth", "hierarchy.cuts=[0.7, 0.4, 0.2]"])
     assert load_config(None, ["hierarchy.source=ground_truth"]).hierarchy.source == "ground_truth"
     assert load_config(None, []).hierarchy.source == "clustered"
+
+
+def test_condition_noise_moves_every_generator_key_and_off_is_the_key_without_it():
+    base = stage_keys(load_config(None, []))
+    off = stage_keys(load_config(None, ["generator.cond_noise=0.0"]))
+    on = stage_keys(load_config(None, ["generator.cond_noise=0.3"]))
+    assert off == base
+    assert set(on.generators).isdisjoint(base.generators)
+    assert on.shared_generator != base.shared_generator and on.flat_generator != base.flat_generator
+    assert on.decoder == base.decoder and on.teacher == base.teacher
+    with pytest.raises(ValueError):
+        load_config(None, ["generator.cond_noise=-0.1"])

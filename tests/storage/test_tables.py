@@ -42,3 +42,27 @@ def test_compare_runs_puts_two_runs_side_by_side(tmp_path):
     table = compare_runs(tmp_path, ["tf", "flat"])
     assert list(table.columns[-2:]) == ["tf", "flat"] and len(table) == 3   # skipped rows stay out
     assert (table["flat"] - table["tf"]).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_reused_run_id_never_overwrites_and_the_tables_read_whole_with_pandas(tmp_path):
+    import concurrent.futures as cf
+
+    import pandas as pd
+
+    from storage.tables import claim_run_id, load_runs, write_run_report
+
+    ctx = {"latents_key": "l", "teacher_key": "t", "model_key": "m", "code_version": "v", "encoder_weights": "x"}
+    first, second = claim_run_id(tmp_path, "manual"), claim_run_id(tmp_path, "manual")
+    assert first == "manual" and second.startswith("manual-") and second != first
+    for run in (first, second):
+        write_run_report(tmp_path, run, [{"run_id": run, "flow": "ingest", "stage": "ingest", "status": "reused"}])
+        write_metrics(tmp_path, run, [metric_row("quality", "fd_dinov2", 1.0, n=3)], ctx)
+    assert set(load_runs(tmp_path).run_id) == {first, second} and set(load_metrics(tmp_path).run_id) == {first, second}
+    # one schema: pandas reads each table whole, run_id from the run_id=<run> folders
+    assert set(pd.read_parquet(tmp_path / "tables" / "runs").run_id.astype(str)) == {first, second}
+    assert set(pd.read_parquet(tmp_path / "tables" / "metrics").run_id.astype(str)) == {first, second}
+    # runs started together with one id each get their own
+    with cf.ThreadPoolExecutor(8) as pool:
+        claimed = list(pool.map(lambda _: claim_run_id(tmp_path, "nightly"), range(16)))
+    assert len(set(claimed)) == 16 and claimed.count("nightly") == 1
+    assert len({claim_run_id(tmp_path) for _ in range(3)}) == 3      # no id given: a fresh one each time
