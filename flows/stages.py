@@ -8,9 +8,12 @@ the latent) in place of the level generators, and evaluate samples and scores it
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from prefect import flow, get_run_logger
 
-from flows.report import format_report, publish_report, record_run
+from flows.report import format_report, publish_failure, publish_report, record_failure, record_run
 from storage.config import TFConfig
 from storage.keys import Stage
 from storage.tables import claim_run_id
@@ -51,25 +54,54 @@ def _finish(flow_name: str, config: TFConfig, root: str, run_id: str, results: l
     return {"run_id": run_id, "stages": results, "outputs": outputs}
 
 
+class _Run:
+    """One flow run's stages in order: `run("encode", work)` runs a stage and keeps its results; when a
+    stage raises, the run's record still lands (the stages done, then a `failed` row naming the stage
+    and the error) with a Prefect artifact, and the error goes on up."""
+
+    def __init__(self, flow_name: str, config: TFConfig, root: str, run_id: str | None):
+        self.flow_name, self.config, self.root = flow_name, config, root
+        self.run_id = claim_run_id(root, run_id)
+        self.results: list[dict] = []
+        self.started = time.monotonic()
+
+    def __call__(self, stage: str, work: Callable[[], dict | list[dict]]) -> None:
+        try:
+            out = work()
+        except Exception as error:
+            weights = next((r["encoder_weights"] for r in self.results if "encoder_weights" in r), "")
+            record_failure(self.root, self.run_id, self.flow_name, self.results, stage, error,
+                           time.monotonic() - self.started, weights)
+            publish_failure(self.run_id, stage, error)
+            raise
+        self.results += out if isinstance(out, list) else [out]
+
+    def finish(self) -> dict:
+        return _finish(self.flow_name, self.config, self.root, self.run_id, self.results)
+
+
 @flow(name="ingest")
 def ingest_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
                 force: Stage | None = None) -> dict:
-    run_id = claim_run_id(root, run_id)
-    return _finish("ingest", config, root, run_id, [ingest_images(config, root, forced("ingest", force))])
+    run = _Run("ingest", config, root, run_id)
+    run("ingest", lambda: ingest_images(config, root, forced("ingest", force)))
+    return run.finish()
 
 
 @flow(name="encode")
 def encode_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
                 force: Stage | None = None) -> dict:
-    run_id = claim_run_id(root, run_id)
-    return _finish("encode", config, root, run_id, [encode_latents(config, root, forced("encode", force))])
+    run = _Run("encode", config, root, run_id)
+    run("encode", lambda: encode_latents(config, root, forced("encode", force)))
+    return run.finish()
 
 
 @flow(name="hierarchy")
 def hierarchy_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
                    force: Stage | None = None) -> dict:
-    run_id = claim_run_id(root, run_id)
-    return _finish("hierarchy", config, root, run_id, [build_teacher(config, root, forced("hierarchy", force))])
+    run = _Run("hierarchy", config, root, run_id)
+    run("hierarchy", lambda: build_teacher(config, root, forced("hierarchy", force)))
+    return run.finish()
 
 
 def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -> list[dict]:
@@ -88,40 +120,46 @@ def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -
 @flow(name="train")
 def train_flow(config: TFConfig = TFConfig(), root: str = "data", levels: list[int] | None = None,
                run_id: str | None = None, force: Stage | None = None) -> dict:
-    run_id = claim_run_id(root, run_id)
-    return _finish("train", config, root, run_id, _train(config, root, levels, forced("train", force)))
+    run = _Run("train", config, root, run_id)
+    run("train", lambda: _train(config, root, levels, forced("train", force)))
+    return run.finish()
 
 
 @flow(name="judge")
 def judge_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
                force: Stage | None = None) -> dict:
-    run_id = claim_run_id(root, run_id)
-    if config.source.kind != "scenes":
-        raise ValueError(f"the scenes judge needs source.kind 'scenes', got {config.source.kind!r}")
-    return _finish("judge", config, root, run_id, _judge(config, root, forced("judge", force)))
+    run = _Run("judge", config, root, run_id)
+
+    def judge() -> list[dict]:
+        if config.source.kind != "scenes":
+            raise ValueError(f"the scenes judge needs source.kind 'scenes', got {config.source.kind!r}")
+        return _judge(config, root, forced("judge", force))
+
+    run("judge", judge)
+    return run.finish()
 
 
 @flow(name="evaluate")
 def evaluate_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
                   force: Stage | None = None) -> dict:
-    run_id = claim_run_id(root, run_id)
-    results = _judge(config, root, forced("judge", force))   # reused when complete
-    results.append(evaluate_run(config, root, run_id, forced("evaluate", force)))
-    return _finish("evaluate", config, root, run_id, results)
+    run = _Run("evaluate", config, root, run_id)
+    run("judge", lambda: _judge(config, root, forced("judge", force)))   # reused when complete
+    run("evaluate", lambda: evaluate_run(config, root, run.run_id, forced("evaluate", force)))
+    return run.finish()
 
 
 @flow(name="pipeline")
 def pipeline_flow(config: TFConfig = TFConfig(), root: str = "data", run_id: str | None = None,
                   force: Stage | None = None) -> dict:
     """image source -> ingest -> encode -> hierarchy -> train (decoder, levels) -> judge -> evaluate."""
-    run_id = claim_run_id(root, run_id)
-    results = [ingest_images(config, root, forced("ingest", force))]
-    results.append(encode_latents(config, root, forced("encode", force)))
-    results.append(build_teacher(config, root, forced("hierarchy", force)))
-    results += _train(config, root, None, forced("train", force))
-    results += _judge(config, root, forced("judge", force))
-    results.append(evaluate_run(config, root, run_id, forced("evaluate", force)))
-    return _finish("pipeline", config, root, run_id, results)
+    run = _Run("pipeline", config, root, run_id)
+    run("ingest", lambda: ingest_images(config, root, forced("ingest", force)))
+    run("encode", lambda: encode_latents(config, root, forced("encode", force)))
+    run("hierarchy", lambda: build_teacher(config, root, forced("hierarchy", force)))
+    run("train", lambda: _train(config, root, None, forced("train", force)))
+    run("judge", lambda: _judge(config, root, forced("judge", force)))
+    run("evaluate", lambda: evaluate_run(config, root, run.run_id, forced("evaluate", force)))
+    return run.finish()
 
 
 FLOWS = {"pipeline": pipeline_flow, "ingest": ingest_flow, "encode": encode_flow,

@@ -60,6 +60,8 @@ def status_text(root: Path, cfg: TFConfig | None) -> str:
     for run_id, frame in runs.groupby("run_id", sort=True):
         computed = ", ".join(frame[frame.status == "computed"].stage) or "-"
         lines.append(f"  {run_id}  flow={frame.flow.iloc[0]}  computed: {computed}")
+        for _, row in frame[frame.status == "failed"].iterrows():
+            lines.append(f"    FAILED at {row.stage}: {row.get('error', '')}")
     if cfg is not None:
         lines += ["", f"for config {cfg.name!r}:"]
         lines += [f"  {s['stage']:<14} {s['state']:<14} {s['folder']}" for s in expected_stages(root, cfg)]

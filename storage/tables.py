@@ -38,7 +38,8 @@ METRIC_COLUMNS = [
     "group", "metric", "level", "variant", "value", "n", "ci_low", "ci_high", "status", "reason",
     "feature_extractor", "extractor_weights", "encoder_weights", "mode",
 ]
-RUN_COLUMNS = ["run_id", "timestamp", "flow", "stage", "key", "status", "duration_s", "path", "encoder_weights"]
+RUN_COLUMNS = ["run_id", "timestamp", "flow", "stage", "key", "status", "duration_s", "path", "encoder_weights",
+               "error"]   # error: "" unless status is failed
 REJECT_COLUMNS = ["stage", "path", "reason", "chunk", "timestamp"]
 
 
@@ -147,13 +148,16 @@ def compare_runs(root: str | Path, run_ids: list[str], by: str = "run_id", **fil
 
 def write_run_report(root: Path, run_id: str, rows: list[dict]) -> Path:
     frame = pd.DataFrame(rows, columns=RUN_COLUMNS).drop(columns="run_id")   # run_id: the folder
+    frame["error"] = frame["error"].fillna("").astype(str)
     path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "report.parquet"
     atomic_write_parquet(frame, path)
     return path
 
 
 def load_runs(root: str | Path) -> pd.DataFrame:
-    return _load_table(Path(root) / "tables" / "runs", RUN_COLUMNS)
+    frame = _load_table(Path(root) / "tables" / "runs", RUN_COLUMNS)
+    frame["error"] = frame["error"].fillna("") if "error" in frame else ""   # runs recorded before the column
+    return frame
 
 
 def write_rejects(stage_dir: Path, chunk: int, rows: list[dict]) -> None:
