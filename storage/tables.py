@@ -148,7 +148,7 @@ def compare_runs(root: str | Path, run_ids: list[str], by: str = "run_id", **fil
 
 def write_run_report(root: Path, run_id: str, rows: list[dict]) -> Path:
     frame = pd.DataFrame(rows, columns=RUN_COLUMNS).drop(columns="run_id")   # run_id: the folder
-    frame["error"] = frame["error"].fillna("").astype(str)
+    frame["error"] = _errors(frame["error"])
     path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "report.parquet"
     atomic_write_parquet(frame, path)
     return path
@@ -156,8 +156,13 @@ def write_run_report(root: Path, run_id: str, rows: list[dict]) -> Path:
 
 def load_runs(root: str | Path) -> pd.DataFrame:
     frame = _load_table(Path(root) / "tables" / "runs", RUN_COLUMNS)
-    frame["error"] = frame["error"].fillna("") if "error" in frame else ""   # runs recorded before the column
+    frame["error"] = _errors(frame["error"]) if "error" in frame else ""   # runs recorded before the column
     return frame
+
+
+def _errors(column: pd.Series) -> list[str]:
+    """The error column as strings, "" where a row has none (missing values are float NaN)."""
+    return [value if isinstance(value, str) else "" for value in column]
 
 
 def write_rejects(stage_dir: Path, chunk: int, rows: list[dict]) -> None:
