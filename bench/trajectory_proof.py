@@ -59,9 +59,9 @@ from models.flat import flat_level, flat_level_data  # noqa: E402
 from models.hierarchy import HierarchySpec, build_hierarchies, ground_truth_hierarchies  # noqa: E402
 from models.image_metrics import psnr, ssim  # noqa: E402
 from models.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, class_slots, holdout_scores,  # noqa: E402
-                          judge_features, judge_fn, judge_outputs)
+                          judge_features, judge_fn, judge_outputs, train_judge)
 from models.meanflow import MeanFlowConfig  # noqa: E402
-from models.metrics import feature_stats, frechet_distance  # noqa: E402
+from models.metrics import adjusted_rand, feature_stats, frechet_distance  # noqa: E402
 from models.streaming_eval import evaluate_streaming, metric_values  # noqa: E402
 from models.train_loop import OptimConfig, train_decoder, train_generator  # noqa: E402
 from models.train_state import ema_name  # noqa: E402
@@ -540,7 +540,8 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed)
         model = SceneJudge(SceneJudgeConfig(num_classes=int(data["labels"].max()) + 1,
                                             slots=class_slots(data["masks"][:train_n]), input_size=112))
-        history = train_judge_for(model, data, train_n, args, device)
+        history = train_judge(model, data["images"][:train_n], data["labels"][:train_n], data["masks"][:train_n],
+                              JudgeTraining(steps=args.judge_steps, batch_size=64, lr=3e-3), device)
         scores = holdout_scores(model, data["images"][train_n:], data["labels"][train_n:], data["masks"][train_n:],
                                 masks_to_grid(data["masks"][train_n:], grid), grid, device=device)
         return {"state": _cpu_copy(model), "config": asdict(model.config), "holdout": scores,
@@ -610,13 +611,6 @@ def main(argv=None) -> None:
     report(args, data, dec, jd, results, arms, time.perf_counter() - wall)
 
 
-def train_judge_for(model, data, train_n, args, device):
-    from models.judge import train_judge
-
-    return train_judge(model, data["images"][:train_n], data["labels"][:train_n], data["masks"][:train_n],
-                       JudgeTraining(steps=args.judge_steps, batch_size=64, lr=3e-3), device)
-
-
 def report(args, data, dec, jd, results, arms, wall_s) -> None:
     figures: dict[str, tuple[float, str]] = {}
     extra_arms = {}
@@ -646,7 +640,6 @@ def report(args, data, dec, jd, results, arms, wall_s) -> None:
     figures["wall_s_this_call"] = (round(wall_s, 1), "s")
     regions = data["regions"]
     truth = masks_to_grid(data["masks"], data["grid"]).reshape(len(data["masks"]), 3, -1)
-    from models.metrics import adjusted_rand
     alignment = [round(float(np.mean([adjusted_rand(a, b) for a, b in zip(regions["clustered"][:512, level],
                                                                           truth[:512, level])])), 4) for level in range(3)]
     extra = {

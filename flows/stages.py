@@ -41,9 +41,13 @@ def _judge(config: TFConfig, root: str, force: bool) -> list[dict]:
     return [train_judge_task(config, root, force)] if config.source.kind == "scenes" else []
 
 
+def _weights(results: list[dict]) -> str:
+    """The encoder weights label the stages report (the encode stage's), for every row of the run."""
+    return next((r["encoder_weights"] for r in results if "encoder_weights" in r), "")
+
+
 def _finish(flow_name: str, config: TFConfig, root: str, run_id: str, results: list[dict]) -> dict:
-    weights = next((r["encoder_weights"] for r in results if "encoder_weights" in r), "")
-    table = record_run(root, run_id, flow_name, results, weights)
+    table = record_run(root, run_id, flow_name, results, _weights(results))
     publish_report(run_id, results)
     outputs = {"run table": str(table)}
     for r in results:
@@ -69,9 +73,8 @@ class _Run:
         try:
             out = work()
         except Exception as error:
-            weights = next((r["encoder_weights"] for r in self.results if "encoder_weights" in r), "")
             record_failure(self.root, self.run_id, self.flow_name, self.results, stage, error,
-                           time.monotonic() - self.started, weights)
+                           time.monotonic() - self.started, _weights(self.results))
             publish_failure(self.run_id, stage, error)
             raise
         self.results += out if isinstance(out, list) else [out]
