@@ -61,7 +61,7 @@ from models.image_metrics import psnr, ssim  # noqa: E402
 from models.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, class_slots, holdout_scores,  # noqa: E402
                           judge_features, judge_fn, judge_outputs, train_judge)
 from models.meanflow import MeanFlowConfig  # noqa: E402
-from models.metrics import adjusted_rand, feature_stats, frechet_distance  # noqa: E402
+from models.metrics import REGION_THRESHOLD, adjusted_rand, feature_stats, frechet_distance  # noqa: E402
 from models.streaming_eval import evaluate_streaming, metric_values  # noqa: E402
 from models.train_loop import OptimConfig, train_decoder, train_generator  # noqa: E402
 from models.train_state import ema_name  # noqa: E402
@@ -413,8 +413,10 @@ def redraw(result_json: Path, figure: Path, curves_figure: Path, rows: int) -> N
     kept_file = result_json.with_name("trajectory_proof_kept.npz")
     if kept_file.exists():
         kept = np.load(kept_file)
+        present = {key.rsplit(".", 1)[0] for key in kept.files}
+        names = [n for arm in arms for n in (arm, f"{arm} snapped") if n in present]   # each arm, then snapped
         proof_figure(figure, {name: {key: kept[f"{name}.{key}"] for key in ("images", "regions", "flat")}
-                              for name in arms}, body["setup"]["grid"], rows)
+                              for name in names}, body["setup"]["grid"], rows)
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -454,7 +456,9 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--grid-rows", type=int, default=3)
     p.add_argument("--out", default=None)
-    p.add_argument("--figure", default=str(ROOT / "docs" / "trajectory_proof.png"))
+    p.add_argument("--figure", default=str(ROOT / "docs" / "tf_vs_flat_trajectories.png"))
+    p.add_argument("--region-threshold", type=float, default=REGION_THRESHOLD,
+                   help="cosine cut that recovers a generated canvas's regions (evaluate.region_threshold)")
     p.add_argument("--curves-figure", default=str(ROOT / "docs" / "trajectory_proof_curves.png"))
     p.add_argument("--redraw", default=None, help="a trajectory_proof.json: draw its figures and stop")
     p.add_argument("--seed", type=int, default=0)
@@ -581,19 +585,26 @@ def main(argv=None) -> None:
 
         def evaluate(name=name, arm=arm) -> dict:
             teacher = arm["teacher"] or "clustered"
-            curve = {}
-            for fraction in fractions:
-                final = fraction == 1.0
-                samples = args.samples if final else args.curve_samples
-                models = arm_models(arm, fraction, args, data, device)
+            staged = arm["sharing"] != "flat"
+
+            def score(models, samples: int, final: bool, snap: float | None):
                 seeds = 1_000_003 * args.seed + np.arange(samples)
                 result = evaluate_streaming(
                     models, decoder, seeds, data["labels"], dinov2_fn, encoder=encoder, hierarchy_spec=spec,
                     device=device, batch_size=args.eval_batch, keep=args.grid_rows,
                     reencode_samples=args.reencode if final else 0, structure_samples=args.structure_samples,
                     structure_runner=process_structure(args.workers, 4), latent_stats=(data["mean"], data["std"]),
-                    judge_fn=judge_fn(judge, grid, device), mode="flat" if arm["sharing"] == "flat" else "staged")
+                    judge_fn=judge_fn(judge, grid, device), mode="staged" if staged else "flat",
+                    region_threshold=args.region_threshold, snap_threshold=snap)
                 row = summarise(metric_values(result, references[teacher], kid_subset_size=max(2, samples // 2)))
+                return result, row
+
+            curve, snapped = {}, {}
+            for fraction in fractions:
+                final = fraction == 1.0
+                samples = args.samples if final else args.curve_samples
+                models = arm_models(arm, fraction, args, data, device)
+                result, row = score(models, samples, final, None)
                 row.update(fraction=fraction, samples=samples,
                            steps=[u["steps_at"][fraction] for u in arm["units"]],
                            seconds=round(fraction * args.budget, 2), eval_s=round(result.timing["total"], 2))
@@ -601,10 +612,18 @@ def main(argv=None) -> None:
                 print(f"  {name} @ {fraction:g}: fd_scenes {row.get('fd_scenes')}, class acc "
                       f"{row.get('class_accuracy')}", flush=True)
                 if final:
-                    kept = {"images": result.kept.images, "regions": result.kept.regions, "flat": arm["sharing"] == "flat"}
-                    forced = {} if arm["sharing"] == "flat" else teacher_forced(
-                        models, data, teacher, decoder, judge, references[teacher], args, device)
-            return {"curve": curve, "kept": kept, "teacher_forced": forced}
+                    kept = {"images": result.kept.images, "regions": result.kept.regions, "flat": not staged}
+                    forced = teacher_forced(models, data, teacher, decoder, judge, references[teacher], args,
+                                            device) if staged else {}
+                    if staged:   # the same models with the snapping sampler (sampling only, no training)
+                        result, snapped = score(models, samples, True, args.region_threshold)
+                        kept_snapped = {"images": result.kept.images, "regions": result.kept.regions, "flat": False}
+                        print(f"  {name} snapped: fd_scenes {snapped.get('fd_scenes')}, class acc "
+                              f"{snapped.get('class_accuracy')}", flush=True)
+            out = {"curve": curve, "kept": kept, "teacher_forced": forced, "snapped": snapped}
+            if snapped:
+                out["kept_snapped"] = kept_snapped
+            return out
 
         results[name] = phase(f"eval-{name}", 30 * len(fractions) + 30, evaluate)
 
@@ -625,13 +644,20 @@ def report(args, data, dec, jd, results, arms, wall_s) -> None:
             figures[f"{name}_fd_scenes_change_half_to_full"] = (round(change, 4), "ratio")
         for key, value in results[name]["teacher_forced"].items():
             figures[f"{name}_{key}"] = (value, "score")
-        extra_arms[name] = {"curve": curve, "teacher_forced": results[name]["teacher_forced"]}
+        for key, value in results[name].get("snapped", {}).items():
+            if isinstance(value, (int, float)):
+                figures[f"{name}_snapped_{key}"] = (value, "FD" if key.startswith("fd") else "score")
+        extra_arms[name] = {"curve": curve, "teacher_forced": results[name]["teacher_forced"],
+                            "snapped": results[name].get("snapped", {})}
     if "flat" in arms:
         for name in arms:
-            if name != "flat" and "fd_scenes" in results[name]["curve"]["1.0"]:
+            flat_fd = results["flat"]["curve"]["1.0"].get("fd_scenes")
+            if name != "flat" and flat_fd and "fd_scenes" in results[name]["curve"]["1.0"]:
                 figures[f"{name}_fd_scenes_over_flat"] = (
-                    round(results[name]["curve"]["1.0"]["fd_scenes"] / results["flat"]["curve"]["1.0"]["fd_scenes"], 4),
-                    "ratio")
+                    round(results[name]["curve"]["1.0"]["fd_scenes"] / flat_fd, 4), "ratio")
+            if name != "flat" and flat_fd and "fd_scenes" in results[name].get("snapped", {}):
+                figures[f"{name}_snapped_fd_scenes_over_flat"] = (
+                    round(results[name]["snapped"]["fd_scenes"] / flat_fd, 4), "ratio")
     holdout = jd["holdout"]
     figures["judge_holdout_accuracy"] = (holdout["accuracy"], "accuracy")
     for level, value in enumerate(holdout.get("miou_grid", [])):
@@ -646,6 +672,7 @@ def report(args, data, dec, jd, results, arms, wall_s) -> None:
         "setup": {"images": args.images, "image_size": args.image_size, "grid": data["grid"], "token_dim": data["dim"],
                   "encoder_weights": data["weights_label"], "preset": args.preset, "batch_size": args.batch_size,
                   "lr": args.lr, "v_tangent": args.v_tangent, "cond_noise": args.cond_noise,
+                  "region_threshold": args.region_threshold,
                   "ema": f"EDM {EMA_KIMG:g} kimg, ramp-up 0.05",
                   "budget_s_per_arm": args.budget, "curve_fractions": args.curve, "samples": args.samples,
                   "curve_samples": args.curve_samples, "device": args.device, "torch": torch.__version__,
@@ -660,8 +687,10 @@ def report(args, data, dec, jd, results, arms, wall_s) -> None:
                  if data["weights_label"] == "random-init" else "encoder weights: " + data["weights_label"]),
     }
     path = results_io.write_result("trajectory_proof", figures, extra, args.out)
+    kept = {name: results[name]["kept"] for name in arms}
+    kept.update({f"{name} snapped": results[name]["kept_snapped"] for name in arms if "kept_snapped" in results[name]})
     np.savez_compressed(path.with_name("trajectory_proof_kept.npz"),   # redraw the figure without re-running
-                        **{f"{name}.{key}": np.asarray(results[name]["kept"][key]) for name in arms
+                        **{f"{name}.{key}": np.asarray(k[key]) for name, k in kept.items()
                            for key in ("images", "regions", "flat")})
     redraw(path, Path(args.figure), Path(args.curves_figure), args.grid_rows)
     print(json.dumps({k: v[0] for k, v in figures.items()}, indent=1), flush=True)

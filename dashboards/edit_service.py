@@ -117,13 +117,14 @@ def run_edit(models: Models, request: EditRequest) -> EditResult:
     tokens, channels = models.grid * models.grid, parent.canvas.shape[-1]
     noises = level_noises(levels, tokens, channels, [parent.seed, donor.seed], models.device)
     labels = torch.tensor([parent.label, donor.label], device=models.device)
-    base = sample_trajectory(models.generators, noises, labels)
+    snap = zarr_store.store_attrs(request.store).get("snap_threshold")   # the evaluation's sampler
+    base = sample_trajectory(models.generators, noises, labels, snap_threshold=snap)
     # The suite reads regions per partitioned level as [samples, T]: row 0 the parent, row 1 the donor.
     regions = [np.stack([parent.regions[l].ravel(), donor.regions[l].ravel()]) for l in range(levels - 1)]
     spec = {"level": int(request.level), "parent": 0, "donor": 1, "region": int(request.region),
             "kind": request.source}
     values, edited = run_edit_suite(models.generators, noises, labels, base, regions, [spec], models.decode,
-                                    models.grid, models.patch)
+                                    models.grid, models.patch, snap)
     numbers = {v.metric: float(v.values[0]) for v in values}
     edited_levels = edited[0]
     original = np.stack([models.decode(c[:1])[0] for c in base], 0)

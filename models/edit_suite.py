@@ -59,9 +59,10 @@ def plan_edits(num_samples: int, regions: Sequence[np.ndarray], num_levels: int,
 @torch.no_grad()
 def run_edit_suite(models: Sequence[nn.Module], noises: Sequence[Tensor], label: Tensor, base: Sequence[Tensor],
                    regions: Sequence[np.ndarray], specs: list[dict],
-                   decode: Callable[[Tensor], np.ndarray], grid: int, patch: int
-                   ) -> tuple[list[MetricValues], list[list[Tensor]]]:
-    """Apply every planned edit (batched per level) and score it. Returns (metrics, edited trajectories)."""
+                   decode: Callable[[Tensor], np.ndarray], grid: int, patch: int,
+                   snap_threshold: float | None = None) -> tuple[list[MetricValues], list[list[Tensor]]]:
+    """Apply every planned edit (batched per level) and score it; the finer levels are re-sampled with
+    the base's sampler (snap_threshold). Returns (metrics, edited trajectories)."""
     values: dict[tuple[str, int, str], list[float]] = {}
     edited_all: list[list[Tensor]] = []
     base_images = decode(base[-1])
@@ -81,7 +82,7 @@ def run_edit_suite(models: Sequence[nn.Module], noises: Sequence[Tensor], label:
         source = torch.where(exchange[:, None, None], donor_canvas, region_mean_source(donor_canvas, mask))
         parents_base = [c[parent] for c in base]
         edited = apply_edit(models, [n[parent] for n in noises], label[parent], parents_base,
-                            Edit(level=level, mask=mask, source=source))
+                            Edit(level=level, mask=mask, source=source), snap_threshold)
         edited_all.append(edited)
         images = decode(edited[-1])
         for i, spec in enumerate(batch):

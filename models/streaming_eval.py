@@ -64,11 +64,11 @@ from models.encoder import encode_images
 from models.eval_stats import (DINOV2, FID, JUDGE, KID_FEATURES, RunningMoments, autocast_for, level_key,  # noqa: F401
                                metric_values, moment_folder, reference_stats, token_subsample)
 from models.hierarchy import HierarchySpec
-from models.metrics import StreamingStats
+from models.metrics import REGION_THRESHOLD, StreamingStats
 from models.flat import sample_flat
 from models.noise_feeder import NoiseFeeder
 from models.structure_stream import InlineStructure
-from models.trajectory import sample_trajectory
+from models.trajectory import own_regions_cut, sample_trajectory
 
 PHASES = ("noise", "sampling", "decode", "judge", "features", "stats", "reencode", "structure")
 DEFAULT_STRUCTURE_SAMPLES = 10_000
@@ -175,7 +175,8 @@ def evaluate_streaming(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    region_threshold: float = 0.05,
+    region_threshold: float = REGION_THRESHOLD,
+    snap_threshold: float | None = None,
     keep: int = 64,
     reencode_samples: int = 512,
     structure_samples: int | None = DEFAULT_STRUCTURE_SAMPLES,
@@ -207,6 +208,8 @@ def evaluate_streaming(
     normalised latents, so the hierarchy rebuilt on a final latent sees the encoder's scale.
     judge_fn (optional): uint8 [n,H,W,3] -> {"features" [n, D], "logits" [n, classes], "regions"
     [n, L-1, T]} (models.judge.judge_fn at the token grid), run in this thread in float32.
+    snap_threshold: sample with snapped canvases (models.trajectory.snap_to_regions); None is the
+    reference sampler.
     """
     device = torch.device(device)
     if mode not in ("staged", "flat"):
@@ -281,7 +284,7 @@ def evaluate_streaming(
                     trajectory = [sample_flat(generators[0], noise[levels - 1], label_device[start:stop], levels)]
                 else:
                     trajectory = sample_trajectory(generators, [noise[level] for level in range(levels)],
-                                                   label_device[start:stop])
+                                                   label_device[start:stop], snap_threshold=snap_threshold)
             trajectory = [c.float() for c in trajectory]
             del noise
             clock.lap("sampling")
@@ -335,7 +338,8 @@ def evaluate_streaming(
                     make_runner = structure_runner or InlineStructure
                     extra = {} if latent_stats is None else {"latent_stats": latent_stats}
                     runner = make_runner(structure_n, reencode_n, levels, batch, tokens, channels,
-                                         reencode_shape, region_threshold, hierarchy_spec, max(keep_n, reencode_n),
+                                         reencode_shape, own_regions_cut(region_threshold, snap_threshold),
+                                         hierarchy_spec, max(keep_n, reencode_n),
                                          **extra)
                 runner.submit(b, start, [c[:s] for c in trajectory], reencoded,
                               **({} if judged is None or flat else {"judged": judged[:s]}))

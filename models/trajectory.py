@@ -8,6 +8,11 @@ canvas (zeros at level 0). Each per-level generator has the interface
 
 An edit changes one level inside a region and re-samples the finer levels from
 the same noises, so coarser levels stay bit-identical.
+
+Snapping (optional, not in the reference sampler): a generated canvas of a partitioned level
+is replaced by the means of its own regions (cut at a cosine distance) before it conditions
+the next level, so the next level sees a piecewise-constant canvas like the teacher canvases
+it was trained on, and the trajectory's regions are explicit.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from models.hierarchy import region_canvas
+from models.metrics import regions_from_canvas
 
 
 def one_step_level(
@@ -59,6 +68,26 @@ def level_noises(
     return [stacked[level].to(device) for level in range(num_levels)]
 
 
+# A snapped canvas is exactly piecewise constant: its own regions are its groups of identical tokens,
+# found by the same recovery cut at a distance only rounding can reach. (Re-cutting it at the snap
+# threshold would merge regions whose means are closer than the noisy tokens were on average.)
+PIECE_CUT = 1e-6
+
+
+def own_regions_cut(region_threshold: float, snap_threshold: float | None) -> float:
+    """The cut that recovers a sampled trajectory's own regions: the pieces of a snapped canvas, or
+    region_threshold for the reference sampler's canvases."""
+    return region_threshold if snap_threshold is None else PIECE_CUT
+
+
+def snap_to_regions(canvas: Tensor, threshold: float) -> Tensor:
+    """[B, T, C] -> [B, T, C]: every token replaced by the mean of its region, the regions
+    recovered per sample as in the metrics (average linkage, cosine distance cut at threshold)."""
+    arrays = canvas.detach().float().cpu().numpy()
+    ids = torch.from_numpy(np.stack([regions_from_canvas(c, threshold) for c in arrays])).to(canvas.device)
+    return region_canvas(canvas.float(), ids).to(canvas.dtype)
+
+
 @torch.no_grad()
 def sample_trajectory(
     models: Sequence[nn.Module],
@@ -66,12 +95,15 @@ def sample_trajectory(
     label: Tensor,
     start_level: int = 0,
     prefix: Sequence[Tensor] | None = None,
+    snap_threshold: float | None = None,
 ) -> list[Tensor]:
     """Canvases [B, T, C] for levels 0..L-1.
 
     Levels below start_level are taken from prefix unchanged (the same tensors);
     levels from start_level on are sampled one step each, conditioned on the
-    previous canvas. Models are used as given (put them in eval mode first).
+    previous canvas. With snap_threshold, each sampled level but the last is
+    snapped to its region means (snap_to_regions) and kept so. Models are used
+    as given (put them in eval mode first).
     """
     num_levels = len(models)
     if len(noises) != num_levels:
@@ -85,7 +117,10 @@ def sample_trajectory(
     for level in range(start_level, num_levels):
         z1 = noises[level]
         cond = torch.zeros_like(z1) if level == 0 else canvases[level - 1]
-        canvases.append(one_step_level(models[level], z1, cond, label, level))
+        canvas = one_step_level(models[level], z1, cond, label, level)
+        if snap_threshold is not None and level < num_levels - 1:
+            canvas = snap_to_regions(canvas, snap_threshold)
+        canvases.append(canvas)
     return canvases
 
 
@@ -136,10 +171,11 @@ def apply_edit(
     label: Tensor,
     base: Sequence[Tensor],
     edit: Edit,
+    snap_threshold: float | None = None,
 ) -> list[Tensor]:
     """Edited trajectory: levels < l* are base's own tensors, level l* is
     where(mask, source, base[l*]), levels > l* are re-sampled from the same noises
-    conditioned on the edited level."""
+    conditioned on the edited level (snapped like the base when snap_threshold is given)."""
     level = edit.level
     if not 0 <= level < len(base):
         raise ValueError(f"edit level {level} outside 0..{len(base) - 1}")
@@ -148,4 +184,5 @@ def apply_edit(
     source = edit.source.to(base[level].dtype)
     edited = torch.where(edit.mask[..., None], source, base[level])
     prefix = list(base[:level]) + [edited]
-    return sample_trajectory(models, noises, label, start_level=level + 1, prefix=prefix)
+    return sample_trajectory(models, noises, label, start_level=level + 1, prefix=prefix,
+                             snap_threshold=snap_threshold)

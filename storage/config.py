@@ -161,7 +161,11 @@ class EvaluateConfig(_Part):
     keep_trajectories: int = Field(64, ge=0, description="trajectories stored whole (every canvas and decoded level)")
     edits_per_level: int = Field(8, ge=1)
     inception_weights: str | None = Field(None, description="local pt_inception-2015-12-05 weights for FID/KID/IS")
-    region_threshold: float = Field(0.05, description="cosine distance that splits a generated canvas into regions")
+    # models.metrics.REGION_THRESHOLD says why 0.3 (storage does not import models; a test keeps them equal)
+    region_threshold: float = Field(0.3, gt=0.0, lt=2.0,
+                                    description="cosine distance that splits a generated canvas into regions")
+    snap_canvases: bool = Field(False, description="sample with each generated canvas replaced by its region means "
+                                "before it conditions the next level (not in the reference sampler)")
     bootstrap: int = 1000
     grid_rows: int = 8
     seed: int = 1234
@@ -170,6 +174,10 @@ class EvaluateConfig(_Part):
     reencode_samples: int = Field(512, ge=0, description="first N samples re-encoded for ARI / mIoU")
     structure_workers: int = Field(0, ge=0, description="worker processes for structure values (0: in-process)")
     tokens_per_sample: int = Field(4, ge=0, description="tokens per sample in the token-level FD variant")
+
+    def snap_threshold(self) -> float | None:
+        """The sampler's snap cut (models.trajectory.sample_trajectory), None for the reference sampler."""
+        return self.region_threshold if self.snap_canvases else None
 
 
 class JudgeConfig(_Part):

@@ -24,8 +24,9 @@ CODE_VERSIONS = {
     "teacher": "2",    # 2: clusters the standardised latents; hierarchy.source (ground-truth oracle)
     "decoder": "2",     # 2: EDM EMA with ramp-up
     "generator": "2",   # 2: reference-exact objective (plateau times, x-pred v head, summed loss, EDM EMA)
-    "evaluate": "4",   # 2: streamed, FD-DINOv2 on the class token; 3: final_hierarchy re-encode rows, mode;
-                       # 4: scenes-judge rows (FD-scenes, class accuracy, pixel plan adherence)
+    "evaluate": "5",   # 2: streamed, FD-DINOv2 on the class token; 3: final_hierarchy re-encode rows, mode;
+                       # 4: scenes-judge rows (FD-scenes, class accuracy, pixel plan adherence);
+                       # 5: a snapped trajectory's own regions are its pieces (snap_canvases)
     "judge": "1",
 }
 

@@ -31,7 +31,7 @@ from models.fidelity import (dinov2_extractor_label, dinov2_feature_fn, fidelity
                              inception_extractor_label, inception_feature_fn)
 from models.metrics import bootstrap_ci
 from models.streaming_eval import KID_FEATURES, evaluate_streaming, metric_values
-from models.trajectory import level_noises, sample_trajectory
+from models.trajectory import level_noises, own_regions_cut, sample_trajectory
 from models.trajectory_metrics import MetricValues, generated_regions, hierarchy_alignment
 from storage import zarr_store
 from storage.checkpoints import load_checkpoint
@@ -226,6 +226,7 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
             generators, decoder, seeds, latents.label.numpy(), dinov2["fn"], inception_fn=inception["fn"],
             encoder=encoder, hierarchy_spec=hierarchy_spec(cfg.hierarchy), label_seed=ev.seed,
             batch_size=ev.batch_size, device=device, region_threshold=ev.region_threshold, keep=keep,
+            snap_threshold=ev.snap_threshold(),
             reencode_samples=ev.reencode_samples, structure_samples=ev.structure_samples,
             tokens_per_sample=ev.tokens_per_sample, structure_runner=process_structure(ev.structure_workers),
             token_shape=(grid * grid, dim), progress=lambda done, total, timing: bar.advance(done - bar.done),
@@ -250,10 +251,12 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
         kept_labels = torch.from_numpy(kept.labels).to(device)
         noises = level_noises(levels, grid * grid, dim, kept.seeds.tolist(), device)
         with torch.no_grad():
-            base = sample_trajectory(generators, noises, kept_labels)
-        regions = generated_regions([c.float().cpu().numpy() for c in base], ev.region_threshold)
+            base = sample_trajectory(generators, noises, kept_labels, snap_threshold=ev.snap_threshold())
+        regions = generated_regions([c.float().cpu().numpy() for c in base],
+                                    own_regions_cut(ev.region_threshold, ev.snap_threshold()))
         specs = plan_edits(keep, regions, levels, ev.edits_per_level, ev.seed)
-        control, edited = run_edit_suite(generators, noises, kept_labels, base, regions, specs, decode, grid, patch)
+        control, edited = run_edit_suite(generators, noises, kept_labels, base, regions, specs, decode, grid, patch,
+                                         ev.snap_threshold())
         values += control
     if zarr_store.has_array(layout.images(), "masks"):
         truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[latents.index], grid)
@@ -275,7 +278,7 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
 
     ids = [f"traj-{s}" for s in seeds]
     attrs = {"stage": "evaluate", "key": key, "run_id": run_id, "encoder_weights": latents.weights_label,
-             "mode": cfg.generator.mode}
+             "mode": cfg.generator.mode, "snap_threshold": ev.snap_threshold()}   # edits re-sample the same way
     stored = kept.canvases.shape[1]   # every level, or the final alone (flat)
     write_trajectories(out / "trajectories.zarr", ids[:keep], kept.seeds, kept.labels,
                        kept.canvases.reshape(keep, stored, grid, grid, dim), kept.images,

@@ -10,8 +10,11 @@ from models.trajectory import (
     one_step_level,
     region_mask,
     region_mean_source,
+    own_regions_cut,
     sample_trajectory,
+    snap_to_regions,
 )
+from models.metrics import regions_from_canvas
 
 LEVELS, T, C, CLASSES = 4, 16, 8, 5
 
@@ -189,3 +192,49 @@ def test_edit_rejects_bad_shapes():
         Edit(0, torch.zeros(2, T), torch.zeros(2, T, C))  # mask not bool
     with pytest.raises(ValueError):
         Edit(0, torch.zeros(2, T, dtype=torch.bool), torch.zeros(2, T + 1, C))
+
+
+def test_snap_replaces_a_noisy_piecewise_constant_canvas_by_its_own_region_means():
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.tensor([[0] * 6 + [1] * 6 + [2] * 4, [0] * 8 + [1] * 8])
+    centres = (3 * torch.eye(C)[:3]).expand(2, 3, C)   # orthogonal: cosine distance 1 between regions
+    clean = torch.stack([centres[b, ids[b]] for b in range(2)])
+    noisy = clean + 0.05 * torch.randn(clean.shape, generator=gen)
+    snapped = snap_to_regions(noisy, threshold=0.3)
+    for b in range(2):   # the mean of the noisy tokens over each true region, written out
+        for region in ids[b].unique():
+            inside = ids[b] == region
+            torch.testing.assert_close(snapped[b, inside], noisy[b, inside].mean(0).expand(int(inside.sum()), C))
+
+
+def test_snapping_sampler_keeps_partitioned_levels_piecewise_constant_and_edits_re_sample_the_same_way(setup):
+    models, noises, label, _ = setup
+    snapped = sample_trajectory(models, noises, label, snap_threshold=0.3)
+    reference = sample_trajectory(models, noises, label)
+    for level in range(LEVELS - 1):   # each level snapped from the same draw given its (snapped) condition
+        cond = torch.zeros_like(noises[0]) if level == 0 else snapped[level - 1]
+        raw = one_step_level(models[level], noises[level], cond, label, level)
+        torch.testing.assert_close(snapped[level], snap_to_regions(raw, 0.3))
+    torch.testing.assert_close(snapped[0], snap_to_regions(reference[0], 0.3))
+    last = one_step_level(models[-1], noises[-1], snapped[-2], label, LEVELS - 1)
+    torch.testing.assert_close(snapped[-1], last)   # the final level is never snapped
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    mask[:, :4] = True
+    edited = apply_edit(models, noises, label, snapped, Edit(1, mask, torch.zeros(3, T, C)), snap_threshold=0.3)
+    assert torch.equal(edited[0], snapped[0])
+    cond = torch.where(mask[..., None], torch.zeros(3, T, C), snapped[1])
+    raw = one_step_level(models[2], noises[2], cond, label, 2)
+    torch.testing.assert_close(edited[2], snap_to_regions(raw, 0.3))
+
+
+def test_a_snapped_canvas_gives_back_exactly_the_partition_it_was_snapped_to():
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.arange(T).reshape(1, T) % 3
+    centres = torch.randn(4, 3, C, generator=gen)
+    noisy = centres.gather(1, ids.expand(4, T)[..., None].expand(4, T, C)) + 0.6 * torch.randn(4, T, C, generator=gen)
+    snapped = snap_to_regions(noisy, 0.3)
+    assert own_regions_cut(0.3, None) == 0.3
+    for b in range(4):
+        snap_partition = regions_from_canvas(noisy[b].numpy(), 0.3)
+        own = regions_from_canvas(snapped[b].numpy(), own_regions_cut(0.3, 0.3))
+        np.testing.assert_array_equal(own, snap_partition)

@@ -122,3 +122,12 @@ def test_a_complete_store_under_the_wrong_key_is_not_reused(tmp_path):
     with pytest.raises(IncompatibleStore, match="key: stored 'somebody-else'"):
         ingest_images.fn(cfg, str(tmp_path))
     assert np.all(zarr_store.open_array(path, "sample")[:] == "")   # left as it was
+
+
+def test_the_region_cut_default_is_the_metrics_one():
+    from models.metrics import REGION_THRESHOLD
+    from storage.config import EvaluateConfig
+
+    assert EvaluateConfig().region_threshold == REGION_THRESHOLD
+    assert EvaluateConfig().snap_threshold() is None
+    assert EvaluateConfig(snap_canvases=True, region_threshold=0.2).snap_threshold() == 0.2
