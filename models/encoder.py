@@ -54,6 +54,43 @@ class MissingWeightsError(FileNotFoundError):
     """Raised when no usable encoder weights file is configured."""
 
 
+class WeightsError(ValueError):
+    """Raised when the configured weights file cannot be read or does not fit the encoder model."""
+
+
+_IGNORED_META_KEYS = {"mask_token"}                   # dropped by timm's DINOv2 filter
+_META_RENAMES = {"register_tokens": "reg_token"}      # Meta's names -> timm's
+_RESAMPLED = {"pos_embed"}                            # resampled to img_size (and the class slot folded in)
+
+
+def _load_failure_message(timm_name: str, img_size: int, path: str, weights: str, error: Exception) -> str:
+    """One short paragraph: the file, the config key, and either why it is unreadable or the first
+    tensors that do not fit `timm_name` (names and shapes compared without loading the tensors)."""
+    from storage.files import weights_shapes
+
+    where = f"encoder.weights {weights}" + (f" ({path})" if os.path.abspath(path) != os.path.abspath(
+        os.path.expanduser(weights)) else "")
+    try:
+        found = weights_shapes(path)
+    except (ValueError, OSError) as unreadable:
+        return f"{where}: cannot be read as a weights file: {unreadable}"
+    found = {_META_RENAMES.get(k, k): v for k, v in found.items() if k not in _IGNORED_META_KEYS}
+    with torch.device("meta"):   # shapes only: nothing allocated, nothing initialised
+        expected = {k: tuple(v.shape) for k, v in timm.create_model(
+            timm_name, pretrained=False, img_size=img_size, num_classes=0, weight_init="skip").state_dict().items()}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {list(found[k])} vs {list(expected[k])}" for k in expected
+              if k in found and k not in _RESAMPLED and found[k] != expected[k]]
+    parts = [f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                 ("shape in file vs model", shapes)) if keys]
+    if parts:
+        return f"{where} does not fit encoder.model {timm_name}: " + "; ".join(parts)
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{where} could not be loaded into encoder.model {timm_name}: {type(error).__name__}: {first}"
+
+
 def _missing_weights_message(timm_name: str, weights: str | None) -> str:
     if not weights:
         what = "no encoder weights configured"
@@ -171,21 +208,25 @@ def build_encoder(
     When `weights` resolves to a local file (resolve_weights) it is loaded through timm
     (safetensors in timm layout, or the original dinov2_*_pretrain.pth layout, read with
     weights_only=True). Otherwise the model is randomly initialised under `seed`
-    if `allow_random_init`, else MissingWeightsError is raised.
+    if `allow_random_init`, else MissingWeightsError is raised. A file that cannot be read as weights,
+    or whose tensors do not fit `model`, raises WeightsError naming the file and the first mismatches.
     """
     timm_name = resolve_encoder_name(model)
     path = resolve_weights(timm_name, weights)
     if path:
         # Clearing url/hf_hub_id guarantees timm has no remote source to fall back on.
         overlay = dict(file=path, url=None, hf_hub_id=None)
-        encoder = timm.create_model(
-            timm_name,
-            pretrained=True,
-            img_size=img_size,
-            num_classes=0,
-            pretrained_cfg_overlay=overlay,
-            weight_init="skip",   # every tensor comes from the file (strict load): random init is wasted time
-        )
+        try:
+            encoder = timm.create_model(
+                timm_name,
+                pretrained=True,
+                img_size=img_size,
+                num_classes=0,
+                pretrained_cfg_overlay=overlay,
+                weight_init="skip",   # every tensor comes from the file (strict load): random init is wasted time
+            )
+        except Exception as error:   # timm fails deep in its filter or load_state_dict: say which file and why
+            raise WeightsError(_load_failure_message(timm_name, img_size, path, weights, error)) from None
         label = weights_file_label(path)
     elif allow_random_init:
         if weights:

@@ -47,6 +47,8 @@ class IngestConfig(_Part):
     chunk_size: int = Field(64, ge=1, description="samples per chunk (= Zarr chunk and shard)")
     workers: int = Field(2, ge=1, description="Dask local-cluster processes")
     dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    worker_loss_timeout: float = Field(120.0, gt=0, description="seconds with no Dask worker left before a stage "
+                                       "stops with NoWorkers (finished chunks keep their markers)")
 
 
 class EncoderConfig(_Part):
@@ -261,16 +263,10 @@ def encoder_patch(model: str) -> int:
 def preflight(cfg: TFConfig, command: str, levels: list[int] | None = None) -> None:
     """Combinations that only fail later, refused before any work starts (files, not just values:
     a config is also validated on machines that do not hold the files, so this is not in the model)."""
-    uses_encoder = command in ("pipeline", "encode", "evaluate")
-    enc = cfg.encoder
-    if uses_encoder and not enc.allow_random_init:
-        if not enc.weights:
-            raise ValueError("encoder.weights is not set and encoder.allow_random_init is false: give a local "
-                             "weights file (encoder.weights=/path/dinov2.safetensors) or allow a random init")
-        # A folder (HF cache root, repo or snapshot) or "hf-cache" is resolved by models.encoder, which
-        # names what it looked for when nothing is there.
-        if not (os.path.isfile(enc.weights) or os.path.isdir(enc.weights) or enc.weights == "hf-cache"):
-            raise ValueError(f"encoder.weights {enc.weights} does not exist and encoder.allow_random_init is false")
+    if command in ("pipeline", "encode", "evaluate"):
+        _check_encoder_weights(cfg.encoder)
+    if command in ("pipeline", "ingest"):
+        _check_source_files(cfg.source)
     if command in ("pipeline", "train") and cfg.decoder.checkpoint:
         weights = cfg.decoder.checkpoint.removesuffix(".safetensors") + ".safetensors"
         if not os.path.isfile(weights):
@@ -283,6 +279,55 @@ def preflight(cfg: TFConfig, command: str, levels: list[int] | None = None) -> N
     if bad:
         raise ValueError(f"--level {bad} does not match the hierarchy: hierarchy.cuts {cfg.hierarchy.cuts} "
                          f"gives levels 0..{num_levels - 1}")
+
+
+def _check_encoder_weights(enc: EncoderConfig) -> None:
+    """A configured weights file must exist and read as weights, whatever allow_random_init says: that
+    only stands in for weights left unset, never for a typo. Whether the tensors fit encoder.model is
+    checked where they are loaded (models.encoder.build_encoder names the mismatched keys)."""
+    if not enc.weights:
+        if not enc.allow_random_init:
+            raise ValueError("encoder.weights is not set and encoder.allow_random_init is false: give a local "
+                             "weights file (encoder.weights=/path/dinov2.safetensors) or allow a random init")
+        return
+    if enc.weights == "hf-cache":
+        return
+    location = os.path.expanduser(enc.weights)   # as models.encoder.resolve_weights reads it
+    if not os.path.exists(location):
+        raise ValueError(f"encoder.weights {enc.weights} does not exist " + (
+            "(encoder.allow_random_init: true only stands in for an unset encoder.weights)"
+            if enc.allow_random_init else "and encoder.allow_random_init is false"))
+    # A folder (HF cache root, repo or snapshot) is resolved by models.encoder, which names what it
+    # looked for when nothing is there.
+    if os.path.isfile(location):
+        from storage.files import weights_shapes
+
+        try:
+            weights_shapes(location)
+        except (ValueError, OSError) as error:
+            reason = (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
+            raise ValueError(f"encoder.weights {enc.weights}: cannot be read as a weights file: {reason}") from None
+
+
+_SOURCE_PATHS = {"imagefolder": "folder", "imagenet_val": "folder", "imagenet_tar": "file"}
+
+
+def _check_source_files(src: SourceConfig) -> None:
+    """The files an ingest reads: source.path (and imagenet_val's label files) exist and are the right kind."""
+    if src.kind not in _SOURCE_PATHS:
+        return
+    labels = src.kind == "imagenet_val"   # the only kind that reads them
+    for key, value, kind in (("source.path", src.path, _SOURCE_PATHS[src.kind]),
+                             ("source.labels_file", src.labels_file if labels else None, "file"),
+                             ("source.synsets_file", src.synsets_file if labels else None, "file")):
+        if not value:
+            continue
+        if not os.path.exists(value):
+            raise ValueError(f"{key} {value} does not exist (source.kind {src.kind!r})")
+        if kind == "folder" and not os.path.isdir(value):
+            raise ValueError(f"{key} {value} is not a folder (source.kind {src.kind!r} reads a folder)")
+        if kind == "file" and not os.path.isfile(value):
+            raise ValueError(f"{key} {value} is not a file (source.kind {src.kind!r} reads a file there)")
 
 
 def _coerce(value: str) -> Any:

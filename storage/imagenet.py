@@ -19,6 +19,7 @@ behaviour); set it explicitly, as configs/imagenet.yaml does, to get the same pi
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path, PurePosixPath
 
@@ -27,7 +28,7 @@ from PIL import Image
 
 from storage import tarindex
 from storage.config import SourceConfig
-from storage.sources import IMAGE_SUFFIXES, SourceListing, check_size, to_rgb
+from storage.sources import IMAGE_SUFFIXES, SourceListing, check_size, file_status, folder_listing, open_regular, to_rgb
 
 IMAGENET_KINDS = ("imagenet_val", "imagenet_tar")
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -135,19 +136,35 @@ def _list_val(cfg: SourceConfig) -> SourceListing:
     # The full synset list, when given, keeps class indices equal to train's even for a partial val set.
     classes = sorted(set(read_synsets(cfg.synsets_file)) if cfg.synsets_file else set(mapping.values()))
     label_of = {synset: i for i, synset in enumerate(classes)}
-    files = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    unlabelled = [name for name in files if PurePosixPath(name).stem not in mapping]
+    # One scandir: names and stats at once; an image name that is no regular file is a reject row.
+    statuses, skipped = {}, 0
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if _is_dir(entry):
+                continue
+            if Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                skipped += 1
+            elif (status := file_status(entry)) is not None:
+                statuses[entry.name] = status
+    files = sorted(statuses)
+    readable = [name for name in files if not isinstance(statuses[name], str)]
+    unlabelled = [name for name in readable if PurePosixPath(name).stem not in mapping]
     if unlabelled:
         raise ValueError(f"{len(unlabelled)} images in source.path {root} have no label in source.labels_file "
                          f"{cfg.labels_file} (first: {unlabelled[:3]})")
-    if not files:
+    if not readable:
         raise FileNotFoundError(f"no images in {root} (suffixes {sorted(IMAGE_SUFFIXES)})")
-    labels = [label_of[mapping[PurePosixPath(name).stem]] for name in files]
-    ids = [VAL_PREFIX + name for name in files]
-    if cfg.num_images:
-        ids, labels = ids[:cfg.num_images], labels[:cfg.num_images]
+    rows = [(VAL_PREFIX + name, label_of.get(mapping.get(PurePosixPath(name).stem), -1), statuses[name])
+            for name in files]
     # No empty_classes: a class without val images here (a partial val set) is no bad input.
-    return SourceListing(ids, np.asarray(labels, np.int64), classes, False)
+    return folder_listing(rows, classes, cfg.num_images, skipped)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 # --- the nested train tar -------------------------------------------------------------------
@@ -163,7 +180,10 @@ def _list_tar(cfg: SourceConfig) -> SourceListing:
     empty = tuple(name for i, name in enumerate(classes) if i not in present)
     if cfg.num_images:
         rows = rows.iloc[:cfg.num_images]
-    return SourceListing(rows["id"].tolist(), rows["label"].to_numpy(np.int64), classes, False, empty)
+    # Members are read by offset from the one archive: its size and mtime stand for every file in it.
+    info = Path(cfg.path).stat()
+    stamp = {"tar_size": info.st_size, "tar_mtime_ns": info.st_mtime_ns}
+    return SourceListing(rows["id"].tolist(), rows["label"].to_numpy(np.int64), classes, False, empty, stamp=stamp)
 
 
 def list_imagenet(cfg: SourceConfig) -> SourceListing:
@@ -207,7 +227,8 @@ def read_imagenet_chunk(cfg: SourceConfig, ids: list[str], labels: np.ndarray, s
         for slot, sample_id in enumerate(ids):
             path = root / (sample_id[len(VAL_PREFIX):] if cfg.kind == "imagenet_val" else sample_id)
             try:
-                images[slot] = decode(path, cfg)
+                with open_regular(path) as file:   # a FIFO put here after listing must not block
+                    images[slot] = decode(file, cfg)
                 valid[slot] = True
             except Exception as error:
                 reject(str(path), error)

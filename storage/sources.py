@@ -2,14 +2,22 @@
 
 A source is listed once (stable ids, labels) and then read chunk by chunk, so Dask
 workers can read disjoint slices. Bad files never vanish: they come back as rejects.
+A listing carries a fingerprint (ids, labels, and each file's size and mtime), so a store
+built from it can tell when its source no longer lists the same files.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import stat
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from storage.config import SourceConfig
@@ -18,10 +26,17 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 MIN_SIDE = 8   # smaller images carry no content worth a sample (a 1x1 "image" is one colour)
 # Above this many pixels a file is refused before decoding (PIL only warns below 2x its own limit).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+LISTING_COLUMNS = ["id", "label", "size", "mtime_ns", "reason"]   # the listing as a table (listing_frame)
+SHOWN = 5   # names shown per kind of change in a SourceChanged message
 
 
 class BadImage(ValueError):
     """A file that opens but cannot become a sample (too small, too large)."""
+
+
+class SourceChanged(ValueError):
+    """The source no longer lists the files a store was built from: resuming or reusing it would
+    put one file's pixels under another file's id and label."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,66 @@ class SourceListing:
     classes: list[str]
     has_masks: bool
     empty_classes: tuple[str, ...] = field(default=())   # class folders without one image file
+    sizes: np.ndarray | None = None       # int64 [N] bytes per file (folder sources); None: not per file
+    mtimes_ns: np.ndarray | None = None   # int64 [N] modification times, beside `sizes`
+    rejects: tuple[tuple[str, int, str], ...] = ()   # (id, label, reason): image names that are no regular file
+    skipped: int = 0                      # files without an image suffix: not samples, not rejects
+    stamp: dict = field(default_factory=dict)   # what else decides the samples (tar size+mtime, scenes config)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Stable hash of everything listed, in listing order (which is the slot order)."""
+        digest = hashlib.sha256()
+        head = {"classes": self.classes, "empty": list(self.empty_classes), "masks": self.has_masks,
+                "rejects": [list(r) for r in self.rejects], "stamp": self.stamp}
+        digest.update(json.dumps(head, sort_keys=True, default=str).encode())
+        digest.update("\0".join(self.ids).encode())   # NUL: the one byte no file name holds
+        for values in (self.labels, self.sizes, self.mtimes_ns):
+            digest.update(b"-" if values is None else np.ascontiguousarray(values, "<i8").tobytes())
+        return digest.hexdigest()[:24]
+
+
+def listing_frame(listing: SourceListing) -> pd.DataFrame:
+    """One row per listed entry (samples, then rejected names), what describe_change compares."""
+    count = len(listing.ids)
+    unknown = np.full(count, -1, np.int64)
+    samples = pd.DataFrame({"id": listing.ids, "label": np.asarray(listing.labels, np.int64),
+                            "size": unknown if listing.sizes is None else listing.sizes,
+                            "mtime_ns": unknown if listing.mtimes_ns is None else listing.mtimes_ns, "reason": ""})
+    rejects = pd.DataFrame([(i, label, -1, -1, reason) for i, label, reason in listing.rejects], columns=LISTING_COLUMNS)
+    return pd.concat([samples, rejects], ignore_index=True) if len(rejects) else samples[LISTING_COLUMNS]
+
+
+def _named(ids: list[str]) -> str:
+    more = f", ... ({len(ids) - SHOWN} more)" if len(ids) > SHOWN else ""
+    return ", ".join(ids[:SHOWN]) + more
+
+
+def _what_changed(row: dict) -> str:
+    parts = [f"{column} {row[column + '_old']!r} -> {row[column + '_new']!r}" for column in ("label", "size", "reason")
+             if row[column + "_old"] != row[column + "_new"]]
+    return f"{row['id']} ({', '.join(parts) or 'modified'})"
+
+
+def describe_change(stored: pd.DataFrame | None, now: pd.DataFrame, stored_head: dict, now_head: dict) -> str:
+    """`N added (a, b); M removed (...); K changed (x (size 1 -> 2))`, then class folder and stamp
+    differences; `stored` is None when the store kept no listing table."""
+    parts = []
+    if stored is None:
+        parts.append("the store's listing record is missing, so the changed files cannot be named")
+    else:
+        added = now["id"][~now["id"].isin(stored["id"])].tolist()
+        removed = stored["id"][~stored["id"].isin(now["id"])].tolist()
+        both = stored.merge(now, on="id", suffixes=("_old", "_new"))
+        differs = np.zeros(len(both), bool)
+        for column in ("label", "size", "mtime_ns", "reason"):
+            differs |= (both[column + "_old"] != both[column + "_new"]).to_numpy()
+        changed = [_what_changed(row) for row in both[differs].to_dict("records")]
+        parts += [f"{len(names)} {verb} ({_named(names)})"
+                  for verb, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
+    parts += [f"{key}: stored {stored_head.get(key)!r}, now {now_head.get(key)!r}"
+              for key in ("classes", "empty_classes", "stamp") if stored_head.get(key) != now_head.get(key)]
+    return "; ".join(parts) or "the same files, listed in another order"
 
 
 def list_source(cfg: SourceConfig) -> SourceListing:
@@ -38,8 +113,10 @@ def list_source(cfg: SourceConfig) -> SourceListing:
         from storage.scenes import SCENE_CLASSES
 
         ids = [f"scene-s{cfg.seed}-{i:07d}" for i in range(cfg.num_images)]
-        # Labels are decided by the renderer; -1 until the chunk is rendered.
-        return SourceListing(ids, np.full(cfg.num_images, -1, np.int64), list(SCENE_CLASSES), True)
+        # Labels are decided by the renderer; -1 until the chunk is rendered. Rendered, not read: the
+        # config that decides the pixels is the whole fingerprint.
+        stamp = {"seed": cfg.seed, "num_images": cfg.num_images, "image_size": cfg.image_size}
+        return SourceListing(ids, np.full(cfg.num_images, -1, np.int64), list(SCENE_CLASSES), True, stamp=stamp)
     if cfg.kind in ("imagenet_val", "imagenet_tar"):   # flat val folder + labels, nested train tar
         from storage.imagenet import list_imagenet
 
@@ -47,24 +124,103 @@ def list_source(cfg: SourceConfig) -> SourceListing:
     return _list_imagefolder(Path(cfg.path), cfg.num_images)
 
 
+# --- listing folders --------------------------------------------------------------------------
+
+_KINDS = ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory"))
+
+
+def file_status(entry: os.DirEntry) -> os.stat_result | str | None:
+    """The stat of a regular file (a link to one counts as one), else the reject reason: a FIFO
+    blocks open() forever and a device reads forever, so neither may reach a reader.
+    None when the entry vanished since its folder was read (it is no longer listed)."""
+    try:
+        info = entry.stat()   # follows links; one stat call, no open
+    except FileNotFoundError:
+        return "not a regular file (broken symlink)" if entry.is_symlink() else None
+    except OSError as error:   # a link loop, a permission error on the target
+        return f"not a regular file ({error.strerror or error})"
+    return info if stat.S_ISREG(info.st_mode) else not_regular(info.st_mode)
+
+
+def not_regular(mode: int) -> str:
+    return f"not a regular file ({next((name for test, name in _KINDS if test(mode)), 'special file')})"
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading, refused unless it is a regular file. O_NONBLOCK makes opening a
+    FIFO return at once instead of waiting for a writer, so a file swapped for one after listing
+    cannot hang a worker; fstat then checks the very file that was opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BadImage(not_regular(mode))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def scan_tree(top: Path) -> Iterator[tuple[str, list[os.DirEntry]]]:
+    """(folder, its non-folder entries) for `top` and every folder under it, as os.walk(followlinks=False)
+    splits them (a link to a folder is not entered), one scandir per folder; unreadable folders are skipped
+    as os.walk skips them."""
+    stack = [os.fspath(top)]
+    while stack:
+        folder = stack.pop()
+        files = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:
+                        is_dir = False
+                    if not is_dir:
+                        files.append(entry)
+                    elif not entry.is_symlink():
+                        stack.append(entry.path)
+        except OSError:
+            continue
+        yield folder, files
+
+
+def folder_listing(rows: list[tuple[str, int, os.stat_result | str]], classes: list[str], cap: int,
+                   skipped: int, empty: tuple[str, ...] = ()) -> SourceListing:
+    """A listing from (id, label, stat or reject reason) rows in listing order; `cap` counts every
+    image name, rejected ones too (as it counts a truncated file)."""
+    if cap:
+        rows = rows[:cap]
+    samples = [(i, label, info) for i, label, info in rows if not isinstance(info, str)]
+    rejects = tuple((i, label, info) for i, label, info in rows if isinstance(info, str))
+    return SourceListing([i for i, _, _ in samples], np.asarray([label for _, label, _ in samples], np.int64),
+                         classes, False, empty,
+                         sizes=np.asarray([info.st_size for _, _, info in samples], np.int64),
+                         mtimes_ns=np.asarray([info.st_mtime_ns for _, _, info in samples], np.int64),
+                         rejects=rejects, skipped=skipped)
+
+
 def _list_imagefolder(root: Path, cap: int) -> SourceListing:
     if not root.is_dir():
         raise FileNotFoundError(f"source.path {root} is not a folder (expected <root>/<synset>/<image>.JPEG)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())  # ImageFolder numbering
-    ids, labels = [], []
+    rows, skipped = [], 0
     for index, name in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(root / name, followlinks=False)):
-            for file in sorted(files):
-                if Path(file).suffix.lower() in IMAGE_SUFFIXES:
-                    ids.append(str((Path(dirpath) / file).relative_to(root)))
-                    labels.append(index)
-    if not ids:
+        for folder, entries in sorted(scan_tree(root / name), key=lambda item: item[0]):
+            for entry in sorted(entries, key=lambda e: e.name):
+                if Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                    skipped += 1
+                    continue
+                status = file_status(entry)
+                if status is not None:
+                    rows.append((str(Path(folder, entry.name).relative_to(root)), index, status))
+    if not any(not isinstance(status, str) for _, _, status in rows):
         raise FileNotFoundError(f"no images under {root} (suffixes {sorted(IMAGE_SUFFIXES)})")
-    present = set(labels)   # before the cap: a class cut off by the cap is not empty
+    present = {label for _, label, _ in rows}   # before the cap: a class cut off by the cap is not empty
     empty = tuple(name for index, name in enumerate(classes) if index not in present)
-    if cap:
-        ids, labels = ids[:cap], labels[:cap]
-    return SourceListing(ids, np.asarray(labels, np.int64), classes, False, empty)
+    return folder_listing(rows, classes, cap, skipped, empty)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -100,7 +256,8 @@ def check_size(image: Image.Image) -> None:
 
 
 def read_image(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as image:   # PIL itself refuses > 2x MAX_IMAGE_PIXELS (DecompressionBombError)
+    # PIL itself refuses > 2x MAX_IMAGE_PIXELS (DecompressionBombError)
+    with open_regular(path) as file, Image.open(file) as image:
         check_size(image)
         image.load()
         return center_crop_resize(image, size)

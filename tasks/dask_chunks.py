@@ -5,7 +5,10 @@ is simply retried; one that keeps failing is reported by name, never dropped.
 
 `resources` (e.g. {"GPU": 1}) is for GPU work only: such chunks run only on workers started
 with `--resources GPU=1`. If no connected worker offers them within RESOURCE_WAIT_S, the
-run stops with an error instead of waiting forever.
+run stops with an error instead of waiting forever. Likewise, when every worker is gone for
+`worker_loss_timeout` seconds mid-run (the scheduler alone would wait for one to come back), the run
+stops with NoWorkers naming the scheduler; the chunks done so far keep their markers, so the next
+run resumes from them.
 """
 from __future__ import annotations
 
@@ -39,6 +42,13 @@ class ChunkFailures(RuntimeError):
     pass
 
 
+class NoWorkers(RuntimeError):
+    pass
+
+
+WORKER_LOSS_TIMEOUT_S = 120.0
+
+
 RESOURCE_WAIT_S = 120.0
 
 
@@ -62,9 +72,10 @@ def wait_for_resources(client: "distributed.Client", resources: dict, timeout: f
 
 
 def run_chunks(fn: Callable, chunk_args: Sequence[tuple], *, description: str, address: str | None,
-               workers: int, retries: int = 2, resources: dict | None = None) -> list:
+               workers: int, retries: int = 2, resources: dict | None = None,
+               worker_loss_timeout: float = WORKER_LOSS_TIMEOUT_S) -> list:
     """Call fn(*args) for every chunk on Dask; returns results in input order."""
-    from distributed import as_completed
+    from distributed import wait
 
     if not chunk_args:
         return []
@@ -74,14 +85,31 @@ def run_chunks(fn: Callable, chunk_args: Sequence[tuple], *, description: str, a
             wait_for_resources(client, resources)
         futures = {client.submit(fn, *args, retries=retries, pure=False, resources=resources): i
                    for i, args in enumerate(chunk_args)}
-        failed = []
-        for future in as_completed(futures):
-            index = futures[future]
-            if future.status == "error":
-                failed.append((chunk_args[index], repr(future.exception())))
-            else:
-                results[index] = future.result()
-            bar.advance()
+        failed, pending, alone_since = [], set(futures), None
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
+            except TimeoutError:   # nothing finished this second: look at the workers
+                done = set()
+            for future in done:
+                index = futures[future]
+                if future.status == "error":
+                    failed.append((chunk_args[index], repr(future.exception())))
+                else:
+                    results[index] = future.result()
+                bar.advance()
+            if not pending or done:
+                alone_since = None
+                continue
+            if client.scheduler_info(n_workers=-1)["workers"]:
+                alone_since = None
+            elif alone_since is None:
+                alone_since = time.monotonic()
+            elif time.monotonic() - alone_since >= worker_loss_timeout:
+                client.cancel(list(pending))
+                raise NoWorkers(f"{description}: no Dask worker left on scheduler {client.scheduler.address} for "
+                                f"{worker_loss_timeout:.0f}s; {len(chunk_args) - len(pending)} of {len(chunk_args)} "
+                                f"chunks finished and keep their markers: start a worker and run again to resume")
     if failed:
         lines = "\n".join(f"  chunk {args[:3]}: {error}" for args, error in failed)
         raise ChunkFailures(f"{len(failed)} of {len(chunk_args)} chunks failed after {retries} retries:\n{lines}")

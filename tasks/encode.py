@@ -27,7 +27,7 @@ from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import encode_chunk, encode_chunk_with
 from tasks.dask_chunks import run_chunks
 from tasks.progress import Progress
-from tasks.stage import pick_device, stage_lock, stage_result
+from tasks.stage import STAGE_RETRIES, pick_device, stage_lock, stage_result
 
 GPU_RESOURCES = {"GPU": 1}
 
@@ -64,7 +64,7 @@ def plan_encoder(cfg: TFConfig) -> tuple[str, int, int]:
     return label, grid_size(skeleton), token_dim(skeleton)
 
 
-@task(name="encode", cache_policy=NO_CACHE)
+@task(name="encode", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def encode_latents(cfg: TFConfig, root: str, force: bool = False) -> dict:
     with stage_lock(cfg, Layout(root, cfg).latents()):   # a second run on this store waits or fails here
         return _encode(cfg, root, force)
@@ -105,7 +105,7 @@ def _encode(cfg: TFConfig, root: str, force: bool) -> dict:
         todo = [(cfg.encoder.model_dump(), cfg.source.image_size, cfg.device, str(images), str(path), c,
                  *bounds[c], weights_label) for c in pending]
         run_chunks(encode_chunk, todo, description="encode", address=address, workers=cfg.ingest.workers,
-                   resources=GPU_RESOURCES)
+                   resources=GPU_RESOURCES, worker_loss_timeout=cfg.ingest.worker_loss_timeout)
     else:
         with Progress(num, "encode", unit="img") as bar:
             bar.advance(num - sum(bounds[c][1] - bounds[c][0] for c in pending))

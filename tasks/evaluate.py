@@ -49,7 +49,7 @@ from tasks.evaluate_reference import image_reference, level_reference
 from tasks.evaluate_report import publish_artifacts
 from tasks.level_data import canvases, load_latents, load_regions
 from tasks.progress import Progress
-from tasks.stage import pick_device, stage_lock, stage_result
+from tasks.stage import STAGE_RETRIES, pick_device, stage_lock, stage_result
 from tasks.structure_pool import process_structure
 from tasks.train import decoder_config, flat_generator_dir, generator_config, load_flat_generator, num_classes
 
@@ -182,7 +182,7 @@ def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, in
     return reference, reused
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> dict:
     with stage_lock(cfg, evaluation_dir(Layout(root, cfg), cfg)):   # a second run on this store waits or fails here
         return _evaluate(cfg, root, run_id, force)

@@ -22,14 +22,14 @@ from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import ground_truth_chunk, hierarchy_chunk
 from tasks.dask_chunks import run_chunks
 from tasks.progress import Progress
-from tasks.stage import stage_lock, stage_result
+from tasks.stage import STAGE_RETRIES, stage_lock, stage_result
 
 # What the teacher store's attributes say it was built from (DESIGN section 3).
 CLUSTERED_INPUT = "standardised latents (per-channel dataset mean/std)"
 GROUND_TRUTH_INPUT = "ground-truth masks (majority vote per token, nested)"
 
 
-@task(name="hierarchy", cache_policy=NO_CACHE)
+@task(name="hierarchy", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def build_teacher(cfg: TFConfig, root: str, force: bool = False) -> dict:
     with stage_lock(cfg, Layout(root, cfg).teacher()):   # a second run on this store waits or fails here
         return _build_teacher(cfg, root, force)
@@ -75,7 +75,7 @@ def _build_teacher(cfg: TFConfig, root: str, force: bool) -> dict:
     else:
         todo = [(cfg.hierarchy.model_dump(), str(latents), str(path), c, *bounds[c]) for c in pending]
         run_chunks(hierarchy_chunk, todo, description="hierarchy", address=cfg.ingest.dask_address,
-                   workers=cfg.ingest.workers)
+                   workers=cfg.ingest.workers, worker_loss_timeout=cfg.ingest.worker_loss_timeout)
     zarr_store.mark_complete(path, {"samples": num, "levels": levels})
     return stage_result("hierarchy", layout.keys.teacher, path, True, started)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +11,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import zarr_store
-from storage.config import TFConfig
+from storage.config import SourceConfig, TFConfig
 from storage.files import remove_tree
 from storage.keys import Layout
-from storage.sources import list_source
+from storage.sources import SourceChanged, SourceListing, describe_change, list_source, listing_frame
 from storage.tables import REJECT_COLUMNS, atomic_write_parquet, load_rejects, now_iso
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import ingest_chunk
 from tasks.dask_chunks import run_chunks
-from tasks.stage import stage_lock, stage_result
+from tasks.stage import STAGE_RETRIES, stage_lock, stage_result
+
+LISTING_TABLE = "_listing.parquet"   # the listing a store was built from (storage.sources.listing_frame)
 
 
 def image_store_arrays(num: int, size: int, with_masks: bool) -> dict[str, ArraySpec]:
@@ -33,7 +36,7 @@ def image_store_arrays(num: int, size: int, with_masks: bool) -> dict[str, Array
     return arrays
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
+@task(name="ingest", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def ingest_images(cfg: TFConfig, root: str, force: bool = False) -> dict:
     with stage_lock(cfg, Layout(root, cfg).images()):   # a second run on this store waits or fails here
         return _ingest(cfg, root, force)
@@ -45,34 +48,87 @@ def _ingest(cfg: TFConfig, root: str, force: bool) -> dict:
     path = layout.images()
     if force:
         remove_tree(path)
+    # Listed on every run, a reuse too: a store holds the files it was listed from, and slots are
+    # positions in that listing, so resuming or reusing it for another listing would mix samples up.
+    listing = list_source(cfg.source)
     if zarr_store.is_complete(path):
         zarr_store.check_compatible(path, {"stage": "images", "key": layout.keys.images})
+        check_listing(path, listing, cfg.source.path, complete=True)
         return stage_result("ingest", layout.keys.images, path, False, started)
-    listing = list_source(cfg.source)
+    if (zarr_store.zarr_path(path) / "zarr.json").exists():   # a killed run's store: resumed only on the same files
+        check_listing(path, listing, cfg.source.path, complete=False)
+    else:   # the per-file record before the store, so every fingerprinted store has one
+        atomic_write_parquet(listing_frame(listing), Path(path) / LISTING_TABLE)
     num, chunk_size = len(listing.ids), cfg.ingest.chunk_size
-    attrs = {"stage": "images", "key": layout.keys.images, "source": cfg.source.model_dump(),
-             "classes": listing.classes}
+    attrs = {"stage": "images", "key": layout.keys.images, "source": cfg.source.model_dump(), **listing_record(listing)}
     zarr_store.create_store(path, image_store_arrays(num, cfg.source.image_size, listing.has_masks), chunk_size, attrs)
     zarr_store.write_array(path, "sample", np.asarray(listing.ids, dtype=str))
-    write_listing_rejects(path, listing.empty_classes, cfg.source.path)
+    write_listing_rejects(path, listing, cfg.source)
     bounds = zarr_store.chunk_bounds(num, chunk_size)
     todo = [(cfg.source.model_dump(), str(path), c, start, listing.ids[start:stop], listing.labels[start:stop].tolist())
             for c in zarr_store.pending_chunks(path, len(bounds)) for start, stop in [bounds[c]]]
-    run_chunks(ingest_chunk, todo, description="ingest", address=cfg.ingest.dask_address, workers=cfg.ingest.workers)
+    run_chunks(ingest_chunk, todo, description="ingest", address=cfg.ingest.dask_address, workers=cfg.ingest.workers,
+               worker_loss_timeout=cfg.ingest.worker_loss_timeout)
     infos = zarr_store.chunk_infos(path)
     accepted = sum(i["accepted"] for i in infos)
     rejected = len(load_rejects(path))
-    seen = num + len(listing.empty_classes)   # every listed file, and every class folder without one
+    # every listed file, every class folder without one, and every image name that is no regular file
+    seen = num + len(listing.empty_classes) + len(listing.rejects)
     if accepted + rejected != seen:   # a sample neither stored nor rejected would be lost silently
         raise RuntimeError(f"ingest of {path}: accepted {accepted} + rejected {rejected} != seen {seen}")
-    zarr_store.mark_complete(path, {"samples": num, "seen": seen, "accepted": accepted, "rejected": rejected})
+    zarr_store.mark_complete(path, {"samples": num, "seen": seen, "accepted": accepted, "rejected": rejected,
+                                    "skipped": listing.skipped})
     return stage_result("ingest", layout.keys.images, path, True, started, seen=seen, accepted=accepted,
-                        rejected=rejected)
+                        rejected=rejected, skipped=listing.skipped)
 
 
-def write_listing_rejects(path, empty_classes: tuple[str, ...], source_root: str | None) -> None:
-    """Class folders with no image: a reject row each (the class keeps its number, as in ImageFolder)."""
-    rows = [{"stage": "ingest", "path": str(Path(source_root or "") / name), "reason": "empty class folder: no image files",
-             "chunk": -1, "timestamp": now_iso()} for name in empty_classes]
+def source_file(source: SourceConfig, sample_id: str) -> str:
+    """A folder sample's file relative to source.path (val ids carry a "val/" prefix the folder lacks)."""
+    from storage.imagenet import VAL_PREFIX
+
+    return sample_id.removeprefix(VAL_PREFIX) if source.kind == "imagenet_val" else sample_id
+
+
+def listing_record(listing: SourceListing) -> dict:
+    """What the store's attrs keep of its listing (the per-file record is LISTING_TABLE beside it)."""
+    return {"classes": listing.classes, "empty_classes": list(listing.empty_classes),
+            "source_stamp": listing.stamp, "source_fingerprint": listing.fingerprint}
+
+
+def check_listing(path: Path, listing: SourceListing, source_root: str | None, complete: bool) -> None:
+    """Refuse a store whose source no longer lists the same files (names, sizes, mtimes): resuming it
+    would write other files' pixels under the ids and labels listed before, and reusing it would leave
+    new files out. Never repairs anything: the store stays as it is."""
+    attrs = zarr_store.store_attrs(path)
+    stored = attrs.get("source_fingerprint")
+    if stored == listing.fingerprint:
+        return
+    fix = (f"Rebuild it from the source as it is now with `tf ingest --force ingest`, or restore "
+           f"{source_root or 'the source'} as it was.")
+    if stored is None:   # written before listings were fingerprinted
+        if complete:     # finished from one listing in one run: still what it was, only unchecked
+            warnings.warn(f"image store {path} predates source fingerprints: reused without checking that "
+                          f"{source_root} still lists the same files. {fix}", stacklevel=2)
+            return
+        raise SourceChanged(f"the unfinished image store {path} predates source fingerprints, so resuming it "
+                            f"cannot be checked against {source_root}. {fix}")
+    table = Path(path) / LISTING_TABLE
+    old = pd.read_parquet(table) if table.exists() else None
+    heads = [{"classes": record.get("classes"), "empty_classes": record.get("empty_classes"),
+              "stamp": record.get("source_stamp")} for record in (attrs, listing_record(listing))]
+    what = describe_change(old, listing_frame(listing), *heads)
+    state = "complete" if complete else "unfinished"
+    raise SourceChanged(f"source {source_root} no longer lists the files the {state} image store {path} was built "
+                        f"from: {what}. Its samples would no longer match their files, so it is left as it is. {fix}")
+
+
+def write_listing_rejects(path, listing: SourceListing, source: SourceConfig) -> None:
+    """A reject row for each class folder with no image (the class keeps its number, as in ImageFolder)
+    and each image name that is no regular file (never opened: a FIFO would block the reader forever)."""
+    where = Path(source.path or "")
+    rows = [{"stage": "ingest", "path": str(where / name), "reason": "empty class folder: no image files",
+             "chunk": -1, "timestamp": now_iso()} for name in listing.empty_classes]
+    rows += [{"stage": "ingest", "path": str(where / source_file(source, sample_id)), "reason": reason,
+              "chunk": -1, "timestamp": now_iso()} for sample_id, _, reason in listing.rejects]
     if rows:
         atomic_write_parquet(pd.DataFrame(rows, columns=REJECT_COLUMNS), Path(path) / "_rejects" / "listing.parquet")

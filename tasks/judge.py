@@ -25,7 +25,7 @@ from storage.files import read_json, remove_tree
 from storage.keys import Layout
 from storage.scenes import masks_to_grid
 from tasks.progress import Progress
-from tasks.stage import cpu_threads, pick_device, stage_lock, stage_result
+from tasks.stage import STAGE_RETRIES, cpu_threads, pick_device, stage_lock, stage_result
 
 TOKEN_PATCH = 14   # the sidecar's token-grid scores use DINOv2's patch (the evaluation scores at its own grid)
 NOT_SCENES = "the scenes judge needs source.kind 'scenes' (class labels and ground-truth masks of real scenes)"
@@ -49,7 +49,7 @@ def holdout_split(count: int, share: float) -> int:
     return min(count - 1, max(1, int(round(share * count))))
 
 
-@task(name="train-judge", cache_policy=NO_CACHE)
+@task(name="train-judge", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def train_judge_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     return ensure_judge(cfg, root, force)
 

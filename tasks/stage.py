@@ -47,3 +47,34 @@ def stage_lock(cfg, stage_dir: Path):
     from storage.locks import stage_lock as lock
 
     return lock(stage_dir, cfg.concurrency.on_locked, cfg.concurrency.wait_timeout_s)
+
+
+# Errors a second attempt can fix: an I/O hiccup on a network file system, a dropped connection.
+# Bad input, a missing file or a bug fails at once: retrying it only delays the message.
+TRANSIENT_ERRORS = (TimeoutError, ConnectionError, BlockingIOError, InterruptedError)
+PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a stage that failed with `error` is worth running again (its chunks resume from markers)."""
+    from tasks.dask_chunks import NoWorkers
+
+    if isinstance(error, NoWorkers):   # it already waited worker_loss_timeout for a worker
+        return False
+    if isinstance(error, TRANSIENT_ERRORS):
+        return True
+    return isinstance(error, OSError) and not isinstance(error, PERMANENT_OS_ERRORS)
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry the stage only for a transient error."""
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as error:   # the state's own exception, re-raised by result()
+        return is_transient(error)
+    return False
+
+
+# Every stage task: two more attempts for transient errors, 10 s then 60 s apart. Stages are
+# idempotent (markers, atomic writes), so an attempt continues where the last one stopped.
+STAGE_RETRIES = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": retry_transient}

@@ -31,7 +31,7 @@ from tasks.generator_job import (SHARED, finish_generator, flat_generator_dir, g
                                  snapshotter)
 from tasks.level_data import load_latents
 from tasks.progress import Progress
-from tasks.stage import cpu_threads, pick_device, stage_lock, stage_result
+from tasks.stage import STAGE_RETRIES, cpu_threads, pick_device, stage_lock, stage_result
 
 
 DECODER_EMA_KIMG = 500.0
@@ -51,7 +51,7 @@ def run_with_progress(description: str, total: int, start: int, train):
         return train(lambda step, stats: bar.advance(1, loss=f"{stats['loss']:.4f}"))
 
 
-@task(name="train-decoder", cache_policy=NO_CACHE)
+@task(name="train-decoder", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def train_decoder_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     with stage_lock(cfg, Layout(root, cfg).decoder()):   # a second run on this folder waits or fails here
         return _train_decoder(cfg, root, force)
@@ -123,20 +123,20 @@ def _train_generator_stage(cfg: TFConfig, root: str, which: int | str | None, fo
     return stage_result(stage, key, folder, True, started, final_loss=meta["final_loss"], resumed_from_step=start)
 
 
-@task(name="train-level", cache_policy=NO_CACHE, task_run_name="train-level-{level}")
+@task(name="train-level", cache_policy=NO_CACHE, **STAGE_RETRIES, task_run_name="train-level-{level}")
 def train_level_task(cfg: TFConfig, root: str, level: int, force: bool = False) -> dict:
     with stage_lock(cfg, Layout(root, cfg).generator(level)):
         return _train_generator_stage(cfg, root, level, force, f"train-L{level}")
 
 
-@task(name="train-shared", cache_policy=NO_CACHE)
+@task(name="train-shared", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def train_shared_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     """One generator for every level (generator.sharing: shared), level-conditioned."""
     with stage_lock(cfg, Layout(root, cfg).shared_generator()):
         return _train_generator_stage(cfg, root, SHARED, force, "train-shared")
 
 
-@task(name="train-flat", cache_policy=NO_CACHE)
+@task(name="train-flat", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def train_flat_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     """The flat baseline: one one-step model to the full latent, same backbone and step budget."""
     with stage_lock(cfg, Layout(root, cfg).flat_generator()):

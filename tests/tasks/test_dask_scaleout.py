@@ -125,3 +125,87 @@ def test_gpu_chunks_without_a_gpu_worker_fail_with_how_to_instead_of_hanging():
             Client(cluster) as client:
         with pytest.raises(RuntimeError, match="--resources GPU=1"):
             wait_for_resources(client, {"GPU": 1}, timeout=0)
+
+
+def _start(command: list, logs: Path, name: str, env: dict) -> subprocess.Popen:
+    with open(logs / f"{name}.log", "wb") as log:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def test_losing_every_worker_mid_run_fails_within_the_timeout_and_the_next_run_resumes(tmp_path):
+    """A real scheduler and one worker without a nanny (so nothing restarts it); the worker is
+    SIGKILLed after the first chunk's marker: the run stops with NoWorkers naming the scheduler
+    instead of waiting; with a new worker, the chunks without a marker run, each exactly once."""
+    import time
+
+    import pytest
+    from distributed import Client
+
+    from tasks.dask_chunks import NoWorkers, run_chunks
+
+    logs, markers = tmp_path / "logs", tmp_path / "markers"
+    logs.mkdir()
+    markers.mkdir()
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    dask = [sys.executable, "-m", "dask"]
+    worker = dask + ["worker", address, "--no-nanny", "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+
+    def chunk(index: int, folder: str) -> int:   # nested: pickled by value, nothing to import on the worker
+        import time
+        from pathlib import Path
+
+        time.sleep(0.5)
+        marker = Path(folder) / f"{index}.{time.time_ns()}"   # one file per execution: repeats would show
+        marker.write_text("done")
+        return index
+
+    procs = [_start(dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], logs,
+                    "scheduler", env)]
+    try:
+        procs.append(_start(worker, logs, "worker-1", env))
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(1, timeout=60)
+        args = [(i, str(markers)) for i in range(12)]
+        killer_done = []
+
+        def kill_after_first_marker() -> None:
+            deadline = time.monotonic() + 60
+            while not any(markers.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            _stop_now(procs[1])
+            killer_done.append(time.monotonic())
+
+        import threading
+        killer = threading.Thread(target=kill_after_first_marker)
+        killer.start()
+        with pytest.raises(NoWorkers, match=f"no Dask worker left on scheduler {address}"):
+            run_chunks(chunk, args, description="test", address=address, workers=1, worker_loss_timeout=3.0)
+        failed_at = time.monotonic()
+        killer.join()
+        assert failed_at - killer_done[0] < 3.0 + 10.0   # the timeout plus polling and the scheduler's notice
+
+        done = {int(p.name.split(".")[0]) for p in markers.iterdir()}
+        assert 0 < len(done) < len(args)
+        procs.append(_start(worker, logs, "worker-2", env))
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(1, timeout=60)
+        rest = [a for a in args if a[0] not in done]   # what a stage resumes: the chunks without a marker
+        assert run_chunks(chunk, rest, description="test", address=address, workers=1) == [a[0] for a in rest]
+        executions = sorted(int(p.name.split(".")[0]) for p in markers.iterdir())
+        assert executions == list(range(len(args)))   # every chunk ran, and exactly once
+    except Exception:
+        for log in sorted(logs.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+        raise
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _stop_now(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
