@@ -55,7 +55,12 @@ class MissingWeightsError(FileNotFoundError):
 
 
 class WeightsError(ValueError):
-    """Raised when the configured weights file cannot be read or does not fit the encoder model."""
+    """Raised when the configured weights file cannot be read or does not fit the encoder model.
+    `path` is the resolved file (tasks.encoder_load re-words the error with what the file holds)."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 _IGNORED_META_KEYS = {"mask_token"}                   # dropped by timm's DINOv2 filter
@@ -63,19 +68,11 @@ _META_RENAMES = {"register_tokens": "reg_token"}      # Meta's names -> timm's
 _RESAMPLED = {"pos_embed"}                            # resampled to img_size (and the class slot folded in)
 
 
-def _load_failure_message(timm_name: str, img_size: int, path: str, weights: str, error: Exception) -> str:
-    """One short paragraph: the file, the config key, and either why it is unreadable or the first
-    tensors that do not fit `timm_name` (names and shapes compared without loading the tensors)."""
-    from storage.files import weights_shapes
-
-    where = f"encoder.weights {weights}" + (f" ({path})" if os.path.abspath(path) != os.path.abspath(
-        os.path.expanduser(weights)) else "")
-    try:
-        found = weights_shapes(path)
-    except (ValueError, OSError) as unreadable:
-        return f"{where}: cannot be read as a weights file: {unreadable}"
-    found = {_META_RENAMES.get(k, k): v for k, v in found.items() if k not in _IGNORED_META_KEYS}
-    with torch.device("meta"):   # shapes only: nothing allocated, nothing initialised
+def describe_misfit(timm_name: str, img_size: int, found: dict[str, tuple[int, ...]]) -> str | None:
+    """The first tensors of a weights file (`found`: name -> shape, read by the caller) that do not fit
+    `timm_name`, or None when every tensor fits. Shapes only: the model is built on the meta device."""
+    found = {_META_RENAMES.get(k, k): tuple(v) for k, v in found.items() if k not in _IGNORED_META_KEYS}
+    with torch.device("meta"):   # nothing allocated, nothing initialised
         expected = {k: tuple(v.shape) for k, v in timm.create_model(
             timm_name, pretrained=False, img_size=img_size, num_classes=0, weight_init="skip").state_dict().items()}
     missing = [k for k in expected if k not in found]
@@ -85,10 +82,7 @@ def _load_failure_message(timm_name: str, img_size: int, path: str, weights: str
     parts = [f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
              for label, keys in (("missing", missing), ("unexpected", unexpected),
                                  ("shape in file vs model", shapes)) if keys]
-    if parts:
-        return f"{where} does not fit encoder.model {timm_name}: " + "; ".join(parts)
-    first = (str(error).strip().splitlines() or [""])[0][:200]
-    return f"{where} could not be loaded into encoder.model {timm_name}: {type(error).__name__}: {first}"
+    return "; ".join(parts) or None
 
 
 def _missing_weights_message(timm_name: str, weights: str | None) -> str:
@@ -225,8 +219,10 @@ def build_encoder(
                 pretrained_cfg_overlay=overlay,
                 weight_init="skip",   # every tensor comes from the file (strict load): random init is wasted time
             )
-        except Exception as error:   # timm fails deep in its filter or load_state_dict: say which file and why
-            raise WeightsError(_load_failure_message(timm_name, img_size, path, weights, error)) from None
+        except Exception as error:   # timm fails deep in its filter or load_state_dict: say which file
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            raise WeightsError(f"encoder.weights {weights} ({path}) could not be loaded into encoder.model "
+                               f"{timm_name}: {type(error).__name__}: {first}", path=path) from None
         label = weights_file_label(path)
     elif allow_random_init:
         if weights:

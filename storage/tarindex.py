@@ -17,13 +17,14 @@ import hashlib
 import json
 import os
 import tarfile
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storage.files import atomic_write_bytes
 
 INDEX_VERSION = 1
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
@@ -111,15 +112,9 @@ def build_index(tar: str | Path, index_path: str | Path) -> Path:
     })
     meta = {**stamp, "classes": synsets, "tar": str(tar.resolve())}
     table = table.replace_schema_metadata({"tf_tar_index": json.dumps(meta)})
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=index_path.parent)
-    os.close(handle)
-    try:
-        pq.write_table(table, tmp, row_group_size=65536)
-        os.replace(tmp, index_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, row_group_size=65536)
+    atomic_write_bytes(index_path, memoryview(buffer.getvalue()))   # temporary name, rename; umask mode
     return index_path
 
 

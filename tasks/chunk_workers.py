@@ -76,12 +76,12 @@ def _worker_address() -> str | None:
 
 
 def cached_encoder(model: str, img_size: int, weights: str | None, allow_random_init: bool, device: str):
-    from models.encoder import build_encoder
+    from tasks.encoder_load import load_encoder
 
     key = (model, img_size, weights, allow_random_init)
     with _ENCODERS_LOCK:
         if key not in _ENCODERS:
-            encoder, label = build_encoder(model, img_size, weights, allow_random_init)
+            encoder, label = load_encoder(model, img_size, weights, allow_random_init)
             _ENCODERS[key] = (encoder.to(device), label)
         return _ENCODERS[key]
 

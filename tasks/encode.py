@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.channel_stats import mean_std
-from models.encoder import ENCODER_OUTPUT, build_encoder, grid_size, resolve_encoder_name, token_dim
+from models.encoder import ENCODER_OUTPUT, grid_size, resolve_encoder_name, token_dim
 from models.encoder import weights_label as planned_weights_label
 from storage import zarr_store
 from storage.config import TFConfig
@@ -26,6 +26,7 @@ from storage.keys import Layout
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import encode_chunk, encode_chunk_with
 from tasks.dask_chunks import run_chunks
+from tasks.encoder_load import load_encoder
 from tasks.progress import Progress
 from tasks.stage import STAGE_RETRIES, pick_device, stage_lock, stage_result
 
@@ -88,7 +89,7 @@ def _encode(cfg: TFConfig, root: str, force: bool) -> dict:
         weights_label, grid, dim = plan_encoder(cfg)
     else:
         device = pick_device(cfg.device)
-        model, weights_label = build_encoder(cfg.encoder.model, cfg.source.image_size, cfg.encoder.weights,
+        model, weights_label = load_encoder(cfg.encoder.model, cfg.source.image_size, cfg.encoder.weights,
                                              cfg.encoder.allow_random_init)
         model = model.to(device)
         grid, dim = grid_size(model), token_dim(model)

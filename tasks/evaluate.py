@@ -26,7 +26,6 @@ from prefect.cache_policies import NO_CACHE
 from models.decoder import TokenDecoder, tensor_to_images
 from models.dit import TrajectoryDiT
 from models.edit_suite import plan_edits, run_edit_suite
-from models.encoder import build_encoder
 from models.fidelity import (dinov2_extractor_label, dinov2_feature_fn, fidelity_unavailable_reason,
                              inception_extractor_label, inception_feature_fn)
 from models.metrics import bootstrap_ci
@@ -44,6 +43,7 @@ from storage.scenes import masks_to_grid
 from storage.tables import metric_row, write_metrics
 from storage.trajectory_store import new_edit_id, write_edits, write_grid, write_trajectories
 from tasks.chunk_workers import hierarchy_spec
+from tasks.encoder_load import load_encoder
 from tasks.evaluate_judge import JUDGE_METRICS, judge_rows, prepare_judge
 from tasks.evaluate_reference import image_reference, level_reference
 from tasks.evaluate_report import publish_artifacts
@@ -149,7 +149,7 @@ def _quality_rows(values: list[MetricValues], dinov2: dict, inception: dict, rea
 def _extractors(cfg: TFConfig, device: str):
     """The re-encoding DINOv2 (also the FD-DINOv2 extractor) and Inception when its weights exist."""
     ev = cfg.evaluate
-    encoder, weights_label = build_encoder(cfg.encoder.model, cfg.source.image_size, cfg.encoder.weights,
+    encoder, weights_label = load_encoder(cfg.encoder.model, cfg.source.image_size, cfg.encoder.weights,
                                            cfg.encoder.allow_random_init)
     encoder = encoder.to(device).eval()
     dinov2 = {"fn": dinov2_feature_fn(encoder, device, batch_size=cfg.encoder.batch_size),

@@ -195,3 +195,17 @@ def test_resize_short_and_interpolation_are_honoured():
         SourceConfig(kind="imagefolder", path="x", image_size=56, resize_short=50)
     with pytest.raises(ValueError, match="labels_file"):
         SourceConfig(kind="imagenet_val", path="x")
+
+
+def test_the_tar_index_is_written_with_the_umask_mode(tmp_path):
+    from storage.tarindex import build_index
+
+    class_tar = _tar_bytes([("n01440764_1.JPEG", b"not an image")])
+    tar_path = tmp_path / "train.tar"
+    tar_path.write_bytes(_tar_bytes([("n01440764.tar", class_tar)]))
+    old = os.umask(0o022)
+    try:
+        build_index(tar_path, tmp_path / "index" / "train.parquet")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "index" / "train.parquet").stat().st_mode & 0o777 == 0o644
