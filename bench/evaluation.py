@@ -16,6 +16,7 @@ torch-fidelity exist.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -175,7 +176,7 @@ def main() -> None:
     from models.encoder import build_encoder, encode_images
     from models.fidelity import dinov2_feature_fn, inception_feature_fn
     from models.hierarchy import HierarchySpec, region_canvas
-    from models.streaming_eval import PHASES, evaluate_streaming, metric_values, reference_stats
+    from models.streaming_eval import PHASES, EvalPlan, Runtime, Scorers, evaluate_streaming, metric_values, reference_stats
     from tasks.structure_pool import process_structure
 
     size = SIZES[args.size]
@@ -233,20 +234,19 @@ def main() -> None:
     print(f"reference over {args.real} real images in {reference_s:.1f}s", flush=True)
 
     structure_samples = None if args.structure_samples < 0 else args.structure_samples
-    common = dict(inception_fn=inception_fn, encoder=encoder, hierarchy_spec=HierarchySpec(), device=device,
-                  batch_size=args.batch_size, keep=args.keep, reencode_samples=args.reencode,
-                  structure_samples=structure_samples,
-                  structure_runner=process_structure(args.structure_workers, args.inflight),
-                  noise_threads=args.noise_threads,
-                  overlap_features=not args.no_overlap and device.type == "cuda")
+    scorers = Scorers(dinov2_fn, inception_fn, encoder=encoder, hierarchy_spec=HierarchySpec())
+    plan = EvalPlan(batch_size=args.batch_size, keep=args.keep, reencode_samples=args.reencode,
+                    structure_samples=structure_samples)
+    runtime = Runtime(device, structure_runner=process_structure(args.structure_workers, args.inflight),
+                      noise_threads=args.noise_threads, overlap_features=not args.no_overlap and device.type == "cuda")
     label_pool = np.arange(size["classes"])
 
     # --- warm-up (cuDNN / cuBLAS choices, allocator), untimed ----------------------------------
     started = time.perf_counter()
     warmup = args.warmup if args.warmup is not None else min(2 * args.batch_size, args.samples)
     if warmup:
-        evaluate_streaming(generators, decoder, np.arange(10**9, 10**9 + warmup), label_pool, dinov2_fn,
-                           **{**common, "structure_samples": min(100, warmup), "reencode_samples": 16})
+        evaluate_streaming(generators, decoder, np.arange(10**9, 10**9 + warmup), label_pool, scorers,
+                           dataclasses.replace(plan, structure_samples=min(100, warmup), reencode_samples=16), runtime)
     warmup_s = time.perf_counter() - started
     print(f"warm-up ({warmup} samples) {warmup_s:.1f}s", flush=True)
     profile = profile_parts(generators, decoder, dinov2_fn, inception_path, device, args) if args.profile else {}
@@ -263,7 +263,8 @@ def main() -> None:
 
     seeds = np.arange(args.samples, dtype=np.int64)
     started = time.perf_counter()
-    result = evaluate_streaming(generators, decoder, seeds, label_pool, dinov2_fn, progress=progress, **common)
+    result = evaluate_streaming(generators, decoder, seeds, label_pool, scorers, plan,
+                                dataclasses.replace(runtime, progress=progress))
     engine_s = time.perf_counter() - started
     values = metric_values(result, reference)
     eval_s = time.perf_counter() - started
@@ -288,7 +289,7 @@ def main() -> None:
                         "structure_workers": args.structure_workers, "noise_threads": args.noise_threads,
                         "inflight": args.inflight, "reencode": args.reencode, "keep": args.keep,
                         "structure_samples": structure_samples, "warmup": warmup,
-                        "overlap_features": common["overlap_features"],
+                        "overlap_features": runtime.overlap_features,
                         "torch": torch.__version__, "cpus": os.cpu_count(),
                         "weights": "random (shapes of the ImageNet configuration); synthetic real set"}}
     path = results_io.write_result("evaluation" + args.tag, figures, extra, args.out)

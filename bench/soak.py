@@ -131,7 +131,7 @@ def stage_dirs(root: Path, cfg) -> dict[str, list[Path]]:
     layout = Layout(root, cfg)
     return {"images": [layout.images()], "latents": [layout.latents()], "teacher": [layout.teacher()],
             "decoder": [layout.decoder()],
-            "generators": [layout.generator(l) for l in range(cfg.hierarchy.num_levels)], "judge": [layout.judge()],
+            "generators": [layout.generator(l) for l in range(cfg.hierarchy.generator_levels)], "judge": [layout.judge()],
             "ingest": [layout.images()], "encode": [layout.latents()], "hierarchy": [layout.teacher()],
             "train": [layout.generator(0)], "evaluate": [layout.evaluation()]}
 

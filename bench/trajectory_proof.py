@@ -62,7 +62,7 @@ from models.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, class_slo
                           judge_features, judge_fn, judge_outputs, train_judge)
 from models.meanflow import MeanFlowConfig  # noqa: E402
 from models.metrics import REGION_THRESHOLD, adjusted_rand, feature_stats, frechet_distance  # noqa: E402
-from models.streaming_eval import evaluate_streaming, metric_values  # noqa: E402
+from models.streaming_eval import EvalPlan, Runtime, Scorers, evaluate_streaming, metric_values  # noqa: E402
 from models.train_loop import OptimConfig, train_decoder, train_generator  # noqa: E402
 from models.train_state import ema_name  # noqa: E402
 from models.trajectory import level_noises, one_step_level  # noqa: E402
@@ -122,8 +122,8 @@ def prepare_data(args, device: torch.device, spec: HierarchySpec) -> dict:
     step = max(1, -(-len(raw) // (4 * args.workers)))
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         parts = pool.map(_hierarchy, [(standardised[i:i + step], spec) for i in range(0, len(raw), step)])
-    regions = {"clustered": np.concatenate(parts).reshape(len(raw), spec.num_levels, -1).astype(np.int64),
-               "oracle": ground_truth_hierarchies(masks, grid).reshape(len(raw), spec.num_levels, -1).astype(np.int64)}
+    regions = {"clustered": np.concatenate(parts).reshape(len(raw), spec.partition_levels, -1).astype(np.int64),
+               "oracle": ground_truth_hierarchies(masks, grid).reshape(len(raw), spec.partition_levels, -1).astype(np.int64)}
     timing["hierarchy_s"] = time.perf_counter() - started
     return {"images": images, "labels": labels, "masks": masks, "tokens": standardised.reshape(len(raw), -1, dim),
             "mean": mean, "std": std, "grid": grid, "dim": dim, "regions": regions,
@@ -566,7 +566,7 @@ def main(argv=None) -> None:
         def batches():
             for s in range(0, len(data["images"]), args.eval_batch):
                 yield data["images"][s:s + args.eval_batch], [c[s:s + args.eval_batch] for c in level_canvases]
-        return reference_stats(batches(), dinov2_fn, device=device, feature_fns={JUDGE: judge_feats})
+        return reference_stats(batches(), dinov2_fn, device=device, feature_fns={"judge": judge_feats})
 
     references = {t: phase(f"reference-{t}", 30, lambda t=t: make_reference(t)) for t in ("clustered", "oracle")}
 
@@ -590,12 +590,13 @@ def main(argv=None) -> None:
             def score(models, samples: int, final: bool, snap: float | None):
                 seeds = 1_000_003 * args.seed + np.arange(samples)
                 result = evaluate_streaming(
-                    models, decoder, seeds, data["labels"], dinov2_fn, encoder=encoder, hierarchy_spec=spec,
-                    device=device, batch_size=args.eval_batch, keep=args.grid_rows,
-                    reencode_samples=args.reencode if final else 0, structure_samples=args.structure_samples,
-                    structure_runner=process_structure(args.workers, 4), latent_stats=(data["mean"], data["std"]),
-                    judge_fn=judge_fn(judge, grid, device), mode="staged" if staged else "flat",
-                    region_threshold=args.region_threshold, snap_threshold=snap)
+                    models, decoder, seeds, data["labels"],
+                    Scorers(dinov2_fn, judge=judge_fn(judge, grid, device), encoder=encoder, hierarchy_spec=spec,
+                            latent_stats=(data["mean"], data["std"])),
+                    EvalPlan(batch_size=args.eval_batch, keep=args.grid_rows, structure_samples=args.structure_samples,
+                             reencode_samples=args.reencode if final else 0, region_threshold=args.region_threshold,
+                             snap_threshold=snap, mode="staged" if staged else "flat"),
+                    Runtime(device, structure_runner=process_structure(args.workers, 4)))
                 row = summarise(metric_values(result, references[teacher], kid_subset_size=max(2, samples // 2)))
                 return result, row
 

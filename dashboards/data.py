@@ -12,20 +12,36 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from models.metric_registry import registered
 from storage import zarr_store
 from storage.checkpoints import checkpoint_meta
 from storage.files import read_json
 from storage.tables import load_metrics, load_runs
 
 EDITS_FOLDER = "dashboard-edits"   # the only folder under a root that the dashboard writes
-# Headline metrics on the runs page: (label, metric, how to summarise over levels / variants).
-HEADLINE = [("fd_dinov2", "fd_dinov2"), ("fid", "fid"), ("fd_level (mean)", "fd_level"),
-            ("nesting (mean)", "nesting"), ("reencode_ari (mean)", "reencode_ari"),
-            ("locality_pixel (mean)", "locality_pixel"), ("psnr_outside (mean)", "preservation_psnr_outside"),
-            ("teacher ari (mean)", "ari")]
-# Per-level plots comparing runs: metric groups the issue asks for.
-PLOTS = {"per-level FD": ["fd_level"], "structural consistency": ["nesting", "plan_adherence", "reencode_ari"],
-         "controllability": ["locality_latent", "locality_pixel", "preservation_psnr_outside"]}
+
+
+def headline() -> list[tuple[str, str]]:
+    """Headline columns of the runs page, (label, metric; mean over levels / variants), in registry order."""
+    return [pair for metric in registered() for pair in metric.headline]
+
+
+def plots() -> dict[str, list[str]]:
+    """Per-level plots comparing runs: title -> the metrics drawn, from the registered metrics."""
+    out: dict[str, list[str]] = {}
+    for metric in registered():
+        for title, name in metric.plots:
+            out.setdefault(title, []).append(name)
+    return out
+
+
+def __getattr__(name: str):
+    """HEADLINE / PLOTS, read by the pages: computed on access, so a metric registered later shows too."""
+    if name == "HEADLINE":
+        return headline()
+    if name == "PLOTS":
+        return plots()
+    raise AttributeError(name)
 
 
 def root_problem(root: str | Path | None) -> str | None:
@@ -97,7 +113,7 @@ def runs_overview(root: str | Path) -> pd.DataFrame:
         source = metrics_run(root, run_id)
         row["metrics_from"] = source
         mine = metrics[metrics.run_id == source]
-        for label, metric in HEADLINE:
+        for label, metric in headline():
             values = mine[mine.metric == metric].value
             row[label] = float(values.mean()) if len(values) else float("nan")
         rows.append(row)

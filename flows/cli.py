@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import get_args
 
+from flows.checks import RootUnusable, checked_config
 from storage.keys import Stage
 
 STAGES = {
@@ -51,31 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def root_problem(root: Path) -> str | None:
-    """Why `root` cannot hold the stores, None when it can: it must be a folder, or one that can be made,
-    and writable, found by writing (and removing) a probe file there, or in its nearest existing parent
-    when it does not exist yet (nothing is created). Permission bits alone would not tell: root ignores
-    them, a read-only file system does not."""
-    path = Path(os.path.abspath(root.expanduser()))
-    if path.exists() and not path.is_dir():
-        return "exists and is not a directory"
-    nearest = path
-    while not nearest.is_dir():
-        if nearest.exists() or nearest.is_symlink():
-            return f"cannot be created: {nearest} is not a directory"
-        nearest = nearest.parent
-    try:
-        handle, probe = tempfile.mkstemp(dir=nearest, prefix=".tf-write-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        if nearest == path:
-            return f"not writable ({reason})"
-        return f"cannot be created: {nearest} is not writable ({reason})"
-    return None
-
-
 def _exit_on_sigterm() -> None:
     """SIGTERM (a scheduler's stop, `kill`, a container shutting down) ends the run like Ctrl-C: as an
     exception, so every context manager and atexit hook runs, and the ephemeral Prefect server and the
@@ -102,29 +77,26 @@ def main(argv: list[str] | None = None) -> int:
         from dashboards.server import serve
 
         return serve(args.root, args.host, args.port)
-    if args.command in STAGES or args.command == "serve":
-        # Before Prefect: its home defaults under the root, and a root it cannot write costs minutes
-        # of "attempting to connect to ephemeral Prefect API server" before any useful message.
-        problem = root_problem(args.root)
-        if problem:
-            print(f"tf {args.command}: root {args.root}: {problem}", file=sys.stderr)
-            return 2
-    _exit_on_sigterm()
-    _prefect_defaults(args.root)
     from storage.config import load_config
 
     overrides = list(args.overrides)
     if getattr(args, "dask_address", None):
         overrides.append(f"ingest.dask_address={args.dask_address}")
+    # Before Prefect starts: its home defaults under the root, and a root it cannot write costs minutes of
+    # "attempting to connect to ephemeral Prefect API server" before any useful message. The checks are
+    # the ones every flow runs first (flows.checks), so a deployment run refuses what `tf` refuses.
     try:
         config = load_config(args.config, overrides)
-        if args.command in STAGES:   # impossible combinations stop here, before any stage starts
-            from storage.config import preflight
-
-            preflight(config, args.command, getattr(args, "level", None))
+        if args.command in STAGES or args.command == "serve":
+            config = checked_config(args.command, args.root, config, levels=getattr(args, "level", None))
+    except RootUnusable as error:
+        print(f"tf {args.command}: {error}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as error:
         print(f"tf {args.command}: invalid config: {error}", file=sys.stderr)
         return 2
+    _exit_on_sigterm()
+    _prefect_defaults(args.root)
     if args.command == "status":
         from flows.status import status_text
 

@@ -22,7 +22,8 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
-LINKAGE_METHODS = ("single", "complete", "average", "weighted", "centroid", "median", "ward")
+# centroid, median and ward assume Euclidean distances; the part distance is cosine + spatial
+LINKAGE_METHODS = ("single", "complete", "average", "weighted")
 CUT_MODES = ("height", "quantile")
 BACKGROUND_ID = 0
 OBJECT_ID = 1
@@ -53,8 +54,8 @@ class HierarchySpec:
         if self.linkage not in LINKAGE_METHODS:
             raise ValueError(f"linkage must be one of {LINKAGE_METHODS}, got {self.linkage!r}")
         cuts = tuple(float(c) for c in self.cuts)
-        if any(not np.isfinite(c) for c in cuts):
-            raise ValueError(f"cuts must be finite, got {self.cuts}")
+        if any(not np.isfinite(c) or c < 0 for c in cuts):
+            raise ValueError(f"cuts must be finite and at least 0, got {self.cuts}")
         if any(later > earlier for earlier, later in zip(cuts, cuts[1:])):
             # An increasing cut would make a finer level coarser than its parent.
             raise ValueError(f"cuts must be non-increasing, got {self.cuts}")
@@ -63,7 +64,7 @@ class HierarchySpec:
         object.__setattr__(self, "cuts", cuts)
 
     @property
-    def num_levels(self) -> int:
+    def partition_levels(self) -> int:
         """Number of partitions returned: level 0 plus one per cut."""
         return len(self.cuts) + 1
 
@@ -182,16 +183,16 @@ def _single_image_hierarchy(tokens: np.ndarray, spec: HierarchySpec, stats: Stat
     unit_tokens = _l2_normalise(flat)
     if _all_identical(unit_tokens):
         # No content to split: any partition would be spatial tie-breaking noise.
-        return np.full((spec.num_levels, height, width), OBJECT_ID, dtype=np.int16)
+        return np.full((spec.partition_levels, height, width), OBJECT_ID, dtype=np.int16)
     coords = grid_coordinates(height, width)
     is_object = object_mask(unit_tokens, coords, spec)
     object_index = np.flatnonzero(is_object)  # ascending, i.e. raster order
 
-    ids = np.full((spec.num_levels, height * width), BACKGROUND_ID, dtype=np.int16)
+    ids = np.full((spec.partition_levels, height * width), BACKGROUND_ID, dtype=np.int16)
     ids[0, object_index] = OBJECT_ID
     if spec.cuts:
         ids[1:, object_index] = part_levels(unit_tokens[object_index], coords[object_index], spec)
-    return ids.reshape(spec.num_levels, height, width)
+    return ids.reshape(spec.partition_levels, height, width)
 
 
 def build_hierarchy(tokens: np.ndarray, spec: HierarchySpec = HierarchySpec(),
@@ -219,7 +220,7 @@ def build_hierarchies(tokens: np.ndarray, spec: HierarchySpec = HierarchySpec(),
     if tokens.ndim != 4:
         raise ValueError(f"tokens must be [N, g, g, C], got shape {tokens.shape}")
     stats = _checked_stats(stats, tokens.shape[-1])
-    out = np.empty((tokens.shape[0], spec.num_levels, *tokens.shape[1:3]), dtype=np.int16)
+    out = np.empty((tokens.shape[0], spec.partition_levels, *tokens.shape[1:3]), dtype=np.int16)
     with threadpool_limits(limits=1):
         for index, image_tokens in enumerate(tokens):
             out[index] = _single_image_hierarchy(image_tokens, spec, stats)

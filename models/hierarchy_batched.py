@@ -350,10 +350,10 @@ def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec = HierarchySpe
     coords = grid_coordinates_t(height, width, tokens.device)
     identical = (unit - unit[:, :1]).abs().amax((1, 2)) <= 1e-9
     is_object = object_masks(unit, coords, spec, kmeans_iterations, kmeans=kmeans)
-    ids = torch.full((n, spec.num_levels, height * width), BACKGROUND_ID, dtype=torch.long, device=tokens.device)
+    ids = torch.full((n, spec.partition_levels, height * width), BACKGROUND_ID, dtype=torch.long, device=tokens.device)
     ids[:, 0] = torch.where(is_object, OBJECT_ID, BACKGROUND_ID)
     if spec.cuts:
         ids[:, 1:] = part_levels_batched(unit, coords, is_object, spec, use_graph=use_graph,
                                          static_steps=static_steps, linkage=linkage)
     ids = torch.where(identical[:, None, None], torch.full_like(ids, OBJECT_ID), ids)
-    return ids.reshape(n, spec.num_levels, height, width).to(torch.int16)
+    return ids.reshape(n, spec.partition_levels, height, width).to(torch.int16)

@@ -5,23 +5,14 @@ caller can attach bootstrap intervals and write rows. No I/O here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
+from models.metric_registry import MetricValues
 from models.metrics import (adjusted_rand, fd_from_features, matched_miou, nesting_share, plan_adherence,
                             regions_from_canvas)
 
-
-@dataclass
-class MetricValues:
-    group: str
-    metric: str
-    values: np.ndarray                 # per-sample values, or a single pooled value
-    level: int = -1
-    variant: str = ""
-    pooled: bool = False               # True: `values` holds one distribution-level number (no CI)
-    extra: dict = field(default_factory=dict)
+__all__ = ["MetricValues", "generated_regions", "per_level_fd", "structural_consistency", "nesting_values",
+           "plan_adherence_values", "reencode_agreement", "hierarchy_alignment"]
 
 
 def generated_regions(canvases: list[np.ndarray], threshold: float) -> list[np.ndarray]:
@@ -50,17 +41,28 @@ def per_level_fd(generated: list[np.ndarray], real: list[np.ndarray], max_tokens
     return out
 
 
-def structural_consistency(canvases: list[np.ndarray], regions: list[np.ndarray]) -> list[MetricValues]:
-    """Nesting of generated level l+1 in level l, and plan adherence of each partitioned level."""
-    final = canvases[-1]
+def nesting_values(regions: list[np.ndarray]) -> list[MetricValues]:
+    """Share of generated level-(l+1) regions inside one level-l region, per sample, for l = 0..L-3."""
     out = []
     for level in range(len(regions) - 1):
         share = [nesting_share(fine, coarse) for fine, coarse in zip(regions[level + 1], regions[level])]
         out.append(MetricValues("structure", "nesting", np.asarray(share), level))
+    return out
+
+
+def plan_adherence_values(canvases: list[np.ndarray], regions: list[np.ndarray]) -> list[MetricValues]:
+    """Plan adherence of each partitioned level: its canvas against the final's region means, per sample."""
+    final = canvases[-1]
+    out = []
     for level, ids in enumerate(regions):
         values = [plan_adherence(c, f, r) for c, f, r in zip(canvases[level], final, ids)]
         out.append(MetricValues("structure", "plan_adherence", np.asarray(values), level))
     return out
+
+
+def structural_consistency(canvases: list[np.ndarray], regions: list[np.ndarray]) -> list[MetricValues]:
+    """Nesting of generated level l+1 in level l, and plan adherence of each partitioned level."""
+    return nesting_values(regions) + plan_adherence_values(canvases, regions)
 
 
 def reencode_agreement(own: list[np.ndarray], reencoded: np.ndarray) -> list[MetricValues]:

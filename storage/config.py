@@ -49,6 +49,9 @@ class IngestConfig(_Part):
     dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
     worker_loss_timeout: float = Field(120.0, gt=0, description="seconds with no Dask worker left before a stage "
                                        "stops with NoWorkers (finished chunks keep their markers)")
+    sample_pixels: int = Field(64, ge=0, description="ImageNet sources read by encode from the files "
+                               "(encoder.read_from): the image store keeps the pixels of only the first N samples, "
+                               "for the dashboards and the decoder's training set; the scenes keep every image")
 
 
 class EncoderConfig(_Part):
@@ -58,14 +61,26 @@ class EncoderConfig(_Part):
     batch_size: int = Field(64, ge=1)
     dtype: Literal["float16", "float32", "bfloat16"] = Field(
         "float16", description="latent storage dtype (bfloat16: stored as uint16 bit patterns, read back as float32)")
+    read_from: Literal["auto", "files", "image_store"] = Field(
+        "auto", description="what encode reads: files = the source's image files, decoded on the GPU (nvjpeg) or "
+                            "CPU, cropped, resized and encoded in one pass (no uint8 copy on disk); image_store = "
+                            "the pixels ingest stored; auto = files for imagefolder / imagenet_val / imagenet_tar, "
+                            "image_store for the scenes (they carry ground-truth masks)")
+    gpus: int = Field(0, ge=0, description="read_from files without ingest.dask_address: local GPUs encoding "
+                                           "disjoint chunks, one pass each (0 = every visible GPU)")
+    readers: int = Field(8, ge=1, description="read_from files: threads reading (and on CPU decoding) files")
 
 
 class HierarchyConfig(_Part):
+    """The teacher hierarchy (DESIGN §3). The only place its rules live: tasks.plan.hierarchy_spec turns
+    it into models.hierarchy.HierarchySpec, and a test checks that every config accepted here builds."""
     algorithm: Literal["kmeans-agglomerative"] = "kmeans-agglomerative"
-    k: int = 2
-    alpha: float = 0.0
-    lam: float = 0.2
-    cuts: list[float] = Field(default_factory=lambda: [0.65, 0.35])
+    k: int = Field(2, ge=2, description="k-means clusters of level 0 (2: object vs background)")
+    alpha: float = Field(0.0, ge=0.0, description="weight of the token position in level 0's k-means")
+    lam: float = Field(0.2, ge=0.0, description="weight of the spatial distance in the part linkage")
+    cuts: list[float] = Field(default_factory=lambda: [0.65, 0.35],
+                              description="one cut per finer level, non-increasing: a linkage height, or a "
+                                          "quantile of the merge heights in [0, 1] (cut_mode)")
     cut_mode: Literal["height", "quantile"] = "height"
     linkage: Literal["average", "complete", "single", "weighted"] = "average"
     seed: int = 0
@@ -77,16 +92,29 @@ class HierarchyConfig(_Part):
                                  "oracle teacher, the scenes' ground-truth masks at the token grid (scenes only)")
 
     @model_validator(mode="after")
-    def _cuts_decrease(self) -> "HierarchyConfig":
+    def _cuts_and_backend(self) -> "HierarchyConfig":
         if not self.cuts or any(b > a for a, b in zip(self.cuts, self.cuts[1:])):
             raise ValueError(f"hierarchy.cuts must be non-empty and non-increasing, got {self.cuts}")
-        if any(not 0.0 <= c <= 1.0 for c in self.cuts):
-            raise ValueError(f"hierarchy.cuts must lie in [0, 1], got {self.cuts}")
+        if any(not c >= 0.0 or c == float("inf") for c in self.cuts):   # `not >=` also catches NaN
+            raise ValueError(f"hierarchy.cuts must be finite and at least 0, got {self.cuts}")
+        if self.cut_mode == "quantile" and any(c > 1.0 for c in self.cuts):
+            raise ValueError(f"hierarchy.cuts in cut_mode 'quantile' are quantiles in [0, 1], got {self.cuts}")
+        if self.backend == "batched" and (self.linkage != "average" or self.cut_mode != "height"):
+            raise ValueError(f"hierarchy.backend 'batched' implements average linkage with height cuts; got "
+                             f"linkage {self.linkage!r}, cut_mode {self.cut_mode!r} (use backend 'reference')")
         return self
 
     @property
-    def num_levels(self) -> int:
-        return len(self.cuts) + 2
+    def partition_levels(self) -> int:
+        """The teacher's partitions: level 0 (object / background) and one per cut."""
+        return len(self.cuts) + 1
+
+    @property
+    def generator_levels(self) -> int:
+        """The trajectory's states: every partition level, then the full latent."""
+        return self.partition_levels + 1
+
+    num_levels = generator_levels   # TODO remove once every caller says which count it means
 
 
 class GeneratorConfig(_Part):
@@ -235,8 +263,6 @@ class TFConfig(_Part):
             raise ValueError(f"source.image_size {self.source.image_size} is not a multiple of the patch size {patch} "
                              f"of encoder.model {self.encoder.model}: the token grid would not be whole "
                              f"(nearest: {max(patch, self.source.image_size // patch * patch)})")
-        if self.hierarchy.k < 2:
-            raise ValueError(f"hierarchy.k must be at least 2 (object vs background), got {self.hierarchy.k}")
         if self.hierarchy.source == "ground_truth":
             self._ground_truth_fits()
         return self
@@ -247,11 +273,21 @@ class TFConfig(_Part):
         if self.source.kind != "scenes":
             raise ValueError(f"hierarchy.source 'ground_truth' needs source.kind 'scenes' (the only source with "
                              f"ground-truth masks), got source.kind {self.source.kind!r}")
-        levels = len(self.hierarchy.cuts) + 1
+        levels = self.hierarchy.partition_levels
         if levels != GT_LEVELS:
             raise ValueError(f"hierarchy.source 'ground_truth': the scenes carry {GT_LEVELS} ground-truth levels "
                              f"(object, parts, subparts) but hierarchy.cuts {self.hierarchy.cuts} gives "
                              f"len(cuts) + 1 = {levels} partition levels; use {GT_LEVELS - 1} cuts")
+
+
+def encode_reads_files(cfg: TFConfig) -> bool:
+    """Whether encode reads the source's files directly (encoder.read_from, resolved for this source)."""
+    if cfg.encoder.read_from == "auto":
+        return cfg.source.kind != "scenes"
+    if cfg.encoder.read_from == "files" and cfg.source.kind == "scenes":
+        raise ValueError("encoder.read_from 'files' needs an image-file source (imagefolder, imagenet_val, "
+                         "imagenet_tar); the scenes are rendered, not read: use 'image_store' or 'auto'")
+    return cfg.encoder.read_from == "files"
 
 
 def encoder_patch(model: str) -> int:
@@ -265,7 +301,8 @@ def preflight(cfg: TFConfig, command: str, levels: list[int] | None = None) -> N
     a config is also validated on machines that do not hold the files, so this is not in the model)."""
     if command in ("pipeline", "encode", "evaluate"):
         _check_encoder_weights(cfg.encoder)
-    if command in ("pipeline", "ingest"):
+    reads_files = encode_reads_files(cfg)   # also refuses read_from files for the scenes
+    if command in ("pipeline", "ingest") or (command == "encode" and reads_files):
         _check_source_files(cfg.source)
     if command in ("pipeline", "train") and cfg.decoder.checkpoint:
         weights = cfg.decoder.checkpoint.removesuffix(".safetensors") + ".safetensors"
@@ -274,7 +311,7 @@ def preflight(cfg: TFConfig, command: str, levels: list[int] | None = None) -> N
     if command == "judge" and cfg.source.kind != "scenes":
         raise ValueError(f"the scenes judge is trained on the built-in scenes (labels and ground-truth masks); "
                          f"source.kind is {cfg.source.kind!r}")
-    num_levels = cfg.hierarchy.num_levels
+    num_levels = cfg.hierarchy.generator_levels
     bad = [l for l in (levels or []) if not 0 <= l < num_levels]
     if bad:
         raise ValueError(f"--level {bad} does not match the hierarchy: hierarchy.cuts {cfg.hierarchy.cuts} "

@@ -21,14 +21,18 @@ from __future__ import annotations
 import io
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from storage import tarindex
-from storage.config import SourceConfig
 from storage.sources import IMAGE_SUFFIXES, SourceListing, check_size, file_status, folder_listing, open_regular, to_rgb
+
+if TYPE_CHECKING:   # annotations only: the GPU bench imports this module without pydantic
+    from storage.config import SourceConfig
 
 IMAGENET_KINDS = ("imagenet_val", "imagenet_tar")
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -200,36 +204,70 @@ def _tar_rows(cfg: SourceConfig, ids: list[str], start: int):
     return chunk
 
 
+def sample_relpath(cfg: SourceConfig, sample_id: str) -> str:
+    """A folder sample's file relative to source.path (val ids carry a "val/" prefix the folder lacks)."""
+    return sample_id.removeprefix(VAL_PREFIX) if cfg.kind == "imagenet_val" else sample_id
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    """Where listed samples' bytes are: one file per slot (class folders, the val folder), or members
+    of the train tar by offset. `read` gives each slot's bytes or the error that stopped it, never
+    raising for one file, so a caller turns every failure into a reject row."""
+    paths: tuple[str, ...] = ()
+    archive: str | None = None
+    members: np.ndarray | None = None   # tar: int64 [N, 3] class_offset, member_offset, size per slot
+    ids: tuple[str, ...] = ()           # tar: names for reject rows
+
+    def __len__(self) -> int:
+        return len(self.ids) if self.archive else len(self.paths)
+
+    def where(self, slot: int) -> str:
+        return f"{self.archive}::{self.ids[slot]}" if self.archive else self.paths[slot]
+
+    def read(self, start: int, stop: int) -> list[bytes | Exception]:
+        out: list[bytes | Exception] = [b""] * (stop - start)
+        if self.archive:
+            rows = self.members[start:stop]
+            with open(self.archive, "rb") as archive:
+                for slot in np.argsort(rows[:, 0] + rows[:, 1], kind="stable"):   # one forward pass
+                    try:
+                        out[slot] = tarindex.read_member(archive, *(int(v) for v in rows[slot]))
+                    except Exception as error:
+                        out[slot] = error
+            return out
+        for slot, path in enumerate(self.paths[start:stop]):
+            try:
+                with open_regular(Path(path)) as file:   # a FIFO put here after listing must not block
+                    out[slot] = file.read()
+            except Exception as error:
+                out[slot] = error
+        return out
+
+
+def sample_files(cfg: SourceConfig, ids: list[str], start: int = 0) -> SampleFiles:
+    """The files of samples start..start+len(ids) of a folder or tar source."""
+    if cfg.kind == "imagenet_tar":
+        rows = _tar_rows(cfg, ids, start)
+        members = rows[["class_offset", "member_offset", "size"]].to_numpy(np.int64)
+        return SampleFiles(archive=str(cfg.path), members=members, ids=tuple(ids))
+    root = Path(cfg.path)
+    return SampleFiles(paths=tuple(str(root / sample_relpath(cfg, i)) for i in ids))
+
+
 def read_imagenet_chunk(cfg: SourceConfig, ids: list[str], labels: np.ndarray, start: int) -> dict:
     """Samples start..start+len(ids): images, labels, valid flags, rejects (never an exception per file)."""
     count = len(ids)
     images = np.zeros((count, cfg.image_size, cfg.image_size, 3), np.uint8)
     valid = np.zeros(count, bool)
     rejects = []
-
-    def reject(where: str, error: Exception) -> None:
-        rejects.append({"stage": "ingest", "path": where, "reason": f"{type(error).__name__}: {error}"})
-
-    if cfg.kind == "imagenet_tar":
-        chunk = _tar_rows(cfg, ids, start)
-        class_offset, member_offset, size = (chunk[c].to_numpy() for c in ("class_offset", "member_offset", "size"))
-        with open(cfg.path, "rb") as archive:
-            for slot in np.argsort(class_offset + member_offset, kind="stable"):   # one forward pass
-                try:
-                    data = tarindex.read_member(archive, int(class_offset[slot]), int(member_offset[slot]),
-                                                int(size[slot]))
-                    images[slot] = decode(io.BytesIO(data), cfg)
-                    valid[slot] = True
-                except Exception as error:
-                    reject(f"{cfg.path}::{ids[slot]}", error)
-    else:
-        root = Path(cfg.path)
-        for slot, sample_id in enumerate(ids):
-            path = root / (sample_id[len(VAL_PREFIX):] if cfg.kind == "imagenet_val" else sample_id)
-            try:
-                with open_regular(path) as file:   # a FIFO put here after listing must not block
-                    images[slot] = decode(file, cfg)
-                valid[slot] = True
-            except Exception as error:
-                reject(str(path), error)
+    files = sample_files(cfg, ids, start)
+    for slot, data in enumerate(files.read(0, count)):
+        try:
+            if isinstance(data, Exception):
+                raise data
+            images[slot] = decode(io.BytesIO(data), cfg)
+            valid[slot] = True
+        except Exception as error:
+            rejects.append({"stage": "ingest", "path": files.where(slot), "reason": f"{type(error).__name__}: {error}"})
     return {"image": images, "label": np.asarray(labels, np.int64), "valid": valid, "rejects": rejects}

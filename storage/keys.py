@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from storage.config import TFConfig
+from storage.config import TFConfig, encode_reads_files
 
 # The stages a run can be forced to recompute (with everything downstream): a choice list, so Prefect
 # validates `force` before the run starts and shows it as a dropdown, and the CLI offers the same.
@@ -45,7 +45,7 @@ def partition_keys(cfg: TFConfig) -> list[str]:
     h = cfg.hierarchy
     if h.source == "ground_truth":   # the scenes' masks at the token grid: no clustering setting enters
         return [stable_hash({"source": h.source, "level": level, "v": CODE_VERSIONS["teacher"]})
-                for level in range(len(h.cuts) + 1)] + ["raw"]
+                for level in range(h.partition_levels)] + ["raw"]
     split = {"algorithm": h.algorithm, "k": h.k, "alpha": h.alpha, "seed": h.seed, "v": CODE_VERSIONS["teacher"]}
     if h.backend != "reference":   # the batched code agrees up to ties, so it is its own partition
         split["backend"] = h.backend
@@ -69,6 +69,7 @@ class StageKeys:
     shared_generator: str = ""   # generator.sharing: shared, one model for every level
     flat_generator: str = ""     # generator.mode: flat, the one-step baseline
     judge: str = ""              # the scenes judge (source.kind scenes only; "" otherwise)
+    flat_evaluate: str = ""      # the flat baseline's evaluation (generator.mode: flat)
 
     def as_dict(self) -> dict[str, str]:
         out = {"images": self.images, "latents": self.latents, "teacher": self.teacher,
@@ -76,17 +77,30 @@ class StageKeys:
         out.update({f"generator_L{l}": k for l, k in enumerate(self.generators)})
         out.update({"generator_shared": self.shared_generator, "generator_flat": self.flat_generator})
         out["judge"] = self.judge
+        out["evaluate_flat"] = self.flat_evaluate
         return out
 
 
 def stage_keys(cfg: TFConfig) -> StageKeys:
     v = CODE_VERSIONS
-    images = stable_hash({"source": cfg.source.model_dump(), "v": v["images"]})
-    encoder = cfg.encoder.model_dump(exclude={"batch_size"})
-    latents = stable_hash({"encoder": encoder, "up": images, "v": v["latents"]})
+    # The direct path (encoder.read_from files) keeps only a sample of pixels and preprocesses on the
+    # device; it enters the keys only when on, so image-store configs (the scenes) keep theirs.
+    # Direct latents hang off the listing (the source), not off the sampled pixels, so changing
+    # ingest.sample_pixels re-ingests a few images and re-encodes none.
+    direct = encode_reads_files(cfg)
+    listing = stable_hash({"source": cfg.source.model_dump(), "v": v["images"]})
+    images = stable_hash({"source": cfg.source.model_dump(), "v": v["images"], "pixels": {
+        "read_from": "files", "sample_pixels": cfg.ingest.sample_pixels}}) if direct else listing
+    encoder = cfg.encoder.model_dump(exclude={"batch_size", "read_from", "gpus", "readers"})
+    if direct:
+        encoder["read_from"] = "files"
+    latents = stable_hash({"encoder": encoder, "up": listing, "v": v["latents"]})
     teacher = stable_hash({"hierarchy": cfg.hierarchy.model_dump(), "up": latents, "v": v["teacher"]})
     # settings that change how, not what, is trained stay out of the keys
-    decoder = stable_hash({"decoder": cfg.decoder.model_dump(exclude=RUN_ONLY), "up": latents, "v": v["decoder"]})
+    decoder_part = {"decoder": cfg.decoder.model_dump(exclude=RUN_ONLY), "up": latents, "v": v["decoder"]}
+    if direct:   # it trains on the image store's pixel sample (tasks.ingest.with_stored_pixels)
+        decoder_part["pixels"] = images
+    decoder = stable_hash(decoder_part)
     parts = partition_keys(cfg)
     # The level count sizes the level embedding, so it is in every generator's key; how the levels are
     # held (sharing) picks the folder, not the weights of a per-level model.
@@ -110,7 +124,11 @@ def stage_keys(cfg: TFConfig) -> StageKeys:
     sampled = [shared] if cfg.generator.sharing == "shared" else list(generators)
     evaluate = stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": sampled,
                             "decoder": decoder, "teacher": teacher, "judge": judge, "v": v["evaluate"]})
-    return StageKeys(images, latents, teacher, decoder, generators, evaluate, tuple(parts), shared, flat, judge)
+    # The flat baseline's evaluation: the same settings over the flat generator, beside the staged one.
+    flat_evaluate = stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": [flat], "mode": "flat",
+                                 "decoder": decoder, "teacher": teacher, "judge": judge, "v": v["evaluate"]})
+    return StageKeys(images, latents, teacher, decoder, generators, evaluate, tuple(parts), shared, flat, judge,
+                     flat_evaluate)
 
 
 class Layout:
@@ -120,6 +138,7 @@ class Layout:
         self.root = Path(root)
         self.keys = stage_keys(cfg)
         self.sharing = cfg.generator.sharing
+        self.mode = cfg.generator.mode
 
     def images(self) -> Path:
         return self.root / f"images-{self.keys.images}"
@@ -147,7 +166,17 @@ class Layout:
         return self.shared_generator() if self.sharing == "shared" else self.generator(level)
 
     def evaluation(self) -> Path:
+        """The staged evaluation (every level)."""
         return self.root / f"evaluate-{self.keys.evaluate}"
+
+    def flat_evaluation(self) -> Path:
+        return self.root / f"evaluate-flat-{self.keys.flat_evaluate}"
+
+    def mode_evaluation(self) -> tuple[Path, str]:
+        """(folder, key) of the evaluation this config runs: staged, or the flat baseline's beside it."""
+        if self.mode == "flat":
+            return self.flat_evaluation(), self.keys.flat_evaluate
+        return self.evaluation(), self.keys.evaluate
 
     def judge(self) -> Path:
         return self.root / f"judge-{self.keys.judge}"

@@ -14,13 +14,14 @@ import stat
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from storage.config import SourceConfig
+if TYPE_CHECKING:   # annotations only: the GPU bench imports this module without pydantic
+    from storage.config import SourceConfig
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 MIN_SIDE = 8   # smaller images carry no content worth a sample (a 1x1 "image" is one colour)

@@ -1,4 +1,7 @@
-"""Per-chunk work that runs on Dask workers (kept free of Prefect so workers import fast)."""
+"""Per-chunk work that runs on Dask workers (kept free of Prefect so workers import fast).
+
+The configs (pydantic) and the tables (which reach them) are imported inside the entries that
+validate a config: the GPU bench calls `hierarchy_chunk` where pydantic is not installed."""
 from __future__ import annotations
 
 import threading
@@ -8,12 +11,13 @@ import numpy as np
 
 from models.hierarchy import HierarchySpec, build_hierarchies, ground_truth_hierarchies
 from storage import zarr_store
-from storage.config import EncoderConfig, HierarchyConfig, SourceConfig
-from storage.sources import read_chunk
-from storage.tables import write_rejects
 
 
 def ingest_chunk(source: dict, store: str, chunk: int, start: int, ids: list[str], labels: list[int]) -> dict:
+    from storage.config import SourceConfig
+    from storage.sources import read_chunk
+    from storage.tables import write_rejects
+
     cfg = SourceConfig.model_validate(source)
     batch = read_chunk(cfg, ids, np.asarray(labels, np.int64), start)
     values = {"image": batch["image"], "label": batch["label"], "valid": batch["valid"]}
@@ -25,19 +29,13 @@ def ingest_chunk(source: dict, store: str, chunk: int, start: int, ids: list[str
     return {"chunk": chunk, "accepted": int(batch["valid"].sum()), "rejected": len(batch["rejects"])}
 
 
-def hierarchy_spec(cfg: HierarchyConfig) -> HierarchySpec:
-    return HierarchySpec(k=cfg.k, alpha=cfg.alpha, lam=cfg.lam, cuts=tuple(cfg.cuts),
-                         cut_mode=cfg.cut_mode, linkage=cfg.linkage, seed=cfg.seed)
-
-
-def hierarchy_chunk(hierarchy: dict, latents: str, store: str, chunk: int, start: int, stop: int) -> int:
+def hierarchy_chunk(spec: HierarchySpec, backend: str, latents: str, store: str, chunk: int, start: int,
+                    stop: int) -> int:
     """Cluster latents[start:stop] into the teacher store. The hierarchy sees the standardised latents
     (the dataset mean/std the encode stage stored beside them), what the generators see (DESIGN §3)."""
-    config = HierarchyConfig.model_validate(hierarchy)
-    spec = hierarchy_spec(config)
     tokens = zarr_store.read_floats(zarr_store.open_array(Path(latents), "tokens"), slice(start, stop))
     stats = tuple(zarr_store.open_array(Path(latents), name)[:] for name in ("mean", "std"))
-    if config.backend == "batched":
+    if backend == "batched":
         import torch
 
         from models.hierarchy_batched import build_hierarchies_batched
@@ -88,13 +86,14 @@ def cached_encoder(model: str, img_size: int, weights: str | None, allow_random_
 
 def encode_chunk_with(model, weights_label: str, device: str, images: str, store: str, chunk: int,
                       start: int, stop: int, batch_size: int, dtype: str) -> dict:
-    """Encode images[start:stop] into the latent store: tokens, labels, valid flags and this
-    chunk's row of (count, mean, M2), then the chunk marker last. The one implementation of
-    "encode one chunk", called in-process and by `encode_chunk` on Dask workers."""
+    """Encode images[start:stop] of the image store into the latent store (storage.latent_store's
+    chunk: tokens, labels, valid flags, moments, marker last). The one implementation of "encode one
+    stored chunk", called in-process and by `encode_chunk` on Dask workers."""
     import torch
 
     from models.channel_stats import chunk_moments
     from models.encoder import encode_images
+    from storage.latent_store import write_latent_chunk
 
     images, store = Path(images), Path(store)
     pixels = zarr_store.open_array(images, "image")[start:stop]
@@ -104,19 +103,15 @@ def encode_chunk_with(model, weights_label: str, device: str, images: str, store
     tokens = encode_images(model, pixels, device=device, batch_size=batch_size,
                            dtype=torch.bfloat16 if cuda else None)
     tokens[~valid] = 0.0   # rejected slots hold no image; keep them out of every statistic
-    count, mean, m2 = chunk_moments(tokens[valid])
-    # chunk_* arrays hold one row per Zarr chunk, so parallel chunks never share a file.
-    zarr_store.write_rows(store, chunk, {"chunk_count": count, "chunk_mean": mean, "chunk_m2": m2})
     info = {"stop": stop, "images": int(valid.sum()), "worker": _worker_address(), "device": str(device),
             "cuda": cuda, "encoder_weights": weights_label}
-    zarr_store.write_chunk(store, chunk, start, {"tokens": zarr_store.encode_floats(tokens, dtype), "valid": valid, "label": labels},
-                           info)
+    write_latent_chunk(store, chunk, start, tokens, valid, labels, chunk_moments(tokens[valid]), dtype, info)
     return {"chunk": chunk, **info}
 
 
-def encode_chunk(encoder: dict, image_size: int, device: str, images: str, store: str, chunk: int,
-                 start: int, stop: int, expect_weights: str) -> dict:
-    """Dask entry: build (once per worker) the encoder, check it is the planned one, encode a chunk."""
+def _planned_encoder(encoder: dict, image_size: int, device: str, expect_weights: str):
+    """(config, device, model) of this worker: the encoder built once per worker, checked to be the planned one."""
+    from storage.config import EncoderConfig
     from tasks.stage import pick_device
 
     cfg = EncoderConfig.model_validate(encoder)
@@ -126,4 +121,31 @@ def encode_chunk(encoder: dict, image_size: int, device: str, images: str, store
         raise RuntimeError(f"worker {_worker_address()} loaded encoder weights {label!r} but the latent store "
                            f"was planned with {expect_weights!r}: encoder.weights must name the same file "
                            f"on every GPU worker")
-    return encode_chunk_with(model, label, device, images, store, chunk, start, stop, cfg.batch_size, cfg.dtype)
+    return cfg, device, model
+
+
+def encode_chunk(encoder: dict, image_size: int, device: str, images: str, store: str, chunk: int,
+                 start: int, stop: int, expect_weights: str) -> dict:
+    """Dask entry: build (once per worker) the encoder, check it is the planned one, encode a chunk."""
+    cfg, device, model = _planned_encoder(encoder, image_size, device, expect_weights)
+    return encode_chunk_with(model, expect_weights, device, images, store, chunk, start, stop, cfg.batch_size,
+                             cfg.dtype)
+
+
+def encode_files_chunk(encoder: dict, source: dict, device: str, store: str, chunk: int, start: int,
+                       ids: list[str], labels: list[int], expect_weights: str) -> dict:
+    """Dask entry of the direct path: this chunk's files -> latents (tasks.encode_files), on this
+    worker's GPU. Only the chunk's ids and labels cross Dask; the files are read here."""
+    from storage.config import SourceConfig
+    from storage.imagenet import resize_short_side, sample_files
+    from tasks.encode_files import Preprocess, encode_file_chunks
+
+    src = SourceConfig.model_validate(source)
+    cfg, device, model = _planned_encoder(encoder, src.image_size, device, expect_weights)
+    stop = start + len(ids)
+    [info] = encode_file_chunks(model, sample_files(src, ids, start), np.asarray(labels, np.int64), store,
+                                [(chunk, start, stop)], Preprocess(src.image_size, resize_short_side(src),
+                                                                   src.interpolation),
+                                device, batch_size=cfg.batch_size, dtype=cfg.dtype, weights_label=expect_weights,
+                                base=start, readers=cfg.readers, worker=_worker_address())
+    return info

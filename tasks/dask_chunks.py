@@ -71,6 +71,9 @@ def wait_for_resources(client: "distributed.Client", resources: dict, timeout: f
     return able
 
 
+RESULT_FETCH_S = 2.0   # a finished chunk's result is a small dict: longer means its worker is gone
+
+
 def run_chunks(fn: Callable, chunk_args: Sequence[tuple], *, description: str, address: str | None,
                workers: int, retries: int = 2, resources: dict | None = None,
                worker_loss_timeout: float = WORKER_LOSS_TIMEOUT_S) -> list:
@@ -91,14 +94,20 @@ def run_chunks(fn: Callable, chunk_args: Sequence[tuple], *, description: str, a
                 done, pending = wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
             except TimeoutError:   # nothing finished this second: look at the workers
                 done = set()
+            progressed = False
             for future in done:
                 index = futures[future]
                 if future.status == "error":
                     failed.append((chunk_args[index], repr(future.exception())))
                 else:
-                    results[index] = future.result()
+                    try:
+                        results[index] = future.result(timeout=RESULT_FETCH_S)
+                    except TimeoutError:   # finished on a worker that died before we fetched: the scheduler
+                        pending.add(future)   # recomputes it when a worker is back (its marker makes that cheap)
+                        continue
                 bar.advance()
-            if not pending or done:
+                progressed = True
+            if not pending or progressed:
                 alone_since = None
                 continue
             if client.scheduler_info(n_workers=-1)["workers"]:

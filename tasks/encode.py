@@ -1,18 +1,23 @@
-"""Encode: image store -> latent store (DINOv2 patch tokens as float16 + per-channel mean/std).
+"""Encode: image source -> latent store (DINOv2 patch tokens as float16 + per-channel mean/std).
 
-One chunk = one call of `tasks.chunk_workers.encode_chunk_with` (tokens, its row of moments,
-marker last). Without `ingest.dask_address` the chunks run here, one after another, on this
-process's device (the fast path for one machine with one GPU). With it, every chunk is a Dask
-task annotated `resources={"GPU": 1}`, so it runs only on workers started with
-`--resources GPU=1`; each such worker builds the encoder once and keeps it. Only paths, ints
+Two readers, one store format (storage.latent_store). For the scenes (encoder.read_from
+image_store) a chunk is `tasks.chunk_workers.encode_chunk_with` over the pixels ingest stored. For
+ImageNet sources (read_from files, the default there) a chunk is `tasks.encode_files`: the files
+themselves, decoded on the GPU, cropped, resized and encoded in one pass; the image store only
+lends its listing (ids, labels, fingerprint), re-checked against the source before any file is read.
+
+Without `ingest.dask_address` the chunks run here: on this process's device, or for read_from files
+on every local GPU (encoder.gpus), each taking every n-th pending chunk. With it, every chunk is a
+Dask task annotated `resources={"GPU": 1}`, so it runs only on workers started with
+`--resources GPU=1`; each such worker builds the encoder once and keeps it. Only paths, ints, ids
 and small dicts cross Dask. Merging the moments into mean/std and marking the store complete
 always happen here.
 """
 from __future__ import annotations
 
-import time
+import concurrent.futures as cf
+import threading
 
-import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -20,34 +25,18 @@ from models.channel_stats import mean_std
 from models.encoder import ENCODER_OUTPUT, grid_size, resolve_encoder_name, token_dim
 from models.encoder import weights_label as planned_weights_label
 from storage import zarr_store
-from storage.config import TFConfig
-from storage.files import remove_tree
+from storage.config import TFConfig, encode_reads_files
+from storage.imagenet import resize_short_side, sample_files
 from storage.keys import Layout
-from storage.zarr_store import ArraySpec
-from tasks.chunk_workers import encode_chunk, encode_chunk_with
+from storage.latent_store import latent_store_arrays  # noqa: F401  (its home before storage.latent_store)
+from tasks.chunk_workers import encode_chunk, encode_chunk_with, encode_files_chunk
 from tasks.dask_chunks import run_chunks
+from tasks.encode_files import Preprocess, encode_file_chunks
 from tasks.encoder_load import load_encoder
 from tasks.progress import Progress
-from tasks.stage import STAGE_RETRIES, pick_device, stage_lock, stage_result
+from tasks.stage import STAGE_RETRIES, Done, Stage, pick_device, run_stage
 
 GPU_RESOURCES = {"GPU": 1}
-
-
-def latent_store_arrays(num: int, num_chunks: int, grid: int, dim: int, dtype) -> dict[str, ArraySpec]:
-    stored, float_attrs = zarr_store.float_storage(dtype)   # bfloat16: uint16 bit patterns + attribute
-    return {
-        "sample": ArraySpec((num,), str, ("sample",), fill_value=""),
-        "tokens": ArraySpec((num, grid, grid, dim), stored, ("sample", "gy", "gx", "channel"), compressed=False,
-                            attrs=float_attrs),
-        "label": ArraySpec((num,), np.int64, ("sample",), fill_value=-1),
-        "valid": ArraySpec((num,), bool, ("sample",), fill_value=False),
-        # One row per encode chunk, each its own Zarr chunk: parallel chunk tasks never share a file.
-        "chunk_count": ArraySpec((num_chunks,), np.int64, ("chunk",), chunk_rows=1),
-        "chunk_mean": ArraySpec((num_chunks, dim), np.float64, ("chunk", "channel"), chunk_rows=1),
-        "chunk_m2": ArraySpec((num_chunks, dim), np.float64, ("chunk", "channel"), chunk_rows=1),
-        "mean": ArraySpec((dim,), np.float32, ("channel",), per_sample=False),
-        "std": ArraySpec((dim,), np.float32, ("channel",), per_sample=False),
-    }
 
 
 def plan_encoder(cfg: TFConfig) -> tuple[str, int, int]:
@@ -67,56 +56,108 @@ def plan_encoder(cfg: TFConfig) -> tuple[str, int, int]:
 
 @task(name="encode", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def encode_latents(cfg: TFConfig, root: str, force: bool = False) -> dict:
-    with stage_lock(cfg, Layout(root, cfg).latents()):   # a second run on this store waits or fails here
-        return _encode(cfg, root, force)
-
-
-def _encode(cfg: TFConfig, root: str, force: bool) -> dict:
-    started = time.monotonic()
     layout = Layout(root, cfg)
+    stage = Stage("encode", layout.keys.latents, layout.latents(), store_stage="latents",
+                  needs=[(layout.images(), "ingest")])
+    return run_stage(cfg, stage, force, lambda: _encode(cfg, layout), reused=lambda: {
+        "encoder_weights": zarr_store.store_attrs(layout.latents())["encoder_weights"]})
+
+
+def local_devices(cfg: TFConfig, direct: bool) -> list[str]:
+    """The devices this process encodes on: every visible GPU (at most encoder.gpus) for the direct path,
+    else the one configured device."""
+    import torch
+
+    device = pick_device(cfg.device)
+    if not direct or device != "cuda":
+        return [device]
+    count = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(min(cfg.encoder.gpus or count, count))]
+
+
+def _encode(cfg: TFConfig, layout: Layout) -> Done:
     images, path = layout.images(), layout.latents()
-    if force:
-        remove_tree(path)
-    if zarr_store.is_complete(path):
-        zarr_store.check_compatible(path, {"stage": "latents", "key": layout.keys.latents})
-        return stage_result("encode", layout.keys.latents, path, False, started,
-                            encoder_weights=zarr_store.store_attrs(path)["encoder_weights"])
-    if not zarr_store.is_complete(images):
-        raise RuntimeError(f"image store {images} is incomplete: run `tf ingest` first")
+    direct = encode_reads_files(cfg)
+    if direct:   # files are read now: they must still be the ones the listing recorded
+        from storage.sources import list_source
+        from tasks.ingest import check_listing
+
+        check_listing(images, list_source(cfg.source), cfg.source.path, complete=True)
     address = cfg.ingest.dask_address
+    models: dict[str, object] = {}
     if address:
-        model, device = None, None
         weights_label, grid, dim = plan_encoder(cfg)
     else:
-        device = pick_device(cfg.device)
-        model, weights_label = load_encoder(cfg.encoder.model, cfg.source.image_size, cfg.encoder.weights,
-                                             cfg.encoder.allow_random_init)
-        model = model.to(device)
+        for device in local_devices(cfg, direct):
+            model, weights_label = load_encoder(cfg.encoder.model, cfg.source.image_size, cfg.encoder.weights,
+                                                cfg.encoder.allow_random_init)
+            models[device] = model.to(device)
         grid, dim = grid_size(model), token_dim(model)
     num = zarr_store.open_array(images, "label").shape[0]
     chunk_size = zarr_store.store_attrs(images)["chunk_size"]
     bounds = zarr_store.chunk_bounds(num, chunk_size)
     attrs = {"stage": "latents", "key": layout.keys.latents, "images_key": layout.keys.images,
              "encoder": cfg.encoder.model, "encoder_weights": weights_label, "image_size": cfg.source.image_size,
-             "encoder_output": ENCODER_OUTPUT}
+             "encoder_output": ENCODER_OUTPUT, **({"read_from": "files"} if direct else {})}
     zarr_store.create_store(path, latent_store_arrays(num, len(bounds), grid, dim, cfg.encoder.dtype), chunk_size, attrs)
     zarr_store.write_array(path, "sample", zarr_store.open_array(images, "sample")[:])
     pending = zarr_store.pending_chunks(path, len(bounds))
     if address:
-        todo = [(cfg.encoder.model_dump(), cfg.source.image_size, cfg.device, str(images), str(path), c,
-                 *bounds[c], weights_label) for c in pending]
-        run_chunks(encode_chunk, todo, description="encode", address=address, workers=cfg.ingest.workers,
-                   resources=GPU_RESOURCES, worker_loss_timeout=cfg.ingest.worker_loss_timeout)
+        run_chunks(encode_files_chunk if direct else encode_chunk, _dask_chunks(cfg, layout, direct, pending, bounds,
+                                                                             weights_label),
+                   description="encode", address=address, workers=cfg.ingest.workers, resources=GPU_RESOURCES,
+                   worker_loss_timeout=cfg.ingest.worker_loss_timeout)
     else:
         with Progress(num, "encode", unit="img") as bar:
             bar.advance(num - sum(bounds[c][1] - bounds[c][0] for c in pending))
-            for chunk in pending:
-                start, stop = bounds[chunk]
-                encode_chunk_with(model, weights_label, device, str(images), str(path), chunk, start, stop,
-                                  cfg.encoder.batch_size, cfg.encoder.dtype)
-                bar.advance(stop - start)
+            if direct:
+                _encode_files_here(cfg, layout, models, weights_label, pending, bounds, bar)
+            else:
+                [(device, model)] = models.items()
+                for chunk in pending:
+                    start, stop = bounds[chunk]
+                    encode_chunk_with(model, weights_label, device, str(images), str(path), chunk, start, stop,
+                                      cfg.encoder.batch_size, cfg.encoder.dtype)
+                    bar.advance(stop - start)
     mean, std = mean_std(*(zarr_store.open_array(path, n)[:] for n in ("chunk_count", "chunk_mean", "chunk_m2")))
     zarr_store.write_array(path, "mean", mean)
     zarr_store.write_array(path, "std", std)
-    zarr_store.mark_complete(path, {"samples": num, "encoder_weights": weights_label, "grid": grid, "dim": dim})
-    return stage_result("encode", layout.keys.latents, path, True, started, encoder_weights=weights_label)
+    valid = zarr_store.open_array(path, "valid")[:]
+    counts = {"accepted": int(valid.sum()), "rejected": int((~valid).sum())}
+    return Done({"samples": num, "encoder_weights": weights_label, "grid": grid, "dim": dim, **counts},
+                {"encoder_weights": weights_label, **counts})
+
+
+def _dask_chunks(cfg: TFConfig, layout: Layout, direct: bool, pending: list[int], bounds, weights_label: str):
+    images, path = str(layout.images()), str(layout.latents())
+    if not direct:
+        return [(cfg.encoder.model_dump(), cfg.source.image_size, cfg.device, images, path, c, *bounds[c],
+                 weights_label) for c in pending]
+    ids = zarr_store.open_array(layout.images(), "sample")[:].tolist()
+    labels = zarr_store.open_array(layout.images(), "label")[:].tolist()
+    return [(cfg.encoder.model_dump(), cfg.source.model_dump(), cfg.device, path, c, start, ids[start:stop],
+             labels[start:stop], weights_label) for c in pending for start, stop in [bounds[c]]]
+
+
+def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_label: str, pending: list[int],
+                       bounds, bar: Progress) -> None:
+    """The direct path on this machine's devices: one pass per device over every n-th pending chunk."""
+    ids = zarr_store.open_array(layout.images(), "sample")[:].tolist()
+    labels = zarr_store.open_array(layout.images(), "label")[:]
+    files = sample_files(cfg.source, ids)
+    preprocess = Preprocess(cfg.source.image_size, resize_short_side(cfg.source), cfg.source.interpolation)
+    lock = threading.Lock()
+
+    def advance(rows: int) -> None:
+        with lock:
+            bar.advance(rows)
+
+    devices = list(models)
+    with cf.ThreadPoolExecutor(len(devices)) as pool:
+        runs = [pool.submit(encode_file_chunks, models[device], files, labels, layout.latents(),
+                            [(c, *bounds[c]) for c in pending[i::len(devices)]], preprocess, device,
+                            batch_size=cfg.encoder.batch_size, dtype=cfg.encoder.dtype, weights_label=weights_label,
+                            readers=cfg.encoder.readers, on_chunk=advance)
+                for i, device in enumerate(devices)]
+        for run in runs:
+            run.result()

@@ -16,7 +16,7 @@ as skipped with the reason. Every row carries the mode.
 """
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,48 +28,32 @@ from models.dit import TrajectoryDiT
 from models.edit_suite import plan_edits, run_edit_suite
 from models.fidelity import (dinov2_extractor_label, dinov2_feature_fn, fidelity_unavailable_reason,
                              inception_extractor_label, inception_feature_fn)
-from models.metrics import bootstrap_ci
-from models.streaming_eval import KID_FEATURES, evaluate_streaming, metric_values
+from models.eval_stats import metric_values_by_entry
+from models.metric_registry import EvalSetting, pooled
+from models.streaming_eval import Runtime, Scorers, evaluate_streaming
 from models.trajectory import level_noises, own_regions_cut, sample_trajectory
-from models.trajectory_metrics import MetricValues, generated_regions, hierarchy_alignment
+from models.trajectory_metrics import generated_regions, hierarchy_alignment
 from storage import zarr_store
 from storage.checkpoints import load_checkpoint
 from storage.config import TFConfig
-from storage.files import remove_tree
-from pathlib import Path
-
 from storage.keys import CODE_VERSIONS, Layout, stable_hash
 from storage.scenes import masks_to_grid
-from storage.tables import metric_row, write_metrics
+from storage.tables import write_metrics
 from storage.trajectory_store import new_edit_id, write_edits, write_grid, write_trajectories
-from tasks.chunk_workers import hierarchy_spec
+from tasks.plan import decoder_config, eval_plan, generator_config, hierarchy_spec
+from tasks.encode_files import real_pixels
 from tasks.encoder_load import load_encoder
-from tasks.evaluate_judge import JUDGE_METRICS, judge_rows, prepare_judge
+from tasks.evaluate_judge import holdout_values, judge_labels, prepare_judge
 from tasks.evaluate_reference import image_reference, level_reference
 from tasks.evaluate_report import publish_artifacts
+from tasks.evaluate_rows import registry_rows
 from tasks.level_data import canvases, load_latents, load_regions
 from tasks.progress import Progress
-from tasks.stage import STAGE_RETRIES, pick_device, stage_lock, stage_result
+from tasks.stage import STAGE_RETRIES, Done, Stage, pick_device, run_stage
 from tasks.structure_pool import process_structure
-from tasks.train import decoder_config, flat_generator_dir, generator_config, load_flat_generator, num_classes
-
-INCEPTION_METRICS = ("fid", "kid_mean", "kid_std", "is_mean", "is_std")
-CONTROL_METRICS = ("locality_latent", "locality_pixel", "adherence", "adherence_baseline",
-                   "preservation_coarse_identical", "preservation_psnr_outside", "preservation_ssim_outside")
-FLAT_REASON = "flat baseline: one step straight to the latent, no staged canvas / plan at this level"
-
-
-def _flat_key(layout: Layout, cfg: TFConfig) -> str:
-    return flat_generator_dir(layout, cfg).name.removeprefix("generator-flat-")
-
-
-def evaluation_key(layout: Layout, cfg: TFConfig) -> str:
-    """The staged evaluation's key; for the flat baseline, the same hash over the flat generator."""
-    if cfg.generator.mode != "flat":
-        return layout.keys.evaluate
-    return stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": [_flat_key(layout, cfg)],
-                        "mode": "flat", "decoder": layout.keys.decoder, "teacher": layout.keys.teacher,
-                        "judge": layout.keys.judge, "v": CODE_VERSIONS["evaluate"]})
+from tasks.judge import NOT_SCENES
+from tasks.generator_job import num_classes
+from tasks.train import load_flat_generator
 
 
 def _sampled_keys(layout: Layout) -> list[str]:
@@ -78,72 +62,20 @@ def _sampled_keys(layout: Layout) -> list[str]:
 
 def evaluation_dir(layout: Layout, cfg: TFConfig) -> Path:
     """`evaluate-<key>` (staged) or `evaluate-flat-<key>`: both evaluations of one root sit side by side."""
-    if cfg.generator.mode != "flat":
-        return layout.evaluation()
-    return layout.root / f"evaluate-flat-{evaluation_key(layout, cfg)}"
-
-
-def _flat_skipped_rows(levels: int, **labels) -> list[dict]:
-    """What needs the staged canvases, written as skipped for the flat baseline (never a number)."""
-    rows = [metric_row("per_level", "fd_level", None, level=level, variant=variant, status="skipped",
-                       reason=FLAT_REASON, **labels)
-            for level in range(levels - 1) for variant in ("mean_pooled", "tokens")]
-    rows += [metric_row("structure", "nesting", None, level=level, status="skipped", reason=FLAT_REASON, **labels)
-             for level in range(levels - 2)]
-    rows += [metric_row("structure", metric, None, level=level, status="skipped", reason=FLAT_REASON, **labels)
-             for metric in ("plan_adherence", "reencode_ari", "reencode_miou") for level in range(levels - 1)]
-    rows += [metric_row("control", metric, None, level=level, status="skipped",
-                        reason="flat baseline: no levels to edit", **labels)
-             for metric in CONTROL_METRICS for level in range(levels)]
-    return rows
+    return layout.mode_evaluation()[0]
 
 
 def _load_generators(cfg: TFConfig, layout: Layout, grid: int, dim: int, device: str) -> list[TrajectoryDiT]:
     """The sampler of each level: its own model, or the one shared model at every level."""
     loaded: dict = {}
-    for level in range(cfg.hierarchy.num_levels):
+    for level in range(cfg.hierarchy.generator_levels):
         folder = layout.level_generator(level)
         if folder not in loaded:
             model = TrajectoryDiT(generator_config(cfg, grid, dim, num_classes(layout)))
             tensors, _ = load_checkpoint(folder / "generator", device)
             model.load_state_dict(tensors)
             loaded[folder] = model.to(device).eval()
-    return [loaded[layout.level_generator(level)] for level in range(cfg.hierarchy.num_levels)]
-
-
-def _rows(values: list[MetricValues], n_boot: int, **labels) -> list[dict]:
-    rows = []
-    for v in values:
-        finite = v.values[np.isfinite(v.values)]
-        if v.pooled:
-            n = v.extra.get("n", len(v.values))
-            rows.append(metric_row(v.group, v.metric, float(v.values[0]), level=v.level, variant=v.variant, n=n, **labels))
-        elif len(finite) == 0:
-            rows.append(metric_row(v.group, v.metric, None, level=v.level, variant=v.variant, status="skipped",
-                                   reason="no finite per-sample values (e.g. empty or full regions)", **labels))
-        else:
-            rows.append(metric_row(v.group, v.metric, float(finite.mean()), level=v.level, variant=v.variant,
-                                   n=len(finite), ci=bootstrap_ci(finite, n_boot=n_boot), **labels))
-    return rows
-
-
-def _quality_rows(values: list[MetricValues], dinov2: dict, inception: dict, reason: str | None) -> list[dict]:
-    """fd_dinov2 under the DINOv2 extractor; fid, kid_mean/std, is_mean/std under Inception (or skipped)."""
-    rows = []
-    for v in values:
-        n = v.extra.get("n", 0)
-        if v.metric == "fd_dinov2":
-            rows.append(metric_row("quality", "fd_dinov2", float(v.values[0]), n=n, **dinov2))
-        elif v.metric == "fid":
-            rows.append(metric_row("quality", "fid", float(v.values[0]), n=n, **inception))
-        elif v.metric in ("kid", "is"):
-            rows.append(metric_row("quality", f"{v.metric}_mean", float(v.values[0]), n=n, **inception))
-            rows.append(metric_row("quality", f"{v.metric}_std", float(v.extra["std"]), n=n, **inception))
-    have = {r["metric"] for r in rows}
-    why = reason or "too few samples for this metric"
-    rows += [metric_row("quality", name, None, status="skipped", reason=why, **inception)
-             for name in INCEPTION_METRICS if name not in have]
-    return rows
+    return [loaded[layout.level_generator(level)] for level in range(cfg.hierarchy.generator_levels)]
 
 
 def _extractors(cfg: TFConfig, device: str):
@@ -169,12 +101,13 @@ def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, in
     """Real-side statistics; image features are reused from the images store (even under --force evaluate)."""
     ev = cfg.evaluate
     reference, reused = {}, {}
+    pixels = real_pixels(cfg.source, layout.images())   # the direct path stores only a sample: the rest decoded
     for name, extractor in (("dinov2", dinov2), ("inception", inception)):
         if extractor["fn"] is None:
             continue
         fns = {"dinov2_fn": extractor["fn"]} if name == "dinov2" else {"inception_fn": extractor["fn"]}
         arrays, reused[name] = image_reference(layout.images(), latents.index, extractor["label"], device=device,
-                                               batch_size=ev.batch_size, **fns)
+                                               batch_size=ev.batch_size, read_pixels=pixels, **fns)
         reference.update(arrays)
     real_levels = canvases(latents.tokens, teacher)
     reference.update(level_reference(real_levels, device=device, batch_size=ev.batch_size,
@@ -184,26 +117,30 @@ def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, in
 
 @task(name="evaluate", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> dict:
-    with stage_lock(cfg, evaluation_dir(Layout(root, cfg), cfg)):   # a second run on this store waits or fails here
-        return _evaluate(cfg, root, run_id, force)
-
-
-def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
-    started = time.monotonic()
     layout = Layout(root, cfg)
-    flat = cfg.generator.mode == "flat"
-    out, key = evaluation_dir(layout, cfg), evaluation_key(layout, cfg)
-    if force:
-        remove_tree(out)
-    if zarr_store.is_complete(out):
+    out, key = layout.mode_evaluation()
+    stage = Stage("evaluate", key, out, store_stage="", needs=[(layout.latents(), "encode"),
+                                                               (layout.teacher(), "hierarchy")])
+
+    def reused() -> dict:
         done = zarr_store.completion(out)
-        return stage_result("evaluate", key, out, False, started, metrics_table=done["table"],
-                            grid_png=str(out / "grid.png"), rows=done["metrics_rows"])
+        return {"metrics_table": done["table"], "grid_png": str(out / "grid.png"), "rows": done["metrics_rows"]}
+
+    return run_stage(cfg, stage, force, lambda: _evaluate(cfg, root, run_id, layout), reused=reused)
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
+    flat = cfg.generator.mode == "flat"
+    out, key = layout.mode_evaluation()
     ev = cfg.evaluate
     device = pick_device(cfg.device)
     latents = load_latents(layout.latents())
     teacher = load_regions(layout.teacher(), latents.index)
-    grid, dim, levels = latents.grid, latents.tokens.shape[-1], cfg.hierarchy.num_levels
+    grid, dim, levels = latents.grid, latents.tokens.shape[-1], cfg.hierarchy.generator_levels
     patch = cfg.source.image_size // grid
     generators = [load_flat_generator(cfg, root, grid, dim, device)] if flat else \
         _load_generators(cfg, layout, grid, dim, device)
@@ -221,24 +158,19 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
     # Sample and score every trajectory in batches; keep whole only the first few (stored, edited, shown).
     seeds = ev.seed * 1_000_003 + np.arange(ev.num_samples)
     keep = min(ev.num_samples, max(ev.keep_trajectories, ev.grid_rows, 2))
+    scorers = Scorers(dinov2["fn"], inception["fn"], None if judge is None else judge["fn"], encoder,
+                      hierarchy_spec(cfg.hierarchy), (latents.mean, latents.std))
+    plan = eval_plan(cfg, keep)
     with Progress(ev.num_samples, "evaluate: sample + metrics", unit="sample") as bar:
-        result = evaluate_streaming(
-            generators, decoder, seeds, latents.label.numpy(), dinov2["fn"], inception_fn=inception["fn"],
-            encoder=encoder, hierarchy_spec=hierarchy_spec(cfg.hierarchy), label_seed=ev.seed,
-            batch_size=ev.batch_size, device=device, region_threshold=ev.region_threshold, keep=keep,
-            snap_threshold=ev.snap_threshold(),
-            reencode_samples=ev.reencode_samples, structure_samples=ev.structure_samples,
-            tokens_per_sample=ev.tokens_per_sample, structure_runner=process_structure(ev.structure_workers),
-            token_shape=(grid * grid, dim), progress=lambda done, total, timing: bar.advance(done - bar.done),
-            mode=cfg.generator.mode, latent_stats=(latents.mean, latents.std),
-            judge_fn=None if judge is None else judge["fn"])
-    kid_real = len(reference.get(KID_FEATURES, ()))
-    kid_size = max(1, min(1000, kid_real, 0 if result.inception_pool is None else len(result.inception_pool)))
-    values = metric_values(result, reference, kid_subset_size=kid_size)
-    judged = [v for v in values if v.metric in JUDGE_METRICS]   # their rows name the judge as extractor
-    values = [v for v in values if v.metric not in JUDGE_METRICS]
-    quality = [v for v in values if v.group == "quality"]
-    values = [v for v in values if v.group != "quality"]
+        runtime = Runtime(device, structure_runner=process_structure(ev.structure_workers),
+                          progress=lambda done, total, timing: bar.advance(done - bar.done))
+        result = evaluate_streaming(generators, decoder, seeds, latents.label.numpy(), scorers, plan, runtime,
+                                    token_shape=(grid * grid, dim))
+    # values computed outside the engine, handed to their registry entries
+    supplied = {"decoder": [pooled("decoder", name, _number(decoder_meta.get(name)), decoder_meta.get("holdout_n", 0))
+                            for name in ("holdout_psnr", "holdout_ssim")]}
+    if judge is not None:
+        supplied.update(holdout_values(judge, layout, levels))
 
     def decode(tokens: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -255,22 +187,20 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
         regions = generated_regions([c.float().cpu().numpy() for c in base],
                                     own_regions_cut(ev.region_threshold, ev.snap_threshold()))
         specs = plan_edits(keep, regions, levels, ev.edits_per_level, ev.seed)
-        control, edited = run_edit_suite(generators, noises, kept_labels, base, regions, specs, decode, grid, patch,
-                                         ev.snap_threshold())
-        values += control
+        supplied["control"], edited = run_edit_suite(generators, noises, kept_labels, base, regions, specs, decode,
+                                                     grid, patch, ev.snap_threshold())
     if zarr_store.has_array(layout.images(), "masks"):
         truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[latents.index], grid)
-        values += hierarchy_alignment(teacher.numpy(), truth.reshape(len(truth), truth.shape[1], -1))
+        supplied["alignment"] = hierarchy_alignment(teacher.numpy(), truth.reshape(len(truth), truth.shape[1], -1))
 
-    rows = _quality_rows(quality, dinov2["row"], inception["row"], inception["reason"])
-    rows += judge_rows(cfg, layout, judge, judged, levels, flat, lambda v, **labels: _rows(v, ev.bootstrap, **labels))
-    rows += _rows(values, ev.bootstrap, feature_extractor=cfg.encoder.model, extractor_weights=weights_label)
-    if flat:
-        rows += _flat_skipped_rows(levels, feature_extractor=cfg.encoder.model, extractor_weights=weights_label)
-    rows += [metric_row("decoder", name, decoder_meta[key], n=decoder_meta.get("holdout_n", 0))
-             for name, key in (("holdout_psnr", "holdout_psnr"), ("holdout_ssim", "holdout_ssim"))]
+    setting = EvalSetting(levels, cfg.generator.mode, inception["reason"],
+                          None if judge is not None else NOT_SCENES + f" (source.kind is {cfg.source.kind!r})",
+                          ev.structure_samples, ev.reencode_samples)
+    labels = {"dinov2": dinov2["row"], "inception": inception["row"], "judge": judge_labels(layout),
+              "encoder": {"feature_extractor": cfg.encoder.model, "extractor_weights": weights_label}}
+    rows = registry_rows(setting, metric_values_by_entry(result, reference, supplied=supplied), labels, ev.bootstrap)
     context = {"latents_key": layout.keys.latents, "teacher_key": layout.keys.teacher,
-               "model_key": stable_hash([layout.keys.decoder, _flat_key(layout, cfg)] if flat else
+               "model_key": stable_hash([layout.keys.decoder, layout.keys.flat_generator] if flat else
                                         [layout.keys.decoder, *_sampled_keys(layout)]),
                "code_version": f"evaluate-v{CODE_VERSIONS['evaluate']}", "encoder_weights": latents.weights_label,
                "mode": cfg.generator.mode}
@@ -289,10 +219,10 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, force: bool) -> dict:
     write_grid(out / "grid.png", kept.images[:min(ev.grid_rows, keep)])
     publish_artifacts(run_id, rows, out, table)
     timing = {k: round(float(v), 3) for k, v in result.timing.items()}
-    zarr_store.mark_complete(out, {"run_id": run_id, "metrics_rows": len(rows), "table": str(table),
-                                   "timing_s": timing, "counts": result.counts, "reference_reused": reference_reused})
-    return stage_result("evaluate", key, out, True, started, metrics_table=str(table),
-                        grid_png=str(out / "grid.png"), rows=len(rows), reference_reused=reference_reused)
+    return Done({"run_id": run_id, "metrics_rows": len(rows), "table": str(table), "timing_s": timing,
+                 "counts": result.counts, "reference_reused": reference_reused},
+                {"metrics_table": str(table), "grid_png": str(out / "grid.png"), "rows": len(rows),
+                 "reference_reused": reference_reused})
 
 
 def _write_edits(out, run_id: str, ids: list[str], specs: list[dict], edited: list[list[torch.Tensor]],

@@ -30,19 +30,24 @@ def image_reference(images_store: Path, index: np.ndarray, extractor_label: str,
                     dinov2_fn: Callable | None = None, inception_fn: Callable | None = None,
                     feature_fns: dict[str, Callable] | None = None,
                     device: str = "cpu", batch_size: int = 256, kid_reservoir: int = 10_000,
-                    force: bool = False) -> tuple[dict[str, np.ndarray], bool]:
-    """(statistics, reused) of the real images `index` under one extractor; computed and stored when absent."""
+                    force: bool = False, read_pixels: Callable | None = None) -> tuple[dict[str, np.ndarray], bool]:
+    """(statistics, reused) of the real images `index` under one extractor; computed and stored when absent.
+    read_pixels(index) -> uint8 images (tasks.encode_files.real_pixels); default: the image store's rows."""
     label = _set_label(extractor_label, index)
     found = None if force else load_reference(images_store, label)
     if found is not None:
         return found[0], True
-    images = zarr_store.open_array(images_store, "image")
+    if read_pixels is None:
+        images = zarr_store.open_array(images_store, "image")
+
+        def read_pixels(rows: np.ndarray) -> np.ndarray:
+            return np.asarray(images.oindex[rows])
     starts = range(0, len(index), batch_size)
 
     def batches():
         with Progress(len(index), f"reference {extractor_label.split(':')[0]}", unit="img") as bar:
             for start in starts:
-                chunk = np.asarray(images.oindex[index[start:start + batch_size]])
+                chunk = read_pixels(index[start:start + batch_size])
                 yield chunk, []
                 bar.advance(len(chunk))
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-HEADLINE = [("quality", "fd_dinov2"), ("quality", "fid"), ("per_level", "fd_level"), ("structure", "nesting"),
-            ("structure", "plan_adherence"), ("structure", "reencode_ari"), ("control", "locality_latent"),
-            ("control", "preservation_coarse_identical"), ("alignment", "ari"), ("decoder", "holdout_psnr")]
+from models.metric_registry import registered
+
+
+def headline_metrics() -> set[tuple[str, str]]:
+    """(group, metric) of the figures the registered metrics put in the run's headline table."""
+    return {(metric.group, name) for metric in registered() for name in metric.summary}
 
 
 def _fmt(value: float) -> str:
@@ -14,7 +17,7 @@ def _fmt(value: float) -> str:
 
 
 def headline_rows(rows: list[dict]) -> list[dict]:
-    wanted = set(HEADLINE)
+    wanted = headline_metrics()
     out = []
     for r in rows:
         if (r["group"], r["metric"]) in wanted and r["variant"] in ("", "mean_pooled", "token_exchange"):

@@ -7,8 +7,6 @@ store, so training, evaluation and the dashboard read either unchanged.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -16,13 +14,13 @@ from prefect.cache_policies import NO_CACHE
 from models.encoder import ENCODER_OUTPUT
 from storage import zarr_store
 from storage.config import TFConfig
-from storage.files import remove_tree
 from storage.keys import Layout
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import ground_truth_chunk, hierarchy_chunk
 from tasks.dask_chunks import run_chunks
 from tasks.progress import Progress
-from tasks.stage import STAGE_RETRIES, stage_lock, stage_result
+from tasks.plan import hierarchy_spec
+from tasks.stage import STAGE_RETRIES, Done, Stage, run_stage
 
 # What the teacher store's attributes say it was built from (DESIGN section 3).
 CLUSTERED_INPUT = "standardised latents (per-channel dataset mean/std)"
@@ -31,24 +29,17 @@ GROUND_TRUTH_INPUT = "ground-truth masks (majority vote per token, nested)"
 
 @task(name="hierarchy", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def build_teacher(cfg: TFConfig, root: str, force: bool = False) -> dict:
-    with stage_lock(cfg, Layout(root, cfg).teacher()):   # a second run on this store waits or fails here
-        return _build_teacher(cfg, root, force)
-
-
-def _build_teacher(cfg: TFConfig, root: str, force: bool) -> dict:
-    started = time.monotonic()
     layout = Layout(root, cfg)
+    stage = Stage("hierarchy", layout.keys.teacher, layout.teacher(), store_stage="teacher",
+                  needs=[(layout.latents(), "encode")])
+    return run_stage(cfg, stage, force, lambda: _build_teacher(cfg, layout))
+
+
+def _build_teacher(cfg: TFConfig, layout: Layout) -> Done:
     latents, path = layout.latents(), layout.teacher()
-    if force:
-        remove_tree(path)
-    if zarr_store.is_complete(path):
-        zarr_store.check_compatible(path, {"stage": "teacher", "key": layout.keys.teacher})
-        return stage_result("hierarchy", layout.keys.teacher, path, False, started)
-    if not zarr_store.is_complete(latents):
-        raise RuntimeError(f"latent store {latents} is incomplete: run `tf encode` first")
     tokens = zarr_store.open_array(latents, "tokens")
     num, grid = tokens.shape[0], tokens.shape[1]
-    levels = len(cfg.hierarchy.cuts) + 1
+    levels = cfg.hierarchy.partition_levels
     chunk_size = zarr_store.store_attrs(latents)["chunk_size"]
     ground_truth = cfg.hierarchy.source == "ground_truth"
     if ground_truth:
@@ -72,12 +63,12 @@ def _build_teacher(cfg: TFConfig, root: str, force: bool) -> dict:
             for chunk in pending:
                 ground_truth_chunk(str(images), str(path), chunk, *bounds[chunk], grid)
                 bar.advance()
-    else:
-        todo = [(cfg.hierarchy.model_dump(), str(latents), str(path), c, *bounds[c]) for c in pending]
+    else:   # the spec itself crosses to the workers: a small frozen dataclass, validated once here
+        spec = hierarchy_spec(cfg.hierarchy)
+        todo = [(spec, cfg.hierarchy.backend, str(latents), str(path), c, *bounds[c]) for c in pending]
         run_chunks(hierarchy_chunk, todo, description="hierarchy", address=cfg.ingest.dask_address,
                    workers=cfg.ingest.workers, worker_loss_timeout=cfg.ingest.worker_loss_timeout)
-    zarr_store.mark_complete(path, {"samples": num, "levels": levels})
-    return stage_result("hierarchy", layout.keys.teacher, path, True, started)
+    return Done({"samples": num, "levels": levels})
 
 
 def _check_ground_truth(images, num: int, levels: int, cuts: list[float]) -> None:

@@ -1,7 +1,14 @@
-"""Ingest: image source -> image store (Zarr: uint8 images, labels, ids, GT masks, rejects)."""
+"""Ingest: image source -> image store (Zarr: uint8 images, labels, ids, GT masks, rejects).
+
+The scenes (and ImageNet sources with encoder.read_from image_store) store every image, decoded by
+Dask workers. ImageNet sources that encode reads from the files (the default) store the listing
+(ids, labels, valid, listing rejects, fingerprint) and the pixels of only the first
+ingest.sample_pixels samples, decoded here by the encoder's own reader (tasks.encode_files) so the
+dashboards and the decoder see exactly what the encoder saw; `image` then has that many rows.
+"""
 from __future__ import annotations
 
-import time
+import functools
 import warnings
 from pathlib import Path
 
@@ -11,23 +18,24 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import zarr_store
-from storage.config import SourceConfig, TFConfig
-from storage.files import remove_tree
+from storage.config import SourceConfig, TFConfig, encode_reads_files
 from storage.keys import Layout
 from storage.sources import SourceChanged, SourceListing, describe_change, list_source, listing_frame
-from storage.tables import REJECT_COLUMNS, atomic_write_parquet, load_rejects, now_iso
+from storage.tables import REJECT_COLUMNS, atomic_write_parquet, load_rejects, now_iso, write_rejects
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import ingest_chunk
 from tasks.dask_chunks import run_chunks
-from tasks.stage import STAGE_RETRIES, stage_lock, stage_result
+from tasks.stage import STAGE_RETRIES, Done, Stage, run_stage
 
 LISTING_TABLE = "_listing.parquet"   # the listing a store was built from (storage.sources.listing_frame)
 
 
-def image_store_arrays(num: int, size: int, with_masks: bool) -> dict[str, ArraySpec]:
+def image_store_arrays(num: int, size: int, with_masks: bool, pixels: int | None = None) -> dict[str, ArraySpec]:
+    """`pixels`: rows of `image` when only the first samples keep their pixels (None: every sample)."""
     arrays = {
         "sample": ArraySpec((num,), str, ("sample",), fill_value=""),
-        "image": ArraySpec((num, size, size, 3), np.uint8, ("sample", "y", "x", "rgb")),
+        "image": ArraySpec((num if pixels is None else pixels, size, size, 3), np.uint8, ("sample", "y", "x", "rgb"),
+                           chunk_rows=1 if pixels == 0 else None),   # Zarr takes no zero-row chunk
         "label": ArraySpec((num,), np.int64, ("sample",), fill_value=-1),
         "valid": ArraySpec((num,), bool, ("sample",), fill_value=False),
     }
@@ -38,37 +46,44 @@ def image_store_arrays(num: int, size: int, with_masks: bool) -> dict[str, Array
 
 @task(name="ingest", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def ingest_images(cfg: TFConfig, root: str, force: bool = False) -> dict:
-    with stage_lock(cfg, Layout(root, cfg).images()):   # a second run on this store waits or fails here
-        return _ingest(cfg, root, force)
-
-
-def _ingest(cfg: TFConfig, root: str, force: bool) -> dict:
-    started = time.monotonic()
     layout = Layout(root, cfg)
     path = layout.images()
-    if force:
-        remove_tree(path)
     # Listed on every run, a reuse too: a store holds the files it was listed from, and slots are
     # positions in that listing, so resuming or reusing it for another listing would mix samples up.
-    listing = list_source(cfg.source)
-    if zarr_store.is_complete(path):
-        zarr_store.check_compatible(path, {"stage": "images", "key": layout.keys.images})
-        check_listing(path, listing, cfg.source.path, complete=True)
-        return stage_result("ingest", layout.keys.images, path, False, started)
+    listing = functools.cache(lambda: list_source(cfg.source))
+
+    def reused() -> dict:
+        check_listing(path, listing(), cfg.source.path, complete=True)
+        return {}
+
+    stage = Stage("ingest", layout.keys.images, path, store_stage="images")
+    return run_stage(cfg, stage, force, lambda: _ingest(cfg, layout, listing()), reused=reused)
+
+
+def _ingest(cfg: TFConfig, layout: Layout, listing: SourceListing) -> Done:
+    path = layout.images()
     if (zarr_store.zarr_path(path) / "zarr.json").exists():   # a killed run's store: resumed only on the same files
         check_listing(path, listing, cfg.source.path, complete=False)
     else:   # the per-file record before the store, so every fingerprinted store has one
         atomic_write_parquet(listing_frame(listing), Path(path) / LISTING_TABLE)
     num, chunk_size = len(listing.ids), cfg.ingest.chunk_size
-    attrs = {"stage": "images", "key": layout.keys.images, "source": cfg.source.model_dump(), **listing_record(listing)}
-    zarr_store.create_store(path, image_store_arrays(num, cfg.source.image_size, listing.has_masks), chunk_size, attrs)
+    direct = encode_reads_files(cfg)
+    pixels = min(cfg.ingest.sample_pixels, num) if direct else None
+    attrs = {"stage": "images", "key": layout.keys.images, "source": cfg.source.model_dump(), **listing_record(listing),
+             **({"read_from": "files", "pixel_rows": pixels} if direct else {})}
+    zarr_store.create_store(path, image_store_arrays(num, cfg.source.image_size, listing.has_masks, pixels),
+                            chunk_size, attrs)
     zarr_store.write_array(path, "sample", np.asarray(listing.ids, dtype=str))
     write_listing_rejects(path, listing, cfg.source)
     bounds = zarr_store.chunk_bounds(num, chunk_size)
-    todo = [(cfg.source.model_dump(), str(path), c, start, listing.ids[start:stop], listing.labels[start:stop].tolist())
-            for c in zarr_store.pending_chunks(path, len(bounds)) for start, stop in [bounds[c]]]
-    run_chunks(ingest_chunk, todo, description="ingest", address=cfg.ingest.dask_address, workers=cfg.ingest.workers,
-               worker_loss_timeout=cfg.ingest.worker_loss_timeout)
+    pending = zarr_store.pending_chunks(path, len(bounds))
+    if direct:
+        write_listing_chunks(cfg, path, listing, pending, bounds, pixels)
+    else:
+        todo = [(cfg.source.model_dump(), str(path), c, start, listing.ids[start:stop],
+                 listing.labels[start:stop].tolist()) for c in pending for start, stop in [bounds[c]]]
+        run_chunks(ingest_chunk, todo, description="ingest", address=cfg.ingest.dask_address,
+                   workers=cfg.ingest.workers, worker_loss_timeout=cfg.ingest.worker_loss_timeout)
     infos = zarr_store.chunk_infos(path)
     accepted = sum(i["accepted"] for i in infos)
     rejected = len(load_rejects(path))
@@ -76,17 +91,51 @@ def _ingest(cfg: TFConfig, root: str, force: bool) -> dict:
     seen = num + len(listing.empty_classes) + len(listing.rejects)
     if accepted + rejected != seen:   # a sample neither stored nor rejected would be lost silently
         raise RuntimeError(f"ingest of {path}: accepted {accepted} + rejected {rejected} != seen {seen}")
-    zarr_store.mark_complete(path, {"samples": num, "seen": seen, "accepted": accepted, "rejected": rejected,
-                                    "skipped": listing.skipped})
-    return stage_result("ingest", layout.keys.images, path, True, started, seen=seen, accepted=accepted,
-                        rejected=rejected, skipped=listing.skipped)
+    counts = {"seen": seen, "accepted": accepted, "rejected": rejected, "skipped": listing.skipped}
+    return Done({"samples": num, **counts}, counts)
+
+
+def write_listing_chunks(cfg: TFConfig, path, listing: SourceListing, pending: list[int], bounds, pixels: int) -> None:
+    """The image store of the direct path, chunk by chunk (marker last): labels, valid (a listed regular
+    file; decode failures show in the latent store, and here for the sampled pixels), and the pixels of
+    the slots below `pixels`, decoded on this CPU by the encoder's reader."""
+    from storage.imagenet import resize_short_side, sample_files
+    from tasks.encode_files import Preprocess, decode_pixels
+
+    files = sample_files(cfg.source, listing.ids)
+    preprocess = Preprocess(cfg.source.image_size, resize_short_side(cfg.source), cfg.source.interpolation)
+    for chunk in pending:
+        start, stop = bounds[chunk]
+        values = {"label": listing.labels[start:stop], "valid": np.ones(stop - start, bool)}
+        rejects: list[dict] = []
+        if start < pixels:
+            values["image"], decoded, rejects = decode_pixels(files, start, min(stop, pixels), preprocess,
+                                                              cfg.encoder.readers)
+            values["valid"][:len(decoded)] = decoded
+        write_rejects(path, chunk, rejects)   # before the marker: a done chunk has its rejects
+        accepted = int(values["valid"].sum())
+        zarr_store.write_chunk(path, chunk, start, values, {"accepted": accepted, "rejected": len(rejects),
+                                                            "pixels": len(values.get("image", ()))})
+
+
+def with_stored_pixels(images_store, latents):
+    """(latents, uint8 pixels) of the valid samples whose pixels the image store holds: every one for the
+    scenes, the first ingest.sample_pixels for the direct path (what the decoder trains on)."""
+    import dataclasses
+
+    image = zarr_store.open_array(images_store, "image")
+    keep = latents.index < image.shape[0]
+    if not keep.all():
+        latents = dataclasses.replace(latents, tokens=latents.tokens[keep], label=latents.label[keep],
+                                      index=latents.index[keep])
+    return latents, np.asarray(image.oindex[latents.index])
 
 
 def source_file(source: SourceConfig, sample_id: str) -> str:
     """A folder sample's file relative to source.path (val ids carry a "val/" prefix the folder lacks)."""
-    from storage.imagenet import VAL_PREFIX
+    from storage.imagenet import sample_relpath
 
-    return sample_id.removeprefix(VAL_PREFIX) if source.kind == "imagenet_val" else sample_id
+    return sample_relpath(source, sample_id)
 
 
 def listing_record(listing: SourceListing) -> dict:

@@ -7,7 +7,6 @@ the 14 px token grid of DINOv2), and the training time. Reused when `_COMPLETE` 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,13 +18,13 @@ from prefect.cache_policies import NO_CACHE
 from models.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, class_slots, holdout_scores,
                           train_judge)
 from storage import zarr_store
-from storage.checkpoints import is_complete, load_checkpoint, mark_complete, save_checkpoint
+from storage.checkpoints import load_checkpoint, save_checkpoint
 from storage.config import TFConfig
-from storage.files import read_json, remove_tree
+from storage.files import read_json
 from storage.keys import Layout
 from storage.scenes import masks_to_grid
 from tasks.progress import Progress
-from tasks.stage import STAGE_RETRIES, cpu_threads, pick_device, stage_lock, stage_result
+from tasks.stage import STAGE_RETRIES, Done, Stage, cpu_threads, pick_device, run_stage
 
 TOKEN_PATCH = 14   # the sidecar's token-grid scores use DINOv2's patch (the evaluation scores at its own grid)
 NOT_SCENES = "the scenes judge needs source.kind 'scenes' (class labels and ground-truth masks of real scenes)"
@@ -58,8 +57,10 @@ def ensure_judge(cfg: TFConfig, root: str, force: bool = False) -> dict:
     """The judge stage: trained unless complete (also what evaluate calls when it finds none)."""
     if cfg.source.kind != "scenes":
         raise ValueError(NOT_SCENES + f", got source.kind {cfg.source.kind!r}")
-    with stage_lock(cfg, Layout(root, cfg).judge()):   # a second run on this folder waits or fails here
-        return _train_judge(cfg, root, force)
+    layout = Layout(root, cfg)
+    stage = Stage("judge", layout.keys.judge, layout.judge(), output="folder", needs=[(layout.images(), "ingest")])
+    return run_stage(cfg, stage, force, lambda: _train_judge(cfg, layout),
+                     reused=lambda: _summary(read_json(layout.judge() / "judge.json")))
 
 
 def _summary(meta: dict) -> dict:
@@ -67,14 +68,8 @@ def _summary(meta: dict) -> dict:
             "train_seconds": meta["train_seconds"]}
 
 
-def _train_judge(cfg: TFConfig, root: str, force: bool) -> dict:
-    started = time.monotonic()
-    layout = Layout(root, cfg)
+def _train_judge(cfg: TFConfig, layout: Layout) -> Done:
     folder, key = layout.judge(), layout.keys.judge
-    if force:
-        remove_tree(folder)
-    if is_complete(folder):
-        return stage_result("judge", key, folder, False, started, **_summary(read_json(folder / "judge.json")))
     j = cfg.judge
     real = load_real_scenes(layout.images())
     held = holdout_split(len(real["index"]), j.holdout)
@@ -98,8 +93,7 @@ def _train_judge(cfg: TFConfig, root: str, force: bool) -> dict:
             "train_seconds": round(history["seconds"], 2), "final_loss": history["loss"][-1],
             "device": device}
     save_checkpoint(folder / "judge", dict(model.cpu().state_dict()), meta)
-    mark_complete(folder, {"stage": "judge", "key": key})
-    return stage_result("judge", key, folder, True, started, **_summary(meta))
+    return Done({"stage": "judge", "key": key}, _summary(meta))
 
 
 def load_judge(folder: Path, device: str = "cpu") -> tuple[SceneJudge, dict]:

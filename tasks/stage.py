@@ -1,15 +1,102 @@
-"""What every stage task returns: a small dict saying what it wrote and whether it was reused."""
+"""The skeleton every stage runs (`run_stage`: lock, force, reuse, upstream check, work, completion
+marker, result), what a stage returns, and the settings every stage task shares (device, threads,
+retries). A new stage is its work function plus its key (storage.keys)."""
 from __future__ import annotations
 
 import contextlib
 import os
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
 def stage_result(stage: str, key: str, path: Path, computed: bool, started: float, **extra) -> dict:
     return {"stage": stage, "key": key, "path": str(path), "status": "computed" if computed else "reused",
             "duration_s": round(time.monotonic() - started, 3), **extra}
+
+
+@dataclass(frozen=True)
+class Output:
+    """How a stage's output says it is done: a Zarr store (its attrs record stage and key, checked on
+    reuse) or a folder of checkpoints. Both finish with a `_COMPLETE` marker written last."""
+    name: str
+    is_complete: Callable[[Path], bool]
+    mark_complete: Callable[[Path, dict], None]
+    check_reuse: Callable[[Path, str, str], None] | None = None   # (path, stage attr, key): raise if stale
+
+
+def _zarr_output() -> Output:
+    from storage import zarr_store
+
+    def check(path: Path, stage: str, key: str) -> None:
+        zarr_store.check_compatible(path, {"stage": stage, "key": key})
+
+    return Output("store", zarr_store.is_complete, zarr_store.mark_complete, check)
+
+
+def _folder_output() -> Output:
+    from storage import checkpoints
+
+    return Output("folder", checkpoints.is_complete, checkpoints.mark_complete)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage run: its name in results, its key and folder, what it needs upstream, what it writes."""
+    name: str                       # as results and the report show it: ingest, train-L0, ...
+    key: str
+    path: Path
+    output: str = "store"           # "store" (Zarr) or "folder" (checkpoints)
+    store_stage: str = ""           # the Zarr attrs' `stage` (images, latents, ...): checked on reuse
+    needs: Sequence[tuple[Path, str]] = field(default=())   # (upstream store, the command that makes it)
+
+
+@dataclass
+class Done:
+    """What a stage's work hands back: the completion marker's content (None: the work wrote the marker
+    itself, as a generator's finish shared with torchrun does) and extra result fields."""
+    marker: dict | None
+    result: dict = field(default_factory=dict)
+
+
+def run_stage(cfg, stage: Stage, force: bool, work: Callable[[], Done],
+              reused: Callable[[], dict] = dict) -> dict:
+    """Run `stage` once: under its folder's lock; `force` removes its output first; a complete output
+    is reused (a Zarr store only if its attrs still name this stage and key; `reused()` may check more
+    and gives the result's extra fields); otherwise every upstream store must be complete, `work()`
+    computes, and the completion marker is written last."""
+    from storage.files import remove_tree
+
+    output = _zarr_output() if stage.output == "store" else _folder_output()
+    with stage_lock(cfg, stage.path):   # a second run on this output waits or fails here
+        started = time.monotonic()
+        if force:
+            remove_tree(stage.path)
+        if output.is_complete(stage.path):
+            if output.check_reuse and stage.store_stage:
+                output.check_reuse(stage.path, stage.store_stage, stage.key)
+            return stage_result(stage.name, stage.key, stage.path, False, started, **reused())
+        for upstream, command in stage.needs:
+            if not _upstream_complete(upstream):
+                raise RuntimeError(f"{_upstream_kind(upstream)} {upstream} is incomplete: run `tf {command}` first")
+        done = work()
+        if done.marker is not None:
+            output.mark_complete(stage.path, done.marker)
+        if not output.is_complete(stage.path):   # a work function that forgot its marker would recompute forever
+            raise RuntimeError(f"stage {stage.name} finished without marking {stage.path} complete")
+        return stage_result(stage.name, stage.key, stage.path, True, started, **done.result)
+
+
+def _upstream_complete(path: Path) -> bool:
+    from storage import zarr_store
+
+    return zarr_store.is_complete(path)   # both kinds write the same `_COMPLETE` marker
+
+
+def _upstream_kind(path: Path) -> str:
+    prefix = Path(path).name.split("-")[0]
+    return {"images": "image store", "latents": "latent store", "teacher": "teacher store"}.get(prefix, "stage output")
 
 
 def pick_device(preference: str) -> str:

@@ -7,7 +7,6 @@ run writes the final checkpoints, then the `_COMPLETE` marker, then drops the sn
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 
 import numpy as np
@@ -15,32 +14,20 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.decoder import DecoderConfig, TokenDecoder, images_to_tensor, tensor_to_images
+from models.decoder import TokenDecoder, images_to_tensor, tensor_to_images
 from models.dit import TrajectoryDiT
 from models.image_metrics import psnr, ssim
-from models.train_loop import OptimConfig, train_decoder, train_generator
+from models.train_loop import train_decoder, train_generator
 from models.train_state import ema_name
-from storage import zarr_store
-from storage.checkpoints import clear_train_state, is_complete, load_checkpoint, load_train_state, mark_complete, \
-    save_checkpoint
+from storage.checkpoints import clear_train_state, load_checkpoint, load_train_state, mark_complete, save_checkpoint
 from storage.config import TFConfig
-from storage.files import remove_tree
 from storage.keys import Layout
-from tasks.generator_job import (SHARED, finish_generator, flat_generator_dir, generator_config,  # noqa: F401
-                                 generator_folder, generator_job, num_classes, objective_config,
-                                 snapshotter)
+from tasks.generator_job import SHARED, finish_generator, generator_folder, generator_job, num_classes, snapshotter
+from tasks.plan import DECODER_EMA_KIMG, decoder_config, decoder_optim, generator_config
+from tasks.ingest import with_stored_pixels
 from tasks.level_data import load_latents
 from tasks.progress import Progress
-from tasks.stage import STAGE_RETRIES, cpu_threads, pick_device, stage_lock, stage_result
-
-
-DECODER_EMA_KIMG = 500.0
-
-
-def decoder_config(cfg: TFConfig, grid: int, dim: int) -> DecoderConfig:
-    d = cfg.decoder
-    return DecoderConfig(token_dim=dim, grid=grid, patch=cfg.source.image_size // grid,
-                         width=d.width, depth=d.depth, heads=d.heads)
+from tasks.stage import STAGE_RETRIES, Done, Stage, cpu_threads, pick_device, run_stage
 
 
 def run_with_progress(description: str, total: int, start: int, train):
@@ -53,21 +40,18 @@ def run_with_progress(description: str, total: int, start: int, train):
 
 @task(name="train-decoder", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def train_decoder_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
-    with stage_lock(cfg, Layout(root, cfg).decoder()):   # a second run on this folder waits or fails here
-        return _train_decoder(cfg, root, force)
-
-
-def _train_decoder(cfg: TFConfig, root: str, force: bool) -> dict:
-    started = time.monotonic()
     layout = Layout(root, cfg)
+    stage = Stage("train-decoder", layout.keys.decoder, layout.decoder(), output="folder",
+                  needs=[(layout.latents(), "encode")])
+    return run_stage(cfg, stage, force, lambda: _train_decoder(cfg, layout))
+
+
+def _train_decoder(cfg: TFConfig, layout: Layout) -> Done:
     folder = layout.decoder()
-    if force:
-        remove_tree(folder)
-    if is_complete(folder):
-        return stage_result("train-decoder", layout.keys.decoder, folder, False, started)
     device = pick_device(cfg.device)
-    latents = load_latents(layout.latents())
-    images = images_to_tensor(zarr_store.open_array(layout.images(), "image").oindex[latents.index])
+    # the valid samples whose pixels the image store holds (all of them, but for ImageNet read from files)
+    latents, pixels = with_stored_pixels(layout.images(), load_latents(layout.latents()))
+    images = images_to_tensor(pixels)
     d = cfg.decoder
     torch.manual_seed(d.seed)
     decoder = TokenDecoder(decoder_config(cfg, latents.grid, latents.tokens.shape[-1]))
@@ -79,8 +63,7 @@ def _train_decoder(cfg: TFConfig, root: str, force: bool) -> dict:
         decoder.load_state_dict(tensors)
     else:
         # EDM EMA: its half-life ramps up with the images seen, so a short run is not its random init
-        optim = OptimConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, warmup_steps=20, ema_decays=[],
-                            ema_halflives_kimg=[DECODER_EMA_KIMG], checkpoint_every=d.checkpoint_every, seed=d.seed)
+        optim = decoder_optim(cfg)
         resume = load_train_state(folder, "decoder")
         with cpu_threads(device):
             state = run_with_progress("train decoder", optim.steps, resume[1]["step"] if resume else 0, lambda on_step:
@@ -99,48 +82,46 @@ def _train_decoder(cfg: TFConfig, root: str, force: bool) -> dict:
             "final_loss": history["loss"][-1] if history else None, **quality}
     save_checkpoint(folder / "decoder", dict(decoder.cpu().state_dict()), meta)
     mark_complete(folder, {"stage": "decoder", "key": layout.keys.decoder})
-    clear_train_state(folder, "decoder")
-    return stage_result("train-decoder", layout.keys.decoder, folder, True, started, **quality)
+    clear_train_state(folder, "decoder")   # after the marker: a kill between them leaves a complete decoder
+    return Done(None, quality)
 
 
-def _train_generator_stage(cfg: TFConfig, root: str, which: int | str | None, force: bool, stage: str) -> dict:
-    started = time.monotonic()
+def _generator_stage(cfg: TFConfig, root: str, which: int | str | None, force: bool, name: str) -> dict:
     layout = Layout(root, cfg)
     folder, key = generator_folder(layout, which)
-    if force:
-        remove_tree(folder)
-    if is_complete(folder):
-        return stage_result(stage, key, folder, False, started)
+    needs = [(layout.latents(), "encode")] + ([] if which is None else [(layout.teacher(), "hierarchy")])
+    stage = Stage(name, key, folder, output="folder", needs=needs)
+    return run_stage(cfg, stage, force, lambda: _train_generator(cfg, root, which, name))
+
+
+def _train_generator(cfg: TFConfig, root: str, which: int | str | None, name: str) -> Done:
     device = pick_device(cfg.device)
     job = generator_job(cfg, root, which)
-    resume = load_train_state(folder, "generator")   # a killed run continues from its latest snapshot
+    resume = load_train_state(job.folder, "generator")   # a killed run continues from its latest snapshot
     start = resume[1]["step"] if resume else 0
     with cpu_threads(device):
-        state = run_with_progress(f"train {stage}", job["optim"].steps, start, lambda on_step: train_generator(
-            job["model"], job["data"], job["level"], job["objective"], job["optim"], device, on_step,
-            resume=resume, on_checkpoint=snapshotter(folder, "generator")))
-    meta = finish_generator(job, state, resumed_from_step=start)
-    return stage_result(stage, key, folder, True, started, final_loss=meta["final_loss"], resumed_from_step=start)
+        state = run_with_progress(f"train {name}", job.optim.steps, start, lambda on_step: train_generator(
+            job.model, job.data, job.level, job.objective, job.optim, device, on_step,
+            resume=resume, on_checkpoint=snapshotter(job.folder, "generator")))
+    meta = finish_generator(job, state, resumed_from_step=start)   # writes the marker (shared with torchrun)
+    return Done(None, {"final_loss": meta["final_loss"], "resumed_from_step": start})
 
 
 @task(name="train-level", cache_policy=NO_CACHE, **STAGE_RETRIES, task_run_name="train-level-{level}")
 def train_level_task(cfg: TFConfig, root: str, level: int, force: bool = False) -> dict:
-    with stage_lock(cfg, Layout(root, cfg).generator(level)):
-        return _train_generator_stage(cfg, root, level, force, f"train-L{level}")
+    return _generator_stage(cfg, root, level, force, f"train-L{level}")
 
 
 @task(name="train-shared", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def train_shared_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     """One generator for every level (generator.sharing: shared), level-conditioned."""
-    with stage_lock(cfg, Layout(root, cfg).shared_generator()):
-        return _train_generator_stage(cfg, root, SHARED, force, "train-shared")
+    return _generator_stage(cfg, root, SHARED, force, "train-shared")
 
 
 @task(name="train-flat", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def train_flat_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     """The flat baseline: one one-step model to the full latent, same backbone and step budget."""
-    with stage_lock(cfg, Layout(root, cfg).flat_generator()):
-        return _train_generator_stage(cfg, root, None, force, "train-flat")
+    return _generator_stage(cfg, root, None, force, "train-flat")
 
 
 def load_flat_generator(cfg: TFConfig, root: str, grid: int, dim: int, device: str = "cpu") -> TrajectoryDiT:

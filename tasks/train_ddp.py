@@ -29,13 +29,13 @@ from models.train_state import export_state
 from storage.checkpoints import is_complete, load_train_state, save_train_state
 from storage.config import load_config
 from storage.files import atomic_write_json
-from tasks.generator_job import SHARED, finish_generator, generator_job
+from tasks.generator_job import SHARED, GeneratorJob, finish_generator, generator_job
 
 SYNTHETIC_MODEL = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
 
 
 def synthetic_job(seed: int, folder: Path, steps: int, batch_size: int, optimizer: str, checkpoint_every: int,
-                  jvp_attention: str = "auto") -> dict:
+                  jvp_attention: str = "auto") -> GeneratorJob:
     """A tiny model on random data: the same training path without the stores."""
     g = torch.Generator().manual_seed(seed)
     data = LevelData(torch.randn(32, 16, 8, generator=g), torch.randn(32, 16, 8, generator=g),
@@ -44,12 +44,11 @@ def synthetic_job(seed: int, folder: Path, steps: int, batch_size: int, optimize
     model = TrajectoryDiT(dit_config("tiny", **SYNTHETIC_MODEL))
     optim = OptimConfig(steps=steps, batch_size=batch_size, optimizer=optimizer, ema_decays=[0.9, 0.99],
                         warmup_steps=2, checkpoint_every=checkpoint_every, seed=seed)
-    return {"data": data, "model": model, "optim": optim, "folder": folder, "key": f"synthetic-{seed}", "level": 1,
-            "objective": MeanFlowConfig(jvp_attention=jvp_attention), "ema": "0.99",
-            "meta": {"stage": "generator", "synthetic": True, "seed": seed}}
+    return GeneratorJob(model, data, 1, MeanFlowConfig(jvp_attention=jvp_attention), optim, "0.99", folder,
+                        f"synthetic-{seed}", {"stage": "generator", "synthetic": True, "seed": seed})
 
 
-def store_job(args) -> dict:
+def store_job(args) -> GeneratorJob:
     cfg = load_config(args.config, args.set)
     return generator_job(cfg, args.root, None if args.flat else SHARED if args.shared else args.level)
 
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                             args.checkpoint_every, args.jvp_attention)
     else:
         job = store_job(args)
-    folder = job["folder"]
+    folder = job.folder
     writes: list[str] = []
 
     def on_checkpoint(state) -> None:
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     if not is_complete_before:
         resume = load_train_state(folder, "generator")
         wrap = (lambda m: DistributedDataParallel(m, device_ids=[local])) if cuda else DistributedDataParallel
-        state = train_generator(job["model"], job["data"], job["level"], job["objective"], job["optim"],
+        state = train_generator(job.model, job.data, job.level, job.objective, job.optim,
                                 device, resume=resume,
                                 on_checkpoint=on_checkpoint, rank=rank, world=world, wrap=wrap)
         dist.barrier()

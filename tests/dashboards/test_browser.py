@@ -8,7 +8,8 @@ from dashboards import browser, data
 
 pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
 if not Path(browser.CHROMIUM).exists():
-    pytest.skip(f"{browser.CHROMIUM} missing (make test installs Debian's chromium where it can: dashboards/ensure_chromium.sh)", allow_module_level=True)
+    pytest.skip(f"{browser.CHROMIUM} missing (make test installs Debian's chromium or fails saying how, unless "
+                "TF_SKIP_BROWSER=1: dashboards/ensure_chromium.sh)", allow_module_level=True)
 
 
 def listening_addresses(port: int) -> set[str]:

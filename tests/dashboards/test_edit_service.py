@@ -10,6 +10,13 @@ from storage import zarr_store
 from storage.trajectory_store import load_edits as load_eval_edits
 
 
+def _close(live: np.ndarray, stored: np.ndarray) -> bool:
+    """A live float32 run against stored float16 canvases: float16 keeps 2^-11 relative (rtol 1e-2 is
+    20x that); near 0 the float32 noise of a run at another batch size, ~eps32 x depth x the canvas
+    scale, dominates, so atol scales with the canvas (1e-4 x its max, ~800 eps32; a fixed 1e-6 was ~10)."""
+    return np.allclose(live, stored, rtol=1e-2, atol=1e-4 * float(np.abs(stored).max()))
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_root):
     folders = data.run_folders(tiny_root, "first")
@@ -25,9 +32,9 @@ def test_a_stored_evaluation_edit_is_reproduced(setup):
     request = EditRequest(store, record.parent, int(record.level), int(record.region), record.source, record.donor)
     result = run_edit(models, request)
     expected = data.load_trajectory(folders.evaluation / "edits.zarr", record.result)
-    assert np.allclose(result.canvases, expected.canvas, rtol=1e-2, atol=1e-6)   # float16 precision of the store
+    assert _close(result.canvases, expected.canvas)
     other = data.load_trajectory(folders.evaluation / "edits.zarr", stored[stored.level == 1].iloc[1].result)
-    assert not np.allclose(other.canvas, expected.canvas, rtol=1e-2, atol=1e-6)   # the check can tell edits apart
+    assert not _close(other.canvas, expected.canvas)   # the check can tell edits apart
     assert result.numbers["preservation_coarse_identical"] == 1.0
     assert set(result.numbers) >= {"locality_latent", "locality_pixel", "preservation_psnr_outside",
                                    "preservation_ssim_outside"}
@@ -42,14 +49,12 @@ def test_edit_changes_the_region_and_keeps_coarser_levels(setup):
     result = run_edit(models, EditRequest(store, ids[0], level, region, "token_exchange", ids[1]))
     assert (result.mask == (partition == region)).all()
     assert np.array_equal(result.original[:level], result.edited[:level])      # coarser levels: the same pixels
-    # stored canvases are float16: compare with float16 precision
-    close = lambda a, b: np.allclose(a, b, rtol=1e-2, atol=1e-6)  # noqa: E731
     donor = data.load_trajectory(store, ids[1])
     inside, outside = result.mask, ~result.mask
-    assert close(result.canvases[:level], parent.canvas[:level])
-    assert close(result.canvases[level][outside], parent.canvas[level][outside])
-    assert close(result.canvases[level][inside], donor.canvas[level][inside])       # token exchange
-    assert not close(parent.canvas[level][inside], donor.canvas[level][inside])    # ... which is a real change
+    assert _close(result.canvases[:level], parent.canvas[:level])
+    assert _close(result.canvases[level][outside], parent.canvas[level][outside])
+    assert _close(result.canvases[level][inside], donor.canvas[level][inside])       # token exchange
+    assert not _close(parent.canvas[level][inside], donor.canvas[level][inside])    # ... which is a real change
     assert np.isfinite(result.numbers["locality_pixel"])
 
 

@@ -24,3 +24,21 @@ def test_a_failed_run_leaves_its_row_its_artifact_and_a_status_line(tmp_path):
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["run-failure"])))
     assert any("broken failed at encode" in (a.data or "") for a in artifacts)
+
+
+def test_a_refused_config_fails_before_any_stage_and_is_recorded(tmp_path):
+    """Every flow checks its config as `tf` does before any stage starts; a refusal is the run's `config`
+    stage, so it has its row. A config_path beside a changed inline config is refused, not half-used."""
+    from flows.stages import ingest_flow, pipeline_flow
+
+    root = tmp_path / "r"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nencoder:\n  batch_sise: 8\n")
+    with pytest.raises(ValueError, match="encoder.batch_sise"):
+        ingest_flow(config_path=str(bad), root=str(root), run_id="typo")
+    with pytest.raises(ValueError, match="not both"):
+        pipeline_flow(config=load_config(CONFIG), config_path=CONFIG, root=str(root), run_id="both")
+    runs = load_runs(root).set_index("run_id")
+    assert list(runs.loc[["typo", "both"], "stage"]) == ["config", "config"]
+    assert set(runs.status) == {"failed"} and not (root / "tables" / "metrics").exists()
+    assert "encoder.batch_sise" in runs.loc["typo", "error"]

@@ -67,7 +67,7 @@ def test_root_that_is_a_file_is_one_line_at_once(tmp_path):
 
 
 def test_a_good_root_is_probed_without_leaving_anything(tmp_path):
-    from flows.cli import root_problem
+    from flows.checks import root_problem
 
     assert root_problem(tmp_path) is None
     assert root_problem(tmp_path / "new" / "root") is None
@@ -157,3 +157,13 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask, mod
     for name in ("marker", "chunk.json", "table.parquet"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk.json", "marker", "table.parquet"]
+
+
+def test_config_path_is_relative_to_the_repository_whatever_the_working_directory(tmp_path, monkeypatch):
+    from flows.checks import checked_config
+    from storage.config import TFConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert checked_config("ingest", tmp_path / "root", TFConfig(), "configs/tiny.yaml") == load_config(TINY)
+    with pytest.raises(ValueError, match="config_path configs/none.yaml: .*No such file"):
+        checked_config("ingest", tmp_path / "root", TFConfig(), "configs/none.yaml")

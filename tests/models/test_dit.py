@@ -137,7 +137,7 @@ def test_reference_presets_build_with_trunk_and_two_equal_heads_from_the_config(
     """B/L/H at ImageNet shape (16x16 tokens of 768-d), built on the meta device (no memory):
     depth - 8 shared blocks, then 8 blocks in each of the x and v heads; chosen by generator.preset."""
     from storage.config import TFConfig
-    from tasks.generator_job import generator_config
+    from tasks.plan import generator_config
 
     for preset, (width, depth) in {"B": (768, 16), "L": (1024, 32), "H": (1280, 48)}.items():
         cfg = generator_config(TFConfig(generator={"preset": preset}), grid=16, dim=768, num_classes=1000)

@@ -9,6 +9,7 @@ import torch
 import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as inception_module
 from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from models.encoder import build_encoder
@@ -148,15 +149,35 @@ def test_streamed_inception_features_match_torch_fidelity(inception_weights):
         feature_extractor_weights_path=inception_weights, kid_subset_size=6, isc_splits=4,
         cuda=False, cache=False, save_cpu_ram=True, verbose=False,
     )
-    fid = frechet_distance(*feature_stats(gen["pool"]), *feature_stats(ref["pool"]))
+    (mu1, sigma1), (mu2, sigma2) = feature_stats(gen["pool"]), feature_stats(ref["pool"])
+    fid = frechet_distance(mu1, sigma1, mu2, sigma2)
     assert fid > 1e-2
-    assert _rel(fid, raw[torch_fidelity.KEY_METRIC_FID]) < 1e-4
+    # torch-fidelity takes sqrt of np.linalg.eigvals(sigma1 @ sigma2), a non-symmetric float64 problem
+    # whose ~2040 null eigenvalues come back as round-off of size <= eps64 * ||sigma1 sigma2||, each
+    # adding at most the square root of that to the trace; its means are float32 (<= eps32 each).
+    eps32, eps64, dim = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps), len(mu1)
+    fid_bound = (2 * dim * math.sqrt(eps64 * np.linalg.norm(sigma1 @ sigma2))
+                 + 4 * eps32 * np.linalg.norm(mu1 - mu2) * (np.linalg.norm(mu1) + np.linalg.norm(mu2)))
+    assert fid_bound < 1e-4 * fid   # the bound is tight enough to catch a wrong term
+    assert abs(fid - raw[torch_fidelity.KEY_METRIC_FID]) < fid_bound
     # torch-fidelity's defaults: rng_seed=2020 for KID subsets and the IS shuffle, 100 subsets.
     kid_mean, kid_std = kid_from_features(gen["pool"], ref["pool"], subsets=100, subset_size=6, seed=2020)
     assert kid_mean > 0
-    # torch-fidelity evaluates the kernels in float32, we in float64.
-    assert _rel(kid_mean, raw[torch_fidelity.KEY_METRIC_KID_MEAN]) < 1e-4
-    assert _rel(kid_std, raw[torch_fidelity.KEY_METRIC_KID_STD]) < 1e-3
+    # torch-fidelity evaluates the kernels in the features' dtype: float32 end to end, where KID (a
+    # difference of kernel sums ~400x its size) keeps only ~4 digits, machine-dependent. So: its formula
+    # on our float64 features is ours to float64 rounding, and its float32 end-to-end KID is its formula
+    # on our float32 features (the same computation on the same, bit-equal, features).
+    kid_kwargs = dict(kid_subsets=100, kid_subset_size=6, rng_seed=2020, verbose=False, kid_kernel="poly",
+                      kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
+    as_tensor = lambda features, dtype: torch.from_numpy(features).to(dtype)   # noqa: E731
+    kid64 = kid_features_to_metric(as_tensor(gen["pool"], torch.float64), as_tensor(ref["pool"], torch.float64),
+                                   **kid_kwargs)
+    assert _rel(kid_mean, kid64[torch_fidelity.KEY_METRIC_KID_MEAN]) < 1e-9
+    assert _rel(kid_std, kid64[torch_fidelity.KEY_METRIC_KID_STD]) < 1e-9
+    kid32 = kid_features_to_metric(as_tensor(gen["pool"], torch.float32), as_tensor(ref["pool"], torch.float32),
+                                   **kid_kwargs)
+    assert _rel(raw[torch_fidelity.KEY_METRIC_KID_MEAN], kid32[torch_fidelity.KEY_METRIC_KID_MEAN]) < 1e-12
+    assert _rel(raw[torch_fidelity.KEY_METRIC_KID_STD], kid32[torch_fidelity.KEY_METRIC_KID_STD]) < 1e-12
     is_mean, is_std = inception_score_from_logits(gen["logits"], splits=4, shuffle_seed=2020)
     assert is_mean > 1.0 + 1e-4
     # The formula on the same logits: torch-fidelity's own IS of our logits.

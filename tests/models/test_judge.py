@@ -73,13 +73,13 @@ def test_fd_scenes_is_the_frechet_distance_of_the_judge_features():
     """Identity features of two point sets with known Gaussian fits: FD = |m1-m2|^2 + sum (s1 - s2)^2."""
     real = _spread(np.array([0.0, 1.0, 2.0]), np.array([1.0, 2.0, 0.5]))
     fake = _spread(np.array([1.0, 1.0, 0.0]), np.array([2.0, 2.0, 1.5]))
-    identity = {JUDGE: lambda images: images.reshape(len(images), -1)}
+    identity = {"judge": lambda images: images.reshape(len(images), -1)}
     reference = reference_stats([(real[:2], []), (real[2:], [])], None, feature_fns=identity, tokens_per_sample=0)
     generated = StreamingStats(3)
     generated.update(fake)
     result = StreamingEvalResult(num_samples=len(fake), num_levels=2, stats={JUDGE: generated},
                                  per_sample={"class_correct": np.array([1.0, 0.0, 1.0, 1.0])}, kept=None,
-                                 inception_pool=None, inception_logits=None, timing={}, counts={})
+                                 reservoirs={}, timing={}, counts={})
     values = {v.metric: v for v in metric_values(result, reference)}
     expected = 1.0 + 0.0 + 4.0 + (1 - 2) ** 2 + 0.0 + (0.5 - 1.5) ** 2
     assert values["fd_scenes"].values[0] == pytest.approx(expected, rel=1e-9)

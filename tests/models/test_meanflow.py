@@ -327,6 +327,7 @@ def test_tiny_model_overfits_one_batch():
     assert after < before / 5, (before, after)
 
 
+@pytest.mark.slow   # an inductor C++ compile: ~4 s of `make check` (the full suite keeps it)
 def test_compiled_jvp_gives_the_eager_loss_and_gradients():
     """torch.compile (inductor, CPU C++ toolchain) of the whole tangent pass, written out with the
     attention tangent op (the kind used on CUDA): same loss and gradients as the eager math JVP."""

@@ -9,8 +9,8 @@ from models.decoder import DecoderConfig, TokenDecoder, tensor_to_images
 from models.encoder import encode_images
 from models.hierarchy import HierarchySpec, build_hierarchies, region_canvas
 from models.metrics import fd_from_features, feature_stats
-from models.streaming_eval import (DINOV2, FID, JUDGE, KID_FEATURES, PHASES, evaluate_streaming, level_key, metric_values,
-                                   reference_stats, token_subsample)
+from models.streaming_eval import (DINOV2, FID, KID_FEATURES, PHASES, EvalPlan, Runtime, Scorers,
+                                   evaluate_streaming, level_key, metric_values, reference_stats, token_subsample)
 from models.trajectory import level_noises, sample_trajectory
 from tasks.structure_pool import process_structure
 from models.trajectory_metrics import (generated_regions, per_level_fd, reencode_agreement,
@@ -106,12 +106,12 @@ def in_memory(models):
             "dinov2": stub_dinov2(images[-1]), "inception": stub_inception(images[-1])}
 
 
-def run(models, batch_size, **overrides):
+def run(models, batch_size, judge=None, runtime=Runtime(), **plan):
     generators, decoder, encoder = models
-    options = dict(inception_fn=stub_inception, encoder=encoder, hierarchy_spec=SPEC, batch_size=batch_size,
-                   keep=KEEP, reencode_samples=REENCODE, tokens_per_sample=TOKENS, region_threshold=THRESHOLD)
-    options.update(overrides)
-    return evaluate_streaming(generators, decoder, SEEDS, LABEL_POOL, stub_dinov2, **options)
+    scorers = Scorers(stub_dinov2, stub_inception, judge, encoder, SPEC)
+    options = dict(batch_size=batch_size, keep=KEEP, reencode_samples=REENCODE, tokens_per_sample=TOKENS,
+                   region_threshold=THRESHOLD)
+    return evaluate_streaming(generators, decoder, SEEDS, LABEL_POOL, scorers, EvalPlan(**{**options, **plan}), runtime)
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +192,10 @@ def test_reservoirs_hold_their_caps_and_are_the_first_samples(models, in_memory,
     np.testing.assert_array_equal(result.inception_pool, in_memory["inception"]["pool"][:7])
     np.testing.assert_array_equal(result.inception_logits, in_memory["inception"]["logits"][:11])
     assert result.counts["kid_reservoir"] == 7 and result.counts["is_reservoir"] == 11
-    assert result.per_sample["plan_adherence"].shape == (4, LEVELS - 1) and len(result.per_sample["reencode_ari"]) == 0
+    assert result.per_sample["plan_adherence"].shape == (4, LEVELS - 1) and "reencode_ari" not in result.per_sample
     values = by_key(metric_values(result, reference, kid_subset_size=5, kid_subsets=3))
-    assert values[("quality", "kid", -1, "")].extra["n"] == 7
-    assert values[("quality", "is", -1, "")].extra["n"] == 11 and values[("quality", "is", -1, "")].extra["splits"] == 5
+    assert values[("quality", "kid_mean", -1, "")].extra["n"] == 7 and values[("quality", "kid_std", -1, "")].pooled
+    assert values[("quality", "is_mean", -1, "")].extra["n"] == 11 and values[("quality", "is_mean", -1, "")].extra["splits"] == 5
 
 
 def test_timing_and_counts(results):
@@ -207,7 +207,8 @@ def test_timing_and_counts(results):
 
 
 def test_threads_and_worker_processes_match_inline(models, results):
-    result = run(models, 10, noise_threads=2, structure_runner=process_structure(1, 2), overlap_features=True)
+    result = run(models, 10, runtime=Runtime(noise_threads=2, structure_runner=process_structure(1, 2),
+                                             overlap_features=True))
     inline = results[3]
     for metric in ("nesting", "plan_adherence", "reencode_ari", "reencode_miou", "reencode_ari_final"):
         np.testing.assert_array_equal(result.per_sample[metric], inline.per_sample[metric])
@@ -255,10 +256,10 @@ def test_flat_mode_scores_the_final_latent_alone(models, in_memory, reference, r
     own = build_hierarchies(final[:m].reshape(m, GRID, GRID, C), SPEC).reshape(m, LEVELS - 1, -1)
     expected = reencode_agreement([own[:REENCODE, l] for l in range(LEVELS - 1)], rebuilt)
     for batch, runner in ((5, None), (10, process_structure(1, 2))):
-        result = evaluate_streaming([flat_model], decoder, SEEDS, LABEL_POOL, stub_dinov2, inception_fn=stub_inception,
-                                    encoder=encoder, hierarchy_spec=SPEC, batch_size=batch, keep=KEEP,
-                                    reencode_samples=REENCODE, tokens_per_sample=TOKENS, mode="flat",
-                                    structure_runner=runner)
+        result = evaluate_streaming([flat_model], decoder, SEEDS, LABEL_POOL,
+                                    Scorers(stub_dinov2, stub_inception, encoder=encoder, hierarchy_spec=SPEC),
+                                    EvalPlan(batch_size=batch, keep=KEEP, reencode_samples=REENCODE,
+                                             tokens_per_sample=TOKENS, mode="flat"), Runtime(structure_runner=runner))
         assert result.mode == "flat" and result.kept.canvases.shape == (KEEP, 1, T, C)
         np.testing.assert_array_equal(result.kept.canvases[:, 0], final[:KEEP])
         np.testing.assert_array_equal(result.kept.images[:, 0], images[:KEEP])
@@ -288,13 +289,13 @@ def test_judge_rows_stream_like_in_memory(models, in_memory, real):
     """FD-scenes, class accuracy and the judge's partition against the trajectory's own regions, inline and
     in worker processes, equal the same computed on the whole set at once."""
     real_images, _ = real
-    reference = reference_stats([(real_images, [])], None, feature_fns={JUDGE: lambda im: stub_judge(im)["features"]},
+    reference = reference_stats([(real_images, [])], None, feature_fns={"judge": lambda im: stub_judge(im)["features"]},
                                 tokens_per_sample=0)
     verdict = stub_judge(in_memory["images"][-1])
     expected = reencode_agreement(in_memory["regions"], verdict["regions"].reshape(N, 3, -1))
     assert all(np.ptp(v.values) > 0 for v in expected)   # the stub partitions are not degenerate
-    for result in (run(models, 5, judge_fn=stub_judge),
-                   run(models, 10, judge_fn=stub_judge, structure_runner=process_structure(1, 2))):
+    for result in (run(models, 5, judge=stub_judge),
+                   run(models, 10, judge=stub_judge, runtime=Runtime(structure_runner=process_structure(1, 2)))):
         values = by_key(metric_values(result, reference))
         fd = fd_from_features(verdict["features"], stub_judge(real_images)["features"])
         assert rel(values[("quality", "fd_scenes", -1, "")].values[0], fd) < 1e-6

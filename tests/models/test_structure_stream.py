@@ -24,4 +24,5 @@ def test_rebuilt_hierarchies_cluster_standardised_latents():
     # same latents rebuild the same hierarchy once standardised (agreement 1 at every level)
     out = structure_chunk(final[None], raw.reshape(n, g, g, channels), 0.05, spec, n, latent_stats=(mean, std))
     np.testing.assert_array_equal(out["regions"], expected)
-    np.testing.assert_allclose(out["reencode_ari_final"], 1.0)
+    np.testing.assert_allclose(out["values"]["reencode_ari_final"], 1.0)
+    assert "nesting" not in out["values"] and "reencode_ari" not in out["values"]   # no plan in a flat block

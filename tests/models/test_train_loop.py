@@ -135,7 +135,7 @@ def test_compile_settings_reach_inductor_only_inside_the_loop_and_only_with_comp
 
     from models.train_loop import compile_settings
     from storage.config import load_config
-    from tasks.generator_job import generator_optim
+    from tasks.plan import generator_optim
 
     optim = generator_optim(load_config("configs/tiny.yaml", ["generator.compile=true",
                                                               "generator.compile_tuning=true"]), seed=0)

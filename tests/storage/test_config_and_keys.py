@@ -28,22 +28,22 @@ def _changed(before, after):
 def test_h_sub_change_moves_only_levels_2_and_3_and_downstream():
     base = stage_keys(load_config(None, []))
     moved = stage_keys(load_config(None, ["hierarchy.cuts=[0.65, 0.3]"]))
-    assert _changed(base, moved) == ["evaluate", "generator_L2", "generator_L3", "generator_shared", "teacher"]
+    assert _changed(base, moved) == ["evaluate", "evaluate_flat", "generator_L2", "generator_L3", "generator_shared", "teacher"]
 
 
 def test_h_part_change_moves_levels_1_and_2():
     base = stage_keys(load_config(None, []))
     moved = stage_keys(load_config(None, ["hierarchy.cuts=[0.7, 0.35]"]))
-    assert _changed(base, moved) == ["evaluate", "generator_L1", "generator_L2", "generator_shared", "teacher"]
+    assert _changed(base, moved) == ["evaluate", "evaluate_flat", "generator_L1", "generator_L2", "generator_shared", "teacher"]
 
 
 def test_tree_change_moves_levels_1_to_3_and_split_change_all():
     base = stage_keys(load_config(None, []))
     tree = stage_keys(load_config(None, ["hierarchy.lam=0.3"]))
-    assert _changed(base, tree) == ["evaluate", "generator_L1", "generator_L2", "generator_L3", "generator_shared",
+    assert _changed(base, tree) == ["evaluate", "evaluate_flat", "generator_L1", "generator_L2", "generator_L3", "generator_shared",
                                     "teacher"]
     split = stage_keys(load_config(None, ["hierarchy.alpha=0.5"]))
-    assert _changed(base, split) == ["evaluate"] + [f"generator_L{l}" for l in range(4)] + ["generator_shared",
+    assert _changed(base, split) == ["evaluate", "evaluate_flat"] + [f"generator_L{l}" for l in range(4)] + ["generator_shared",
                                                                                              "teacher"]
 
 
@@ -98,7 +98,7 @@ def test_ground_truth_teacher_is_keyed_apart_from_the_clustered_one():
     trained on them) sit side by side over the same latents."""
     base = stage_keys(load_config("configs/tiny.yaml"))
     oracle = stage_keys(load_config("configs/tiny.yaml", ["hierarchy.source=ground_truth"]))
-    assert _changed(base, oracle) == ["evaluate"] + [f"generator_L{l}" for l in range(4)] + ["generator_shared",
+    assert _changed(base, oracle) == ["evaluate", "evaluate_flat"] + [f"generator_L{l}" for l in range(4)] + ["generator_shared",
                                                                                               "teacher"]
     assert oracle.latents == base.latents and oracle.decoder == base.decoder
     assert not set(oracle.partitions[:-1]) & set(base.partitions[:-1]) and oracle.partitions[-1] == "raw"

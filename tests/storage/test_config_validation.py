@@ -54,7 +54,7 @@ def test_fuzzed_configs_load_or_fail_with_a_value_error(tmp_path, document, over
     (["encoder.model=vit_base_patch16_224", "source.image_size=56"], "patch size 16"),
     (["hierarchy.cuts=[0.2, 0.5]"], "non-increasing"),
     (["hierarchy.cuts=[]"], "non-empty"),
-    (["hierarchy.k=1"], "at least 2"),
+    (["hierarchy.k=1"], "greater than or equal to 2"),
     (["source.kind=imagefolder"], "source.path is required"),
     (["generator.steps=0"], "greater than or equal to 1"),
     (["nonsense.key=1"], "Extra inputs are not permitted"),

@@ -18,11 +18,14 @@ CONFIG = REPO / "configs" / "tiny.yaml"
 HOLDER = """
 import sys, time
 from storage.locks import StageLocked, stage_lock
-stage, mode, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
+stage, mode, hold = sys.argv[1], sys.argv[2], sys.argv[3]
 try:
     with stage_lock(stage, mode, timeout_s=60, poll_s=0.05):
         print("GOT", time.time(), flush=True)
-        time.sleep(hold)
+        if hold == "stdin":   # held until the test writes a line: no race with the other process's start-up
+            sys.stdin.readline()
+        else:
+            time.sleep(float(hold))
 except StageLocked as error:
     print(error, file=sys.stderr, flush=True)
     sys.exit(3)
@@ -30,10 +33,10 @@ print("RELEASED", time.time(), flush=True)
 """
 
 
-def holder(stage: Path, mode: str, hold: float) -> subprocess.Popen:
+def holder(stage: Path, mode: str, hold: float | str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-c", HOLDER, str(stage), mode, str(hold)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_held(proc: subprocess.Popen) -> float:
@@ -60,15 +63,19 @@ def test_second_run_fails_clearly_when_configured_to(tmp_path):
 
 def test_second_run_waits_with_a_message_then_runs(tmp_path):
     stage = tmp_path / "images-abc"
-    first = holder(stage, "wait", hold=2.0)
+    # The first run holds the lock until the second has said it waits: a fixed hold would race with the
+    # second interpreter's start-up on a loaded machine (it would then find the lock already free).
+    first = holder(stage, "wait", hold="stdin")
     wait_held(first)
     second = holder(stage, "wait", hold=0)
-    out_first, _ = first.communicate(timeout=60)
+    waiting = second.stderr.readline()
+    assert f"waiting for images-abc: locked by PID {first.pid} on this host" in waiting, waiting
+    assert second.poll() is None   # still waiting: the first holds the lock until told
+    out_first, _ = first.communicate("release\n", timeout=60)
     released = float(out_first.split("RELEASED")[1].split()[0])
     out, err = second.communicate(timeout=60)
-    print(f"\nsecond run (on_locked=wait): exit {second.returncode}: {err.strip()}")
+    print(f"\nsecond run (on_locked=wait): exit {second.returncode}: {waiting.strip()} {err.strip()}")
     assert second.returncode == 0
-    assert f"waiting for images-abc: locked by PID {first.pid} on this host" in err
     got = float(out.split("GOT")[1].split()[0])
     assert got >= released - 0.05   # it ran only after the first let go
     assert not lock_path(stage).exists()   # a clean release leaves no lock file

@@ -5,7 +5,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +19,18 @@ REPO = Path(__file__).parents[2]
 CONFIG = REPO / "configs" / "tiny.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _scheduler_address(scheduler_file: Path, proc: subprocess.Popen, timeout: float = 60.0) -> str:
+    """The address a scheduler started with --port 0 bound, from its --scheduler-file: no port is picked
+    in advance, so no other process can take it between the pick and the bind."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return json.loads(scheduler_file.read_text())["address"]
+        time.sleep(0.05)
+    raise RuntimeError(f"the Dask scheduler wrote no {scheduler_file.name} (exit {proc.poll()})")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -44,23 +51,18 @@ def dask_cluster(logs: Path):
     """Scheduler + cpu-worker + gpu-worker (GPU=1) as separate processes; yields (address, gpu, cpu)."""
     from distributed import Client
 
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     dask = [sys.executable, "-m", "dask"]
-    worker = ["worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
-    commands = {
-        "scheduler": dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        "cpu-worker": dask + worker + ["--name", "cpu-worker"],
-        "gpu-worker": dask + worker + ["--name", "gpu-worker", "--resources", "GPU=1"],
-    }
     logs.mkdir(parents=True, exist_ok=True)
+    scheduler_file = logs / "scheduler.json"
     procs: list[subprocess.Popen] = []
     try:
-        for name, command in commands.items():
-            with open(logs / f"{name}.log", "wb") as log:
-                procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
+        procs.append(_start(dask + ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                    "--scheduler-file", str(scheduler_file)], logs, "scheduler", env))
+        address = _scheduler_address(scheduler_file, procs[0])
+        worker = ["worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+        procs.append(_start(dask + worker + ["--name", "cpu-worker"], logs, "cpu-worker", env))
+        procs.append(_start(dask + worker + ["--name", "gpu-worker", "--resources", "GPU=1"], logs, "gpu-worker", env))
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=60)
             names = {w["name"]: addr for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()}
@@ -137,9 +139,9 @@ def test_losing_every_worker_mid_run_fails_within_the_timeout_and_the_next_run_r
     """A real scheduler and one worker without a nanny (so nothing restarts it); the worker is
     SIGKILLed after the first chunk's marker: the run stops with NoWorkers naming the scheduler
     instead of waiting; with a new worker, the chunks without a marker run, each exactly once."""
+    import threading
     import time
 
-    import pytest
     from distributed import Client
 
     from tasks.dask_chunks import NoWorkers, run_chunks
@@ -147,11 +149,8 @@ def test_losing_every_worker_mid_run_fails_within_the_timeout_and_the_next_run_r
     logs, markers = tmp_path / "logs", tmp_path / "markers"
     logs.mkdir()
     markers.mkdir()
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     dask = [sys.executable, "-m", "dask"]
-    worker = dask + ["worker", address, "--no-nanny", "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
 
     def chunk(index: int, folder: str) -> int:   # nested: pickled by value, nothing to import on the worker
         import time
@@ -162,9 +161,11 @@ def test_losing_every_worker_mid_run_fails_within_the_timeout_and_the_next_run_r
         marker.write_text("done")
         return index
 
-    procs = [_start(dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], logs,
-                    "scheduler", env)]
+    procs = [_start(dask + ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                            "--scheduler-file", str(logs / "scheduler.json")], logs, "scheduler", env)]
     try:
+        address = _scheduler_address(logs / "scheduler.json", procs[0])
+        worker = dask + ["worker", address, "--no-nanny", "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
         procs.append(_start(worker, logs, "worker-1", env))
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(1, timeout=60)
@@ -178,12 +179,24 @@ def test_losing_every_worker_mid_run_fails_within_the_timeout_and_the_next_run_r
             _stop_now(procs[1])
             killer_done.append(time.monotonic())
 
-        import threading
         killer = threading.Thread(target=kill_after_first_marker)
         killer.start()
-        with pytest.raises(NoWorkers, match=f"no Dask worker left on scheduler {address}"):
-            run_chunks(chunk, args, description="test", address=address, workers=1, worker_loss_timeout=3.0)
+        raised: list = []
+
+        def first_run() -> None:   # in a thread: a hang in run_chunks fails the test instead of the suite
+            try:
+                run_chunks(chunk, args, description="test", address=address, workers=1, worker_loss_timeout=3.0)
+            except BaseException as error:   # noqa: BLE001
+                raised.append(error)
+
+        runner = threading.Thread(target=first_run, daemon=True)
+        runner.start()
+        runner.join(timeout=120)
+        assert not runner.is_alive(), ("run_chunks neither finished nor raised NoWorkers in 120 s: a chunk that "
+                                       "finished on the killed worker is gathered from it (future.result blocks)")
         failed_at = time.monotonic()
+        assert len(raised) == 1 and isinstance(raised[0], NoWorkers), raised
+        assert f"no Dask worker left on scheduler {address}" in str(raised[0])
         killer.join()
         assert failed_at - killer_done[0] < 3.0 + 10.0   # the timeout plus polling and the scheduler's notice
 

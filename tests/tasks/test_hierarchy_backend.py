@@ -7,6 +7,7 @@ from storage.config import load_config
 from storage.keys import stage_keys
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import hierarchy_chunk
+from tasks.plan import hierarchy_spec
 
 
 def write_latents(path, tokens):
@@ -35,7 +36,7 @@ def test_batched_backend_writes_matching_regions_under_its_own_key(tmp_path):
         cfg = load_config("configs/tiny.yaml", [f"hierarchy.backend={backend}"])
         store = tmp_path / f"teacher-{backend}"
         zarr_store.create_store(store, {"regions": ArraySpec((6, 3, 8, 8), "int16", ("sample", "level", "y", "x"))}, 6, {})
-        hierarchy_chunk(cfg.hierarchy.model_dump(), str(latents), str(store), 0, 0, 6)
+        hierarchy_chunk(hierarchy_spec(cfg.hierarchy), cfg.hierarchy.backend, str(latents), str(store), 0, 0, 6)
         regions[backend] = np.asarray(zarr_store.open_array(store, "regions")[:])
     assert regions["batched"].dtype == np.int16
     for level in range(3):

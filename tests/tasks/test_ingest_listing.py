@@ -16,7 +16,7 @@ from storage.config import SourceConfig, load_config
 from storage.keys import Layout
 from storage.sources import SourceChanged, list_source, read_chunk, read_image
 from storage.tables import load_rejects
-from tasks.ingest import _ingest
+from tasks.ingest import ingest_images
 
 SIZE = 28   # a multiple of the encoder patch (14), as the config demands
 
@@ -63,8 +63,11 @@ def _tree(root: Path) -> Path:
 
 
 def _cfg(tree: Path):
+    # The full-pixel ingest (Dask workers, PIL), whose every slot these tests re-decode; the listing checks
+    # are the same code for the direct path's listing-only ingest (tests/tasks/test_encode_files.py).
     return load_config(None, ["source.kind=imagefolder", f"source.path={tree}", "source.num_images=0",
-                              f"source.image_size={SIZE}", "ingest.chunk_size=4", "ingest.workers=1", "device=cpu"])
+                              f"source.image_size={SIZE}", "ingest.chunk_size=4", "ingest.workers=1", "device=cpu",
+                              "encoder.read_from=image_store"])
 
 
 def _snapshot(store: Path) -> dict[str, str]:
@@ -76,7 +79,7 @@ def _snapshot(store: Path) -> dict[str, str]:
 def _refused(cfg, root, store: Path, *named: str) -> str:
     before = _snapshot(store)
     with pytest.raises(SourceChanged) as error:
-        _ingest(cfg, str(root), False)
+        ingest_images.fn(cfg, str(root), False)
     message = str(error.value)
     assert "tf ingest --force ingest" in message
     for name in named:
@@ -100,10 +103,10 @@ def _check_every_slot(store: Path, tree: Path) -> None:
 def test_a_changed_folder_is_refused_and_a_restored_one_reused(tmp_path):
     tree = _tree(tmp_path / "tree")
     cfg = _cfg(tree)
-    first = _ingest(cfg, str(tmp_path), False)
+    first = ingest_images.fn(cfg, str(tmp_path), False)
     store = Layout(tmp_path, cfg).images()
     assert first["status"] == "computed" and first["accepted"] == 10
-    assert _ingest(cfg, str(tmp_path), False)["status"] == "reused"   # (d) the same folder: reused
+    assert ingest_images.fn(cfg, str(tmp_path), False)["status"] == "reused"   # (d) the same folder: reused
 
     added = tree / "n02" / "n02_new.JPEG"
     _image(added, seed=99)
@@ -123,13 +126,13 @@ def test_a_changed_folder_is_refused_and_a_restored_one_reused(tmp_path):
     victim.write_bytes(data)
     os.utime(victim, ns=(info.st_atime_ns, info.st_mtime_ns))
 
-    assert _ingest(cfg, str(tmp_path), False)["status"] == "reused"   # restored: the store is good again
+    assert ingest_images.fn(cfg, str(tmp_path), False)["status"] == "reused"   # restored: the store is good again
 
 
 def test_an_interrupted_store_is_not_resumed_on_other_files_and_force_rebuilds(tmp_path):
     tree = _tree(tmp_path / "tree")
     cfg = _cfg(tree)
-    _ingest(cfg, str(tmp_path), False)
+    ingest_images.fn(cfg, str(tmp_path), False)
     store = Layout(tmp_path, cfg).images()
     # A killed run: chunks 1 and 2 never finished, the store never completed.
     (store / "_COMPLETE").unlink()
@@ -142,10 +145,10 @@ def test_an_interrupted_store_is_not_resumed_on_other_files_and_force_rebuilds(t
     message = _refused(cfg, tmp_path, store, "1 added", "1 removed", "n02/n02_0a.JPEG", "n01/n01_1.JPEG")
     assert "unfinished image store" in message
 
-    rebuilt = _ingest(cfg, str(tmp_path), True)
+    rebuilt = ingest_images.fn(cfg, str(tmp_path), True)
     assert rebuilt["status"] == "computed" and rebuilt["accepted"] == 10 and rebuilt["rejected"] == 0
     _check_every_slot(store, tree)
-    assert _ingest(cfg, str(tmp_path), False)["status"] == "reused"
+    assert ingest_images.fn(cfg, str(tmp_path), False)["status"] == "reused"
 
 
 def test_fifo_socket_and_broken_link_are_rejects_never_opened(tmp_path, monkeypatch):
@@ -158,13 +161,13 @@ def test_fifo_socket_and_broken_link_are_rejects_never_opened(tmp_path, monkeypa
     os.symlink(folder / "absent.JPEG", folder / "dangling.JPEG")
     (folder / "README.txt").write_text("not an image")
     cfg = _cfg(tree)
-    result = _finishes(lambda: _ingest(cfg, str(tmp_path), False), folder / "pipe.JPEG")
+    result = _finishes(lambda: ingest_images.fn(cfg, str(tmp_path), False), folder / "pipe.JPEG")
     assert (result["accepted"], result["rejected"], result["seen"], result["skipped"]) == (10, 3, 13, 1)
     rejects = load_rejects(Layout(tmp_path, cfg).images()).set_index("path")["reason"]
     assert rejects[str(folder / "pipe.JPEG")] == "not a regular file (fifo)"
     assert rejects[str(folder / "sock.JPEG")] == "not a regular file (socket)"
     assert rejects[str(folder / "dangling.JPEG")] == "not a regular file (broken symlink)"
-    assert _ingest(cfg, str(tmp_path), False)["status"] == "reused"
+    assert ingest_images.fn(cfg, str(tmp_path), False)["status"] == "reused"
 
 
 def test_a_file_vanished_or_swapped_for_a_fifo_after_listing_is_a_reject(tmp_path):

@@ -64,12 +64,16 @@ def test_judge_needs_scenes(tmp_path):
 
 
 def test_other_sources_get_every_judge_row_as_skipped_with_the_reason(tmp_path):
-    from tasks.evaluate_judge import JUDGE_METRICS, judge_rows
+    from models.metric_registry import EvalSetting
+    from tasks.evaluate_judge import judge_labels
+    from tasks.evaluate_rows import registry_rows
+    from tasks.judge import NOT_SCENES
 
     cfg = load_config(CONFIG, ["source.kind=imagefolder", f"source.path={tmp_path}"])
-    rows = judge_rows(cfg, Layout(tmp_path, cfg), None, [], levels=4, flat=False, make_rows=None)
-    assert {r["metric"] for r in rows} == set(JUDGE_METRICS)
+    setting = EvalSetting(levels=4, judge_reason=NOT_SCENES + " (source.kind is 'imagefolder')")
+    rows = [r for r in registry_rows(setting, {}, {"judge": judge_labels(Layout(tmp_path, cfg))}, n_boot=10)
+            if r["feature_extractor"] == "scenes-judge"]
+    assert {r["metric"] for r in rows} == {"fd_scenes", "class_accuracy", "judge_plan_ari", "judge_plan_miou"}
     assert all(r["status"] == "skipped" and "scenes" in r["reason"] and np.isnan(r["value"]) for r in rows)
-    assert all(r["feature_extractor"] == "scenes-judge" for r in rows)
     plan = [(r["variant"], r["level"]) for r in rows if r["metric"] == "judge_plan_miou"]
     assert sorted(plan) == [(v, level) for v in ("", "real_holdout") for level in range(3)]

@@ -50,7 +50,7 @@ def test_two_ranks_equal_one_process_and_only_rank0_writes(tmp_path, jvp_attenti
     torch.set_num_threads(1)
     try:
         job = synthetic_job(SEED, tmp_path / "single", STEPS, BATCH, optimizer, 0, jvp_attention)
-        state = train_generator(job["model"], job["data"], job["level"], job["objective"], job["optim"], "cpu")
+        state = train_generator(job.model, job.data, job.level, job.objective, job.optim, "cpu")
     finally:
         torch.set_num_threads(previous)
     distributed, meta = load_checkpoint(out / "generator-raw")
@@ -58,7 +58,7 @@ def test_two_ranks_equal_one_process_and_only_rank0_writes(tmp_path, jvp_attenti
     single = state.model.state_dict()
     worst = max(float((distributed[k] - single[k]).abs().max()) for k in single)
     moved = max(float((single[k] - v).abs().max()) for k, v in synthetic_job(SEED, tmp_path, 1, BATCH, optimizer,
-                                                                                  0)["model"].state_dict().items())
+                                                                                  0).model.state_dict().items())
     assert moved > 5e-4            # training moved the weights, so agreement is not trivial
     assert worst < 1e-6, worst     # float32 all-reduce sums in a different order: not bit-identical
     ema, _ = load_checkpoint(out / "generator")   # the sampled EMA (decay 0.99) is written too

@@ -32,7 +32,7 @@ folder, pause = Path(sys.argv[1]), float(sys.argv[2])
 job = synthetic_job({SEED}, folder, {STEPS}, 8, "muon", 2)
 resume = load_train_state(folder, "generator")
 print("start", resume[1]["step"] if resume else 0, flush=True)
-state = train_generator(job["model"], job["data"], job["level"], job["objective"], job["optim"], "cpu",
+state = train_generator(job.model, job.data, job.level, job.objective, job.optim, "cpu",
                         lambda step, stats: time.sleep(pause), resume=resume,
                         on_checkpoint=snapshotter(folder, "generator"))
 finish_generator(job, state)
@@ -71,7 +71,7 @@ def test_sigkilled_training_resumes_to_the_unbroken_weights(tmp_path):
     torch.set_num_threads(1)
     try:
         job = synthetic_job(SEED, tmp_path / "unbroken", STEPS, 8, "muon", 0)
-        state = train_generator(job["model"], job["data"], job["level"], job["objective"], job["optim"], "cpu")
+        state = train_generator(job.model, job.data, job.level, job.objective, job.optim, "cpu")
     finally:
         torch.set_num_threads(previous)
     for name, decay, expected in (("generator-raw", None, state.model), ("generator", "0.99", state.ema(0.99)),

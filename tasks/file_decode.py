@@ -1,0 +1,166 @@
+"""Image file bytes -> decoded RGB tensors -> the encoder's input, on the GPU or the CPU.
+
+On CUDA the JPEGs nvjpeg can take go through torchvision.io.decode_jpeg(device="cuda") in one
+batched call; everything else, and every file nvjpeg refuses, goes to the CPU decoder one by one:
+libjpeg-turbo through torchvision for JPEGs, then PIL (storage.sources.to_rgb) for what that
+refuses too (PNG or WebP named .JPEG, 16-bit, palette). A file nothing decodes comes back as its
+exception, never raised, so the caller writes a reject row for it. EXIF orientation is not applied
+(as PIL and torchvision's ImageFolder do not).
+
+Preprocessing is the same on every device: the central crop that "resize the short side to
+resize_short, then centre-crop size" keeps, then one antialiased resize to size x size.
+No Prefect, Dask or pydantic here: Dask workers and the GPU bench import it cheaply.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from storage.sources import MAX_PIXELS, MIN_SIDE, BadImage, check_size, to_rgb
+
+# torchvision 0.29 warns on every decode that decoding moves to torchcodec; the calls still work.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}   # frame headers
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}   # markers without a length field
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(height, width, components, bits per sample) from a JPEG's frame header, reading markers
+    only; None when `data` is no JPEG or its header is cut short."""
+    if not data.startswith(JPEG_MAGIC):
+        return None
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:   # fill byte
+            at += 1
+            continue
+        if marker in _STANDALONE:
+            at += 2
+            continue
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if marker in _SOF:
+            if at + 10 > len(data):
+                return None
+            bits, height, width = data[at + 4], int.from_bytes(data[at + 5:at + 7], "big"), \
+                int.from_bytes(data[at + 7:at + 9], "big")
+            return height, width, data[at + 9], bits
+        if marker == 0xDA:   # scan before any frame header
+            return None
+        at += 2 + length
+    return None
+
+
+def check_frame(height: int, width: int) -> None:
+    """storage.sources.check_size's limits, from the header, before any pixel is decoded."""
+    if height * width > MAX_PIXELS:
+        raise BadImage(f"decompression bomb: {width}x{height} = {width * height} px > {MAX_PIXELS} px limit")
+    if min(height, width) < MIN_SIDE:
+        raise BadImage(f"image is {width}x{height} px, smaller than the {MIN_SIDE} px minimum side")
+
+
+def nvjpeg_can_take(data: bytes) -> bool:
+    """8-bit greyscale or YCbCr JPEGs within the size limits that end in their end-of-image marker.
+    CMYK/YCCK, 12/16-bit and files cut short go to the CPU: nvjpeg refuses some and may decode a
+    truncated file without error; the CPU path also names a size violation per file."""
+    frame = jpeg_frame(data)
+    return (frame is not None and frame[2] in (1, 3) and frame[3] == 8
+            and frame[0] * frame[1] <= MAX_PIXELS and min(frame[0], frame[1]) >= MIN_SIDE
+            and data.rstrip(b"\0\r\n ")[-2:] == b"\xff\xd9")
+
+
+def decode_cpu(data: bytes) -> torch.Tensor:
+    """uint8 [3, H, W] on the CPU; raises what stops every CPU decoder."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    frame = jpeg_frame(data)
+    if frame is not None:
+        check_frame(frame[0], frame[1])
+        if frame[3] == 8:
+            try:
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            except RuntimeError:
+                pass   # PIL decides, and names the error if it fails too
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        check_size(image)
+        image.load()
+        rgb = np.asarray(to_rgb(image), dtype=np.uint8)
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def _or_error(decode: Callable[[bytes], torch.Tensor], data: bytes | Exception) -> torch.Tensor | Exception:
+    if isinstance(data, Exception):
+        return data
+    try:
+        return decode(data)
+    except Exception as error:   # any undecodable file is a reject, never a crash
+        return error
+
+
+def decode_images(datas: Sequence[bytes | Exception], device: torch.device,
+                  cpu_map: Callable = map) -> list[torch.Tensor | Exception]:
+    """Each file's uint8 [3, H, W] on `device`, or the exception that stopped it. `cpu_map` spreads
+    the CPU decodes (a thread pool's map: libjpeg-turbo and PIL release the GIL)."""
+    out: list[torch.Tensor | Exception | None] = [None] * len(datas)
+    gpu = [i for i, d in enumerate(datas) if device.type == "cuda" and not isinstance(d, Exception)
+           and nvjpeg_can_take(d)]
+    if gpu:
+        for i, image in zip(gpu, _nvjpeg([datas[i] for i in gpu], device)):
+            out[i] = image
+    cpu = [i for i, image in enumerate(out) if image is None]
+    for i, image in zip(cpu, cpu_map(lambda d: _or_error(decode_cpu, d), [datas[i] for i in cpu])):
+        out[i] = image if isinstance(image, Exception) else image.to(device, non_blocking=True)
+    return out
+
+
+def _nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """One batched nvjpeg call; when it fails, file by file, None where nvjpeg refuses (the CPU retries)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        out = []
+        for tensor in tensors:
+            try:
+                out.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def crop_resize(images: Sequence[torch.Tensor], size: int, resize_short: int,
+                interpolation: str = "bilinear") -> torch.Tensor:
+    """uint8 [3, H, W] images (any sizes, one device) -> float [B, 3, size, size] in [0, 1].
+
+    "Resize the short side to resize_short, then centre-crop size" as the equivalent crop first (the
+    central size/resize_short share of the short side) and one antialiased resize; images of one shape
+    (most ImageNet photos share a few) go through one interpolate call."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[1:]), []).append(index)
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=images[0].device)
+    for (h, w), members in groups.items():
+        crop = max(1, round(min(h, w) * size / resize_short))
+        top, left = (h - crop) // 2, (w - crop) // 2
+        patch = torch.stack([images[i][:, top:top + crop, left:left + crop] for i in members]).float()
+        out[members] = F.interpolate(patch, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
+    return out.div_(255.0).clamp_(0.0, 1.0)   # bicubic overshoots
+
+
+def to_uint8(images01: torch.Tensor) -> np.ndarray:
+    """[B, 3, S, S] in [0, 1] -> uint8 [B, S, S, 3] on the host (the image store's pixels)."""
+    return images01.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

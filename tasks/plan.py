@@ -1,0 +1,101 @@
+"""The plan: every model spec derived from the one typed config (storage.config.TFConfig).
+
+The pydantic config is the only place a setting is defined, defaulted and validated. The math in
+models/ takes small frozen parameter objects (HierarchySpec, DiTConfig, MeanFlowConfig, OptimConfig,
+DecoderConfig); `project` fills each of them from the config's same-named fields, so nothing is
+copied by hand and a parameter the config does not define fails here, loudly, instead of taking a
+default nobody set. Stage keys and folders come from storage.keys (`Layout(root, cfg)`); the two
+level counts are the config's: `hierarchy.partition_levels` (the teacher's partitions, len(cuts) + 1)
+and `hierarchy.generator_levels` (the trajectory's states, one more: the full latent).
+
+The walk of `hierarchy.cuts` from the CLI to the teacher store: flows.cli load_config -> TFConfig ->
+hierarchy_spec (here) -> tasks.chunk_workers.hierarchy_chunk -> models.hierarchy.build_hierarchies.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+from models.decoder import DecoderConfig
+from models.dit import PRESETS, DiTConfig, dit_config
+from models.eval_plan import EvalPlan
+from models.hierarchy import HierarchySpec
+from models.meanflow import MeanFlowConfig
+from models.optim import OptimConfig
+from models.train_state import ema_name
+from storage.config import HierarchyConfig, TFConfig
+
+Spec = TypeVar("Spec")
+
+# Settings the models take that are not config fields: the data decides them (token_dim, grid,
+# classes), or they are fixed here with the reason beside them.
+DECODER_EMA_KIMG = 500.0   # the decoder's sampled EMA: EDM half-life, ramped up with the images seen
+DECODER_WARMUP_STEPS = 20
+
+
+def project(spec_type: type[Spec], part: Any, **given: Any) -> Spec:
+    """`spec_type` (a models dataclass) with each field from `given`, else from `part`'s same-named
+    setting. A field neither names is an error: every parameter of the math is set by the config."""
+    values = {}
+    for f in dataclasses.fields(spec_type):
+        if f.name in given:
+            values[f.name] = given.pop(f.name)
+        elif hasattr(part, f.name):
+            values[f.name] = getattr(part, f.name)
+        else:
+            raise TypeError(f"{spec_type.__name__}.{f.name} is not set by the config section "
+                            f"{type(part).__name__}; give it explicitly")
+    if given:
+        raise TypeError(f"{spec_type.__name__} has no field(s) {sorted(given)}")
+    return spec_type(**values)
+
+
+def hierarchy_spec(h: HierarchyConfig) -> HierarchySpec:
+    return project(HierarchySpec, h, cuts=tuple(h.cuts))
+
+
+def generator_config(cfg: TFConfig, grid: int, dim: int, num_classes: int) -> DiTConfig:
+    """The backbone: the preset's sizes, any size the config sets, the data's shapes and the level count."""
+    g = cfg.generator
+    sizes = {name: getattr(g, name) for name in PRESETS[g.preset] if getattr(g, name) is not None}
+    return dit_config(g.preset, token_dim=dim, grid=grid, num_classes=num_classes,
+                      num_levels=cfg.hierarchy.generator_levels, **sizes)
+
+
+def objective_config(cfg: TFConfig) -> MeanFlowConfig:
+    return project(MeanFlowConfig, cfg.generator)
+
+
+def sampled_ema(cfg: TFConfig) -> str:
+    """The name of the EMA the sampler uses (models.train_state.ema_name)."""
+    g = cfg.generator
+    return ema_name(halflife_kimg=g.ema_halflife_kimg) if g.ema_kind == "edm" else ema_name(g.ema_decay)
+
+
+def generator_optim(cfg: TFConfig, seed: int, steps: int | None = None) -> OptimConfig:
+    """The optimiser of one generator: the EMAs tracked are the listed ones plus the sampled one."""
+    g = cfg.generator
+    decays = set(g.ema_decays) | ({g.ema_decay} if g.ema_kind == "constant" else set())
+    halflives = set(g.ema_halflives_kimg) | ({g.ema_halflife_kimg} if g.ema_kind == "edm" else set())
+    return project(OptimConfig, g, steps=steps or g.steps, ema_decays=sorted(decays),
+                   ema_halflives_kimg=sorted(halflives), muon_momentum=OptimConfig.muon_momentum, seed=seed)
+
+
+def decoder_config(cfg: TFConfig, grid: int, dim: int) -> DecoderConfig:
+    return project(DecoderConfig, cfg.decoder, token_dim=dim, grid=grid, patch=cfg.source.image_size // grid,
+                   mlp_ratio=DecoderConfig.mlp_ratio)
+
+
+def decoder_optim(cfg: TFConfig) -> OptimConfig:
+    d = cfg.decoder
+    return project(OptimConfig, d, warmup_steps=DECODER_WARMUP_STEPS, weight_decay=0.0, grad_clip=1.0,
+                   ema_decays=[], ema_halflives_kimg=[DECODER_EMA_KIMG], ema_rampup=OptimConfig.ema_rampup,
+                   optimizer="adamw", muon_momentum=OptimConfig.muon_momentum, compile=False, compile_tuning=False)
+
+
+def eval_plan(cfg: TFConfig, keep: int) -> EvalPlan:
+    """What the streamed evaluation computes: the evaluate section's sizes, the sampler's mode and cut."""
+    ev = cfg.evaluate
+    return project(EvalPlan, ev, keep=keep, label_seed=ev.seed, snap_threshold=ev.snap_threshold(),
+                   mode=cfg.generator.mode, token_seed=EvalPlan.token_seed, kid_reservoir=EvalPlan.kid_reservoir,
+                   is_reservoir=EvalPlan.is_reservoir)

@@ -1,0 +1,182 @@
+"""The direct encode path (tasks/encode_files.py): ImageNet-layout files -> latent store on the CPU,
+with the files nvjpeg would refuse (CMYK, a PNG named .JPEG) and one nothing decodes (truncated)."""
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from storage import zarr_store
+from storage.config import load_config
+from storage.keys import Layout
+from storage.sources import SourceChanged
+from storage.tables import load_rejects
+from tasks.file_decode import decode_images, jpeg_frame, nvjpeg_can_take
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+SIZE = 56
+ODD = {"n02/cmyk.JPEG", "n02/png_named.JPEG", "n02/truncated.JPEG"}
+
+
+def _jpeg(pixels: np.ndarray, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    shapes = [(60, 80), (80, 60), (60, 80), (70, 70), (64, 96)]   # two of one shape: one batched resize
+    for synset in ("n01", "n02"):
+        (root / synset).mkdir()
+        for i, shape in enumerate(shapes):
+            (root / synset / f"{synset}_{i}.JPEG").write_bytes(_jpeg(rng.integers(0, 255, (*shape, 3), np.uint8)))
+    pixels = rng.integers(0, 255, (66, 90, 3), np.uint8)
+    (root / "n02" / "cmyk.JPEG").write_bytes(_jpeg(pixels, "CMYK"))
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    (root / "n02" / "png_named.JPEG").write_bytes(png.getvalue())
+    (root / "n02" / "truncated.JPEG").write_bytes((root / "n01" / "n01_0.JPEG").read_bytes()[:300])
+    return root
+
+
+def _cfg(tree: Path, *more: str):
+    return load_config(TINY, ["source.kind=imagefolder", f"source.path={tree}", "source.num_images=0",
+                              f"source.image_size={SIZE}", "ingest.chunk_size=4", "encoder.dtype=float32", *more])
+
+
+def _expected_tokens(paths: list[Path], resize_short: int) -> np.ndarray:
+    """Independent of tasks.file_decode: PIL decode, the central crop of the short side, one
+    antialiased bicubic resize, the random-init encoder the stage builds (seed 0)."""
+    from models.encoder import build_encoder, encode_tensor
+
+    batch = []
+    for path in paths:
+        image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float()
+        h, w = image.shape[1:]
+        crop = round(min(h, w) * SIZE / resize_short)
+        top, left = (h - crop) // 2, (w - crop) // 2
+        batch.append(F.interpolate(image[None, :, top:top + crop, left:left + crop], size=(SIZE, SIZE),
+                                   mode="bicubic", antialias=True, align_corners=False).div(255).clamp(0, 1))
+    model, _ = build_encoder("vit_small_patch14_reg4_dinov2", SIZE, None, True, seed=0)
+    return encode_tensor(model.eval(), torch.cat(batch)).numpy()
+
+
+def test_decoders_route_what_nvjpeg_refuses_to_the_cpu(tree):
+    good, cmyk, png, cut = ((tree / "n02" / name).read_bytes()
+                            for name in ("n02_0.JPEG", "cmyk.JPEG", "png_named.JPEG", "truncated.JPEG"))
+    assert jpeg_frame(good)[:3] == (60, 80, 3) and jpeg_frame(cmyk)[2] == 4 and jpeg_frame(png) is None
+    assert nvjpeg_can_take(good) and not any(nvjpeg_can_take(d) for d in (cmyk, png, cut))
+    decoded = decode_images([good, cmyk, png, cut, OSError("gone")], torch.device("cpu"))
+    assert [tuple(d.shape) for d in decoded[:3]] == [(3, 60, 80), (3, 66, 90), (3, 66, 90)]
+    assert all(isinstance(d, Exception) for d in decoded[3:])
+    # CMYK through libjpeg-turbo gives PIL's RGB
+    assert np.array_equal(decoded[1].permute(1, 2, 0).numpy(), np.asarray(Image.open(io.BytesIO(cmyk)).convert("RGB")))
+
+
+def test_every_file_is_a_latent_or_a_reject_and_latents_match_an_independent_encode(tree, tmp_path):
+    from tasks.encode import encode_latents
+    from tasks.ingest import ingest_images
+
+    cfg = _cfg(tree)
+    ingest = ingest_images.fn(cfg, str(tmp_path))
+    images = Layout(tmp_path, cfg).images()
+    # the listing, and pixels only for the sample (here every file: 13 < ingest.sample_pixels 64)
+    assert zarr_store.store_attrs(images)["read_from"] == "files" and ingest["seen"] == 13
+    result = encode_latents.fn(cfg, str(tmp_path))
+    assert (result["accepted"], result["rejected"]) == (12, 1)
+    path = Layout(tmp_path, cfg).latents()
+    ds = zarr_store.open_dataset(path)
+    ids, valid = list(ds["sample"].values), ds["valid"].values
+    listed = sorted(str(p.relative_to(tree)) for p in tree.rglob("*.JPEG"))
+    rejects = load_rejects(path)
+    rejected = [str(Path(p).relative_to(tree)) for p in rejects.path]
+    assert sorted(ids) == listed and rejected == ["n02/truncated.JPEG"] and rejects.reason.iloc[0]
+    assert sorted([i for i, ok in zip(ids, valid) if ok] + rejected) == listed   # each once, none lost
+    assert list(ds["label"].values) == [0] * 5 + [1] * 8
+    tokens = ds["tokens"].values
+    assert not tokens[~valid].any()
+    good = np.flatnonzero(valid)
+    expected = _expected_tokens([tree / ids[slot] for slot in good], SIZE).reshape(tokens[good].shape)
+    np.testing.assert_allclose(tokens[good], expected, atol=2e-3, rtol=0)
+    flat = tokens[valid].reshape(-1, tokens.shape[-1]).astype(np.float64)
+    np.testing.assert_allclose(ds["mean"].values, flat.mean(0), rtol=1e-4, atol=1e-4)
+    # the image store's sample holds the pixels the encoder saw; the truncated file is a reject there too
+    stored = zarr_store.open_dataset(images)
+    assert stored["image"].shape[0] == 13 and not stored["valid"].values[ids.index("n02/truncated.JPEG")]
+
+
+def test_rerun_after_a_lost_marker_recomputes_only_that_chunk(tree, tmp_path):
+    from tasks.encode import encode_latents
+    from tasks.ingest import ingest_images
+
+    cfg = _cfg(tree)
+    ingest_images.fn(cfg, str(tmp_path))
+    encode_latents.fn(cfg, str(tmp_path))
+    path = Layout(tmp_path, cfg).latents()
+    before = zarr_store.open_array(path, "tokens")[:]
+    (path / "_COMPLETE").unlink()
+    (path / "_chunks" / "000001.json").unlink()
+    sentinel = np.full((4,) + before.shape[1:], 7.0, np.float32)
+    zarr_store.write_rows(path, slice(0, 4), {"tokens": sentinel})   # chunk 0: must stay untouched
+    zarr_store.write_rows(path, slice(4, 8), {"tokens": np.zeros_like(sentinel)})
+    assert encode_latents.fn(cfg, str(tmp_path))["status"] == "computed"
+    after = zarr_store.open_array(path, "tokens")[:]
+    assert np.array_equal(after[:4], sentinel)                 # not recomputed
+    np.testing.assert_array_equal(after[4:8], before[4:8])     # recomputed, same values
+    assert sorted(p.name for p in (path / "_chunks").iterdir()) == [f"{c:06d}.json" for c in range(4)]
+
+
+def test_encode_refuses_a_folder_changed_since_ingest(tree, tmp_path):
+    import shutil
+
+    from tasks.encode import encode_latents
+    from tasks.ingest import ingest_images
+
+    copy = tmp_path / "tree"
+    shutil.copytree(tree, copy)
+    cfg = _cfg(copy)
+    ingest_images.fn(cfg, str(tmp_path / "root"))
+    (copy / "n01" / "n01_1.JPEG").unlink()
+    with pytest.raises(SourceChanged, match="1 removed"):
+        encode_latents.fn(cfg, str(tmp_path / "root"))
+
+
+def test_imagefolder_stages_complete_with_a_pixel_sample(tree, tmp_path):
+    """ingest (listing + 6 sampled images) -> encode (every file) -> the decoder, trained on the sample."""
+    from tasks.encode import encode_latents
+    from tasks.ingest import ingest_images
+    from tasks.train import train_decoder_task
+
+    cfg = _cfg(tree, "ingest.sample_pixels=6")
+    root = str(tmp_path)
+    assert ingest_images.fn(cfg, root)["accepted"] == 13   # listed regular files; pixels decoded for 6
+    assert zarr_store.open_array(Layout(root, cfg).images(), "image").shape[0] == 6
+    assert encode_latents.fn(cfg, root)["accepted"] == 12
+    result = train_decoder_task.fn(cfg, root)
+    assert result["status"] == "computed" and result["holdout_n"] == 1   # 10% of the 6 sampled, valid images
+
+
+def test_real_pixels_decode_what_the_image_store_does_not_hold(tree, tmp_path):
+    """The evaluation's real side on a direct-path source: with 6 images stored, the other valid samples
+    are decoded from their files; the result equals a store holding all of them (ingest's own decode)."""
+    from tasks.encode_files import real_pixels
+    from tasks.ingest import ingest_images
+
+    stores = {}
+    for pixels in (6, 13):
+        cfg = _cfg(tree, f"ingest.sample_pixels={pixels}")
+        root = tmp_path / f"sample{pixels}"
+        ingest_images.fn(cfg, str(root))
+        stores[pixels] = (cfg, Layout(root, cfg).images())
+    valid = np.flatnonzero(zarr_store.open_array(stores[13][1], "valid")[:])
+    full = real_pixels(stores[13][0].source, stores[13][1])(valid)
+    sampled = real_pixels(stores[6][0].source, stores[6][1])(valid)
+    assert valid.max() >= 6 and full.shape == (len(valid), SIZE, SIZE, 3)
+    assert np.array_equal(sampled, full)
+    assert full[valid >= 6].std() > 10   # real pixels, not zeros

@@ -1,0 +1,115 @@
+"""tasks.plan: every model spec comes from the one config, each rule of the hierarchy lives in the config
+and the math accepts whatever the config accepts, and the two level counts keep their meaning."""
+import dataclasses
+import itertools
+import math
+
+import pytest
+
+from models.decoder import DecoderConfig
+from models.hierarchy import HierarchySpec
+from models.meanflow import MeanFlowConfig
+from models.optim import OptimConfig
+from storage.config import HierarchyConfig, TFConfig, load_config
+from tasks.plan import (decoder_config, decoder_optim, generator_config, generator_optim, hierarchy_spec,
+                        objective_config, project)
+
+CONFIG = "configs/tiny.yaml"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"k": 1}, "greater than or equal to 2"),
+    ({"alpha": -0.1}, "greater than or equal to 0"),
+    ({"lam": -1.0}, "greater than or equal to 0"),
+    ({"cuts": []}, "non-empty"),
+    ({"cuts": [0.2, 0.5]}, "non-increasing"),
+    ({"cuts": [0.5, -0.1]}, "at least 0"),
+    ({"cuts": [float("nan")]}, "at least 0"),
+    ({"cuts": [float("inf")]}, "finite"),
+    ({"cuts": [1.5], "cut_mode": "quantile"}, "quantiles in \\[0, 1\\]"),
+    ({"linkage": "ward"}, "Input should be"),
+    ({"backend": "batched", "linkage": "complete"}, "average linkage with height cuts"),
+    ({"backend": "batched", "cut_mode": "quantile"}, "average linkage with height cuts"),
+])
+def test_each_hierarchy_rule_refuses_on_the_config_alone(setting, message):
+    with pytest.raises(ValueError, match=message):
+        HierarchyConfig(**setting)
+
+
+def test_a_height_cut_above_one_is_a_valid_linkage_height():
+    """Average linkage of cosine distances plus the spatial term can merge above 1."""
+    assert hierarchy_spec(HierarchyConfig(cuts=[1.4, 0.3])).cuts == (1.4, 0.3)
+
+
+def _spec_accepts(values: dict) -> bool:
+    try:
+        HierarchySpec(**{**values, "cuts": tuple(values["cuts"])})
+        return True
+    except ValueError:
+        return False
+
+
+def test_every_hierarchy_the_config_accepts_the_math_builds_and_what_the_math_refuses_the_config_refuses():
+    grid = {"k": [1, 2, 3], "alpha": [-0.5, 0.0, 0.3], "lam": [-0.2, 0.0, 0.2],
+            "cuts": [[], [0.65, 0.35], [0.2, 0.5], [1.5, 0.5], [0.5, -0.1], [math.nan], [0.5, 0.5]],
+            "cut_mode": ["height", "quantile"], "linkage": ["average", "single", "complete", "weighted"]}
+    checked = 0
+    for combo in itertools.product(*grid.values()):
+        values = dict(zip(grid, combo))
+        try:
+            config = HierarchyConfig(**values)
+        except ValueError:
+            config = None
+        if config is not None:
+            assert hierarchy_spec(config) == HierarchySpec(**{**values, "cuts": tuple(values["cuts"])})
+        if not _spec_accepts(values):
+            assert config is None, values
+        checked += 1
+    assert checked == 3 * 3 * 3 * 7 * 2 * 4
+
+
+def test_the_spec_takes_every_field_from_the_config():
+    config = HierarchyConfig(k=3, alpha=0.25, lam=0.5, cuts=[0.8, 0.4, 0.1], cut_mode="quantile",
+                             linkage="complete", seed=7)
+    spec = hierarchy_spec(config)
+    assert dataclasses.asdict(spec) == {"k": 3, "alpha": 0.25, "lam": 0.5, "cuts": (0.8, 0.4, 0.1),
+                                        "cut_mode": "quantile", "linkage": "complete", "seed": 7}
+
+
+def test_objective_and_optimiser_follow_every_setting_they_read():
+    """Each MeanFlowConfig field set to a value unlike its default in the config reaches the objective."""
+    changed = {"logit_mean": -0.4, "logit_std": 1.3, "time_shift": 2.0, "time_dist": "shifted",
+               "uniform_share": 0.3, "equal_share": 0.2, "t_floor": 0.1, "adaptive_eps": 0.02, "v_weight": 0.5,
+               "region_weight": 2.0, "label_dropout": 0.1, "v_tangent": "same", "jvp_attention": "math",
+               "cond_noise": 0.3}
+    assert set(changed) == {f.name for f in dataclasses.fields(MeanFlowConfig)}
+    cfg = TFConfig(generator=changed)
+    assert dataclasses.asdict(objective_config(cfg)) == changed
+    optim = generator_optim(TFConfig(generator={"lr": 1e-3, "batch_size": 5, "grad_clip": 0.5, "ema_kind": "constant",
+                                                "ema_decay": 0.99, "ema_decays": [0.9], "optimizer": "muon"}), seed=3)
+    assert (optim.lr, optim.batch_size, optim.grad_clip, optim.optimizer, optim.seed) == (1e-3, 5, 0.5, "muon", 3)
+    assert optim.ema_decays == [0.9, 0.99]   # the listed ones and the sampled one
+    assert optim.ema_halflives_kimg == [500.0, 1000.0, 2000.0]   # the EDM copies are kept beside them
+
+
+def test_decoder_specs_come_from_the_decoder_section_and_the_data():
+    cfg = TFConfig(decoder={"width": 64, "depth": 2, "heads": 2, "steps": 9, "lr": 5e-4, "batch_size": 7, "seed": 4})
+    assert decoder_config(cfg, grid=8, dim=384) == DecoderConfig(token_dim=384, grid=8, patch=14, width=64, depth=2,
+                                                                 heads=2)
+    optim = decoder_optim(cfg)
+    assert (optim.steps, optim.lr, optim.batch_size, optim.seed, optim.ema_decays) == (9, 5e-4, 7, 4, [])
+
+
+def test_a_parameter_the_config_does_not_define_is_an_error_not_a_silent_default():
+    with pytest.raises(TypeError, match="OptimConfig.muon_momentum is not set"):
+        project(OptimConfig, TFConfig().generator, ema_decays=[], ema_halflives_kimg=[])
+    with pytest.raises(TypeError, match="no field"):
+        project(MeanFlowConfig, TFConfig().generator, not_a_field=1)
+
+
+def test_the_two_level_counts_mean_partitions_and_trajectory_states():
+    cfg = load_config(CONFIG, ["hierarchy.cuts=[0.7, 0.5, 0.2]"])
+    h = cfg.hierarchy
+    assert (h.partition_levels, h.generator_levels) == (4, 5)
+    assert hierarchy_spec(h).partition_levels == h.partition_levels   # the teacher store's levels
+    assert generator_config(cfg, grid=4, dim=8, num_classes=3).num_levels == h.generator_levels
