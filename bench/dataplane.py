@@ -105,8 +105,8 @@ def main() -> None:
 
     from models.channel_stats import mean_std
     from models.encoder import build_encoder, grid_size, token_dim
-    from models.hierarchy import HierarchySpec, build_hierarchies
-    from models.hierarchy_batched import build_hierarchies_batched
+    from models.hierarchy.reference import HierarchySpec, build_hierarchies
+    from models.hierarchy.batched import build_hierarchies_batched
     from storage import zarr_store
     from storage.imagenet import SampleFiles
     from storage.latent_store import latent_store_arrays

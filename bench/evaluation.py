@@ -1,5 +1,5 @@
 """50k-sample evaluation on one GPU: sampling, decoding, FD-DINOv2 / FID / KID / IS, per-level FD,
-structure and re-encode agreement, through models.streaming_eval (DESIGN §7: under 3 minutes on an H200).
+structure and re-encode agreement, through models.evaluation.streaming_eval (DESIGN §7: under 3 minutes on an H200).
 
     python bench/evaluation.py --samples 50000 --device cuda [--out DIR]
 
@@ -92,9 +92,9 @@ def profile_parts(generators, decoder, dinov2_fn, inception_path, device, args) 
     import torch_fidelity.feature_extractor_inceptionv3 as inception_module
 
     from models.decoder import tensor_to_images
-    from models.hierarchy import HierarchySpec
-    from models.structure_stream import structure_chunk
-    from models.trajectory import level_noises, one_step_level
+    from models.hierarchy.reference import HierarchySpec
+    from models.evaluation.structure_stream import structure_chunk
+    from models.generator.trajectory import level_noises, one_step_level
 
     cuda = device.type == "cuda"
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
@@ -172,11 +172,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from models.decoder import DecoderConfig, TokenDecoder
-    from models.dit import TrajectoryDiT, dit_config
+    from models.generator.dit import TrajectoryDiT, dit_config
     from models.encoder import build_encoder, encode_images
-    from models.fidelity import dinov2_feature_fn, inception_feature_fn
-    from models.hierarchy import HierarchySpec, region_canvas
-    from models.streaming_eval import PHASES, EvalPlan, Runtime, Scorers, evaluate_streaming, metric_values, reference_stats
+    from models.evaluation.fidelity import dinov2_feature_fn, inception_feature_fn
+    from models.hierarchy.reference import HierarchySpec, region_canvas
+    from models.evaluation.streaming_eval import PHASES, EvalPlan, Runtime, Scorers, evaluate_streaming, metric_values, reference_stats
     from tasks.structure_pool import process_structure
 
     size = SIZES[args.size]

@@ -4,8 +4,8 @@
 
 Needs only torch (+ triton on CUDA): no Prefect, Dask or Zarr. Measures, on synthetic canvases:
   - plain_*:   forward of both heads, MSE on both outputs, backward, AdamW step (the reference point);
-  - jvp_<kind>_*: the training step of models/meanflow.py (forward, tangent pass, backward, AdamW),
-    with the tangent pass "kernel" (models/dit_jvp.py: tangents only, reusing the forward's values,
+  - jvp_<kind>_*: the training step of models/generator/meanflow.py (forward, tangent pass, backward, AdamW),
+    with the tangent pass "kernel" (models/generator/dit_jvp.py: tangents only, reusing the forward's values,
     forward-only Triton kernel for attention) or "math" (torch.func.jvp through the written-out
     attention, values recomputed), eager or torch.compile'd;
 and first checks the Triton tangent kernel against torch.func.jvp of the math attention on the GPU.
@@ -13,7 +13,7 @@ and first checks the Triton tangent kernel against torch.func.jvp of the math at
 FLOPs counted per sample (documented in the README):
   forward  F   = torch.utils.flop_counter on the model's forward (both heads; matmuls and SDPA),
   backward 2F,
-  tangent  J   = flop_counter on the tangent pass models.dit_jvp.x_head_tangent (tangent matmuls of the
+  tangent  J   = flop_counter on the tangent pass models.generator.dit_jvp.x_head_tangent (tangent matmuls of the
                  x path and the per-sample conditioning it recomputes) + 8 T^2 width per block for the
                  attention tangent kernel (dQ K^T, Q dK^T, (P*dS) V, P dV; the kernel also recomputes
                  Q K^T and P V, which are not counted).
@@ -38,12 +38,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench.results_io import write_result  # noqa: E402
-from models.dit import TrajectoryDiT, dit_config  # noqa: E402
-from models.dit_jvp import x_head_tangent  # noqa: E402
-from models.jvp_attention import math_attention_fn, tangent_torch, tangent_triton  # noqa: E402
-from models.meanflow import MeanFlowConfig, draw, meanflow_loss  # noqa: E402
-from models.optim import OptimConfig  # noqa: E402
-from models.train_loop import compile_settings  # noqa: E402
+from models.generator.dit import TrajectoryDiT, dit_config  # noqa: E402
+from models.generator.dit_jvp import x_head_tangent  # noqa: E402
+from models.generator.jvp_attention import math_attention_fn, tangent_torch, tangent_triton  # noqa: E402
+from models.generator.meanflow import MeanFlowConfig, draw, meanflow_loss  # noqa: E402
+from models.generator.optim import OptimConfig  # noqa: E402
+from models.generator.train_loop import compile_settings  # noqa: E402
 
 H200_BF16_DENSE = 989e12
 
@@ -176,7 +176,7 @@ def make_step(model, batch: dict, kind: str | None, compiled: bool, mode: str | 
               v_tangent: str = "h0"):
     """One training step on `batch`: kind None is the plain step, else the mean-flow step with that
     tangent pass and JVP tangent source (h0: the v head's own forward at h = 0, as the reference;
-    same: the v of u's forward); compiled as models/train_loop.py does on one GPU (one graph)."""
+    same: the v of u's forward); compiled as models/generator/train_loop.py does on one GPU (one graph)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     objective = MeanFlowConfig(jvp_attention=kind or "kernel", v_tangent=v_tangent)
     gen = torch.Generator("cuda").manual_seed(0)

@@ -2,7 +2,7 @@
 
     python3 bench/generators_scaling.py --gpus 1,2 --out bench/results
 
-Runs models/train_loop.train_generator (the path of `tasks.train_ddp`: bf16 autocast, compile,
+Runs models/generator/train_loop.train_generator (the path of `tasks.train_ddp`: bf16 autocast, compile,
 the kernel tangent pass, AdamW, clipping, one EMA) on synthetic data held on the GPU, with the
 same per-GPU batch at every GPU count (weak scaling: the global batch grows with the GPUs):
   - "1":     one process, no DDP (train_loop compiles the whole loss as one graph);
@@ -34,10 +34,10 @@ import torch  # noqa: E402
 
 from bench.generators import bench_model, make_batch  # noqa: E402
 from bench.results_io import merge_result, write_result  # noqa: E402
-from models.dit import dit_config  # noqa: E402
-from models.meanflow import MeanFlowConfig  # noqa: E402
-from models.optim import OptimConfig  # noqa: E402
-from models.train_loop import LevelData, train_generator  # noqa: E402
+from models.generator.dit import dit_config  # noqa: E402
+from models.generator.meanflow import MeanFlowConfig  # noqa: E402
+from models.generator.optim import OptimConfig  # noqa: E402
+from models.generator.train_loop import LevelData, train_generator  # noqa: E402
 
 
 def synthetic_data(cfg, rows: int, device: str) -> LevelData:

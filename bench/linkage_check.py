@@ -5,13 +5,13 @@ with --kmeans also the fused Triton level-0 k-means against the torch loop and t
                                   [--kmeans] [--skip-linkage]
 
 Builds B realistic linkage problems (DINOv2-like 768-d tokens drawn around a few part centres,
-~60% object tokens, the distances of models.hierarchy_batched.linkage_distances with lam 0.2),
-runs models.hierarchy_batched._Linkage as a CUDA graph (the torch path, T - 1 steps) and
-models.linkage_triton.run_linkage_triton (T - 1 steps) for each num_warps, checks snapshots equal
+~60% object tokens, the distances of models.hierarchy.batched.linkage_distances with lam 0.2),
+runs models.hierarchy.batched._Linkage as a CUDA graph (the torch path, T - 1 steps) and
+models.hierarchy.linkage_triton.run_linkage_triton (T - 1 steps) for each num_warps, checks snapshots equal
 and heights within 1e-6, then the ids of part_levels_batched with either linkage, and prints
 one JSON object. With --kmeans: B images of 768-d tokens (a random blob of one direction on a
-background of another, noise on every token), level-0 labels of models.hierarchy_batched's torch
-k-means loop and of the Triton kernel (models.kmeans_triton) compared token for token, both timed
+background of another, noise on every token), level-0 labels of models.hierarchy.batched's torch
+k-means loop and of the Triton kernel (models.hierarchy.kmeans_triton) compared token for token, both timed
 (and the kernel's parts: Gram matrices, kernel), then build_hierarchies_batched per batch with
 each k-means (Triton linkage) and its ids compared. Imports torch, numpy and models/* only
 (no prefect / dask / zarr).
@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.hierarchy import HierarchySpec  # noqa: E402
-from models.hierarchy_batched import (_kmeans_torch, _kmeans_triton, _linkage_for,  # noqa: E402
+from models.hierarchy.reference import HierarchySpec  # noqa: E402
+from models.hierarchy.batched import (_kmeans_torch, _kmeans_triton, _linkage_for,  # noqa: E402
                                       build_hierarchies_batched, centred_gram, grid_coordinates_t,
                                       linkage_distances, object_masks, part_levels_batched,
                                       sklearn_plusplus_draws)
-from models.kmeans_triton import kmeans_gram_triton  # noqa: E402
-from models.linkage_triton import run_linkage_triton  # noqa: E402
+from models.hierarchy.kmeans_triton import kmeans_gram_triton  # noqa: E402
+from models.hierarchy.linkage_triton import run_linkage_triton  # noqa: E402
 
 
 def problems(batch: int, tokens: int, share: float, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

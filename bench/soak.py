@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -211,7 +210,6 @@ def compare_rejects(trial: Path, ref: Path) -> dict:
 
 def compare_checkpoints(trial: Path, ref: Path) -> dict:
     """Every final safetensors file of the reference, tensor by tensor; no snapshot left behind."""
-    import numpy as np
     from safetensors.numpy import load_file
 
     out = {"lost": 0, "duplicated": 0, "mismatched": 0, "store_invalid": 0, "differing_arrays": []}

@@ -29,9 +29,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from bench.generators import (H200_BF16_DENSE, add_step_arguments, bench_model, count_flops, make_batch,  # noqa: E402
                               make_step)
 from bench.results_io import command_line, commit, machine  # noqa: E402
-from models.dit import dit_config  # noqa: E402
-from models.optim import OptimConfig  # noqa: E402
-from models.train_loop import compile_settings  # noqa: E402
+from models.generator.dit import dit_config  # noqa: E402
+from models.generator.optim import OptimConfig  # noqa: E402
+from models.generator.train_loop import compile_settings  # noqa: E402
 from storage.files import atomic_write_text  # noqa: E402
 
 FAMILIES = (("jvp-attention", ("attention_tangent", "_tangent_kernel")),

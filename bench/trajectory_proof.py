@@ -10,12 +10,12 @@ clustered teacher and with the oracle (ground-truth) teacher. Judged by the scen
 
 No prefect / dask / pydantic (the GPU box lacks them; carry the zarr and torch-fidelity wheels): the stages run in this process with the functions their workers
 call, in memory: the built-in scenes (storage.scenes), DINOv2 tokens (models.encoder) and their
-per-channel statistics, the clustered teacher (models.hierarchy.build_hierarchies on the standardised
-latents, as the hierarchy stage) and the oracle teacher (models.hierarchy.ground_truth_hierarchies,
-as hierarchy.source: ground_truth), the decoder (models.train_loop.train_decoder) and the scenes judge
-(models.judge.train_judge, real scenes only, the last --judge-holdout of them held out). Generators
-train with models.train_loop.train_generator (shared: the list form, one level per step) and are
-scored by models.streaming_eval.evaluate_streaming with the judge's streaming fn: the engine
+per-channel statistics, the clustered teacher (models.hierarchy.reference.build_hierarchies on the standardised
+latents, as the hierarchy stage) and the oracle teacher (models.hierarchy.reference.ground_truth_hierarchies,
+as hierarchy.source: ground_truth), the decoder (models.generator.train_loop.train_decoder) and the scenes judge
+(models.evaluation.judge.train_judge, real scenes only, the last --judge-holdout of them held out). Generators
+train with models.generator.train_loop.train_generator (shared: the list form, one level per step) and are
+scored by models.evaluation.streaming_eval.evaluate_streaming with the judge's streaming fn: the engine
 tasks/evaluate.py runs.
 
 Budget: every arm gets --budget seconds of training steps (wall-clock after a kernel warm-up, with
@@ -51,21 +51,21 @@ import torch  # noqa: E402
 from bench import results_io  # noqa: E402
 from models.channel_stats import chunk_moments, mean_std  # noqa: E402
 from models.decoder import DecoderConfig, TokenDecoder, images_to_tensor, tensor_to_images  # noqa: E402
-from models.dit import TrajectoryDiT, dit_config  # noqa: E402
+from models.generator.dit import TrajectoryDiT, dit_config  # noqa: E402
 from models.encoder import build_encoder, encode_images  # noqa: E402
-from models.eval_stats import JUDGE, reference_stats  # noqa: E402
-from models.fidelity import dinov2_feature_fn  # noqa: E402
-from models.flat import flat_level, flat_level_data  # noqa: E402
-from models.hierarchy import HierarchySpec, build_hierarchies, ground_truth_hierarchies  # noqa: E402
-from models.image_metrics import psnr, ssim  # noqa: E402
-from models.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, class_slots, holdout_scores,  # noqa: E402
+from models.evaluation.eval_stats import JUDGE, reference_stats  # noqa: E402
+from models.evaluation.fidelity import dinov2_feature_fn  # noqa: E402
+from models.generator.flat import flat_level, flat_level_data  # noqa: E402
+from models.hierarchy.reference import HierarchySpec, build_hierarchies, ground_truth_hierarchies  # noqa: E402
+from models.evaluation.image_metrics import psnr, ssim  # noqa: E402
+from models.evaluation.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, class_slots, holdout_scores,  # noqa: E402
                           judge_features, judge_fn, judge_outputs, train_judge)
-from models.meanflow import MeanFlowConfig  # noqa: E402
-from models.metrics import REGION_THRESHOLD, adjusted_rand, feature_stats, frechet_distance  # noqa: E402
-from models.streaming_eval import EvalPlan, Runtime, Scorers, evaluate_streaming, metric_values  # noqa: E402
-from models.train_loop import OptimConfig, train_decoder, train_generator  # noqa: E402
-from models.train_state import ema_name  # noqa: E402
-from models.trajectory import level_noises, one_step_level  # noqa: E402
+from models.generator.meanflow import MeanFlowConfig  # noqa: E402
+from models.evaluation.metrics import REGION_THRESHOLD, adjusted_rand, feature_stats, frechet_distance  # noqa: E402
+from models.evaluation.streaming_eval import EvalPlan, Runtime, Scorers, evaluate_streaming, metric_values  # noqa: E402
+from models.generator.train_loop import OptimConfig, train_decoder, train_generator  # noqa: E402
+from models.generator.train_state import ema_name  # noqa: E402
+from models.generator.trajectory import level_noises, one_step_level  # noqa: E402
 from storage.scenes import masks_to_grid, render_scene  # noqa: E402
 from tasks.level_data import Latents, canvases, level_data  # noqa: E402
 from tasks.structure_pool import process_structure  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.metric_registry import registered
+from models.evaluation.registry import registered
 from storage import zarr_store
 from storage.checkpoints import checkpoint_meta
 from storage.files import read_json

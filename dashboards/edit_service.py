@@ -1,6 +1,6 @@
 """One live edit for the edit playground: load a run's models, apply and score an edit, store it as an edit object.
 
-The edit itself and its numbers come from the evaluation's own code (models.edit_suite.run_edit_suite on a
+The edit itself and its numbers come from the evaluation's own code (models.generator.edit_suite.run_edit_suite on a
 one-edit plan), so an edit made here is scored exactly like the stored edit suite: the parent and the donor
 are re-sampled from their seeds in float32, the edited level changes inside the region only, finer levels
 are re-sampled from the same noises. Results go to <root>/dashboard-edits/<edit id>/, the only place the
@@ -19,9 +19,9 @@ import torch
 
 from dashboards.data import EDITS_FOLDER, RunFolders, load_trajectory, partition_of_level
 from models.decoder import DecoderConfig, TokenDecoder, tensor_to_images
-from models.dit import DiTConfig, TrajectoryDiT
-from models.edit_suite import EDIT_KINDS, run_edit_suite
-from models.trajectory import level_noises, sample_trajectory
+from models.generator.dit import DiTConfig, TrajectoryDiT
+from models.generator.edit_suite import EDIT_KINDS, run_edit_suite
+from models.generator.trajectory import level_noises, sample_trajectory
 from storage import zarr_store
 from storage.checkpoints import load_checkpoint
 from storage.files import atomic_write_json

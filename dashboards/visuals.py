@@ -127,7 +127,7 @@ def hierarchy_rows(images_store: Path, teacher_store: Path, start: int, count: i
     if zarr_store.has_array(images_store, "masks"):
         masks = np.asarray(zarr_store.open_array(images_store, "masks").oindex[index])
         truth = masks_to_grid(masks, grid)   # [n, 3, g, g]
-    from models.metrics import adjusted_rand   # sklearn: imported only when this page draws, not at start-up
+    from models.evaluation.metrics import adjusted_rand   # sklearn: imported only when this page draws, not at start-up
 
     rows = []
     for k, i in enumerate(index):

@@ -62,7 +62,7 @@ def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -
         if levels is not None:
             raise ValueError("generator.sharing is shared: --levels does not apply (one model serves every level)")
         return [train_decoder_task(config, root, force), train_shared_task(config, root, force)]
-    wanted = range(config.hierarchy.num_levels) if levels is None else levels
+    wanted = range(config.hierarchy.generator_levels) if levels is None else levels
     return [train_decoder_task(config, root, force)] + [train_level_task(config, root, l, force) for l in wanted]
 
 

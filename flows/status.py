@@ -40,7 +40,7 @@ def expected_stages(root: Path, cfg: TFConfig) -> list[dict]:
     elif cfg.generator.sharing == "shared":
         wanted.append(("train-shared", layout.shared_generator()))
     else:
-        wanted += [(f"train-L{level}", layout.generator(level)) for level in range(cfg.hierarchy.num_levels)]
+        wanted += [(f"train-L{level}", layout.generator(level)) for level in range(cfg.hierarchy.generator_levels)]
     if cfg.source.kind == "scenes":
         wanted.append(("judge", layout.judge()))
     wanted.append(("evaluate", evaluation_dir(layout, cfg)))

@@ -73,7 +73,7 @@ class EncoderConfig(_Part):
 
 class HierarchyConfig(_Part):
     """The teacher hierarchy (DESIGN §3). The only place its rules live: tasks.plan.hierarchy_spec turns
-    it into models.hierarchy.HierarchySpec, and a test checks that every config accepted here builds."""
+    it into models.hierarchy.reference.HierarchySpec, and a test checks that every config accepted here builds."""
     algorithm: Literal["kmeans-agglomerative"] = "kmeans-agglomerative"
     k: int = Field(2, ge=2, description="k-means clusters of level 0 (2: object vs background)")
     alpha: float = Field(0.0, ge=0.0, description="weight of the token position in level 0's k-means")
@@ -114,7 +114,6 @@ class HierarchyConfig(_Part):
         """The trajectory's states: every partition level, then the full latent."""
         return self.partition_levels + 1
 
-    num_levels = generator_levels   # TODO remove once every caller says which count it means
 
 
 class GeneratorConfig(_Part):
@@ -191,7 +190,7 @@ class EvaluateConfig(_Part):
     keep_trajectories: int = Field(64, ge=0, description="trajectories stored whole (every canvas and decoded level)")
     edits_per_level: int = Field(8, ge=1)
     inception_weights: str | None = Field(None, description="local pt_inception-2015-12-05 weights for FID/KID/IS")
-    # models.metrics.REGION_THRESHOLD says why 0.3 (storage does not import models; a test keeps them equal)
+    # models.evaluation.metrics.REGION_THRESHOLD says why 0.3 (storage does not import models; a test keeps them equal)
     region_threshold: float = Field(0.3, gt=0.0, lt=2.0,
                                     description="cosine distance that splits a generated canvas into regions")
     snap_canvases: bool = Field(False, description="sample with each generated canvas replaced by its region means "
@@ -206,12 +205,12 @@ class EvaluateConfig(_Part):
     tokens_per_sample: int = Field(4, ge=0, description="tokens per sample in the token-level FD variant")
 
     def snap_threshold(self) -> float | None:
-        """The sampler's snap cut (models.trajectory.sample_trajectory), None for the reference sampler."""
+        """The sampler's snap cut (models.generator.trajectory.sample_trajectory), None for the reference sampler."""
         return self.region_threshold if self.snap_canvases else None
 
 
 class JudgeConfig(_Part):
-    """The scenes judge (DESIGN §4, models/judge.py): trained on the real scenes, scores generated ones."""
+    """The scenes judge (DESIGN §4, models/evaluation/judge.py): trained on the real scenes, scores generated ones."""
     holdout: float = Field(0.15, gt=0.0, lt=1.0, description="share of real scenes (the last ones) held out "
                                                             "for its accuracy / mIoU")
     steps: int = Field(512, ge=1)

@@ -5,7 +5,7 @@ They live inside the images stage folder (so they share the real set's stage key
     images-<key>/reference/<safe label>-<sha12 of label>.safetensors   arrays (safetensors, no pickle)
     images-<key>/reference/<safe label>-<sha12 of label>.json          sidecar, written last
 
-The extractor label names the extractor *and its weights* (models.fidelity's
+The extractor label names the extractor *and its weights* (models.evaluation.fidelity's
 inception_extractor_label / dinov2_extractor_label, e.g.
 "inception-v3-compat:file:pt_inception-2015-12-05.pth:0123456789ab"), so statistics
 from other weights are never reused. A reference counts only when the sidecar exists,

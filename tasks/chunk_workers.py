@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.hierarchy import HierarchySpec, build_hierarchies, ground_truth_hierarchies
+from models.hierarchy.reference import HierarchySpec, build_hierarchies, ground_truth_hierarchies
 from storage import zarr_store
 
 
@@ -38,7 +38,7 @@ def hierarchy_chunk(spec: HierarchySpec, backend: str, latents: str, store: str,
     if backend == "batched":
         import torch
 
-        from models.hierarchy_batched import build_hierarchies_batched
+        from models.hierarchy.batched import build_hierarchies_batched
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         regions = build_hierarchies_batched(torch.from_numpy(tokens).to(device), spec, stats=stats).cpu().numpy()
@@ -50,7 +50,7 @@ def hierarchy_chunk(spec: HierarchySpec, backend: str, latents: str, store: str,
 
 def ground_truth_chunk(images: str, store: str, chunk: int, start: int, stop: int, grid: int) -> int:
     """The oracle teacher for samples start:stop: the image store's ground-truth masks voted down
-    to the token grid (models.hierarchy.ground_truth_hierarchies), in the clustered teacher's format."""
+    to the token grid (models.hierarchy.reference.ground_truth_hierarchies), in the clustered teacher's format."""
     masks = zarr_store.open_array(Path(images), "masks")[start:stop]
     zarr_store.write_chunk(Path(store), chunk, start, {"regions": ground_truth_hierarchies(masks, grid)})
     return chunk

@@ -2,7 +2,7 @@
 
 Reads the latent/teacher/image stores and the checkpoints; writes the evaluation folder
 (trajectories Zarr for the kept subset, edits Parquet/Zarr, grid PNG) and one metrics
-Parquet part for the run. Samples are streamed in batches (models.streaming_eval), so
+Parquet part for the run. Samples are streamed in batches (models.evaluation.streaming_eval), so
 50k samples never sit in memory; the real side's image statistics are cached with the
 real set (tasks.evaluate_reference).
 
@@ -24,15 +24,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.decoder import TokenDecoder, tensor_to_images
-from models.dit import TrajectoryDiT
-from models.edit_suite import plan_edits, run_edit_suite
-from models.fidelity import (dinov2_extractor_label, dinov2_feature_fn, fidelity_unavailable_reason,
+from models.generator.dit import TrajectoryDiT
+from models.generator.edit_suite import plan_edits, run_edit_suite
+from models.evaluation.fidelity import (dinov2_extractor_label, dinov2_feature_fn, fidelity_unavailable_reason,
                              inception_extractor_label, inception_feature_fn)
-from models.eval_stats import metric_values_by_entry
-from models.metric_registry import EvalSetting, pooled
-from models.streaming_eval import Runtime, Scorers, evaluate_streaming
-from models.trajectory import level_noises, own_regions_cut, sample_trajectory
-from models.trajectory_metrics import generated_regions, hierarchy_alignment
+from models.evaluation.eval_stats import metric_values_by_entry
+from models.evaluation.registry import EvalSetting, pooled
+from models.evaluation.streaming_eval import Runtime, Scorers, evaluate_streaming
+from models.generator.trajectory import level_noises, own_regions_cut, sample_trajectory
+from models.evaluation.trajectory_metrics import generated_regions, hierarchy_alignment
 from storage import zarr_store
 from storage.checkpoints import load_checkpoint
 from storage.config import TFConfig

@@ -2,7 +2,7 @@
 
 With source.kind scenes the evaluation loads the judge (training it first if its stage is not
 complete), streams every decoded final image through it (the judge scorer of
-models.streaming_eval) and writes its metrics (models.eval_metrics.judge: fd_scenes,
+models.evaluation.streaming_eval) and writes its metrics (models.evaluation.entries.judge: fd_scenes,
 class_accuracy, judge_plan_ari / judge_plan_miou) under feature_extractor "scenes-judge" and
 extractor_weights "judge-<key>". The same metrics on the judge's held-out real scenes are reference
 values (variant "real_holdout"), computed here because they read the store: class accuracy against
@@ -16,10 +16,10 @@ import hashlib
 
 import numpy as np
 
-from models.eval_metrics.judge import HOLDOUT, JUDGE
-from models.judge import EXTRACTOR, judge_features, judge_fn, judge_outputs, partition_scores
-from models.metric_registry import MetricValues, pooled
-from models.metrics import feature_stats, frechet_distance
+from models.evaluation.entries.judge import HOLDOUT, JUDGE
+from models.evaluation.judge import EXTRACTOR, judge_features, judge_fn, judge_outputs, partition_scores
+from models.evaluation.registry import MetricValues, pooled
+from models.evaluation.metrics import feature_stats, frechet_distance
 from storage.config import TFConfig
 from storage.keys import Layout
 from storage.scenes import masks_to_grid

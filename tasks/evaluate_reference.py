@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.eval_stats import reference_stats
+from models.evaluation.eval_stats import reference_stats
 from storage import zarr_store
 from storage.reference_stats import load_reference, save_reference
 from tasks.progress import Progress

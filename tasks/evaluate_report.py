@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from models.metric_registry import registered
+from models.evaluation.registry import registered
 
 
 def headline_metrics() -> set[tuple[str, str]]:

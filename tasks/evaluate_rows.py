@@ -1,4 +1,4 @@
-"""The evaluation's metric rows, written entry by entry of the metric registry (models.metric_registry).
+"""The evaluation's metric rows, written entry by entry of the metric registry (models.evaluation.registry).
 
 For every registered metric: its rows that do not apply to this evaluation (flat mode, no judge, no
 Inception weights) are written as skipped with the entry's reason; its values become rows (pooled
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.metric_registry import EvalSetting, MetricValues, RowKey, registered
-from models.metrics import bootstrap_ci
+from models.evaluation.registry import EvalSetting, MetricValues, RowKey, registered
+from models.evaluation.metrics import bootstrap_ci
 from storage.tables import metric_row
 
 NO_FINITE = "no finite per-sample values (e.g. empty or full regions)"
@@ -40,7 +40,7 @@ def _skipped(key: RowKey, reason: str, labels: dict) -> dict:
 
 def registry_rows(setting: EvalSetting, values: dict[str, list[MetricValues]], labels: dict[str, dict],
                   n_boot: int) -> list[dict]:
-    """Every registered metric's rows. values: by entry name (models.eval_stats.metric_values_by_entry);
+    """Every registered metric's rows. values: by entry name (models.evaluation.eval_stats.metric_values_by_entry);
     labels: feature_extractor / extractor_weights by the entries' `extractor` ("none": no labels)."""
     rows = []
     for metric in registered():

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.dit import TrajectoryDiT
-from models.flat import flat_level, flat_level_data
-from models.meanflow import MeanFlowConfig
-from models.train_loop import LevelData, OptimConfig, TrainState
-from models.train_state import export_state
+from models.generator.dit import TrajectoryDiT
+from models.generator.flat import flat_level, flat_level_data
+from models.generator.meanflow import MeanFlowConfig
+from models.generator.train_loop import LevelData, OptimConfig, TrainState
+from models.generator.train_state import export_state
 from storage import zarr_store
 from storage.checkpoints import clear_train_state, mark_complete, save_checkpoint, save_train_state
 from storage.config import TFConfig

@@ -15,7 +15,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, class_slots, holdout_scores,
+from models.evaluation.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, class_slots, holdout_scores,
                           train_judge)
 from storage import zarr_store
 from storage.checkpoints import load_checkpoint, save_checkpoint

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.hierarchy import region_canvas
-from models.train_loop import LevelData
+from models.hierarchy.reference import region_canvas
+from models.generator.train_loop import LevelData
 from storage import zarr_store
 
 

@@ -9,7 +9,7 @@ level counts are the config's: `hierarchy.partition_levels` (the teacher's parti
 and `hierarchy.generator_levels` (the trajectory's states, one more: the full latent).
 
 The walk of `hierarchy.cuts` from the CLI to the teacher store: flows.cli load_config -> TFConfig ->
-hierarchy_spec (here) -> tasks.chunk_workers.hierarchy_chunk -> models.hierarchy.build_hierarchies.
+hierarchy_spec (here) -> tasks.chunk_workers.hierarchy_chunk -> models.hierarchy.reference.build_hierarchies.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import dataclasses
 from typing import Any, TypeVar
 
 from models.decoder import DecoderConfig
-from models.dit import PRESETS, DiTConfig, dit_config
-from models.eval_plan import EvalPlan
-from models.hierarchy import HierarchySpec
-from models.meanflow import MeanFlowConfig
-from models.optim import OptimConfig
-from models.train_state import ema_name
+from models.generator.dit import PRESETS, DiTConfig, dit_config
+from models.evaluation.plan import EvalPlan
+from models.hierarchy.reference import HierarchySpec
+from models.generator.meanflow import MeanFlowConfig
+from models.generator.optim import OptimConfig
+from models.generator.train_state import ema_name
 from storage.config import HierarchyConfig, TFConfig
 
 Spec = TypeVar("Spec")
@@ -67,7 +67,7 @@ def objective_config(cfg: TFConfig) -> MeanFlowConfig:
 
 
 def sampled_ema(cfg: TFConfig) -> str:
-    """The name of the EMA the sampler uses (models.train_state.ema_name)."""
+    """The name of the EMA the sampler uses (models.generator.train_state.ema_name)."""
     g = cfg.generator
     return ema_name(halflife_kimg=g.ema_halflife_kimg) if g.ema_kind == "edm" else ema_name(g.ema_decay)
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.hierarchy import HierarchySpec
-from models.structure_stream import InlineStructure, structure_chunk
+from models.hierarchy.reference import HierarchySpec
+from models.evaluation.structure_stream import InlineStructure, structure_chunk
 
 
 def _chunk_from_files(canvas_file: str, canvas_shape: tuple, lo: int, hi: int,
@@ -121,7 +121,7 @@ class ProcessStructure(InlineStructure):
 
 
 def process_structure(workers: int, inflight: int = 3):
-    """A structure runner factory for models.streaming_eval.evaluate_streaming(structure_runner=...):
+    """A structure runner factory for models.evaluation.streaming_eval.evaluate_streaming(structure_runner=...):
     `workers` processes (0: inline in the calling thread), at most `inflight` batches handed out."""
     if workers <= 0:
         return InlineStructure

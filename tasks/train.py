@@ -15,10 +15,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.decoder import TokenDecoder, images_to_tensor, tensor_to_images
-from models.dit import TrajectoryDiT
-from models.image_metrics import psnr, ssim
-from models.train_loop import train_decoder, train_generator
-from models.train_state import ema_name
+from models.generator.dit import TrajectoryDiT
+from models.evaluation.image_metrics import psnr, ssim
+from models.generator.train_loop import train_decoder, train_generator
+from models.generator.train_state import ema_name
 from storage.checkpoints import clear_train_state, load_checkpoint, load_train_state, mark_complete, save_checkpoint
 from storage.config import TFConfig
 from storage.keys import Layout

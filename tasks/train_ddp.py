@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from models.dit import TrajectoryDiT, dit_config
-from models.meanflow import MeanFlowConfig
-from models.optim import OptimConfig
-from models.train_loop import LevelData, train_generator
-from models.train_state import export_state
+from models.generator.dit import TrajectoryDiT, dit_config
+from models.generator.meanflow import MeanFlowConfig
+from models.generator.optim import OptimConfig
+from models.generator.train_loop import LevelData, train_generator
+from models.generator.train_state import export_state
 from storage.checkpoints import is_complete, load_train_state, save_train_state
 from storage.config import load_config
 from storage.files import atomic_write_json

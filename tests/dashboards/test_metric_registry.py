@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from models.metric_registry import EvalSetting, Metric, MetricValues, RowKey, Scored, register, unregister
+from models.evaluation.registry import EvalSetting, Metric, MetricValues, RowKey, Scored, register, unregister
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 
 class FinalBrightness(Metric):
     """Mean brightness of each decoded final image, per sample (a real metric would be a module of
-    models/eval_metrics; this one lives in the test)."""
+    models/evaluation/entries; this one lives in the test)."""
     name, order, group = "toy_brightness", 99, "quality"
     needs = frozenset({"images"})
     headline = (("toy brightness", "toy_brightness"),)

@@ -14,12 +14,12 @@ CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tmp_path_factory, copy_root):
     from flows.stages import pipeline_flow
 
-    root = tmp_path_factory.mktemp("root")
+    root = copy_root(tmp_path_factory.mktemp("flat") / "root")   # the staged run "first", already done
     staged, flat = load_config(CONFIG), load_config(CONFIG, ["generator.mode=flat"])
-    first = pipeline_flow(config=staged, root=str(root), run_id="tf")
+    first = None
     second = pipeline_flow(config=flat, root=str(root), run_id="flat")
     return root, staged, flat, first, second
 
@@ -36,14 +36,14 @@ def test_flat_pipeline_trains_the_flat_model_and_reuses_the_rest(two_runs):
     assert flat_dir.name.startswith("evaluate-flat-") and staged_dir == layout.evaluation()
     assert zarr_store.is_complete(flat_dir) and zarr_store.is_complete(staged_dir)
     trajectories = zarr_store.open_dataset(flat_dir / "trajectories.zarr")
-    assert trajectories["level"].values.tolist() == [flat.hierarchy.num_levels - 1]   # the final alone
+    assert trajectories["level"].values.tolist() == [flat.hierarchy.generator_levels - 1]   # the final alone
     assert trajectories.attrs["mode"] == "flat"
 
 
 def test_flat_rows_carry_the_mode_and_skip_what_needs_staged_canvases(two_runs):
     root, *_ = two_runs
     frame = load_metrics(root, run_id="flat")
-    assert (frame["mode"] == "flat").all() and (load_metrics(root, run_id="tf")["mode"] == "staged").all()
+    assert (frame["mode"] == "flat").all() and (load_metrics(root, run_id="first")["mode"] == "staged").all()
     ok = frame[frame.status == "ok"]
     skipped = frame[frame.status == "skipped"]
     assert skipped.value.isna().all() and (skipped.reason != "").all()
@@ -63,7 +63,7 @@ def test_flat_rows_carry_the_mode_and_skip_what_needs_staged_canvases(two_runs):
 
 def test_one_comparison_table_for_both_runs(two_runs):
     root, *_ = two_runs
-    table = compare_runs(root, ["tf", "flat"], by="mode")
+    table = compare_runs(root, ["first", "flat"], by="mode")
     assert list(table.columns[-2:]) == ["staged", "flat"]
     row = lambda metric, level, variant: table[(table.metric == metric) & (table.level == level)  # noqa: E731
                                                & (table.variant == variant)].iloc[0]

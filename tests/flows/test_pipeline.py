@@ -15,13 +15,10 @@ CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from flows.stages import pipeline_flow
-
-    root = tmp_path_factory.mktemp("root")
-    cfg = load_config(CONFIG)
-    first = pipeline_flow(config=cfg, root=str(root), run_id="first")
-    return cfg, root, first
+def tiny_run(tmp_path_factory, tiny_staged_run, copy_root):
+    """The session's tiny run "first" (every stage computed there), in a copy these tests may extend."""
+    root = copy_root(tmp_path_factory.mktemp("pipeline") / "root")
+    return load_config(CONFIG), root, tiny_staged_run[1]
 
 
 def test_every_stage_was_computed_and_stores_are_complete(tiny_run):
@@ -36,7 +33,7 @@ def test_every_stage_was_computed_and_stores_are_complete(tiny_run):
     assert tokens["tokens"].shape == (cfg.source.num_images, 4, 4, 384)
     regions = zarr_store.open_dataset(layout.teacher())["regions"].values
     assert regions.shape == (cfg.source.num_images, 3, 4, 4)
-    for level in range(cfg.hierarchy.num_levels):
+    for level in range(cfg.hierarchy.generator_levels):
         assert (layout.generator(level) / "generator.safetensors").exists()
         assert (layout.generator(level) / "generator.json").exists()
 
@@ -85,7 +82,7 @@ def test_grid_png_has_one_column_per_level(tiny_run):
     cfg, root, first = tiny_run
     grid = np.asarray(Image.open(first["outputs"]["grid"]))
     size, pad = cfg.source.image_size, 2
-    assert grid.shape[1] == cfg.hierarchy.num_levels * (size + pad) + pad
+    assert grid.shape[1] == cfg.hierarchy.generator_levels * (size + pad) + pad
     assert grid.shape[0] == cfg.evaluate.grid_rows * (size + pad) + pad
 
 

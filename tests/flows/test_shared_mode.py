@@ -14,10 +14,10 @@ CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def shared_runs(tmp_path_factory):
+def shared_runs(tmp_path_factory, copy_root):
     from flows.stages import pipeline_flow
 
-    root = tmp_path_factory.mktemp("root")
+    root = copy_root(tmp_path_factory.mktemp("shared") / "root", upstream_only=True)   # no per-level models
     cfg = load_config(CONFIG, ["generator.sharing=shared"])
     first = pipeline_flow(config=cfg, root=str(root), run_id="shared")
     again = pipeline_flow(config=cfg, root=str(root), run_id="shared-again")
@@ -32,9 +32,9 @@ def test_one_model_is_trained_for_every_level_and_reused(shared_runs):
     layout = Layout(root, cfg)
     folder = layout.shared_generator()
     assert folder.name == f"generator-shared-{layout.keys.shared_generator}"
-    assert not any(layout.generator(level).exists() for level in range(cfg.hierarchy.num_levels))
+    assert not any(layout.generator(level).exists() for level in range(cfg.hierarchy.generator_levels))
     _, meta = load_checkpoint(folder / "generator")
-    levels = cfg.hierarchy.num_levels
+    levels = cfg.hierarchy.generator_levels
     assert meta["shared"] and meta["trained_level"] == list(range(levels))
     assert meta["steps"] == cfg.generator.steps * levels   # the per-level models' budget together
     assert meta["sampled_ema"] == "edm500kimg"
@@ -45,10 +45,10 @@ def test_shared_evaluation_scores_every_level(shared_runs):
     layout = Layout(root, cfg)
     assert zarr_store.is_complete(layout.evaluation())
     trajectories = zarr_store.open_dataset(layout.evaluation() / "trajectories.zarr")
-    assert trajectories["level"].values.tolist() == list(range(cfg.hierarchy.num_levels))
+    assert trajectories["level"].values.tolist() == list(range(cfg.hierarchy.generator_levels))
     ok = load_metrics(root, run_id="shared")
     ok = ok[ok.status == "ok"]
-    assert set(ok[ok.metric == "fd_level"].level) == set(range(cfg.hierarchy.num_levels))
+    assert set(ok[ok.metric == "fd_level"].level) == set(range(cfg.hierarchy.generator_levels))
     assert set(ok[ok.metric == "nesting"].level) == {0, 1}
     assert not ok[ok.group == "control"].empty
 
@@ -59,6 +59,6 @@ def test_dashboard_loads_the_shared_model_at_every_level(shared_runs):
 
     root, cfg, *_ = shared_runs
     folders = run_folders(root, "shared")
-    assert folders.generators == (Layout(root, cfg).shared_generator(),) * cfg.hierarchy.num_levels
+    assert folders.generators == (Layout(root, cfg).shared_generator(),) * cfg.hierarchy.generator_levels
     models = load_models(folders, "cpu")
-    assert len(models.generators) == cfg.hierarchy.num_levels and len({id(m) for m in models.generators}) == 1
+    assert len(models.generators) == cfg.hierarchy.generator_levels and len({id(m) for m in models.generators}) == 1

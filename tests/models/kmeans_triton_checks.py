@@ -1,4 +1,4 @@
-"""Checks of the fused Triton k-means (models.kmeans_triton), run by tests/models/test_kmeans_triton.py
+"""Checks of the fused Triton k-means (models.hierarchy.kmeans_triton), run by tests/models/test_kmeans_triton.py
 in a subprocess with TRITON_INTERPRET=1 (set before triton.language is first imported; see
 linkage_triton_checks.py). Prints one JSON object: check name -> "ok" or the failure's traceback.
 """
@@ -15,11 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from triton_interpreter import run_checks  # noqa: E402
 
-from models.hierarchy import HierarchySpec  # noqa: E402
-from models.hierarchy_batched import (_kmeans_plus_plus, _kmeans_torch, _kmeans_triton,  # noqa: E402
+from models.hierarchy.reference import HierarchySpec  # noqa: E402
+from models.hierarchy.batched import (_kmeans_plus_plus, _kmeans_torch, _kmeans_triton,  # noqa: E402
                                       build_hierarchies_batched, centred_gram, grid_coordinates_t,
                                       object_masks, sklearn_plusplus_draws)
-from models.kmeans_triton import kmeans_gram_triton  # noqa: E402
+from models.hierarchy.kmeans_triton import kmeans_gram_triton  # noqa: E402
 
 
 def _images(batch: int, side: int, channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

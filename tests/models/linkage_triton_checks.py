@@ -19,9 +19,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from triton_interpreter import run_checks  # noqa: E402
 
-from models.hierarchy import HierarchySpec  # noqa: E402
-from models.hierarchy_batched import _Linkage, build_hierarchies_batched  # noqa: E402
-from models.linkage_triton import run_linkage_triton  # noqa: E402
+from models.hierarchy.reference import HierarchySpec  # noqa: E402
+from models.hierarchy.batched import _Linkage, build_hierarchies_batched  # noqa: E402
+from models.hierarchy.linkage_triton import run_linkage_triton  # noqa: E402
 
 _INF = float("inf")
 

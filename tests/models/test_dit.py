@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.dit import PRESETS, Block, TrajectoryDiT, dit_config, math_attention
+from models.generator.dit import PRESETS, Block, TrajectoryDiT, dit_config, math_attention
 
 SMALL = dict(token_dim=16, grid=4, width=32, depth=3, head_depth=2, heads=4, num_classes=5)
 

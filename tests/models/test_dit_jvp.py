@@ -1,13 +1,13 @@
-"""The written-out forward-mode pass (models/dit_jvp.py) against torch.func.jvp of the same model with the
+"""The written-out forward-mode pass (models/generator/dit_jvp.py) against torch.func.jvp of the same model with the
 math attention, in float64, and the mean-flow tangent of both kinds against finite differences."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.dit import TrajectoryDiT, dit_config, math_attention
-from models.dit_jvp import x_head_jvp
-from models.meanflow import time_derivative
+from models.generator.dit import TrajectoryDiT, dit_config, math_attention
+from models.generator.dit_jvp import x_head_jvp
+from models.generator.meanflow import time_derivative
 
 
 def perturbed_model(seed: int = 0) -> TrajectoryDiT:
@@ -42,7 +42,7 @@ def test_x_head_value_and_tangent_equal_func_jvp():
 @pytest.mark.parametrize("kind", ["math", "kernel"])
 def test_time_derivative_matches_finite_differences(kind):
     """du/dt along (dz, dt, dr) = (v, 1, 0), against a central difference of u in float64."""
-    from models.meanflow import average_velocity
+    from models.generator.meanflow import average_velocity
 
     model = perturbed_model(2)
     z, t, r, cond, label, level, v = inputs(seed=3)

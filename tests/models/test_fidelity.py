@@ -13,7 +13,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from models.encoder import build_encoder
-from models.fidelity import (
+from models.evaluation.fidelity import (
     UInt8ImageDataset,
     dinov2_extractor_label,
     dinov2_feature_fn,
@@ -25,7 +25,7 @@ from models.fidelity import (
     kid_from_features,
     register_dinov2_extractor,
 )
-from models.metrics import fd_from_features, feature_stats, frechet_distance
+from models.evaluation.metrics import fd_from_features, feature_stats, frechet_distance
 
 N_IMAGES = 8
 SIZE = 32

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from models.dit import TrajectoryDiT, dit_config
-from models.flat import flat_level, flat_level_data, sample_flat
-from models.meanflow import MeanFlowConfig, one_step
-from models.optim import OptimConfig
-from models.train_loop import train_generator
+from models.generator.dit import TrajectoryDiT, dit_config
+from models.generator.flat import flat_level, flat_level_data, sample_flat
+from models.generator.meanflow import MeanFlowConfig, one_step
+from models.generator.optim import OptimConfig
+from models.generator.train_loop import train_generator
 
 TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
 

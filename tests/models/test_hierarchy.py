@@ -1,4 +1,4 @@
-"""Tests for models/hierarchy.py against independent sklearn / scipy computations."""
+"""Tests for models/hierarchy/reference.py against independent sklearn / scipy computations."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from sklearn.preprocessing import normalize
 
-from models.hierarchy import HierarchySpec, build_hierarchies, build_hierarchy, region_canvas
+from models.hierarchy.reference import HierarchySpec, build_hierarchies, build_hierarchy, region_canvas
 
 
 def random_tokens(seed: int, g: int, channels: int = 32) -> np.ndarray:
@@ -286,7 +286,7 @@ def hand_made_masks() -> np.ndarray:
 
 
 def test_ground_truth_vote_on_a_hand_made_mask():
-    from models.hierarchy import ground_truth_hierarchies
+    from models.hierarchy.reference import ground_truth_hierarchies
 
     ids = ground_truth_hierarchies(hand_made_masks(), grid=2)
     assert ids.shape == (2, 3, 2, 2) and ids.dtype == np.int16
@@ -309,7 +309,7 @@ def test_ground_truth_vote_on_a_hand_made_mask():
 
 
 def test_ground_truth_vote_nests_on_rendered_scenes():
-    from models.hierarchy import ground_truth_hierarchies
+    from models.hierarchy.reference import ground_truth_hierarchies
     from storage.scenes import masks_to_grid, render_scenes
 
     masks = render_scenes(range(12), seed=1, size=112)["masks"]

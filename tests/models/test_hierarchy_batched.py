@@ -1,12 +1,12 @@
-"""The batched (torch) hierarchy against the scipy / scikit-learn reference of models.hierarchy."""
+"""The batched (torch) hierarchy against the scipy / scikit-learn reference of models.hierarchy.reference."""
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
 from models.encoder import build_encoder, encode_images
-from models.hierarchy import BACKGROUND_ID, OBJECT_ID, HierarchySpec, build_hierarchies
-from models.hierarchy_batched import build_hierarchies_batched, sklearn_plusplus_draws
+from models.hierarchy.reference import BACKGROUND_ID, OBJECT_ID, HierarchySpec, build_hierarchies
+from models.hierarchy.batched import build_hierarchies_batched, sklearn_plusplus_draws
 from storage.scenes import render_scenes
 
 

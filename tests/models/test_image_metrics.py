@@ -1,9 +1,9 @@
-"""Tests for models.image_metrics against hand-computed values and direct loops."""
+"""Tests for models.evaluation.image_metrics against hand-computed values and direct loops."""
 
 import numpy as np
 import pytest
 
-from models.image_metrics import locality, psnr, ssim, ssim_map
+from models.evaluation.image_metrics import locality, psnr, ssim, ssim_map
 
 
 # --- locality -----------------------------------------------------------------

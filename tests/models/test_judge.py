@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.eval_stats import JUDGE, metric_values, reference_stats
-from models.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, canonical_regions, class_slots, holdout_scores,
+from models.evaluation.eval_stats import JUDGE, metric_values, reference_stats
+from models.evaluation.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, canonical_regions, class_slots, holdout_scores,
                           judge_fn, mode_pool, train_judge)
-from models.metrics import StreamingStats, matched_miou
-from models.streaming_eval import StreamingEvalResult
+from models.evaluation.metrics import StreamingStats, matched_miou
+from models.evaluation.streaming_eval import StreamingEvalResult
 from storage.scenes import masks_to_grid, render_scenes
 
 

@@ -1,4 +1,4 @@
-"""The forward-only attention tangent (models/jvp_attention.py) against torch.func.jvp of the written-out
+"""The forward-only attention tangent (models/generator/jvp_attention.py) against torch.func.jvp of the written-out
 math path, in float64: the torch formula, the custom op, and the Triton kernel itself through Triton's
 CPU interpreter (in a subprocess: triton_interpreter.py)."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.jvp_attention import attention_tangent_op, math_attention_fn, tangent_torch
+from models.generator.jvp_attention import attention_tangent_op, math_attention_fn, tangent_torch
 from triton_interpreter import REPO, run_interpreted
 
 
@@ -60,7 +60,7 @@ def test_custom_op_takes_head_views_and_returns_token_major():
 INTERPRETED = r"""
 import json, os, sys, torch
 sys.path.insert(0, sys.argv[1])
-from models.jvp_attention import math_attention_fn, tangent_triton
+from models.generator.jvp_attention import math_attention_fn, tangent_triton
 out = {}
 for dtype, name in ((torch.float64, "float64"), (torch.float32, "float32")):
     g = torch.Generator().manual_seed(5)

@@ -1,4 +1,4 @@
-"""The fused Triton k-means (models.kmeans_triton) against the torch loop of models.hierarchy_batched.
+"""The fused Triton k-means (models.hierarchy.kmeans_triton) against the torch loop of models.hierarchy.batched.
 
 No GPU here: the kernel runs on CPU tensors through Triton's interpreter, in one subprocess with
 TRITON_INTERPRET=1 (kmeans_triton_checks.py); each test reads its own result.
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.hierarchy import HierarchySpec
-from models.hierarchy_batched import object_masks, uses_triton
+from models.hierarchy.reference import HierarchySpec
+from models.hierarchy.batched import object_masks, uses_triton
 from triton_interpreter import run_interpreted
 
 pytestmark = pytest.mark.slow   # Triton kernels in the interpreter: left out of `make check`

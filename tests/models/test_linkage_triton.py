@@ -1,4 +1,4 @@
-"""The fused Triton merge loop (models.linkage_triton) against the torch loop of models.hierarchy_batched.
+"""The fused Triton merge loop (models.hierarchy.linkage_triton) against the torch loop of models.hierarchy.batched.
 
 No GPU here: the kernel runs on CPU tensors through Triton's interpreter. TRITON_INTERPRET=1 has
 to be set before triton.language is first imported, so the checks (linkage_triton_checks.py)
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.hierarchy import HierarchySpec
-from models.hierarchy_batched import build_hierarchies_batched
+from models.hierarchy.reference import HierarchySpec
+from models.hierarchy.batched import build_hierarchies_batched
 from triton_interpreter import run_interpreted
 
 pytestmark = pytest.mark.slow   # Triton kernels in the interpreter: left out of `make check`

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.dit import TrajectoryDiT, dit_config, math_attention
-from models.meanflow import MeanFlowConfig, average_velocity, meanflow_loss, one_step, region_variance_loss, \
+from models.generator.dit import TrajectoryDiT, dit_config, math_attention
+from models.generator.meanflow import MeanFlowConfig, average_velocity, meanflow_loss, one_step, region_variance_loss, \
     sample_times, shift_time
 
 TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
@@ -72,7 +72,7 @@ def test_loss_and_gradient_equal_a_direct_float64_computation(v_tangent):
     """The reference's pmf.py written out: both heads x-predictions, v = (z - x_v) / clip(t, 0.05, 1),
     target v_t = (z - x) / clip(t, 0.05, 1), the JVP tangent from the v head at h = 0 (or from u's
     forward), losses summed over tokens and channels per sample, adaptive weight 1 / (loss + 0.01)."""
-    from models.meanflow import Draws
+    from models.generator.meanflow import Draws
 
     cfg = MeanFlowConfig(v_tangent=v_tangent)
     model = perturbed_model(1)
@@ -152,7 +152,7 @@ def _plateau_by_hand(mu: float, sigma: float, shift: float):
 
 
 def test_plateau_time_sampler_matches_the_written_out_density():
-    from models.meanflow import plateau_constants, plateau_density
+    from models.generator.meanflow import plateau_constants, plateau_density
 
     n = 400_000
     cfg = MeanFlowConfig()   # plateau, mu 0, sigma 1, shift 10, 10% uniform pairs, no r = t
@@ -333,7 +333,7 @@ def test_compiled_jvp_gives_the_eager_loss_and_gradients():
     attention tangent op (the kind used on CUDA): same loss and gradients as the eager math JVP."""
     import shutil
 
-    from models.meanflow import time_derivative
+    from models.generator.meanflow import time_derivative
 
     if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("g++") is None:
         pytest.skip("no C/C++ compiler on PATH: inductor cannot build CPU kernels")
@@ -363,7 +363,7 @@ def test_compiled_jvp_gives_the_eager_loss_and_gradients():
 def test_two_halves_of_one_draw_average_to_the_whole_batch_loss_and_gradient():
     """What data parallelism relies on: every term is a per-sample mean, so ranks that take their rows
     of one global draw (Draws.rows) and average gradients reproduce the one-process step."""
-    from models.meanflow import draw
+    from models.generator.meanflow import draw
 
     cfg = MeanFlowConfig(label_dropout=0.5)
     model = perturbed_model(7)
@@ -391,7 +391,7 @@ def test_whole_loss_traces_as_one_graph_and_equals_eager():
     """The one-GPU training loop compiles meanflow_loss whole (forward, tangent pass reusing the forward's
     values, loss terms): it must trace without a graph break (so no host read-back stalls the step) and
     give the eager loss and gradients. aot_eager keeps the check fast; inductor is checked above."""
-    from models.meanflow import draw
+    from models.generator.meanflow import draw
 
     model, (x, cond, label, level), regions = _perturbed_tiny_case(8)
     cfg = MeanFlowConfig(jvp_attention="kernel")
@@ -413,7 +413,7 @@ def test_whole_loss_traces_as_one_graph_and_equals_eager():
 
 
 def test_condition_noise_is_added_to_given_conditions_only_and_leaves_the_reference_draws_alone():
-    from models.meanflow import Draws, draw
+    from models.generator.meanflow import Draws, draw
 
     model = perturbed_model()
     x, cond, label, level = make_batch()

@@ -1,11 +1,11 @@
-"""Tests for models.metrics against closed forms, hand-computed values and brute force."""
+"""Tests for models.evaluation.metrics against closed forms, hand-computed values and brute force."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from models.metrics import (
+from models.evaluation.metrics import (
     StreamingStats,
     adjusted_rand,
     bootstrap_ci,

@@ -7,13 +7,13 @@ from torch import nn
 
 from models.decoder import DecoderConfig, TokenDecoder, tensor_to_images
 from models.encoder import encode_images
-from models.hierarchy import HierarchySpec, build_hierarchies, region_canvas
-from models.metrics import fd_from_features, feature_stats
-from models.streaming_eval import (DINOV2, FID, KID_FEATURES, PHASES, EvalPlan, Runtime, Scorers,
+from models.hierarchy.reference import HierarchySpec, build_hierarchies, region_canvas
+from models.evaluation.metrics import fd_from_features, feature_stats
+from models.evaluation.streaming_eval import (DINOV2, FID, KID_FEATURES, PHASES, EvalPlan, Runtime, Scorers,
                                    evaluate_streaming, level_key, metric_values, reference_stats, token_subsample)
-from models.trajectory import level_noises, sample_trajectory
+from models.generator.trajectory import level_noises, sample_trajectory
 from tasks.structure_pool import process_structure
-from models.trajectory_metrics import (generated_regions, per_level_fd, reencode_agreement,
+from models.evaluation.trajectory_metrics import (generated_regions, per_level_fd, reencode_agreement,
                                        structural_consistency)
 
 LEVELS, GRID, C, CLASSES, PATCH = 4, 4, 16, 5, 14
@@ -243,7 +243,7 @@ def test_token_subsample_depends_on_the_sample_only():
 
 def test_flat_mode_scores_the_final_latent_alone(models, in_memory, reference, real):
     """The flat baseline: one model, one step from the last level's noise; only what a final latent has."""
-    from models.flat import sample_flat
+    from models.generator.flat import sample_flat
 
     _, decoder, encoder = models
     flat_model = StubGenerator(LEVELS - 1).eval()

@@ -3,8 +3,8 @@ it clusters the standardised latents, i.e. the normalised final latent as it is 
 tokens standardised with the latent store's mean/std."""
 import numpy as np
 
-from models.hierarchy import HierarchySpec, build_hierarchies
-from models.structure_stream import final_hierarchy, structure_chunk
+from models.hierarchy.reference import HierarchySpec, build_hierarchies
+from models.evaluation.structure_stream import final_hierarchy, structure_chunk
 
 
 def test_rebuilt_hierarchies_cluster_standardised_latents():

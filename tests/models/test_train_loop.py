@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.dit import TrajectoryDiT, dit_config
-from models.meanflow import MeanFlowConfig
-from models.optim import OptimConfig, build_optimizers, param_groups
-from models.train_loop import LevelData, train_generator
-from models.train_state import export_state
+from models.generator.dit import TrajectoryDiT, dit_config
+from models.generator.meanflow import MeanFlowConfig
+from models.generator.optim import OptimConfig, build_optimizers, param_groups
+from models.generator.train_loop import LevelData, train_generator
+from models.generator.train_state import export_state
 from storage.checkpoints import load_train_state, save_train_state
 
 TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
@@ -119,7 +119,7 @@ def test_import_restores_pythons_global_rng():
     """What the end-of-run comparison above leaves to this test: import_state sets Python's RNG back."""
     import random
 
-    from models.train_state import import_state
+    from models.generator.train_state import import_state
 
     state = train_generator(tiny_model(), tiny_data(), 1, MeanFlowConfig(), OptimConfig(steps=1, batch_size=4), "cpu")
     tensors, meta = export_state(state)
@@ -133,7 +133,7 @@ def test_compile_settings_reach_inductor_only_inside_the_loop_and_only_with_comp
     steps (and so their compiles) run; the process-wide settings are left as they were."""
     import torch._inductor.config as inductor
 
-    from models.train_loop import compile_settings
+    from models.generator.train_loop import compile_settings
     from storage.config import load_config
     from tasks.plan import generator_optim
 
@@ -165,7 +165,7 @@ def test_edm_ema_follows_the_reference_half_life_with_ramp_up():
     """utils/ema_util.py of the reference written out: half-life min(500 kimg, 0.05 x images seen),
     decay 0.5 ** (batch / half-life); so the first update copies the weights and a short run's EMA
     holds recent weights, not the random init."""
-    from models.train_state import EMA
+    from models.generator.train_state import EMA
 
     batch, halflife_kimg = 32, 500.0
     model = torch.nn.Linear(3, 2)

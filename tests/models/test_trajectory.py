@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.trajectory import (
+from models.generator.trajectory import (
     Edit,
     apply_edit,
     level_noises,
@@ -14,7 +14,7 @@ from models.trajectory import (
     sample_trajectory,
     snap_to_regions,
 )
-from models.metrics import regions_from_canvas
+from models.evaluation.metrics import regions_from_canvas
 
 LEVELS, T, C, CLASSES = 4, 16, 8, 5
 

@@ -10,7 +10,7 @@ def test_yaml_and_overrides(tmp_path):
     cfg = load_config(path, ["generator.steps=5", "hierarchy.cuts=[0.6, 0.2]", "encoder.weights=null"])
     assert cfg.source.num_images == 10 and cfg.generator.steps == 5
     assert cfg.hierarchy.cuts == [0.6, 0.2] and cfg.encoder.weights is None
-    assert cfg.hierarchy.num_levels == 4
+    assert cfg.hierarchy.generator_levels == 4
 
 
 @pytest.mark.parametrize("bad", [["hierarchy.cuts=[0.3, 0.6]"], ["source.image_size=100"],
@@ -56,9 +56,8 @@ def test_encoder_change_moves_everything_but_images():
 def test_a_new_cut_moves_every_generator_key_and_a_stored_model_of_another_shape_never_loads():
     """The level count sizes the level embedding: with a third cut every generator (per level, shared,
     flat) gets a new key, so old checkpoints are never reused; loading one by hand fails naming it."""
-    import torch
 
-    from models.dit import TrajectoryDiT, dit_config
+    from models.generator.dit import TrajectoryDiT, dit_config
 
     base = stage_keys(load_config(None, []))
     more = stage_keys(load_config(None, ["hierarchy.cuts=[0.65, 0.35, 0.15]"]))

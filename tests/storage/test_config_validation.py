@@ -125,7 +125,7 @@ def test_a_complete_store_under_the_wrong_key_is_not_reused(tmp_path):
 
 
 def test_the_region_cut_default_is_the_metrics_one():
-    from models.metrics import REGION_THRESHOLD
+    from models.evaluation.metrics import REGION_THRESHOLD
     from storage.config import EvaluateConfig
 
     assert EvaluateConfig().region_threshold == REGION_THRESHOLD

@@ -1,6 +1,5 @@
 import math
 
-import numpy as np
 
 from storage.tables import compare_runs, load_metrics, load_rejects, metric_row, write_metrics, write_rejects
 

@@ -1,9 +1,8 @@
 """The evaluation's real side: image statistics computed once per extractor and real set, then read back."""
 import numpy as np
-import pytest
 import torch
 
-from models.metrics import feature_stats
+from models.evaluation.metrics import feature_stats
 from storage import zarr_store
 from storage.zarr_store import ArraySpec
 from tasks.evaluate_reference import image_reference, level_reference

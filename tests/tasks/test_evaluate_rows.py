@@ -1,7 +1,7 @@
 """The row writer iterates the metric registry: skips come from the entries, values become rows."""
 import numpy as np
 
-from models.metric_registry import FLAT_REASON, EvalSetting, MetricValues, registered
+from models.evaluation.registry import FLAT_REASON, EvalSetting, MetricValues, registered
 from tasks.evaluate_rows import registry_rows
 
 LABELS = {"dinov2": {"feature_extractor": "dinov2"}, "inception": {"feature_extractor": "inception"},

@@ -64,7 +64,7 @@ def test_judge_needs_scenes(tmp_path):
 
 
 def test_other_sources_get_every_judge_row_as_skipped_with_the_reason(tmp_path):
-    from models.metric_registry import EvalSetting
+    from models.evaluation.registry import EvalSetting
     from tasks.evaluate_judge import judge_labels
     from tasks.evaluate_rows import registry_rows
     from tasks.judge import NOT_SCENES

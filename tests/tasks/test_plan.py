@@ -7,9 +7,9 @@ import math
 import pytest
 
 from models.decoder import DecoderConfig
-from models.hierarchy import HierarchySpec
-from models.meanflow import MeanFlowConfig
-from models.optim import OptimConfig
+from models.hierarchy.reference import HierarchySpec
+from models.generator.meanflow import MeanFlowConfig
+from models.generator.optim import OptimConfig
 from storage.config import HierarchyConfig, TFConfig, load_config
 from tasks.plan import (decoder_config, decoder_optim, generator_config, generator_optim, hierarchy_spec,
                         objective_config, project)

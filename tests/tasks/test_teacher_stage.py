@@ -129,7 +129,7 @@ def assert_nested(ids: np.ndarray) -> None:
 
 def test_ground_truth_teacher_end_to_end_beside_the_clustered_one(tmp_path):
     """`tf hierarchy --config configs/tiny.yaml --set hierarchy.source=ground_truth`, through the stage task."""
-    from models.hierarchy import ground_truth_hierarchies
+    from models.hierarchy.reference import ground_truth_hierarchies
     from tasks.encode import encode_latents
     from tasks.hierarchy import build_teacher
     from tasks.ingest import ingest_images

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.train_loop import train_generator
+from models.generator.train_loop import train_generator
 from storage.checkpoints import is_complete, load_checkpoint
 from tasks.train_ddp import synthetic_job
 

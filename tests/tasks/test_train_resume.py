@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from models.train_loop import train_generator
+from models.generator.train_loop import train_generator
 from storage.checkpoints import is_complete, load_checkpoint
 from storage.files import read_json
 from tasks.train_ddp import synthetic_job
@@ -24,7 +24,7 @@ CHILD = f"""
 import sys, time, torch
 torch.set_num_threads(1)
 from pathlib import Path
-from models.train_loop import train_generator
+from models.generator.train_loop import train_generator
 from storage.checkpoints import load_train_state
 from tasks.generator_job import finish_generator, snapshotter
 from tasks.train_ddp import synthetic_job

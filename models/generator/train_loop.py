@@ -1,0 +1,185 @@
+"""Training loops for one level's generator and for the decoder, resumable bit-for-bit.
+
+AdamW or Muon + AdamW (models/generator/optim.py), linear warmup, gradient clipping, EMA copies at several
+decays, optional torch.compile, bf16 autocast on CUDA. Pure torch: data arrives as tensors,
+progress leaves through `on_step`, and every `checkpoint_every` steps `on_checkpoint(state)`
+gets the whole TrainState (export it with models.generator.train_state.export_state); nothing is written
+here. `resume=(tensors, meta)` continues an exported state exactly where it stopped.
+
+Data parallel: with `world` > 1 every rank draws the same global batch indices and the same
+global noise (identical generators) and keeps its own rows; the wrapper given by `wrap` (DDP)
+averages the gradients, so N ranks follow the same trajectory as one process up to float sums.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from models.decoder import decoder_loss
+from models.generator.meanflow import MeanFlowConfig, draw, meanflow_loss, time_derivative
+from models.generator.optim import OptimConfig, build_optimizers
+from models.generator.train_state import EMA, TrainState, import_state
+
+__all__ = ["OptimConfig", "LevelData", "EMA", "TrainState", "new_state", "train_generator", "train_decoder"]
+
+Exported = tuple[dict[str, Tensor], dict]
+
+
+@dataclass
+class LevelData:
+    target: Tensor            # [N, T, C] level-l canvas (normalised latents)
+    cond: Tensor              # [N, T, C] level-(l-1) canvas, zeros at level 0
+    label: Tensor             # [N] int64
+    regions: Tensor | None    # [N, T] int64 level-l region ids (levels below the last), else None
+
+
+DEVICE_RESIDENT_BYTES = 8 * 2**30
+
+
+def resident(data: LevelData, device: str) -> LevelData:
+    """The level's data moved to the GPU once when it fits (under DEVICE_RESIDENT_BYTES): gathering a
+    batch on the host and copying it every step (100 MB a step at 256 x 256 tokens x 384 channels)
+    otherwise bounds the step rate, far below what the GPU computes."""
+    if torch.device(device).type != "cuda":
+        return data
+    parts = [data.target, data.cond, data.label] + ([data.regions] if data.regions is not None else [])
+    if sum(p.numel() * p.element_size() for p in parts) > DEVICE_RESIDENT_BYTES:
+        return data
+    return LevelData(*(p.to(device) if p is not None else None
+                       for p in (data.target, data.cond, data.label, data.regions)))
+
+
+def new_state(model: nn.Module, cfg: OptimConfig, device: str, resume: Exported | None = None) -> TrainState:
+    """Fresh optimisers, EMAs and generators for `model`; then the exported state on top, if given."""
+    model = model.to(device).train()
+    optimizers, schedules = build_optimizers(model, cfg)
+    emas = [EMA(model, decay) for decay in sorted(set(cfg.ema_decays))] + \
+        [EMA(model, halflife_kimg=h, rampup=cfg.ema_rampup) for h in sorted(set(cfg.ema_halflives_kimg))]
+    generators = {"sampler": torch.Generator().manual_seed(cfg.seed),
+                  "noise": torch.Generator(device=device).manual_seed(cfg.seed)}
+    state = TrainState(model, optimizers, schedules, emas, generators)
+    return import_state(state, *resume) if resume is not None else state
+
+
+def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor, dict]],
+         on_step: Callable[[int, dict], None] | None, on_checkpoint: Callable[[TrainState], None] | None) -> TrainState:
+    while state.step < cfg.steps:
+        loss, stats = loss_fn()
+        for optimizer in state.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+        for optimizer, schedule in zip(state.optimizers, state.schedules):
+            optimizer.step()
+            schedule.step()
+        for ema in state.emas:
+            ema.update(state.model, state.step, cfg.batch_size)
+        stats = _read_back(stats)
+        for name, value in stats.items():
+            state.history.setdefault(name, []).append(float(value))
+        state.step += 1
+        if on_step is not None:
+            on_step(state.step - 1, stats)
+        if on_checkpoint is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
+                and state.step < cfg.steps:
+            on_checkpoint(state)
+    return state
+
+
+def compile_settings(cfg: OptimConfig, device: str):
+    """Inductor settings for the steps compiled inside this context (compiles happen at the first
+    step). With compile on CUDA: multi-kernel reductions (each row reduction is generated both
+    persistent and looped, and the faster is kept at its first launch: inductor otherwise loops over
+    the layer-norm tangents' 768-wide rows; +1.8 % img/s on an H200), and so no FX graph cache: with
+    torch 2.11 / triton 3.6 a multi-kernel module loaded from that cache fails in a second process
+    (TypeError in triton's JITFunction.cache_key; reproduced on the H200). With compile_tuning also
+    coordinate-descent tuning of every generated kernel's launch parameters."""
+    import torch._inductor.config as inductor
+
+    settings = {"coordinate_descent_tuning": cfg.compile and cfg.compile_tuning}
+    if cfg.compile and torch.device(device).type == "cuda":
+        settings.update({"triton.multi_kernel": 1, "fx_graph_cache": False})
+    return inductor.patch(settings)
+
+
+def _read_back(stats: dict[str, Tensor]) -> dict[str, float]:
+    """The step's stats as floats, in one device-to-host copy at the end of the step: a read-back in
+    the middle (a float() before backward) would stall the GPU while the host catches up."""
+    names = list(stats)
+    values = torch.stack([stats[name].detach().float().reshape(()) for name in names]).tolist()
+    return dict(zip(names, values))
+
+
+def _batch_index(state: TrainState, n: int, cfg: OptimConfig, rank: int, world: int) -> tuple[Tensor, slice]:
+    size = min(cfg.batch_size, n)
+    if size % world:
+        raise ValueError(f"global batch {size} is not divisible by {world} ranks")
+    index = torch.randint(n, (size,), generator=state.generators["sampler"])
+    share = size // world
+    return index, slice(rank * share, (rank + 1) * share)
+
+
+def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: int | list[int],
+                    objective: MeanFlowConfig, cfg: OptimConfig, device: str,
+                    on_step: Callable[[int, dict], None] | None = None, *,
+                    resume: Exported | None = None, on_checkpoint: Callable[[TrainState], None] | None = None,
+                    rank: int = 0, world: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
+    """Trains `model` for level `level` up to cfg.steps; returns the final TrainState (EMAs: state.ema(decay
+    or name)). Given lists of levels and their data, one model learns them all (generator.sharing:
+    shared): each step draws one level uniformly and a batch from that level alone (the reference's
+    sample_single_level_per_batch); stats then carry `level`."""
+    datasets, levels_of = (data, level) if isinstance(data, list) else ([data], [level])
+    if len(datasets) != len(levels_of):
+        raise ValueError(f"{len(datasets)} level data sets for levels {levels_of}")
+    datasets = [resident(d, device) for d in datasets]
+    state = new_state(model, cfg, device, resume)
+    net = wrap(state.model) if wrap is not None else state.model
+    tangent_fn, step_loss = time_derivative, meanflow_loss
+    if cfg.compile and wrap is None:   # forward, tangent pass and loss: one graph, no launch gaps between them
+        step_loss = torch.compile(meanflow_loss)
+    elif cfg.compile:   # DDP's hooks need its own module call: the forward and the JVP compile separately
+        net, tangent_fn = torch.compile(net), torch.compile(time_derivative)
+    on_cuda = torch.device(device).type == "cuda"   # "cuda:3" on a DDP rank too
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
+
+    def loss_fn() -> tuple[Tensor, dict]:
+        which = 0 if len(datasets) == 1 else int(torch.randint(len(datasets), (1,),
+                                                                generator=state.generators["sampler"]))
+        chosen, chosen_level = datasets[which], levels_of[which]
+        shape = tuple(chosen.target.shape[1:])
+        index, rows = _batch_index(state, len(chosen.target), cfg, rank, world)
+        index = index.to(chosen.target.device)
+        draws = draw((len(index), *shape), objective, state.generators["noise"], device, torch.float32).rows(
+            rows.start, rows.stop)
+        mine = index[rows]
+        x, cond, label = (t[mine].to(device) for t in (chosen.target, chosen.cond, chosen.label))
+        regions = chosen.regions[mine].to(device) if chosen.regions is not None else None
+        levels = torch.full((len(mine),), chosen_level, dtype=torch.long, device=device)
+        with amp:
+            # jvp_model: the tangent pass bypasses DDP's one-forward-per-backward hooks
+            loss, stats = step_loss(net, x, cond, label, levels, regions, objective, draws=draws,
+                                    jvp_model=state.model, tangent_fn=tangent_fn)
+        if len(datasets) > 1:
+            # on the loss's device: _read_back stacks every stat into one tensor (a CPU scalar among CUDA ones fails)
+            stats["level"] = torch.full((), float(chosen_level), device=loss.device)
+        return loss, stats
+
+    with compile_settings(cfg, device):
+        return _fit(state, cfg, loss_fn, on_step, on_checkpoint)
+
+
+def train_decoder(decoder: nn.Module, tokens: Tensor, images: Tensor, cfg: OptimConfig, device: str,
+                  on_step: Callable[[int, dict], None] | None = None, *, resume: Exported | None = None,
+                  on_checkpoint: Callable[[TrainState], None] | None = None) -> TrainState:
+    """tokens [N, T, C] normalised latents, images [N, 3, H, W] in [0, 1]. Returns the final TrainState."""
+    state = new_state(decoder, cfg, device, resume)
+    net = torch.compile(state.model) if cfg.compile else state.model
+
+    def loss_fn() -> tuple[Tensor, dict]:
+        index, _ = _batch_index(state, len(tokens), cfg, 0, 1)
+        return decoder_loss(net(tokens[index].to(device)), images[index].to(device))
+
+    return _fit(state, cfg, loss_fn, on_step, on_checkpoint)
