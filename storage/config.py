@@ -69,6 +69,8 @@ class EncoderConfig(_Part):
     gpus: int = Field(0, ge=0, description="read_from files without ingest.dask_address: local GPUs encoding "
                                            "disjoint chunks, one pass each (0 = every visible GPU)")
     readers: int = Field(8, ge=1, description="read_from files: threads reading (and on CPU decoding) files")
+    read_timeout_s: float = Field(300.0, gt=0, description="read_from files: a batch's files not read this long "
+                                  "after they are needed (a hung network file system) become reject rows")
 
 
 class HierarchyConfig(_Part):

@@ -91,7 +91,7 @@ def stage_keys(cfg: TFConfig) -> StageKeys:
     listing = stable_hash({"source": cfg.source.model_dump(), "v": v["images"]})
     images = stable_hash({"source": cfg.source.model_dump(), "v": v["images"], "pixels": {
         "read_from": "files", "sample_pixels": cfg.ingest.sample_pixels}}) if direct else listing
-    encoder = cfg.encoder.model_dump(exclude={"batch_size", "read_from", "gpus", "readers"})
+    encoder = cfg.encoder.model_dump(exclude={"batch_size", "read_from", "gpus", "readers", "read_timeout_s"})
     if direct:
         encoder["read_from"] = "files"
     latents = stable_hash({"encoder": encoder, "up": listing, "v": v["latents"]})

@@ -147,5 +147,6 @@ def encode_files_chunk(encoder: dict, source: dict, device: str, store: str, chu
                                 [(chunk, start, stop)], Preprocess(src.image_size, resize_short_side(src),
                                                                    src.interpolation),
                                 device, batch_size=cfg.batch_size, dtype=cfg.dtype, weights_label=expect_weights,
-                                base=start, readers=cfg.readers, worker=_worker_address())
+                                base=start, readers=cfg.readers, read_timeout=cfg.read_timeout_s,
+                                worker=_worker_address())
     return info

@@ -157,7 +157,8 @@ def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_labe
         runs = [pool.submit(encode_file_chunks, models[device], files, labels, layout.latents(),
                             [(c, *bounds[c]) for c in pending[i::len(devices)]], preprocess, device,
                             batch_size=cfg.encoder.batch_size, dtype=cfg.encoder.dtype, weights_label=weights_label,
-                            readers=cfg.encoder.readers, on_chunk=advance)
+                            readers=cfg.encoder.readers, read_timeout=cfg.encoder.read_timeout_s,
+                            on_chunk=advance)
                 for i, device in enumerate(devices)]
         for run in runs:
             run.result()

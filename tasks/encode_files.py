@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +49,25 @@ class Prepared:
     ready: torch.cuda.Event | None = None
 
 
-def read_parts(files: SampleFiles, start: int, stop: int, pool: cf.Executor, parts: int) -> list[cf.Future]:
-    """Futures of files.read over `parts` slices of start..stop, so reader threads share a batch."""
-    step = max(1, -(-(stop - start) // parts))
-    return [pool.submit(files.read, s, min(s + step, stop)) for s in range(start, stop, step)]
+def read_parts(files: SampleFiles, start: int, stop: int, pool: cf.Executor, parts: int) -> list[tuple[cf.Future, int]]:
+    """(future of files.read, file count) over slices of start..stop, so reader threads share a batch: one
+    file each in a folder (a hung file costs only itself), `parts` slices of a tar (one forward pass each)."""
+    step = max(1, -(-(stop - start) // parts)) if files.archive else 1
+    return [(pool.submit(files.read, s, min(s + step, stop)), min(s + step, stop) - s) for s in range(start, stop, step)]
+
+
+def collect(parts: list[tuple[cf.Future, int]], timeout: float | None) -> list[bytes | Exception]:
+    """The bytes (or read errors) of read_parts' slices, in order. A slice still unread `timeout` seconds
+    after collecting began (a hung network file system) becomes one error per file: reject rows, and the
+    run goes on. Its thread cannot be interrupted and stays behind, holding one reader."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out: list[bytes | Exception] = []
+    for future, count in parts:
+        try:
+            out += future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except cf.TimeoutError:
+            out += [TimeoutError(f"not read within encoder.read_timeout_s = {timeout:g} s")] * count
+    return out
 
 
 def prepare_batch(datas: list, files: SampleFiles, first_slot: int, preprocess: Preprocess, device: torch.device,
@@ -67,13 +83,16 @@ def prepare_batch(datas: list, files: SampleFiles, first_slot: int, preprocess: 
 
 
 def decode_pixels(files: SampleFiles, start: int, stop: int, preprocess: Preprocess, readers: int = 4,
-                  stage: str = "ingest") -> tuple[np.ndarray, np.ndarray, list[dict]]:
+                  stage: str = "ingest", read_timeout: float | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(uint8 [n, S, S, 3], valid, reject rows) of slots start..stop on the CPU: the pixels the encoder
     sees from these files, for the image store's sample subset (dashboards, the decoder)."""
     pixels = np.zeros((stop - start, preprocess.size, preprocess.size, 3), np.uint8)
-    with cf.ThreadPoolExecutor(readers) as pool:
-        datas = [d for part in read_parts(files, start, stop, pool, readers) for d in part.result()]
+    pool = cf.ThreadPoolExecutor(readers)
+    try:
+        datas = collect(read_parts(files, start, stop, pool, readers), read_timeout)
         batch = prepare_batch(datas, files, start, preprocess, torch.device("cpu"), pool, stage)
+    finally:   # not waiting: a reader hung past the timeout would hold this call forever
+        pool.shutdown(wait=False, cancel_futures=True)
     if batch.images01 is not None:
         pixels[batch.ok] = to_uint8(batch.images01)
     return pixels, batch.ok, batch.rejects
@@ -100,7 +119,7 @@ class _Chunk:
 def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str | Path,
                        chunks: list[tuple[int, int, int]], preprocess: Preprocess, device: str | torch.device, *,
                        batch_size: int, dtype: str, weights_label: str, base: int = 0, readers: int = 8,
-                       writers: int = 2, worker: str | None = None,
+                       writers: int = 2, worker: str | None = None, read_timeout: float | None = None,
                        on_chunk: Callable[[int], None] | None = None) -> list[dict]:
     """Encode the samples of `chunks` ((chunk, start, stop), disjoint) into the latent store's template.
 
@@ -114,7 +133,7 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
     reader_pool, preparer, writer_pool = (cf.ThreadPoolExecutor(readers), cf.ThreadPoolExecutor(1),
                                           cf.ThreadPoolExecutor(writers))
     side_stream = torch.cuda.Stream(device) if cuda else None
-    reading: dict[int, list[cf.Future]] = {}
+    reading: dict[int, list[tuple[cf.Future, int]]] = {}
 
     def read(i: int) -> None:
         if i < len(batches) and i not in reading:
@@ -123,7 +142,7 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
 
     def prepare(i: int) -> Prepared:
         _, b0, _ = batches[i]
-        datas = [d for part in reading.pop(i) for d in part.result()]
+        datas = collect(reading.pop(i), read_timeout)
         with torch.cuda.stream(side_stream) if cuda else contextlib.nullcontext():
             prepared = prepare_batch(datas, files, b0 - base, preprocess, device, reader_pool, "encode")
             if cuda:
@@ -176,8 +195,9 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
                 current = None
         return infos + [f.result() for f in in_flight]
     finally:
-        for pool in (preparer, reader_pool, writer_pool):
+        for pool in (preparer, writer_pool):
             pool.shutdown(wait=True, cancel_futures=True)
+        reader_pool.shutdown(wait=False, cancel_futures=True)   # a reader hung past the timeout stays behind
 
 
 def real_pixels(source, images_store: str | Path) -> Callable[[np.ndarray], np.ndarray]:

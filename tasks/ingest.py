@@ -110,7 +110,7 @@ def write_listing_chunks(cfg: TFConfig, path, listing: SourceListing, pending: l
         rejects: list[dict] = []
         if start < pixels:
             values["image"], decoded, rejects = decode_pixels(files, start, min(stop, pixels), preprocess,
-                                                              cfg.encoder.readers)
+                                                              cfg.encoder.readers, read_timeout=cfg.encoder.read_timeout_s)
             values["valid"][:len(decoded)] = decoded
         write_rejects(path, chunk, rejects)   # before the marker: a done chunk has its rejects
         accepted = int(values["valid"].sum())

@@ -180,3 +180,44 @@ def test_real_pixels_decode_what_the_image_store_does_not_hold(tree, tmp_path):
     assert valid.max() >= 6 and full.shape == (len(valid), SIZE, SIZE, 3)
     assert np.array_equal(sampled, full)
     assert full[valid >= 6].std() > 10   # real pixels, not zeros
+
+
+def test_a_file_that_never_finishes_reading_becomes_a_reject_and_the_run_goes_on(tree, tmp_path, monkeypatch):
+    """A read that hangs (a network file system gone quiet; here one file's open blocks until released)
+    costs only that file: after encoder.read_timeout_s it is a reject row, every other file is encoded."""
+    import threading
+    import time
+
+    import storage.imagenet as imagenet
+    from storage.imagenet import resize_short_side, sample_files
+    from storage.latent_store import latent_store_arrays
+    from tasks.encode_files import Preprocess, encode_file_chunks
+    from tasks.encoder_load import load_encoder
+
+    cfg = _cfg(tree)
+    paths = sorted(str(p.relative_to(tree)) for p in tree.rglob("*.JPEG") if str(p.relative_to(tree)) not in ODD)
+    hung, release = paths[3], threading.Event()
+    real_open = imagenet.open_regular
+
+    def open_regular(path):
+        if str(path).endswith(hung):
+            release.wait(60)
+        return real_open(path)
+
+    monkeypatch.setattr(imagenet, "open_regular", open_regular)
+    model, label = load_encoder(cfg.encoder.model, SIZE, None, True)
+    store = tmp_path / "latents"
+    zarr_store.create_store(store, latent_store_arrays(len(paths), 1, model.patch_embed.grid_size[0],
+                                                       model.embed_dim, "float32"), len(paths), {})
+    started = time.monotonic()
+    try:
+        encode_file_chunks(model, sample_files(cfg.source, paths), np.zeros(len(paths), np.int64), store,
+                           [(0, 0, len(paths))], Preprocess(SIZE, resize_short_side(cfg.source)), "cpu",
+                           batch_size=4, dtype="float32", weights_label=label, readers=4, read_timeout=1.0)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 30
+    valid = zarr_store.open_array(store, "valid")[:]
+    assert not valid[3] and valid[np.arange(len(paths)) != 3].all()
+    (row,) = load_rejects(store).itertuples()
+    assert row.path.endswith(hung) and "read_timeout_s" in row.reason
