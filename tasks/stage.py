@@ -20,7 +20,6 @@ def stage_result(stage: str, key: str, path: Path, computed: bool, started: floa
 class Output:
     """How a stage's output says it is done: a Zarr store (its attrs record stage and key, checked on
     reuse) or a folder of checkpoints. Both finish with a `_COMPLETE` marker written last."""
-    name: str
     is_complete: Callable[[Path], bool]
     mark_complete: Callable[[Path, dict], None]
     check_reuse: Callable[[Path, str, str], None] | None = None   # (path, stage attr, key): raise if stale
@@ -32,13 +31,13 @@ def _zarr_output() -> Output:
     def check(path: Path, stage: str, key: str) -> None:
         zarr_store.check_compatible(path, {"stage": stage, "key": key})
 
-    return Output("store", zarr_store.is_complete, zarr_store.mark_complete, check)
+    return Output(zarr_store.is_complete, zarr_store.mark_complete, check)
 
 
 def _folder_output() -> Output:
     from storage import checkpoints
 
-    return Output("folder", checkpoints.is_complete, checkpoints.mark_complete)
+    return Output(checkpoints.is_complete, checkpoints.mark_complete)
 
 
 @dataclass(frozen=True)
