@@ -462,6 +462,10 @@ def parse(argv=None):
     p.add_argument("--curves-figure", default=str(ROOT / "docs" / "trajectory_proof_curves.png"))
     p.add_argument("--redraw", default=None, help="a trajectory_proof.json: draw its figures and stop")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel", action="store_true",
+                   help="after the shared phases, train and score every arm in its own process at once on the one "
+                        "device (equal wall time, sharing the GPU), then report them together")
+    p.add_argument("--no-report", action="store_true", help="stop after the arms' phases (a --parallel child)")
     args = p.parse_args(argv)
     args.levels = 4
     return args
@@ -577,6 +581,8 @@ def main(argv=None) -> None:
                         v_tangent=args.v_tangent), OptimConfig(steps=5, batch_size=args.batch_size, warmup_steps=1,
                                                                ema_decays=[], ema_halflives_kimg=[EMA_KIMG]), str(device))
 
+    if args.parallel and not all((work / f"eval-{a}.pt").exists() for a in arms):
+        run_parallel(argv if argv is not None else sys.argv[1:], arms, args.workers)
     fractions = sorted(set(args.curve) | {1.0})
     results = {}
     for name in arms:
@@ -628,7 +634,37 @@ def main(argv=None) -> None:
 
         results[name] = phase(f"eval-{name}", 30 * len(fractions) + 30, evaluate)
 
+    if args.no_report:
+        return
     report(args, data, dec, jd, results, arms, time.perf_counter() - wall)
+
+
+def run_parallel(argv: list[str], arms: list[str], workers: int) -> None:
+    """One child process per arm, started together once the shared phases are on disk: each trains and
+    scores its arm into --work (the same phase files a sequential run writes), so the arms get the same
+    wall-clock budget on one shared device. A failed child stops the run."""
+    import subprocess
+
+    drop = {"--parallel"}
+    base, skip = [], False
+    for i, token in enumerate(argv):   # remove --parallel and any --arms / --workers value
+        if skip:
+            skip = False
+            continue
+        if token in drop:
+            continue
+        if token in ("--arms", "--workers"):
+            skip = True
+            continue
+        if token.startswith(("--arms=", "--workers=")):
+            continue
+        base.append(token)
+    per_child = str(max(1, workers // len(arms)))
+    children = {name: subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--arms", name,
+                                        "--workers", per_child, "--no-report"]) for name in arms}
+    failed = [name for name, child in children.items() if child.wait() != 0]
+    if failed:
+        raise SystemExit(f"arm processes failed: {', '.join(failed)}")
 
 
 def report(args, data, dec, jd, results, arms, wall_s) -> None:
@@ -640,6 +676,7 @@ def report(args, data, dec, jd, results, arms, wall_s) -> None:
         for key, value in final.items():
             if isinstance(value, (int, float)) and key not in ("fraction", "samples", "seconds"):
                 figures[f"{name}_{key}"] = (value, "FD" if key.startswith("fd") else "score")
+        figures[f"{name}_steps"] = (int(sum(final.get("steps", []))), "steps")
         if "fd_scenes" in final and "fd_scenes" in half:
             change = abs(final["fd_scenes"] - half["fd_scenes"]) / max(final["fd_scenes"], 1e-12)
             figures[f"{name}_fd_scenes_change_half_to_full"] = (round(change, 4), "ratio")
@@ -675,7 +712,7 @@ def report(args, data, dec, jd, results, arms, wall_s) -> None:
                   "lr": args.lr, "v_tangent": args.v_tangent, "cond_noise": args.cond_noise,
                   "region_threshold": args.region_threshold,
                   "ema": f"EDM {EMA_KIMG:g} kimg, ramp-up 0.05",
-                  "budget_s_per_arm": args.budget, "curve_fractions": args.curve, "samples": args.samples,
+                  "budget_s_per_arm": args.budget, "arms_in_parallel_on_one_device": args.parallel, "curve_fractions": args.curve, "samples": args.samples,
                   "curve_samples": args.curve_samples, "device": args.device, "torch": torch.__version__,
                   "timing_s": data["timing"], "decoder_steps": dec["steps"], "judge_seconds": jd["seconds"]},
         "judge_holdout": holdout,
