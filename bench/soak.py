@@ -125,9 +125,9 @@ STAGE_FUNCTIONS: dict = {}
 
 # --- comparison with the reference -------------------------------------------------------------
 def stage_dirs(root: Path, cfg) -> dict[str, list[Path]]:
-    from storage.keys import Layout
+    from tasks import plan
 
-    layout = Layout(root, cfg)
+    layout = plan.layout(root, cfg)
     return {"images": [layout.images()], "latents": [layout.latents()], "teacher": [layout.teacher()],
             "decoder": [layout.decoder()],
             "generators": [layout.generator(l) for l in range(cfg.hierarchy.generator_levels)], "judge": [layout.judge()],

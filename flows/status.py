@@ -6,7 +6,7 @@ from pathlib import Path
 from storage import zarr_store
 from storage.checkpoints import checkpoint_exists, is_complete
 from storage.config import TFConfig
-from storage.keys import Layout
+from tasks import plan
 from storage.tables import load_runs
 from tasks.evaluate import evaluation_dir
 
@@ -32,7 +32,7 @@ def stored_stages(root: Path) -> list[dict]:
 
 def expected_stages(root: Path, cfg: TFConfig) -> list[dict]:
     """For this config: each stage's folder and whether a run would reuse it or compute it."""
-    layout = Layout(root, cfg)
+    layout = plan.layout(root, cfg)
     wanted = [("ingest", layout.images()), ("encode", layout.latents()), ("hierarchy", layout.teacher()),
               ("train-decoder", layout.decoder())]
     if cfg.generator.mode == "flat":

@@ -26,7 +26,9 @@ CODE_VERSIONS = {
     "generator": "2",   # 2: reference-exact objective (plateau times, x-pred v head, summed loss, EDM EMA)
     "evaluate": "5",   # 2: streamed, FD-DINOv2 on the class token; 3: final_hierarchy re-encode rows, mode;
                        # 4: scenes-judge rows (FD-scenes, class accuracy, pixel plan adherence);
-                       # 5: a snapped trajectory's own regions are its pieces (snap_canvases)
+                       # 5: a snapped trajectory's own regions are its pieces (snap_canvases).
+                       # The engine's version: the metrics themselves enter the key as the registry's
+                       # signature (`metrics`, one `name@version` per entry), so adding one needs no bump here.
     "judge": "1",
 }
 
@@ -81,7 +83,9 @@ class StageKeys:
         return out
 
 
-def stage_keys(cfg: TFConfig) -> StageKeys:
+def stage_keys(cfg: TFConfig, metrics: tuple[str, ...] = ()) -> StageKeys:
+    """Every stage's key. `metrics`: the evaluation's metric set (models.evaluation.registry.signature(),
+    handed in by tasks.plan.layout: storage does not import models); it enters the evaluate keys only."""
     v = CODE_VERSIONS
     # The direct path (encoder.read_from files) keeps only a sample of pixels and preprocesses on the
     # device; it enters the keys only when on, so image-store configs (the scenes) keep theirs.
@@ -123,10 +127,12 @@ def stage_keys(cfg: TFConfig) -> StageKeys:
         if cfg.source.kind == "scenes" else ""
     sampled = [shared] if cfg.generator.sharing == "shared" else list(generators)
     evaluate = stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": sampled,
-                            "decoder": decoder, "teacher": teacher, "judge": judge, "v": v["evaluate"]})
+                            "decoder": decoder, "teacher": teacher, "judge": judge, "v": v["evaluate"],
+                            "metrics": sorted(metrics)})
     # The flat baseline's evaluation: the same settings over the flat generator, beside the staged one.
     flat_evaluate = stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": [flat], "mode": "flat",
-                                 "decoder": decoder, "teacher": teacher, "judge": judge, "v": v["evaluate"]})
+                                 "decoder": decoder, "teacher": teacher, "judge": judge, "v": v["evaluate"],
+                                 "metrics": sorted(metrics)})
     return StageKeys(images, latents, teacher, decoder, generators, evaluate, tuple(parts), shared, flat, judge,
                      flat_evaluate)
 
@@ -134,9 +140,13 @@ def stage_keys(cfg: TFConfig) -> StageKeys:
 class Layout:
     """Where every stage writes under one root: `<stage>-<key>/`."""
 
-    def __init__(self, root: str | Path, cfg: TFConfig):
+    def __init__(self, root: str | Path, cfg: TFConfig, metrics: tuple[str, ...] | None = None):
+        """`metrics`: the evaluation's metric set, which its folder's key depends on. A layout built
+        without it (None) serves every other stage and refuses to name an evaluation folder: build it
+        with tasks.plan.layout(root, cfg), which hands in the registry's signature."""
         self.root = Path(root)
-        self.keys = stage_keys(cfg)
+        self.metrics = metrics
+        self.keys = stage_keys(cfg, metrics or ())
         self.sharing = cfg.generator.sharing
         self.mode = cfg.generator.mode
 
@@ -165,11 +175,18 @@ class Layout:
         """Where the generator that samples `level` lives: its own folder, or the shared one."""
         return self.shared_generator() if self.sharing == "shared" else self.generator(level)
 
+    def _needs_metrics(self) -> None:
+        if self.metrics is None:
+            raise ValueError("this Layout was built without the evaluation's metric set, which the evaluation "
+                             "folder's key depends on: build it with tasks.plan.layout(root, cfg)")
+
     def evaluation(self) -> Path:
         """The staged evaluation (every level)."""
+        self._needs_metrics()
         return self.root / f"evaluate-{self.keys.evaluate}"
 
     def flat_evaluation(self) -> Path:
+        self._needs_metrics()
         return self.root / f"evaluate-flat-{self.keys.flat_evaluate}"
 
     def mode_evaluation(self) -> tuple[Path, str]:

@@ -40,7 +40,7 @@ from storage.keys import CODE_VERSIONS, Layout, stable_hash
 from storage.scenes import masks_to_grid
 from storage.tables import write_metrics
 from storage.trajectory_store import new_edit_id, write_edits, write_grid, write_trajectories
-from tasks.plan import decoder_config, eval_plan, generator_config, hierarchy_spec
+from tasks.plan import decoder_config, eval_plan, generator_config, hierarchy_spec, layout as stage_layout
 from tasks.encode_files import real_pixels
 from tasks.encoder_load import load_encoder
 from tasks.evaluate_judge import holdout_values, judge_labels, prepare_judge
@@ -117,7 +117,7 @@ def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, in
 
 @task(name="evaluate", cache_policy=NO_CACHE, **STAGE_RETRIES)
 def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> dict:
-    layout = Layout(root, cfg)
+    layout = stage_layout(root, cfg)
     out, key = layout.mode_evaluation()
     stage = Stage("evaluate", key, out, store_stage="", needs=[(layout.latents(), "encode"),
                                                                (layout.teacher(), "hierarchy")])

@@ -23,7 +23,9 @@ from models.hierarchy.reference import HierarchySpec
 from models.generator.meanflow import MeanFlowConfig
 from models.generator.optim import OptimConfig
 from models.generator.train_state import ema_name
+from models.evaluation.registry import signature as metric_signature
 from storage.config import HierarchyConfig, TFConfig
+from storage.keys import Layout
 
 Spec = TypeVar("Spec")
 
@@ -48,6 +50,12 @@ def project(spec_type: type[Spec], part: Any, **given: Any) -> Spec:
     if given:
         raise TypeError(f"{spec_type.__name__} has no field(s) {sorted(given)}")
     return spec_type(**values)
+
+
+def layout(root, cfg: TFConfig) -> Layout:
+    """Where every stage of this config writes under `root`, the evaluation's key included (it hashes
+    the metric registry's signature: a metric added, removed or revised moves it)."""
+    return Layout(root, cfg, metrics=metric_signature())
 
 
 def hierarchy_spec(h: HierarchyConfig) -> HierarchySpec:

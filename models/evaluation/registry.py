@@ -124,6 +124,7 @@ class Scored:
 class Metric:
     """A registry entry. Subclasses set the class attributes and override what they use."""
     name: str = ""                          # registry key (one entry may write several metric names)
+    version: str = "1"                      # bump when its values change for the same inputs: it enters the evaluate key
     order: int = 100                        # position among the entries (rows, dashboard columns)
     group: str = ""
     extractor: str = "encoder"              # whose labels its rows carry: dinov2 | inception | judge | encoder | none
@@ -192,6 +193,12 @@ def registered() -> list[Metric]:
     """Every entry, in (order, name) order."""
     _load_entries()
     return sorted(_REGISTRY.values(), key=lambda m: (m.order, m.name))
+
+
+def signature() -> tuple[str, ...]:
+    """`name@version` of every entry: what the evaluation's stage key hashes (storage.keys.stage_keys),
+    so adding, removing or revising a metric moves the key and a stale evaluation is never reused."""
+    return tuple(sorted(f"{metric.name}@{metric.version}" for metric in registered()))
 
 
 def folding(batch: Batch, among: frozenset[str] | None = None) -> list[Metric]:

@@ -44,9 +44,19 @@ def test_a_registered_metric_reaches_the_metrics_table_and_the_dashboard(tiny_ro
     from storage.config import load_config
     from storage.tables import load_metrics
 
+    from tasks.plan import layout
+
     root = tmp_path / "root"
-    shutil.copytree(tiny_root, root)   # every stage done: only the evaluation is recomputed
-    pipeline_flow(config=load_config(CONFIG), root=str(root), run_id="toy", force="evaluate")
+    shutil.copytree(tiny_root, root)   # every stage done, the evaluation under the registry without the toy
+    cfg = load_config(CONFIG)
+    unregister(toy_metric.name)
+    without = layout(root, cfg).evaluation()
+    register(toy_metric)
+    # no --force: the new entry moves the evaluation's key, so only the evaluation is recomputed, beside the old one
+    result = pipeline_flow(config=cfg, root=str(root), run_id="toy")
+    computed = [s["stage"] for s in result["stages"] if s["status"] == "computed"]
+    assert computed == ["evaluate"]
+    assert layout(root, cfg).evaluation() != without and without.exists()
 
     table = load_metrics(root, run_id="toy")
     toy = table[table.metric == "toy_brightness"].set_index("variant")

@@ -7,7 +7,7 @@ import pytest
 
 from storage import zarr_store
 from storage.config import load_config
-from storage.keys import Layout
+from tasks import plan
 from storage.tables import compare_runs, load_metrics
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
@@ -31,8 +31,8 @@ def test_flat_pipeline_trains_the_flat_model_and_reuses_the_rest(two_runs):
                       "train-flat": "computed", "judge": "reused", "evaluate": "computed"}
     from tasks.evaluate import evaluation_dir
 
-    layout = Layout(root, flat)
-    flat_dir, staged_dir = evaluation_dir(layout, flat), evaluation_dir(Layout(root, staged), staged)
+    layout = plan.layout(root, flat)
+    flat_dir, staged_dir = evaluation_dir(layout, flat), evaluation_dir(plan.layout(root, staged), staged)
     assert flat_dir.name.startswith("evaluate-flat-") and staged_dir == layout.evaluation()
     assert zarr_store.is_complete(flat_dir) and zarr_store.is_complete(staged_dir)
     trajectories = zarr_store.open_dataset(flat_dir / "trajectories.zarr")

@@ -8,7 +8,7 @@ from PIL import Image
 from storage import zarr_store
 from storage.checkpoints import is_complete
 from storage.config import load_config
-from storage.keys import Layout
+from tasks import plan
 from storage.tables import load_metrics, load_runs
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory, tiny_staged_run, copy_root):
 def test_every_stage_was_computed_and_stores_are_complete(tiny_run):
     cfg, root, first = tiny_run
     assert [s["status"] for s in first["stages"]] == ["computed"] * len(first["stages"])
-    layout = Layout(root, cfg)
+    layout = plan.layout(root, cfg)
     for path in (layout.images(), layout.latents(), layout.teacher(), layout.evaluation()):
         assert zarr_store.is_complete(path), path
     assert is_complete(layout.judge()) and (layout.judge() / "judge.safetensors").exists()
@@ -65,7 +65,7 @@ def test_scenes_judge_rows_name_the_judge_and_cover_every_level(tiny_run):
     frame = load_metrics(root, run_id="first")
     judged = frame[frame.metric.isin(["fd_scenes", "class_accuracy", "judge_plan_ari", "judge_plan_miou"])]
     assert (judged.feature_extractor == "scenes-judge").all()
-    assert (judged.extractor_weights == f"judge-{Layout(root, cfg).keys.judge}").all()
+    assert (judged.extractor_weights == f"judge-{plan.layout(root, cfg).keys.judge}").all()
     assert (judged.status == "ok").all(), judged[judged.status != "ok"][["metric", "variant", "reason"]]
     for variant, n in (("", cfg.evaluate.num_samples), ("real_holdout", round(cfg.judge.holdout * cfg.source.num_images))):
         rows = judged[judged.variant == variant]
@@ -104,7 +104,7 @@ def test_h_sub_change_recomputes_only_what_reads_the_subpart_cut(tiny_run):
     from flows.stages import pipeline_flow
 
     cfg, root, _ = tiny_run
-    before = Layout(root, cfg)
+    before = plan.layout(root, cfg)
     untouched = {name: _mtimes(path) for name, path in (
         ("images", before.images()), ("latents", before.latents()), ("decoder", before.decoder()),
         ("L0", before.generator(0)), ("L1", before.generator(1)))}
@@ -116,7 +116,7 @@ def test_h_sub_change_recomputes_only_what_reads_the_subpart_cut(tiny_run):
     for name, files in untouched.items():   # not only the report: the stores were not rewritten
         assert files == _mtimes({"images": before.images(), "latents": before.latents(), "decoder": before.decoder(),
                                  "L0": before.generator(0), "L1": before.generator(1)}[name]), name
-    after = Layout(root, changed)
+    after = plan.layout(root, changed)
     assert after.teacher() != before.teacher() and before.teacher().exists()   # both hierarchies side by side
     # the real images' FD-DINOv2 statistics were computed by the first run and read back here
     # (and the judge's features of them: the judge is keyed by the images, not the hierarchy)
@@ -142,5 +142,5 @@ def test_status_lists_stores_runs_and_what_is_stale(tiny_run, capsys):
     cfg, root, _ = tiny_run
     assert main(["status", "--root", str(root), "--config", str(CONFIG), "--set", "hierarchy.cuts=[0.65, 0.1]"]) == 0
     out = capsys.readouterr().out
-    assert Layout(root, cfg).images().name in out and "first" in out
+    assert plan.layout(root, cfg).images().name in out and "first" in out
     assert "hierarchy      would compute" in out and "ingest         up to date" in out

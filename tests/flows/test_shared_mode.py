@@ -7,7 +7,7 @@ import pytest
 from storage import zarr_store
 from storage.checkpoints import load_checkpoint
 from storage.config import load_config
-from storage.keys import Layout
+from tasks import plan
 from storage.tables import load_metrics
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
@@ -29,7 +29,7 @@ def test_one_model_is_trained_for_every_level_and_reused(shared_runs):
     computed = {s["stage"]: s["status"] for s in first["stages"]}
     assert computed["train-shared"] == "computed" and not any(s.startswith("train-L") for s in computed)
     assert {s["stage"]: s["status"] for s in again["stages"]}["train-shared"] == "reused"
-    layout = Layout(root, cfg)
+    layout = plan.layout(root, cfg)
     folder = layout.shared_generator()
     assert folder.name == f"generator-shared-{layout.keys.shared_generator}"
     assert not any(layout.generator(level).exists() for level in range(cfg.hierarchy.generator_levels))
@@ -42,7 +42,7 @@ def test_one_model_is_trained_for_every_level_and_reused(shared_runs):
 
 def test_shared_evaluation_scores_every_level(shared_runs):
     root, cfg, *_ = shared_runs
-    layout = Layout(root, cfg)
+    layout = plan.layout(root, cfg)
     assert zarr_store.is_complete(layout.evaluation())
     trajectories = zarr_store.open_dataset(layout.evaluation() / "trajectories.zarr")
     assert trajectories["level"].values.tolist() == list(range(cfg.hierarchy.generator_levels))
@@ -59,6 +59,6 @@ def test_dashboard_loads_the_shared_model_at_every_level(shared_runs):
 
     root, cfg, *_ = shared_runs
     folders = run_folders(root, "shared")
-    assert folders.generators == (Layout(root, cfg).shared_generator(),) * cfg.hierarchy.generator_levels
+    assert folders.generators == (plan.layout(root, cfg).shared_generator(),) * cfg.hierarchy.generator_levels
     models = load_models(folders, "cpu")
     assert len(models.generators) == cfg.hierarchy.generator_levels and len({id(m) for m in models.generators}) == 1

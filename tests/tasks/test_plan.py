@@ -113,3 +113,33 @@ def test_the_two_level_counts_mean_partitions_and_trajectory_states():
     assert (h.partition_levels, h.generator_levels) == (4, 5)
     assert hierarchy_spec(h).partition_levels == h.partition_levels   # the teacher store's levels
     assert generator_config(cfg, grid=4, dim=8, num_classes=3).num_levels == h.generator_levels
+
+
+def test_the_evaluation_key_follows_the_metric_registry_and_no_other_key_does(tmp_path):
+    from models.evaluation.registry import Metric, register, signature, unregister
+    from storage.keys import Layout
+    from tasks.plan import layout
+
+    cfg = load_config(CONFIG)
+    before = layout(tmp_path, cfg)
+    assert before.metrics == signature() and len(signature()) >= 5   # the package's entries, name@version
+
+    class Toy(Metric):
+        name = "toy_key_metric"
+
+    try:
+        register(Toy())
+        added = layout(tmp_path, cfg)
+        Toy.version = "2"
+        revised = layout(tmp_path, cfg)
+    finally:
+        unregister("toy_key_metric")
+    assert layout(tmp_path, cfg).evaluation() == before.evaluation()   # removed again: the key comes back
+    evaluations = {before.evaluation(), added.evaluation(), revised.evaluation()}
+    assert len(evaluations) == 3   # added, then revised: each moves the key
+    assert len({before.flat_evaluation(), added.flat_evaluation()}) == 2
+    moved = {k for k, v in added.keys.as_dict().items() if before.keys.as_dict()[k] != v}
+    assert moved == {"evaluate", "evaluate_flat"}
+    with pytest.raises(ValueError, match="tasks.plan.layout"):   # a layout that cannot know the metric set
+        Layout(tmp_path, cfg).evaluation()
+    assert Layout(tmp_path, cfg).teacher() == before.teacher()
