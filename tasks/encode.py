@@ -18,8 +18,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from models.channel_stats import mean_std
 from models.encoder import ENCODER_OUTPUT, grid_size, resolve_encoder_name, token_dim
@@ -34,7 +32,7 @@ from tasks.dask_chunks import run_chunks
 from tasks.encode_files import Preprocess, encode_file_chunks
 from tasks.encoder_load import load_encoder
 from tasks.progress import Progress
-from tasks.stage import STAGE_RETRIES, Done, Stage, pick_device, run_stage
+from tasks.stage import Done, Stage, pick_device, run_stage, stage_task
 
 GPU_RESOURCES = {"GPU": 1}
 
@@ -54,7 +52,7 @@ def plan_encoder(cfg: TFConfig) -> tuple[str, int, int]:
     return label, grid_size(skeleton), token_dim(skeleton)
 
 
-@task(name="encode", cache_policy=NO_CACHE, **STAGE_RETRIES)
+@stage_task("encode")
 def encode_latents(cfg: TFConfig, root: str, force: bool = False) -> dict:
     layout = Layout(root, cfg)
     stage = Stage("encode", layout.keys.latents, layout.latents(), store_stage="latents",

@@ -16,12 +16,11 @@ as skipped with the reason. Every row carries the mode.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from models.decoder import TokenDecoder, tensor_to_images
 from models.generator.dit import TrajectoryDiT
@@ -29,8 +28,9 @@ from models.generator.edit_suite import plan_edits, run_edit_suite
 from models.evaluation.fidelity import (dinov2_extractor_label, dinov2_feature_fn, fidelity_unavailable_reason,
                              inception_extractor_label, inception_feature_fn)
 from models.evaluation.eval_stats import metric_values_by_entry
-from models.evaluation.registry import EvalSetting, pooled
-from models.evaluation.streaming_eval import Runtime, Scorers, evaluate_streaming
+from models.evaluation.plan import EvalPlan
+from models.evaluation.registry import EvalSetting, MetricValues, pooled
+from models.evaluation.streaming_eval import Runtime, Scorers, StreamingEvalResult, evaluate_streaming
 from models.generator.trajectory import level_noises, own_regions_cut, sample_trajectory
 from models.evaluation.trajectory_metrics import generated_regions, hierarchy_alignment
 from storage import zarr_store
@@ -47,9 +47,9 @@ from tasks.evaluate_judge import holdout_values, judge_labels, prepare_judge
 from tasks.evaluate_reference import image_reference, level_reference
 from tasks.evaluate_report import publish_artifacts
 from tasks.evaluate_rows import registry_rows
-from tasks.level_data import canvases, load_latents, load_regions
+from tasks.level_data import Latents, canvases, load_latents, load_regions
 from tasks.progress import Progress
-from tasks.stage import STAGE_RETRIES, Done, Stage, pick_device, run_stage
+from tasks.stage import Done, Stage, pick_device, run_stage, stage_task
 from tasks.structure_pool import process_structure
 from tasks.judge import NOT_SCENES
 from tasks.generator_job import num_classes
@@ -115,7 +115,7 @@ def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, in
     return reference, reused
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, **STAGE_RETRIES)
+@stage_task("evaluate")
 def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> dict:
     layout = stage_layout(root, cfg)
     out, key = layout.mode_evaluation()
@@ -133,44 +133,100 @@ def _number(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
-    flat = cfg.generator.mode == "flat"
-    out, key = layout.mode_evaluation()
-    ev = cfg.evaluate
-    device = pick_device(cfg.device)
+@dataclass
+class Scoring:
+    """Everything scoring generators of one root needs, loaded once: its latents and teacher, the decoder,
+    the extractors, the real-side statistics and the judge. The evaluate stage scores its generators with
+    it; bench/trajectory_proof.py scores its training snapshots with the same."""
+    cfg: TFConfig
+    device: str
+    latents: Latents
+    teacher: torch.Tensor
+    decoder: TokenDecoder
+    decoder_meta: dict
+    encoder: torch.nn.Module
+    weights_label: str
+    dinov2: dict
+    inception: dict
+    reference: dict
+    reference_reused: dict
+    judge: dict | None
+
+    @property
+    def grid(self) -> int:
+        return self.latents.grid
+
+    @property
+    def dim(self) -> int:
+        return self.latents.tokens.shape[-1]
+
+
+def load_scoring(cfg: TFConfig, root: str, layout: Layout, device: str) -> Scoring:
     latents = load_latents(layout.latents())
     teacher = load_regions(layout.teacher(), latents.index)
-    grid, dim, levels = latents.grid, latents.tokens.shape[-1], cfg.hierarchy.generator_levels
-    patch = cfg.source.image_size // grid
-    generators = [load_flat_generator(cfg, root, grid, dim, device)] if flat else \
-        _load_generators(cfg, layout, grid, dim, device)
+    grid, dim = latents.grid, latents.tokens.shape[-1]
     decoder = TokenDecoder(decoder_config(cfg, grid, dim))
     decoder_tensors, decoder_meta = load_checkpoint(layout.decoder() / "decoder", device)
     decoder.load_state_dict(decoder_tensors)
     decoder = decoder.to(device).eval()
     encoder, weights_label, dinov2, inception = _extractors(cfg, device)
     reference, reference_reused = _reference(cfg, layout, latents, teacher, dinov2, inception, device)
-    judge = prepare_judge(cfg, root, layout, latents.index, grid, device, ev.batch_size)   # None unless scenes
+    judge = prepare_judge(cfg, root, layout, latents.index, grid, device, cfg.evaluate.batch_size)   # None unless scenes
     if judge is not None:
         reference.update(judge["reference"])
         reference_reused["judge"] = judge["reused"]
+    return Scoring(cfg, device, latents, teacher, decoder, decoder_meta, encoder, weights_label, dinov2, inception,
+                   reference, reference_reused, judge)
+
+
+def stream_samples(scoring: Scoring, generators: list[TrajectoryDiT], num_samples: int, plan: EvalPlan,
+                   progress=None) -> StreamingEvalResult:
+    """Sample `num_samples` trajectories of `generators` (seeds from evaluate.seed) and fold every metric."""
+    cfg, ev = scoring.cfg, scoring.cfg.evaluate
+    seeds = ev.seed * 1_000_003 + np.arange(num_samples)
+    judge = scoring.judge
+    scorers = Scorers(scoring.dinov2["fn"], scoring.inception["fn"], None if judge is None else judge["fn"],
+                      scoring.encoder, hierarchy_spec(cfg.hierarchy), (scoring.latents.mean, scoring.latents.std))
+    runtime = Runtime(scoring.device, structure_runner=process_structure(ev.structure_workers), progress=progress)
+    return evaluate_streaming(generators, scoring.decoder, seeds, scoring.latents.label.numpy(), scorers, plan,
+                              runtime, token_shape=(scoring.grid * scoring.grid, scoring.dim))
+
+
+def supplied_values(scoring: Scoring, layout: Layout) -> dict[str, list[MetricValues]]:
+    """Values computed outside the engine, by registry entry: the decoder's held-out quality, the judge
+    on held-out real scenes, and the teacher's alignment with the ground truth."""
+    meta = scoring.decoder_meta
+    supplied = {"decoder": [pooled("decoder", name, _number(meta.get(name)), meta.get("holdout_n", 0))
+                            for name in ("holdout_psnr", "holdout_ssim")]}
+    if scoring.judge is not None:
+        supplied.update(holdout_values(scoring.judge, layout, scoring.cfg.hierarchy.generator_levels))
+    if zarr_store.has_array(layout.images(), "masks"):
+        truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[scoring.latents.index],
+                              scoring.grid)
+        supplied["alignment"] = hierarchy_alignment(scoring.teacher.numpy(),
+                                                    truth.reshape(len(truth), truth.shape[1], -1))
+    return supplied
+
+
+def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
+    flat = cfg.generator.mode == "flat"
+    out, key = layout.mode_evaluation()
+    ev = cfg.evaluate
+    device = pick_device(cfg.device)
+    scoring = load_scoring(cfg, root, layout, device)
+    latents, decoder, judge = scoring.latents, scoring.decoder, scoring.judge
+    grid, dim, levels = latents.grid, latents.tokens.shape[-1], cfg.hierarchy.generator_levels
+    patch = cfg.source.image_size // grid
+    generators = [load_flat_generator(cfg, root, grid, dim, device)] if flat else \
+        _load_generators(cfg, layout, grid, dim, device)
 
     # Sample and score every trajectory in batches; keep whole only the first few (stored, edited, shown).
     seeds = ev.seed * 1_000_003 + np.arange(ev.num_samples)
     keep = min(ev.num_samples, max(ev.keep_trajectories, ev.grid_rows, 2))
-    scorers = Scorers(dinov2["fn"], inception["fn"], None if judge is None else judge["fn"], encoder,
-                      hierarchy_spec(cfg.hierarchy), (latents.mean, latents.std))
-    plan = eval_plan(cfg, keep)
     with Progress(ev.num_samples, "evaluate: sample + metrics", unit="sample") as bar:
-        runtime = Runtime(device, structure_runner=process_structure(ev.structure_workers),
-                          progress=lambda done, total, timing: bar.advance(done - bar.done))
-        result = evaluate_streaming(generators, decoder, seeds, latents.label.numpy(), scorers, plan, runtime,
-                                    token_shape=(grid * grid, dim))
-    # values computed outside the engine, handed to their registry entries
-    supplied = {"decoder": [pooled("decoder", name, _number(decoder_meta.get(name)), decoder_meta.get("holdout_n", 0))
-                            for name in ("holdout_psnr", "holdout_ssim")]}
-    if judge is not None:
-        supplied.update(holdout_values(judge, layout, levels))
+        result = stream_samples(scoring, generators, ev.num_samples, eval_plan(cfg, keep),
+                                progress=lambda done, total, timing: bar.advance(done - bar.done))
+    supplied = supplied_values(scoring, layout)
 
     def decode(tokens: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -189,16 +245,13 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
         specs = plan_edits(keep, regions, levels, ev.edits_per_level, ev.seed)
         supplied["control"], edited = run_edit_suite(generators, noises, kept_labels, base, regions, specs, decode,
                                                      grid, patch, ev.snap_threshold())
-    if zarr_store.has_array(layout.images(), "masks"):
-        truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[latents.index], grid)
-        supplied["alignment"] = hierarchy_alignment(teacher.numpy(), truth.reshape(len(truth), truth.shape[1], -1))
-
-    setting = EvalSetting(levels, cfg.generator.mode, inception["reason"],
+    setting = EvalSetting(levels, cfg.generator.mode, scoring.inception["reason"],
                           None if judge is not None else NOT_SCENES + f" (source.kind is {cfg.source.kind!r})",
                           ev.structure_samples, ev.reencode_samples)
-    labels = {"dinov2": dinov2["row"], "inception": inception["row"], "judge": judge_labels(layout),
-              "encoder": {"feature_extractor": cfg.encoder.model, "extractor_weights": weights_label}}
-    rows = registry_rows(setting, metric_values_by_entry(result, reference, supplied=supplied), labels, ev.bootstrap)
+    labels = {"dinov2": scoring.dinov2["row"], "inception": scoring.inception["row"], "judge": judge_labels(layout),
+              "encoder": {"feature_extractor": cfg.encoder.model, "extractor_weights": scoring.weights_label}}
+    rows = registry_rows(setting, metric_values_by_entry(result, scoring.reference, supplied=supplied), labels,
+                         ev.bootstrap)
     context = {"latents_key": layout.keys.latents, "teacher_key": layout.keys.teacher,
                "model_key": stable_hash([layout.keys.decoder, layout.keys.flat_generator] if flat else
                                         [layout.keys.decoder, *_sampled_keys(layout)]),
@@ -220,9 +273,9 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
     publish_artifacts(run_id, rows, out, table)
     timing = {k: round(float(v), 3) for k, v in result.timing.items()}
     return Done({"run_id": run_id, "metrics_rows": len(rows), "table": str(table), "timing_s": timing,
-                 "counts": result.counts, "reference_reused": reference_reused},
+                 "counts": result.counts, "reference_reused": scoring.reference_reused},
                 {"metrics_table": str(table), "grid_png": str(out / "grid.png"), "rows": len(rows),
-                 "reference_reused": reference_reused})
+                 "reference_reused": scoring.reference_reused})
 
 
 def _write_edits(out, run_id: str, ids: list[str], specs: list[dict], edited: list[list[torch.Tensor]],

@@ -8,8 +8,6 @@ store, so training, evaluation and the dashboard read either unchanged.
 from __future__ import annotations
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from models.encoder import ENCODER_OUTPUT
 from storage import zarr_store
@@ -20,14 +18,14 @@ from tasks.chunk_workers import ground_truth_chunk, hierarchy_chunk
 from tasks.dask_chunks import run_chunks
 from tasks.progress import Progress
 from tasks.plan import hierarchy_spec
-from tasks.stage import STAGE_RETRIES, Done, Stage, run_stage
+from tasks.stage import Done, Stage, run_stage, stage_task
 
 # What the teacher store's attributes say it was built from (DESIGN section 3).
 CLUSTERED_INPUT = "standardised latents (per-channel dataset mean/std)"
 GROUND_TRUTH_INPUT = "ground-truth masks (majority vote per token, nested)"
 
 
-@task(name="hierarchy", cache_policy=NO_CACHE, **STAGE_RETRIES)
+@stage_task("hierarchy")
 def build_teacher(cfg: TFConfig, root: str, force: bool = False) -> dict:
     layout = Layout(root, cfg)
     stage = Stage("hierarchy", layout.keys.teacher, layout.teacher(), store_stage="teacher",

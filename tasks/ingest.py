@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from storage import zarr_store
 from storage.config import SourceConfig, TFConfig, encode_reads_files
@@ -25,7 +23,7 @@ from storage.tables import REJECT_COLUMNS, atomic_write_parquet, load_rejects, n
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import ingest_chunk
 from tasks.dask_chunks import run_chunks
-from tasks.stage import STAGE_RETRIES, Done, Stage, run_stage
+from tasks.stage import Done, Stage, run_stage, stage_task
 
 LISTING_TABLE = "_listing.parquet"   # the listing a store was built from (storage.sources.listing_frame)
 
@@ -44,7 +42,7 @@ def image_store_arrays(num: int, size: int, with_masks: bool, pixels: int | None
     return arrays
 
 
-@task(name="ingest", cache_policy=NO_CACHE, **STAGE_RETRIES)
+@stage_task("ingest")
 def ingest_images(cfg: TFConfig, root: str, force: bool = False) -> dict:
     layout = Layout(root, cfg)
     path = layout.images()

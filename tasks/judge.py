@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from models.evaluation.judge import (JudgeTraining, SceneJudge, SceneJudgeConfig, class_slots, holdout_scores,
                           train_judge)
@@ -24,7 +22,7 @@ from storage.files import read_json
 from storage.keys import Layout
 from storage.scenes import masks_to_grid
 from tasks.progress import Progress
-from tasks.stage import STAGE_RETRIES, Done, Stage, cpu_threads, pick_device, run_stage
+from tasks.stage import Done, Stage, cpu_threads, pick_device, run_stage, stage_task
 
 TOKEN_PATCH = 14   # the sidecar's token-grid scores use DINOv2's patch (the evaluation scores at its own grid)
 NOT_SCENES = "the scenes judge needs source.kind 'scenes' (class labels and ground-truth masks of real scenes)"
@@ -48,7 +46,7 @@ def holdout_split(count: int, share: float) -> int:
     return min(count - 1, max(1, int(round(share * count))))
 
 
-@task(name="train-judge", cache_policy=NO_CACHE, **STAGE_RETRIES)
+@stage_task("train-judge")
 def train_judge_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     return ensure_judge(cfg, root, force)
 

@@ -164,3 +164,18 @@ def retry_transient(task, task_run, state) -> bool:
 # Every stage task: two more attempts for transient errors, 10 s then 60 s apart. Stages are
 # idempotent (markers, atomic writes), so an attempt continues where the last one stopped.
 STAGE_RETRIES = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": retry_transient}
+
+
+def stage_task(name: str, **options):
+    """A stage's Prefect task: STAGE_RETRIES, no result cache (the stage's output folder is its cache).
+    Where Prefect is not installed (a GPU box that runs a bench: bench/trajectory_proof.py), the plain
+    function, with `.fn` as a Prefect task has, so the bench calls the same stage work either way."""
+    try:
+        from prefect import task
+        from prefect.cache_policies import NO_CACHE
+    except ImportError:
+        def plain(fn):
+            fn.fn = fn
+            return fn
+        return plain
+    return task(name=name, cache_policy=NO_CACHE, **STAGE_RETRIES, **options)

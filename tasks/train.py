@@ -11,8 +11,6 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from models.decoder import TokenDecoder, images_to_tensor, tensor_to_images
 from models.generator.dit import TrajectoryDiT
@@ -27,7 +25,7 @@ from tasks.plan import DECODER_EMA_KIMG, decoder_config, decoder_optim, generato
 from tasks.ingest import with_stored_pixels
 from tasks.level_data import load_latents
 from tasks.progress import Progress
-from tasks.stage import STAGE_RETRIES, Done, Stage, cpu_threads, pick_device, run_stage
+from tasks.stage import Done, Stage, cpu_threads, pick_device, run_stage, stage_task
 
 
 def run_with_progress(description: str, total: int, start: int, train):
@@ -38,7 +36,7 @@ def run_with_progress(description: str, total: int, start: int, train):
         return train(lambda step, stats: bar.advance(1, loss=f"{stats['loss']:.4f}"))
 
 
-@task(name="train-decoder", cache_policy=NO_CACHE, **STAGE_RETRIES)
+@stage_task("train-decoder")
 def train_decoder_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     layout = Layout(root, cfg)
     stage = Stage("train-decoder", layout.keys.decoder, layout.decoder(), output="folder",
@@ -107,18 +105,18 @@ def _train_generator(cfg: TFConfig, root: str, which: int | str | None, name: st
     return Done(None, {"final_loss": meta["final_loss"], "resumed_from_step": start})
 
 
-@task(name="train-level", cache_policy=NO_CACHE, **STAGE_RETRIES, task_run_name="train-level-{level}")
+@stage_task("train-level", task_run_name="train-level-{level}")
 def train_level_task(cfg: TFConfig, root: str, level: int, force: bool = False) -> dict:
     return _generator_stage(cfg, root, level, force, f"train-L{level}")
 
 
-@task(name="train-shared", cache_policy=NO_CACHE, **STAGE_RETRIES)
+@stage_task("train-shared")
 def train_shared_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     """One generator for every level (generator.sharing: shared), level-conditioned."""
     return _generator_stage(cfg, root, SHARED, force, "train-shared")
 
 
-@task(name="train-flat", cache_policy=NO_CACHE, **STAGE_RETRIES)
+@stage_task("train-flat")
 def train_flat_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     """The flat baseline: one one-step model to the full latent, same backbone and step budget."""
     return _generator_stage(cfg, root, None, force, "train-flat")
