@@ -13,11 +13,13 @@ from PIL import Image
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.trajectory_proof import BudgetClock, outline, proof_figure, redraw  # noqa: E402
+from bench.proof_figures import outline, proof_figure, redraw  # noqa: E402
+from bench.trajectory_proof import BudgetClock  # noqa: E402
 
 
-def test_imports_without_prefect_dask_or_pydantic():
-    blocked = ("prefect", "dask", "distributed", "pydantic", "pydantic_core")
+def test_imports_without_prefect_or_dask():
+    # the GPU box has no Prefect: the stage tasks fall back to plain functions; dask is imported when a stage runs
+    blocked = ("prefect", "dask", "distributed")
     code = (f"import sys, runpy\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
             "runpy.run_path('bench/trajectory_proof.py', run_name='check')\n"
             f"assert not [m for m in sys.modules if m.split('.')[0] in {blocked!r} and sys.modules[m] is not None]\n")
