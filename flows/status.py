@@ -6,8 +6,8 @@ from pathlib import Path
 from storage import zarr_store
 from storage.checkpoints import checkpoint_exists, is_complete
 from storage.config import TFConfig
-from tasks import plan
 from storage.tables import load_runs
+from tasks import plan
 from tasks.evaluate import evaluation_dir
 
 STAGE_PREFIXES = ("images", "latents", "teacher", "decoder", "generator", "judge", "evaluate")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 
-
 from models.channel_stats import mean_std
 from models.encoder import ENCODER_OUTPUT, grid_size, resolve_encoder_name, token_dim
 from models.encoder import weights_label as planned_weights_label

@@ -179,11 +179,16 @@ def load_scoring(cfg: TFConfig, root: str, layout: Layout, device: str) -> Scori
                    reference, reference_reused, judge)
 
 
+def sample_seeds(cfg: TFConfig, num_samples: int) -> np.ndarray:
+    """One seed per generated sample, from evaluate.seed: sample i is the same in every evaluation."""
+    return cfg.evaluate.seed * 1_000_003 + np.arange(num_samples)
+
+
 def stream_samples(scoring: Scoring, generators: list[TrajectoryDiT], num_samples: int, plan: EvalPlan,
                    progress=None) -> StreamingEvalResult:
     """Sample `num_samples` trajectories of `generators` (seeds from evaluate.seed) and fold every metric."""
     cfg, ev = scoring.cfg, scoring.cfg.evaluate
-    seeds = ev.seed * 1_000_003 + np.arange(num_samples)
+    seeds = sample_seeds(cfg, num_samples)
     judge = scoring.judge
     scorers = Scorers(scoring.dinov2["fn"], scoring.inception["fn"], None if judge is None else judge["fn"],
                       scoring.encoder, hierarchy_spec(cfg.hierarchy), (scoring.latents.mean, scoring.latents.std))
@@ -221,7 +226,7 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
         _load_generators(cfg, layout, grid, dim, device)
 
     # Sample and score every trajectory in batches; keep whole only the first few (stored, edited, shown).
-    seeds = ev.seed * 1_000_003 + np.arange(ev.num_samples)
+    seeds = sample_seeds(cfg, ev.num_samples)
     keep = min(ev.num_samples, max(ev.keep_trajectories, ev.grid_rows, 2))
     with Progress(ev.num_samples, "evaluate: sample + metrics", unit="sample") as bar:
         result = stream_samples(scoring, generators, ev.num_samples, eval_plan(cfg, keep),
