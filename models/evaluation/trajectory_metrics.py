@@ -12,7 +12,7 @@ from models.evaluation.metrics import (adjusted_rand, fd_from_features, matched_
                             regions_from_canvas)
 
 __all__ = ["MetricValues", "generated_regions", "per_level_fd", "structural_consistency", "nesting_values",
-           "plan_adherence_values", "reencode_agreement", "hierarchy_alignment"]
+           "plan_adherence_values", "informative_agreement", "reencode_agreement", "hierarchy_alignment"]
 
 
 def generated_regions(canvases: list[np.ndarray], threshold: float) -> list[np.ndarray]:
@@ -65,13 +65,25 @@ def structural_consistency(canvases: list[np.ndarray], regions: list[np.ndarray]
     return nesting_values(regions) + plan_adherence_values(canvases, regions)
 
 
+def _single_region(ids: np.ndarray) -> bool:
+    return np.unique(ids).size <= 1
+
+
+def informative_agreement(score, a: np.ndarray, b: np.ndarray) -> float:
+    """score(a, b), or NaN when both partitions are one region: they then agree by construction (ARI
+    and mIoU both say 1.0), which over a flat grey canvas would read as a perfect plan. NaN leaves the
+    pair out of the row's mean and its n (tasks.evaluate_rows)."""
+    return float("nan") if _single_region(a) and _single_region(b) else score(a, b)
+
+
 def reencode_agreement(own: list[np.ndarray], reencoded: np.ndarray) -> list[MetricValues]:
     """ARI and Hungarian mIoU between each trajectory's own regions and the hierarchy rebuilt
-    from its decoded-then-re-encoded image. reencoded: [N, levels, T]."""
+    from its decoded-then-re-encoded image (or the judge's partition of it). reencoded: [N, levels, T].
+    A pair where both sides are a single region carries no agreement and is NaN (informative_agreement)."""
     out = []
     for level, ids in enumerate(own):
-        ari = [adjusted_rand(a, b) for a, b in zip(reencoded[:, level], ids)]
-        miou = [matched_miou(a, b) for a, b in zip(reencoded[:, level], ids)]
+        ari = [informative_agreement(adjusted_rand, a, b) for a, b in zip(reencoded[:, level], ids)]
+        miou = [informative_agreement(matched_miou, a, b) for a, b in zip(reencoded[:, level], ids)]
         out.append(MetricValues("structure", "reencode_ari", np.asarray(ari), level))
         out.append(MetricValues("structure", "reencode_miou", np.asarray(miou), level))
     return out

@@ -71,6 +71,7 @@ class ClassAccuracy(_JudgeMetric):
 
 class JudgePlanAgreement(_JudgeMetric):
     name, order, group = "judge_plan", 52, "structure"
+    version = "2"   # 2: a pair of single-region partitions is NaN, not a trivial 1.0
 
     def row_keys(self, setting: EvalSetting) -> list[RowKey]:
         return [key for variant in ("", HOLDOUT)

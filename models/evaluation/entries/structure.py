@@ -75,6 +75,7 @@ class PlanAdherence(_PlanMetric):
 
 class ReencodeAgreement(Metric):
     name, order, group = "reencode", 42, "structure"
+    version = "2"   # 2: a pair of single-region partitions is NaN, not a trivial 1.0
     headline = (("reencode_ari (mean)", "reencode_ari"),)
     plots = (("structural consistency", "reencode_ari"),)
     summary = ("reencode_ari",)
