@@ -105,14 +105,16 @@ def main() -> None:
 
     from models.channel_stats import mean_std
     from models.encoder import build_encoder, grid_size, token_dim
-    from models.hierarchy.reference import HierarchySpec, build_hierarchies
+    from models.hierarchy.reference import build_hierarchies
     from models.hierarchy.batched import build_hierarchies_batched
     from storage import zarr_store
+    from storage.config import HierarchyConfig
     from storage.imagenet import SampleFiles
     from storage.latent_store import latent_store_arrays
     from storage.zarr_store import ArraySpec
     from tasks.chunk_workers import hierarchy_chunk
     from tasks.encode_files import Preprocess, encode_batch, encode_file_chunks
+    from tasks.plan import hierarchy_spec
 
     device = torch.device(args.device)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tf-dataplane-"))
@@ -123,7 +125,7 @@ def main() -> None:
     encoder, weights_label = build_encoder(args.model, args.image_size, None, allow_random_init=True)
     encoder = encoder.to(device).eval()
     grid, dim = grid_size(encoder), token_dim(encoder)
-    spec = HierarchySpec()
+    spec = hierarchy_spec(HierarchyConfig())   # the default config's teacher
     n = len(paths)
     bounds = zarr_store.chunk_bounds(n, args.chunk)
     latents, teacher = workdir / "latents", workdir / "teacher"

@@ -10,8 +10,8 @@ bench writes itself. The real side is a synthetic set (random images, their rand
 tokens, block partitions as teacher regions). eval_50k_s is the engine's wall time plus turning
 the streamed state into metric values; model construction, the warm-up and the real-side
 reference pass are reported separately. Writes <out>/evaluation.json (default bench/results/).
-No prefect / dask / zarr imports: this runs where only torch, timm, numpy, scipy, sklearn and
-torch-fidelity exist.
+No prefect / dask / zarr imports: this runs where only torch, timm, numpy, scipy, sklearn,
+torch-fidelity and pydantic (the config's defaults, through tasks.plan) exist.
 """
 from __future__ import annotations
 
@@ -92,9 +92,10 @@ def profile_parts(generators, decoder, dinov2_fn, inception_path, device, args) 
     import torch_fidelity.feature_extractor_inceptionv3 as inception_module
 
     from models.decoder import tensor_to_images
-    from models.hierarchy.reference import HierarchySpec
     from models.evaluation.structure_stream import structure_chunk
     from models.generator.trajectory import level_noises, one_step_level
+    from storage.config import HierarchyConfig
+    from tasks.plan import hierarchy_spec
 
     cuda = device.type == "cuda"
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
@@ -144,7 +145,7 @@ def profile_parts(generators, decoder, dinov2_fn, inception_path, device, args) 
     out["level_noises_cpu_1thread"] = round((time.perf_counter() - started) * 1000 * 1000 / 200, 1)
     canvases = np.stack([x[:40].float().cpu().numpy()] * 4)
     started = time.process_time()
-    structure_chunk(canvases, None, 0.05, HierarchySpec(), 0)
+    structure_chunk(canvases, None, 0.05, hierarchy_spec(HierarchyConfig()), 0)
     out["structure_cpu_1proc"] = round((time.process_time() - started) * 1000 * 1000 / 40, 1)
     print("profile, ms per 1000 samples:", out, flush=True)
     return out
@@ -175,8 +176,10 @@ def main() -> None:
     from models.generator.dit import TrajectoryDiT, dit_config
     from models.encoder import build_encoder, encode_images
     from models.evaluation.fidelity import dinov2_feature_fn, inception_feature_fn
-    from models.hierarchy.reference import HierarchySpec, region_canvas
-    from models.evaluation.streaming_eval import PHASES, EvalPlan, Runtime, Scorers, evaluate_streaming, metric_values, reference_stats
+    from models.hierarchy.reference import region_canvas
+    from models.evaluation.streaming_eval import PHASES, Runtime, Scorers, evaluate_streaming, metric_values, reference_stats
+    from storage.config import TFConfig
+    from tasks.plan import eval_plan, hierarchy_spec
     from tasks.structure_pool import process_structure
 
     size = SIZES[args.size]
@@ -234,9 +237,11 @@ def main() -> None:
     print(f"reference over {args.real} real images in {reference_s:.1f}s", flush=True)
 
     structure_samples = None if args.structure_samples < 0 else args.structure_samples
-    scorers = Scorers(dinov2_fn, inception_fn, encoder=encoder, hierarchy_spec=HierarchySpec())
-    plan = EvalPlan(batch_size=args.batch_size, keep=args.keep, reencode_samples=args.reencode,
-                    structure_samples=structure_samples)
+    cfg = TFConfig()
+    scorers = Scorers(dinov2_fn, inception_fn, encoder=encoder, hierarchy_spec=hierarchy_spec(cfg.hierarchy))
+    # the default config's evaluation at the bench's sizes (label_seed 0: the labels the bench always drew)
+    plan = dataclasses.replace(eval_plan(cfg, keep=args.keep), batch_size=args.batch_size,
+                               reencode_samples=args.reencode, structure_samples=structure_samples, label_seed=0)
     runtime = Runtime(device, structure_runner=process_structure(args.structure_workers, args.inflight),
                       noise_threads=args.noise_threads, overlap_features=not args.no_overlap and device.type == "cuda")
     label_pool = np.arange(size["classes"])

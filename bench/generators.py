@@ -2,7 +2,8 @@
 
     python3 bench/generators.py --preset B --batch 256 --grid 16 --token-dim 768 --out bench/results
 
-Needs only torch (+ triton on CUDA): no Prefect, Dask or Zarr. Measures, on synthetic canvases:
+Needs only torch (+ triton on CUDA) and the config (pydantic): no Prefect, Dask or Zarr.
+Measures, on synthetic canvases:
   - plain_*:   forward of both heads, MSE on both outputs, backward, AdamW step (the reference point);
   - jvp_<kind>_*: the training step of models/generator/meanflow.py (forward, tangent pass, backward, AdamW),
     with the tangent pass "kernel" (models/generator/dit_jvp.py: tangents only, reusing the forward's values,
@@ -26,6 +27,7 @@ time / plain step time, same compile setting) and peak memory per variant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import time
@@ -41,9 +43,10 @@ from bench.results_io import write_result  # noqa: E402
 from models.generator.dit import TrajectoryDiT, dit_config  # noqa: E402
 from models.generator.dit_jvp import x_head_tangent  # noqa: E402
 from models.generator.jvp_attention import math_attention_fn, tangent_torch, tangent_triton  # noqa: E402
-from models.generator.meanflow import MeanFlowConfig, draw, meanflow_loss  # noqa: E402
-from models.generator.optim import OptimConfig  # noqa: E402
+from models.generator.meanflow import draw, meanflow_loss  # noqa: E402
 from models.generator.train_loop import compile_settings  # noqa: E402
+from storage.config import TFConfig  # noqa: E402
+from tasks.plan import generator_optim, objective_config  # noqa: E402
 
 H200_BF16_DENSE = 989e12
 
@@ -178,7 +181,7 @@ def make_step(model, batch: dict, kind: str | None, compiled: bool, mode: str | 
     tangent pass and JVP tangent source (h0: the v head's own forward at h = 0, as the reference;
     same: the v of u's forward); compiled as models/generator/train_loop.py does on one GPU (one graph)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    objective = MeanFlowConfig(jvp_attention=kind or "kernel", v_tangent=v_tangent)
+    objective = dataclasses.replace(objective_config(TFConfig()), jvp_attention=kind or "kernel", v_tangent=v_tangent)
     gen = torch.Generator("cuda").manual_seed(0)
 
     def plain_loss(z, h, cond, label, level):
@@ -260,7 +263,8 @@ def main() -> None:
     jvp_flops = plain_flops + flops["tangent"]   # + F for the h = 0 forward of v_tangent h0
     variants = report["variants"] = {}
     # the training loop's own compile settings (generator.compile_tuning)
-    with compile_settings(OptimConfig(compile=True, compile_tuning=args.compile_tuning), device):
+    tuning = TFConfig(generator={"compile": True, "compile_tuning": args.compile_tuning})
+    with compile_settings(generator_optim(tuning, seed=0), device):
         for spec in args.variants.split(","):
             kind, mode, *rest = spec.split(":")
             v_tangent = rest[0] if rest else "h0"

@@ -13,7 +13,7 @@ Step times come from the loop's own per-step callback (it reads the step's stats
 step ends synchronised); the first `--warmup` steps (compiles) are left out.
 scaling_efficiency_<N>gpu = global img/s on N GPUs / (N x img/s of "1"), merged into
 <out>/generators.json next to the single-GPU figures; the details go to generators_scaling.json.
-Needs only torch (+ triton): no Prefect, Dask or Zarr. `--cpu` runs the same launches as CPU
+Needs only torch (+ triton) and the config (pydantic): no Prefect, Dask or Zarr. `--cpu` runs the same launches as CPU
 processes over gloo, uncompiled (for tests of the bench itself; its figures say nothing about GPUs).
 """
 from __future__ import annotations
@@ -35,9 +35,9 @@ import torch  # noqa: E402
 from bench.generators import bench_model, make_batch  # noqa: E402
 from bench.results_io import merge_result, write_result  # noqa: E402
 from models.generator.dit import dit_config  # noqa: E402
-from models.generator.meanflow import MeanFlowConfig  # noqa: E402
-from models.generator.optim import OptimConfig  # noqa: E402
 from models.generator.train_loop import LevelData, train_generator  # noqa: E402
+from storage.config import TFConfig  # noqa: E402
+from tasks.plan import generator_optim, objective_config  # noqa: E402
 
 
 def synthetic_data(cfg, rows: int, device: str) -> LevelData:
@@ -67,12 +67,14 @@ def worker(args) -> None:
     model = bench_model(cfg, device)
     global_batch = args.batch * world
     data = synthetic_data(cfg, 2 * global_batch, device)
-    optim = OptimConfig(steps=args.warmup + args.steps, batch_size=global_batch, warmup_steps=1,
-                        compile=not args.cpu, compile_tuning=args.compile_tuning)
+    train = TFConfig(generator={"steps": args.warmup + args.steps, "batch_size": global_batch, "warmup_steps": 1,
+                                "compile": not args.cpu, "compile_tuning": args.compile_tuning,
+                                "jvp_attention": "kernel", "ema_kind": "constant", "ema_halflives_kimg": []})
+    optim = generator_optim(train, seed=0)   # one EMA, the constant 0.999 (what this bench has always timed)
     ends: list[float] = []
     if not args.cpu:
         torch.cuda.reset_peak_memory_stats(device)
-    train_generator(model, data, 1, MeanFlowConfig(jvp_attention="kernel"), optim, device,
+    train_generator(model, data, 1, objective_config(train), optim, device,
                     on_step=lambda step, stats: ends.append(time.perf_counter()), rank=rank, world=world, wrap=wrap)
     step_s = (ends[-1] - ends[args.warmup - 1]) / args.steps
     if rank == 0:

@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.hierarchy.reference import HierarchySpec  # noqa: E402
 from models.hierarchy.batched import (_kmeans_torch, _kmeans_triton, _linkage_for,  # noqa: E402
                                       build_hierarchies_batched, centred_gram, grid_coordinates_t,
                                       linkage_distances, object_masks, part_levels_batched,
                                       sklearn_plusplus_draws)
 from models.hierarchy.kmeans_triton import kmeans_gram_triton  # noqa: E402
 from models.hierarchy.linkage_triton import run_linkage_triton  # noqa: E402
+from storage.config import HierarchyConfig  # noqa: E402
+from tasks.plan import hierarchy_spec  # noqa: E402
 
 
 def problems(batch: int, tokens: int, share: float, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,7 +77,7 @@ def blob_images(batch: int, tokens: int, seed: int, device) -> torch.Tensor:
 
 
 def kmeans_report(args, device) -> dict:
-    spec = HierarchySpec()
+    spec = hierarchy_spec(HierarchyConfig())
     tokens4 = blob_images(args.batch, args.tokens, args.seed, device)
     batch, side = tokens4.shape[0], tokens4.shape[1]
     flat = tokens4.reshape(batch, side * side, -1)
@@ -139,7 +140,7 @@ def main() -> None:
         return
     batch, tokens, steps = args.batch, args.tokens, args.tokens - 1
     unit, coords, is_object = problems(batch, tokens, args.object_share, args.seed, device)
-    spec = HierarchySpec()
+    spec = hierarchy_spec(HierarchyConfig())
     dist = linkage_distances(unit, coords, is_object, spec.lam)
     size = is_object.float()
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

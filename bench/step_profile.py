@@ -30,9 +30,10 @@ from bench.generators import (H200_BF16_DENSE, add_step_arguments, bench_model, 
                               make_step)
 from bench.results_io import command_line, commit, machine  # noqa: E402
 from models.generator.dit import dit_config  # noqa: E402
-from models.generator.optim import OptimConfig  # noqa: E402
 from models.generator.train_loop import compile_settings  # noqa: E402
+from storage.config import TFConfig  # noqa: E402
 from storage.files import atomic_write_text  # noqa: E402
+from tasks.plan import generator_optim  # noqa: E402
 
 FAMILIES = (("jvp-attention", ("attention_tangent", "_tangent_kernel")),
             ("sdpa", ("flash", "fmha", "cudnn", "attention", "sdpa")),
@@ -78,7 +79,8 @@ def profile_variant(model, batch, spec: str, steps: int) -> dict:
     inductor.max_autotune_gemm = "autotune" in options
     inductor.max_autotune_gemm_backends = "CUBLAS,TRITON"
     result: dict = {}
-    with attention, compile_settings(OptimConfig(compile=compiled), "cuda"):   # as the training loop compiles
+    optim = generator_optim(TFConfig(generator={"compile": compiled}), seed=0)
+    with attention, compile_settings(optim, "cuda"):   # as the training loop compiles
         step = make_step(model, batch, None if kind == "plain" else kind, compiled)
         start = time.perf_counter()
         step()

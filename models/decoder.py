@@ -16,15 +16,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DecoderConfig:
-    token_dim: int = 384
-    grid: int = 8  # tokens per side; T = grid * grid
-    patch: int = 14  # pixels per token side; image side = grid * patch
-    width: int = 192
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    """The decoder's shape. width / depth / heads are settings of storage.config.DecoderConfig and the
+    token shape comes from the data (tasks.plan.decoder_config), so none has a default; mlp_ratio is
+    this model's fixed constant, not a setting."""
+    token_dim: int
+    grid: int  # tokens per side; T = grid * grid
+    patch: int  # pixels per token side; image side = grid * patch
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0  # fixed: the MLP's hidden width is mlp_ratio * width (as in ViT)
 
 
 def sincos_position_embedding(grid: int, width: int) -> Tensor:

@@ -8,8 +8,11 @@ default nobody set. Stage keys and folders come from storage.keys (`Layout(root,
 level counts are the config's: `hierarchy.partition_levels` (the teacher's partitions, len(cuts) + 1)
 and `hierarchy.generator_levels` (the trajectory's states, one more: the full latent).
 
-The walk of `hierarchy.cuts` from the CLI to the teacher store: flows.cli load_config -> TFConfig ->
-hierarchy_spec (here) -> tasks.chunk_workers.hierarchy_chunk -> models.hierarchy.reference.build_hierarchies.
+The walk of `hierarchy.cuts` from the CLI to the teacher store, 5 arrows and one conversion:
+flows.cli (storage.config.load_config: a validated TFConfig) -> flows.stages (the hierarchy stage) ->
+tasks.hierarchy.build_teacher (cfg.hierarchy; its model_dump into the store's attributes) ->
+hierarchy_spec (here: the frozen HierarchySpec of the same-named fields) -> tasks.chunk_workers.hierarchy_chunk
+on a Dask worker -> models.hierarchy.reference.build_hierarchies, whose regions hierarchy_chunk writes.
 """
 from __future__ import annotations
 
@@ -30,8 +33,10 @@ from storage.keys import Layout
 Spec = TypeVar("Spec")
 
 # Settings the models take that are not config fields: the data decides them (token_dim, grid,
-# classes), or they are fixed here with the reason beside them.
+# classes), they are the models' own fixed constants (the dataclass fields that keep a default, read
+# here as class attributes), or they are fixed here with the reason beside them.
 DECODER_EMA_KIMG = 500.0   # the decoder's sampled EMA: EDM half-life, ramped up with the images seen
+DECODER_EMA_RAMPUP = 0.05  # its ramp-up: half-life at most 5% of the images seen (as generator.ema_rampup)
 DECODER_WARMUP_STEPS = 20
 
 
@@ -97,7 +102,7 @@ def decoder_config(cfg: TFConfig, grid: int, dim: int) -> DecoderConfig:
 def decoder_optim(cfg: TFConfig) -> OptimConfig:
     d = cfg.decoder
     return project(OptimConfig, d, warmup_steps=DECODER_WARMUP_STEPS, weight_decay=0.0, grad_clip=1.0,
-                   ema_decays=[], ema_halflives_kimg=[DECODER_EMA_KIMG], ema_rampup=OptimConfig.ema_rampup,
+                   ema_decays=[], ema_halflives_kimg=[DECODER_EMA_KIMG], ema_rampup=DECODER_EMA_RAMPUP,
                    optimizer="adamw", muon_momentum=OptimConfig.muon_momentum, compile=False, compile_tuning=False)
 
 

@@ -21,31 +21,32 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from models.generator.dit import TrajectoryDiT, dit_config
-from models.generator.meanflow import MeanFlowConfig
-from models.generator.optim import OptimConfig
+from models.generator.dit import TrajectoryDiT
 from models.generator.train_loop import LevelData, train_generator
 from models.generator.train_state import export_state
 from storage.checkpoints import is_complete, load_train_state, save_train_state
-from storage.config import load_config
+from storage.config import TFConfig, load_config
 from storage.files import atomic_write_json
 from tasks.generator_job import SHARED, GeneratorJob, finish_generator, generator_job
+from tasks.plan import generator_config, generator_optim, objective_config, sampled_ema
 
-SYNTHETIC_MODEL = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
+SYNTHETIC_MODEL = dict(width=32, depth=2, head_depth=1, heads=2)   # on 4 x 4 tokens of 8 channels, 3 classes
 
 
 def synthetic_job(seed: int, folder: Path, steps: int, batch_size: int, optimizer: str, checkpoint_every: int,
                   jvp_attention: str = "auto") -> GeneratorJob:
-    """A tiny model on random data: the same training path without the stores."""
+    """A tiny model on random data: the same training path without the stores, its specs built by the
+    plan from a config as a store's job's are (constant-decay EMAs 0.9 and 0.99, the sampler's 0.99)."""
     g = torch.Generator().manual_seed(seed)
     data = LevelData(torch.randn(32, 16, 8, generator=g), torch.randn(32, 16, 8, generator=g),
                      torch.randint(0, 3, (32,), generator=g), torch.randint(0, 3, (32, 16), generator=g))
+    cfg = TFConfig(generator={**SYNTHETIC_MODEL, "batch_size": batch_size, "optimizer": optimizer, "warmup_steps": 2,
+                              "checkpoint_every": checkpoint_every, "jvp_attention": jvp_attention,
+                              "ema_kind": "constant", "ema_decay": 0.99, "ema_decays": [0.9], "ema_halflives_kimg": []})
     torch.manual_seed(seed)
-    model = TrajectoryDiT(dit_config("tiny", **SYNTHETIC_MODEL))
-    optim = OptimConfig(steps=steps, batch_size=batch_size, optimizer=optimizer, ema_decays=[0.9, 0.99],
-                        warmup_steps=2, checkpoint_every=checkpoint_every, seed=seed)
-    return GeneratorJob(model, data, 1, MeanFlowConfig(jvp_attention=jvp_attention), optim, "0.99", folder,
-                        f"synthetic-{seed}", {"stage": "generator", "synthetic": True, "seed": seed})
+    model = TrajectoryDiT(generator_config(cfg, grid=4, dim=8, num_classes=3))
+    return GeneratorJob(model, data, 1, objective_config(cfg), generator_optim(cfg, seed, steps), sampled_ema(cfg),
+                        folder, f"synthetic-{seed}", {"stage": "generator", "synthetic": True, "seed": seed})
 
 
 def store_job(args) -> GeneratorJob:

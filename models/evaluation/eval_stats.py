@@ -21,7 +21,7 @@ from models.evaluation.entries.judge import JUDGE  # noqa: F401
 from models.evaluation.entries.level_fd import level_key, token_subsample  # noqa: F401
 from models.evaluation.plan import EvalPlan
 from models.evaluation.registry import Batch, MetricValues, Scored, ValueOptions, folding, registered
-from models.evaluation.metrics import StreamingStats
+from models.evaluation.metrics import REGION_THRESHOLD, StreamingStats
 
 if TYPE_CHECKING:
     from models.evaluation.streaming_eval import StreamingEvalResult
@@ -140,8 +140,11 @@ def reference_stats(
         extractors["dinov2"] = dinov2_fn
     if inception_fn is not None:
         extractors["inception"] = inception_fn
+    # The real side's folds read the token picks and the reservoir caps; the sampling fields play no part.
     state = FoldState(device, EvalPlan(tokens_per_sample=tokens_per_sample, token_seed=token_seed,
-                                       kid_reservoir=kid_reservoir))
+                                       kid_reservoir=kid_reservoir, batch_size=1, keep=0, structure_samples=0,
+                                       reencode_samples=0, label_seed=0, region_threshold=REGION_THRESHOLD,
+                                       snap_threshold=None, mode="staged"))
     seen = 0
     for images, canvases in batches:
         n = len(images)

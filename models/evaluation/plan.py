@@ -15,18 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from models.evaluation.metrics import REGION_THRESHOLD
-
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from models.hierarchy.reference import HierarchySpec
 
-DEFAULT_STRUCTURE_SAMPLES = 10_000
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalPlan:
     """Sizes and seeds. keep: trajectories returned whole; structure_samples: the first ones scored on
     CPU (None: all); reencode_samples: the first ones re-encoded (at most structure_samples);
@@ -35,19 +31,21 @@ class EvalPlan:
     are i.i.d. (one seed each), so the first k are a uniform subset; taking the first k keeps every
     value independent of the batch size. Labels are default_rng(label_seed).choice(label_pool, N).
     mode "flat": the one-step baseline. snap_threshold: sample with snapped canvases
-    (models.generator.trajectory.snap_to_regions); None is the reference sampler."""
-    batch_size: int = 256
-    keep: int = 64
-    structure_samples: int | None = DEFAULT_STRUCTURE_SAMPLES
-    reencode_samples: int = 512
-    tokens_per_sample: int = 4
-    token_seed: int = 0
-    kid_reservoir: int = 10_000
-    is_reservoir: int = 50_000
-    label_seed: int = 0
-    region_threshold: float = REGION_THRESHOLD
-    snap_threshold: float | None = None
-    mode: str = "staged"
+    (models.generator.trajectory.snap_to_regions); None is the reference sampler.
+    No defaults for what the config sets (tasks.plan.eval_plan: the evaluate section, the generator's
+    mode, the trajectories kept); token_seed and the reservoir caps are this module's fixed constants."""
+    batch_size: int
+    keep: int
+    structure_samples: int | None
+    reencode_samples: int
+    tokens_per_sample: int
+    token_seed: int = 0               # fixed: the seed of the token FD's picks
+    kid_reservoir: int = 10_000       # fixed: the first 10k Inception pool vectors are kept for KID
+    is_reservoir: int = 50_000        # fixed: the first 50k logit vectors are kept for IS
+    label_seed: int
+    region_threshold: float
+    snap_threshold: float | None
+    mode: str
 
     def __post_init__(self):
         if self.mode not in ("staged", "flat"):

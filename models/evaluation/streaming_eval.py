@@ -47,7 +47,7 @@ from torch import nn
 from models.decoder import tensor_to_images
 from models.encoder import encode_images
 from models.evaluation.entries.image_quality import IS_LOGITS
-from models.evaluation.plan import DEFAULT_STRUCTURE_SAMPLES, EvalPlan, Runtime, Scorers  # noqa: F401  (re-exported)
+from models.evaluation.plan import EvalPlan, Runtime, Scorers  # noqa: F401  (re-exported)
 from models.evaluation.eval_stats import (DINOV2, FID, JUDGE, KID_FEATURES, FoldState, autocast_for, level_key,  # noqa: F401
                                metric_values, reference_stats, token_subsample)
 from models.generator.flat import sample_flat
@@ -155,7 +155,7 @@ class _Clock:
 
 @torch.no_grad()
 def evaluate_streaming(generators: Sequence[nn.Module], decoder: nn.Module, seeds: Sequence[int] | np.ndarray,
-                       label_pool: np.ndarray, scorers: Scorers, plan: EvalPlan = EvalPlan(),
+                       label_pool: np.ndarray, scorers: Scorers, plan: EvalPlan,
                        runtime: Runtime = Runtime(), *, token_shape: tuple[int, int] | None = None,
                        ) -> StreamingEvalResult:
     """Sample len(seeds) trajectories in batches and fold them into every registered metric's state.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -27,17 +27,20 @@ from torch import Tensor, nn
 TIME_FREQUENCIES = 256  # width of the sinusoidal embedding of h before its MLP
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DiTConfig:
-    token_dim: int = 384      # channels C of the latent tokens
-    grid: int = 8             # tokens per side, T = grid * grid
-    width: int = 128
-    depth: int = 4            # blocks on the path to each head = trunk + head_depth
-    head_depth: int = 2       # the last head_depth blocks are duplicated into the x and v heads
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    num_classes: int = 6      # label == num_classes is the null (dropped) label
-    num_levels: int = 4
+    """The backbone's shape: the sizes come from PRESETS (and storage.config.GeneratorConfig's overrides),
+    the token shape, classes and level count from the data and the hierarchy (tasks.plan.generator_config),
+    so none has a default; mlp_ratio is this model's fixed constant, not a setting."""
+    token_dim: int            # channels C of the latent tokens
+    grid: int                 # tokens per side, T = grid * grid
+    width: int
+    depth: int                # blocks on the path to each head = trunk + head_depth
+    head_depth: int           # the last head_depth blocks are duplicated into the x and v heads
+    heads: int
+    mlp_ratio: float = 4.0    # fixed: the MLP's hidden width is mlp_ratio * width (as in DiT)
+    num_classes: int          # label == num_classes is the null (dropped) label
+    num_levels: int
 
 
 PRESETS: dict[str, dict] = {
@@ -49,11 +52,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def dit_config(preset: str, **overrides) -> DiTConfig:
-    """The preset's sizes with any field overridden (token_dim, grid, num_classes, ...)."""
+def dit_config(preset: str, **fields) -> DiTConfig:
+    """The preset's sizes, any of them overridden, plus the fields no preset holds (token_dim, grid,
+    num_classes, num_levels: required)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown generator preset {preset!r}; choose from {sorted(PRESETS)}")
-    return replace(DiTConfig(**PRESETS[preset]), **overrides)
+    return DiTConfig(**{**PRESETS[preset], **fields})
 
 
 def sincos_position_embedding(grid: int, width: int) -> Tensor:

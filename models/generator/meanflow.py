@@ -28,22 +28,24 @@ from models.generator.dit import XPathValues
 from models.generator.dit_jvp import average_velocity_tangent
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MeanFlowConfig:
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    time_shift: float = 10.0      # s: mu_eff = mu + log(s) (equivalently t' = s t / (1 + (s - 1) t))
-    time_dist: str = "plateau"    # plateau (reference) | shifted: see sample_times
-    uniform_share: float = 0.1    # pairs drawn from Uniform(0, 1) instead
-    equal_share: float = 0.0      # pairs forced to r = t (plain flow matching)
-    t_floor: float = 0.05
-    adaptive_eps: float = 0.01
-    v_weight: float = 1.0
-    region_weight: float = 1.0
-    label_dropout: float = 0.0    # reference: no label dropout without guidance
-    v_tangent: str = "h0"         # h0: the v head in its own forward at h = 0 (reference) | same: from u's forward
-    jvp_attention: str = "auto"   # kernel | math | auto (kernel on CUDA): see time_derivative
-    cond_noise: float = 0.0       # condition augmentation (not in the reference, 0 = off): a non-zero
+    """The objective. No defaults: every field is a setting of storage.config.GeneratorConfig, which
+    defines and validates it (tasks.plan.objective_config builds this from it)."""
+    logit_mean: float
+    logit_std: float
+    time_shift: float             # s: mu_eff = mu + log(s) (equivalently t' = s t / (1 + (s - 1) t))
+    time_dist: str                # plateau (reference) | shifted: see sample_times
+    uniform_share: float          # pairs drawn from Uniform(0, 1) instead
+    equal_share: float            # pairs forced to r = t (plain flow matching)
+    t_floor: float
+    adaptive_eps: float
+    v_weight: float
+    region_weight: float
+    label_dropout: float          # reference: 0, no label dropout without guidance
+    v_tangent: str                # h0: the v head in its own forward at h = 0 (reference) | same: from u's forward
+    jvp_attention: str            # kernel | math | auto (kernel on CUDA): see time_derivative
+    cond_noise: float             # condition augmentation (not in the reference, 0 = off): a non-zero
                                   # condition canvas gets N(0, s^2) per element, s ~ U(0, cond_noise) per
                                   # sample, so a level learns from the imperfect canvases it will be given
 

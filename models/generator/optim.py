@@ -8,29 +8,32 @@ The learning rate warms up linearly over `warmup_steps`, then stays constant.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OptimConfig:
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    ema_decays: list[float] = field(default_factory=lambda: [0.999])   # constant-decay EMAs
-    ema_halflives_kimg: list[float] = field(default_factory=list)       # EDM EMAs (models.generator.train_state.EMA)
-    ema_rampup: float = 0.05
-    optimizer: str = "adamw"          # "adamw" | "muon"
-    muon_momentum: float = 0.95
-    checkpoint_every: int = 0         # 0: no intermediate training-state snapshots
-    compile: bool = False             # wrap the network in torch.compile for the training steps
-    compile_tuning: bool = False      # tune the compiled kernels' launch parameters (longer first compile)
-    seed: int = 0
+    """One training run's optimiser. No defaults for a setting of storage.config.GeneratorConfig (every
+    field but muon_momentum): tasks.plan.generator_optim / decoder_optim build this from the config.
+    muon_momentum is this module's fixed constant, not a setting."""
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float
+    ema_decays: list[float]           # constant-decay EMAs
+    ema_halflives_kimg: list[float]   # EDM EMAs (models.generator.train_state.EMA)
+    ema_rampup: float                 # EDM: half-life at most this share of the images seen
+    optimizer: str                    # "adamw" | "muon"
+    muon_momentum: float = 0.95       # fixed: torch.optim.Muon's default
+    checkpoint_every: int             # 0: no intermediate training-state snapshots
+    compile: bool                     # wrap the network in torch.compile for the training steps
+    compile_tuning: bool              # tune the compiled kernels' launch parameters (longer first compile)
+    seed: int
 
     def __post_init__(self):
         if self.optimizer not in ("adamw", "muon"):

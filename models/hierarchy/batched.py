@@ -322,7 +322,7 @@ def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: H
 
 
 @torch.no_grad()
-def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec = HierarchySpec(),
+def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec,
                               kmeans_iterations: int = 50, static_steps: bool | None = None,
                               use_graph: bool = True, linkage: str = "auto", kmeans: str = "auto",
                               stats: tuple | None = None) -> Tensor:

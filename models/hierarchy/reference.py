@@ -32,17 +32,18 @@ _NORM_EPS = 1e-12
 _IDENTICAL_TOL = 1e-9  # features closer than this count as identical
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HierarchySpec:
-    """Reference defaults of the ImageNet configuration."""
+    """The teacher's rule. No defaults: every field is a setting of storage.config.HierarchyConfig,
+    which defines and validates it (tasks.plan.hierarchy_spec builds this from it)."""
 
-    k: int = 2
-    alpha: float = 0.0
-    lam: float = 0.2
-    cuts: tuple[float, ...] = (0.65, 0.35)
-    cut_mode: str = "height"  # "height" | "quantile"
-    linkage: str = "average"
-    seed: int = 0
+    k: int
+    alpha: float
+    lam: float
+    cuts: tuple[float, ...]
+    cut_mode: str  # "height" | "quantile"
+    linkage: str
+    seed: int
 
     def __post_init__(self) -> None:
         if self.k < 2:
@@ -195,8 +196,7 @@ def _single_image_hierarchy(tokens: np.ndarray, spec: HierarchySpec, stats: Stat
     return ids.reshape(spec.partition_levels, height, width)
 
 
-def build_hierarchy(tokens: np.ndarray, spec: HierarchySpec = HierarchySpec(),
-                    stats: Stats | None = None) -> np.ndarray:
+def build_hierarchy(tokens: np.ndarray, spec: HierarchySpec, stats: Stats | None = None) -> np.ndarray:
     """[g, g, C] -> int16 [len(spec.cuts)+1, g, g] region ids (level 0 = object/background).
 
     With `stats` = (mean, std) the tokens are standardised per channel first (in float64), as the
@@ -213,8 +213,7 @@ def build_hierarchy(tokens: np.ndarray, spec: HierarchySpec = HierarchySpec(),
         return _single_image_hierarchy(tokens, spec, stats)
 
 
-def build_hierarchies(tokens: np.ndarray, spec: HierarchySpec = HierarchySpec(),
-                      stats: Stats | None = None) -> np.ndarray:
+def build_hierarchies(tokens: np.ndarray, spec: HierarchySpec, stats: Stats | None = None) -> np.ndarray:
     """[N, g, g, C] -> int16 [N, len(cuts)+1, g, g]; loops build_hierarchy (CPU), `stats` as there."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 4:

@@ -10,9 +10,11 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: specs
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from specs import hierarchy_spec  # noqa: E402
 from triton_interpreter import run_checks  # noqa: E402
 
 from models.hierarchy.reference import HierarchySpec  # noqa: E402
@@ -48,7 +50,7 @@ def check_labels(side: int, spec: HierarchySpec, iterations: int) -> None:
 
 def check_plusplus(side: int, k: int) -> None:
     """The k-means++ centre tokens are those of the torch code (on the features)."""
-    spec = HierarchySpec(k=k, alpha=0.3)
+    spec = hierarchy_spec(k=k, alpha=0.3)
     unit, coords = _images(5, side, 10, seed=k)
     features = torch.cat([unit.double(), spec.alpha * coords.double().expand(len(unit), -1, -1)], -1)
     features = features - features.mean(1, keepdim=True)
@@ -63,22 +65,22 @@ def check_plusplus(side: int, k: int) -> None:
 
 def check_masks_and_hierarchies() -> None:
     unit, coords = _images(4, 6, 16, seed=3)
-    for spec in (HierarchySpec(alpha=0.5, seed=7), HierarchySpec()):
+    for spec in (hierarchy_spec(alpha=0.5, seed=7), hierarchy_spec()):
         want = object_masks(unit, coords, spec, kmeans="torch")
         assert torch.equal(object_masks(unit, coords, spec, kmeans="triton"), want), "object masks differ"
     assert want[1].all() and not want[0].all(), "identical image not all object, or no split elsewhere"
     tokens = torch.from_numpy(unit.reshape(4, 6, 6, 16).numpy() * 3.0)
-    spec = HierarchySpec(cuts=(0.8, 0.5))
+    spec = hierarchy_spec(cuts=(0.8, 0.5))
     loop = build_hierarchies_batched(tokens, spec, linkage="torch", kmeans="torch")
     fused = build_hierarchies_batched(tokens, spec, linkage="torch", kmeans="triton")
     assert torch.equal(fused, loop), "ids differ"
 
 
 CHECKS = {
-    "labels_T49_k2": lambda: check_labels(7, HierarchySpec(), 50),              # T not a power of two
-    "labels_T36_k3_alpha": lambda: check_labels(6, HierarchySpec(k=3, alpha=0.4, seed=2), 50),
-    "labels_T25_two_iterations": lambda: check_labels(5, HierarchySpec(seed=1), 2),   # stops before convergence
-    "labels_T16_no_iteration": lambda: check_labels(4, HierarchySpec(), 0),
+    "labels_T49_k2": lambda: check_labels(7, hierarchy_spec(), 50),              # T not a power of two
+    "labels_T36_k3_alpha": lambda: check_labels(6, hierarchy_spec(k=3, alpha=0.4, seed=2), 50),
+    "labels_T25_two_iterations": lambda: check_labels(5, hierarchy_spec(seed=1), 2),   # stops before convergence
+    "labels_T16_no_iteration": lambda: check_labels(4, hierarchy_spec(), 0),
     "plusplus_T30_k2": lambda: check_plusplus(6, 2),
     "plusplus_T30_k5": lambda: check_plusplus(6, 5),                          # 3 local trials per centre
     "masks_and_hierarchies": check_masks_and_hierarchies,

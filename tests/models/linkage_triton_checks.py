@@ -13,13 +13,14 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: specs
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from specs import hierarchy_spec  # noqa: E402
 from triton_interpreter import run_checks  # noqa: E402
 
-from models.hierarchy.reference import HierarchySpec  # noqa: E402
 from models.hierarchy.batched import _Linkage, build_hierarchies_batched  # noqa: E402
 from models.hierarchy.linkage_triton import run_linkage_triton  # noqa: E402
 
@@ -68,7 +69,7 @@ def check_kernel(tokens: int, steps: int) -> None:
 
 def check_hierarchies() -> None:
     tokens = torch.from_numpy(np.random.default_rng(5).normal(size=(3, 5, 5, 16)).astype(np.float32))
-    spec = HierarchySpec(cuts=(0.8, 0.5, 0.2))
+    spec = hierarchy_spec(cuts=(0.8, 0.5, 0.2))
     loop = build_hierarchies_batched(tokens, spec, linkage="torch", kmeans_iterations=10)
     fused = build_hierarchies_batched(tokens, spec, linkage="triton", kmeans_iterations=10)
     fixed = build_hierarchies_batched(tokens, spec, linkage="triton", kmeans_iterations=10, static_steps=True)

@@ -4,8 +4,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.generator.dit import PRESETS, Block, TrajectoryDiT, dit_config, math_attention
+from specs import dit
 
 SMALL = dict(token_dim=16, grid=4, width=32, depth=3, head_depth=2, heads=4, num_classes=5)
+SHAPES = dict(token_dim=384, grid=8, num_classes=6, num_levels=4)   # what a preset leaves to the data
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.py
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.
 def perturbed_model(seed: int = 0, dtype=torch.float64, **overrides) -> TrajectoryDiT:
     """A model moved off its adaLN-Zero start so every path carries signal."""
     torch.manual_seed(seed)
-    model = TrajectoryDiT(dit_config("tiny", **{**SMALL, **overrides})).to(dtype)
+    model = TrajectoryDiT(dit(**{**SMALL, **overrides})).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -62,7 +64,7 @@ def test_forward_ad_through_math_attention_matches_finite_differences():
 
 
 def test_fresh_model_outputs_zero_and_is_adaln_zero():
-    model = TrajectoryDiT(dit_config("tiny", **SMALL)).double()
+    model = TrajectoryDiT(dit(**SMALL)).double()
     x_hat, v_hat = model(*model_inputs(model.config))
     assert float(x_hat.detach().abs().max()) == 0.0 and float(v_hat.detach().abs().max()) == 0.0
     # The blocks are identities at init: the trunk output equals the fused input plus positions.
@@ -118,19 +120,21 @@ def test_presets_shapes_and_validation():
     expected = {"tiny": (128, 4, 2, 4), "S": (384, 12, 4, 6), "B": (768, 16, 8, 12),
                 "L": (1024, 32, 8, 16), "H": (1280, 48, 8, 16)}
     for name, sizes in expected.items():
-        cfg = dit_config(name)
+        cfg = dit_config(name, **SHAPES)
         assert (cfg.width, cfg.depth, cfg.head_depth, cfg.heads) == sizes
-    assert dit_config("B", grid=16, token_dim=768).grid == 16
+    assert dit_config("B", **{**SHAPES, "grid": 16, "token_dim": 768}).grid == 16
+    with pytest.raises(TypeError, match="num_levels"):   # the data's shapes are not the preset's to guess
+        dit_config("tiny", token_dim=384, grid=8, num_classes=6)
     for name in ("tiny", "S"):
-        model = TrajectoryDiT(dit_config(name, token_dim=384, grid=8))
+        model = TrajectoryDiT(dit_config(name, **SHAPES))
         x_hat, v_hat = model(*model_inputs(model.config, batch=1, dtype=torch.float32))
         assert x_hat.shape == v_hat.shape == (1, 64, 384)
     with pytest.raises(ValueError):
         dit_config("XL")
     with pytest.raises(ValueError):
-        TrajectoryDiT(dit_config("tiny", head_depth=5))
+        TrajectoryDiT(dit_config("tiny", **SHAPES, head_depth=5))
     with pytest.raises(ValueError):
-        TrajectoryDiT(dit_config("tiny", width=130))
+        TrajectoryDiT(dit_config("tiny", **SHAPES, width=130))
 
 
 def test_reference_presets_build_with_trunk_and_two_equal_heads_from_the_config():

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.generator.dit import TrajectoryDiT, dit_config, math_attention
+from models.generator.dit import TrajectoryDiT, math_attention
 from models.generator.dit_jvp import x_head_jvp
 from models.generator.meanflow import time_derivative
+from specs import dit
 
 
 def perturbed_model(seed: int = 0) -> TrajectoryDiT:
     torch.manual_seed(seed)
-    model = TrajectoryDiT(dit_config("tiny", token_dim=6, grid=4, width=32, heads=4, num_classes=3)).double()
+    model = TrajectoryDiT(dit(token_dim=6, grid=4, width=32, heads=4, num_classes=3)).double()
     with torch.no_grad():   # adaLN-Zero starts gates and outputs at zero: perturb so every path matters
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from models.generator.dit import TrajectoryDiT, dit_config
+from models.generator.dit import TrajectoryDiT
 from models.generator.flat import flat_level, flat_level_data, sample_flat
-from models.generator.meanflow import MeanFlowConfig, one_step
-from models.generator.optim import OptimConfig
+from models.generator.meanflow import one_step
 from models.generator.train_loop import train_generator
+from specs import dit, objective, optim
 
 TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
 
@@ -23,8 +23,9 @@ def test_flat_data_has_no_plan_and_trains_at_the_last_level():
     assert flat_level(4) == 3
 
     torch.manual_seed(0)
-    model = TrajectoryDiT(dit_config("tiny", **TINY))
-    state = train_generator(model, data, flat_level(4), MeanFlowConfig(), OptimConfig(steps=4, batch_size=8, lr=1e-2, ema_decays=[0.0]), "cpu")
+    model = TrajectoryDiT(dit(**TINY))
+    state = train_generator(model, data, flat_level(4), objective(),
+                            optim(steps=4, batch_size=8, lr=1e-2, ema_decays=[0.0], ema_halflives_kimg=[]), "cpu")
     assert len(state.history["loss"]) == 4 and state.history["loss_region"] == [0.0] * 4
 
     sampler = state.ema(0.0)   # decay 0: the trained weights themselves

@@ -9,7 +9,8 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from sklearn.preprocessing import normalize
 
-from models.hierarchy.reference import HierarchySpec, build_hierarchies, build_hierarchy, region_canvas
+from models.hierarchy.reference import build_hierarchies, build_hierarchy, region_canvas
+from specs import hierarchy_spec
 
 
 def random_tokens(seed: int, g: int, channels: int = 32) -> np.ndarray:
@@ -61,7 +62,7 @@ def assert_nested(ids: np.ndarray) -> None:
 def test_levels_nested_with_shared_background(g):
     fine_splits_coarse = 0
     for seed in range(12):
-        ids = build_hierarchy(random_tokens(seed, g).astype(np.float32), HierarchySpec(seed=seed))
+        ids = build_hierarchy(random_tokens(seed, g).astype(np.float32), hierarchy_spec(seed=seed))
         assert ids.shape == (3, g, g) and ids.dtype == np.int16
         assert set(np.unique(ids[0])) <= {0, 1}
         assert_nested(ids)
@@ -72,7 +73,7 @@ def test_levels_nested_with_shared_background(g):
 @pytest.mark.parametrize("g", [8, 16])
 def test_object_ids_are_canonical(g):
     for seed in range(6):
-        ids = build_hierarchy(random_tokens(seed, g), HierarchySpec(seed=seed))
+        ids = build_hierarchy(random_tokens(seed, g), hierarchy_spec(seed=seed))
         for level in ids[1:]:
             object_ids = level.ravel()[level.ravel() > 0]
             _, first = np.unique(object_ids, return_index=True)
@@ -85,7 +86,7 @@ def test_object_ids_are_canonical(g):
 def test_level0_matches_sklearn_kmeans(g, alpha):
     for seed in range(4):
         tokens = random_tokens(100 + seed, g)
-        ids = build_hierarchy(tokens, HierarchySpec(alpha=alpha, seed=seed))
+        ids = build_hierarchy(tokens, hierarchy_spec(alpha=alpha, seed=seed))
         expected = reference_object_mask(tokens, alpha, seed)
         np.testing.assert_array_equal(ids[0] == 1, expected.reshape(g, g))
 
@@ -96,7 +97,7 @@ def test_part_levels_match_bruteforce_scipy(g, method, lam):
     cuts = (0.65, 0.35)
     for seed in range(4):
         tokens = random_tokens(200 + seed, g)
-        ids = build_hierarchy(tokens, HierarchySpec(lam=lam, linkage=method, seed=seed))
+        ids = build_hierarchy(tokens, hierarchy_spec(lam=lam, linkage=method, seed=seed))
         mask = reference_object_mask(tokens, 0.0, seed).reshape(g, g)
         expected = reference_part_labels(tokens, mask, lam, cuts, method)
         for level, labels in enumerate(expected, start=1):
@@ -110,7 +111,7 @@ def test_quantile_cut_mode_matches_bruteforce_scipy(g):
     quantiles = (0.9, 0.5, 0.1)
     for seed in range(4):
         tokens = random_tokens(300 + seed, g)
-        ids = build_hierarchy(tokens, HierarchySpec(cuts=quantiles, cut_mode="quantile", seed=seed))
+        ids = build_hierarchy(tokens, hierarchy_spec(cuts=quantiles, cut_mode="quantile", seed=seed))
         assert ids.shape == (4, g, g)
         assert_nested(ids)
         mask = reference_object_mask(tokens, 0.0, seed).reshape(g, g)
@@ -118,7 +119,7 @@ def test_quantile_cut_mode_matches_bruteforce_scipy(g):
         for level, labels in enumerate(expected, start=1):
             assert adjusted_rand_score(labels, ids[level][mask]) == 1.0
     # The top quantile is the root merge: the whole object is one region.
-    whole = build_hierarchy(random_tokens(0, g), HierarchySpec(cuts=(1.0,), cut_mode="quantile"))
+    whole = build_hierarchy(random_tokens(0, g), hierarchy_spec(cuts=(1.0,), cut_mode="quantile"))
     np.testing.assert_array_equal(whole[1], whole[0])
 
 
@@ -144,7 +145,7 @@ def planted_scene(seed: int, g: int = 16, channels: int = 32, noise: float = 0.0
 def test_planted_hierarchy_recovered_exactly():
     for seed in range(5):
         tokens, parts, subparts = planted_scene(seed)
-        ids = build_hierarchy(tokens, HierarchySpec(seed=seed))
+        ids = build_hierarchy(tokens, hierarchy_spec(seed=seed))
         np.testing.assert_array_equal(ids[0], subparts > 0)
         # Raster order numbers P, then Q (level 1) and P, Q1, Q2 (level 2): exact ids.
         np.testing.assert_array_equal(ids[1], parts)
@@ -153,14 +154,14 @@ def test_planted_hierarchy_recovered_exactly():
 
 
 def test_degenerate_inputs_are_all_object():
-    g, spec = 8, HierarchySpec()
+    g, spec = 8, hierarchy_spec()
     direction = np.random.default_rng(0).standard_normal(16)
     identical = np.tile(direction, (g, g, 1))
     scaled = direction * np.arange(1, g * g + 1).reshape(g, g, 1)  # identical once normalised
     for tokens in (identical, np.zeros((g, g, 16)), scaled):
         np.testing.assert_array_equal(build_hierarchy(tokens, spec), np.ones((3, g, g)))
     # Identical directions with alpha > 0 still do not split on position alone.
-    ids = build_hierarchy(identical, HierarchySpec(alpha=1.0))
+    ids = build_hierarchy(identical, hierarchy_spec(alpha=1.0))
     np.testing.assert_array_equal(ids, np.ones((3, g, g)))
 
 
@@ -170,7 +171,7 @@ def test_single_and_paired_object_tokens():
     background, objectness = np.linalg.qr(rng.standard_normal((channels, 2)))[0].T
     tokens = np.tile(background, (g, g, 1)) + 0.01 * rng.standard_normal((g, g, channels))
     tokens[4, 4] = objectness
-    ids = build_hierarchy(tokens, HierarchySpec())
+    ids = build_hierarchy(tokens, hierarchy_spec())
     expected = np.zeros((g, g), dtype=int)
     expected[4, 4] = 1
     for level in ids:
@@ -178,31 +179,31 @@ def test_single_and_paired_object_tokens():
     # Two object tokens: one merge, heights all equal -> normalised 0 -> one region.
     tokens[4, 5] = objectness
     expected[4, 5] = 1
-    for level in build_hierarchy(tokens, HierarchySpec()):
+    for level in build_hierarchy(tokens, hierarchy_spec()):
         np.testing.assert_array_equal(level, expected)
 
 
 def test_spec_validation():
     with pytest.raises(ValueError):
-        HierarchySpec(cuts=(0.35, 0.65))
+        hierarchy_spec(cuts=(0.35, 0.65))
     with pytest.raises(ValueError):
-        HierarchySpec(cuts=(1.5, 0.5), cut_mode="quantile")
+        hierarchy_spec(cuts=(1.5, 0.5), cut_mode="quantile")
     with pytest.raises(ValueError):
-        HierarchySpec(cut_mode="percentile")
+        hierarchy_spec(cut_mode="percentile")
     with pytest.raises(ValueError):
-        HierarchySpec(linkage="average-ish")
+        hierarchy_spec(linkage="average-ish")
     with pytest.raises(ValueError):
-        HierarchySpec(k=1)
+        hierarchy_spec(k=1)
     with pytest.raises(ValueError):
-        build_hierarchy(np.zeros((4, 4)))
-    HierarchySpec(cuts=(0.5, 0.5))  # equal cuts are non-increasing
-    only_level0 = build_hierarchy(random_tokens(0, 8), HierarchySpec(cuts=()))
+        build_hierarchy(np.zeros((4, 4)), hierarchy_spec())
+    hierarchy_spec(cuts=(0.5, 0.5))  # equal cuts are non-increasing
+    only_level0 = build_hierarchy(random_tokens(0, 8), hierarchy_spec(cuts=()))
     assert only_level0.shape == (1, 8, 8)
 
 
 def test_build_hierarchies_stacks_per_image_results_deterministically():
     batch = np.stack([random_tokens(seed, 8) for seed in range(5)]).astype(np.float32)
-    spec = HierarchySpec(seed=3)
+    spec = hierarchy_spec(seed=3)
     out = build_hierarchies(batch, spec)
     assert out.shape == (5, 3, 8, 8) and out.dtype == np.int16
     for image, ids in zip(batch, out):
@@ -254,7 +255,7 @@ def test_stats_standardise_per_channel_before_clustering():
     rng = np.random.default_rng(7)
     tokens = rng.standard_normal((3, 8, 8, 16)) * rng.uniform(0.01, 30.0, 16) + rng.normal(0, 50, 16)
     mean, std = tokens.reshape(-1, 16).mean(0), tokens.reshape(-1, 16).std(0)
-    spec = HierarchySpec(seed=2)
+    spec = hierarchy_spec(seed=2)
     by_hand = build_hierarchies((tokens - mean) / std, spec)
     np.testing.assert_array_equal(build_hierarchies(tokens, spec, stats=(mean, std)), by_hand)
     np.testing.assert_array_equal(build_hierarchy(tokens[1], spec, stats=(mean, std)), by_hand[1])

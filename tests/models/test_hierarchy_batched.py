@@ -5,8 +5,9 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from models.encoder import build_encoder, encode_images
-from models.hierarchy.reference import BACKGROUND_ID, OBJECT_ID, HierarchySpec, build_hierarchies
+from models.hierarchy.reference import BACKGROUND_ID, OBJECT_ID, build_hierarchies
 from models.hierarchy.batched import build_hierarchies_batched, sklearn_plusplus_draws
+from specs import hierarchy_spec
 from storage.scenes import render_scenes
 
 
@@ -22,8 +23,8 @@ def _mean_ari(a: np.ndarray, b: np.ndarray, level: int) -> float:
     return float(np.mean([adjusted_rand_score(x[level].ravel(), y[level].ravel()) for x, y in zip(a, b)]))
 
 
-@pytest.mark.parametrize("spec", [HierarchySpec(), HierarchySpec(cuts=(0.9, 0.5, 0.1)),
-                                  pytest.param(HierarchySpec(alpha=0.5, lam=0.0, seed=7), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("spec", [hierarchy_spec(), hierarchy_spec(cuts=(0.9, 0.5, 0.1)),
+                                  pytest.param(hierarchy_spec(alpha=0.5, lam=0.0, seed=7), marks=pytest.mark.slow)])
 def test_batched_matches_reference_on_real_shaped_latents(real_shaped_tokens, spec):
     reference = build_hierarchies(real_shaped_tokens, spec)
     batched = build_hierarchies_batched(torch.from_numpy(real_shaped_tokens), spec).numpy()
@@ -40,7 +41,7 @@ def test_batched_matches_reference_on_standardised_latents(real_shaped_tokens):
     take the same `stats` and agree as on raw tokens; standardising moves the partitions here."""
     flat = real_shaped_tokens.reshape(-1, real_shaped_tokens.shape[-1]).astype(np.float64)
     stats = (flat.mean(0).astype(np.float32), flat.std(0).astype(np.float32))
-    spec = HierarchySpec()
+    spec = hierarchy_spec()
     reference = build_hierarchies(real_shaped_tokens, spec, stats=stats)
     batched = build_hierarchies_batched(torch.from_numpy(real_shaped_tokens), spec, stats=stats).numpy()
     for level in range(spec.partition_levels):
@@ -53,13 +54,13 @@ def test_batched_matches_reference_on_standardised_latents(real_shaped_tokens):
 def test_fixed_step_count_as_in_a_cuda_graph_gives_the_same_ids(real_shaped_tokens):
     """A CUDA graph runs T - 1 merge steps for every image; images that finish early must idle."""
     tokens = torch.from_numpy(real_shaped_tokens[:6])
-    dynamic = build_hierarchies_batched(tokens, HierarchySpec(), static_steps=False)
-    fixed = build_hierarchies_batched(tokens, HierarchySpec(), static_steps=True)
+    dynamic = build_hierarchies_batched(tokens, hierarchy_spec(), static_steps=False)
+    fixed = build_hierarchies_batched(tokens, hierarchy_spec(), static_steps=True)
     torch.testing.assert_close(fixed, dynamic, rtol=0, atol=0)
 
 
 def test_levels_nest_and_background_stays_zero(real_shaped_tokens):
-    ids = build_hierarchies_batched(torch.from_numpy(real_shaped_tokens), HierarchySpec(cuts=(0.7, 0.4, 0.2))).numpy()
+    ids = build_hierarchies_batched(torch.from_numpy(real_shaped_tokens), hierarchy_spec(cuts=(0.7, 0.4, 0.2))).numpy()
     background = ids[:, 0] == BACKGROUND_ID
     for level in range(1, ids.shape[1]):
         assert (ids[:, level][background] == BACKGROUND_ID).all()
@@ -76,7 +77,7 @@ def test_degenerate_images_match_reference():
     tokens[1] *= 1e-6                     # tiny but distinct: normalised like any other
     # (tokens identical but for position tie on every spatial distance; the two break ties
     # differently there, which is why agreement is measured by ARI above)
-    spec = HierarchySpec()
+    spec = hierarchy_spec()
     batched = build_hierarchies_batched(torch.from_numpy(tokens), spec).numpy()
     assert (batched[0] == OBJECT_ID).all()
     np.testing.assert_array_equal(batched, build_hierarchies(tokens, spec))
@@ -94,4 +95,4 @@ def test_plusplus_draws_are_scikit_learns():
 
 def test_rejects_what_it_does_not_implement():
     with pytest.raises(ValueError, match="average linkage"):
-        build_hierarchies_batched(torch.zeros(1, 2, 2, 3) + torch.arange(3.0), HierarchySpec(linkage="complete"))
+        build_hierarchies_batched(torch.zeros(1, 2, 2, 3) + torch.arange(3.0), hierarchy_spec(linkage="complete"))

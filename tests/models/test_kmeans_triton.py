@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.hierarchy.reference import HierarchySpec
 from models.hierarchy.batched import object_masks, uses_triton
+from specs import hierarchy_spec
 from triton_interpreter import run_interpreted
 
 pytestmark = pytest.mark.slow   # Triton kernels in the interpreter: left out of `make check`
@@ -43,4 +43,4 @@ def test_auto_uses_torch_on_cpu_and_rejects_unknown_names():
     assert not uses_triton("auto", torch.device("cpu"), "kmeans")
     assert not uses_triton("torch", torch.device("cuda"), "kmeans")
     with pytest.raises(ValueError, match="kmeans must be one of"):
-        object_masks(torch.zeros(1, 4, 3), torch.zeros(4, 2), HierarchySpec(), kmeans="sklearn")
+        object_masks(torch.zeros(1, 4, 3), torch.zeros(4, 2), hierarchy_spec(), kmeans="sklearn")

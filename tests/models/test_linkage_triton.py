@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.hierarchy.reference import HierarchySpec
 from models.hierarchy.batched import build_hierarchies_batched
+from specs import hierarchy_spec
 from triton_interpreter import run_interpreted
 
 pytestmark = pytest.mark.slow   # Triton kernels in the interpreter: left out of `make check`
@@ -36,4 +36,4 @@ def test_hierarchies_with_the_triton_linkage_equal_the_torch_linkage(interpreted
 
 def test_unknown_linkage_is_refused():
     with pytest.raises(ValueError, match="linkage"):
-        build_hierarchies_batched(torch.randn(1, 2, 2, 3), HierarchySpec(), linkage="cuda")
+        build_hierarchies_batched(torch.randn(1, 2, 2, 3), hierarchy_spec(), linkage="cuda")

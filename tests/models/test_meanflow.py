@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.generator.dit import TrajectoryDiT, dit_config, math_attention
-from models.generator.meanflow import MeanFlowConfig, average_velocity, meanflow_loss, one_step, region_variance_loss, \
+from models.generator.dit import TrajectoryDiT, math_attention
+from models.generator.meanflow import average_velocity, meanflow_loss, one_step, region_variance_loss, \
     sample_times, shift_time
+from specs import dit, objective
 
 TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.
 
 def perturbed_model(seed: int = 0, scale: float = 0.1) -> TrajectoryDiT:
     torch.manual_seed(seed)
-    model = TrajectoryDiT(dit_config("tiny", **TINY)).double()
+    model = TrajectoryDiT(dit(**TINY)).double()
     with torch.no_grad():   # off the zero init, so both heads and the JVP are non-trivial
         for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
@@ -74,7 +75,7 @@ def test_loss_and_gradient_equal_a_direct_float64_computation(v_tangent):
     forward), losses summed over tokens and channels per sample, adaptive weight 1 / (loss + 0.01)."""
     from models.generator.meanflow import Draws
 
-    cfg = MeanFlowConfig(v_tangent=v_tangent)
+    cfg = objective(v_tangent=v_tangent)
     model = perturbed_model(1)
     x, cond, label, level = make_batch()
     regions = torch.tensor([[0] * 8 + [3] * 8, [0] * 16, list(range(16)), [0, 1] * 8, [0] * 3 + [2] * 13,
@@ -123,7 +124,7 @@ def test_gradients_reach_every_parameter_of_both_heads():
     model = perturbed_model(2, scale=0.05)
     x, cond, label, level = make_batch()
     regions = torch.tensor([[0] * 8 + [1] * 8] * 6)
-    loss, _ = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(), torch.Generator().manual_seed(0))
+    loss, _ = meanflow_loss(model, x, cond, label, level, regions, objective(), torch.Generator().manual_seed(0))
     loss.backward()
     silent = [name for name, p in model.named_parameters() if p.grad is None or not float(p.grad.abs().sum()) > 0]
     assert silent == []
@@ -155,7 +156,7 @@ def test_plateau_time_sampler_matches_the_written_out_density():
     from models.generator.meanflow import plateau_constants, plateau_density
 
     n = 400_000
-    cfg = MeanFlowConfig()   # plateau, mu 0, sigma 1, shift 10, 10% uniform pairs, no r = t
+    cfg = objective()   # plateau, mu 0, sigma 1, shift 10, 10% uniform pairs, no r = t
     t, r = (s.double().numpy() for s in sample_times(n, cfg, torch.Generator().manual_seed(0)))
     assert (t >= r).all() and t.max() <= 1 and r.min() >= 0 and (t == r).mean() == 0
     grid, cdf, m = _plateau_by_hand(0.0, 1.0, 10.0)
@@ -185,14 +186,14 @@ def test_plateau_time_sampler_matches_the_written_out_density():
         assert abs(np.quantile(t - r, q) - np.quantile(np.abs(pair[0] - pair[1]), q)) < 0.01
         assert abs(np.quantile(t, q) - np.quantile(pair.max(0), q)) < 0.01
 
-    t, r = sample_times(n, MeanFlowConfig(equal_share=0.25), torch.Generator().manual_seed(2))
+    t, r = sample_times(n, objective(equal_share=0.25), torch.Generator().manual_seed(2))
     assert abs(float((t == r).double().mean()) - 0.25) < 0.01
     assert (t >= r).all()
 
 
 def test_shifted_time_sampler_matches_a_numpy_computation():
     n = 100_000
-    cfg = MeanFlowConfig(time_dist="shifted")   # shift 10, logit-normal(0, 1), 10% uniform
+    cfg = objective(time_dist="shifted")   # shift 10, logit-normal(0, 1), 10% uniform
     t, r = sample_times(n, cfg, torch.Generator().manual_seed(0))
     assert t.dtype == torch.float32 and (t >= r).all() and float(t.max()) <= 1 and float(r.min()) >= 0
     rng = np.random.default_rng(0)
@@ -205,7 +206,7 @@ def test_shifted_time_sampler_matches_a_numpy_computation():
     assert abs(float((r < 0.2).double().mean()) - 0.1 * 0.36) < 0.004
     assert abs(float(shift_time(torch.tensor(0.5), 10.0)) - 10 / 11) < 1e-7
 
-    t, r = sample_times(n, MeanFlowConfig(uniform_share=1.0), torch.Generator().manual_seed(1))
+    t, r = sample_times(n, objective(uniform_share=1.0), torch.Generator().manual_seed(1))
     for q in (0.1, 0.5, 0.9):   # max / min of two uniforms
         assert abs(np.quantile(t.numpy(), q) - q ** 0.5) < 0.01
         assert abs(np.quantile(r.numpy(), q) - (1 - (1 - q) ** 0.5)) < 0.01
@@ -230,7 +231,7 @@ def test_label_dropout_replaces_the_requested_share_with_the_null_label():
     spy = LabelSpy(num_classes=7)
     label = torch.arange(n) % 7
     x = torch.randn(n, 1, 1, dtype=torch.float64)
-    meanflow_loss(spy, x, x, label, torch.zeros(n, dtype=torch.long), None, MeanFlowConfig(label_dropout=0.3),
+    meanflow_loss(spy, x, x, label, torch.zeros(n, dtype=torch.long), None, objective(label_dropout=0.3),
                   torch.Generator().manual_seed(0))
     seen = spy.labels[0]
     null = seen == 7
@@ -269,7 +270,7 @@ def test_loss_is_deterministic_given_the_generator_seed():
     x, cond, label, level = make_batch()
 
     def run(seed):
-        stats = meanflow_loss(model, x, cond, label, level, None, MeanFlowConfig(), torch.Generator().manual_seed(seed))[1]
+        stats = meanflow_loss(model, x, cond, label, level, None, objective(), torch.Generator().manual_seed(seed))[1]
         return {name: float(value) for name, value in stats.items()}
 
     assert run(7) == run(7)
@@ -279,7 +280,7 @@ def test_loss_is_deterministic_given_the_generator_seed():
 def _perturbed_tiny_case(seed: int):
     """A tiny model nudged off its zero-initialised heads, a float32 batch and two regions per sample."""
     torch.manual_seed(seed)
-    model = TrajectoryDiT(dit_config("tiny", **TINY))
+    model = TrajectoryDiT(dit(**TINY))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -288,9 +289,9 @@ def _perturbed_tiny_case(seed: int):
 
 def test_bfloat16_autocast_gives_a_close_loss_and_finite_gradients():
     model, (x, cond, label, level), regions = _perturbed_tiny_case(5)
-    full = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(), torch.Generator().manual_seed(0))[1]
+    full = meanflow_loss(model, x, cond, label, level, regions, objective(), torch.Generator().manual_seed(0))[1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, low = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(),
+        loss, low = meanflow_loss(model, x, cond, label, level, regions, objective(),
                                   torch.Generator().manual_seed(0))
     assert loss.dtype == torch.float32
     loss.backward()
@@ -302,12 +303,12 @@ def test_bfloat16_autocast_gives_a_close_loss_and_finite_gradients():
 @pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    model = TrajectoryDiT(dit_config("tiny", **TINY))
+    model = TrajectoryDiT(dit(**TINY))
     x, cond, label, level = make_batch(batch=4, dtype=torch.float32)   # cond identifies x: a learnable map
-    train_cfg = MeanFlowConfig(label_dropout=0.0)
+    train_cfg = objective(label_dropout=0.0)
     # Fixed evaluation draws, without the uniform share: its rare t near 0 amplify x errors by 1/t^2
     # and would make a 64-sample average of the raw loss a lottery.
-    eval_cfg = MeanFlowConfig(label_dropout=0.0, uniform_share=0.0)
+    eval_cfg = objective(label_dropout=0.0, uniform_share=0.0)
 
     def raw_loss() -> float:
         with torch.no_grad():
@@ -340,7 +341,7 @@ def test_compiled_jvp_gives_the_eager_loss_and_gradients():
     model, (x, cond, label, level), regions = _perturbed_tiny_case(6)
 
     def run(tangent_fn, kind="math"):
-        loss, stats = meanflow_loss(model, x, cond, label, level, regions, MeanFlowConfig(jvp_attention=kind),
+        loss, stats = meanflow_loss(model, x, cond, label, level, regions, objective(jvp_attention=kind),
                                     torch.Generator().manual_seed(0), tangent_fn=tangent_fn)
         return {name: float(value) for name, value in stats.items()}, torch.autograd.grad(loss, list(model.parameters()))
 
@@ -365,7 +366,7 @@ def test_two_halves_of_one_draw_average_to_the_whole_batch_loss_and_gradient():
     of one global draw (Draws.rows) and average gradients reproduce the one-process step."""
     from models.generator.meanflow import draw
 
-    cfg = MeanFlowConfig(label_dropout=0.5)
+    cfg = objective(label_dropout=0.5)
     model = perturbed_model(7)
     x, cond, label, level = make_batch()
     regions = torch.tensor([[0] * 8 + [1] * 8, [0] * 16, list(range(16)), [0, 1] * 8, [0] * 3 + [2] * 13,
@@ -394,7 +395,7 @@ def test_whole_loss_traces_as_one_graph_and_equals_eager():
     from models.generator.meanflow import draw
 
     model, (x, cond, label, level), regions = _perturbed_tiny_case(8)
-    cfg = MeanFlowConfig(jvp_attention="kernel")
+    cfg = objective(jvp_attention="kernel")
     draws = draw(tuple(x.shape), cfg, torch.Generator().manual_seed(3))
     params = list(model.parameters())
 
@@ -418,7 +419,7 @@ def test_condition_noise_is_added_to_given_conditions_only_and_leaves_the_refere
     model = perturbed_model()
     x, cond, label, level = make_batch()
     cond[:2] = 0                                     # level 0 / the flat model: no condition to perturb
-    plain, noisy = MeanFlowConfig(region_weight=0), MeanFlowConfig(region_weight=0, cond_noise=0.5)
+    plain, noisy = objective(region_weight=0), objective(region_weight=0, cond_noise=0.5)
     g0, g1 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     reference, augmented = draw(tuple(x.shape), plain, g0, dtype=torch.float64), draw(tuple(x.shape), noisy, g1,
                                                                                      dtype=torch.float64)

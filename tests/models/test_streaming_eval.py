@@ -7,20 +7,21 @@ from torch import nn
 
 from models.decoder import DecoderConfig, TokenDecoder, tensor_to_images
 from models.encoder import encode_images
-from models.hierarchy.reference import HierarchySpec, build_hierarchies, region_canvas
+from models.hierarchy.reference import build_hierarchies, region_canvas
 from models.evaluation.metrics import fd_from_features, feature_stats
-from models.evaluation.streaming_eval import (DINOV2, FID, KID_FEATURES, PHASES, EvalPlan, Runtime, Scorers,
+from models.evaluation.streaming_eval import (DINOV2, FID, KID_FEATURES, PHASES, Runtime, Scorers,
                                    evaluate_streaming, level_key, metric_values, reference_stats, token_subsample)
 from models.generator.trajectory import level_noises, sample_trajectory
 from tasks.structure_pool import process_structure
 from models.evaluation.trajectory_metrics import (generated_regions, per_level_fd, reencode_agreement,
                                        structural_consistency)
+from specs import eval_plan, hierarchy_spec
 
 LEVELS, GRID, C, CLASSES, PATCH = 4, 4, 16, 5, 14
 T = GRID * GRID
 N, KEEP, REENCODE, TOKENS = 24, 5, 6, 3
 THRESHOLD = 0.05
-SPEC = HierarchySpec(cuts=(0.65, 0.35))
+SPEC = hierarchy_spec(cuts=(0.65, 0.35))
 SEEDS = 1_000 + np.arange(N)
 LABEL_POOL = np.array([0, 1, 1, 3, 4])
 
@@ -110,8 +111,8 @@ def run(models, batch_size, judge=None, runtime=Runtime(), **plan):
     generators, decoder, encoder = models
     scorers = Scorers(stub_dinov2, stub_inception, judge, encoder, SPEC)
     options = dict(batch_size=batch_size, keep=KEEP, reencode_samples=REENCODE, tokens_per_sample=TOKENS,
-                   region_threshold=THRESHOLD)
-    return evaluate_streaming(generators, decoder, SEEDS, LABEL_POOL, scorers, EvalPlan(**{**options, **plan}), runtime)
+                   region_threshold=THRESHOLD, label_seed=0)   # label_seed: as `in_memory` draws them
+    return evaluate_streaming(generators, decoder, SEEDS, LABEL_POOL, scorers, eval_plan(**{**options, **plan}), runtime)
 
 
 @pytest.fixture(scope="module")
@@ -258,8 +259,9 @@ def test_flat_mode_scores_the_final_latent_alone(models, in_memory, reference, r
     for batch, runner in ((5, None), (10, process_structure(1, 2))):
         result = evaluate_streaming([flat_model], decoder, SEEDS, LABEL_POOL,
                                     Scorers(stub_dinov2, stub_inception, encoder=encoder, hierarchy_spec=SPEC),
-                                    EvalPlan(batch_size=batch, keep=KEEP, reencode_samples=REENCODE,
-                                             tokens_per_sample=TOKENS, mode="flat"), Runtime(structure_runner=runner))
+                                    eval_plan(batch_size=batch, keep=KEEP, reencode_samples=REENCODE,
+                                              tokens_per_sample=TOKENS, mode="flat", label_seed=0),
+                                    Runtime(structure_runner=runner))
         assert result.mode == "flat" and result.kept.canvases.shape == (KEEP, 1, T, C)
         np.testing.assert_array_equal(result.kept.canvases[:, 0], final[:KEEP])
         np.testing.assert_array_equal(result.kept.images[:, 0], images[:KEEP])

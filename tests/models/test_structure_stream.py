@@ -3,8 +3,9 @@ it clusters the standardised latents, i.e. the normalised final latent as it is 
 tokens standardised with the latent store's mean/std."""
 import numpy as np
 
-from models.hierarchy.reference import HierarchySpec, build_hierarchies
+from models.hierarchy.reference import build_hierarchies
 from models.evaluation.structure_stream import final_hierarchy, structure_chunk
+from specs import hierarchy_spec
 
 
 def test_rebuilt_hierarchies_cluster_standardised_latents():
@@ -15,7 +16,7 @@ def test_rebuilt_hierarchies_cluster_standardised_latents():
     final = rng.standard_normal((n, g * g, channels)).astype(np.float32)  # normalised latents
     final[:, :18, 2:] += 2.0                                              # structure in the quiet channels
     raw = final.astype(np.float64) * std + mean                           # what the encoder would give
-    spec = HierarchySpec()
+    spec = hierarchy_spec()
     expected = build_hierarchies(final.reshape(n, g, g, channels), spec).reshape(n, -1, g * g)
     np.testing.assert_array_equal(final_hierarchy(final, spec, (mean, std)), expected)
     assert not np.array_equal(expected, build_hierarchies(raw.reshape(n, g, g, channels), spec).reshape(n, -1, g * g))

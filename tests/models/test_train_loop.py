@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.generator.dit import TrajectoryDiT, dit_config
-from models.generator.meanflow import MeanFlowConfig
-from models.generator.optim import OptimConfig, build_optimizers, param_groups
+from models.generator.dit import TrajectoryDiT
+from models.generator.optim import build_optimizers, param_groups
 from models.generator.train_loop import LevelData, train_generator
 from models.generator.train_state import export_state
+from specs import dit, objective, optim
 from storage.checkpoints import load_train_state, save_train_state
 
 TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.
 
 def tiny_model(seed: int = 0) -> TrajectoryDiT:
     torch.manual_seed(seed)
-    return TrajectoryDiT(dit_config("tiny", **TINY))
+    return TrajectoryDiT(dit(**TINY))
 
 
 def tiny_data(n: int = 12, seed: int = 0) -> LevelData:
@@ -43,14 +43,14 @@ def test_muon_gets_hidden_matrices_and_adamw_the_rest():
     for name in ("fuse.weight", "class_embed.weight", "level_embed.weight", "h_embed.0.weight",
                  "x_final.linear.weight", "v_final.modulation.1.weight", "trunk.0.attn.qkv.bias"):
         assert name in adamw_names, name
-    optimizers, _ = build_optimizers(model, OptimConfig(optimizer="muon"))
+    optimizers, _ = build_optimizers(model, optim(optimizer="muon"))
     assert [type(o).__name__ for o in optimizers] == ["Muon", "AdamW"]
     assert param_groups(model, "adamw")[0] == []
 
 
 def test_warmup_is_linear_then_flat():
     model = tiny_model()
-    optimizers, schedules = build_optimizers(model, OptimConfig(lr=1e-3, warmup_steps=4))
+    optimizers, schedules = build_optimizers(model, optim(lr=1e-3, warmup_steps=4))
     lrs = []
     for _ in range(6):
         lrs.append(optimizers[0].param_groups[0]["lr"])
@@ -60,8 +60,8 @@ def test_warmup_is_linear_then_flat():
 
 
 def test_ema_copies_follow_their_decays():
-    cfg = OptimConfig(steps=3, batch_size=4, ema_decays=[0.0, 0.5], warmup_steps=1)
-    state = train_generator(tiny_model(), tiny_data(), 1, MeanFlowConfig(), cfg, "cpu")
+    cfg = optim(steps=3, batch_size=4, ema_decays=[0.0, 0.5], ema_halflives_kimg=[], warmup_steps=1)
+    state = train_generator(tiny_model(), tiny_data(), 1, objective(), cfg, "cpu")
     model, instant, half = state.model, state.ema(0.0), state.ema(0.5)
     for p, p0 in zip(model.parameters(), instant.parameters()):
         assert torch.equal(p, p0)   # decay 0: the EMA is the model
@@ -75,11 +75,11 @@ def test_ema_copies_follow_their_decays():
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, optimizer):
-    cfg = OptimConfig(steps=6, batch_size=4, optimizer=optimizer, ema_decays=[0.9, 0.99], warmup_steps=3,
-                      checkpoint_every=2, seed=3)
-    objective = MeanFlowConfig(label_dropout=0.3)
+    cfg = optim(steps=6, batch_size=4, optimizer=optimizer, ema_decays=[0.9, 0.99], ema_halflives_kimg=[],
+                warmup_steps=3, checkpoint_every=2, seed=3)
+    mean_flow = objective(label_dropout=0.3)
     data = tiny_data()
-    unbroken = export_state(train_generator(tiny_model(), data, 1, objective, cfg, "cpu"))
+    unbroken = export_state(train_generator(tiny_model(), data, 1, mean_flow, cfg, "cpu"))
 
     def kill_after_step_4(state):
         tensors, meta = export_state(state)
@@ -88,13 +88,13 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, optimizer):
             raise Stop
 
     with pytest.raises(Stop):
-        train_generator(tiny_model(), data, 1, objective, cfg, "cpu", on_checkpoint=kill_after_step_4)
+        train_generator(tiny_model(), data, 1, mean_flow, cfg, "cpu", on_checkpoint=kill_after_step_4)
     torch.manual_seed(12345)          # disturb the global RNG: resume must restore it
     np.random.seed(7)
     saved = load_train_state(tmp_path, "generator")
     assert saved[1]["step"] == 4 and len(list(tmp_path.glob("generator-state-*.safetensors"))) == 1
     fresh = tiny_model(seed=99)      # a different init: every weight must come from the snapshot
-    resumed = export_state(train_generator(fresh, data, 1, objective, cfg, "cpu", resume=saved))
+    resumed = export_state(train_generator(fresh, data, 1, mean_flow, cfg, "cpu", resume=saved))
 
     tensors, meta = unbroken
     assert set(tensors) == set(resumed[0]) and meta["step"] == resumed[1]["step"] == 6
@@ -121,7 +121,8 @@ def test_import_restores_pythons_global_rng():
 
     from models.generator.train_state import import_state
 
-    state = train_generator(tiny_model(), tiny_data(), 1, MeanFlowConfig(), OptimConfig(steps=1, batch_size=4), "cpu")
+    state = train_generator(tiny_model(), tiny_data(), 1, objective(),
+                            optim(steps=1, batch_size=4, ema_decays=[0.999], ema_halflives_kimg=[]), "cpu")
     tensors, meta = export_state(state)
     expected = [random.random() for _ in range(3)]
     import_state(state, tensors, meta)
@@ -137,27 +138,28 @@ def test_compile_settings_reach_inductor_only_inside_the_loop_and_only_with_comp
     from storage.config import load_config
     from tasks.plan import generator_optim
 
-    optim = generator_optim(load_config("configs/tiny.yaml", ["generator.compile=true",
+    tuned = generator_optim(load_config("configs/tiny.yaml", ["generator.compile=true",
                                                               "generator.compile_tuning=true"]), seed=0)
-    assert optim.compile and optim.compile_tuning
+    assert tuned.compile and tuned.compile_tuning
 
     def current():
         return inductor.coordinate_descent_tuning, inductor.triton.multi_kernel, inductor.fx_graph_cache
 
     before = current()
-    with compile_settings(optim, "cuda"):
+    with compile_settings(tuned, "cuda"):
         assert current() == (True, 1, False)   # multi-kernel modules do not survive the FX graph cache
-    with compile_settings(OptimConfig(compile=True), "cuda:1"):   # multi-kernel comes with compile alone
+    with compile_settings(optim(compile=True), "cuda:1"):   # multi-kernel comes with compile alone
         assert current() == (False, 1, False)
-    with compile_settings(optim, "cpu"):   # C++ kernels: no multi-kernel, the cache stays
+    with compile_settings(tuned, "cpu"):   # C++ kernels: no multi-kernel, the cache stays
         assert current() == (True, before[1], before[2])
-    with compile_settings(OptimConfig(compile=False, compile_tuning=True), "cuda"):   # nothing compiled, nothing tuned
+    with compile_settings(optim(compile=False, compile_tuning=True), "cuda"):   # nothing compiled, nothing tuned
         assert current() == (False, before[1], before[2])
     assert current() == before
 
     seen = []
-    train_generator(tiny_model(), tiny_data(), 1, MeanFlowConfig(), OptimConfig(steps=1, batch_size=4,
-                    compile_tuning=True), "cpu", on_step=lambda *_: seen.append(inductor.coordinate_descent_tuning))
+    train_generator(tiny_model(), tiny_data(), 1, objective(), optim(steps=1, batch_size=4, compile_tuning=True,
+                    ema_decays=[0.999], ema_halflives_kimg=[]), "cpu",
+                    on_step=lambda *_: seen.append(inductor.coordinate_descent_tuning))
     assert seen == [False]   # compile off in this run
 
 

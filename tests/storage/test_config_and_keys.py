@@ -64,8 +64,8 @@ def test_a_new_cut_moves_every_generator_key_and_a_stored_model_of_another_shape
     assert len(more.generators) == 5
     assert not set(base.generators) & set(more.generators)
     assert base.shared_generator != more.shared_generator and base.flat_generator != more.flat_generator
-    four = TrajectoryDiT(dit_config("tiny", token_dim=8, grid=2, num_levels=4))
-    five = TrajectoryDiT(dit_config("tiny", token_dim=8, grid=2, num_levels=5))
+    four = TrajectoryDiT(dit_config("tiny", token_dim=8, grid=2, num_classes=6, num_levels=4))
+    five = TrajectoryDiT(dit_config("tiny", token_dim=8, grid=2, num_classes=6, num_levels=5))
     with pytest.raises(RuntimeError, match="level_embed"):
         five.load_state_dict(four.state_dict())
 

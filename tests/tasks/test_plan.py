@@ -7,11 +7,13 @@ import math
 import pytest
 
 from models.decoder import DecoderConfig
+from models.evaluation.plan import EvalPlan
+from models.generator.dit import DiTConfig
 from models.hierarchy.reference import HierarchySpec
 from models.generator.meanflow import MeanFlowConfig
 from models.generator.optim import OptimConfig
 from storage.config import HierarchyConfig, TFConfig, load_config
-from tasks.plan import (decoder_config, decoder_optim, generator_config, generator_optim, hierarchy_spec,
+from tasks.plan import (decoder_config, decoder_optim, eval_plan, generator_config, generator_optim, hierarchy_spec,
                         objective_config, project)
 
 CONFIG = "configs/tiny.yaml"
@@ -43,7 +45,7 @@ def test_a_height_cut_above_one_is_a_valid_linkage_height():
 
 def _spec_accepts(values: dict) -> bool:
     try:
-        HierarchySpec(**{**values, "cuts": tuple(values["cuts"])})
+        HierarchySpec(**{**values, "cuts": tuple(values["cuts"]), "seed": 0})
         return True
     except ValueError:
         return False
@@ -61,7 +63,7 @@ def test_every_hierarchy_the_config_accepts_the_math_builds_and_what_the_math_re
         except ValueError:
             config = None
         if config is not None:
-            assert hierarchy_spec(config) == HierarchySpec(**{**values, "cuts": tuple(values["cuts"])})
+            assert hierarchy_spec(config) == HierarchySpec(**{**values, "cuts": tuple(values["cuts"]), "seed": 0})
         if not _spec_accepts(values):
             assert config is None, values
         checked += 1
@@ -105,6 +107,30 @@ def test_a_parameter_the_config_does_not_define_is_an_error_not_a_silent_default
         project(OptimConfig, TFConfig().generator, ema_decays=[], ema_halflives_kimg=[])
     with pytest.raises(TypeError, match="no field"):
         project(MeanFlowConfig, TFConfig().generator, not_a_field=1)
+
+
+def test_a_models_spec_keeps_a_default_only_for_its_own_constants_and_the_plan_sets_every_other_field():
+    """A default on a config setting would be a second definition of it (they once disagreed): each spec's
+    defaulted fields are exactly its documented constants, none of them a setting of its config section,
+    and the plan builds every spec from the config alone (each required field set)."""
+    cfg = TFConfig()
+    built = [(hierarchy_spec(cfg.hierarchy), set(), cfg.hierarchy),
+             (objective_config(cfg), set(), cfg.generator),
+             (generator_optim(cfg, seed=0), {"muon_momentum"}, cfg.generator),
+             (decoder_optim(cfg), {"muon_momentum"}, cfg.decoder),
+             (generator_config(cfg, grid=8, dim=384, num_classes=6), {"mlp_ratio"}, cfg.generator),
+             (decoder_config(cfg, grid=8, dim=384), {"mlp_ratio"}, cfg.decoder),
+             (eval_plan(cfg, keep=4), {"token_seed", "kid_reservoir", "is_reservoir"}, cfg.evaluate)]
+    assert {type(spec) for spec, _, _ in built} == {HierarchySpec, MeanFlowConfig, OptimConfig, DiTConfig,
+                                                    DecoderConfig, EvalPlan}
+    for spec, constants, section in built:
+        defaulted = {f.name for f in dataclasses.fields(spec)
+                     if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        assert defaulted == constants, type(spec).__name__
+        assert not constants & set(type(section).model_fields), type(spec).__name__
+        assert all(getattr(spec, name) == getattr(type(spec), name) for name in constants)
+        with pytest.raises(TypeError, match="missing"):   # nothing else can be left out
+            type(spec)()
 
 
 def test_the_two_level_counts_mean_partitions_and_trajectory_states():

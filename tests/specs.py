@@ -1,0 +1,46 @@
+"""Model specs for the tests, built as the product builds them: the config's defaults (storage.config.TFConfig)
+through tasks.plan, then the test's own values. The models' dataclasses keep no default for a setting the
+config defines (tests/tasks/test_plan.py checks), so a test names what it changes and the config gives the rest.
+
+Imported as `from specs import ...`: pytest puts tests/ on sys.path for tests/conftest.py (rootdir
+conftest, prepend import mode), as tests/models/ for its helpers; `tests` itself is not importable as a
+package here (torch-fidelity installs a top-level `tests`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from models.evaluation.plan import EvalPlan
+from models.generator.dit import DiTConfig
+from models.generator.meanflow import MeanFlowConfig
+from models.generator.optim import OptimConfig
+from models.hierarchy.reference import HierarchySpec
+from storage.config import TFConfig
+from tasks import plan
+
+# The default config's data: the scenes at 112 px through DINOv2-S/14, i.e. 8 x 8 tokens of 384, 6 classes.
+GRID, TOKEN_DIM, NUM_CLASSES = 8, 384, 6
+
+
+def hierarchy_spec(**overrides) -> HierarchySpec:
+    return dataclasses.replace(plan.hierarchy_spec(TFConfig().hierarchy), **overrides)
+
+
+def objective(**overrides) -> MeanFlowConfig:
+    return dataclasses.replace(plan.objective_config(TFConfig()), **overrides)
+
+
+def optim(**overrides) -> OptimConfig:
+    """A generator's optimiser (seed 0)."""
+    return dataclasses.replace(plan.generator_optim(TFConfig(), seed=0), **overrides)
+
+
+def dit(**overrides) -> DiTConfig:
+    """The default preset's backbone at the default data's shapes, any field overridden."""
+    base = plan.generator_config(TFConfig(), grid=GRID, dim=TOKEN_DIM, num_classes=NUM_CLASSES)
+    return dataclasses.replace(base, **overrides)
+
+
+def eval_plan(**overrides) -> EvalPlan:
+    cfg = TFConfig()
+    return dataclasses.replace(plan.eval_plan(cfg, keep=cfg.evaluate.keep_trajectories), **overrides)
