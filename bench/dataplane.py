@@ -1,26 +1,23 @@
 """Data-plane bench: JPEG files (ImageNet class-folder layout) -> latent store -> teacher store, one GPU.
 
-    python bench/dataplane.py --images 20000 --device cuda [--out DIR]
+    python bench/dataplane.py --images 20000 [--config configs/imagenet.yaml] [--set key=value] [--out DIR]
 
 1. Writes ImageNet-shaped synthetic JPEGs (typical sizes 500x375 and the like, quality 90, smooth
    content plus grain, ~100 KB each like ImageNet's mean) into <workdir>/train/<synset>/<synset>_<i>.JPEG.
-2. Times what `tf encode` runs for an ImageNet source (encoder.read_from files):
-   tasks.encode_files.encode_file_chunks (reader threads, nvjpeg decode with CPU fallback, crop +
-   resize, DINOv2 in bf16, writer threads filling the product's latent store chunk by chunk, markers
-   last), then the mean/std merge, then what `tf hierarchy` runs per chunk with backend batched
-   (tasks.chunk_workers.hierarchy_chunk) into a teacher store.
-3. Measures the encoder alone on resident batches, the hierarchy's share of the encoder's time,
-   the batched hierarchy's ARI against the scipy/scikit-learn reference on the stored latents, peak
-   host and GPU memory and the stores' bytes per image. Writes <out>/dataplane.json (DESIGN §7 shape).
-
-Random encoder weights (the figure is throughput, not quality). No prefect / dask / pydantic imports:
-it runs where torch, torchvision, timm, numpy, scikit-learn and zarr exist.
+2. Runs the stages as `tf pipeline` does, through their task functions (tasks.ingest.ingest_images,
+   tasks.encode.encode_latents, tasks.hierarchy.build_teacher: `.fn`, without the Prefect run around
+   them) on configs/imagenet.yaml with a random-init encoder: once with the hierarchy fused into the encode
+   pass (encoder.stats_images, the config's default), once the two-pass way (stats from every image, then
+   the hierarchy stage). Each stage's seconds, throughput, GPU figures and the encode pass's phase times
+   (tasks.phase_clock) are what the stages themselves return, as the runs table records them.
+3. Measures the encoder and the hierarchy alone on resident batches, the batched hierarchy against the
+   scipy/scikit-learn reference on the stored latents, peak host memory and the stores' bytes per image.
+   Writes <out>/dataplane.json (DESIGN §7 shape).
 """
 from __future__ import annotations
 
 import argparse
 import io
-import math
 import multiprocessing
 import os
 import resource
@@ -29,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -81,143 +79,133 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _stage_config(base: str, train: Path, sets: list[str]):
+    from storage.config import load_config
+
+    return load_config(REPO / base, [f"source.path={train}", "encoder.weights=null", "encoder.allow_random_init=true",
+                                     "evaluate.inception_weights=null", *sets])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default="vit_base_patch14_reg4_dinov2")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--resize-short", type=int, default=256)
-    parser.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic",
-                        help="source.interpolation (configs/imagenet.yaml: bicubic)")
-    parser.add_argument("--batch", type=int, default=512, help="encoder.batch_size")
-    parser.add_argument("--chunk", type=int, default=1024, help="ingest.chunk_size: rows per store chunk")
-    parser.add_argument("--readers", type=int, default=12, help="encoder.readers")
-    parser.add_argument("--writers", type=int, default=4)
-    parser.add_argument("--dtype", default="float16", help="encoder.dtype (latent storage)")
+    parser.add_argument("--config", default="configs/imagenet.yaml", help="the stages' config (sizes via --set)")
+    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
     parser.add_argument("--reference-images", type=int, default=200)
+    parser.add_argument("--resident-repeats", type=int, default=8)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="folder for dataplane.json (default bench/results)")
     args = parser.parse_args()
 
     from sklearn.metrics import adjusted_rand_score
 
-    from models.channel_stats import mean_std
-    from models.encoder import build_encoder, grid_size, token_dim
-    from models.hierarchy.reference import build_hierarchies
     from models.hierarchy.batched import build_hierarchies_batched
+    from models.hierarchy.reference import build_hierarchies
     from storage import zarr_store
-    from storage.config import HierarchyConfig
-    from storage.imagenet import SampleFiles
-    from storage.latent_store import latent_store_arrays
-    from storage.zarr_store import ArraySpec
-    from tasks.chunk_workers import hierarchy_chunk
-    from tasks.encode_files import Preprocess, encode_batch, encode_file_chunks
+    from storage.keys import Layout
+    from tasks.encode import encode_latents
+    from tasks.encode_files import encode_batch
+    from tasks.encoder_load import load_encoder
+    from tasks.hierarchy import build_teacher
+    from tasks.ingest import ingest_images
     from tasks.plan import hierarchy_spec
+    from tasks.stage import pick_device
 
-    device = torch.device(args.device)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tf-dataplane-"))
     started = time.perf_counter()
     paths, labels, mean_bytes = make_jpegs(workdir / "train", args.images, args.classes, os.cpu_count() or 4)
     print(f"{len(paths)} JPEGs ({mean_bytes / 1024:.0f} KB mean) in {time.perf_counter() - started:.1f}s", flush=True)
-
-    encoder, weights_label = build_encoder(args.model, args.image_size, None, allow_random_init=True)
-    encoder = encoder.to(device).eval()
-    grid, dim = grid_size(encoder), token_dim(encoder)
-    spec = hierarchy_spec(HierarchyConfig())   # the default config's teacher
+    fused_cfg = _stage_config(args.config, workdir / "train", args.sets)
+    two_pass_cfg = _stage_config(args.config, workdir / "train", [*args.sets, "encoder.stats_images=0"])
+    device = pick_device(fused_cfg.device)
     n = len(paths)
-    bounds = zarr_store.chunk_bounds(n, args.chunk)
-    latents, teacher = workdir / "latents", workdir / "teacher"
-    zarr_store.create_store(latents, latent_store_arrays(n, len(bounds), grid, dim, args.dtype), args.chunk,
-                            {"stage": "latents", "encoder_weights": weights_label, "read_from": "files"})
-    zarr_store.write_array(latents, "sample", np.asarray([str(Path(p).relative_to(workdir / "train")) for p in paths]))
-    zarr_store.create_store(teacher, {"regions": ArraySpec((n, len(spec.cuts) + 1, grid, grid), np.int16,
-                                                           ("sample", "level", "gy", "gx"))}, args.chunk,
-                            {"stage": "teacher", "spec": str(spec)})
 
-    # --- warm-up (cuDNN choices, nvjpeg handles), untimed ----------------------------------------
-    with torch.no_grad():
-        for rows in sorted({args.batch, n % args.batch or args.batch}):
-            out = encode_batch(encoder, torch.rand(rows, 3, args.image_size, args.image_size, device=device))
-            build_hierarchies_batched(out, spec, stats=(np.zeros(dim, np.float32), np.ones(dim, np.float32)))
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    # --- the stages as `tf pipeline` runs them (their task functions): fused, then the two-pass way --------
+    runs = {}
+    for name, cfg in (("fused", fused_cfg), ("two_pass", two_pass_cfg)):
+        root = str(workdir / name)
+        ingest_images.fn(cfg, root)   # the listing (and the image store's pixel sample): not timed
+        if device.startswith("cuda"):
+            import torch
 
-    # --- the timed run: JPEG -> latent store (tf encode) -> teacher store (tf hierarchy) ------------
-    wall = time.perf_counter()
-    infos = encode_file_chunks(encoder, SampleFiles(paths=tuple(paths)), labels, latents,
-                               [(c, *bounds[c]) for c in range(len(bounds))],
-                               Preprocess(args.image_size, args.resize_short, args.interpolation), device,
-                               batch_size=args.batch, dtype=args.dtype, weights_label=weights_label,
-                               readers=args.readers, writers=args.writers)
-    mean, std = mean_std(*(zarr_store.open_array(latents, k)[:] for k in ("chunk_count", "chunk_mean", "chunk_m2")))
-    zarr_store.write_array(latents, "mean", mean)
-    zarr_store.write_array(latents, "std", std)
-    zarr_store.mark_complete(latents, {"samples": n})
-    encode_s = time.perf_counter() - wall
-    for c, (start, stop) in enumerate(bounds):
-        hierarchy_chunk(spec, "batched", str(latents), str(teacher), c, start, stop)
-    sync(device)
-    zarr_store.mark_complete(teacher, {"samples": n})
-    end_to_end_s = time.perf_counter() - wall
-    hierarchy_stage_s = end_to_end_s - encode_s
-    print(f"encode {n / encode_s:.0f} img/s ({encode_s:.1f}s); JPEG to teacher store {n / end_to_end_s:.0f} img/s "
-          f"({end_to_end_s:.1f}s)", flush=True)
-
-    # --- every sample exactly once, in order, decoded ----------------------------------------------
+            torch.cuda.reset_peak_memory_stats()
+        encode = encode_latents.fn(cfg, root, with_teacher=name == "fused")
+        hierarchy = build_teacher.fn(cfg, root)
+        seconds = encode["duration_s"] + hierarchy["duration_s"]
+        runs[name] = {"encode": encode, "hierarchy": hierarchy, "end_to_end_s": round(seconds, 2),
+                      "img_per_s": round(n / seconds, 1)}
+        print(f"{name}: encode {encode['duration_s']:.1f}s ({encode['status']}), hierarchy "
+              f"{hierarchy['duration_s']:.1f}s ({hierarchy['status']}): {n / seconds:.0f} img/s", flush=True)
+    layout = Layout(str(workdir / "fused"), fused_cfg)
+    latents, teacher = layout.latents(), layout.teacher()
     stored_labels = np.asarray(zarr_store.open_array(latents, "label")[:])
-    assert len(infos) == len(bounds) and np.array_equal(stored_labels, labels), "store incomplete or out of order"
+    assert np.array_equal(stored_labels, labels), "store out of order"
     assert np.asarray(zarr_store.open_array(latents, "valid")[:]).all(), "a synthetic JPEG was rejected"
+    assert runs["fused"]["hierarchy"]["status"] == "reused", "the hierarchy was not fused into the encode pass"
+    two_pass = Layout(str(workdir / "two_pass"), two_pass_cfg)
+    fused_regions = zarr_store.open_array(teacher, "regions")
 
-    # --- encoder and hierarchy alone on resident batches -------------------------------------------
-    resident = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device)
-    repeats = max(3, min(20, math.ceil(8192 / args.batch)))
+    # --- encoder and hierarchy alone on resident batches, the same model and spec ---------------------------
+    import torch
+
+    spec = hierarchy_spec(fused_cfg.hierarchy)
+    encoder, _ = load_encoder(fused_cfg.encoder.model, fused_cfg.source.image_size, None, True)
+    encoder = encoder.to(device).eval()
+    batch = fused_cfg.encoder.batch_size
+    mean, std = (zarr_store.open_array(latents, k)[:] for k in ("mean", "std"))
+    resident = torch.rand(batch, 3, fused_cfg.source.image_size, fused_cfg.source.image_size, device=device)
     with torch.no_grad():
         out = encode_batch(encoder, resident)
-        sync(device)
+        build_hierarchies_batched(out, spec, stats=(mean, std))
+        sync(torch.device(device))
         t0 = time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(args.resident_repeats):
             out = encode_batch(encoder, resident)
-        sync(device)
+        sync(torch.device(device))
         encoder_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(args.resident_repeats):
             build_hierarchies_batched(out, spec, stats=(mean, std))
-        sync(device)
+        sync(torch.device(device))
         hierarchy_s = time.perf_counter() - t0
 
-    # --- batched hierarchy vs the scipy / scikit-learn reference on stored latents --------------
+    # --- batched hierarchy vs the scipy / scikit-learn reference on the stored latents ---------------------
     k = min(args.reference_images, n)
     sample_tokens = zarr_store.read_floats(zarr_store.open_array(latents, "tokens"), slice(0, k))
     reference = build_hierarchies(sample_tokens, spec, stats=(mean, std))
-    stored = np.asarray(zarr_store.open_array(teacher, "regions")[:k])
+    stored = np.asarray(fused_regions[:k])
     ari = [float(np.mean([adjusted_rand_score(reference[i, l].ravel(), stored[i, l].ravel()) for i in range(k)]))
            for l in range(len(spec.cuts) + 1)]
+    exact = float(np.mean([np.array_equal(reference[i], stored[i]) for i in range(k)]))
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     bytes_per_image = folder_bytes(latents, teacher) / n
-
+    fused, two = runs["fused"], runs["two_pass"]
     figures = {
-        "end_to_end_img_per_s": (round(n / end_to_end_s, 1), "img/s, JPEG to teacher store"),
-        "encode_stage_img_per_s": (round(n / encode_s, 1), "img/s, JPEG to latent store (tf encode's loop)"),
-        "encoder_img_per_s": (round(repeats * args.batch / encoder_s, 1), "img/s"),
+        "end_to_end_img_per_s": (fused["img_per_s"], "img/s, JPEG to teacher store: encode (hierarchy fused) + "
+                                                     "hierarchy stage seconds"),
+        "two_pass_img_per_s": (two["img_per_s"], "img/s, JPEG to teacher store: encode, then the hierarchy stage "
+                                                 "(stats from every image)"),
+        "encode_stage_img_per_s": (fused["encode"].get("images_per_s", 0.0), "img/s, the fused encode stage"),
+        "encoder_img_per_s": (round(args.resident_repeats * batch / encoder_s, 1), "img/s, resident batches"),
         "hierarchy_share": (round(hierarchy_s / encoder_s, 4), "hierarchy time / encoder time, same batches"),
-        "hierarchy_share_in_pipeline": (round(hierarchy_stage_s / encode_s, 4), "hierarchy stage / encode stage"),
         "hierarchy_ari_vs_reference": (round(min(ari), 4), f"min over levels of mean ARI, {k} images"),
-        "peak_gpu_mem_gib": (round(peak_gpu, 2), "GiB"),
+        "hierarchy_exact_vs_reference": (round(exact, 4), f"share of {k} images whose regions equal the reference"),
+        "peak_gpu_mem_gib": (fused["encode"].get("gpu_peak_mem_gib", 0.0), "GiB, the fused encode stage"),
+        "gpu_busy_share": (fused["encode"].get("gpu_busy_share", 0.0), "NVML busy share, the fused encode stage"),
         "peak_host_mem_gib": (round(peak_host, 2), "GiB (max RSS)"),
         "store_bytes_per_image": (round(bytes_per_image), "B on disk (latent + teacher stores)"),
         "imagenet_train_tb": (round(bytes_per_image * 1_281_167 / 1e12, 3), "TB for 1.28M images"),
     }
-    extra = {"encode_s": round(encode_s, 2), "hierarchy_stage_s": round(hierarchy_stage_s, 2),
-             "end_to_end_s": round(end_to_end_s, 2), "ari_per_level": [round(a, 4) for a in ari],
-             "config": {"images": n, "classes": args.classes, "model": args.model, "batch": args.batch,
-                        "chunk": args.chunk, "readers": args.readers, "writers": args.writers,
-                        "interpolation": args.interpolation, "dtype": args.dtype,
+    extra = {"runs": runs, "phases_s": fused["encode"].get("phases_s"), "stats_pass_s": fused["encode"].get(
+             "stats_pass_s"), "channel_stats": fused["encode"].get("channel_stats"),
+             "ari_per_level": [round(a, 4) for a in ari],
+             # the sampled statistics' effect on the teacher: the same images under the whole set's statistics
+             "fused_vs_two_pass_exact_share": round(float(np.mean([np.array_equal(a, b) for a, b in zip(
+                 np.asarray(zarr_store.open_array(two_pass.teacher(), "regions")[:k]), stored)])), 4),
+             "config": {"images": n, "classes": args.classes, "config": args.config, "sets": args.sets,
                         "mean_jpeg_kb": round(mean_bytes / 1024, 1), "torch": torch.__version__,
-                        "cpus": os.cpu_count(), "weights": weights_label}}
+                        "cpus": os.cpu_count(), "weights": "random-init"}}
     path = results_io.write_result("dataplane", figures, extra, args.out)
     print(path.read_text(), flush=True)
 

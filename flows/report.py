@@ -6,10 +6,23 @@ from pathlib import Path
 from storage.tables import now_iso, write_run_report
 
 
+_ROW_FIELDS = {"stage", "key", "status", "duration_s", "path", "encoder_weights", "run_id"}
+
+
+def details(result: dict) -> str:
+    """A stage result's own figures beyond the row's fields (throughput, GPU memory and busy share, MFU,
+    phase times...), as JSON for the runs table's `details` column."""
+    import json
+
+    extra = {k: v for k, v in result.items() if k not in _ROW_FIELDS}
+    return json.dumps(extra, sort_keys=True, default=str) if extra else ""
+
+
 def _rows(run_id: str, flow: str, results: list[dict], encoder_weights: str) -> list[dict]:
     return [{"run_id": run_id, "timestamp": now_iso(), "flow": flow, "stage": r["stage"], "key": r["key"],
              "status": r["status"], "duration_s": r["duration_s"], "path": r["path"],
-             "encoder_weights": r.get("encoder_weights", encoder_weights), "error": ""} for r in results]
+             "encoder_weights": r.get("encoder_weights", encoder_weights), "error": "", "details": details(r)}
+            for r in results]
 
 
 def record_run(root: str, run_id: str, flow: str, results: list[dict], encoder_weights: str = "") -> Path:
@@ -25,7 +38,7 @@ def record_failure(root: str, run_id: str, flow: str, results: list[dict], stage
     """A failed run's record: the stages it finished, then one `failed` row naming the stage and the error."""
     failed = {"run_id": run_id, "timestamp": now_iso(), "flow": flow, "stage": stage, "key": "", "status": "failed",
               "duration_s": round(seconds, 3), "path": "", "encoder_weights": encoder_weights,
-              "error": failure_text(error)}
+              "error": failure_text(error), "details": ""}
     return write_run_report(Path(root), run_id, _rows(run_id, flow, results, encoder_weights) + [failed])
 
 

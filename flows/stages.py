@@ -67,9 +67,12 @@ def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -
 
 
 def _stage(stage: str, config: TFConfig, root: str, run_id: str, force: str | None,
-           levels: list[int] | None = None) -> list[dict]:
+           levels: list[int] | None = None, done: list[dict] | None = None) -> list[dict]:
     """One stage in this process. The task modules import torch, timm and scikit-learn (about 5 s on 2
-    cores), so they are imported here, after the checks: a refused config fails in well under a second."""
+    cores), so they are imported here, after the checks: a refused config fails in well under a second.
+    `done`: the results of the run's stages before this one, given by a run that goes on to the
+    hierarchy stage (the pipeline): encode then fills the teacher store in its own pass where it can,
+    and the hierarchy stage reuses what that pass made instead of forcing it again."""
     again = forced(stage, force)
     if stage == "ingest":
         from tasks.ingest import ingest_images
@@ -78,11 +81,12 @@ def _stage(stage: str, config: TFConfig, root: str, run_id: str, force: str | No
     if stage == "encode":
         from tasks.encode import encode_latents
 
-        return [encode_latents(config, root, again)]
+        return [encode_latents(config, root, again, with_teacher=done is not None)]
     if stage == "hierarchy":
         from tasks.hierarchy import build_teacher
 
-        return [build_teacher(config, root, again)]
+        fused = any(r.get("stage") == "encode" and r.get("teacher") for r in done or [])
+        return [build_teacher(config, root, again and not fused)]
     if stage == "train":
         return _train(config, root, levels, again)
     if stage == "judge":
@@ -283,7 +287,7 @@ def pipeline_flow(config: TFConfig = TFConfig(), config_path: str | None = None,
             run.deployed(stage, config, force)
     else:
         for stage in ORDER:
-            run(stage, config, lambda: _stage(stage, config, root, run.run_id, force))
+            run(stage, config, lambda: _stage(stage, config, root, run.run_id, force, done=run.results))
     return run.finish()
 
 

@@ -39,3 +39,35 @@ def mean_std(counts: np.ndarray, means: np.ndarray, m2s: np.ndarray, eps: float 
     if count == 0:
         raise ValueError("no valid samples to compute channel statistics from")
     return mean.astype(np.float32), np.sqrt(m2 / count + eps).astype(np.float32)
+
+
+class DeviceMoments:
+    """(count, mean, M2) per channel accumulated on the values' device in float64, batch by batch:
+    each batch's own two-pass moments merged by merge_moments' formula, with no host sync until
+    `result()`. What the encode pass keeps per chunk so float32 tokens never travel to the host."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, values) -> None:
+        """values [..., C] (a torch tensor); an empty batch adds nothing."""
+        flat = values.reshape(-1, values.shape[-1]).double()
+        if len(flat) == 0:
+            return
+        mean = flat.mean(0)
+        m2 = (flat - mean).square_().sum(0)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = len(flat), mean, m2
+            return
+        count = self.count + len(flat)
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (len(flat) / count)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * len(flat) / count)
+        self.count = count
+
+    def result(self, channels: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(count, mean [C], M2 [C]) as chunk_moments gives them (zeros when nothing was added)."""
+        if self.mean is None:
+            zeros = np.zeros(channels)
+            return 0, zeros, zeros.copy()
+        return self.count, self.mean.cpu().numpy(), self.m2.cpu().numpy()

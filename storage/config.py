@@ -69,8 +69,13 @@ class EncoderConfig(_Part):
     gpus: int = Field(0, ge=0, description="read_from files without ingest.dask_address: local GPUs encoding "
                                            "disjoint chunks, one pass each (0 = every visible GPU)")
     readers: int = Field(8, ge=1, description="read_from files: threads reading (and on CPU decoding) files")
+    writers: int = Field(2, ge=1, description="read_from files: threads writing finished chunks (each holds one "
+                                              "chunk's host buffer)")
     read_timeout_s: float = Field(300.0, gt=0, description="read_from files: a batch's files not read this long "
                                   "after they are needed (a hung network file system) become reject rows")
+    stats_images: int = Field(0, ge=0, description="read_from files: 0 = the channel mean/std of every image, "
+                              "known after the pass; N = of N images spread evenly over the source, encoded "
+                              "first, so the hierarchy (backend batched) runs in the same pass as the encoder")
 
 
 class HierarchyConfig(_Part):
@@ -303,6 +308,9 @@ def preflight(cfg: TFConfig, command: str, levels: list[int] | None = None) -> N
     if command in ("pipeline", "encode", "evaluate"):
         _check_encoder_weights(cfg.encoder)
     reads_files = encode_reads_files(cfg)   # also refuses read_from files for the scenes
+    if cfg.encoder.stats_images and not reads_files:
+        raise ValueError("encoder.stats_images applies to the direct path (encoder.read_from files): the image "
+                         "store path computes the channel statistics of every image; set it to 0")
     if command in ("pipeline", "ingest") or (command == "encode" and reads_files):
         _check_source_files(cfg.source)
     if command in ("pipeline", "train") and cfg.decoder.checkpoint:

@@ -95,9 +95,12 @@ def stage_keys(cfg: TFConfig, metrics: tuple[str, ...] = ()) -> StageKeys:
     listing = stable_hash({"source": cfg.source.model_dump(), "v": v["images"]})
     images = stable_hash({"source": cfg.source.model_dump(), "v": v["images"], "pixels": {
         "read_from": "files", "sample_pixels": cfg.ingest.sample_pixels}}) if direct else listing
-    encoder = cfg.encoder.model_dump(exclude={"batch_size", "read_from", "gpus", "readers", "read_timeout_s"})
+    encoder = cfg.encoder.model_dump(exclude={"batch_size", "read_from", "gpus", "readers", "writers",
+                                              "read_timeout_s"})
     if direct:
         encoder["read_from"] = "files"
+    if not encoder["stats_images"]:   # an option added off: latents encoded before it keep their keys
+        del encoder["stats_images"]
     latents = stable_hash({"encoder": encoder, "up": listing, "v": v["latents"]})
     teacher = stable_hash({"hierarchy": cfg.hierarchy.model_dump(), "up": latents, "v": v["teacher"]})
     # settings that change how, not what, is trained stay out of the keys

@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from storage import zarr_store
+from storage.files import atomic_write_json, read_json
 from storage.zarr_store import ArraySpec
+
+SAMPLED_STATS = "_SAMPLED_STATS.json"   # beside the store: mean/std hold a sample's statistics, fixed before the pass
 
 
 def latent_store_arrays(num: int, num_chunks: int, grid: int, dim: int, dtype) -> dict[str, ArraySpec]:
@@ -34,9 +37,10 @@ def latent_store_arrays(num: int, num_chunks: int, grid: int, dim: int, dtype) -
 
 def write_latent_chunk(store: Path, chunk: int, start: int, tokens: np.ndarray, valid: np.ndarray,
                        labels: np.ndarray, moments: tuple, dtype: str, info: dict,
-                       rejects: list[dict] | None = None) -> None:
+                       rejects: list[dict] | None = None, encoded: bool = False) -> None:
     """Samples start..start+len(tokens) of the latent store, marker last. `tokens` are float32 with
-    invalid rows already zero; `moments` is this chunk's (count, mean, M2) over its valid rows.
+    invalid rows already zero (`encoded`: already in the storage form of `dtype`, as
+    zarr_store.encode_floats gives it); `moments` is this chunk's (count, mean, M2) over its valid rows.
     `rejects` (None: the caller keeps no reject table here) replaces this chunk's reject file."""
     store = Path(store)
     count, mean, m2 = moments
@@ -44,7 +48,8 @@ def write_latent_chunk(store: Path, chunk: int, start: int, tokens: np.ndarray, 
     zarr_store.write_rows(store, chunk, {"chunk_count": count, "chunk_mean": mean, "chunk_m2": m2})
     if rejects is not None:
         _replace_rejects(store, chunk, rejects)   # before the marker: a done chunk has its rejects
-    zarr_store.write_chunk(store, chunk, start, {"tokens": zarr_store.encode_floats(tokens, dtype),
+    stored = tokens if encoded else zarr_store.encode_floats(tokens, dtype)
+    zarr_store.write_chunk(store, chunk, start, {"tokens": stored,
                                                  "valid": valid, "label": labels}, info)
 
 
@@ -58,3 +63,19 @@ def _replace_rejects(store: Path, chunk: int, rows: list[dict]) -> None:
         write_rejects(store, chunk, rows)
     else:
         (store / "_rejects" / f"{chunk:06d}.parquet").unlink(missing_ok=True)
+
+
+def write_sampled_stats(store: Path, mean: np.ndarray, std: np.ndarray, info: dict) -> None:
+    """Fix the store's channel statistics before its chunks are encoded (encoder.stats_images): the arrays
+    first, then the record saying they are final, so a resumed pass standardises with the same values."""
+    zarr_store.write_array(Path(store), "mean", np.asarray(mean, np.float32))
+    zarr_store.write_array(Path(store), "std", np.asarray(std, np.float32))
+    atomic_write_json(Path(store) / SAMPLED_STATS, info)
+
+
+def sampled_stats(store: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The statistics write_sampled_stats fixed, or None when there are none (yet)."""
+    if not (Path(store) / SAMPLED_STATS).exists():
+        return None
+    read_json(Path(store) / SAMPLED_STATS)   # a torn record would not be there: it is written atomically
+    return tuple(np.asarray(zarr_store.open_array(Path(store), name)[:], np.float32) for name in ("mean", "std"))

@@ -39,7 +39,7 @@ METRIC_COLUMNS = [
     "feature_extractor", "extractor_weights", "encoder_weights", "mode",
 ]
 RUN_COLUMNS = ["run_id", "timestamp", "flow", "stage", "key", "status", "duration_s", "path", "encoder_weights",
-               "error"]   # error: "" unless status is failed
+               "error", "details"]   # error: "" unless status is failed; details: the stage's own figures, JSON
 REJECT_COLUMNS = ["stage", "path", "reason", "chunk", "timestamp"]
 
 
@@ -149,6 +149,7 @@ def compare_runs(root: str | Path, run_ids: list[str], by: str = "run_id", **fil
 def write_run_report(root: Path, run_id: str, rows: list[dict]) -> Path:
     frame = pd.DataFrame(rows, columns=RUN_COLUMNS).drop(columns="run_id")   # run_id: the folder
     frame["error"] = _errors(frame["error"])
+    frame["details"] = _errors(frame["details"])
     path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "report.parquet"
     atomic_write_parquet(frame, path)
     return path
@@ -157,7 +158,17 @@ def write_run_report(root: Path, run_id: str, rows: list[dict]) -> Path:
 def load_runs(root: str | Path) -> pd.DataFrame:
     frame = _load_table(Path(root) / "tables" / "runs", RUN_COLUMNS)
     frame["error"] = _errors(frame["error"]) if "error" in frame else ""   # runs recorded before the column
+    frame["details"] = _errors(frame["details"]) if "details" in frame else ""
     return frame
+
+
+def run_details(row) -> dict:
+    """A runs-table row's `details` (the stage's own figures: images/s, GPU memory and busy share, MFU,
+    where the time went) as a dict; {} for rows without any."""
+    import json
+
+    text = row["details"] if "details" in row else ""
+    return json.loads(text) if isinstance(text, str) and text else {}
 
 
 def _errors(column: pd.Series) -> list[str]:

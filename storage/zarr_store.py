@@ -77,7 +77,9 @@ def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attr
         group.create_array(name, shape=spec.shape, chunks=chunks, dtype=spec.dtype,
                            dimension_names=list(spec.dims), fill_value=spec.fill_value,
                            attributes=dict(spec.attrs or {}), **codec)
-    group.attrs.update({"schema_version": SCHEMA_VERSION, "chunk_size": chunk_size,
+    # build_id names this template: a store made from it records the id (e.g. the teacher its latents'),
+    # so a rebuilt upstream (same key, new data) is told apart from the one a half-done store came from
+    group.attrs.update({"schema_version": SCHEMA_VERSION, "chunk_size": chunk_size, "build_id": uuid.uuid4().hex,
                         "stage_attrs": _jsonable(attrs), **_jsonable(attrs)})
     if final.exists():   # a template without zarr.json, left by a kill before templates were atomic
         shutil.rmtree(final)
@@ -154,31 +156,56 @@ def _inner_rows(spec: ArraySpec, rows: int) -> int | None:
     return next((d for d in range(target, MIN_INNER_ROWS - 1, -1) if rows % d == 0), None)
 
 
-def _shard_layout(array: zarr.Array) -> tuple[int, ...] | None:
-    """For a sharded array whose shards are raw little-endian inner chunks split along axis 0 only,
-    with the default index (at the end, [BytesCodec little, Crc32cCodec]): chunks per shard; else None."""
-    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
-    from zarr.codecs.sharding import ShardingCodecIndexLocation
+# --- raw chunk writes, decided from the array's zarr.json (the Zarr v3 spec's document) ---------
+# zarr funnels every writer thread through one event loop, which capped parallel chunk writes near
+# 0.8 GB/s on the H200 host. A region that is exactly one raw chunk (or one raw shard of inner
+# chunks split along axis 0) is written here as that chunk's file. Whether an array qualifies is
+# read from its zarr.json, whose codec names and configurations the Zarr v3 spec fixes, never from
+# zarr's Python objects (their attributes changed between zarr 3.1 and 3.4). Anything else, or any
+# document this does not recognise, goes through zarr's public API.
+_DTYPES = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+           "float16", "float32", "float64"}
 
-    codecs = array.metadata.codecs
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+
+def _little_bytes(codec: dict, itemsize: int) -> bool:
+    """A `bytes` codec storing little-endian values (endian may be absent for one-byte types)."""
+    endian = (codec.get("configuration") or {}).get("endian")
+    return codec.get("name") == "bytes" and (endian == "little" or endian is None and itemsize == 1)
+
+
+def _raw_layout(meta: dict) -> tuple[tuple[int, ...], tuple[int, ...] | None] | None:
+    """(rows-chunk shape on disk, inner chunks per shard or None) when the array in `meta` (its zarr.json)
+    stores raw little-endian bytes under the default "/" key encoding; else None."""
+    dtype = meta.get("data_type")
+    if meta.get("zarr_format") != 3 or not isinstance(dtype, str) or dtype not in _DTYPES:
         return None
-    codec = codecs[0]
-    inner_ok = len(codec.codecs) == 1 and isinstance(codec.codecs[0], BytesCodec) \
-        and (codec.codecs[0].endian is None or codec.codecs[0].endian.value == "little")
-    index_ok = len(codec.index_codecs) == 2 and isinstance(codec.index_codecs[0], BytesCodec) \
-        and codec.index_codecs[0].endian is not None and codec.index_codecs[0].endian.value == "little" \
-        and isinstance(codec.index_codecs[1], Crc32cCodec) and codec.index_location == ShardingCodecIndexLocation.end
-    shards, inner = array.shards, tuple(codec.chunk_shape)
-    if not (inner_ok and index_ok) or shards[0] % inner[0] or tuple(inner[1:]) != tuple(shards[1:]):
+    itemsize = np.dtype(dtype).itemsize
+    keys, grid = meta.get("chunk_key_encoding") or {}, meta.get("chunk_grid") or {}
+    if keys.get("name") != "default" or (keys.get("configuration") or {}).get("separator") != "/" \
+            or grid.get("name") != "regular" or meta.get("storage_transformers"):
         return None
-    return (shards[0] // inner[0],) + (1,) * (len(shards) - 1)
+    shape = tuple(grid["configuration"]["chunk_shape"])
+    codecs = meta.get("codecs") or []
+    if len(codecs) == 1 and _little_bytes(codecs[0], itemsize):
+        return shape, None
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    config = codecs[0].get("configuration") or {}
+    inner, inner_codecs, index = tuple(config.get("chunk_shape", ())), config.get("codecs") or [], \
+        config.get("index_codecs") or []
+    if not (len(inner_codecs) == 1 and _little_bytes(inner_codecs[0], itemsize)
+            and len(index) == 2 and _little_bytes(index[0], 8) and index[1].get("name") == "crc32c"
+            and config.get("index_location", "end") == "end"):
+        return None
+    if len(inner) != len(shape) or shape[0] % inner[0] or inner[1:] != shape[1:]:
+        return None
+    return shape, (shape[0] // inner[0],) + (1,) * (len(shape) - 1)
 
 
 def _shard_index(per_shard: tuple[int, ...], data: np.ndarray) -> bytes:
-    """The shard index zarr's ShardingCodec reads for a shard holding `data` as its inner chunks
-    back to back in C order: (offset, nbytes) little-endian uint64 per inner chunk, then the
-    crc32c of those bytes (little-endian uint32)."""
+    """The shard index the spec's sharding codec reads for a shard holding `data` as its inner chunks
+    back to back in C order: (offset, nbytes) little-endian uint64 per inner chunk, then the crc32c of
+    those bytes (little-endian uint32)."""
     import google_crc32c
 
     count = per_shard[0]
@@ -190,45 +217,73 @@ def _shard_index(per_shard: tuple[int, ...], data: np.ndarray) -> bytes:
     return raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
 
 
-def _raw_chunk_file(array: zarr.Array, folder: Path, start: int, data: np.ndarray) -> Path | None:
-    """The file of the one Zarr chunk (or shard) that `data` fills exactly, when the array stores
-    raw little-endian bytes under the default "/" key encoding; else None (zarr writes it).
-    A shard's file is the inner chunks back to back (they split axis 0 only, so that is `data`'s
-    bytes) followed by its index (`_shard_index`)."""
-    chunks, shape = array.chunks, array.shape
-    if array.shards is not None:
-        if _shard_layout(array) is None:
-            return None
-        chunks = array.shards
-    elif array.compressors or array.filters or \
-            getattr(array.serializer, "endian", None) is None and data.itemsize > 1:
+def _array_meta(folder: Path) -> dict:
+    return json.loads((Path(folder) / "zarr.json").read_text())
+
+
+def _raw_chunk_file(meta: dict, folder: Path, start: int, data: np.ndarray) -> tuple[Path, list[bytes]] | None:
+    """(file, index parts to append) of the one raw chunk or shard that `data` fills exactly, for the
+    array described by `meta` in `folder`; None where zarr must write it (also for data of another dtype)."""
+    layout = _raw_layout(meta)
+    shape = tuple(meta["shape"])
+    if layout is None or sys.byteorder != "little" or np.dtype(meta["data_type"]) != data.dtype:
         return None
-    encoding = array.metadata.chunk_key_encoding
-    if getattr(encoding, "separator", None) != "/" or type(encoding).__name__ != "DefaultChunkKeyEncoding":
+    chunks, per_shard = layout
+    if start % chunks[0] or len(data) != chunks[0] or chunks[1:] != shape[1:] or data.shape[1:] != shape[1:]:
         return None
-    if start % chunks[0] or len(data) != chunks[0] or tuple(chunks[1:]) != tuple(shape[1:]) \
-            or data.shape[1:] != tuple(shape[1:]) or sys.byteorder != "little":
-        return None
-    return folder.joinpath("c", str(start // chunks[0]), *("0" for _ in shape[1:]))
+    index = [_shard_index(per_shard, data)] if per_shard else []
+    return Path(folder).joinpath("c", str(start // chunks[0]), *("0" for _ in shape[1:])), index
+
+
+def _region_files(meta: dict, folder: Path, start: int, stop: int) -> list[Path]:
+    """The files of the chunks (or shards) holding rows start..stop, for arrays split along axis 0 only."""
+    grid = (meta.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape")
+    separator = ((meta.get("chunk_key_encoding") or {}).get("configuration") or {}).get("separator", "/")
+    if not grid or tuple(grid[1:]) != tuple(meta["shape"][1:]):
+        return []
+    rest = ["0"] * (len(grid) - 1)
+    keys = [separator.join(["c", str(c), *rest]) for c in range(start // grid[0], -(-stop // grid[0]))]
+    return [Path(folder) / key for key in keys]
+
+
+def _fsync(paths: list[Path]) -> None:
+    """Flush each existing file, then each folder holding one, to the disk (a marker may vouch for them next)."""
+    for path in paths:
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for folder in {path.parent for path in paths if path.parent.is_dir()}:   # renames and removals too
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_chunk(path: Path, chunk: int, start: int, values: dict[str, np.ndarray], info: dict | None = None) -> None:
     """Fill one chunk region of every array in `values`, then write its marker last.
 
-    A region that is exactly one raw (uncompressed) Zarr chunk is written as that chunk's file
-    directly (temporary file, then rename), and so is a whole raw shard (inner chunks + index):
-    zarr funnels every writer thread through one event loop, which capped parallel chunk writes
-    near 0.8 GB/s on the H200 host. Like zarr's own writes these are not fsynced."""
+    A region that is exactly one raw Zarr chunk, or one raw shard, is written as that file directly
+    (temporary file, then rename; see _raw_layout); the rest through zarr. Every file of the region is
+    fsynced, and so are their folders, before the marker is written: a marker never vouches for data
+    that a crash could still lose."""
     group = zarr.open_group(str(zarr_path(path)), mode="r+")
+    written: list[Path] = []
     for name, data in values.items():
-        array = group[name]
-        raw = _raw_chunk_file(array, zarr_path(path) / name, start, data)
+        folder = zarr_path(path) / name
+        meta = _array_meta(folder)
+        data = np.asarray(data)
+        raw = _raw_chunk_file(meta, folder, start, data)
         if raw is None:
-            array[start:start + len(data)] = data
-            continue
-        data = np.ascontiguousarray(data, dtype=array.dtype)
-        index = [_shard_index(_shard_layout(array), data)] if array.shards is not None else []
-        atomic_write_bytes(raw, memoryview(data).cast("B"), *index, fsync=False)
+            group[name][start:start + len(data)] = data
+        else:
+            file, index = raw
+            atomic_write_bytes(file, memoryview(np.ascontiguousarray(data)).cast("B"), *index, fsync=False)
+        written += _region_files(meta, folder, start, start + len(data))
+    _fsync(written)
     atomic_write_text(_marker(path, chunk), json.dumps({"chunk": chunk, "start": start, **(info or {})}))
 
 
@@ -273,6 +328,11 @@ def has_array(path: Path, name: str) -> bool:
 
 def store_attrs(path: Path) -> dict:
     return zarr.open_group(str(zarr_path(path)), mode="r").attrs.asdict()
+
+
+def set_store_attrs(path: Path, attrs: dict) -> None:
+    """Add `attrs` to the store's group attributes (not to the recorded config `check_compatible` compares)."""
+    zarr.open_group(str(zarr_path(path)), mode="r+").attrs.update(_jsonable(attrs))
 
 
 # --- float arrays stored as float16 / float32 / bfloat16 ------------------------------------

@@ -48,6 +48,46 @@ def hierarchy_chunk(spec: HierarchySpec, backend: str, latents: str, store: str,
     return chunk
 
 
+def batched_chunks(spec: HierarchySpec, latents: Path, store: Path, chunks: list[tuple[int, int, int]],
+                   on_chunk=None) -> None:
+    """The batched hierarchy over `chunks` ((chunk, start, stop)) in this process, on the GPU where there is
+    one: the next chunk's latents are read (in their storage form, half the bytes of float32) while this one
+    is clustered, and each chunk's regions are written behind it, marker last."""
+    import concurrent.futures as cf
+
+    import torch
+
+    from models.hierarchy.batched import build_hierarchies_batched
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokens = zarr_store.open_array(Path(latents), "tokens")
+    bf16 = tokens.attrs.get(zarr_store.FLOAT_ENCODING) == zarr_store.BFLOAT16
+    stats = tuple(zarr_store.open_array(Path(latents), name)[:] for name in ("mean", "std"))
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        raw = np.asarray(tokens[start:stop])
+        return torch.from_numpy(raw.view(np.int16) if bf16 else raw)
+
+    def write(chunk: int, start: int, regions: np.ndarray) -> None:
+        zarr_store.write_chunk(Path(store), chunk, start, {"regions": regions})
+        if on_chunk:
+            on_chunk()
+
+    with cf.ThreadPoolExecutor(1) as reader, cf.ThreadPoolExecutor(1) as writer:
+        ahead = reader.submit(read, *chunks[0][1:]) if chunks else None
+        writes = []
+        for i, (chunk, start, _) in enumerate(chunks):
+            raw = ahead.result()
+            ahead = reader.submit(read, *chunks[i + 1][1:]) if i + 1 < len(chunks) else None
+            on_device = raw.to(device, non_blocking=True)
+            values = (on_device.view(torch.bfloat16) if bf16 else on_device).float()
+            with torch.no_grad():
+                regions = build_hierarchies_batched(values, spec, stats=stats).cpu().numpy()
+            writes.append(writer.submit(write, chunk, start, regions))
+        for done in writes:
+            done.result()
+
+
 def ground_truth_chunk(images: str, store: str, chunk: int, start: int, stop: int, grid: int) -> int:
     """The oracle teacher for samples start:stop: the image store's ground-truth masks voted down
     to the token grid (models.hierarchy.reference.ground_truth_hierarchies), in the clustered teacher's format."""
@@ -150,3 +190,19 @@ def encode_files_chunk(encoder: dict, source: dict, device: str, store: str, chu
                                 base=start, readers=cfg.readers, read_timeout=cfg.read_timeout_s,
                                 worker=_worker_address())
     return info
+
+
+def stats_chunk(encoder: dict, source: dict, device: str, ids: list[str], expect_weights: str) -> tuple:
+    """Dask entry: (count, mean, M2) of the encoder's tokens over the files of `ids` (encoder.stats_images),
+    on this worker's GPU. tasks.encode fixes the latent store's mean/std from it before the pass."""
+    from storage.config import SourceConfig
+    from storage.imagenet import resize_short_side, sample_files
+    from tasks.encode_files import Preprocess, sample_moments
+
+    src = SourceConfig.model_validate(source)
+    cfg, device, model = _planned_encoder(encoder, src.image_size, device, expect_weights)
+    count, mean, m2 = sample_moments(model, sample_files(src, ids), Preprocess(src.image_size, resize_short_side(src),
+                                                                           src.interpolation),
+                                     device, batch_size=cfg.batch_size, readers=cfg.readers,
+                                     read_timeout=cfg.read_timeout_s)
+    return count, mean.tolist(), m2.tolist()

@@ -16,20 +16,27 @@ always happen here.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import threading
+import time
+
+import numpy as np
 
 from models.channel_stats import mean_std
 from models.encoder import ENCODER_OUTPUT, grid_size, resolve_encoder_name, token_dim
 from models.encoder import weights_label as planned_weights_label
-from storage import zarr_store
+from storage import latent_store, zarr_store
 from storage.config import TFConfig, encode_reads_files
 from storage.imagenet import resize_short_side, sample_files
 from storage.keys import Layout
 from storage.latent_store import latent_store_arrays  # noqa: F401  (its home before storage.latent_store)
-from tasks.chunk_workers import encode_chunk, encode_chunk_with, encode_files_chunk
+from tasks.chunk_workers import encode_chunk, encode_chunk_with, encode_files_chunk, stats_chunk
 from tasks.dask_chunks import run_chunks
-from tasks.encode_files import Preprocess, encode_file_chunks
+from tasks.encode_files import Preprocess, Teacher, encode_file_chunks, sample_moments
 from tasks.encoder_load import load_encoder
+from tasks.hierarchy import teacher_marker, teacher_template
+from tasks.phase_clock import PhaseClock
+from tasks.plan import hierarchy_spec
 from tasks.progress import Progress
 from tasks.stage import Done, Stage, pick_device, run_stage, stage_task
 
@@ -52,12 +59,21 @@ def plan_encoder(cfg: TFConfig) -> tuple[str, int, int]:
 
 
 @stage_task("encode")
-def encode_latents(cfg: TFConfig, root: str, force: bool = False) -> dict:
+def encode_latents(cfg: TFConfig, root: str, force: bool = False, with_teacher: bool = False) -> dict:
+    """`with_teacher` (the run goes on to the hierarchy stage): where the hierarchy can run in the same pass
+    (fusable), the teacher store is filled beside the latents, and the hierarchy stage then reuses it."""
     layout = Layout(root, cfg)
     stage = Stage("encode", layout.keys.latents, layout.latents(), store_stage="latents",
                   needs=[(layout.images(), "ingest")])
-    return run_stage(cfg, stage, force, lambda: _encode(cfg, layout), reused=lambda: {
+    return run_stage(cfg, stage, force, lambda: _encode(cfg, layout, with_teacher), reused=lambda: {
         "encoder_weights": zarr_store.store_attrs(layout.latents())["encoder_weights"]})
+
+
+def fusable(cfg: TFConfig) -> bool:
+    """Whether the hierarchy can run inside the encode pass: the direct path in this process, the batched
+    backend on clustered latents, and channel statistics fixed before the pass (encoder.stats_images)."""
+    return (encode_reads_files(cfg) and not cfg.ingest.dask_address and cfg.encoder.stats_images > 0
+            and cfg.hierarchy.source == "clustered" and cfg.hierarchy.backend == "batched")
 
 
 def local_devices(cfg: TFConfig, direct: bool) -> list[str]:
@@ -72,7 +88,7 @@ def local_devices(cfg: TFConfig, direct: bool) -> list[str]:
     return [f"cuda:{i}" for i in range(min(cfg.encoder.gpus or count, count))]
 
 
-def _encode(cfg: TFConfig, layout: Layout) -> Done:
+def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     images, path = layout.images(), layout.latents()
     direct = encode_reads_files(cfg)
     if direct:   # files are read now: they must still be the ones the listing recorded
@@ -95,34 +111,123 @@ def _encode(cfg: TFConfig, layout: Layout) -> Done:
     bounds = zarr_store.chunk_bounds(num, chunk_size)
     attrs = {"stage": "latents", "key": layout.keys.latents, "images_key": layout.keys.images,
              "encoder": cfg.encoder.model, "encoder_weights": weights_label, "image_size": cfg.source.image_size,
-             "encoder_output": ENCODER_OUTPUT, **({"read_from": "files"} if direct else {})}
+             "encoder_output": ENCODER_OUTPUT, **({"read_from": "files"} if direct else {}),
+             **({"channel_stats": sampled_stats_label(cfg.encoder.stats_images)} if cfg.encoder.stats_images else {})}
     zarr_store.create_store(path, latent_store_arrays(num, len(bounds), grid, dim, cfg.encoder.dtype), chunk_size, attrs)
     zarr_store.write_array(path, "sample", zarr_store.open_array(images, "sample")[:])
     pending = zarr_store.pending_chunks(path, len(bounds))
-    if address:
-        run_chunks(encode_files_chunk if direct else encode_chunk, _dask_chunks(cfg, layout, direct, pending, bounds,
-                                                                             weights_label),
-                   description="encode", address=address, workers=cfg.ingest.workers, resources=GPU_RESOURCES,
-                   worker_loss_timeout=cfg.ingest.worker_loss_timeout)
-    else:
-        with Progress(num, "encode", unit="img") as bar:
-            bar.advance(num - sum(bounds[c][1] - bounds[c][0] for c in pending))
-            if direct:
-                _encode_files_here(cfg, layout, models, weights_label, pending, bounds, bar)
-            else:
-                [(device, model)] = models.items()
-                for chunk in pending:
-                    start, stop = bounds[chunk]
-                    encode_chunk_with(model, weights_label, device, str(images), str(path), chunk, start, stop,
-                                      cfg.encoder.batch_size, cfg.encoder.dtype)
-                    bar.advance(stop - start)
-    mean, std = mean_std(*(zarr_store.open_array(path, n)[:] for n in ("chunk_count", "chunk_mean", "chunk_m2")))
-    zarr_store.write_array(path, "mean", mean)
-    zarr_store.write_array(path, "std", std)
+    began = time.monotonic()
+    stats = _sampled_stats(cfg, layout, models, weights_label) if cfg.encoder.stats_images else None
+    extra: dict = {"stats_pass_s": round(time.monotonic() - began, 3)} if stats is not None else {}
+    teacher = _fused_teacher(cfg, layout, stats) if with_teacher and fusable(cfg) else contextlib.nullcontext()
+    with teacher as fused:
+        if fused is not None:   # a chunk is to do while either of its two markers is missing
+            pending = sorted(set(pending) | set(zarr_store.pending_chunks(fused.store, len(bounds))))
+        if address:
+            run_chunks(encode_files_chunk if direct else encode_chunk, _dask_chunks(cfg, layout, direct, pending,
+                                                                                 bounds, weights_label),
+                       description="encode", address=address, workers=cfg.ingest.workers, resources=GPU_RESOURCES,
+                       worker_loss_timeout=cfg.ingest.worker_loss_timeout)
+        else:
+            with Progress(num, "encode" + (" + hierarchy" if fused else ""), unit="img") as bar:
+                bar.advance(num - sum(bounds[c][1] - bounds[c][0] for c in pending))
+                if direct:
+                    extra["phases_s"] = _encode_files_here(cfg, layout, models, weights_label, pending, bounds, bar,
+                                                           fused)
+                else:
+                    [(device, model)] = models.items()
+                    for chunk in pending:
+                        start, stop = bounds[chunk]
+                        encode_chunk_with(model, weights_label, device, str(images), str(path), chunk, start, stop,
+                                          cfg.encoder.batch_size, cfg.encoder.dtype)
+                        bar.advance(stop - start)
+        if fused is not None:
+            zarr_store.mark_complete(fused.store, teacher_marker(cfg, num))
+            extra["teacher"] = str(fused.store)
+    full = mean_std(*(zarr_store.open_array(path, n)[:] for n in ("chunk_count", "chunk_mean", "chunk_m2")))
+    if stats is None:
+        zarr_store.write_array(path, "mean", full[0])
+        zarr_store.write_array(path, "std", full[1])
+    else:   # the sample's statistics stay the store's; how far the whole set's are from them is on record
+        extra["channel_stats"] = stats_deviation(stats, full)
     valid = zarr_store.open_array(path, "valid")[:]
     counts = {"accepted": int(valid.sum()), "rejected": int((~valid).sum())}
-    return Done({"samples": num, "encoder_weights": weights_label, "grid": grid, "dim": dim, **counts},
-                {"encoder_weights": weights_label, **counts})
+    return Done({"samples": num, "encoder_weights": weights_label, "grid": grid, "dim": dim, **counts, **extra},
+                {"encoder_weights": weights_label, "images": num, **counts, **extra})
+
+
+def sampled_stats_label(images: int) -> str:
+    return f"mean/std of {images} images spread evenly over the source, fixed before the pass"
+
+
+def stats_deviation(sampled: tuple[np.ndarray, np.ndarray], full: tuple[np.ndarray, np.ndarray]) -> dict:
+    """How the sample's channel statistics differ from the whole set's, in units of the whole set's std."""
+    mean_shift = np.abs(sampled[0] - full[0]) / full[1]
+    std_ratio = sampled[1] / full[1]
+    return {"max_mean_shift_in_std": round(float(mean_shift.max()), 5),
+            "std_ratio_range": [round(float(std_ratio.min()), 5), round(float(std_ratio.max()), 5)]}
+
+
+def sample_rows(num: int, images: int) -> np.ndarray:
+    """`images` rows spread evenly over 0..num-1 (every row when images >= num): every class folder of a
+    sorted listing is in the sample, not only the first ones."""
+    if images >= num:
+        return np.arange(num)
+    return np.unique(np.linspace(0, num - 1, images).round().astype(np.int64))
+
+
+def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: str) -> tuple[np.ndarray, np.ndarray]:
+    """The channel statistics of encoder.stats_images images spread over the source, computed once (before the
+    pass, so a fused hierarchy can standardise with them) and kept in the store: a resumed run reuses them."""
+    path = layout.latents()
+    kept = latent_store.sampled_stats(path)
+    if kept is not None:
+        return kept
+    ids = zarr_store.open_array(layout.images(), "sample")[:]
+    rows = sample_rows(len(ids), cfg.encoder.stats_images)
+    files = sample_files(cfg.source, [str(ids[r]) for r in rows])
+    preprocess = Preprocess(cfg.source.image_size, resize_short_side(cfg.source), cfg.source.interpolation)
+    if cfg.ingest.dask_address:
+        [moments] = run_chunks(stats_chunk, [(cfg.encoder.model_dump(), cfg.source.model_dump(), cfg.device,
+                                              [str(ids[r]) for r in rows], weights_label)],
+                               description="channel statistics", address=cfg.ingest.dask_address,
+                               workers=cfg.ingest.workers, resources=GPU_RESOURCES,
+                               worker_loss_timeout=cfg.ingest.worker_loss_timeout)
+    else:
+        device, model = next(iter(models.items()))
+        with Progress(len(rows), "channel statistics", unit="img") as bar:
+            moments = sample_moments(model, files, preprocess, device, batch_size=cfg.encoder.batch_size,
+                                     readers=cfg.encoder.readers, read_timeout=cfg.encoder.read_timeout_s)
+            bar.advance(len(rows))
+    count, mean, m2 = moments
+    stats = mean_std(np.array([count]), np.asarray(mean)[None], np.asarray(m2)[None])
+    latent_store.write_sampled_stats(path, *stats, {"images": len(rows), "tokens": int(count)})
+    return stats
+
+
+@contextlib.contextmanager
+def _fused_teacher(cfg: TFConfig, layout: Layout, stats):
+    """The Teacher the encode pass fills, its store's template made and its stage lock held for the pass;
+    None (encode only) when another run holds the hierarchy stage. A complete teacher store there is from
+    latents before these (this pass computes them anew) and is removed; teacher_template removes a half-done
+    one from other latents."""
+    from storage.files import remove_tree
+    from storage.locks import StageLocked, stage_lock
+
+    store = layout.teacher()
+    try:
+        lock = stage_lock(store, "fail", 0.0)
+        lock.__enter__()
+    except StageLocked:
+        yield None
+        return
+    try:
+        if zarr_store.is_complete(store):
+            remove_tree(store)
+        teacher_template(cfg, layout)
+        yield Teacher(hierarchy_spec(cfg.hierarchy), stats, store)
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _dask_chunks(cfg: TFConfig, layout: Layout, direct: bool, pending: list[int], bounds, weights_label: str):
@@ -137,8 +242,9 @@ def _dask_chunks(cfg: TFConfig, layout: Layout, direct: bool, pending: list[int]
 
 
 def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_label: str, pending: list[int],
-                       bounds, bar: Progress) -> None:
-    """The direct path on this machine's devices: one pass per device over every n-th pending chunk."""
+                       bounds, bar: Progress, teacher: Teacher | None = None) -> dict[str, dict[str, float]]:
+    """The direct path on this machine's devices: one pass per device over every n-th pending chunk. Returns
+    each device's PhaseClock summary: where the pass spent its time."""
     ids = zarr_store.open_array(layout.images(), "sample")[:].tolist()
     labels = zarr_store.open_array(layout.images(), "label")[:]
     files = sample_files(cfg.source, ids)
@@ -150,12 +256,15 @@ def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_labe
             bar.advance(rows)
 
     devices = list(models)
+    clocks = {device: PhaseClock(device.startswith("cuda")) for device in devices}
     with cf.ThreadPoolExecutor(len(devices)) as pool:
         runs = [pool.submit(encode_file_chunks, models[device], files, labels, layout.latents(),
                             [(c, *bounds[c]) for c in pending[i::len(devices)]], preprocess, device,
                             batch_size=cfg.encoder.batch_size, dtype=cfg.encoder.dtype, weights_label=weights_label,
-                            readers=cfg.encoder.readers, read_timeout=cfg.encoder.read_timeout_s,
-                            on_chunk=advance)
+                            readers=cfg.encoder.readers, writers=cfg.encoder.writers,
+                            read_timeout=cfg.encoder.read_timeout_s, on_chunk=advance, teacher=teacher,
+                            clock=clocks[device])
                 for i, device in enumerate(devices)]
         for run in runs:
             run.result()
+    return {device: clock.summary() for device, clock in clocks.items()}

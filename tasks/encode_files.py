@@ -3,8 +3,10 @@
     reader threads (file bytes, a few batches ahead)
       -> a preparing thread (decode: nvjpeg on CUDA, CPU decoders for the rest; crop + resize;
          on CUDA on a side stream, so it overlaps the encoder's batch before)
-      -> the encoder on this thread (models.encoder, bf16 autocast on CUDA)
-      -> writer threads (moments, float storage, reject rows, tokens, the chunk marker last)
+      -> on this thread, per batch on the device: the encoder (bf16 autocast on CUDA), channel
+         moments in float64, the storage form (float16 / bfloat16 bits), and with a Teacher the
+         hierarchy of the stored values (models.hierarchy.batched); one async copy to a pinned buffer
+      -> writer threads (latents, reject rows, then the teacher's regions; each marker last)
 
 `encode_file_chunks` is what `tf encode` runs for ImageNet sources (tasks/encode.py, in-process
 per GPU or one Dask task per chunk) and what bench/dataplane.py times. It writes the chunks it is
@@ -16,19 +18,24 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.channel_stats import chunk_moments
+from models.channel_stats import DeviceMoments
 from models.encoder import encode_tensor, grid_size, token_dim
+from models.hierarchy.batched import build_hierarchies_batched
+from models.hierarchy.reference import HierarchySpec
+from storage import zarr_store
 from storage.imagenet import SampleFiles
 from storage.latent_store import write_latent_chunk
 from tasks.file_decode import crop_resize, decode_images, to_uint8
+from tasks.phase_clock import PhaseClock
 
 READ_AHEAD = 3   # batches whose bytes are being read while one is prepared and one encoded
 
@@ -71,14 +78,17 @@ def collect(parts: list[tuple[cf.Future, int]], timeout: float | None) -> list[b
 
 
 def prepare_batch(datas: list, files: SampleFiles, first_slot: int, preprocess: Preprocess, device: torch.device,
-                  pool: cf.Executor, stage: str) -> Prepared:
+                  pool: cf.Executor, stage: str, clock: PhaseClock | None = None) -> Prepared:
     """File bytes (or read errors) of slots first_slot.. -> the encoder's input and reject rows."""
-    decoded = decode_images(datas, device, cpu_map=pool.map)
+    clock = clock or PhaseClock(False)
+    with clock.device("decode"):
+        decoded = decode_images(datas, device, cpu_map=pool.map)
     ok = np.array([not isinstance(d, Exception) for d in decoded], bool)
     rejects = [{"stage": stage, "path": files.where(first_slot + i), "reason": f"{type(d).__name__}: {d}"}
                for i, d in enumerate(decoded) if isinstance(d, Exception)]
     good = [d for d in decoded if not isinstance(d, Exception)]
-    images01 = crop_resize(good, preprocess.size, preprocess.resize_short, preprocess.interpolation) if good else None
+    with clock.device("resize"):
+        images01 = crop_resize(good, preprocess.size, preprocess.resize_short, preprocess.interpolation) if good else None
     return Prepared(images01, ok, rejects)
 
 
@@ -107,12 +117,134 @@ def encode_batch(model, images01: torch.Tensor) -> torch.Tensor:
     return tokens.float().reshape(len(tokens), side, side, token_dim(model))
 
 
+# --- storage form on the device: what zarr_store.encode_floats / decode_floats do on the host ----------
+_HOST = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.int16}   # bf16: its bit patterns
+
+
+def stored_form(tokens: torch.Tensor, dtype: str) -> torch.Tensor:
+    """float32 tokens -> the latent store's values on their own device (half the bytes to move for 16-bit
+    storage): float16/float32 by a cast, bfloat16 as its bit patterns, rounded to nearest even with NaN as
+    0x7FC0, exactly as zarr_store.encode_floats."""
+    if dtype == "bfloat16":
+        return tokens.to(torch.bfloat16).view(torch.int16)
+    return tokens.to(_HOST[dtype])
+
+
+def read_back(stored: torch.Tensor, dtype: str) -> torch.Tensor:
+    """What a reader of the store gets for `stored` (zarr_store.decode_floats): float32."""
+    return (stored.view(torch.bfloat16) if dtype == "bfloat16" else stored).float()
+
+
+def _host_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    array = tensor.numpy()
+    return array.view(np.uint16) if dtype == "bfloat16" else array
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The hierarchy computed in the same pass as the latents (DESIGN §1: decode -> resize -> encode ->
+    hierarchy): its spec, the channel statistics it standardises with (the latent store's mean/std, fixed
+    before the pass) and its store's template. It clusters the tokens as stored, so its regions are the
+    ones `tf hierarchy` computes from the latent store."""
+    spec: HierarchySpec
+    stats: tuple[np.ndarray, np.ndarray]
+    store: Path
+
+
+def _prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preprocess: Preprocess,
+                      device: torch.device, readers: int, read_timeout: float | None,
+                      clock: PhaseClock) -> Iterator[Prepared]:
+    """Each (start, stop) of `spans` (slots of `files`) as a Prepared batch, in order. Reader threads fetch
+    bytes READ_AHEAD batches ahead; one preparing thread decodes and resizes the next batch (on CUDA on a
+    side stream, so it overlaps the encoder's work on this one). Wait on `.ready` before using the images."""
+    cuda = device.type == "cuda"
+    reader_pool, preparer = cf.ThreadPoolExecutor(readers), cf.ThreadPoolExecutor(1)
+    side_stream = torch.cuda.Stream(device) if cuda else None
+    reading: dict[int, list[tuple[cf.Future, int]]] = {}
+
+    def read(i: int) -> None:
+        if i < len(spans) and i not in reading:
+            reading[i] = read_parts(files, *spans[i], reader_pool, readers)
+
+    def prepare(i: int) -> Prepared:
+        with clock.host("wait_for_files"):   # the readers are behind: file reads bound the pass
+            datas = collect(reading.pop(i), read_timeout)
+        with torch.cuda.stream(side_stream) if cuda else contextlib.nullcontext():
+            prepared = prepare_batch(datas, files, spans[i][0], preprocess, device, reader_pool, "encode", clock)
+            if cuda:
+                prepared.ready = torch.cuda.Event()
+                prepared.ready.record(side_stream)
+        return prepared
+
+    try:
+        for i in range(READ_AHEAD):
+            read(i)
+        upcoming = preparer.submit(prepare, 0) if spans else None
+        for i in range(len(spans)):
+            with clock.host("wait_for_decode"):   # the preparing thread is behind the encoder
+                prepared = upcoming.result()
+            read(i + READ_AHEAD)
+            upcoming = preparer.submit(prepare, i + 1) if i + 1 < len(spans) else None
+            yield prepared
+    finally:
+        preparer.shutdown(wait=True, cancel_futures=True)
+        reader_pool.shutdown(wait=False, cancel_futures=True)   # a reader hung past the timeout stays behind
+
+
+def _encode_prepared(model, prepared: Prepared, device: torch.device, clock: PhaseClock) -> torch.Tensor | None:
+    """float32 [n_ok, g, g, C] tokens of a prepared batch's decodable images, on the device; None if none."""
+    if prepared.images01 is None:
+        return None
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).wait_event(prepared.ready)
+        prepared.images01.record_stream(torch.cuda.current_stream(device))
+    with torch.no_grad(), clock.device("encoder"):
+        return encode_batch(model, prepared.images01)
+
+
+def sample_moments(model, files: SampleFiles, preprocess: Preprocess, device: str | torch.device, *,
+                   batch_size: int, readers: int = 8, read_timeout: float | None = None) -> tuple:
+    """(count, mean [C], M2 [C]) of the encoder's tokens over every decodable file of `files`, accumulated on
+    the device: the channel statistics of a sample (tasks.encode spreads it over the source) that a fused
+    pass standardises with before it has seen the rest. Nothing is written."""
+    device = torch.device(device)
+    moments = DeviceMoments()
+    clock = PhaseClock(device.type == "cuda")
+    spans = [(b, min(b + batch_size, len(files))) for b in range(0, len(files), batch_size)]
+    for prepared in _prepared_batches(files, spans, preprocess, device, readers, read_timeout, clock):
+        tokens = _encode_prepared(model, prepared, device, clock)
+        if tokens is not None:
+            moments.add(tokens)
+    return moments.result(token_dim(model))
+
+
+class _HostBuffers:
+    """Whole-chunk host buffers (latents in their storage form, regions), pinned on CUDA so the device's
+    copies into them run asynchronously; `count` sets, reused in turn. `take` blocks while every set is
+    still being written: that bounds host memory and holds the GPU back when the disk falls behind."""
+
+    def __init__(self, count: int, rows: int, token_shape: tuple, dtype: str, region_shape: tuple | None, pin: bool):
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            tokens = torch.empty((rows, *token_shape), dtype=_HOST[dtype], pin_memory=pin)
+            regions = torch.empty((rows, *region_shape), dtype=torch.int16, pin_memory=pin) if region_shape else None
+            self.free.put((tokens, regions))
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.free.get()
+
+    def give(self, pair: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        self.free.put(pair)
+
+
 @dataclass
 class _Chunk:
     chunk: int
     start: int
-    tokens: np.ndarray
+    stop: int
+    buffers: tuple[torch.Tensor, torch.Tensor | None]
     valid: np.ndarray
+    moments: DeviceMoments = field(default_factory=DeviceMoments)
     rejects: list[dict] = field(default_factory=list)
 
 
@@ -120,84 +252,107 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
                        chunks: list[tuple[int, int, int]], preprocess: Preprocess, device: str | torch.device, *,
                        batch_size: int, dtype: str, weights_label: str, base: int = 0, readers: int = 8,
                        writers: int = 2, worker: str | None = None, read_timeout: float | None = None,
-                       on_chunk: Callable[[int], None] | None = None) -> list[dict]:
-    """Encode the samples of `chunks` ((chunk, start, stop), disjoint) into the latent store's template.
+                       on_chunk: Callable[[int], None] | None = None, teacher: Teacher | None = None,
+                       clock: PhaseClock | None = None) -> list[dict]:
+    """Encode the samples of `chunks` ((chunk, start, stop), disjoint) into the latent store's template and,
+    with `teacher`, their regions into the teacher store's template in the same pass.
 
     `files` and `labels` hold slots base.. (a Dask task passes only its chunk's files); the model is on
-    `device`. Returns each written chunk's marker info; `on_chunk(rows)` after each chunk is on disk."""
+    `device`. Per batch, on the device: encode, channel moments (float64), the storage form, the hierarchy
+    of the stored values; then one asynchronous copy into a pinned chunk buffer. Writer threads put each
+    finished chunk on disk, latents then teacher, each marker last. Returns each chunk's marker info;
+    `on_chunk(rows)` after each chunk is on disk; `clock` collects where the time went (PhaseClock)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
+    clock = clock or PhaseClock(cuda)
     side, dim = grid_size(model), token_dim(model)
-    batches = [(c, b, min(b + batch_size, stop)) for c, start, stop in chunks for b in range(start, stop, batch_size)]
+    spans = [(c, b, min(b + batch_size, stop)) for c, start, stop in chunks for b in range(start, stop, batch_size)]
     bounds = {c: (start, stop) for c, start, stop in chunks}
-    reader_pool, preparer, writer_pool = (cf.ThreadPoolExecutor(readers), cf.ThreadPoolExecutor(1),
-                                          cf.ThreadPoolExecutor(writers))
-    side_stream = torch.cuda.Stream(device) if cuda else None
-    reading: dict[int, list[tuple[cf.Future, int]]] = {}
+    rows = max((stop - start for _, start, stop in chunks), default=0)
+    levels = teacher.spec.partition_levels if teacher else 0
+    buffers = _HostBuffers(writers + 1, rows, (side, side, dim), dtype,
+                           (levels, side, side) if teacher else None, pin=cuda) if chunks else None
+    writer_pool = cf.ThreadPoolExecutor(writers)
 
-    def read(i: int) -> None:
-        if i < len(batches) and i not in reading:
-            _, b0, b1 = batches[i]
-            reading[i] = read_parts(files, b0 - base, b1 - base, reader_pool, readers)
-
-    def prepare(i: int) -> Prepared:
-        _, b0, _ = batches[i]
-        datas = collect(reading.pop(i), read_timeout)
-        with torch.cuda.stream(side_stream) if cuda else contextlib.nullcontext():
-            prepared = prepare_batch(datas, files, b0 - base, preprocess, device, reader_pool, "encode")
-            if cuda:
-                prepared.ready = torch.cuda.Event()
-                prepared.ready.record(side_stream)
-        return prepared
-
-    def write(open_chunk: _Chunk) -> dict:
-        start = open_chunk.start
-        stop = start + len(open_chunk.valid)
-        tokens, valid = open_chunk.tokens, open_chunk.valid
-        tokens[~valid] = 0.0   # rejected slots hold no image; keep them out of every statistic
-        info = {"stop": stop, "images": int(valid.sum()), "rejected": len(open_chunk.rejects), "worker": worker,
-                "device": str(device), "cuda": cuda, "encoder_weights": weights_label, "read_from": "files"}
-        write_latent_chunk(Path(store), open_chunk.chunk, start, tokens, valid,
-                           np.asarray(labels[start - base:stop - base], np.int64), chunk_moments(tokens[valid]),
-                           dtype, info, open_chunk.rejects)
+    def write(done: _Chunk, ready: torch.cuda.Event | None, moments: tuple) -> dict:
+        try:
+            if ready is not None:
+                with clock.host("writer_wait_for_device"):
+                    ready.synchronize()   # this chunk's copies into the host buffers have landed
+            write_started = time.perf_counter()
+            tokens, regions = done.buffers
+            count = len(done.valid)
+            info = {"stop": done.stop, "images": int(done.valid.sum()), "rejected": len(done.rejects),
+                    "worker": worker, "device": str(device), "cuda": cuda, "encoder_weights": weights_label,
+                    "read_from": "files"}
+            write_latent_chunk(Path(store), done.chunk, done.start, _host_numpy(tokens[:count], dtype), done.valid,
+                               np.asarray(labels[done.start - base:done.stop - base], np.int64),
+                               (moments[0], moments[1].numpy(), moments[2].numpy()), dtype, info, done.rejects,
+                               encoded=True)
+            if teacher is not None:   # after the latents' marker: a chunk with regions always has latents
+                zarr_store.write_chunk(teacher.store, done.chunk, done.start, {"regions": regions[:count].numpy()})
+            clock.add("store_write", time.perf_counter() - write_started)
+        finally:
+            buffers.give(done.buffers)   # also after a failed write: the pass must not wait for it forever
         if on_chunk:
-            on_chunk(stop - start)
-        return {"chunk": open_chunk.chunk, **info}
+            on_chunk(count)
+        return {"chunk": done.chunk, **info}
+
+    def finish(done: _Chunk) -> cf.Future:
+        count, mean, m2 = done.moments.count, done.moments.mean, done.moments.m2
+        host = [torch.zeros(dim, dtype=torch.float64, pin_memory=cuda) for _ in range(2)]
+        for target, value in zip(host, (mean, m2)):
+            if value is not None:
+                target.copy_(value, non_blocking=cuda)
+        ready = torch.cuda.Event() if cuda else None
+        if ready is not None:
+            ready.record(torch.cuda.current_stream(device))
+        return writer_pool.submit(write, done, ready, (count, *host))
 
     in_flight: list[cf.Future] = []
-    infos: list[dict] = []
     current: _Chunk | None = None
     try:
-        for i in range(READ_AHEAD):
-            read(i)
-        next_batch = preparer.submit(prepare, 0) if batches else None
-        for i, (c, b0, b1) in enumerate(batches):
-            prepared = next_batch.result()
-            read(i + READ_AHEAD)
-            next_batch = preparer.submit(prepare, i + 1) if i + 1 < len(batches) else None
-            if current is None or current.chunk != c:
+        batches = _prepared_batches(files, [(b0 - base, b1 - base) for _, b0, b1 in spans], preprocess, device,
+                                    readers, read_timeout, clock)
+        for (c, b0, b1), prepared in zip(spans, batches):
+            if current is None:
                 start, stop = bounds[c]
-                current = _Chunk(c, start, np.zeros((stop - start, side, side, dim), np.float32),
-                                 np.zeros(stop - start, bool))
-            rows = slice(b0 - current.start, b1 - current.start)
-            current.valid[rows] = prepared.ok
+                with clock.host("wait_for_buffer"):   # every buffer still being written: the disk is behind
+                    taken = buffers.take()
+                current = _Chunk(c, start, stop, taken, np.zeros(stop - start, bool))
+            at = slice(b0 - current.start, b1 - current.start)
+            current.valid[at] = prepared.ok
             current.rejects += prepared.rejects
-            if prepared.images01 is not None:
-                if cuda:
-                    torch.cuda.current_stream(device).wait_event(prepared.ready)
-                    prepared.images01.record_stream(torch.cuda.current_stream(device))
-                with torch.no_grad():
-                    current.tokens[rows][prepared.ok] = encode_batch(model, prepared.images01).cpu().numpy()
-            if b1 == bounds[c][1]:   # the chunk's last batch: its write overlaps the next chunk's work
-                while len(in_flight) >= writers:   # bounded host memory: at most `writers` chunks waiting
-                    infos.append(in_flight.pop(0).result())
-                in_flight.append(writer_pool.submit(write, current))
+            tokens = _encode_prepared(model, prepared, device, clock)
+            with clock.device("moments_and_store_form"):
+                if tokens is None:
+                    stored = torch.zeros((b1 - b0, side, side, dim), dtype=_HOST[dtype], device=device)
+                else:
+                    current.moments.add(tokens)
+                    stored = stored_form(tokens, dtype)
+                    if not prepared.ok.all():   # rejected slots hold zeros: no image, out of every statistic
+                        full = torch.zeros((b1 - b0, *stored.shape[1:]), dtype=stored.dtype, device=device)
+                        full[torch.from_numpy(np.flatnonzero(prepared.ok)).to(device)] = stored
+                        stored = full
+            host_tokens, host_regions = current.buffers
+            with clock.device("device_to_host"):
+                host_tokens[at].copy_(stored, non_blocking=cuda)
+            if teacher is not None:
+                with torch.no_grad(), clock.device("hierarchy"):
+                    regions = build_hierarchies_batched(read_back(stored, dtype), teacher.spec, stats=teacher.stats)
+                    host_regions[at].copy_(regions, non_blocking=cuda)
+            if b1 == current.stop:   # the chunk's last batch: its writes overlap the next chunk's work
+                in_flight.append(finish(current))
                 current = None
-        return infos + [f.result() for f in in_flight]
+                while in_flight and in_flight[0].done():
+                    in_flight[0].result()   # a failed write stops the pass now, not at the end
+                    in_flight.pop(0)
+        infos = []
+        for future in in_flight:
+            infos.append(future.result())
+        return sorted(infos, key=lambda info: info["chunk"])
     finally:
-        for pool in (preparer, writer_pool):
-            pool.shutdown(wait=True, cancel_futures=True)
-        reader_pool.shutdown(wait=False, cancel_futures=True)   # a reader hung past the timeout stays behind
+        writer_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def real_pixels(source, images_store: str | Path) -> Callable[[np.ndarray], np.ndarray]:

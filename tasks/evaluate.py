@@ -280,7 +280,7 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
     return Done({"run_id": run_id, "metrics_rows": len(rows), "table": str(table), "timing_s": timing,
                  "counts": result.counts, "reference_reused": scoring.reference_reused},
                 {"metrics_table": str(table), "grid_png": str(out / "grid.png"), "rows": len(rows),
-                 "reference_reused": scoring.reference_reused})
+                 "reference_reused": scoring.reference_reused, "images": ev.num_samples, "timing_s": timing})
 
 
 def _write_edits(out, run_id: str, ids: list[str], specs: list[dict], edited: list[list[torch.Tensor]],

@@ -12,9 +12,10 @@ import numpy as np
 from models.encoder import ENCODER_OUTPUT
 from storage import zarr_store
 from storage.config import TFConfig
+from storage.files import remove_tree
 from storage.keys import Layout
 from storage.zarr_store import ArraySpec
-from tasks.chunk_workers import ground_truth_chunk, hierarchy_chunk
+from tasks.chunk_workers import batched_chunks, ground_truth_chunk, hierarchy_chunk
 from tasks.dask_chunks import run_chunks
 from tasks.progress import Progress
 from tasks.plan import hierarchy_spec
@@ -33,16 +34,16 @@ def build_teacher(cfg: TFConfig, root: str, force: bool = False) -> dict:
     return run_stage(cfg, stage, force, lambda: _build_teacher(cfg, layout))
 
 
-def _build_teacher(cfg: TFConfig, layout: Layout) -> Done:
+def teacher_template(cfg: TFConfig, layout: Layout) -> list[tuple[int, int]]:
+    """The teacher store's template for this config (or the one already there, checked to be it): attrs,
+    sample ids, levels. Returns the chunk bounds. Shared with the encode stage, which fills it in the
+    same pass as the latents when it can (tasks.encode: the hierarchy fused into encode)."""
     latents, path = layout.latents(), layout.teacher()
     tokens = zarr_store.open_array(latents, "tokens")
     num, grid = tokens.shape[0], tokens.shape[1]
     levels = cfg.hierarchy.partition_levels
     chunk_size = zarr_store.store_attrs(latents)["chunk_size"]
     ground_truth = cfg.hierarchy.source == "ground_truth"
-    if ground_truth:
-        images = layout.images()
-        _check_ground_truth(images, num, levels, cfg.hierarchy.cuts)
     attrs = {"stage": "teacher", "key": layout.keys.teacher, "latents_key": layout.keys.latents,
              "hierarchy": cfg.hierarchy.model_dump(), "partition_keys": list(layout.keys.partitions),
              "encoder_weights": zarr_store.store_attrs(latents)["encoder_weights"],
@@ -51,22 +52,47 @@ def _build_teacher(cfg: TFConfig, layout: Layout) -> Done:
     arrays = {"sample": ArraySpec((num,), str, ("sample",), fill_value=""),
               "level": ArraySpec((levels,), np.int64, ("level",), per_sample=False),
               "regions": ArraySpec((num, levels, grid, grid), np.int16, ("sample", "level", "gy", "gx"))}
+    build = zarr_store.store_attrs(latents).get("build_id")
+    if (path / zarr_store.ZARR).exists() and zarr_store.store_attrs(path).get("latents_build") != build:
+        remove_tree(path)   # half done from other latents (same key, rebuilt since): its chunks cannot be kept
     zarr_store.create_store(path, arrays, chunk_size, attrs)
+    zarr_store.set_store_attrs(path, {"latents_build": build})
     zarr_store.write_array(path, "sample", zarr_store.open_array(latents, "sample")[:])
     zarr_store.write_array(path, "level", np.arange(levels))
-    bounds = zarr_store.chunk_bounds(num, chunk_size)
+    return zarr_store.chunk_bounds(num, chunk_size)
+
+
+def teacher_marker(cfg: TFConfig, num: int) -> dict:
+    """The completion marker of a teacher store of `num` samples (whichever stage filled it)."""
+    return {"samples": num, "levels": cfg.hierarchy.partition_levels}
+
+
+def _build_teacher(cfg: TFConfig, layout: Layout) -> Done:
+    latents, path = layout.latents(), layout.teacher()
+    tokens = zarr_store.open_array(latents, "tokens")
+    num, grid = tokens.shape[0], tokens.shape[1]
+    ground_truth = cfg.hierarchy.source == "ground_truth"
+    if ground_truth:
+        images = layout.images()
+        _check_ground_truth(images, num, cfg.hierarchy.partition_levels, cfg.hierarchy.cuts)
+    bounds = teacher_template(cfg, layout)
     pending = zarr_store.pending_chunks(path, len(bounds))
     if ground_truth:
         with Progress(len(pending), "hierarchy (ground truth)", unit="chunk") as bar:
             for chunk in pending:
                 ground_truth_chunk(str(images), str(path), chunk, *bounds[chunk], grid)
                 bar.advance()
+    elif cfg.hierarchy.backend == "batched" and not cfg.ingest.dask_address:
+        # one process with the GPU (where there is one): Dask worker processes would each start CUDA
+        with Progress(len(pending), "hierarchy", unit="chunk") as bar:
+            batched_chunks(hierarchy_spec(cfg.hierarchy), latents, path, [(c, *bounds[c]) for c in pending],
+                           on_chunk=bar.advance)
     else:   # the spec itself crosses to the workers: a small frozen dataclass, validated once here
         spec = hierarchy_spec(cfg.hierarchy)
         todo = [(spec, cfg.hierarchy.backend, str(latents), str(path), c, *bounds[c]) for c in pending]
         run_chunks(hierarchy_chunk, todo, description="hierarchy", address=cfg.ingest.dask_address,
                    workers=cfg.ingest.workers, worker_loss_timeout=cfg.ingest.worker_loss_timeout)
-    return Done({"samples": num, "levels": levels})
+    return Done(teacher_marker(cfg, num), {"images": num})
 
 
 def _check_ground_truth(images, num: int, levels: int, cuts: list[float]) -> None:

@@ -79,12 +79,19 @@ def run_stage(cfg, stage: Stage, force: bool, work: Callable[[], Done],
         for upstream, command in stage.needs:
             if not _upstream_complete(upstream):
                 raise RuntimeError(f"{_upstream_kind(upstream)} {upstream} is incomplete: run `tf {command}` first")
-        done = work()
+        from tasks.device_watch import watch
+
+        with watch(pick_device(cfg.device)) as gpu:
+            done = work()
         if done.marker is not None:
             output.mark_complete(stage.path, done.marker)
         if not output.is_complete(stage.path):   # a work function that forgot its marker would recompute forever
             raise RuntimeError(f"stage {stage.name} finished without marking {stage.path} complete")
-        return stage_result(stage.name, stage.key, stage.path, True, started, **done.result)
+        result = stage_result(stage.name, stage.key, stage.path, True, started, **done.result, **gpu)
+        if "samples" in done.result or "images" in done.result:   # throughput as the stage itself timed it
+            count = done.result.get("images", done.result.get("samples"))
+            result["images_per_s"] = round(count / max(result["duration_s"], 1e-9), 1)
+        return result
 
 
 def _upstream_complete(path: Path) -> bool:

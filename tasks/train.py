@@ -7,6 +7,7 @@ run writes the final checkpoints, then the `_COMPLETE` marker, then drops the sn
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -28,12 +29,51 @@ from tasks.progress import Progress
 from tasks.stage import Done, Stage, cpu_threads, pick_device, run_stage, stage_task
 
 
-def run_with_progress(description: str, total: int, start: int, train):
+# Dense bf16 matrix rate of an H100 / H200 SXM (the vendor's figure DESIGN §7 measures MFU against).
+HOPPER_BF16_FLOPS = 989e12
+
+
+class StepClock:
+    """Training throughput as the stage saw it: wall time from the end of step `skip` (compilation and
+    warm-up behind it) to the end of training, over the steps between. `rates` gives img/s, seconds per
+    step and, on an H100 / H200, the model FLOPs utilisation for `flops_per_sample`."""
+
+    def __init__(self, total: int, batch: int):
+        self.skip, self.batch = min(max(total // 10, 2), 20), batch
+        self.marks: dict[str, float] = {}
+        self.steps = 0
+
+    def on_step(self, step: int) -> None:
+        self.steps = step + 1
+        if step + 1 == self.skip:
+            self.marks["start"] = time.perf_counter()
+
+    def rates(self, device: str, flops_per_sample: int | None = None) -> dict:
+        if "start" not in self.marks or self.steps <= self.skip:
+            return {}
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)   # queued steps are part of the time
+        seconds = (time.perf_counter() - self.marks["start"]) / (self.steps - self.skip)
+        out = {"train_img_per_s": round(self.batch / seconds, 1), "step_s": round(seconds, 5),
+               "timed_steps": self.steps - self.skip}
+        name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else ""
+        if flops_per_sample and ("H100" in name or "H200" in name):
+            out["mfu"] = round(flops_per_sample * self.batch / seconds / HOPPER_BF16_FLOPS, 4)
+            out["mfu_unit"] = "model FLOPs / step time / 989 TFLOP/s (dense bf16)"
+        return out
+
+
+def run_with_progress(description: str, total: int, start: int, train, clock: StepClock | None = None):
     """`train(on_step)` under a progress bar that starts at the resumed step."""
+    def on_step(step: int, stats: dict) -> None:
+        bar.advance(1, loss=f"{stats['loss']:.4f}")
+        if clock is not None:
+            clock.on_step(step - start)
+
     with Progress(total, description, unit="step") as bar:
         if start:
             bar.advance(start)
-        return train(lambda step, stats: bar.advance(1, loss=f"{stats['loss']:.4f}"))
+        return train(on_step)
 
 
 @stage_task("train-decoder")
@@ -56,6 +96,7 @@ def _train_decoder(cfg: TFConfig, layout: Layout) -> Done:
     held = max(1, int(round(d.holdout * len(images))))
     train_idx, test_idx = np.arange(len(images) - held), np.arange(len(images) - held, len(images))
     history: dict[str, list[float]] = {}
+    rates: dict = {}
     if d.checkpoint:  # a given decoder is validated here, not trained
         tensors, _ = load_checkpoint(d.checkpoint.removesuffix(".safetensors"))
         decoder.load_state_dict(tensors)
@@ -63,11 +104,14 @@ def _train_decoder(cfg: TFConfig, layout: Layout) -> Done:
         # EDM EMA: its half-life ramps up with the images seen, so a short run is not its random init
         optim = decoder_optim(cfg)
         resume = load_train_state(folder, "decoder")
+        start = resume[1]["step"] if resume else 0
+        clock = StepClock(optim.steps - start, optim.batch_size)
         with cpu_threads(device):
-            state = run_with_progress("train decoder", optim.steps, resume[1]["step"] if resume else 0, lambda on_step:
+            state = run_with_progress("train decoder", optim.steps, start, lambda on_step:
                                       train_decoder(decoder, latents.tokens[train_idx], images[train_idx], optim,
                                                     device, on_step, resume=resume,
-                                                    on_checkpoint=snapshotter(folder, "decoder")))
+                                                    on_checkpoint=snapshotter(folder, "decoder")), clock)
+        rates = clock.rates(device)
         decoder, history = state.ema(ema_name(halflife_kimg=DECODER_EMA_KIMG)), state.history
     with torch.no_grad():
         recon = tensor_to_images(decoder.to(device).eval()(latents.tokens[test_idx].to(device)).cpu())
@@ -81,7 +125,7 @@ def _train_decoder(cfg: TFConfig, layout: Layout) -> Done:
     save_checkpoint(folder / "decoder", dict(decoder.cpu().state_dict()), meta)
     mark_complete(folder, {"stage": "decoder", "key": layout.keys.decoder})
     clear_train_state(folder, "decoder")   # after the marker: a kill between them leaves a complete decoder
-    return Done(None, quality)
+    return Done(None, {**quality, **rates})
 
 
 def _generator_stage(cfg: TFConfig, root: str, which: int | str | None, force: bool, name: str) -> dict:
@@ -97,12 +141,14 @@ def _train_generator(cfg: TFConfig, root: str, which: int | str | None, name: st
     job = generator_job(cfg, root, which)
     resume = load_train_state(job.folder, "generator")   # a killed run continues from its latest snapshot
     start = resume[1]["step"] if resume else 0
+    clock = StepClock(job.optim.steps - start, job.optim.batch_size)
     with cpu_threads(device):
         state = run_with_progress(f"train {name}", job.optim.steps, start, lambda on_step: train_generator(
             job.model, job.data, job.level, job.objective, job.optim, device, on_step,
-            resume=resume, on_checkpoint=snapshotter(job.folder, "generator")))
-    meta = finish_generator(job, state, resumed_from_step=start)   # writes the marker (shared with torchrun)
-    return Done(None, {"final_loss": meta["final_loss"], "resumed_from_step": start})
+            resume=resume, on_checkpoint=snapshotter(job.folder, "generator")), clock)
+    rates = clock.rates(device, job.model.training_flops_per_sample(job.objective.v_tangent))
+    meta = finish_generator(job, state, resumed_from_step=start, **rates)   # writes the marker (shared with torchrun)
+    return Done(None, {"final_loss": meta["final_loss"], "resumed_from_step": start, **rates})
 
 
 @stage_task("train-level", task_run_name="train-level-{level}")

@@ -253,6 +253,20 @@ class TrajectoryDiT(nn.Module):
         per_sample = TIME_FREQUENCIES * width + width * width + blocks * 6 * width * width + 2 * 2 * width * width
         return 2 * per_token + round(2 * per_sample / tokens)
 
+    def training_flops_per_sample(self, v_tangent: str) -> int:
+        """Model FLOPs of one sample's mean-flow training step (what MFU counts, as bench/generators.py):
+        forward and backward of both heads (3 F); the tangent pass through trunk and x head (J: its matmuls
+        once more, attention's two products twice); with the reference's h0 tangent (v_tangent "h0") one
+        more no-grad forward of trunk and v head."""
+        cfg = self.config
+        width, tokens = cfg.width, cfg.grid * cfg.grid
+        per_block = 4 * width * width + 2 * width * int(width * cfg.mlp_ratio) + 2 * tokens * width
+        forward = self.num_flops_per_token() * tokens
+        v_head = 2 * (cfg.head_depth * per_block + width * cfg.token_dim) * tokens + 2 * cfg.head_depth * 6 * width * width
+        x_path = forward - v_head        # trunk and x head: the shape of trunk and v head too
+        tangent = x_path + 4 * tokens * tokens * width * cfg.depth
+        return 3 * forward + tangent + (x_path if v_tangent == "h0" else 0)
+
 
 @contextlib.contextmanager
 def math_attention(model: nn.Module) -> Iterator[nn.Module]:

@@ -21,3 +21,24 @@ def test_chunked_moments_match_numpy_on_the_full_array():
     mean2, std2 = mean_std(counts[order], means[order], m2s[order], eps=0.0)
     np.testing.assert_allclose(mean2, mean, rtol=1e-6)
     np.testing.assert_allclose(std2, std, rtol=1e-6)
+
+
+def test_device_moments_batch_by_batch_equal_numpy_float64_moments():
+    """The encode pass's on-device accumulation (uneven batches, an empty one) against numpy's two-pass
+    float64 moments of the whole array; nothing added gives chunk_moments' zeros."""
+    import torch
+
+    from models.channel_stats import DeviceMoments
+
+    rng = np.random.default_rng(1)
+    data = rng.normal(5.0, 0.5, size=(37, 3, 3, 6)).astype(np.float32)   # mean >> std: no cancellation
+    moments = DeviceMoments()
+    for a, b in [(0, 5), (5, 5), (5, 6), (6, 37)]:
+        moments.add(torch.from_numpy(data[a:b]))
+    count, mean, m2 = moments.result(6)
+    flat = data.reshape(-1, 6).astype(np.float64)
+    assert count == len(flat)
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(m2, ((flat - flat.mean(0)) ** 2).sum(0), rtol=1e-10)
+    empty = DeviceMoments().result(6)
+    assert empty[0] == 0 and not empty[1].any() and not empty[2].any()

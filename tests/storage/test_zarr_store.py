@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import zarr
@@ -67,7 +69,8 @@ def test_raw_chunks_are_written_directly_and_read_back_by_zarr_and_xarray(tmp_pa
     group = zarr.open_group(str(zarr_store.zarr_path(tmp_path / "s")), mode="r")
     assert group["raw"].compressors == () and group["packed"].compressors != ()
     for chunk, (start, stop) in enumerate(zarr_store.chunk_bounds(10, 4)):
-        raw_file = zarr_store._raw_chunk_file(group["raw"], tmp_path, start, tokens[start:stop])
+        meta = zarr_store._array_meta(zarr_store.zarr_path(tmp_path / "s") / "raw")
+        raw_file = zarr_store._raw_chunk_file(meta, tmp_path, start, tokens[start:stop])
         assert (raw_file is not None) == (stop - start == 4)   # the 2-row tail goes through zarr
         zarr_store.write_chunk(tmp_path / "s", chunk, start, {"raw": tokens[start:stop], "packed": tokens[start:stop],
                                                             "label": labels[start:stop]})
@@ -183,9 +186,10 @@ def test_stage_chunks_are_shards_written_directly_and_read_back_exactly(tmp_path
     assert group["label"].shards is None and group["label"].chunks == (128,)
     odd = rng.integers(-1000, 1000, (n, 3)).astype(np.int16)
     for c, (start, stop) in enumerate(zarr_store.chunk_bounds(n, chunk)):
-        direct = zarr_store._raw_chunk_file(group["raw"], tmp_path, start, encoded[start:stop])
+        meta = {name: zarr_store._array_meta(zarr_store.zarr_path(path) / name) for name in ("raw", "packed")}
+        direct = zarr_store._raw_chunk_file(meta["raw"], tmp_path, start, encoded[start:stop])
         assert (direct is not None) == (stop - start == chunk)
-        assert zarr_store._raw_chunk_file(group["packed"], tmp_path, start, encoded[start:stop]) is None
+        assert zarr_store._raw_chunk_file(meta["packed"], tmp_path, start, encoded[start:stop]) is None
         zarr_store.write_chunk(path, c, start, {"raw": encoded[start:stop], "packed": encoded[start:stop],
                                                 "odd": odd[start:stop], "label": np.arange(start, stop)})
     expected = zarr_store.decode_floats(encoded, attrs)
@@ -204,3 +208,61 @@ def test_stage_chunks_are_shards_written_directly_and_read_back_exactly(tmp_path
     twin[128:256] = encoded[128:256]
     assert mine == (tmp_path / "twin.zarr" / "c" / "1" / "0" / "0" / "0").read_bytes()
     assert not list(zarr_store.zarr_path(path).rglob(".*.tmp"))   # no temp files left
+
+
+def test_raw_writes_match_zarrs_own_files_and_unknown_layouts_go_through_zarr(tmp_path):
+    """The raw path is decided from zarr.json (the spec's document, the same in zarr 3.1 and 3.4): a
+    plain raw chunk is byte for byte the file zarr writes; a layout it does not know (another codec,
+    another key separator, big-endian bytes, another dtype than the data's) is left to zarr."""
+    rng = np.random.default_rng(5)
+    data = rng.integers(-30000, 30000, (8, 3, 5)).astype(np.int16)
+    path = tmp_path / "s"
+    zarr_store.create_store(path, {"plain": ArraySpec(data.shape, "int16", ("sample", "a", "b"), compressed=False,
+                                                      inner_rows=8)}, 4, {"stage": "test"})
+    folder = zarr_store.zarr_path(path) / "plain"
+    meta = zarr_store._array_meta(folder)
+    assert zarr_store._raw_chunk_file(meta, folder, 4, data[4:8]) is not None
+    assert zarr_store._raw_chunk_file(meta, folder, 4, data[4:8].astype(np.int32)) is None   # another dtype
+    assert zarr_store._raw_chunk_file(meta, folder, 2, data[2:6]) is None                    # not chunk-aligned
+    zarr_store.write_chunk(path, 1, 4, {"plain": data[4:8]})
+    twin = zarr.create_array(store=str(tmp_path / "twin.zarr"), shape=data.shape, chunks=(4, 3, 5), dtype="int16",
+                             compressors=None)
+    twin[4:8] = data[4:8]
+    assert (folder / "c" / "1" / "0" / "0").read_bytes() == (tmp_path / "twin.zarr" / "c" / "1" / "0" / "0").read_bytes()
+    for change in ({"codecs": [{"name": "bytes", "configuration": {"endian": "big"}}]},
+                   {"codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd"}]},
+                   {"chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}}},
+                   {"chunk_key_encoding": {"name": "v2", "configuration": {"separator": "/"}}},
+                   {"data_type": "complex64"}, {"storage_transformers": [{"name": "x"}]}):
+        assert zarr_store._raw_chunk_file(meta | change, folder, 4, data[4:8]) is None, change
+
+
+def test_every_file_of_a_chunk_is_fsynced_before_its_marker(tmp_path, monkeypatch):
+    """Markers follow durable data: each chunk (or shard) file of the region, raw or written by zarr, and
+    its folder are fsynced before the marker exists."""
+    import os
+
+    path = tmp_path / "s"
+    zarr_store.create_store(path, {
+        "raw": ArraySpec((8, 4, 2), "float16", ("sample", "a", "b"), compressed=False),
+        "packed": ArraySpec((8, 4, 2), "float32", ("sample", "a", "b")),
+        "label": ArraySpec((8,), "int64", ("sample",))}, 4, {"stage": "test"})
+    marker = path / zarr_store.MARKERS / "000001.json"
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def watched(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), marker.exists()))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watched)
+    values = {"raw": np.ones((4, 4, 2), np.float16), "packed": np.full((4, 4, 2), 2.0, np.float32),
+              "label": np.arange(4, 8)}
+    zarr_store.write_chunk(path, 1, 4, values)
+    root = zarr_store.zarr_path(path).resolve()
+    before_marker = {Path(p) for p, marker_there in synced if not marker_there}
+    for name in values:
+        chunk_file = root / name / "c" / "1" / "0" / "0" if name != "label" else root / name / "c" / "1"
+        assert chunk_file in before_marker, name
+        assert chunk_file.parent in before_marker, name
+    assert marker.exists()

@@ -221,3 +221,45 @@ def test_a_file_that_never_finishes_reading_becomes_a_reject_and_the_run_goes_on
     assert not valid[3] and valid[np.arange(len(paths)) != 3].all()
     (row,) = load_rejects(store).itertuples()
     assert row.path.endswith(hung) and "read_timeout_s" in row.reason
+
+
+def test_the_hierarchy_fused_into_encode_equals_the_hierarchy_stage_and_is_reused(tree, tmp_path):
+    """encoder.stats_images fixes the channel statistics before the pass (here from 5 of the 13 files,
+    spread over both class folders); with the batched backend the pass then also fills the teacher
+    store. `tf hierarchy` reuses it, and recomputed from the stored latents it is the same, region for
+    region; the store's mean/std are the sample's, with the whole set's distance from them on record."""
+    from tasks.encode import encode_latents, sample_rows
+    from tasks.hierarchy import build_teacher
+    from tasks.ingest import ingest_images
+
+    cfg = _cfg(tree, "encoder.stats_images=5", "hierarchy.backend=batched", "encoder.dtype=bfloat16")
+    root = str(tmp_path)
+    ingest_images.fn(cfg, root)
+    layout = Layout(root, cfg)
+    result = encode_latents.fn(cfg, root, with_teacher=True)
+    assert result["teacher"] == str(layout.teacher()) and zarr_store.is_complete(layout.teacher())
+    assert set(result["channel_stats"]) == {"max_mean_shift_in_std", "std_ratio_range"}
+    fused = zarr_store.open_array(layout.teacher(), "regions")[:]
+    assert build_teacher.fn(cfg, root)["status"] == "reused"
+    again = build_teacher.fn(cfg, root, force=True)
+    assert again["status"] == "computed"
+    assert np.array_equal(zarr_store.open_array(layout.teacher(), "regions")[:], fused)
+    assert len(np.unique(fused[:, 1])) > 2   # parts found, not a constant map
+    # the store's statistics: those of the sampled files' tokens, independent of the pass
+    ids = list(zarr_store.open_array(layout.images(), "sample")[:])
+    rows = sample_rows(len(ids), 5)
+    assert len(rows) == 5 and {ids[r].split("/")[0] for r in rows} == {"n01", "n02"}
+    sampled = [tree / ids[r] for r in rows if ids[r] not in ODD]
+    tokens = _expected_tokens(sampled, SIZE).reshape(-1, zarr_store.open_array(layout.latents(), "mean").shape[0])
+    np.testing.assert_allclose(zarr_store.open_array(layout.latents(), "mean")[:], tokens.mean(0), atol=2e-3)
+    np.testing.assert_allclose(zarr_store.open_array(layout.latents(), "std")[:], tokens.std(0), rtol=2e-2)
+
+
+def test_without_the_hierarchy_in_the_run_encode_leaves_the_teacher_alone(tree, tmp_path):
+    from tasks.encode import encode_latents
+    from tasks.ingest import ingest_images
+
+    cfg = _cfg(tree, "encoder.stats_images=5", "hierarchy.backend=batched")
+    ingest_images.fn(cfg, str(tmp_path))
+    result = encode_latents.fn(cfg, str(tmp_path))
+    assert "teacher" not in result and not Layout(tmp_path, cfg).teacher().exists()

@@ -1,0 +1,123 @@
+"""Wheels for a GPU machine without a package index: download here, install there.
+
+    python scripts/gpu_wheels.py [--python 3.12] [--dest .whl]      # here (needs PyPI)
+    bash scripts/gpu_install.sh                                      # there (python -m pip, no index)
+
+The lent GPU machines run Python 3.12 with torch, torchvision and timm preinstalled and no package
+index. This resolves pyproject's runtime dependencies for that Python and platform with pip's own
+resolver (newest versions the ranges allow), leaves out what the machine provides (torch and
+torchvision always: its CUDA build must stay; the big scientific wheels it already has unless
+--with-present), downloads the rest into --dest, and writes --dest/requirements.txt pinning them (and
+--dest/no-deps.txt: the torch-side packages, installed there without their dependencies). The dashboard's streamlit is left out unless --with-dashboard.
+The project itself is installed there with --no-deps, so pyproject's torch pin (the CPU machines')
+never asks for another torch. Everything downloaded must fit the 64 MiB the device tool carries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Never downloaded: the GPU machine's own CUDA build must stay.
+PROVIDED = {"torch", "torchvision", "triton"}
+# Depend on torch: downloaded without their dependencies (the rest of what they need is resolved below).
+WITHOUT_DEPS = {"torch-fidelity", "timm"}
+# On the GPU image already and large (tens of MB each): kept as they are there unless --with-present.
+PRESENT_LARGE = {"numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "pillow"}
+# The dashboard's own (streamlit pulls pydeck and altair, 24 MB): a GPU machine runs stages, not the viewer.
+DASHBOARD = {"streamlit"}
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64", "any")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_name(requirement: str) -> str:
+    return canonical(re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0])
+
+
+def runtime_requirements(pyproject: Path = REPO / "pyproject.toml") -> list[str]:
+    return list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+
+
+def wheel_pin(filename: str) -> str:
+    """`name==version` of a wheel file (PEP 427: {name}-{version}-...whl)."""
+    name, version = filename.split("-")[:2]
+    return f"{canonical(name)}=={version}"
+
+
+def target_flags(python: str) -> list[str]:
+    flags = ["--python-version", python, "--implementation", "cp", "--abi", f"cp{python.replace('.', '')}",
+             "--only-binary=:all:"]
+    for platform in PLATFORMS:
+        flags += ["--platform", platform]
+    return flags
+
+
+def resolve(requirements: list[str], python: str) -> list[tuple[str, str]]:
+    """(name, version) of everything pip would install for `requirements` on the target Python."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                        "--report", str(report), "--target", str(Path(tmp) / "t"), *target_flags(python),
+                        *requirements], check=True)
+        install = json.loads(report.read_text())["install"]
+    return [(canonical(item["metadata"]["name"]), item["metadata"]["version"]) for item in install]
+
+
+def plan(resolved: list[tuple[str, str]], with_present: bool) -> list[str]:
+    """The pins to download: the resolution minus what the GPU machine keeps of its own."""
+    keep_theirs = PROVIDED | (set() if with_present else PRESENT_LARGE)
+    pins = [f"{name}=={version}" for name, version in resolved if name not in keep_theirs
+            and not name.startswith(("nvidia-", "cuda-"))]
+    return sorted(pins)
+
+
+def download(pins: list[str], dest: Path, python: str, no_deps: bool = True) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(dest),
+                    *(["--no-deps"] if no_deps else []), *target_flags(python), *pins], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
+    parser.add_argument("--dest", default=str(REPO / ".whl"), help="folder for the wheels (git-ignored)")
+    parser.add_argument("--with-present", action="store_true",
+                        help="also download the large scientific wheels the GPU image already has")
+    parser.add_argument("--with-dashboard", action="store_true", help="also the dashboard's streamlit")
+    parser.add_argument("--budget-mib", type=float, default=58.0,
+                        help="fail if the wheels exceed this (the device tool carries 64 MiB with the repo)")
+    args = parser.parse_args()
+
+    dest = Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = runtime_requirements()
+    torch_side = [r for r in wanted if requirement_name(r) in WITHOUT_DEPS]
+    left_out = PROVIDED | WITHOUT_DEPS | (set() if args.with_dashboard else DASHBOARD)
+    rest = [r for r in wanted if requirement_name(r) not in left_out]
+    resolved = resolve(rest, args.python)
+    resolved += resolve([*torch_side, "--no-deps"], args.python) if torch_side else []
+    pins = plan(resolved, args.with_present)
+    for wheel in dest.glob("*.whl"):   # a pin that moved leaves no second version behind
+        if wheel_pin(wheel.name) not in pins:
+            wheel.unlink()
+    download(pins, dest, args.python)
+    torch_pins = [p for p in pins if p.split("==")[0] in WITHOUT_DEPS]
+    (dest / "requirements.txt").write_text("".join(f"{p}\n" for p in pins if p not in torch_pins))
+    (dest / "no-deps.txt").write_text("".join(f"{p}\n" for p in torch_pins))
+    size = sum(p.stat().st_size for p in dest.glob("*.whl")) / 2**20
+    print(f"{len(pins)} wheels for Python {args.python} in {dest} ({size:.1f} MiB); "
+          f"left to the GPU machine: {', '.join(sorted(PROVIDED | (set() if args.with_present else PRESENT_LARGE)))}")
+    if size > args.budget_mib:
+        sys.exit(f"{size:.1f} MiB of wheels is over --budget-mib {args.budget_mib}: the device tool would refuse them")
+
+
+if __name__ == "__main__":
+    main()
