@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels, then run the steps named in $STEPS (default all), each
+# under its own time limit, every log and result into $OUT. What the GPU issue measures:
+#   tests      the storage and encode tests against the newest zarr (pip picks it for this Python)
+#   dataplane  bench/dataplane.py: JPEG -> teacher store, fused and two-pass, through the stage functions
+#   pipeline   bench/gpu_pipeline.py: `tf pipeline --config configs/imagenet.yaml` on 50k JPEGs
+# Usage (device tool, repository root, .whl carried): STEPS="tests pipeline" bash bench/gpu_session.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=/tmp/prefect
+export BENCH_COMMIT=${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+STEPS=${STEPS:-"tests dataplane pipeline"}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2; df -h /tmp | tail -1
+  bash scripts/gpu_install.sh; } > "$OUT/env.txt" 2>&1 || { tail -20 "$OUT/env.txt"; exit 1; }
+tail -1 "$OUT/env.txt"
+for step in $STEPS; do
+  began=$(date +%s)
+  case $step in
+    tests) timeout "${TESTS_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/storage \
+             tests/tasks/test_encode_files.py tests/models/test_channel_stats.py tests/scripts > "$OUT/tests.log" 2>&1 ;;
+    dataplane) timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
+             --workdir /tmp/dp --out "$OUT" ${DP_SETS:-} > "$OUT/dataplane.log" 2>&1 ;;
+    pipeline) timeout "${PIPELINE_S:-330}" python3 bench/gpu_pipeline.py --images "${GP_IMAGES:-50000}" \
+             --workdir /tmp/gp --out "$OUT" ${GP_SETS:-} > "$OUT/gp.log" 2>&1 ;;
+  esac
+  echo "$step: rc $? in $(( $(date +%s) - began ))s"
+done
+tail -3 "$OUT/tests.log" 2>/dev/null; grep -E "img/s|Error|error" "$OUT/dataplane.log" 2>/dev/null | tail -5
+grep -E "computed|reused|failed|Error" "$OUT/pipeline.log" 2>/dev/null | tail -14
