@@ -93,14 +93,16 @@ def prepare_batch(datas: list, files: SampleFiles, first_slot: int, preprocess: 
 
 
 def decode_pixels(files: SampleFiles, start: int, stop: int, preprocess: Preprocess, readers: int = 4,
-                  stage: str = "ingest", read_timeout: float | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(uint8 [n, S, S, 3], valid, reject rows) of slots start..stop on the CPU: the pixels the encoder
-    sees from these files, for the image store's sample subset (dashboards, the decoder)."""
+                  stage: str = "ingest", read_timeout: float | None = None,
+                  device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(uint8 [n, S, S, 3], valid, reject rows) of slots start..stop: the pixels the encoder sees from these
+    files, for the image store's sample subset (dashboards, the decoder) and the evaluation's real side.
+    Decoded and resized on `device` (on CUDA nvjpeg, as the encode pass does), delivered on the host."""
     pixels = np.zeros((stop - start, preprocess.size, preprocess.size, 3), np.uint8)
     pool = cf.ThreadPoolExecutor(readers)
     try:
         datas = collect(read_parts(files, start, stop, pool, readers), read_timeout)
-        batch = prepare_batch(datas, files, start, preprocess, torch.device("cpu"), pool, stage)
+        batch = prepare_batch(datas, files, start, preprocess, torch.device(device), pool, stage)
     finally:   # not waiting: a reader hung past the timeout would hold this call forever
         pool.shutdown(wait=False, cancel_futures=True)
     if batch.images01 is not None:
@@ -355,10 +357,11 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
         writer_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def real_pixels(source, images_store: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+def real_pixels(source, images_store: str | Path, device: str | torch.device = "cpu",
+                readers: int = 4) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 [n, S, S, 3] of any valid samples by store index: the image store's rows where it holds
     them (every scene; the first ingest.sample_pixels of a direct-path source), else decoded from their
-    files exactly as the encoder saw them. What the real side of the evaluation reads."""
+    files exactly as the encoder saw them (on `device`). What the real side of the evaluation reads."""
     from storage import zarr_store
     from storage.imagenet import resize_short_side, sample_files
 
@@ -380,7 +383,8 @@ def real_pixels(source, images_store: str | Path) -> Callable[[np.ndarray], np.n
                                  f"{int(index.max())} were asked for")
             missing = index[~held]
             files = sample_files(source, [str(i) for i in np.asarray(ids.oindex[missing])])
-            pixels, ok, rejects = decode_pixels(files, 0, len(missing), preprocess, stage="evaluate")
+            pixels, ok, rejects = decode_pixels(files, 0, len(missing), preprocess, readers, stage="evaluate",
+                                                device=device)
             if not ok.all():   # valid at encode time, unreadable now: the real set would silently shrink
                 raise RuntimeError(f"real images changed since encode: {rejects[0]['path']}: {rejects[0]['reason']}")
             out[~held] = pixels

@@ -16,6 +16,8 @@ as skipped with the reason. Every row carries the mode.
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +103,8 @@ def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, in
     """Real-side statistics; image features are reused from the images store (even under --force evaluate)."""
     ev = cfg.evaluate
     reference, reused = {}, {}
-    pixels = real_pixels(cfg.source, layout.images())   # the direct path stores only a sample: the rest decoded
+    # the direct path stores only a sample: the rest is decoded from the files, on the GPU where there is one
+    pixels = real_pixels(cfg.source, layout.images(), device, readers=cfg.encoder.readers)
     for name, extractor in (("dinov2", dinov2), ("inception", inception)):
         if extractor["fn"] is None:
             continue
@@ -192,7 +195,11 @@ def stream_samples(scoring: Scoring, generators: list[TrajectoryDiT], num_sample
     judge = scoring.judge
     scorers = Scorers(scoring.dinov2["fn"], scoring.inception["fn"], None if judge is None else judge["fn"],
                       scoring.encoder, hierarchy_spec(cfg.hierarchy), (scoring.latents.mean, scoring.latents.std))
-    runtime = Runtime(scoring.device, structure_runner=process_structure(ev.structure_workers), progress=progress)
+    # noise comes from per-sample CPU generators (the same in any batch and on any device): on a GPU machine
+    # threads draw it a batch ahead, or it would bound the pass (40 GB of normals for 50k B-sized samples)
+    threads = min(8, max(1, (os.cpu_count() or 2) // 2)) if torch.device(scoring.device).type == "cuda" else 0
+    runtime = Runtime(scoring.device, structure_runner=process_structure(ev.structure_workers),
+                      noise_threads=threads, progress=progress)
     return evaluate_streaming(generators, scoring.decoder, seeds, scoring.latents.label.numpy(), scorers, plan,
                               runtime, token_shape=(scoring.grid * scoring.grid, scoring.dim))
 

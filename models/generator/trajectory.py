@@ -41,7 +41,9 @@ def one_step_level(
     t, r = 1.0, 0.0
     h = torch.full((batch,), t - r, dtype=z1.dtype, device=z1.device)
     level_ids = torch.full((batch,), level, dtype=torch.long, device=z1.device)
-    x_hat, _ = model(z1, h, cond, label, level_ids)
+    # the v head is a training aid only: a model that can skip it (TrajectoryDiT.x_prediction) does
+    x_prediction = getattr(model, "x_prediction", None)
+    x_hat = x_prediction(z1, h, cond, label, level_ids) if x_prediction else model(z1, h, cond, label, level_ids)[0]
     # x-prediction turned into average velocity, as in training.
     u = (z1 - x_hat) / max(t, t_floor)
     return z1 - (t - r) * u

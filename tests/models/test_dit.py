@@ -191,3 +191,12 @@ def test_training_flops_are_forward_backward_and_the_tangent_the_flop_counter_se
     # condition's half of the input layer, which the count leaves as the forward has them (2.9 % at this
     # toy size, far less at a preset's, where the blocks dominate)
     assert abs((same - 3 * forward) - tangent) <= 0.05 * tangent
+
+
+def test_x_prediction_is_forwards_x_head_exactly():
+    """Sampling's x_prediction skips the v head and computes the same x_hat, bit for bit."""
+    for dtype in (torch.float64, torch.float32):
+        model = perturbed_model(dtype=dtype)
+        args = model_inputs(model.config, dtype=dtype)
+        with torch.no_grad():
+            assert torch.equal(model.x_prediction(*args), model(*args)[0])
