@@ -42,6 +42,8 @@ def _write_jpeg(job: tuple[str, int]) -> int:
     from PIL import Image
 
     path, seed = job
+    if Path(path).exists():   # written by an earlier bench in the same work folder: the same bytes
+        return Path(path).stat().st_size
     rng = np.random.default_rng(seed)
     (w, h) = SIZES[rng.choice(len(SIZES), p=[p for _, p in SIZES])][0]
     small = rng.integers(0, 256, (max(2, h // 10), max(2, w // 10), 3), dtype=np.uint8)

@@ -19,7 +19,7 @@ for step in $STEPS; do
     tests) timeout "${TESTS_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/storage \
              tests/tasks/test_encode_files.py tests/models/test_channel_stats.py tests/scripts > "$OUT/tests.log" 2>&1 ;;
     dataplane) timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
-             --workdir /tmp/dp --out "$OUT" ${DP_SETS:-} > "$OUT/dataplane.log" 2>&1 ;;
+             --workdir "${DP_WORK:-/tmp/dp}" --out "$OUT" ${DP_SETS:-} > "$OUT/dataplane.log" 2>&1 ;;
     pipeline) timeout "${PIPELINE_S:-330}" python3 bench/gpu_pipeline.py --images "${GP_IMAGES:-50000}" \
              --workdir /tmp/gp --out "$OUT" ${GP_SETS:-} > "$OUT/gp.log" 2>&1 ;;
   esac

@@ -22,7 +22,8 @@ def watch(device: str, every_s: float = 0.2) -> Iterator[dict]:
         yield figures
         return
     index = torch.device(device).index or 0
-    torch.cuda.reset_peak_memory_stats(index)
+    if torch.cuda.is_initialized():   # else CUDA starts (or not) inside the stage: its peak counts from there
+        torch.cuda.reset_peak_memory_stats(index)
     samples: list[int] = []
     stop = threading.Event()
 
@@ -40,7 +41,8 @@ def watch(device: str, every_s: float = 0.2) -> Iterator[dict]:
     finally:
         stop.set()
         thread.join()
-        figures["gpu_peak_mem_gib"] = round(torch.cuda.max_memory_allocated(index) / 2**30, 3)
-        if samples:
+        if torch.cuda.is_initialized():   # a stage that never touched CUDA has no figures
+            figures["gpu_peak_mem_gib"] = round(torch.cuda.max_memory_allocated(index) / 2**30, 3)
+        if samples and torch.cuda.is_initialized():
             figures["gpu_busy_share"] = round(sum(samples) / (100.0 * len(samples)), 4)
             figures["gpu_busy_samples"] = len(samples)
