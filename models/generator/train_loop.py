@@ -12,6 +12,7 @@ averages the gradients, so N ranks follow the same trajectory as one process up 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,6 +90,14 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor
     return state
 
 
+@functools.cache
+def compiled_loss():
+    """One compiled meanflow_loss per process: the per-level generators of a run share the architecture, so
+    the second level's step reuses the first's compiled graph (parameters are graph inputs, guarded by
+    shape and dtype) instead of compiling again, a minute or more each for the B preset."""
+    return torch.compile(meanflow_loss)
+
+
 def compile_settings(cfg: OptimConfig, device: str):
     """Inductor settings for the steps compiled inside this context (compiles happen at the first
     step). With compile on CUDA: multi-kernel reductions (each row reduction is generated both
@@ -139,7 +148,7 @@ def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: 
     net = wrap(state.model) if wrap is not None else state.model
     tangent_fn, step_loss = time_derivative, meanflow_loss
     if cfg.compile and wrap is None:   # forward, tangent pass and loss: one graph, no launch gaps between them
-        step_loss = torch.compile(meanflow_loss)
+        step_loss = compiled_loss()
     elif cfg.compile:   # DDP's hooks need its own module call: the forward and the JVP compile separately
         net, tangent_fn = torch.compile(net), torch.compile(time_derivative)
     on_cuda = torch.device(device).type == "cuda"   # "cuda:3" on a DDP rank too
