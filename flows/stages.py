@@ -31,6 +31,10 @@ from storage.keys import Stage
 from storage.tables import claim_run_id, load_runs
 
 
+# The flows' default config, shown as the form of every deployment: one frozen instance (storage.config),
+# so no run can change it for the next.
+DEFAULTS = TFConfig()
+
 # Each stage's upstream stages: the judge reads the real scenes only, so it hangs off ingest.
 UPSTREAM = {"ingest": (), "encode": ("ingest",), "hierarchy": ("encode",), "train": ("hierarchy",),
             "judge": ("ingest",), "evaluate": ("train", "judge")}
@@ -275,37 +279,37 @@ def _alone(stage: str, config: TFConfig, config_path: str | None, root: str, run
 
 
 @flow(name="ingest")
-def ingest_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def ingest_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                 run_id: str | None = None, force: Stage | None = None) -> dict:
     return _alone("ingest", config, config_path, root, run_id, force)
 
 
 @flow(name="encode")
-def encode_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def encode_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                 run_id: str | None = None, force: Stage | None = None) -> dict:
     return _alone("encode", config, config_path, root, run_id, force)
 
 
 @flow(name="hierarchy")
-def hierarchy_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def hierarchy_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                    run_id: str | None = None, force: Stage | None = None) -> dict:
     return _alone("hierarchy", config, config_path, root, run_id, force)
 
 
 @flow(name="judge")
-def judge_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def judge_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                run_id: str | None = None, force: Stage | None = None) -> dict:
     return _alone("judge", config, config_path, root, run_id, force)
 
 
 @flow(name="train")
-def train_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def train_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                levels: list[int] | None = None, run_id: str | None = None, force: Stage | None = None) -> dict:
     return _alone("train", config, config_path, root, run_id, force, levels)
 
 
 @flow(name="evaluate")
-def evaluate_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def evaluate_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                   run_id: str | None = None, force: Stage | None = None) -> dict:
     run = _Run("evaluate", root, run_id)
     config = run.checked(config, config_path)
@@ -315,7 +319,7 @@ def evaluate_flow(config: TFConfig = TFConfig(), config_path: str | None = None,
 
 
 @flow(name="pipeline")
-def pipeline_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def pipeline_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                   run_id: str | None = None, force: Stage | None = None,
                   stages_as_deployments: bool = False) -> dict:
     """image source -> ingest -> encode -> hierarchy -> train (decoder, levels) -> judge -> evaluate.

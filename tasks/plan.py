@@ -47,7 +47,7 @@ def project(spec_type: type[Spec], part: Any, **given: Any) -> Spec:
     for f in dataclasses.fields(spec_type):
         if f.name in given:
             values[f.name] = given.pop(f.name)
-        elif hasattr(part, f.name):
+        elif f.name in type(part).model_fields:   # a setting, never a method or property of the section
             values[f.name] = getattr(part, f.name)
         else:
             raise TypeError(f"{spec_type.__name__}.{f.name} is not set by the config section "
@@ -90,7 +90,7 @@ def generator_optim(cfg: TFConfig, seed: int, steps: int | None = None) -> Optim
     g = cfg.generator
     decays = set(g.ema_decays) | ({g.ema_decay} if g.ema_kind == "constant" else set())
     halflives = set(g.ema_halflives_kimg) | ({g.ema_halflife_kimg} if g.ema_kind == "edm" else set())
-    return project(OptimConfig, g, steps=steps or g.steps, ema_decays=sorted(decays),
+    return project(OptimConfig, g, steps=g.steps if steps is None else steps, ema_decays=sorted(decays),
                    ema_halflives_kimg=sorted(halflives), muon_momentum=OptimConfig.muon_momentum, seed=seed)
 
 

@@ -109,6 +109,26 @@ def test_a_parameter_the_config_does_not_define_is_an_error_not_a_silent_default
         project(MeanFlowConfig, TFConfig().generator, not_a_field=1)
 
 
+def test_a_spec_field_named_like_a_method_of_the_section_is_not_filled_with_the_method():
+    """`project` fills a spec from the section's settings (model_fields), not from any attribute: a spec
+    field `copy` (a pydantic method) or `partition_levels` (a property) is an error unless given."""
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Odd:
+        copy: int
+        lam: float
+
+    with pytest.raises(TypeError, match="Odd.copy is not set by the config section HierarchyConfig"):
+        project(Odd, TFConfig().hierarchy)
+    assert project(Odd, TFConfig().hierarchy, copy=2) == Odd(copy=2, lam=0.2)
+
+
+def test_an_explicit_step_count_is_kept_even_zero():
+    cfg = TFConfig()
+    assert generator_optim(cfg, seed=0).steps == cfg.generator.steps
+    assert generator_optim(cfg, seed=0, steps=0).steps == 0
+    assert generator_optim(cfg, seed=0, steps=7).steps == 7
+
+
 def test_a_models_spec_keeps_a_default_only_for_its_own_constants_and_the_plan_sets_every_other_field():
     """A default on a config setting would be a second definition of it (they once disagreed): each spec's
     defaulted fields are exactly its documented constants, none of them a setting of its config section,
