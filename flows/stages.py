@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger
 from flows.checks import check_root, checked_config
 from flows.report import format_report, publish_failure, publish_report, record_failure, record_run
 from storage.config import TFConfig
-from storage.keys import Stage
+from storage.keys import Stage, ignored_note
 from storage.tables import claim_run_id, load_runs
 
 
@@ -229,8 +229,14 @@ class _Run:
             raise
 
     def checked(self, config: TFConfig, config_path: str | None, levels: list[int] | None = None) -> TFConfig:
+        """The run's config, checked; settings it does not use are named in one line before any stage,
+        since they build nothing new (storage.keys.ignored_note: no key moves for them)."""
         with self.recording("config"):
-            return checked_config(self.flow_name, self.root, config, config_path, levels)
+            config = checked_config(self.flow_name, self.root, config, config_path, levels)
+        note = ignored_note(config)
+        if note:
+            get_run_logger().warning(f"config: {note}")
+        return config
 
     def __call__(self, stage: str, config: TFConfig, work: Callable[[], list[dict]]) -> None:
         with self.recording(stage), stage_slot(self.root, stage, config):
