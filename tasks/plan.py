@@ -2,7 +2,7 @@
 
 The pydantic config is the only place a setting is defined, defaulted and validated. The math in
 models/ takes small frozen parameter objects (HierarchySpec, DiTConfig, MeanFlowConfig, OptimConfig,
-DecoderConfig); `project` fills each of them from the config's same-named fields, so nothing is
+DecoderSpec); `project` fills each of them from the config's same-named fields, so nothing is
 copied by hand and a parameter the config does not define fails here, loudly, instead of taking a
 default nobody set. Stage keys and folders come from storage.keys (`Layout(root, cfg)`); the two
 level counts are the config's: `hierarchy.partition_levels` (the teacher's partitions, len(cuts) + 1)
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from models.decoder import DecoderConfig
+from models.decoder import DecoderSpec
 from models.generator.dit import PRESETS, DiTConfig, dit_config
 from models.evaluation.plan import EvalPlan
 from models.hierarchy.reference import HierarchySpec
@@ -94,9 +94,9 @@ def generator_optim(cfg: TFConfig, seed: int, steps: int | None = None) -> Optim
                    ema_halflives_kimg=sorted(halflives), muon_momentum=OptimConfig.muon_momentum, seed=seed)
 
 
-def decoder_config(cfg: TFConfig, grid: int, dim: int) -> DecoderConfig:
-    return project(DecoderConfig, cfg.decoder, token_dim=dim, grid=grid, patch=cfg.source.image_size // grid,
-                   mlp_ratio=DecoderConfig.mlp_ratio)
+def decoder_spec(cfg: TFConfig, grid: int, dim: int) -> DecoderSpec:
+    return project(DecoderSpec, cfg.decoder, token_dim=dim, grid=grid, patch=cfg.source.image_size // grid,
+                   mlp_ratio=DecoderSpec.mlp_ratio)
 
 
 def decoder_optim(cfg: TFConfig) -> OptimConfig:

@@ -6,14 +6,14 @@ import math
 
 import pytest
 
-from models.decoder import DecoderConfig
+from models.decoder import DecoderSpec
 from models.evaluation.plan import EvalPlan
 from models.generator.dit import DiTConfig
 from models.hierarchy.reference import HierarchySpec
 from models.generator.meanflow import MeanFlowConfig
 from models.generator.optim import OptimConfig
 from storage.config import HierarchyConfig, TFConfig, load_config
-from tasks.plan import (decoder_config, decoder_optim, eval_plan, generator_config, generator_optim, hierarchy_spec,
+from tasks.plan import (decoder_spec, decoder_optim, eval_plan, generator_config, generator_optim, hierarchy_spec,
                         objective_config, project)
 
 CONFIG = "configs/tiny.yaml"
@@ -96,7 +96,7 @@ def test_objective_and_optimiser_follow_every_setting_they_read():
 
 def test_decoder_specs_come_from_the_decoder_section_and_the_data():
     cfg = TFConfig(decoder={"width": 64, "depth": 2, "heads": 2, "steps": 9, "lr": 5e-4, "batch_size": 7, "seed": 4})
-    assert decoder_config(cfg, grid=8, dim=384) == DecoderConfig(token_dim=384, grid=8, patch=14, width=64, depth=2,
+    assert decoder_spec(cfg, grid=8, dim=384) == DecoderSpec(token_dim=384, grid=8, patch=14, width=64, depth=2,
                                                                  heads=2)
     optim = decoder_optim(cfg)
     assert (optim.steps, optim.lr, optim.batch_size, optim.seed, optim.ema_decays) == (9, 5e-4, 7, 4, [])
@@ -139,10 +139,10 @@ def test_a_models_spec_keeps_a_default_only_for_its_own_constants_and_the_plan_s
              (generator_optim(cfg, seed=0), {"muon_momentum"}, cfg.generator),
              (decoder_optim(cfg), {"muon_momentum"}, cfg.decoder),
              (generator_config(cfg, grid=8, dim=384, num_classes=6), {"mlp_ratio"}, cfg.generator),
-             (decoder_config(cfg, grid=8, dim=384), {"mlp_ratio"}, cfg.decoder),
+             (decoder_spec(cfg, grid=8, dim=384), {"mlp_ratio"}, cfg.decoder),
              (eval_plan(cfg, keep=4), {"token_seed", "kid_reservoir", "is_reservoir"}, cfg.evaluate)]
     assert {type(spec) for spec, _, _ in built} == {HierarchySpec, MeanFlowConfig, OptimConfig, DiTConfig,
-                                                    DecoderConfig, EvalPlan}
+                                                    DecoderSpec, EvalPlan}
     for spec, constants, section in built:
         defaulted = {f.name for f in dataclasses.fields(spec)
                      if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
