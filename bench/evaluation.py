@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also time the parts on one batch (untimed)")
     args = parser.parse_args()
 
-    from models.decoder import DecoderConfig, TokenDecoder
+    from models.decoder import DecoderSpec, TokenDecoder
     from models.generator.dit import TrajectoryDiT, dit_config
     from models.encoder import build_encoder, encode_images
     from models.evaluation.fidelity import dinov2_feature_fn, inception_feature_fn
@@ -199,7 +199,7 @@ def main() -> None:
         torch.manual_seed(100 + level)
         config = dit_config(size["preset"], token_dim=dim, grid=grid, num_classes=size["classes"], num_levels=levels)
         generators.append(randomise_zero_layers(TrajectoryDiT(config)).to(device).eval())
-    decoder = TokenDecoder(DecoderConfig(token_dim=dim, grid=grid, patch=size["image"] // grid, width=size["dec_width"],
+    decoder = TokenDecoder(DecoderSpec(token_dim=dim, grid=grid, patch=size["image"] // grid, width=size["dec_width"],
                                          depth=size["dec_depth"], heads=size["dec_heads"]))
     decoder = randomise_zero_layers(decoder).to(device).eval()
     workdir = tempfile.mkdtemp(prefix="tf-bench-eval-")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dashboards.data import EDITS_FOLDER, RunFolders, load_trajectory, partition_of_level
-from models.decoder import DecoderConfig, TokenDecoder, tensor_to_images
+from models.decoder import DecoderSpec, TokenDecoder, tensor_to_images
 from models.generator.dit import DiTConfig, TrajectoryDiT
 from models.generator.edit_suite import EDIT_KINDS, run_edit_suite
 from models.generator.trajectory import level_noises, sample_trajectory
@@ -63,7 +63,7 @@ def load_models(folders: RunFolders, device: str | None = None) -> Models:
             loaded[folder] = model.to(device).eval()
     generators = [loaded[folder] for folder in folders.generators]
     tensors, meta = load_checkpoint(folders.decoder / "decoder", device)
-    config = DecoderConfig(**meta["config"])
+    config = DecoderSpec(**meta["config"])
     decoder = TokenDecoder(config)
     decoder.load_state_dict(tensors)
     return Models(generators, decoder.to(device).eval(), config.grid, config.patch, device)

@@ -27,9 +27,13 @@ from prefect import flow, get_run_logger
 from flows.checks import check_root, checked_config
 from flows.report import format_report, publish_failure, publish_report, record_failure, record_run
 from storage.config import TFConfig
-from storage.keys import Stage
+from storage.keys import Stage, ignored_note
 from storage.tables import claim_run_id, load_runs
 
+
+# The flows' default config, shown as the form of every deployment: one frozen instance (storage.config),
+# so no run can change it for the next.
+DEFAULTS = TFConfig()
 
 # Each stage's upstream stages: the judge reads the real scenes only, so it hangs off ingest.
 UPSTREAM = {"ingest": (), "encode": ("ingest",), "hierarchy": ("encode",), "train": ("hierarchy",),
@@ -117,36 +121,86 @@ def slot_name(root: str, stage: str) -> str:
     return f"tf-{stage}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
 
 
-@contextlib.contextmanager
-def stage_slot(root: str, stage: str, config: TFConfig) -> Iterator[None]:
-    """Hold the stage's global concurrency slot (limit 1, created on first use) while it runs, waiting or
-    failing at once as `concurrency.on_locked` says; nothing without a Prefect server."""
-    if not _api_server():
-        yield
-        return
+class SlotUnreachable(ConnectionError):
+    """The Prefect server could not be asked for a stage's concurrency slot (no connection, a server
+    error): transient, tried again (SLOT_RETRY_DELAYS_S), unlike a slot another run holds (StageLocked)."""
+
+
+# The slot is taken by the flow, outside the stage task and its retries (tasks.stage.STAGE_RETRIES):
+# so its own attempts, as many and as far apart as those.
+SLOT_RETRY_DELAYS_S = (10.0, 60.0)
+
+
+def _logger():
+    """The run's logger inside a flow or task run, else the module's (a stage slot taken by hand)."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("tf.stages")
+
+
+def _slot_held(error: Exception) -> bool:
+    """Whether a slot was not had because another run holds it: a wait that timed out, or the server's
+    423 Locked (concurrency.on_locked: fail asks once). Anything else is the server or the way to it."""
+    import httpx
+
+    if isinstance(error, TimeoutError):   # prefect's AcquireConcurrencySlotTimeoutError
+        return True
+    cause = error.__cause__
+    return isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423
+
+
+def _acquire_slot(name: str, config: TFConfig) -> contextlib.ExitStack:
+    """One attempt: the limit (limit 1, created on first use), then one slot of it, held by the returned stack."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
 
-    from storage.locks import StageLocked
-
-    name = slot_name(root, stage)
     with get_client(sync_client=True) as client:
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:
             pass
-    get_run_logger().info(f"stage {stage} of root {root}: global concurrency limit {name}")
     wait = ({"timeout_seconds": config.concurrency.wait_timeout_s} if config.concurrency.on_locked == "wait"
             else {"max_retries": 0})
     held = contextlib.ExitStack()
-    try:   # strict: a slot that cannot be had stops the stage, never lets it run unguarded
-        held.enter_context(concurrency(name, occupy=1, strict=True, **wait))
-    except Exception as error:   # only the acquisition: the stage's own errors pass through `with held`
-        raise StageLocked(f"stage {stage} of root {root}: global concurrency limit {name} not acquired, held by "
-                          f"another run (concurrency.on_locked: {config.concurrency.on_locked}) or refused by the "
-                          f"server: {error}") from error
+    held.enter_context(concurrency(name, occupy=1, strict=True, **wait))
+    return held
+
+
+@contextlib.contextmanager
+def stage_slot(root: str, stage: str, config: TFConfig) -> Iterator[None]:
+    """Hold the stage's global concurrency slot (limit 1, created on first use) while it runs, waiting or
+    failing at once as `concurrency.on_locked` says; nothing without a Prefect server. A slot another run
+    holds is StageLocked; a server that does not answer is asked again, then SlotUnreachable (transient)."""
+    if not _api_server():
+        yield
+        return
+    from storage.locks import StageLocked
+
+    name = slot_name(root, stage)
+    _logger().info(f"stage {stage} of root {root}: global concurrency limit {name}")
+    attempts = len(SLOT_RETRY_DELAYS_S) + 1
+    for attempt in range(1, attempts + 1):
+        try:   # strict: a slot that cannot be had stops the stage, never lets it run unguarded
+            held = _acquire_slot(name, config)
+            break
+        except Exception as error:   # only the acquisition: the stage's own errors pass through `with held`
+            if _slot_held(error):
+                raise StageLocked(f"stage {stage} of root {root}: global concurrency limit {name} held by another "
+                                  f"run (concurrency.on_locked: {config.concurrency.on_locked}): {error}") from error
+            reason = f"{type(error).__name__}: {error}" + (f" ({error.__cause__})" if error.__cause__ else "")
+            if attempt == attempts:
+                raise SlotUnreachable(f"stage {stage} of root {root}: the Prefect server did not give the global "
+                                      f"concurrency limit {name} in {attempts} attempts: {reason}") from error
+            delay = SLOT_RETRY_DELAYS_S[attempt - 1]
+            _logger().warning(f"stage {stage}: the Prefect server did not give the concurrency limit {name} "
+                                     f"(attempt {attempt} of {attempts}: {reason}); again in {delay:g} s")
+            time.sleep(delay)
     with held:
         yield
 
@@ -179,8 +233,14 @@ class _Run:
             raise
 
     def checked(self, config: TFConfig, config_path: str | None, levels: list[int] | None = None) -> TFConfig:
+        """The run's config, checked; settings it does not use are named in one line before any stage,
+        since they build nothing new (storage.keys.ignored_note: no key moves for them)."""
         with self.recording("config"):
-            return checked_config(self.flow_name, self.root, config, config_path, levels)
+            config = checked_config(self.flow_name, self.root, config, config_path, levels)
+        note = ignored_note(config)
+        if note:
+            get_run_logger().warning(f"config: {note}")
+        return config
 
     def __call__(self, stage: str, config: TFConfig, work: Callable[[], list[dict]]) -> None:
         with self.recording(stage), stage_slot(self.root, stage, config):
@@ -229,37 +289,37 @@ def _alone(stage: str, config: TFConfig, config_path: str | None, root: str, run
 
 
 @flow(name="ingest")
-def ingest_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def ingest_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                 run_id: str | None = None, force: Stage | None = None) -> dict:
     return _alone("ingest", config, config_path, root, run_id, force)
 
 
 @flow(name="encode")
-def encode_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def encode_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                 run_id: str | None = None, force: Stage | None = None) -> dict:
     return _alone("encode", config, config_path, root, run_id, force)
 
 
 @flow(name="hierarchy")
-def hierarchy_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def hierarchy_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                    run_id: str | None = None, force: Stage | None = None) -> dict:
     return _alone("hierarchy", config, config_path, root, run_id, force)
 
 
 @flow(name="judge")
-def judge_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def judge_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                run_id: str | None = None, force: Stage | None = None) -> dict:
     return _alone("judge", config, config_path, root, run_id, force)
 
 
 @flow(name="train")
-def train_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def train_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                levels: list[int] | None = None, run_id: str | None = None, force: Stage | None = None) -> dict:
     return _alone("train", config, config_path, root, run_id, force, levels)
 
 
 @flow(name="evaluate")
-def evaluate_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def evaluate_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                   run_id: str | None = None, force: Stage | None = None) -> dict:
     run = _Run("evaluate", root, run_id)
     config = run.checked(config, config_path)
@@ -269,7 +329,7 @@ def evaluate_flow(config: TFConfig = TFConfig(), config_path: str | None = None,
 
 
 @flow(name="pipeline")
-def pipeline_flow(config: TFConfig = TFConfig(), config_path: str | None = None, root: str = "data",
+def pipeline_flow(config: TFConfig = DEFAULTS, config_path: str | None = None, root: str = "data",
                   run_id: str | None = None, force: Stage | None = None,
                   stages_as_deployments: bool = False) -> dict:
     """image source -> ingest -> encode -> hierarchy -> train (decoder, levels) -> judge -> evaluate.

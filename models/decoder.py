@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 
 @dataclass(kw_only=True)
-class DecoderConfig:
+class DecoderSpec:
     """The decoder's shape. width / depth / heads are settings of storage.config.DecoderConfig and the
-    token shape comes from the data (tasks.plan.decoder_config), so none has a default; mlp_ratio is
+    token shape comes from the data (tasks.plan.decoder_spec), so none has a default; mlp_ratio is
     this model's fixed constant, not a setting."""
     token_dim: int
     grid: int  # tokens per side; T = grid * grid
@@ -92,7 +92,7 @@ class Block(nn.Module):
 
 
 class TokenDecoder(nn.Module):
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderSpec):
         super().__init__()
         self.config = config
         self.in_proj = nn.Linear(config.token_dim, config.width)

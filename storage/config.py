@@ -1,38 +1,117 @@
 """The one typed pipeline config: YAML in, validated pydantic out, split per stage.
 
-Prefect renders a pydantic model as a form, so flows take `TFConfig` directly.
+Prefect renders a pydantic model as a form, so flows take `TFConfig` directly. Configs are frozen: a
+default built once (a flow's parameter default) can be shared and never changes under anyone.
+
+Every setting declares, beside its definition, which stage keys hash it (`keyed(...)`, below);
+storage/keys.py builds every stage key from these declarations and from nothing else.
 """
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# --- Which stage keys hash each setting -------------------------------------------------------------
+# A stage is recomputed exactly when its key moves, so a setting that changes what a stage makes must
+# enter its key, and one that only changes how it runs (threads, batch sizes of inference, snapshot
+# periods, compilation) must not. The parts of the keys (storage.keys.stage_keys hashes each part's
+# settings, and a key moves every key downstream of it):
+KeyPart = Literal[
+    "images",      # the image store (and the source listing the latents hang off)
+    "latents",     # the latent store
+    "teacher",     # the teacher store
+    "split",       # level 0 of the clustered partitions: every generator level reads it
+    "tree",        # the part tree cut into levels 1..: generators of levels 1..
+    "cuts",        # one cut per level: the generators reading that level
+    "partitions",  # which teacher the generators' partitions come from
+    "decoder", "generator", "judge", "evaluate",   # "generator": per level, shared and flat alike
+]
+# How a setting enters a part:
+KeyRule = Literal[
+    "always",       # its value
+    "set",          # its value once set away from its default; nothing at the default (an option added
+                    # after keys existed: the keys made before it stay)
+    "reads_files",  # its value when encode reads the source's files (encoder.read_from), else nothing:
+                    # it is unused then
+    "read_path",    # "files" when encode reads the source's files, else nothing ("auto" resolves to it)
+    "clustered",    # its value with hierarchy.source clustered; its default with the ground-truth teacher,
+                    # which ignores it, so changing it there moves nothing (storage.keys.ignored_settings)
+    "picks",        # not hashed: it picks which upstream output the part's stage reads, whose key moves
+]
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """A setting's declaration: (key part, rule) pairs; none for a setting that enters no key."""
+    parts: tuple[tuple[str, str], ...]
+
+    def rule(self, part: str) -> str | None:
+        return dict(self.parts).get(part)
+
+
+def keyed(*parts: str, **ruled: str) -> Keyed:
+    """`keyed("generator")`: hashed by the generator keys; `keyed(generator="set")`: by a named rule."""
+    pairs = tuple((part, "always") for part in parts) + tuple(ruled.items())
+    for part, rule in pairs:
+        if part not in get_args(KeyPart) or rule not in get_args(KeyRule):
+            raise ValueError(f"keyed: unknown key part {part!r} or rule {rule!r}")
+    return Keyed(pairs)
+
+
+UNKEYED = keyed()   # how a stage runs, not what it makes: in no key
+IMAGES, LATENTS = keyed("images"), keyed("latents")
+SPLIT = keyed("split", teacher="clustered")   # the clustering settings the ground-truth teacher ignores
+TREE = keyed("tree", teacher="clustered")
+GENERATOR, DECODER, JUDGE, EVALUATE = keyed("generator"), keyed("decoder"), keyed("judge"), keyed("evaluate")
+
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Every setting (not a section) carries exactly one `keyed(...)`: a new one cannot be left out
+        of the keys, or put in them, by omission."""
+        super().__pydantic_init_subclass__(**kwargs)
+        for name, info in cls.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, _Part):
+                continue
+            if sum(isinstance(mark, Keyed) for mark in info.metadata) != 1:
+                raise TypeError(f"{cls.__name__}.{name}: declare the stage keys that hash it with one "
+                                f"Annotated[..., keyed(...)] marker (UNKEYED for none)")
+
+
+def declaration(section: type[BaseModel], name: str) -> Keyed:
+    """The `keyed(...)` of `section.name`."""
+    return next(mark for mark in section.model_fields[name].metadata if isinstance(mark, Keyed))
 
 
 class SourceConfig(_Part):
-    kind: Literal["scenes", "imagefolder", "imagenet_val", "imagenet_tar"] = "scenes"
-    path: str | None = Field(None, description="imagefolder: class-folder root; imagenet_val: flat val folder; "
-                                               "imagenet_tar: ILSVRC2012_img_train.tar")
-    num_images: int = Field(512, ge=0, description="scenes: how many images; other kinds: cap (0 = all)")
-    image_size: int = Field(112, ge=28, description="pixels per side after resize + centre crop")
-    seed: int = 0
+    kind: Annotated[Literal["scenes", "imagefolder", "imagenet_val", "imagenet_tar"], IMAGES] = "scenes"
+    path: Annotated[str | None, IMAGES] = Field(
+        None, description="imagefolder: class-folder root; imagenet_val: flat val folder; "
+                          "imagenet_tar: ILSVRC2012_img_train.tar")
+    num_images: Annotated[int, IMAGES] = Field(
+        512, ge=0, description="scenes: how many images; other kinds: cap (0 = all)")
+    image_size: Annotated[int, IMAGES] = Field(112, ge=28, description="pixels per side after resize + centre crop")
+    seed: Annotated[int, IMAGES] = 0
     # ImageNet kinds (storage/imagenet.py).
-    resize_short: int | None = Field(None, ge=28, description="short side before the centre crop; None: "
-                                     "round(image_size*256/224) for imagenet_*, image_size for imagefolder")
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    labels_file: str | None = Field(None, description="imagenet_val: '<file> <synset>' lines, or the devkit "
-                                                      "ILSVRC2012_validation_ground_truth.txt")
-    synsets_file: str | None = Field(None, description="imagenet_val: synset order of devkit class ids (meta.mat "
-                                                       "or one synset a line)")
-    index_path: str | None = Field(None, description="imagenet_tar: Parquet index (default <tar>.index.parquet)")
+    resize_short: Annotated[int | None, IMAGES] = Field(
+        None, ge=28, description="short side before the centre crop; None: round(image_size*256/224) for "
+                                 "imagenet_*, image_size for imagefolder")
+    interpolation: Annotated[Literal["bicubic", "bilinear"], IMAGES] = "bicubic"
+    labels_file: Annotated[str | None, IMAGES] = Field(
+        None, description="imagenet_val: '<file> <synset>' lines, or the devkit ILSVRC2012_validation_ground_truth.txt")
+    synsets_file: Annotated[str | None, IMAGES] = Field(
+        None, description="imagenet_val: synset order of devkit class ids (meta.mat or one synset a line)")
+    index_path: Annotated[str | None, IMAGES] = Field(
+        None, description="imagenet_tar: Parquet index (default <tar>.index.parquet)")
 
     @model_validator(mode="after")
     def _imagenet_fields(self) -> "SourceConfig":
@@ -44,57 +123,69 @@ class SourceConfig(_Part):
 
 
 class IngestConfig(_Part):
-    chunk_size: int = Field(64, ge=1, description="samples per chunk (= Zarr chunk and shard)")
-    workers: int = Field(2, ge=1, description="Dask local-cluster processes")
-    dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
-    worker_loss_timeout: float = Field(120.0, gt=0, description="seconds with no Dask worker left before a stage "
-                                       "stops with NoWorkers (finished chunks keep their markers)")
-    sample_pixels: int = Field(64, ge=0, description="ImageNet sources read by encode from the files "
-                               "(encoder.read_from): the image store keeps the pixels of only the first N samples, "
-                               "for the dashboards and the decoder's training set; the scenes keep every image")
+    chunk_size: Annotated[int, UNKEYED] = Field(64, ge=1, description="samples per chunk (= Zarr chunk and shard)")
+    workers: Annotated[int, UNKEYED] = Field(2, ge=1, description="Dask local-cluster processes")
+    dask_address: Annotated[str | None, UNKEYED] = Field(
+        None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    worker_loss_timeout: Annotated[float, UNKEYED] = Field(
+        120.0, gt=0, description="seconds with no Dask worker left before a stage stops with NoWorkers "
+                                 "(finished chunks keep their markers)")
+    sample_pixels: Annotated[int, keyed(images="reads_files")] = Field(
+        64, ge=0, description="ImageNet sources read by encode from the files (encoder.read_from): the image "
+                              "store keeps the pixels of only the first N samples, for the dashboards and the "
+                              "decoder's training set; the scenes keep every image")
 
 
 class EncoderConfig(_Part):
-    model: str = "vit_small_patch14_reg4_dinov2"
-    weights: str | None = Field(None, description="local timm/HF safetensors or original *_pretrain.pth")
-    allow_random_init: bool = False
-    batch_size: int = Field(64, ge=1)
-    dtype: Literal["float16", "float32", "bfloat16"] = Field(
+    model: Annotated[str, LATENTS] = "vit_small_patch14_reg4_dinov2"
+    weights: Annotated[str | None, LATENTS] = Field(
+        None, description="local timm/HF safetensors or original *_pretrain.pth")
+    allow_random_init: Annotated[bool, LATENTS] = False
+    batch_size: Annotated[int, UNKEYED] = Field(64, ge=1)
+    dtype: Annotated[Literal["float16", "float32", "bfloat16"], LATENTS] = Field(
         "float16", description="latent storage dtype (bfloat16: stored as uint16 bit patterns, read back as float32)")
-    read_from: Literal["auto", "files", "image_store"] = Field(
-        "auto", description="what encode reads: files = the source's image files, decoded on the GPU (nvjpeg) or "
-                            "CPU, cropped, resized and encoded in one pass (no uint8 copy on disk); image_store = "
-                            "the pixels ingest stored; auto = files for imagefolder / imagenet_val / imagenet_tar, "
-                            "image_store for the scenes (they carry ground-truth masks)")
-    gpus: int = Field(0, ge=0, description="read_from files without ingest.dask_address: local GPUs encoding "
-                                           "disjoint chunks, one pass each (0 = every visible GPU)")
-    readers: int = Field(8, ge=1, description="read_from files: threads reading (and on CPU decoding) files")
-    writers: int = Field(2, ge=1, description="read_from files: threads writing finished chunks (each holds one "
-                                              "chunk's host buffer)")
-    read_timeout_s: float = Field(300.0, gt=0, description="read_from files: a batch's files not read this long "
-                                  "after they are needed (a hung network file system) become reject rows")
-    stats_images: int = Field(0, ge=0, description="read_from files: 0 = the channel mean/std of every image, "
-                              "known after the pass; N = of N images spread evenly over the source, encoded "
-                              "first, so the hierarchy (backend batched) runs in the same pass as the encoder")
+    read_from: Annotated[Literal["auto", "files", "image_store"], keyed(images="read_path", latents="read_path")] = \
+        Field("auto", description="what encode reads: files = the source's image files, decoded on the GPU (nvjpeg) "
+                                  "or CPU, cropped, resized and encoded in one pass (no uint8 copy on disk); "
+                                  "image_store = the pixels ingest stored; auto = files for imagefolder / "
+                                  "imagenet_val / imagenet_tar, image_store for the scenes (they carry "
+                                  "ground-truth masks)")
+    gpus: Annotated[int, UNKEYED] = Field(
+        0, ge=0, description="read_from files without ingest.dask_address: local GPUs encoding disjoint chunks, "
+                             "one pass each (0 = every visible GPU)")
+    readers: Annotated[int, UNKEYED] = Field(
+        8, ge=1, description="read_from files: threads reading (and on CPU decoding) files")
+    read_timeout_s: Annotated[float, UNKEYED] = Field(
+        300.0, gt=0, description="read_from files: a batch's files not read this long after they are needed "
+                                 "(a hung network file system) become reject rows")
+    writers: Annotated[int, UNKEYED] = Field(
+        2, ge=1, description="read_from files: threads writing finished chunks (each holds one chunk's host buffer)")
+    stats_images: Annotated[int, keyed(latents="set")] = Field(
+        0, ge=0, description="read_from files: 0 = the channel mean/std of every image, known after the pass; "
+                             "N = of N images spread evenly over the source, encoded first, so the hierarchy "
+                             "(backend batched) runs in the same pass as the encoder")
 
 
 class HierarchyConfig(_Part):
     """The teacher hierarchy (DESIGN §3). The only place its rules live: tasks.plan.hierarchy_spec turns
     it into models.hierarchy.reference.HierarchySpec, and a test checks that every config accepted here builds."""
-    algorithm: Literal["kmeans-agglomerative"] = "kmeans-agglomerative"
-    k: int = Field(2, ge=2, description="k-means clusters of level 0 (2: object vs background)")
-    alpha: float = Field(0.0, ge=0.0, description="weight of the token position in level 0's k-means")
-    lam: float = Field(0.2, ge=0.0, description="weight of the spatial distance in the part linkage")
-    cuts: list[float] = Field(default_factory=lambda: [0.65, 0.35],
-                              description="one cut per finer level, non-increasing: a linkage height, or a "
-                                          "quantile of the merge heights in [0, 1] (cut_mode)")
-    cut_mode: Literal["height", "quantile"] = "height"
-    linkage: Literal["average", "complete", "single", "weighted"] = "average"
-    seed: int = 0
-    backend: Literal["reference", "batched"] = Field(
+    algorithm: Annotated[Literal["kmeans-agglomerative"], SPLIT] = "kmeans-agglomerative"
+    k: Annotated[int, SPLIT] = Field(2, ge=2, description="k-means clusters of level 0 (2: object vs background)")
+    alpha: Annotated[float, SPLIT] = Field(
+        0.0, ge=0.0, description="weight of the token position in level 0's k-means")
+    lam: Annotated[float, TREE] = Field(0.2, ge=0.0, description="weight of the spatial distance in the part linkage")
+    cuts: Annotated[list[float], keyed("cuts", teacher="clustered")] = Field(
+        default_factory=lambda: [0.65, 0.35],
+        description="one cut per finer level, non-increasing: a linkage height, or a quantile of the merge "
+                    "heights in [0, 1] (cut_mode)")
+    cut_mode: Annotated[Literal["height", "quantile"], TREE] = "height"
+    linkage: Annotated[Literal["average", "complete", "single", "weighted"], TREE] = "average"
+    seed: Annotated[int, SPLIT] = 0
+    # the batched code's partitions are their own (a key part of their own once set)
+    backend: Annotated[Literal["reference", "batched"], keyed(teacher="clustered", split="set")] = Field(
         "reference", description="reference: scikit-learn/scipy per image on CPU workers; batched: torch over a "
                                  "chunk at once, on the GPU when there is one (average linkage, height cuts)")
-    source: Literal["clustered", "ground_truth"] = Field(
+    source: Annotated[Literal["clustered", "ground_truth"], keyed("teacher", partitions="picks")] = Field(
         "clustered", description="clustered: the standardised latents, clustered per image; ground_truth: the "
                                  "oracle teacher, the scenes' ground-truth masks at the token grid (scenes only)")
 
@@ -122,94 +213,114 @@ class HierarchyConfig(_Part):
         return self.partition_levels + 1
 
 
-
 class GeneratorConfig(_Part):
-    preset: Literal["tiny", "S", "B", "L", "H"] = "tiny"
-    width: int | None = None
-    depth: int | None = None
-    head_depth: int | None = None
-    heads: int | None = None
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    ema_kind: Literal["edm", "constant"] = Field(
+    preset: Annotated[Literal["tiny", "S", "B", "L", "H"], GENERATOR] = "tiny"
+    width: Annotated[int | None, GENERATOR] = None
+    depth: Annotated[int | None, GENERATOR] = None
+    head_depth: Annotated[int | None, GENERATOR] = None
+    heads: Annotated[int | None, GENERATOR] = None
+    steps: Annotated[int, GENERATOR] = Field(300, ge=1)
+    batch_size: Annotated[int, GENERATOR] = Field(64, ge=1)
+    lr: Annotated[float, GENERATOR] = 3e-4
+    weight_decay: Annotated[float, GENERATOR] = 0.0
+    warmup_steps: Annotated[int, GENERATOR] = 20
+    grad_clip: Annotated[float, GENERATOR] = 1.0
+    ema_kind: Annotated[Literal["edm", "constant"], GENERATOR] = Field(
         "edm", description="the EMA the sampler uses: edm = half-life in kimg ramped up to 5% of the images seen "
                            "(reference), constant = a fixed decay per step")
-    ema_halflife_kimg: float = Field(500.0, gt=0, description="edm: the sampled EMA's half-life (also tracked)")
-    ema_halflives_kimg: list[float] = Field(default_factory=lambda: [500.0, 1000.0, 2000.0],
-                                            description="EDM EMA copies kept (reference: 500, 1000, 2000)")
-    ema_rampup: float = Field(0.05, gt=0, description="edm: half-life at most this share of the images seen")
-    ema_decay: float = Field(0.999, description="constant: the sampled EMA's decay (also tracked)")
-    ema_decays: list[float] = Field(default_factory=list, description="constant-decay EMA copies kept")
-    optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for hidden 2-D weights + AdamW")
-    mode: Literal["staged", "flat"] = Field("staged", description="flat: one one-step model straight to the latent")
-    compile: bool = Field(False, description="torch.compile the network and the JVP")
-    compile_tuning: bool = Field(False, description="with compile: tune each compiled kernel's launch parameters "
-                                                    "(coordinate descent; minutes more at the first step, "
-                                                    "about 2.5% faster steps on an H200)")
-    jvp_attention: Literal["auto", "kernel", "math"] = Field(
+    ema_halflife_kimg: Annotated[float, GENERATOR] = Field(
+        500.0, gt=0, description="edm: the sampled EMA's half-life (also tracked)")
+    ema_halflives_kimg: Annotated[list[float], GENERATOR] = Field(
+        default_factory=lambda: [500.0, 1000.0, 2000.0], description="EDM EMA copies kept (reference: 500, 1000, 2000)")
+    ema_rampup: Annotated[float, GENERATOR] = Field(
+        0.05, gt=0, description="edm: half-life at most this share of the images seen")
+    ema_decay: Annotated[float, GENERATOR] = Field(
+        0.999, description="constant: the sampled EMA's decay (also tracked)")
+    ema_decays: Annotated[list[float], GENERATOR] = Field(
+        default_factory=list, description="constant-decay EMA copies kept")
+    optimizer: Annotated[Literal["adamw", "muon"], GENERATOR] = Field(
+        "adamw", description="muon: Muon for hidden 2-D weights + AdamW")
+    # flat or staged picks which folders a run trains and evaluates; each one's key is the same either way
+    mode: Annotated[Literal["staged", "flat"], UNKEYED] = Field(
+        "staged", description="flat: one one-step model straight to the latent")
+    compile: Annotated[bool, UNKEYED] = Field(False, description="torch.compile the network and the JVP")
+    compile_tuning: Annotated[bool, UNKEYED] = Field(
+        False, description="with compile: tune each compiled kernel's launch parameters (coordinate descent; "
+                           "minutes more at the first step, about 2.5% faster steps on an H200)")
+    jvp_attention: Annotated[Literal["auto", "kernel", "math"], UNKEYED] = Field(
         "auto", description="attention in the JVP: kernel = fused primal + forward-only tangent kernel "
                             "(Triton on CUDA), math = written out; auto = kernel on CUDA, math elsewhere")
-    checkpoint_every: int = Field(100, ge=0, description="training-state snapshot period in steps (0: none)")
-    sharing: Literal["per_level", "shared"] = Field(
+    checkpoint_every: Annotated[int, UNKEYED] = Field(
+        100, ge=0, description="training-state snapshot period in steps (0: none)")
+    sharing: Annotated[Literal["per_level", "shared"], keyed(evaluate="picks")] = Field(
         "per_level", description="per_level: one generator per level; shared: one generator for every level "
                                  "with level conditioning, each batch drawn from one level (reference code)")
-    time_dist: Literal["plateau", "shifted"] = Field(
+    time_dist: Annotated[Literal["plateau", "shifted"], GENERATOR] = Field(
         "plateau", description="t and r: plateau logit-normal (reference) or the plain shifted logit-normal")
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    time_shift: float = 10.0
-    uniform_share: float = 0.1
-    equal_share: float = 0.0
-    t_floor: float = 0.05
-    adaptive_eps: float = 0.01
-    v_weight: float = 1.0
-    v_tangent: Literal["h0", "same"] = Field(
+    logit_mean: Annotated[float, GENERATOR] = 0.0
+    logit_std: Annotated[float, GENERATOR] = 1.0
+    time_shift: Annotated[float, GENERATOR] = 10.0
+    uniform_share: Annotated[float, GENERATOR] = 0.1
+    equal_share: Annotated[float, GENERATOR] = 0.0
+    t_floor: Annotated[float, GENERATOR] = 0.05
+    adaptive_eps: Annotated[float, GENERATOR] = 0.01
+    v_weight: Annotated[float, GENERATOR] = 1.0
+    v_tangent: Annotated[Literal["h0", "same"], GENERATOR] = Field(
         "h0", description="the JVP's tangent v_c: h0 = the v head in its own forward at h = 0 (reference), "
                           "same = the v of u's forward (one forward less per step)")
-    region_weight: float = 1.0
-    label_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="label dropout share (for guidance; "
-                                                                  "reference 0)")
-    cond_noise: float = Field(0.0, ge=0.0, description="condition augmentation, not in the reference (0): "
-                              "levels > 0 train on their condition canvas plus N(0, s^2), s ~ U(0, cond_noise) "
-                              "per sample, against the exposure bias of docs/trajectory.md")
-    seed: int = 0
+    region_weight: Annotated[float, GENERATOR] = 1.0
+    label_dropout: Annotated[float, GENERATOR] = Field(
+        0.0, ge=0.0, lt=1.0, description="label dropout share (for guidance; reference 0)")
+    cond_noise: Annotated[float, keyed(generator="set")] = Field(
+        0.0, ge=0.0, description="condition augmentation, not in the reference (0): levels > 0 train on their "
+                                 "condition canvas plus N(0, s^2), s ~ U(0, cond_noise) per sample, against the "
+                                 "exposure bias of docs/trajectory.md")
+    seed: Annotated[int, GENERATOR] = 0
 
 
 class DecoderConfig(_Part):
-    checkpoint: str | None = Field(None, description="load this safetensors decoder instead of training")
-    width: int = 192
-    depth: int = 4
-    heads: int = 4
-    steps: int = Field(400, ge=1)
-    batch_size: int = 32
-    lr: float = 1e-3
-    checkpoint_every: int = Field(100, ge=0, description="training-state snapshot period in steps (0: none)")
-    holdout: float = Field(0.1, ge=0.0, lt=1.0, description="share of samples held out for PSNR/SSIM")
-    seed: int = 0
+    checkpoint: Annotated[str | None, DECODER] = Field(
+        None, description="load this safetensors decoder instead of training")
+    width: Annotated[int, DECODER] = 192
+    depth: Annotated[int, DECODER] = 4
+    heads: Annotated[int, DECODER] = 4
+    steps: Annotated[int, DECODER] = Field(400, ge=1)
+    batch_size: Annotated[int, DECODER] = 32
+    lr: Annotated[float, DECODER] = 1e-3
+    checkpoint_every: Annotated[int, UNKEYED] = Field(
+        100, ge=0, description="training-state snapshot period in steps (0: none)")
+    holdout: Annotated[float, DECODER] = Field(
+        0.1, ge=0.0, lt=1.0, description="share of samples held out for PSNR/SSIM")
+    seed: Annotated[int, DECODER] = 0
 
 
 class EvaluateConfig(_Part):
-    num_samples: int = Field(64, ge=2)
-    keep_trajectories: int = Field(64, ge=0, description="trajectories stored whole (every canvas and decoded level)")
-    edits_per_level: int = Field(8, ge=1)
-    inception_weights: str | None = Field(None, description="local pt_inception-2015-12-05 weights for FID/KID/IS")
+    num_samples: Annotated[int, EVALUATE] = Field(64, ge=2)
+    keep_trajectories: Annotated[int, EVALUATE] = Field(
+        64, ge=0, description="trajectories stored whole (every canvas and decoded level)")
+    edits_per_level: Annotated[int, EVALUATE] = Field(8, ge=1)
+    inception_weights: Annotated[str | None, EVALUATE] = Field(
+        None, description="local pt_inception-2015-12-05 weights for FID/KID/IS")
     # models.evaluation.metrics.REGION_THRESHOLD says why 0.3 (storage does not import models; a test keeps them equal)
-    region_threshold: float = Field(0.3, gt=0.0, lt=2.0,
-                                    description="cosine distance that splits a generated canvas into regions")
-    snap_canvases: bool = Field(False, description="sample with each generated canvas replaced by its region means "
-                                "before it conditions the next level (not in the reference sampler)")
-    bootstrap: int = 1000
-    grid_rows: int = 8
-    seed: int = 1234
-    batch_size: int = Field(256, ge=1, description="samples per streamed batch (sampling, decoding, features)")
-    structure_samples: int = Field(10_000, ge=0, description="first N samples scored for nesting / plan adherence")
-    reencode_samples: int = Field(512, ge=0, description="first N samples re-encoded for ARI / mIoU")
-    structure_workers: int = Field(0, ge=0, description="worker processes for structure values (0: in-process)")
-    tokens_per_sample: int = Field(4, ge=0, description="tokens per sample in the token-level FD variant")
+    region_threshold: Annotated[float, EVALUATE] = Field(
+        0.3, gt=0.0, lt=2.0, description="cosine distance that splits a generated canvas into regions")
+    snap_canvases: Annotated[bool, EVALUATE] = Field(
+        False, description="sample with each generated canvas replaced by its region means before it conditions "
+                           "the next level (not in the reference sampler)")
+    bootstrap: Annotated[int, EVALUATE] = 1000
+    grid_rows: Annotated[int, EVALUATE] = 8
+    seed: Annotated[int, EVALUATE] = 1234
+    batch_size: Annotated[int, EVALUATE] = Field(
+        256, ge=1, description="samples per streamed batch (sampling, decoding, features)")
+    structure_samples: Annotated[int, EVALUATE] = Field(
+        10_000, ge=0, description="first N samples scored for nesting / plan adherence")
+    reencode_samples: Annotated[int, EVALUATE] = Field(
+        512, ge=0, description="first N samples re-encoded for ARI / mIoU")
+    # keyed since the first evaluation key (taking it out would move every evaluation key)
+    structure_workers: Annotated[int, EVALUATE] = Field(
+        0, ge=0, description="worker processes for structure values (0: in-process)")
+    tokens_per_sample: Annotated[int, EVALUATE] = Field(
+        4, ge=0, description="tokens per sample in the token-level FD variant")
 
     def snap_threshold(self) -> float | None:
         """The sampler's snap cut (models.generator.trajectory.sample_trajectory), None for the reference sampler."""
@@ -218,16 +329,18 @@ class EvaluateConfig(_Part):
 
 class JudgeConfig(_Part):
     """The scenes judge (DESIGN §4, models/evaluation/judge.py): trained on the real scenes, scores generated ones."""
-    holdout: float = Field(0.15, gt=0.0, lt=1.0, description="share of real scenes (the last ones) held out "
-                                                            "for its accuracy / mIoU")
-    steps: int = Field(512, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = 3e-3
-    width: int = Field(16, ge=4, description="channels of the first conv stage (then 2x, 4x, 8x)")
-    input_size: int = Field(112, ge=16, description="images are resized to this side (multiple of 8 * stem_stride)")
-    stem_stride: Literal[1, 2] = 2
-    dice_weight: float = Field(1.0, ge=0.0, description="soft-Dice weight per region beside the pixel cross-entropy")
-    seed: int = 0
+    holdout: Annotated[float, JUDGE] = Field(
+        0.15, gt=0.0, lt=1.0, description="share of real scenes (the last ones) held out for its accuracy / mIoU")
+    steps: Annotated[int, JUDGE] = Field(512, ge=1)
+    batch_size: Annotated[int, JUDGE] = Field(16, ge=1)
+    lr: Annotated[float, JUDGE] = 3e-3
+    width: Annotated[int, JUDGE] = Field(16, ge=4, description="channels of the first conv stage (then 2x, 4x, 8x)")
+    input_size: Annotated[int, JUDGE] = Field(
+        112, ge=16, description="images are resized to this side (multiple of 8 * stem_stride)")
+    stem_stride: Annotated[Literal[1, 2], JUDGE] = 2
+    dice_weight: Annotated[float, JUDGE] = Field(
+        1.0, ge=0.0, description="soft-Dice weight per region beside the pixel cross-entropy")
+    seed: Annotated[int, JUDGE] = 0
 
     @model_validator(mode="after")
     def _input_fits(self) -> "JudgeConfig":
@@ -238,16 +351,17 @@ class JudgeConfig(_Part):
 
 
 class ConcurrencyConfig(_Part):
-    on_locked: Literal["wait", "fail"] = Field(
+    on_locked: Annotated[Literal["wait", "fail"], UNKEYED] = Field(
         "wait", description="a second run on a stage another live run is writing: wait for it, or fail at once")
-    wait_timeout_s: float = Field(3600.0, gt=0, description="how long `wait` waits before failing")
+    wait_timeout_s: Annotated[float, UNKEYED] = Field(
+        3600.0, gt=0, description="how long `wait` waits before failing")
 
 
 class TFConfig(_Part):
     """Everything a run needs. Each stage hashes only its own part plus upstream keys."""
 
-    name: str = "scenes"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    name: Annotated[str, UNKEYED] = "scenes"
+    device: Annotated[Literal["auto", "cpu", "cuda"], UNKEYED] = "auto"
     source: SourceConfig = Field(default_factory=SourceConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)

@@ -9,9 +9,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-from storage.config import TFConfig, encode_reads_files
+from pydantic import BaseModel
+
+from storage.config import KeyRule, TFConfig, declaration, encode_reads_files
 
 # The stages a run can be forced to recompute (with everything downstream): a choice list, so Prefect
 # validates `force` before the run starts and shows it as a dropdown, and the CLI offers the same.
@@ -22,6 +24,9 @@ CODE_VERSIONS = {
     "images": "1",
     "latents": "2",    # 2: final norm without its affine (ref, RAE)
     "teacher": "2",    # 2: clusters the standardised latents; hierarchy.source (ground-truth oracle)
+    "clustering": "2",  # the clustered teacher's partitions alone (not the ground-truth one's); 2: an exact
+                        # tie between the k-means clusters for the object goes to the later one, as the
+                        # reference's `0 if d0 < d1 else 1`, in both backends alike
     "decoder": "2",     # 2: EDM EMA with ramp-up
     "generator": "2",   # 2: reference-exact objective (plateau times, x-pred v head, summed loss, EDM EMA)
     "evaluate": "5",   # 2: streamed, FD-DINOv2 on the class token; 3: final_hierarchy re-encode rows, mode;
@@ -33,12 +38,89 @@ CODE_VERSIONS = {
 }
 
 
-RUN_ONLY = {"compile", "compile_tuning", "checkpoint_every", "jvp_attention"}   # how a model is trained, not which weights come out
-
-
 def stable_hash(obj: object, length: int = 12) -> str:
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+_OMIT = object()
+
+# The rules under which a setting can go unused: whether this config uses it, and why not when not.
+_USED_WHEN = {
+    "reads_files": (encode_reads_files, "encode reads the image store, not the source's files (encoder.read_from)"),
+    "clustered": (lambda cfg: cfg.hierarchy.source == "clustered",
+                  "hierarchy.source is ground_truth: the scenes' masks are the teacher"),
+}
+
+
+def _used(rule: str, cfg: TFConfig) -> bool:
+    return rule not in _USED_WHEN or _USED_WHEN[rule][0](cfg)
+
+
+def _hashed(rule: str, value, default, cfg: TFConfig):
+    """What a setting contributes to a key part under its rule (storage.config.KeyRule): a value, or _OMIT."""
+    if rule == "always":
+        return value
+    if rule == "set":
+        return _OMIT if value == default else value
+    if rule == "reads_files":
+        return value if _used(rule, cfg) else _OMIT
+    if rule == "read_path":
+        return "files" if encode_reads_files(cfg) else _OMIT
+    if rule == "clustered":
+        return value if _used(rule, cfg) else default
+    if rule == "picks":
+        return _OMIT
+    raise ValueError(f"unknown key rule {rule!r}")
+
+
+assert set(get_args(KeyRule)) == {"always", "set", "reads_files", "read_path", "clustered", "picks"}
+
+
+def _default(section: BaseModel, name: str):
+    return type(section).model_fields[name].get_default(call_default_factory=True)
+
+
+def keyed_settings(section: BaseModel, part: str, cfg: TFConfig) -> dict:
+    """The settings of one config section that key `part` hashes, each as its declaration says
+    (storage.config: the `keyed(...)` beside every field). The only way a setting enters a key."""
+    dumped = section.model_dump()
+    out = {}
+    for name in type(section).model_fields:
+        rule = declaration(type(section), name).rule(part)
+        if rule is not None:
+            value = _hashed(rule, dumped[name], _default(section, name), cfg)
+            if value is not _OMIT:
+                out[name] = value
+    return out
+
+
+def ignored_settings(cfg: TFConfig) -> dict[str, str]:
+    """{`section.field`: why} of every setting set away from its default that this config does not use
+    (the cuts of a ground-truth teacher, the pixel sample when encode reads the image store): it moves
+    no key and changes nothing, which a run says before it starts."""
+    ignored = {}
+    for section_name in TFConfig.model_fields:
+        section = getattr(cfg, section_name)
+        if not isinstance(section, BaseModel):
+            continue
+        for name in type(section).model_fields:
+            unused = [rule for _, rule in declaration(type(section), name).parts if not _used(rule, cfg)]
+            if unused and getattr(section, name) != _default(section, name):
+                ignored[f"{section_name}.{name}"] = _USED_WHEN[unused[0]][1]
+    return ignored
+
+
+def ignored_note(cfg: TFConfig) -> str | None:
+    """One line naming the settings this config ignores (ignored_settings) and why, or None."""
+    dumped, by_reason = cfg.model_dump(), {}
+    for setting, why in ignored_settings(cfg).items():
+        section, name = setting.split(".")
+        by_reason.setdefault(why, []).append(f"{setting}={dumped[section][name]}")
+    if not by_reason:
+        return None
+    return "; ".join(f"ignored ({why}): {', '.join(settings)}" for why, settings in by_reason.items()) + \
+        "; they change nothing and no stage is recomputed for them"
 
 
 def partition_keys(cfg: TFConfig) -> list[str]:
@@ -48,12 +130,11 @@ def partition_keys(cfg: TFConfig) -> list[str]:
     if h.source == "ground_truth":   # the scenes' masks at the token grid: no clustering setting enters
         return [stable_hash({"source": h.source, "level": level, "v": CODE_VERSIONS["teacher"]})
                 for level in range(h.partition_levels)] + ["raw"]
-    split = {"algorithm": h.algorithm, "k": h.k, "alpha": h.alpha, "seed": h.seed, "v": CODE_VERSIONS["teacher"]}
-    if h.backend != "reference":   # the batched code agrees up to ties, so it is its own partition
-        split["backend"] = h.backend
-    tree = {"lam": h.lam, "linkage": h.linkage, "cut_mode": h.cut_mode}
+    versions = {"v": CODE_VERSIONS["teacher"], "clustering": CODE_VERSIONS["clustering"]}
+    split = keyed_settings(h, "split", cfg) | versions
+    tree = keyed_settings(h, "tree", cfg)
     keys = [stable_hash({"split": split})]
-    for cut in h.cuts:
+    for cut in keyed_settings(h, "cuts", cfg)["cuts"]:
         keys.append(stable_hash({"split": split, "tree": tree, "cut": cut}))
     keys.append("raw")  # the last level is the latent itself
     return keys
@@ -88,32 +169,29 @@ def stage_keys(cfg: TFConfig, metrics: tuple[str, ...] = ()) -> StageKeys:
     handed in by tasks.plan.layout: storage does not import models); it enters the evaluate keys only."""
     v = CODE_VERSIONS
     # The direct path (encoder.read_from files) keeps only a sample of pixels and preprocesses on the
-    # device; it enters the keys only when on, so image-store configs (the scenes) keep theirs.
+    # device; it enters the keys only when on (the rules read_path and reads_files), so image-store
+    # configs (the scenes) keep theirs.
     # Direct latents hang off the listing (the source), not off the sampled pixels, so changing
     # ingest.sample_pixels re-ingests a few images and re-encodes none.
     direct = encode_reads_files(cfg)
-    listing = stable_hash({"source": cfg.source.model_dump(), "v": v["images"]})
-    images = stable_hash({"source": cfg.source.model_dump(), "v": v["images"], "pixels": {
-        "read_from": "files", "sample_pixels": cfg.ingest.sample_pixels}}) if direct else listing
-    encoder = cfg.encoder.model_dump(exclude={"batch_size", "read_from", "gpus", "readers", "writers",
-                                              "read_timeout_s"})
-    if direct:
-        encoder["read_from"] = "files"
-    if not encoder["stats_images"]:   # an option added off: latents encoded before it keep their keys
-        del encoder["stats_images"]
+    source = keyed_settings(cfg.source, "images", cfg)
+    listing = stable_hash({"source": source, "v": v["images"]})
+    pixels = keyed_settings(cfg.ingest, "images", cfg) | keyed_settings(cfg.encoder, "images", cfg)
+    images = stable_hash({"source": source, "v": v["images"], "pixels": pixels}) if pixels else listing
+    encoder = keyed_settings(cfg.encoder, "latents", cfg)
     latents = stable_hash({"encoder": encoder, "up": listing, "v": v["latents"]})
-    teacher = stable_hash({"hierarchy": cfg.hierarchy.model_dump(), "up": latents, "v": v["teacher"]})
-    # settings that change how, not what, is trained stay out of the keys
-    decoder_part = {"decoder": cfg.decoder.model_dump(exclude=RUN_ONLY), "up": latents, "v": v["decoder"]}
+    teacher_part = {"hierarchy": keyed_settings(cfg.hierarchy, "teacher", cfg), "up": latents, "v": v["teacher"]}
+    if cfg.hierarchy.source == "clustered":
+        teacher_part["clustering"] = v["clustering"]
+    teacher = stable_hash(teacher_part)
+    decoder_part = {"decoder": keyed_settings(cfg.decoder, "decoder", cfg), "up": latents, "v": v["decoder"]}
     if direct:   # it trains on the image store's pixel sample (tasks.ingest.with_stored_pixels)
         decoder_part["pixels"] = images
     decoder = stable_hash(decoder_part)
     parts = partition_keys(cfg)
     # The level count sizes the level embedding, so it is in every generator's key; how the levels are
     # held (sharing) picks the folder, not the weights of a per-level model.
-    gen_cfg = cfg.generator.model_dump(exclude=RUN_ONLY | {"mode", "sharing"})
-    if not gen_cfg["cond_noise"]:   # an option added off: generators trained before it keep their keys
-        del gen_cfg["cond_noise"]
+    gen_cfg = keyed_settings(cfg.generator, "generator", cfg)
     num_levels = len(parts)
     generators = tuple(
         stable_hash({"generator": gen_cfg, "latents": latents, "level": level, "num_levels": num_levels,
@@ -126,14 +204,15 @@ def stage_keys(cfg: TFConfig, metrics: tuple[str, ...] = ()) -> StageKeys:
     flat = stable_hash({"generator": gen_cfg, "latents": latents, "num_levels": num_levels, "flat": True,
                         "v": v["generator"]})
     # The judge reads the real scenes only (images, labels, masks), so the image store is its one upstream.
-    judge = stable_hash({"judge": cfg.judge.model_dump(), "up": images, "v": v["judge"]}) \
+    judge = stable_hash({"judge": keyed_settings(cfg.judge, "judge", cfg), "up": images, "v": v["judge"]}) \
         if cfg.source.kind == "scenes" else ""
-    sampled = [shared] if cfg.generator.sharing == "shared" else list(generators)
-    evaluate = stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": sampled,
+    sampled = [shared] if cfg.generator.sharing == "shared" else list(generators)   # generator.sharing picks
+    evaluation = keyed_settings(cfg.evaluate, "evaluate", cfg)
+    evaluate = stable_hash({"evaluate": evaluation, "generators": sampled,
                             "decoder": decoder, "teacher": teacher, "judge": judge, "v": v["evaluate"],
                             "metrics": sorted(metrics)})
     # The flat baseline's evaluation: the same settings over the flat generator, beside the staged one.
-    flat_evaluate = stable_hash({"evaluate": cfg.evaluate.model_dump(), "generators": [flat], "mode": "flat",
+    flat_evaluate = stable_hash({"evaluate": evaluation, "generators": [flat], "mode": "flat",
                                  "decoder": decoder, "teacher": teacher, "judge": judge, "v": v["evaluate"],
                                  "metrics": sorted(metrics)})
     return StageKeys(images, latents, teacher, decoder, generators, evaluate, tuple(parts), shared, flat, judge,

@@ -42,7 +42,7 @@ from storage.keys import CODE_VERSIONS, Layout, stable_hash
 from storage.scenes import masks_to_grid
 from storage.tables import write_metrics
 from storage.trajectory_store import new_edit_id, write_edits, write_grid, write_trajectories
-from tasks.plan import decoder_config, eval_plan, generator_config, hierarchy_spec, layout as stage_layout
+from tasks.plan import decoder_spec, eval_plan, generator_config, hierarchy_spec, layout as stage_layout
 from tasks.encode_files import real_pixels
 from tasks.encoder_load import load_encoder
 from tasks.evaluate_judge import holdout_values, judge_labels, prepare_judge
@@ -168,7 +168,7 @@ def load_scoring(cfg: TFConfig, root: str, layout: Layout, device: str) -> Scori
     latents = load_latents(layout.latents())
     teacher = load_regions(layout.teacher(), latents.index)
     grid, dim = latents.grid, latents.tokens.shape[-1]
-    decoder = TokenDecoder(decoder_config(cfg, grid, dim))
+    decoder = TokenDecoder(decoder_spec(cfg, grid, dim))
     decoder_tensors, decoder_meta = load_checkpoint(layout.decoder() / "decoder", device)
     decoder.load_state_dict(decoder_tensors)
     decoder = decoder.to(device).eval()

@@ -2,7 +2,7 @@
 
 The pydantic config is the only place a setting is defined, defaulted and validated. The math in
 models/ takes small frozen parameter objects (HierarchySpec, DiTConfig, MeanFlowConfig, OptimConfig,
-DecoderConfig); `project` fills each of them from the config's same-named fields, so nothing is
+DecoderSpec); `project` fills each of them from the config's same-named fields, so nothing is
 copied by hand and a parameter the config does not define fails here, loudly, instead of taking a
 default nobody set. Stage keys and folders come from storage.keys (`Layout(root, cfg)`); the two
 level counts are the config's: `hierarchy.partition_levels` (the teacher's partitions, len(cuts) + 1)
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from models.decoder import DecoderConfig
+from models.decoder import DecoderSpec
 from models.generator.dit import PRESETS, DiTConfig, dit_config
 from models.evaluation.plan import EvalPlan
 from models.hierarchy.reference import HierarchySpec
@@ -47,7 +47,7 @@ def project(spec_type: type[Spec], part: Any, **given: Any) -> Spec:
     for f in dataclasses.fields(spec_type):
         if f.name in given:
             values[f.name] = given.pop(f.name)
-        elif hasattr(part, f.name):
+        elif f.name in type(part).model_fields:   # a setting, never a method or property of the section
             values[f.name] = getattr(part, f.name)
         else:
             raise TypeError(f"{spec_type.__name__}.{f.name} is not set by the config section "
@@ -90,13 +90,13 @@ def generator_optim(cfg: TFConfig, seed: int, steps: int | None = None) -> Optim
     g = cfg.generator
     decays = set(g.ema_decays) | ({g.ema_decay} if g.ema_kind == "constant" else set())
     halflives = set(g.ema_halflives_kimg) | ({g.ema_halflife_kimg} if g.ema_kind == "edm" else set())
-    return project(OptimConfig, g, steps=steps or g.steps, ema_decays=sorted(decays),
+    return project(OptimConfig, g, steps=g.steps if steps is None else steps, ema_decays=sorted(decays),
                    ema_halflives_kimg=sorted(halflives), muon_momentum=OptimConfig.muon_momentum, seed=seed)
 
 
-def decoder_config(cfg: TFConfig, grid: int, dim: int) -> DecoderConfig:
-    return project(DecoderConfig, cfg.decoder, token_dim=dim, grid=grid, patch=cfg.source.image_size // grid,
-                   mlp_ratio=DecoderConfig.mlp_ratio)
+def decoder_spec(cfg: TFConfig, grid: int, dim: int) -> DecoderSpec:
+    return project(DecoderSpec, cfg.decoder, token_dim=dim, grid=grid, patch=cfg.source.image_size // grid,
+                   mlp_ratio=DecoderSpec.mlp_ratio)
 
 
 def decoder_optim(cfg: TFConfig) -> OptimConfig:

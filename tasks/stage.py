@@ -176,11 +176,15 @@ STAGE_RETRIES = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition
 def stage_task(name: str, **options):
     """A stage's Prefect task: STAGE_RETRIES, no result cache (the stage's output folder is its cache).
     Where Prefect is not installed (a GPU box that runs a bench: bench/trajectory_proof.py), the plain
-    function, with `.fn` as a Prefect task has, so the bench calls the same stage work either way."""
+    function, with `.fn` as a Prefect task has, so the bench calls the same stage work either way.
+    Only Prefect itself missing does that: a Prefect that is there but fails to import (a broken or
+    mismatched install, a missing dependency of it) raises, rather than run stages without retries."""
     try:
         from prefect import task
         from prefect.cache_policies import NO_CACHE
-    except ImportError:
+    except ModuleNotFoundError as error:
+        if error.name != "prefect":
+            raise
         def plain(fn):
             fn.fn = fn
             return fn

@@ -22,7 +22,7 @@ from storage.checkpoints import clear_train_state, load_checkpoint, load_train_s
 from storage.config import TFConfig
 from storage.keys import Layout
 from tasks.generator_job import SHARED, finish_generator, generator_folder, generator_job, num_classes, snapshotter
-from tasks.plan import DECODER_EMA_KIMG, decoder_config, decoder_optim, generator_config
+from tasks.plan import DECODER_EMA_KIMG, decoder_spec, decoder_optim, generator_config
 from tasks.ingest import with_stored_pixels
 from tasks.level_data import load_latents
 from tasks.progress import Progress
@@ -92,7 +92,7 @@ def _train_decoder(cfg: TFConfig, layout: Layout) -> Done:
     images = images_to_tensor(pixels)
     d = cfg.decoder
     torch.manual_seed(d.seed)
-    decoder = TokenDecoder(decoder_config(cfg, latents.grid, latents.tokens.shape[-1]))
+    decoder = TokenDecoder(decoder_spec(cfg, latents.grid, latents.tokens.shape[-1]))
     held = max(1, int(round(d.holdout * len(images))))
     train_idx, test_idx = np.arange(len(images) - held), np.arange(len(images) - held, len(images))
     history: dict[str, list[float]] = {}

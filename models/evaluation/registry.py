@@ -178,15 +178,26 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+class EntryImportError(ImportError):
+    """A module of models.evaluation.entries failed to import: its metrics would be missing from the run."""
+
+
 def _load_entries() -> None:
-    """Import every module of models.evaluation.entries once: each registers its entries."""
+    """Import every module of models.evaluation.entries: each registers its entries. Done once all of them
+    imported; a module that fails stops every caller, naming it, rather than leaving a registry without
+    its metrics (and an evaluate key and a run that silently lack them)."""
     global _loaded
     if _loaded:
         return
-    _loaded = True
     package = importlib.import_module("models.evaluation.entries")
     for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
+        name = f"{package.__name__}.{module.name}"
+        try:
+            importlib.import_module(name)
+        except Exception as error:
+            raise EntryImportError(f"metric entry module {name} failed to import ({type(error).__name__}: "
+                                   f"{error}); the evaluation cannot run without its metrics", name=name) from error
+    _loaded = True
 
 
 def registered() -> list[Metric]:

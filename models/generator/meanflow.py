@@ -294,8 +294,9 @@ def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, leve
 
 
 @torch.no_grad()
-def one_step(model: nn.Module, z1: Tensor, cond: Tensor, label: Tensor, level: Tensor, t_floor: float = 0.05) -> Tensor:
-    """One-step sample x0 = z1 - u(z1, r=0, t=1) (equals the x head's prediction at h = 1)."""
+def one_step(model: nn.Module, z1: Tensor, cond: Tensor, label: Tensor, level: Tensor) -> Tensor:
+    """One-step sample x0 = z1 - u(z1, r=0, t=1) (equals the x head's prediction at h = 1). No time floor
+    enters: at t = 1 the velocity divides by max(t, t_floor) = 1 whatever the floor."""
     t = torch.ones(z1.shape[0], dtype=z1.dtype, device=z1.device)
-    u, _ = average_velocity(model, z1, t, torch.zeros_like(t), cond, label, level, t_floor)
+    u, _ = average_velocity(model, z1, t, torch.zeros_like(t), cond, label, level)
     return z1 - u

@@ -12,9 +12,10 @@ Same algorithm, written for a batch [B, T, C] at once instead of a loop over ima
   "distance"); ids are canonical (1..k in raster first-appearance order), background 0.
 
 Average linkage has no inversions, so "every merge at height <= t" is a prefix of the merge
-order: the labels after each merge are kept and the cut picks the right prefix. Results agree
-with the scipy/scikit-learn reference up to tie-breaking and k-means starts
-(tests/models/test_hierarchy_batched.py, bench/dataplane.py report the ARI).
+order: the labels after each merge are kept and the cut picks the right prefix. The region ids equal
+the scipy/scikit-learn reference's token for token on the test sets (tests/models/test_hierarchy_batched.py:
+the same k-means++ draws, float64 level 0, the reference's tie rule); the float32 merge loop could still
+order two merges of equal height apart from scipy (bench/dataplane.py reports the ARI on real data).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.hierarchy.reference import BACKGROUND_ID, OBJECT_ID, HierarchySpec
+from models.hierarchy.reference import BACKGROUND_ID, OBJECT_ID, TIE_TOL, HierarchySpec
 
 _INF = float("inf")
 
@@ -162,7 +163,11 @@ def object_masks(unit: Tensor, coords: Tensor, spec: HierarchySpec, iterations: 
     centre_distance = (coords - 0.5).norm(dim=1)                                  # [T]
     mean_distance = (onehot * centre_distance[None, :, None]).sum(1) / counts.clamp(min=1)
     mean_distance = torch.where(counts > 0, mean_distance, torch.full_like(mean_distance, _INF))
-    is_object = labels == mean_distance.argmin(-1, keepdim=True)
+    # the reference's rule (models.hierarchy.reference.object_cluster): the last cluster within TIE_TOL
+    # of the nearest, so a tie goes to the later cluster
+    tied = mean_distance <= mean_distance.amin(-1, keepdim=True) + TIE_TOL
+    last_tied = spec.k - 1 - tied.flip(-1).int().argmax(-1, keepdim=True)
+    is_object = labels == last_tied
     degenerate = identical | (counts == 0).any(-1)
     return is_object | degenerate[:, None]
 
@@ -332,7 +337,7 @@ def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec,
     "auto" = the Triton kernel on CUDA where triton is installed, else torch; same ids) and
     `kmeans` level 0 (object_masks: the same choice). `stats` = (mean, std) [C] standardises the
     tokens per channel first (in float64, then float32), as the teacher does.
-    Matches models.hierarchy.reference.build_hierarchies (with the same `stats`) up to tie-breaking and k-means starts.
+    Equals models.hierarchy.reference.build_hierarchies (with the same `stats`) on the test sets.
     """
     if tokens.ndim != 4:
         raise ValueError(f"tokens must be [N, g, g, C], got shape {tuple(tokens.shape)}")
@@ -347,9 +352,12 @@ def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec,
     if not torch.isfinite(flat).all():
         raise ValueError("tokens contain NaN or inf")
     unit = flat / flat.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    coords = grid_coordinates_t(height, width, tokens.device)
+    # level 0 takes float64 coordinates, as the reference: in float32 the rows of a grid are not mirror
+    # images (1/3 rounds), which tips the tie between mirror-image clusters (object_masks)
+    coords64 = grid_coordinates_t(height, width, tokens.device, torch.float64)
+    coords = coords64.float()
     identical = (unit - unit[:, :1]).abs().amax((1, 2)) <= 1e-9
-    is_object = object_masks(unit, coords, spec, kmeans_iterations, kmeans=kmeans)
+    is_object = object_masks(unit, coords64, spec, kmeans_iterations, kmeans=kmeans)
     ids = torch.full((n, spec.partition_levels, height * width), BACKGROUND_ID, dtype=torch.long, device=tokens.device)
     ids[:, 0] = torch.where(is_object, OBJECT_ID, BACKGROUND_ID)
     if spec.cuts:

@@ -30,6 +30,7 @@ OBJECT_ID = 1
 _MAX_INT16 = np.iinfo(np.int16).max
 _NORM_EPS = 1e-12
 _IDENTICAL_TOL = 1e-9  # features closer than this count as identical
+TIE_TOL = 1e-9  # mean distances to the centre closer than this are tied (rounding is ~1e-16)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +109,17 @@ def object_mask(unit_tokens: np.ndarray, coords: np.ndarray, spec: HierarchySpec
         return all_object
     distance_to_centre = np.linalg.norm(coords - 0.5, axis=1)
     mean_distance = np.bincount(labels, weights=distance_to_centre, minlength=spec.k) / counts
-    return labels == int(np.argmin(mean_distance))
+    return labels == object_cluster(mean_distance)
+
+
+def object_cluster(mean_distance: np.ndarray) -> int:
+    """The object's k-means cluster: the nearest the image centre on average. The reference's rule
+    (`obj_id = 0 if d0 < d1 else 1`) makes a cluster the object only when it is strictly nearer than
+    the later ones, so a tie goes to the later cluster. Ties are exact in real arithmetic (mirror-image
+    clusters hold the same distances) but not in floats, where the order of a sum rounds them apart:
+    means within TIE_TOL count as tied, so every implementation picks alike (models.hierarchy.batched)."""
+    tied = np.flatnonzero(mean_distance <= mean_distance.min() + TIE_TOL)
+    return int(tied[-1])
 
 
 def part_distances(unit_tokens: np.ndarray, coords: np.ndarray, lam: float) -> np.ndarray:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from models.decoder import (
-    DecoderConfig,
+    DecoderSpec,
     TokenDecoder,
     decoder_loss,
     images_to_tensor,
@@ -16,7 +16,7 @@ from models.decoder import (
 @pytest.mark.parametrize("grid", [8, 16])
 def test_output_shape_and_range(grid):
     torch.manual_seed(0)
-    config = DecoderConfig(token_dim=24, grid=grid, patch=14, width=32, depth=1, heads=2)
+    config = DecoderSpec(token_dim=24, grid=grid, patch=14, width=32, depth=1, heads=2)
     decoder = TokenDecoder(config)
     with torch.no_grad():
         decoder.head.weight.normal_(std=5.0)  # push logits far so the range check bites
@@ -27,7 +27,7 @@ def test_output_shape_and_range(grid):
 
 
 def test_wrong_token_count_rejected():
-    decoder = TokenDecoder(DecoderConfig(token_dim=8, grid=4, patch=2, width=16, depth=1, heads=2))
+    decoder = TokenDecoder(DecoderSpec(token_dim=8, grid=4, patch=2, width=16, depth=1, heads=2))
     with pytest.raises(ValueError):
         decoder(torch.randn(1, 15, 8))
 
@@ -46,7 +46,7 @@ class ConstantHead(nn.Module):
 
 def test_unpatchify_places_each_token_in_its_block():
     grid, patch = 3, 14
-    decoder = TokenDecoder(DecoderConfig(token_dim=8, grid=grid, patch=patch, width=16, depth=1, heads=2))
+    decoder = TokenDecoder(DecoderSpec(token_dim=8, grid=grid, patch=patch, width=16, depth=1, heads=2))
     tokens = grid * grid
     values = (torch.arange(tokens * 3, dtype=torch.float32).reshape(tokens, 3) + 1) / (tokens * 3 + 2)
     decoder.head = ConstantHead(values, patch)
@@ -104,7 +104,7 @@ def test_uint8_round_trip_exact():
 
 def test_tiny_decoder_overfits_eight_images():
     torch.manual_seed(0)
-    config = DecoderConfig(token_dim=16, grid=4, patch=4, width=64, depth=2, heads=4)
+    config = DecoderSpec(token_dim=16, grid=4, patch=4, width=64, depth=2, heads=4)
     decoder = TokenDecoder(config)
     tokens = torch.randn(8, 16, 16)
     # smooth-ish targets: random colour per 2x2 token block, plus a gradient

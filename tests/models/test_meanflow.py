@@ -269,12 +269,14 @@ def test_loss_is_deterministic_given_the_generator_seed():
     model = perturbed_model(4)
     x, cond, label, level = make_batch()
 
-    def run(seed):
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)   # the global generator in another state each time: it must not matter
         stats = meanflow_loss(model, x, cond, label, level, None, objective(), torch.Generator().manual_seed(seed))[1]
         return {name: float(value) for name, value in stats.items()}
 
-    assert run(7) == run(7)
-    assert run(7)["loss_u"] != run(8)["loss_u"]
+    first = run(7, global_seed=0)
+    assert run(7, global_seed=1) == first   # every draw comes from the generator handed in
+    assert run(8, global_seed=0)["loss_u"] != first["loss_u"]
 
 
 def _perturbed_tiny_case(seed: int):
@@ -296,8 +298,10 @@ def test_bfloat16_autocast_gives_a_close_loss_and_finite_gradients():
     assert loss.dtype == torch.float32
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # measured here: relative errors 6.9e-5 (u), 2.4e-5 (v), 4.6e-4 (region); bf16's own rounding is 3.9e-3,
+    # so 2e-3 catches a loss term left in bf16 where autocast should keep float32
     for name in ("loss_u", "loss_v", "loss_region"):
-        assert float(low[name]) == pytest.approx(float(full[name]), rel=0.05), name
+        assert float(low[name]) == pytest.approx(float(full[name]), rel=2e-3), name
 
 
 @pytest.mark.slow

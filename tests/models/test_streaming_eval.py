@@ -5,7 +5,7 @@ import timm
 import torch
 from torch import nn
 
-from models.decoder import DecoderConfig, TokenDecoder, tensor_to_images
+from models.decoder import DecoderSpec, TokenDecoder, tensor_to_images
 from models.encoder import encode_images
 from models.hierarchy.reference import build_hierarchies, region_canvas
 from models.evaluation.metrics import fd_from_features, feature_stats
@@ -62,7 +62,7 @@ def stub_inception(images: np.ndarray) -> dict:
 def models():
     torch.manual_seed(0)
     generators = [StubGenerator(level).eval() for level in range(LEVELS)]
-    decoder = TokenDecoder(DecoderConfig(token_dim=C, grid=GRID, patch=PATCH, width=32, depth=1, heads=2))
+    decoder = TokenDecoder(DecoderSpec(token_dim=C, grid=GRID, patch=PATCH, width=32, depth=1, heads=2))
     nn.init.normal_(decoder.head.weight, std=0.3)   # the zero head would paint every image grey
     decoder.eval()
     encoder = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=GRID * PATCH,

@@ -1,6 +1,5 @@
-"""hierarchy.backend: the batched torch code writes the same teacher store format as the reference."""
+"""hierarchy.backend: the batched torch code writes the same teacher store, region for region, as the reference."""
 import numpy as np
-from sklearn.metrics import adjusted_rand_score
 
 from storage import zarr_store
 from storage.config import load_config
@@ -39,10 +38,8 @@ def test_batched_backend_writes_matching_regions_under_its_own_key(tmp_path):
         hierarchy_chunk(hierarchy_spec(cfg.hierarchy), cfg.hierarchy.backend, str(latents), str(store), 0, 0, 6)
         regions[backend] = np.asarray(zarr_store.open_array(store, "regions")[:])
     assert regions["batched"].dtype == np.int16
-    for level in range(3):
-        aris = [adjusted_rand_score(a[level].ravel(), b[level].ravel())
-                for a, b in zip(regions["reference"], regions["batched"])]
-        assert np.mean(aris) >= 0.95, level
+    np.testing.assert_array_equal(regions["batched"], regions["reference"])
+    assert len(np.unique(regions["reference"][:, 2])) >= 3   # background and both parts: a real hierarchy
     reference = stage_keys(load_config("configs/tiny.yaml"))
     batched = stage_keys(load_config("configs/tiny.yaml", ["hierarchy.backend=batched"]))
     assert batched.teacher != reference.teacher and batched.generators[0] != reference.generators[0]

@@ -6,14 +6,14 @@ import math
 
 import pytest
 
-from models.decoder import DecoderConfig
+from models.decoder import DecoderSpec
 from models.evaluation.plan import EvalPlan
 from models.generator.dit import DiTConfig
 from models.hierarchy.reference import HierarchySpec
 from models.generator.meanflow import MeanFlowConfig
 from models.generator.optim import OptimConfig
 from storage.config import HierarchyConfig, TFConfig, load_config
-from tasks.plan import (decoder_config, decoder_optim, eval_plan, generator_config, generator_optim, hierarchy_spec,
+from tasks.plan import (decoder_spec, decoder_optim, eval_plan, generator_config, generator_optim, hierarchy_spec,
                         objective_config, project)
 
 CONFIG = "configs/tiny.yaml"
@@ -96,7 +96,7 @@ def test_objective_and_optimiser_follow_every_setting_they_read():
 
 def test_decoder_specs_come_from_the_decoder_section_and_the_data():
     cfg = TFConfig(decoder={"width": 64, "depth": 2, "heads": 2, "steps": 9, "lr": 5e-4, "batch_size": 7, "seed": 4})
-    assert decoder_config(cfg, grid=8, dim=384) == DecoderConfig(token_dim=384, grid=8, patch=14, width=64, depth=2,
+    assert decoder_spec(cfg, grid=8, dim=384) == DecoderSpec(token_dim=384, grid=8, patch=14, width=64, depth=2,
                                                                  heads=2)
     optim = decoder_optim(cfg)
     assert (optim.steps, optim.lr, optim.batch_size, optim.seed, optim.ema_decays) == (9, 5e-4, 7, 4, [])
@@ -109,6 +109,26 @@ def test_a_parameter_the_config_does_not_define_is_an_error_not_a_silent_default
         project(MeanFlowConfig, TFConfig().generator, not_a_field=1)
 
 
+def test_a_spec_field_named_like_a_method_of_the_section_is_not_filled_with_the_method():
+    """`project` fills a spec from the section's settings (model_fields), not from any attribute: a spec
+    field `copy` (a pydantic method) or `partition_levels` (a property) is an error unless given."""
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Odd:
+        copy: int
+        lam: float
+
+    with pytest.raises(TypeError, match="Odd.copy is not set by the config section HierarchyConfig"):
+        project(Odd, TFConfig().hierarchy)
+    assert project(Odd, TFConfig().hierarchy, copy=2) == Odd(copy=2, lam=0.2)
+
+
+def test_an_explicit_step_count_is_kept_even_zero():
+    cfg = TFConfig()
+    assert generator_optim(cfg, seed=0).steps == cfg.generator.steps
+    assert generator_optim(cfg, seed=0, steps=0).steps == 0
+    assert generator_optim(cfg, seed=0, steps=7).steps == 7
+
+
 def test_a_models_spec_keeps_a_default_only_for_its_own_constants_and_the_plan_sets_every_other_field():
     """A default on a config setting would be a second definition of it (they once disagreed): each spec's
     defaulted fields are exactly its documented constants, none of them a setting of its config section,
@@ -119,10 +139,10 @@ def test_a_models_spec_keeps_a_default_only_for_its_own_constants_and_the_plan_s
              (generator_optim(cfg, seed=0), {"muon_momentum"}, cfg.generator),
              (decoder_optim(cfg), {"muon_momentum"}, cfg.decoder),
              (generator_config(cfg, grid=8, dim=384, num_classes=6), {"mlp_ratio"}, cfg.generator),
-             (decoder_config(cfg, grid=8, dim=384), {"mlp_ratio"}, cfg.decoder),
+             (decoder_spec(cfg, grid=8, dim=384), {"mlp_ratio"}, cfg.decoder),
              (eval_plan(cfg, keep=4), {"token_seed", "kid_reservoir", "is_reservoir"}, cfg.evaluate)]
     assert {type(spec) for spec, _, _ in built} == {HierarchySpec, MeanFlowConfig, OptimConfig, DiTConfig,
-                                                    DecoderConfig, EvalPlan}
+                                                    DecoderSpec, EvalPlan}
     for spec, constants, section in built:
         defaulted = {f.name for f in dataclasses.fields(spec)
                      if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
