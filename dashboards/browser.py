@@ -26,6 +26,7 @@ CONTENT = {"runs": '[data-testid="stDataFrame"]',
            "hierarchy": '[data-testid="stImage"]:has-text("teacher L0") img', "edit": ".st-key-edit_run button"}
 TOKEN_GRID = ".st-key-edit_token_grid"   # the edit playground's token grid (dashboards/token_grid.py)
 EDIT_DONE = '[data-testid="stImageCaption"]:has-text("edited (final image)")'
+TREND = '[data-testid="stVegaLiteChart"]'   # the runs page's first chart: the metric trends
 
 
 def free_port() -> int:
