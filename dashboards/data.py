@@ -173,8 +173,8 @@ KEY_SECTIONS = {"ingest": ("source",), "encode": ("encoder", "source"), "hierarc
 
 
 def key_config(root: str | Path, run_id: str, stage: str) -> dict:
-    """The settings behind a stage's key in a run: the config sections its key hashes, from the run.json of
-    the run that ran it ({} for runs recorded before run.json)."""
+    """The settings behind a stage's key in a run: the config sections its key hashes, from the _run.json of
+    the run that ran it ({} for runs recorded before _run.json)."""
     rows = stage_rows(root, run_id)
     owner = rows[rows.stage == stage].run_id
     config = load_run_config(root, owner.iloc[0] if len(owner) else run_id).get("config", {})

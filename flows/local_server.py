@@ -15,6 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+# The server streams flow run logs to `prefect deployment run --watch` only with these on (Prefect's default is
+# off: --watch then shows state events and no log line, the stage table included).
+LOG_STREAM = {"PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true", "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -29,7 +34,8 @@ def server_env(home: Path, port: int, worker_query_s: float | None = 1) -> dict[
     """The environment of the server, its workers and its clients. worker_query_s: how often a worker asks
     for new runs (Prefect's default, 10 s, when None)."""
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="INFO")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="INFO",
+               **LOG_STREAM)
     if worker_query_s is not None:
         env["PREFECT_WORKER_QUERY_SECONDS"] = str(worker_query_s)
     return env
@@ -74,19 +80,28 @@ def kill_run_process(pid: int) -> None:
         pass
 
 
-def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def wait_answers(url: str, process: subprocess.Popen, what: str, timeout: float, poll_s: float = 0.5) -> None:
+    """Until GET `url` answers 200 (TimeoutError after `timeout` s), failing at once if `process` exits; `what`
+    names it in the errors, e.g. with the tail of its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"prefect server exited:\n{log.read_text()[-3000:]}")
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
-        time.sleep(1)
-    raise TimeoutError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what} did not answer {url} in {timeout:.0f} s")
+
+
+def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    try:
+        wait_answers(f"{url}/health", server, "prefect server", timeout, poll_s=1)
+    except (RuntimeError, TimeoutError) as error:
+        raise type(error)(f"{error}:\n{log.read_text()[-3000:]}") from None
 
 
 def final_run(client, flow_run_id, workers: list, logs: list[Path], limit: float):

@@ -1,7 +1,7 @@
 """What the scheduled evaluation (tf-evaluate, `score_new`) scores: what changed since its last run.
 
 The candidates are the deployment's config and the config of every run since the last scheduled evaluation
-began that computed a train stage (from the run.json beside its report). Each candidate's evaluation is
+began that computed a train stage (from the _run.json beside its report). Each candidate's evaluation is
 - due: its models are complete and its evaluation is not (new models, a metric added, an evaluation setting
   changed): the evaluation scores it;
 - nothing new: already scored (the row names the run that scored it), or its models are not trained yet.

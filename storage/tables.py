@@ -43,8 +43,9 @@ ran and one row for the run as a whole:
   note            why a stage was reused or had nothing new; how many stage runs a run started
   flow_run_id     the Prefect flow run that wrote the row ("" outside Prefect's run context)
 Version 1 (before issue 32) had a string `timestamp` (when the run ended) and no run rows; its parts load with
-started_at / ended_at from it, kind "stage" and parent_run_id "". Beside report.parquet, `run.json` holds the
-run's whole config and parameters (`write_run_config`), so every key can be traced to the settings behind it.
+started_at / ended_at from it, kind "stage" and parent_run_id "". Beside report.parquet, `_run.json` holds the
+run's whole config and parameters (`write_run_config`), so every key can be traced to the settings behind it
+(the leading _ keeps pandas and pyarrow from reading it as a part of the table).
 """
 from __future__ import annotations
 
@@ -259,15 +260,15 @@ def run_summaries(root: str | Path, runs: pd.DataFrame | None = None) -> pd.Data
 
 
 def write_run_config(root: str | Path, run_id: str, record: dict) -> Path:
-    """`run.json` beside the run's report: its config (every section, as validated) and parameters."""
-    path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "run.json"
+    """`_run.json` beside the run's report: its config (every section, as validated) and parameters."""
+    path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "_run.json"
     atomic_write_bytes(path, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
     return path
 
 
 def load_run_config(root: str | Path, run_id: str) -> dict:
     """What `write_run_config` wrote for the run ({} for a run recorded before it)."""
-    path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "run.json"
+    path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "_run.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 

@@ -115,7 +115,7 @@ def run_details(root: str, run_id: str, summary: pd.Series, stamp: tuple) -> Non
         left.caption(f"`{stage}-{key}` hashes these settings, the keys of the stages before it and a code version "
                      "(storage/keys.py).")
         settings = cache.key_config(root, run_id, stage, stamp)
-        right.code(json.dumps(settings, indent=1) if settings else "(not recorded: the run predates run.json)",
+        right.code(json.dumps(settings, indent=1) if settings else "(not recorded: the run predates _run.json)",
                    language="json")
     if links["grid"] is not None:
         st.image(str(links["grid"]), caption=f"grid.png of {links['grid'].parent.name}: one row per sample, one "
