@@ -103,7 +103,7 @@ def metrics_run(root: str | Path, run_id: str) -> str:
     return run_id
 
 
-STATUS_MARK = {"failed": "❌ failed", "running": "⏳ running", "completed": "✅ completed"}
+STATUS_MARK = {"failed": "FAILED", "running": "running", "completed": "completed"}   # no emoji: not every font has them
 
 
 def runs_overview(root: str | Path) -> pd.DataFrame:
@@ -278,14 +278,14 @@ def load_edits(root: str | Path) -> pd.DataFrame:
 
 
 def object_region(regions: np.ndarray) -> int:
-    """The level-0 region that is the object: the scenes draw one object on a background, so it is the region
-    whose tokens lie least on the grid's border (ties: the smaller one)."""
+    """The level-0 region that is the object. The scenes draw one object on a background, which fills the
+    border; a generated level 0 may also hold specks. So: the region with the most tokens off the grid's
+    border (ties: the smaller id)."""
     level0 = np.asarray(regions[0])
-    border = np.zeros(level0.shape, bool)
-    border[[0, -1], :] = border[:, [0, -1]] = True
-    ids, counts = np.unique(level0, return_counts=True)
-    share = [border[level0 == r].mean() for r in ids]
-    return int(min(zip(share, counts, ids))[2])
+    inner = np.ones(level0.shape, bool)
+    inner[[0, -1], :] = inner[:, [0, -1]] = False
+    ids = np.unique(level0)
+    return int(max(ids, key=lambda r: (int((inner & (level0 == r)).sum()), -r)))
 
 
 def region_labels(regions: np.ndarray, level: int) -> tuple[dict[int, str], int]:

@@ -33,9 +33,11 @@ def prefect_command(*args: str) -> list[str]:
 def server_env(home: Path, port: int, worker_query_s: float | None = 1) -> dict[str, str]:
     """The environment of the server, its workers and its clients. worker_query_s: how often a worker asks
     for new runs (Prefect's default, 10 s, when None)."""
+    # No scheduler: the deployments keep their schedules, but a test or bench that spans 02:00 UTC (or Sunday
+    # 03:00) would otherwise start tf-evaluate (tf-pipeline) with their default root, the checkout's ./data.
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="INFO",
-               **LOG_STREAM)
+               PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false", **LOG_STREAM)
     if worker_query_s is not None:
         env["PREFECT_WORKER_QUERY_SECONDS"] = str(worker_query_s)
     return env

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -31,7 +32,7 @@ from flows.report import (failure_text, format_report, now, publish_failure, pub
                           stage_row)
 from storage.config import TFConfig
 from storage.keys import Stage
-from storage.tables import claim_run_id, load_runs, write_run_config
+from storage.tables import claim_run_id, load_run_family, load_runs, write_run_config
 
 
 # Each stage's upstream stages: the judge reads the real scenes only, so it hangs off ingest.
@@ -236,12 +237,13 @@ class _Run:
             began = now()
             done = work()
         self.results += _stamped(done, began)
+        self._write("running")   # the record so far: progress to read, and what a waiting stage run waits for
 
-    def deployed(self, stages: tuple[str, ...], pool: str, config: TFConfig, force: str | None) -> None:
-        """The stages as one run of the deployment `stages/tf-stages-<pool>` (a worker of that pool runs them in
-        one process), waited for; its rows in the runs table (run id `<this run>-<first stage>`, parent this
-        run) join this run's report. A stage run that ended without recording its failure (its process was
-        killed) gets a failed row from here."""
+    def start_deployed(self, stages: tuple[str, ...], pool: str, config: TFConfig, force: str | None,
+                       after: list[str]):
+        """Start the stages as one run of the deployment `stages/tf-stages-<pool>` (a worker of that pool runs
+        them in one process) and return its flow run at once: it waits for the stages `after` to show done in
+        this run's record, so its start (a worker's poll, a process, its imports) overlaps them."""
         from prefect.deployments import run_deployment
 
         child = f"{self.run_id}-{stages[0]}"   # free: this run's id is unique on the root
@@ -249,9 +251,22 @@ class _Run:
         with self.recording(stages[0]):
             # config_path=None: the deployment's default file must not replace the config this run checked
             parameters = {"stages": list(stages), "config": config.model_dump(mode="json"), "config_path": None,
-                          "root": self.root, "run_id": child, "parent_run_id": self.run_id, "force": force}
+                          "root": self.root, "run_id": child, "parent_run_id": self.run_id, "force": force,
+                          "after": after}
+            return run_deployment(f"stages/tf-stages-{pool}", parameters=parameters, timeout=0)
+
+    def deployed(self, flow_run, stages: tuple[str, ...], pool: str) -> None:
+        """Wait for a stage run `start_deployed` started; its rows in the runs table (run id `<this run>-<first
+        stage>`, parent this run) join this run's report. A stage run that ended without recording its
+        failure (its process was killed) gets a failed row from here."""
+        from prefect.client.orchestration import get_client
+
+        child = f"{self.run_id}-{stages[0]}"
+        with self.recording(stages[0]):
             began, clock = now(), time.monotonic()
-            flow_run = run_deployment(f"stages/tf-stages-{pool}", parameters=parameters, poll_interval=1)
+            with get_client(sync_client=True) as client:
+                while not (flow_run := client.read_flow_run(flow_run.id)).state.is_final():
+                    time.sleep(1)
             runs = load_runs(self.root)
             self.results += [{**row, "run_id": child} for row in runs[runs.run_id == child].to_dict("records")]
             if flow_run.state.is_completed():
@@ -263,7 +278,8 @@ class _Run:
                 stage = next((s for s in stages if s not in done), stages[-1])
                 failed = {"stage": stage, "key": "", "status": "failed", "started_at": began, "ended_at": now(),
                           "duration_s": round(time.monotonic() - clock, 3), "path": "", "error": error[:2000]}
-                record(self.root, child, [stage_row(child, self.run_id, "stages", failed, self.weights, "")])
+                kept = [r for r in self.results if r.get("run_id") == child]   # the rows it wrote before it died
+                record(self.root, child, kept + [stage_row(child, self.run_id, "stages", failed, self.weights, "")])
                 self.results.append({**failed, "run_id": child})
             raise StageRunFailed(error)
 
@@ -370,15 +386,46 @@ def evaluate_flow(config: TFConfig = TFConfig(), config_path: str | None = None,
 @flow(name="stages")
 def stages_flow(stages: list[Stage], config: TFConfig = TFConfig(), config_path: str | None = None,
                 root: str = "data", run_id: str | None = None, parent_run_id: str | None = None,
-                force: Stage | None = None) -> dict:
+                force: Stage | None = None, after: list[Stage] | None = None):
     """The named stages one after the other in this process: what a routed pipeline starts on a work pool for
-    each group of its stages that run there (`tf-stages-cpu`, `tf-stages-gpu`), as its child `parent_run_id`."""
+    each group of its stages that run there (`tf-stages-cpu`, `tf-stages-gpu`), as its child `parent_run_id`.
+    `after`: stages that must show done in the pipeline's record first; this run loads its code meanwhile,
+    and is cancelled if the pipeline ends before they are done (it failed in one of them)."""
+    from prefect.states import Cancelled
+
     run = _Run("stages", root, run_id, parent_run_id)
-    config = run.checked(config, config_path, force=force, stages=list(stages))
+    config = run.checked(config, config_path, force=force, stages=list(stages), after=after)
+    for stage in stages:   # imports (torch, timm, ...: seconds) while the stages before these run
+        importlib.import_module(STAGE_MODULES[stage])
+    if after and (ended := _wait_for_parent(root, parent_run_id or "", after)):
+        return Cancelled(message=ended)
     for stage in ORDER:
         if stage in stages:
             run(stage, config, lambda: _stage(stage, config, root, run.run_id, force))
     return run.finish()
+
+
+STAGE_MODULES = {"ingest": "tasks.ingest", "encode": "tasks.encode", "hierarchy": "tasks.hierarchy",
+                 "train": "tasks.train", "judge": "tasks.judge", "evaluate": "tasks.evaluate"}
+
+
+def _wait_for_parent(root: str, parent: str, after: list[str]) -> str | None:
+    """Until the stages `after` show done (computed or reused) in the record of the pipeline `parent` (its
+    own rows, or its other stage runs'): None. Why not, when the pipeline's flow run ended first."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    parent_flow = flow_run.get_parent_flow_run_id()
+    with get_client(sync_client=True) as client:
+        while True:
+            rows = load_run_family(root, parent)
+            done = {row.stage.split("-")[0] for row in rows.itertuples()
+                    if row.kind == "stage" and row.status in ("computed", "reused")}
+            if set(after) <= done:
+                return None
+            if parent_flow and (state := client.read_flow_run(parent_flow).state).is_final():
+                return f"pipeline run {parent} ended {state.name} before {', '.join(sorted(set(after) - done))}"
+            time.sleep(1)
 
 
 def stage_pool(stage: str) -> str:
@@ -428,12 +475,17 @@ def pipeline_flow(config: TFConfig = TFConfig(), config_path: str | None = None,
     config = run.checked(config, config_path, force=force, stages_as_deployments=stages_as_deployments)
     pool = _own_pool() if stages_as_deployments else None
     groups = stage_groups() if pool else [(None, ORDER)]
-    for where, stages in groups:
-        if where is None or where == pool:
+    started = {}   # every stage run at once: each waits for the stages before it, so its start overlaps them
+    for i, (where, stages) in enumerate(groups):
+        if where is not None and where != pool:
+            before = [stage for _, group in groups[:i] for stage in group]
+            started[i] = run.start_deployed(stages, where, config, force, before)
+    for i, (where, stages) in enumerate(groups):
+        if i in started:
+            run.deployed(started[i], stages, where)
+        else:
             for stage in stages:
                 run(stage, config, lambda: _stage(stage, config, root, run.run_id, force))
-        else:
-            run.deployed(stages, where, config, force)
     return run.finish()
 
 

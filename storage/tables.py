@@ -222,6 +222,16 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     return frame.sort_values("started_at", kind="stable").reset_index(drop=True)
 
 
+def load_run_family(root: str | Path, run_id: str) -> pd.DataFrame:
+    """The rows of one run and of its stage runs (`<run>-<stage>`), read from their folders alone: what a
+    stage run polls while it waits for its pipeline's earlier stages."""
+    runs = Path(root) / "tables" / "runs"
+    parts = [f for folder in [runs / f"run_id={run_id}", *runs.glob(f"run_id={run_id}-*")]
+             for f in [folder / "report.parquet"] if f.exists()]
+    frames = [pd.read_parquet(f).assign(run_id=_run_of(f)) for f in parts]
+    return _typed_runs(pd.concat(frames, ignore_index=True)) if frames else _typed_runs(pd.DataFrame(columns=RUN_COLUMNS))
+
+
 def run_summaries(root: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per run started on its own (its stage runs folded in), newest first: run_id, flow, status,
     started_at, duration_s, stage_s (seconds in stages), overhead_s, error, failed_stage, computed, reused,

@@ -15,23 +15,23 @@ from dashboards.visuals import colour_partition, overlay
 
 SOURCES = {"token_exchange": "another trajectory's tokens (token exchange)",
            "region_mean": "a region mean (one vector: a trajectory's mean token over the region)"}
-# Each number's label, and what it means (the tooltip and the table under the numbers), in display order.
+# Each number's label, and what it means (the tooltip and the table under "What the numbers mean"), in display order.
 NUMBERS = {
     "locality_latent": ("locality, latent", "change outside the region ÷ change inside it, on the final latent "
                         "tokens: 0 means the edit stayed inside the region (lower is better)"),
     "locality_pixel": ("locality, pixels", "the same on the decoded final image's pixels (lower is better)"),
-    "preservation_psnr_outside": ("PSNR outside the region (dB)", "decoded final image outside the region, edited "
-                                  "vs original: higher is better preserved; 100 means identical"),
-    "preservation_ssim_outside": ("SSIM outside the region", "structural similarity outside the region, edited vs "
-                                  "original: 1 means identical"),
-    "preservation_coarse_identical": ("coarser levels unchanged", "1: the levels above l* are bit-identical to "
-                                      "the original's, as an edit at l* must leave them; 0: they changed"),
-    "adherence": ("adherence to the source", "cosine similarity, inside the region, between the edited "
-                  "trajectory's final latent and the source tokens put in at l* (1: the final follows the source "
-                  "exactly). The arrow is its gain over the unedited baseline"),
-    "adherence_baseline": ("adherence before the edit (unedited baseline)", "the same cosine for the original, "
-                           "unedited trajectory: what adherence would be if the edit did nothing. The edit took "
-                           "hold as far as adherence rises above it"),
+    "preservation_psnr_outside": ("PSNR outside (dB)", "the decoded final image outside the region, edited vs "
+                                  "original: higher is better preserved; 100 means identical"),
+    "preservation_ssim_outside": ("SSIM outside", "structural similarity outside the region, edited vs original: "
+                                  "1 means identical"),
+    "preservation_coarse_identical": ("coarser levels kept", "yes: the levels above l* are bit-identical to the "
+                                      "original's, as an edit at l* must leave them"),
+    "adherence": ("adherence", "cosine similarity, inside the region, between the edited trajectory's final "
+                  "latent and the source tokens put in at l*: 1 means the final follows the source exactly"),
+    "adherence_baseline": ("adherence, unedited", "the unedited baseline: the same cosine for the original "
+                           "trajectory, i.e. what adherence would be if the edit did nothing"),
+    "adherence_gain": ("adherence gain", "adherence minus the unedited baseline: how far the edit moved the final "
+                       "toward the source (above 0: the edit took hold)"),
 }
 PREVIEW_PX = 240   # the preview and the result's final images: large enough to see the region
 
@@ -62,7 +62,7 @@ def render(root: str) -> None:
     if len(ids) < 2:
         st.warning("Editing needs at least two stored trajectories (a parent and a source).")
         return
-    controls, outcome = st.columns([5, 4], gap="large")
+    controls, outcome = st.columns([4, 6], gap="medium")
     with controls:
         pick = st.columns([3, 2, 4])
         parent_id = pick[0].selectbox("Trajectory", ids, key="edit_parent")
@@ -136,18 +136,18 @@ def _show_result(root: str, result) -> None:
     source = source_words(request.source, request.donor, request.parent, request.level, request.region)
     st.caption(f"{request.parent}, level {request.level}, region {request.region}; new tokens: {source}. "
                f"{result.seconds:.2f} s. Saved to `{Path(root) / 'dashboard-edits' / edit_id}`.")
-    numbers = result.numbers
-    items = [(name, numbers[name]) for name in NUMBERS if name in numbers and name != "adherence_baseline"]
-    for start in range(0, len(items), 3):   # three to a row, so the numbers are never cut off
-        for column, (name, value) in zip(st.columns(3), items[start:start + 3]):
+    numbers = dict(result.numbers)
+    if {"adherence", "adherence_baseline"} <= set(numbers):
+        numbers["adherence_gain"] = numbers["adherence"] - numbers["adherence_baseline"]
+    items = [(name, numbers[name]) for name in NUMBERS if name in numbers]
+    for start in range(0, len(items), 4):   # four to a row, each with its meaning as a tooltip
+        for column, (name, value) in zip(st.columns(4), items[start:start + 4]):
             label, meaning = NUMBERS[name]
-            if name == "preservation_coarse_identical":
-                column.metric(label, "yes" if value == 1.0 else "no", help=meaning)
-            elif name == "adherence" and "adherence_baseline" in numbers:
-                column.metric(label, number(value), delta=f"{value - numbers['adherence_baseline']:+.3g} vs unedited "
-                              f"({number(numbers['adherence_baseline'])})", help=meaning)
-            else:
-                column.metric(label, number(value), help=meaning)
+            shown = ("yes" if value == 1.0 else "no") if name == "preservation_coarse_identical" else number(value)
+            column.metric(label, shown, help=meaning)
+    st.caption("Locality: change outside ÷ inside the region (0: the edit stayed inside). Adherence: cosine, in the "
+               "region, of the edited final to the source tokens; unedited: the same before the edit; gain: their "
+               "difference. Hover a number, or open \"What the numbers mean\" below.")
     before, after = st.columns(2)
     show(before, result.original[-1], "original (final image)", PREVIEW_PX // 2 + 60)
     show(after, result.edited[-1], f"edited (final image) {edit_id}", PREVIEW_PX // 2 + 60)
@@ -156,8 +156,8 @@ def _show_result(root: str, result) -> None:
 def _show_levels(result) -> None:
     """Every level, original above edited, and what each number means."""
     with st.expander("What the numbers mean"):
-        st.table({"number": [NUMBERS[n][0] for n in NUMBERS], "meaning": [NUMBERS[n][1] for n in NUMBERS],
-                  "this edit": [number(result.numbers[n]) if n in result.numbers else "-" for n in NUMBERS]})
+        st.table({"number": [label for label, _ in NUMBERS.values()],
+                  "meaning": [meaning for _, meaning in NUMBERS.values()]})
     rows = st.columns(len(result.edited))
     for level, column in enumerate(rows):
         show(column, result.original[level], f"L{level} original")

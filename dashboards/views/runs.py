@@ -31,7 +31,8 @@ COLUMNS = {"status": st.column_config.TextColumn("status", width="small"),
 
 def _marked(frame: pd.DataFrame):
     """Failed runs in red, running ones in amber."""
-    colour = {"❌ failed": "background-color: #fde2e1", "⏳ running": "background-color: #fff4d6"}
+    colour = {data.STATUS_MARK["failed"]: "background-color: #fbd0cd; color: #8b0000",
+              data.STATUS_MARK["running"]: "background-color: #fff4d6"}
     return frame.style.apply(lambda row: [colour.get(row["status"], "")] * len(row), axis=1)
 
 
@@ -142,15 +143,23 @@ def trend_chart(trends: pd.DataFrame) -> None:
     st.vega_lite_chart(trends, trend_lines(list(dict.fromkeys(trends.metric))), width="content")
 
 
+def axis(metric: str) -> tuple[str, str]:
+    """(a panel's title: the metric and how to read it, its y axis title: the unit) from the registry's unit
+    text, "<unit>; <reading>"."""
+    unit, _, reading = unit_of(metric).rpartition("; ")
+    return (f"{metric} ({reading})", unit) if unit else (metric, reading)
+
+
 def trend_lines(metrics: list[str]) -> dict:
-    """A panel per metric (its own y axis, titled with its unit), a point per evaluation joined by a line."""
-    return {"vconcat": [{"transform": [{"filter": {"field": "metric", "equal": metric}}],
-                         "title": metric, "width": 420, "height": 110,
-                         "mark": {"type": "line", "point": True, "tooltip": True},
-                         "encoding": {"x": {"field": "started", "type": "temporal", "title": "run started (UTC)"},
-                                      "y": {"field": "value", "type": "quantitative", "title": unit_of(metric),
-                                            "scale": {"zero": False}}}}
-                        for metric in metrics]}
+    """A panel per metric (its own y axis, titled with its unit), a point per evaluation joined by a line; two
+    panels to a row."""
+    panels = [{"transform": [{"filter": {"field": "metric", "equal": metric}}],
+               "title": axis(metric)[0], "width": 360, "height": 140,
+               "mark": {"type": "line", "point": True, "tooltip": True},
+               "encoding": {"x": {"field": "started", "type": "temporal", "title": "run started (UTC)"},
+                            "y": {"field": "value", "type": "quantitative", "title": axis(metric)[1],
+                                  "scale": {"zero": False}}}} for metric in metrics]
+    return {"vconcat": [{"hconcat": panels[i:i + 2]} for i in range(0, len(panels), 2)]}
 
 
 def per_level_plots(root: str, chosen: tuple[str, ...], stamp: tuple) -> None:
@@ -172,10 +181,10 @@ def group_bars(metrics: list[str]) -> dict:
     title. One Vega view per group rather than per metric: each view is its own embed and layout for the
     browser (7 charts -> 3 took about 0.2 s off the page's first content, whose draw they overlap). A plain
     Vega-Lite spec: building it through Altair costs about 60 ms a chart on every rerun."""
-    return {"hconcat": [{"transform": [{"filter": {"field": "metric", "equal": metric}}], "title": metric,
+    return {"hconcat": [{"transform": [{"filter": {"field": "metric", "equal": metric}}], "title": axis(metric)[0],
                          "width": {"step": 44}, "height": 160, "mark": {"type": "bar", "tooltip": True},
                          "encoding": {"x": {"field": "level", "type": "ordinal", "title": "level (0 = coarsest)"},
                                       "xOffset": {"field": "run"},
-                                      "y": {"field": "value", "type": "quantitative", "title": unit_of(metric)},
+                                      "y": {"field": "value", "type": "quantitative", "title": axis(metric)[1]},
                                       "color": {"field": "run", "type": "nominal", "legend": {"orient": "bottom"}}}}
                         for metric in metrics], "resolve": {"scale": {"y": "independent"}}}

@@ -57,7 +57,7 @@ def test_every_page_and_an_edit_in_chromium(tiny_root, tmp_path):
         region = tab.locator(browser.token("cell_1_1")).inner_text().strip()
         assert f"region {region};" in tab.locator('[data-testid="stCaptionContainer"]:has-text("new tokens")').first.inner_text()
         tab.locator('[data-testid="stMetric"]:has-text("locality, pixels")').first.wait_for(state="visible")
-        assert tab.locator('[data-testid="stMetric"]:has-text("PSNR outside the region")').count() == 1
+        assert tab.locator('[data-testid="stMetric"]:has-text("PSNR outside (dB)")').count() == 1
         value = tab.locator('[data-testid="stMetric"]:has-text("locality, pixels") [data-testid="stMetricValue"]')
         float(value.first.inner_text())   # a number, not an error text
         edited = tab.locator('[data-testid="stImage"]').filter(has_text="edited (final image)").locator("img").first

@@ -200,6 +200,7 @@ def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_pa
             (child,) = [r for r in client.read_flow_runs() if r.parent_task_run_id is not None]
             assert str(child.deployment_id) == str(deployed["tf-stages-gpu"].id) and child.state.is_completed()
             assert child.parameters["stages"] == list(ORDER[1:]) and child.parameters["parent_run_id"] == "deployed"
+            assert child.parameters["after"] == ["ingest"]   # started with the pipeline, it waits for ingest
             cpu_log, gpu_log = logs["worker-cpu"].read_text(), logs["worker-gpu"].read_text()
             assert str(child.id) in gpu_log and str(child.id) not in cpu_log
             assert str(run.id) in cpu_log   # the pipeline (and its ingest) on the cpu pool
@@ -243,6 +244,8 @@ def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_pa
     assert len(mine) == 1 + len(stages) and set(stages.status) == {"computed"}
     assert {"ingest", "encode", "hierarchy", "judge", "evaluate"} <= set(stages.stage)
     assert set(stages[stages.stage != "ingest"].run_id.astype(str)) == {"deployed-encode"}
+    ingest, encode = (stages[stages.stage == name].iloc[0] for name in ("ingest", "encode"))
+    assert ingest.run_id == "deployed" and encode.started_at >= ingest.ended_at   # it waited for ingest
     total = mine[mine.kind == "run"].iloc[0]
     assert total.status == "completed" and total.duration_s == pytest.approx(
         stages.duration_s.sum() + total.overhead_s, abs=2e-3)

@@ -22,8 +22,8 @@ class Controllability(Metric):
     plots = (("controllability", "locality_latent"), ("controllability", "locality_pixel"),
              ("controllability", "preservation_psnr_outside"))
     summary = ("locality_latent", "preservation_coarse_identical")
-    units = (("locality_latent", "change outside / inside the region (ratio); lower is better"),
-             ("locality_pixel", "change outside / inside the region (ratio); lower is better"),
+    units = (("locality_latent", "change outside ÷ inside the region; lower is better"),
+             ("locality_pixel", "change outside ÷ inside the region; lower is better"),
              ("adherence", "cosine similarity, edited final vs source, in the region (-1 to 1)"),
              ("adherence_baseline", "cosine similarity, unedited final vs source, in the region (-1 to 1)"),
              ("preservation_coarse_identical", "share of edits (0-1); 1 is required"),
