@@ -84,10 +84,10 @@ SPECS: tuple[Spec, ...] = (
          "Nightly evaluation of what changed since its last run (trajectories, edit suite, metric tables, grid "
          "PNG); a 'nothing new' row in tables/runs when nothing did, or while the models are not trained yet.",
          extra=SCORE_NEW),
-    Spec("stages", "cpu", None, "Stage runs of a routed pipeline: the stages it names, in one process, on the "
-         "cpu pool.", variant="cpu"),
-    Spec("stages", "gpu", None, "Stage runs of a routed pipeline: the stages it names, in one process, on the "
-         "gpu pool.", variant="gpu"),
+    Spec("stages", "cpu", None, "Stage runs of a routed pipeline: the stages it names (every stage when none), in "
+         "one process, on the cpu pool.", variant="cpu"),
+    Spec("stages", "gpu", None, "Stage runs of a routed pipeline: the stages it names (every stage when none), in "
+         "one process, on the gpu pool.", variant="gpu"),
 )
 
 

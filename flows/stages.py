@@ -384,20 +384,22 @@ def evaluate_flow(config: TFConfig = TFConfig(), config_path: str | None = None,
 
 
 @flow(name="stages")
-def stages_flow(stages: list[Stage], config: TFConfig = TFConfig(), config_path: str | None = None,
+def stages_flow(stages: list[Stage] | None = None, config: TFConfig = TFConfig(), config_path: str | None = None,
                 root: str = "data", run_id: str | None = None, parent_run_id: str | None = None,
                 force: Stage | None = None, after: list[Stage] | None = None):
-    """The named stages one after the other in this process: what a routed pipeline starts on a work pool for
-    each group of its stages that run there (`tf-stages-cpu`, `tf-stages-gpu`), as its child `parent_run_id`.
+    """The named stages (all, when None) one after the other in this process: what a routed pipeline starts on a
+    work pool for each group of its stages that run there (`tf-stages-cpu`, `tf-stages-gpu`), as its child
+    `parent_run_id`.
     `after`: stages that must show done in the pipeline's record first; this run loads its code meanwhile,
     and is cancelled if the pipeline ends before they are done (it failed in one of them)."""
     from prefect.states import Cancelled
 
+    stages = list(stages or ORDER)
     run = _Run("stages", root, run_id, parent_run_id)
-    config = run.checked(config, config_path, force=force, stages=list(stages), after=after)
+    config = run.checked(config, config_path, force=force, stages=stages, after=after)
     for stage in stages:   # imports (torch, timm, ...: seconds) while the stages before these run
         importlib.import_module(STAGE_MODULES[stage])
-    if after and (ended := _wait_for_parent(root, parent_run_id or "", after)):
+    if after and (ended := _wait_for_parent(root, parent_run_id or "", after, _parent_flow_ended)):
         return Cancelled(message=ended)
     for stage in ORDER:
         if stage in stages:
@@ -409,23 +411,32 @@ STAGE_MODULES = {"ingest": "tasks.ingest", "encode": "tasks.encode", "hierarchy"
                  "train": "tasks.train", "judge": "tasks.judge", "evaluate": "tasks.evaluate"}
 
 
-def _wait_for_parent(root: str, parent: str, after: list[str]) -> str | None:
+def _wait_for_parent(root: str, parent: str, after: list[str], parent_ended: Callable[[], str | None],
+                     poll_s: float = 1.0) -> str | None:
     """Until the stages `after` show done (computed or reused) in the record of the pipeline `parent` (its
-    own rows, or its other stage runs'): None. Why not, when the pipeline's flow run ended first."""
+    own rows, or its other stage runs'): None. `parent_ended()`'s reason, when the pipeline ended first."""
+    while True:
+        rows = load_run_family(root, parent)
+        done = {row.stage.split("-")[0] for row in rows.itertuples()
+                if row.kind == "stage" and row.status in ("computed", "reused")}
+        if set(after) <= done:
+            return None
+        if ended := parent_ended():
+            return f"pipeline run {parent} {ended} before {', '.join(sorted(set(after) - done))} could finish"
+        time.sleep(poll_s)
+
+
+def _parent_flow_ended() -> str | None:
+    """How this subflow's parent flow run ended ("ended Failed"), None while it runs."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    parent_flow = flow_run.get_parent_flow_run_id()
+    parent = flow_run.get_parent_flow_run_id()
+    if not parent:
+        return None
     with get_client(sync_client=True) as client:
-        while True:
-            rows = load_run_family(root, parent)
-            done = {row.stage.split("-")[0] for row in rows.itertuples()
-                    if row.kind == "stage" and row.status in ("computed", "reused")}
-            if set(after) <= done:
-                return None
-            if parent_flow and (state := client.read_flow_run(parent_flow).state).is_final():
-                return f"pipeline run {parent} ended {state.name} before {', '.join(sorted(set(after) - done))}"
-            time.sleep(1)
+        state = client.read_flow_run(parent).state
+    return f"ended {state.name}" if state.is_final() else None
 
 
 def stage_pool(stage: str) -> str:
@@ -469,7 +480,9 @@ def pipeline_flow(config: TFConfig = TFConfig(), config_path: str | None = None,
     stages_as_deployments: inside a deployment run, run each stage on its work pool (`stage_pool`: ingest on
     `cpu`, the rest on `gpu`): consecutive stages of one pool are one stage run (a run of `tf-stages-<pool>`,
     one process, so imports load once), and those of this run's own pool run here, with no run to start: from
-    the cpu pool, ingest here and one gpu stage run for the rest. One after the other, failing when one fails. Outside a deployment run (`tf pipeline`, a plain call) every
+    the cpu pool, ingest here and one gpu stage run for the rest. Every stage run starts at once and waits for
+    the stages before it (flows.stages.stages_flow `after`), so its start overlaps them; the stages run one
+    after the other, and the pipeline fails when one fails. Outside a deployment run (`tf pipeline`, a plain call) every
     stage runs in this process whatever it says."""
     run = _Run("pipeline", root, run_id)
     config = run.checked(config, config_path, force=force, stages_as_deployments=stages_as_deployments)

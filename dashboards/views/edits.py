@@ -127,9 +127,9 @@ def render(root: str) -> None:
 
 
 def _show_result(root: str, result) -> None:
-    """Heading, what was edited, numbers, then the final images: the pictures come last and carry the edit id,
-    so a reader (or the browser test) that sees the new edited picture knows the numbers above it are the new
-    ones too."""
+    """Heading, what was edited, numbers, then the final images: the pictures come after the numbers and carry
+    the edit id, so a reader (or the browser test) that sees the new edited picture knows the numbers above it
+    are the new ones too."""
     request = result.request
     edit_id = result.record.get("edit_id", "")
     st.subheader(f"Edit {edit_id}")
@@ -140,17 +140,17 @@ def _show_result(root: str, result) -> None:
     if {"adherence", "adherence_baseline"} <= set(numbers):
         numbers["adherence_gain"] = numbers["adherence"] - numbers["adherence_baseline"]
     items = [(name, numbers[name]) for name in NUMBERS if name in numbers]
-    for start in range(0, len(items), 4):   # four to a row, each with its meaning as a tooltip
-        for column, (name, value) in zip(st.columns(4), items[start:start + 4]):
+    for start in range(0, len(items), 3):   # three to a row, so no label is cut; each means its tooltip
+        for column, (name, value) in zip(st.columns(3), items[start:start + 3]):
             label, meaning = NUMBERS[name]
             shown = ("yes" if value == 1.0 else "no") if name == "preservation_coarse_identical" else number(value)
             column.metric(label, shown, help=meaning)
-    st.caption("Locality: change outside ÷ inside the region (0: the edit stayed inside). Adherence: cosine, in the "
-               "region, of the edited final to the source tokens; unedited: the same before the edit; gain: their "
-               "difference. Hover a number, or open \"What the numbers mean\" below.")
     before, after = st.columns(2)
     show(before, result.original[-1], "original (final image)", PREVIEW_PX // 2 + 60)
     show(after, result.edited[-1], f"edited (final image) {edit_id}", PREVIEW_PX // 2 + 60)
+    st.caption("Locality: change outside ÷ inside the region (0: the edit stayed inside). Adherence: cosine, in the "
+               "region, of the edited final to the source tokens; unedited: the same before the edit; gain: their "
+               "difference. Hover a number, or open \"What the numbers mean\" below.")
 
 
 def _show_levels(result) -> None:

@@ -116,6 +116,27 @@ def test_a_routed_pipeline_starts_one_stage_run_per_group_of_its_pool():
     assert stage_groups() == [("cpu", ("ingest",)), ("gpu", ORDER[1:])]
 
 
+def test_a_stage_run_waits_for_the_stages_before_it_or_stops_when_its_pipeline_ended(tmp_path):
+    """What a routed pipeline's stage run waits for: the pipeline's record showing those stages done; it gives
+    up with the reason when the pipeline's flow run ended first (failed in one of them)."""
+    from flows.report import now, record, run_row, stage_row
+    from flows.stages import _wait_for_parent
+
+    def ingest(status: str) -> dict:
+        return stage_row("p", "", "pipeline", {"stage": "ingest", "status": status, "started_at": now(),
+                                                "ended_at": now(), "duration_s": 1.0}, "", "")
+
+    running = run_row("p", "pipeline", "running", now(), None, 0.0, "", "")
+    record(tmp_path, "p", [running])
+    ended = iter([None, None, "ended Failed"])   # the pipeline's flow run: running twice, then failed
+    reason = _wait_for_parent(str(tmp_path), "p", ["ingest"], lambda: next(ended), poll_s=0)
+    assert reason == "pipeline run p ended Failed before ingest could finish"
+    record(tmp_path, "p", [running, ingest("failed")])
+    assert _wait_for_parent(str(tmp_path), "p", ["ingest"], lambda: "ended Failed", poll_s=0)
+    record(tmp_path, "p", [running, ingest("reused")])
+    assert _wait_for_parent(str(tmp_path), "p", ["ingest"], lambda: "ended Failed", poll_s=0) is None
+
+
 # ---------------------------------------------------------------- real server, real worker
 
 def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_path):
