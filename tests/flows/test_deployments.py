@@ -165,7 +165,7 @@ def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_pa
     from flows.stages import ORDER, slot_name, stage_slot
     from storage.config import load_config
     from storage.locks import StageLocked
-    from storage.tables import NOTHING_NEW, load_metrics, load_runs, run_summaries
+    from storage.tables import NOTHING_NEW, load_metrics, load_run_config, load_runs, run_summaries
 
     root, fresh = tmp_path / "root", tmp_path / "fresh"
     bad = tmp_path / "bad.yaml"
@@ -272,6 +272,9 @@ def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_pa
         stages.duration_s.sum() + total.overhead_s, abs=2e-3)
     assert len(load_metrics(root, parent_run_id="deployed")) > 0
     assert run_summaries(root).set_index("run_id").loc["deployed", "stage_runs"] == "deployed-encode"
+    recorded = load_run_config(root, "deployed")   # the config behind its keys, and its Prefect page
+    assert recorded["config"] == load_config(CONFIG).model_dump(mode="json")
+    assert recorded["prefect_url"].endswith(f"/runs/flow-run/{run.id}") and recorded["flow_run_id"] == str(run.id)
     records = load_runs(root)
     for run_id, named in (("bad-config", "hierarchy.cutz"), ("no-weights", "encoder.weights")):
         (row,) = records[(records.run_id == run_id) & (records.kind == "stage")].itertuples()
