@@ -65,15 +65,36 @@ def screenshot(tab, path: Path) -> None:
 
 
 def screenshot_pages(context, url: str, folder: Path) -> None:
-    """The README's pictures: each page as a user first sees it (the viewer with region overlays on)."""
+    """The docs' pictures: each page as a user first sees it (the viewer with region overlays on); the runs
+    page's top (the runs, the newest run in detail) and its metric trends apart."""
     folder.mkdir(parents=True, exist_ok=True)
     for page in ("runs", "trajectories", "hierarchy"):
         tab, _ = browser.open_page(context, url, page)
         if page == "trajectories":
             tab.get_by_text("Region overlays").click()
             browser.wait_idle(tab)
+        if page == "runs":
+            trend = tab.locator(browser.TREND).first
+            trend.wait_for(state="visible")
+            tab.wait_for_timeout(1500)
+            trend.scroll_into_view_if_needed()
+            trend.screenshot(path=str(folder / "dashboard-runs-trends.png"))
+            tab.evaluate("window.scrollTo(0, 0)")
+            tab.locator('[data-testid="stMain"]').evaluate("main => main.scrollTo(0, 0)")
         screenshot(tab, folder / f"dashboard-{page}.png")
         tab.close()
+
+
+def failed_run(root: Path, config: str) -> None:
+    """A run that fails as one does (encode of a source no run ingested), so the runs page shows a failure."""
+    from flows.stages import encode_flow
+    from storage.config import load_config
+
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    try:
+        encode_flow(config=load_config(config, ["source.seed=99"]), root=str(root), run_id="encode-unseen-source")
+    except RuntimeError as error:
+        print(f"the failed run: {error}", flush=True)
 
 
 def second_run(root: Path, config: str, overrides: list[str]) -> None:
@@ -85,6 +106,18 @@ def second_run(root: Path, config: str, overrides: list[str]) -> None:
     pipeline_flow(config=load_config(config, overrides), root=str(root), run_id=None)
 
 
+def take_screenshots(root: Path, work: Path, folder: Path) -> None:
+    """The pictures alone, at a laptop's viewport width: one edit (its result in view), then every page."""
+    with browser.dashboard_server(root, work / "dashboard.log") as server, browser.browser() as chromium:
+        context = chromium.new_context(viewport={"width": 1400, "height": 2400})
+        tab, _ = browser.open_page(context, server.url, "edit")
+        browser.run_edit(tab, None)   # the default region: the object's largest part
+        folder.mkdir(parents=True, exist_ok=True)
+        screenshot(tab, folder / "dashboard-edit.png")
+        screenshot_pages(context, server.url, folder)
+        context.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default="data")
@@ -93,6 +126,11 @@ def main() -> None:
     parser.add_argument("--screenshots", default=None, help="folder for the README's page screenshots")
     parser.add_argument("--second-run", action="append", default=[], metavar="KEY=VALUE",
                         help="before measuring, run the pipeline again on the copy with this override (repeatable)")
+    parser.add_argument("--also-run", action="append", default=[], metavar="KEY=VALUE",
+                        help="after --second-run, one more pipeline run per value, with that override")
+    parser.add_argument("--failed-run", action="store_true", help="then leave a failed run on the copy")
+    parser.add_argument("--screenshots-only", action="store_true",
+                        help="only the screenshots (with one edit): no timings, bench/results/dashboard.json untouched")
     args = parser.parse_args()
     source = Path(args.root)
     ensure_root(source, args.config)
@@ -101,10 +139,20 @@ def main() -> None:
     shutil.copytree(source, root, ignore=shutil.ignore_patterns(".prefect", "dashboard-edits"))
     if args.second_run:
         second_run(root, args.config, args.second_run)
+    for override in args.also_run:
+        second_run(root, args.config, [override])
+    if args.failed_run:
+        failed_run(root, args.config)
     viewport = {"width": 1400, "height": 2400}
     modes = ("new_tab", "cold_browser", "sidebar")
     times: dict[str, dict[str, list[float]]] = {mode: {page: [] for page in PAGES} for mode in modes}
     edits: list[float] = []
+    if args.screenshots_only:
+        try:
+            take_screenshots(root, work, Path(args.screenshots or "docs"))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         with browser.dashboard_server(root, work / "dashboard.log") as server, browser.browser() as chromium:
             context = chromium.new_context(viewport=viewport)
@@ -141,6 +189,7 @@ def main() -> None:
                "edit_round_trip_s": (round(statistics.median(edits[1:]), 3), "s"),
                "edit_first_round_trip_s": (round(edits[0], 3), "s")}
     extra = {"root": str(source), "root_source": root_source(source), "second_run": args.second_run,
+             "also_run": args.also_run, "failed_run": args.failed_run,
              "browser": "Debian chromium, headless, Playwright",
              "page_median_s": {mode: {p: round(v, 3) for p, v in m.items()} for mode, m in medians.items()},
              "edit_runs_s": [round(v, 3) for v in edits], "load_average_1m": round(os.getloadavg()[0], 2)}

@@ -70,15 +70,16 @@ def run_pipeline(root: Path, train: Path, weights: Path, sets: list[str], log: P
     return time.perf_counter() - began
 
 
-def recorded(root: Path) -> tuple[str, list[dict]]:
-    """The newest pipeline run's rows from tables/runs, each with its parsed details."""
+def recorded(root: Path) -> tuple[dict, list[dict]]:
+    """The newest pipeline run's row and its stage rows from tables/runs, each stage with its parsed details."""
     from storage.tables import load_runs, run_details
 
     runs = load_runs(root)
     runs = runs[runs.flow == "pipeline"]
     run_id = sorted(runs.run_id.unique())[-1]
     rows = runs[runs.run_id == run_id].to_dict("records")
-    return run_id, [{**row, **run_details(row)} for row in rows]
+    run = next(row for row in rows if row["kind"] == "run")
+    return run, [{**row, **run_details(row)} for row in rows if row["kind"] == "stage"]
 
 
 def figures_of(rows: list[dict], images: int) -> tuple[dict, dict]:
@@ -133,8 +134,11 @@ def main() -> None:
     log = (out or work) / "pipeline.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     wall = run_pipeline(work / "root", work / "train", weights, args.sets, log, args.config)
-    run_id, rows = recorded(work / "root")
+    run, rows = recorded(work / "root")
+    run_id = run["run_id"]
     figures, table = figures_of(rows, args.images)
+    figures["run_total_s"] = (round(float(run["duration_s"]), 1), f"s, the run's own record ({run['status']})")
+    figures["run_overhead_s"] = (round(float(run["overhead_s"]), 1), "s of the run outside any stage")
     figures["pipeline_wall_s"] = (round(wall, 1), "s, tf pipeline as a command (Prefect and Dask start-up included)")
     grid = next((Path(row["path"]) / "grid.png" for row in rows if row["stage"] == "evaluate"), None)
     if grid is not None and grid.exists() and out is not None:

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ CONTENT = {"runs": '[data-testid="stDataFrame"]',
            "hierarchy": '[data-testid="stImage"]:has-text("teacher L0") img', "edit": ".st-key-edit_run button"}
 TOKEN_GRID = ".st-key-edit_token_grid"   # the edit playground's token grid (dashboards/token_grid.py)
 EDIT_DONE = '[data-testid="stImageCaption"]:has-text("edited (final image)")'
+TREND = '[data-testid="stVegaLiteChart"]'   # the runs page's first chart: the metric trends
 
 
 def free_port() -> int:
@@ -35,17 +35,9 @@ def free_port() -> int:
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the dashboard exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"the dashboard at {url} did not become healthy in {timeout:.0f} s")
+    from flows.local_server import wait_answers
+
+    wait_answers(f"{url}/_stcore/health", process, "the dashboard", timeout, poll_s=0.2)
 
 
 @dataclass(frozen=True)
@@ -123,11 +115,13 @@ def token(cell: str, selected: bool = False) -> str:
     return f'{TOKEN_GRID} button{".selected" if selected else ""}[data-cell="{cell.removeprefix("cell_")}"]'
 
 
-def run_edit(tab, cell: str = "cell_0_0") -> float:
-    """Click a token (selects its region), then Run edit; seconds from the click to the shown result."""
-    tab.locator(token(cell)).click()
-    # the rerun is back when the clicked token is drawn as selected; only then is the region set in the browser too
-    tab.locator(token(cell, selected=True)).wait_for(state="visible")
+def run_edit(tab, cell: str | None = "cell_0_0") -> float:
+    """Click a token (selects its region; None: keep the selected one), then Run edit; seconds from the click
+    to the shown result."""
+    if cell is not None:
+        tab.locator(token(cell)).click()
+        # the rerun is back when the clicked token is drawn as selected; only then is the region set in the browser
+        tab.locator(token(cell, selected=True)).wait_for(state="visible")
     wait_idle(tab)
     from playwright.sync_api import expect
 

@@ -36,6 +36,26 @@ def runs_overview(root: str, stamp: tuple) -> pd.DataFrame:
     return data.runs_overview(root)
 
 
+@st.cache_data(show_spinner=False, max_entries=8)
+def trends(root: str, stamp: tuple) -> pd.DataFrame:
+    return data.metric_trends(root, runs_overview(root, stamp))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def stage_rows(root: str, run_id: str, stamp: tuple) -> pd.DataFrame:
+    return data.stage_rows(root, run_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def run_links(root: str, run_id: str, stamp: tuple) -> dict:
+    return data.run_links(root, run_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def key_config(root: str, run_id: str, stage: str, stamp: tuple) -> dict:
+    return data.key_config(root, run_id, stage)
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def per_level(root: str, run_ids: tuple[str, ...], metric: str, stamp: tuple) -> pd.DataFrame:
     return data.per_level_comparison(root, list(run_ids), metric)

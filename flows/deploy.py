@@ -28,11 +28,13 @@ from flows.checks import REPO
 
 STAGES_FILE = "flows/stages.py"
 DEFAULT_CONFIG = "configs/scenes.yaml"   # the built-in scenes: no weights or data needed
-POOLS = {"cpu": "CPU work: ingest (image decoding), the hierarchy (clustering), and the pipeline, which "
-                "only starts each stage's deployment run and waits for it",
-         "gpu": "accelerator work: encode, train, judge, evaluate"}
-# The pipeline deployments orchestrate: each stage runs as its own deployment, on that one's pool.
+POOLS = {"cpu": "CPU work: ingest (image decoding), tf-hierarchy, and the pipelines, which run ingest themselves "
+                "and start one gpu stage run (tf-stages-gpu) for the stages after it",
+         "gpu": "accelerator work: encode, train, judge, evaluate, and a routed pipeline's stages after ingest"}
+# The pipeline deployments orchestrate: each group of stages of one pool runs on that pool (flows.stages).
 ROUTED = {"stages_as_deployments": True}
+# The scheduled evaluation scores what changed since its last run, and says when nothing did (flows.scheduled).
+SCORE_NEW = {"score_new": True}
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ class Spec:
 
     @property
     def tags(self) -> list[str]:
-        return ["tf", self.flow, self.pool] + ([self.variant] if self.variant else []) + (
-            ["scheduled"] if self.cron else [])
+        return list(dict.fromkeys(["tf", self.flow, self.pool] + ([self.variant] if self.variant else []) + (
+            ["scheduled"] if self.cron else [])))
 
     def parameters(self, config_path: str, root: str) -> dict[str, Any]:
         return {"config_path": self.config_path or config_path, "root": root, **self.extra}
@@ -64,8 +66,8 @@ class Spec:
 
 SPECS: tuple[Spec, ...] = (
     Spec("pipeline", "cpu", "0 3 * * 0",
-         "Weekly full run on the built-in scenes: ingest, encode, hierarchy, train, evaluate, each as its own "
-         "deployment run on its work pool (complete stages are reused).", extra=ROUTED),
+         "Weekly full run on the built-in scenes: ingest here on the cpu pool, then encode, hierarchy, train, "
+         "judge and evaluate as one run of tf-stages-gpu (complete stages are reused).", extra=ROUTED),
     Spec("pipeline", "cpu", None,
          "ImageNet-1k with configs/imagenet.yaml, on demand. Needs DINOv2-B/14-reg weights at "
          "/weights/dinov2_vitb14_reg4.safetensors (encoder.weights) and the train folder /data/imagenet/train "
@@ -79,7 +81,13 @@ SPECS: tuple[Spec, ...] = (
     Spec("train", "gpu", None, "Decoder + one mean-flow generator per level (safetensors)."),
     Spec("judge", "gpu", None, "Real scenes -> the scenes judge (safetensors), which evaluate scores with."),
     Spec("evaluate", "gpu", "0 2 * * *",
-         "Nightly evaluation: trajectories, edit suite, metric tables (Parquet) and the grid PNG."),
+         "Nightly evaluation of what changed since its last run (trajectories, edit suite, metric tables, grid "
+         "PNG); a 'nothing new' row in tables/runs when nothing did, or while the models are not trained yet.",
+         extra=SCORE_NEW),
+    Spec("stages", "cpu", None, "Stage runs of a routed pipeline: the stages it names (every stage when none), in "
+         "one process, on the cpu pool.", variant="cpu"),
+    Spec("stages", "gpu", None, "Stage runs of a routed pipeline: the stages it names (every stage when none), in "
+         "one process, on the gpu pool.", variant="gpu"),
 )
 
 

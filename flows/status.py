@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from storage import zarr_store
 from storage.checkpoints import checkpoint_exists, is_complete
 from storage.config import TFConfig
-from storage.tables import load_runs
+from storage.tables import run_summaries
 from tasks import plan
 from tasks.evaluate import evaluation_dir
 
@@ -55,13 +57,13 @@ def status_text(root: Path, cfg: TFConfig | None) -> str:
         return f"{root}: no such root (nothing has run here yet)"
     lines = [f"root {root.resolve()}", "", "stores:"]
     lines += [f"  {s['folder']:<40} {'complete' if s['complete'] else 'INCOMPLETE'}" for s in stored_stages(root)]
-    runs = load_runs(root)
-    lines += ["", f"runs: {runs.run_id.nunique()}"]
-    for run_id, frame in runs.groupby("run_id", sort=True):
-        computed = ", ".join(frame[frame.status == "computed"].stage) or "-"
-        lines.append(f"  {run_id}  flow={frame.flow.iloc[0]}  computed: {computed}")
-        for _, row in frame[frame.status == "failed"].iterrows():
-            lines.append(f"    FAILED at {row.stage}: {row.get('error', '')}")
+    runs = run_summaries(root).iloc[::-1]   # oldest first; a routed pipeline's stage runs folded into it
+    lines += ["", f"runs: {len(runs)}"]
+    for row in runs.itertuples():
+        seconds = "" if pd.isna(row.duration_s) else f"{row.duration_s:.1f}s"
+        lines.append(f"  {row.run_id}  flow={row.flow}  {row.status} {seconds}  computed: {row.computed or '-'}")
+        if row.status == "failed":
+            lines.append(f"    FAILED at {row.failed_stage or '-'}: {row.error}")
     if cfg is not None:
         lines += ["", f"for config {cfg.name!r}:"]
         lines += [f"  {s['stage']:<14} {s['state']:<14} {s['folder']}" for s in expected_stages(root, cfg)]

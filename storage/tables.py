@@ -19,9 +19,37 @@ Metrics schema (version METRICS_SCHEMA_VERSION), one row per (metric, level, var
   mode        generator mode: staged (one generator per level) | flat (the one-step baseline)
 
 Version 2 added `mode`; parts written before it load as "staged" (the only mode they could have).
+`load_metrics` adds `parent_run_id` from the runs table: a pipeline's metrics, written by its evaluate stage
+run, read as `load_metrics(root, parent_run_id=<pipeline run>)` (or `run_metrics`, which takes either id).
+
+Runs schema (version RUNS_SCHEMA_VERSION), `tables/runs/run_id=<run>/report.parquet`, one row per stage a run
+ran and one row for the run as a whole:
+  run_id          the run the row belongs to (the folder)
+  parent_run_id   "" for a run started on its own; for a stage run that a pipeline started as a deployment
+                  run (`<pipeline run>-<first stage>`), the pipeline's run id
+  kind            run | stage. A run started on its own has one `run` row: its total time, status and error.
+                  A stage run started by a pipeline has only `stage` rows: its parent's `run` row counts it.
+  flow, stage     the flow (pipeline, ingest, ...); the stage (ingest, train-L0, ...), "" on a `run` row
+  key, path       the stage's key and folder ("" on a `run` row)
+  status          stage rows: computed | reused | failed | nothing new (a scheduled evaluation that found
+                  nothing to score; `note` says why); run rows: running (written at its start: a run that
+                  stays `running` after its process ended was killed) | completed | failed
+  started_at, ended_at   timestamps (UTC)
+  duration_s      seconds from started_at to ended_at
+  overhead_s      run rows: duration_s minus the stage rows' seconds (its own and its stage runs'): checks,
+                  imports and starting stage runs; NaN on stage rows
+  encoder_weights the run's encoder weights label ("random-init" or the file), "" where no stage read it
+  error           "" unless status is failed
+  note            why a stage was reused or had nothing new; how many stage runs a run started
+  flow_run_id     the Prefect flow run that wrote the row ("" outside Prefect's run context)
+Version 1 (before issue 32) had a string `timestamp` (when the run ended) and no run rows; its parts load with
+started_at / ended_at from it, kind "stage" and parent_run_id "". Beside report.parquet, `_run.json` holds the
+run's whole config and parameters (`write_run_config`), so every key can be traced to the settings behind it
+(the leading _ keeps pandas and pyarrow from reading it as a part of the table).
 """
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from datetime import datetime, timezone
@@ -38,8 +66,12 @@ METRIC_COLUMNS = [
     "group", "metric", "level", "variant", "value", "n", "ci_low", "ci_high", "status", "reason",
     "feature_extractor", "extractor_weights", "encoder_weights", "mode",
 ]
-RUN_COLUMNS = ["run_id", "timestamp", "flow", "stage", "key", "status", "duration_s", "path", "encoder_weights",
-               "error", "details"]   # error: "" unless status is failed; details: the stage's own figures, JSON
+RUNS_SCHEMA_VERSION = 2
+RUN_COLUMNS = ["run_id", "parent_run_id", "kind", "flow", "stage", "key", "status", "started_at", "ended_at",
+               "duration_s", "overhead_s", "path", "encoder_weights", "error", "note", "flow_run_id", "details"]   # details: the stage's own figures, JSON
+RUN_TEXT = ("parent_run_id", "kind", "flow", "stage", "key", "status", "path", "encoder_weights", "error", "note",
+            "flow_run_id", "details")
+NOTHING_NEW = "nothing new"   # the status of a scheduled evaluation's row when nothing changed since its last run
 REJECT_COLUMNS = ["stage", "path", "reason", "chunk", "timestamp"]
 
 
@@ -127,12 +159,21 @@ def load_metrics(root: str | Path, **filters) -> pd.DataFrame:
     """One tidy DataFrame across runs. Filters match columns: `load_metrics(r, metric="fid", level=[0, 1])`."""
     frame = _load_table(Path(root) / "tables" / "metrics", METRIC_COLUMNS)
     frame["mode"] = frame["mode"].fillna("staged") if "mode" in frame else "staged"
+    runs = load_runs(root)
+    parents = dict(zip(runs.run_id, runs.parent_run_id))
+    frame["parent_run_id"] = [parents.get(run, "") for run in frame["run_id"]]
     for column, wanted in filters.items():
         if column not in frame:
-            raise KeyError(f"unknown metrics column {column!r}; columns are {METRIC_COLUMNS}")
+            raise KeyError(f"unknown metrics column {column!r}; columns are {METRIC_COLUMNS + ['parent_run_id']}")
         values = wanted if isinstance(wanted, (list, tuple, set)) else [wanted]
         frame = frame[frame[column].isin(values)]
     return frame.reset_index(drop=True)
+
+
+def run_metrics(root: str | Path, run_id: str, **filters) -> pd.DataFrame:
+    """The metric rows of a run: its own, or those of the stage runs it started (a routed pipeline's)."""
+    frame = load_metrics(root, **filters)
+    return frame[(frame.run_id == run_id) | (frame.parent_run_id == run_id)].reset_index(drop=True)
 
 
 def compare_runs(root: str | Path, run_ids: list[str], by: str = "run_id", **filters) -> pd.DataFrame:
@@ -147,18 +188,23 @@ def compare_runs(root: str | Path, run_ids: list[str], by: str = "run_id", **fil
 
 
 def write_run_report(root: Path, run_id: str, rows: list[dict]) -> Path:
-    frame = pd.DataFrame(rows, columns=RUN_COLUMNS).drop(columns="run_id")   # run_id: the folder
-    frame["error"] = _errors(frame["error"])
-    frame["details"] = _errors(frame["details"])
+    """A run's rows (run_id: the folder), replacing what the run wrote before (its `running` row)."""
+    frame = _typed_runs(pd.DataFrame(rows, columns=RUN_COLUMNS)).drop(columns="run_id")
+    frame["schema_version"] = RUNS_SCHEMA_VERSION
     path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "report.parquet"
     atomic_write_parquet(frame, path)
     return path
 
 
-def load_runs(root: str | Path) -> pd.DataFrame:
-    frame = _load_table(Path(root) / "tables" / "runs", RUN_COLUMNS)
-    frame["error"] = _errors(frame["error"]) if "error" in frame else ""   # runs recorded before the column
-    frame["details"] = _errors(frame["details"]) if "details" in frame else ""
+def _typed_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text columns as strings ("" for none), times as UTC timestamps, seconds as floats."""
+    for column in RUN_TEXT:
+        frame[column] = _errors(frame[column]) if column in frame else ""
+    frame["kind"] = frame["kind"].replace("", "stage")
+    for column in ("started_at", "ended_at"):
+        frame[column] = pd.to_datetime(frame[column], utc=True) if column in frame else pd.NaT
+    for column in ("duration_s", "overhead_s"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     return frame
 
 
@@ -169,6 +215,80 @@ def run_details(row) -> dict:
 
     text = row["details"] if "details" in row else ""
     return json.loads(text) if isinstance(text, str) and text else {}
+
+
+def load_runs(root: str | Path) -> pd.DataFrame:
+    """Every row of every run, oldest first; parts of version 1 (a string `timestamp` written when the run
+    ended) get their started_at / ended_at from it."""
+    frame = _load_table(Path(root) / "tables" / "runs", RUN_COLUMNS)
+    if "timestamp" in frame:
+        ended = pd.to_datetime(frame.pop("timestamp"), utc=True, format="ISO8601")
+        seconds = pd.to_timedelta(pd.to_numeric(frame["duration_s"], errors="coerce").fillna(0), unit="s")
+        for column, legacy in (("ended_at", ended), ("started_at", ended - seconds)):
+            frame[column] = pd.to_datetime(frame[column], utc=True).fillna(legacy) if column in frame else legacy
+    frame = _typed_runs(frame.drop(columns="schema_version", errors="ignore"))
+    frame = frame[RUN_COLUMNS + [c for c in frame if c not in RUN_COLUMNS]]
+    return frame.sort_values("started_at", kind="stable").reset_index(drop=True)
+
+
+def load_run_family(root: str | Path, run_id: str) -> pd.DataFrame:
+    """The rows of one run and of its stage runs (`<run>-<stage>`), read from their folders alone: what a
+    stage run polls while it waits for its pipeline's earlier stages."""
+    runs = Path(root) / "tables" / "runs"
+    parts = [f for folder in [runs / f"run_id={run_id}", *runs.glob(f"run_id={run_id}-*")]
+             for f in [folder / "report.parquet"] if f.exists()]
+    frames = [pd.read_parquet(f).assign(run_id=_run_of(f)) for f in parts]
+    return _typed_runs(pd.concat(frames, ignore_index=True)) if frames else _typed_runs(pd.DataFrame(columns=RUN_COLUMNS))
+
+
+def run_summaries(root: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per run started on its own (its stage runs folded in), newest first: run_id, flow, status,
+    started_at, duration_s, stage_s (seconds in stages), overhead_s, error, failed_stage, computed, reused,
+    nothing_new (stage names), stage_runs (the ids of the stage runs it started), note. A run without a `run`
+    row (recorded before version 2, or still writing) is summed from its stage rows."""
+    runs = load_runs(root) if runs is None else runs
+    columns = ["run_id", "flow", "status", "started_at", "duration_s", "stage_s", "overhead_s", "error",
+               "failed_stage", "computed", "reused", "nothing_new", "stage_runs", "note", "flow_run_id"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    stages = runs[runs.kind == "stage"]
+    out = []
+    for run_id, own in runs[runs.parent_run_id == ""].groupby("run_id", sort=False):
+        children = runs[runs.parent_run_id == run_id]
+        mine = stages[(stages.run_id == run_id) | (stages.parent_run_id == run_id)]
+        total = own[own.kind == "run"]
+        failed = mine[mine.status == "failed"]
+        if len(total):
+            row = total.iloc[-1]
+            status, started, duration = row.status, row.started_at, row.duration_s
+            overhead, error, note, flow_run = row.overhead_s, row.error, row.note, row.flow_run_id
+        else:
+            status = "failed" if len(failed) else "completed"
+            started, duration = mine.started_at.min(), float(mine.duration_s.sum())
+            overhead, error, note, flow_run = float("nan"), "", "", own.flow_run_id.iloc[0]
+            error = failed.error.iloc[0] if len(failed) else ""
+        out.append({"run_id": run_id, "flow": own.flow.iloc[0], "status": status, "started_at": started,
+                    "duration_s": duration, "stage_s": float(mine.duration_s.sum()), "overhead_s": overhead,
+                    "error": error, "failed_stage": ", ".join(failed.stage),
+                    "computed": ", ".join(mine[mine.status == "computed"].stage),
+                    "reused": ", ".join(mine[mine.status == "reused"].stage),
+                    "nothing_new": ", ".join(mine[mine.status == NOTHING_NEW].stage),
+                    "stage_runs": ", ".join(dict.fromkeys(children.run_id)), "note": note, "flow_run_id": flow_run})
+    frame = pd.DataFrame(out, columns=columns)
+    return frame.sort_values("started_at", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def write_run_config(root: str | Path, run_id: str, record: dict) -> Path:
+    """`_run.json` beside the run's report: its config (every section, as validated) and parameters."""
+    path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "_run.json"
+    atomic_write_bytes(path, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+    return path
+
+
+def load_run_config(root: str | Path, run_id: str) -> dict:
+    """What `write_run_config` wrote for the run ({} for a run recorded before it)."""
+    path = Path(root) / "tables" / "runs" / f"run_id={run_id}" / "_run.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _errors(column: pd.Series) -> list[str]:

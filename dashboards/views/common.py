@@ -40,9 +40,9 @@ def big(image: np.ndarray) -> np.ndarray:
     return upscale(image, image.shape[0] * factor) if factor > 1 else image
 
 
-def show(container, image: np.ndarray, caption: str) -> None:
-    """Every picture at the same width, whatever its caption's length."""
-    container.image(big(image), caption=caption, width=SHOW_PX)
+def show(container, image: np.ndarray, caption: str, width: int = SHOW_PX) -> None:
+    """Every picture at the same width (SHOW_PX unless told), whatever its caption's length."""
+    container.image(big(image), caption=caption, width=width)
 
 
 def number(value: float) -> str:

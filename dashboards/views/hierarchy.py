@@ -18,6 +18,9 @@ def render(root: str) -> None:
     if not runs:
         st.warning("No run under this root has both an image store and a teacher store yet.")
         return
+    wanted = st.query_params.get("run")   # a link from the runs page names the run
+    if wanted in runs and "hier_run" not in st.session_state:
+        st.session_state["hier_run"] = wanted
     run_id = st.selectbox("Run (its image and teacher stores)", runs, key="hier_run")
     folders = cache.run_folders(root, run_id, stamp)
     start = st.number_input("First image", min_value=0, value=0, step=PER_PAGE, key="hier_start")

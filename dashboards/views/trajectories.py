@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboards import cache, data
-from dashboards.views.common import show, usable_root
+from dashboards.views.common import run_ids, show, usable_root
 from dashboards.visuals import overlay
 
 
@@ -17,6 +17,13 @@ def render(root: str) -> None:
                    f"Run `tf evaluate --root {root}`.")
         return
     names = list(sources)
+    wanted = st.query_params.get("run")   # a link from the runs page names the run: its evaluation's samples
+    if wanted and "traj_source" not in st.session_state:
+        folders = cache.run_folders(root, wanted, cache.tables_stamp(root)) if wanted in run_ids(root) else None
+        if folders is not None and folders.evaluation is not None:
+            named = [n for n in names if n.startswith(f"{folders.evaluation.name} / trajectories")]
+            if named:
+                st.session_state["traj_source"] = named[0]
     source = st.selectbox("Trajectory store", names, key="traj_source")
     store = sources[source]
     ids = cache.trajectory_ids(store, cache.store_stamp(store))

@@ -132,6 +132,7 @@ class Metric:
     headline: tuple[tuple[str, str], ...] = ()   # dashboard runs page: (column label, metric name)
     plots: tuple[tuple[str, str], ...] = ()      # dashboard per-level plots: (plot title, metric name)
     summary: tuple[str, ...] = ()                # metric names in the run's headline artifact
+    units: tuple[tuple[str, str], ...] = ()      # (metric name, unit and reading): chart axes, tables, docs
 
     def row_keys(self, setting: EvalSetting) -> list[RowKey]:
         """Rows written whether or not a value came out (a missing one is written as skipped)."""
@@ -163,6 +164,15 @@ class Metric:
 
 _REGISTRY: dict[str, Metric] = {}
 _loaded = False
+
+
+def unit_of(metric: str) -> str:
+    """What a metric's numbers are, as its entry says ("" for a metric no entry gives a unit)."""
+    for entry in registered():
+        for name, unit in entry.units:
+            if name == metric:
+                return unit
+    return ""
 
 
 def register(metric: Metric) -> Metric:

@@ -1,9 +1,13 @@
 """The dashboard's non-UI logic on a tiny-pipeline root: runs, folders, metrics, trajectories, pictures."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from dashboards import data, visuals
 from storage.tables import load_metrics
+
+CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 
 def test_root_problems_are_sentences_not_errors(tmp_path):
@@ -91,3 +95,48 @@ def test_hierarchy_strip_is_one_titled_picture_per_row(tiny_root):
     deep = dict(row, teacher=np.zeros((6, 4, 4), int), truth=np.zeros((6, 4, 4), int), ari=[0.5] * 6)
     wide = visuals.hierarchy_strip(deep, 168, gap=12)
     assert wide.shape[1] <= visuals.STREAMLIT_MAX_IMAGE_PX and (wide.shape[1] - 12 * 12) % (13 * 4) == 0
+
+
+def test_runs_lead_with_status_and_time_and_compare_two_different_runs(tiny_root):
+    overview = data.runs_overview(tiny_root)
+    assert list(overview.columns[:5]) == ["status", "run_id", "started", "duration_s", "error"]
+    assert list(overview.run_id) == ["second", "first"]   # newest first
+    assert set(overview.status) == {data.STATUS_MARK["completed"]} and (overview.duration_s > 0).all()
+    assert (overview.encoder_weights == "random-init").all()   # a row without weights adds no ", "
+    assert data.default_pair(overview) == ("first", "second")
+    trends = data.metric_trends(tiny_root, overview)
+    # "second" reused the evaluation of "first": one point per evaluation, with its unit
+    assert set(trends.run_id) == {"first"} and set(trends.metric) == {m for _, m in data.headline()} - {"fid"}
+    assert trends.unit.str.len().gt(0).all()
+
+
+def test_every_metric_written_has_a_unit(tiny_root):
+    from models.evaluation.registry import unit_of
+
+    assert {m for m in load_metrics(tiny_root).metric if not unit_of(m)} == set()
+
+
+def test_a_run_links_its_folders_grid_and_the_config_behind_each_key(tiny_root):
+    from storage.config import load_config
+
+    cfg = load_config(CONFIG)
+    links = data.run_links(tiny_root, "first")
+    assert links["grid"].name == "grid.png" and links["grid"].exists()
+    assert all(Path(folder).is_absolute() and Path(folder).exists() for folder in links["folders"].values())
+    assert links["prefect"] == ""   # the ephemeral API has no UI page to link
+    assert data.key_config(tiny_root, "first", "hierarchy") == {"hierarchy": cfg.hierarchy.model_dump(mode="json")}
+    assert set(data.key_config(tiny_root, "first", "train-L2")) == {"generator", "hierarchy"}
+
+
+def test_the_default_region_is_the_object():
+    # level 0: an object (1) in the middle of a background (0); level 1: the background, and the object in two parts
+    level0 = np.zeros((6, 6), int)
+    level0[1:5, 2:5] = 1
+    level1 = np.where(level0 == 1, 2, 0)
+    level1[1:3, 2:5] = 5   # the object's top part, 6 tokens; 2 is its lower part, 6 tokens
+    level1[5, 5] = 7       # a corner of the background: the highest id
+    regions = np.stack([level0, level1])
+    assert data.object_region(regions) == 1
+    labels, default = data.region_labels(regions, 1)
+    assert default == 2 and labels[7] == "7: background, 1 tokens" and labels[5] == "5: part of the object, 6 tokens"
+    assert data.region_labels(regions, 0) == ({0: "0: background, 24 tokens", 1: "1: the object, 12 tokens"}, 1)

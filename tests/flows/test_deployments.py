@@ -1,28 +1,28 @@
 """Deployments (DESIGN §6): every flow deployed, routed to its work pool, scheduled by cron, its config
 named by file; prefect.yaml and flows/deploy.py agree; and, end to end, a real server with a cpu and a gpu
-process worker runs the shipped pipeline deployment (each stage on its pool) and refuses bad configs at once.
+process worker runs the shipped pipeline deployment (each stage on its pool), the scheduled evaluation on a
+fresh root, and refuses bad configs at once.
 """
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
+import pytest
 import yaml
+
+from flows.local_server import prefect_command as _prefect
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "tiny.yaml"
 POOL_OF = {"ingest": "cpu", "hierarchy": "cpu", "encode": "gpu", "train": "gpu", "judge": "gpu", "evaluate": "gpu",
-           "pipeline": "cpu"}   # the pipelines only orchestrate: each stage runs on its own deployment's pool
+           "pipeline": "cpu"}   # the pipelines only orchestrate; tf-stages-<pool> runs a pipeline's stages there
 CRON_OF = {"tf-evaluate": "0 2 * * *", "tf-pipeline": "0 3 * * 0"}
 CONFIG_OF = {"tf-pipeline-imagenet": "configs/imagenet.yaml"}   # the rest: the config deployed with
-ROUTED = {"tf-pipeline", "tf-pipeline-imagenet"}
+EXTRA_OF = {"tf-pipeline": {"stages_as_deployments": True}, "tf-pipeline-imagenet": {"stages_as_deployments": True},
+            "tf-evaluate": {"score_new": True}}
 WORKDIR_STEP = "prefect.deployments.steps.set_working_directory"
 
 
@@ -31,8 +31,11 @@ def _crons(deployment) -> list[str]:
 
 
 def _expected_parameters(name: str, config_path: str, root: str) -> dict:
-    return {"config_path": CONFIG_OF.get(name, config_path), "root": root,
-            **({"stages_as_deployments": True} if name in ROUTED else {})}
+    return {"config_path": CONFIG_OF.get(name, config_path), "root": root, **EXTRA_OF.get(name, {})}
+
+
+def _pool(spec) -> str:
+    return spec.variant if spec.flow == "stages" else POOL_OF[spec.flow]
 
 
 def test_every_flow_has_a_deployment_routed_and_scheduled(tmp_path):
@@ -40,7 +43,8 @@ def test_every_flow_has_a_deployment_routed_and_scheduled(tmp_path):
     from flows.deploy import SPECS, deployments
 
     assert {s.flow for s in SPECS} == set(stages.FLOWS)
-    assert sorted(s.name for s in SPECS) == sorted([f"tf-{f}" for f in stages.FLOWS] + ["tf-pipeline-imagenet"])
+    assert sorted(s.name for s in SPECS) == sorted([f"tf-{f}" for f in stages.FLOWS if f != "stages"] + [
+        "tf-pipeline-imagenet", "tf-stages-cpu", "tf-stages-gpu"])
     pooled = {d.name: d for d in deployments(CONFIG, str(tmp_path), for_pools=True)}
     served = {d.name: d for d in deployments(CONFIG, str(tmp_path), for_pools=False)}
     assert set(pooled) == set(served) == {s.name for s in SPECS}
@@ -53,7 +57,7 @@ def test_every_flow_has_a_deployment_routed_and_scheduled(tmp_path):
             assert "tf" in d.tags and spec.flow in d.tags and d.description
         file, attr = pooled[spec.name].entrypoint.split(":")
         assert file == "flows/stages.py" and getattr(stages, attr) is stages.FLOWS[spec.flow]
-        assert pooled[spec.name].work_pool_name == POOL_OF[spec.flow]
+        assert pooled[spec.name].work_pool_name == _pool(spec)
         assert pooled[spec.name].storage.to_pull_step() == {WORKDIR_STEP: {"directory": str(REPO)}}
         assert served[spec.name].work_pool_name is None
     imagenet = next(s for s in SPECS if s.name == "tf-pipeline-imagenet")
@@ -69,7 +73,7 @@ def test_prefect_yaml_agrees_with_deploy_py():
     for spec in SPECS:
         d = by_name[spec.name]
         assert d["entrypoint"] == spec.entrypoint
-        assert d["work_pool"]["name"] == spec.pool == POOL_OF[spec.flow]
+        assert d["work_pool"]["name"] == spec.pool == _pool(spec)
         assert [s["cron"] for s in d.get("schedules") or []] == ([spec.cron] if spec.cron else [])
         assert d["tags"] == spec.tags and d["description"] == spec.description
         assert d["parameters"] == spec.parameters(DEFAULT_CONFIG, "data") == _expected_parameters(
@@ -104,92 +108,51 @@ def test_deploy_cli_needs_a_server(capsys):
     assert "PREFECT_API_URL" in capsys.readouterr().err
 
 
+def test_a_routed_pipeline_starts_one_stage_run_per_group_of_its_pool():
+    """Consecutive stages of one pool are one stage run: from the pipeline's cpu pool, ingest runs in the
+    pipeline and everything after it (the hierarchy too) in one gpu stage run; from a gpu pool, the reverse."""
+    from flows.stages import ORDER, stage_groups
+
+    assert stage_groups() == [("cpu", ("ingest",)), ("gpu", ORDER[1:])]
+
+
+def test_a_stage_run_waits_for_the_stages_before_it_or_stops_when_its_pipeline_ended(tmp_path):
+    """What a routed pipeline's stage run waits for: the pipeline's record showing those stages done; it gives
+    up with the reason when the pipeline's flow run ended first (failed in one of them)."""
+    from flows.report import now, record, run_row, stage_row
+    from flows.stages import _wait_for_parent
+
+    def ingest(status: str) -> dict:
+        return stage_row("p", "", "pipeline", {"stage": "ingest", "status": status, "started_at": now(),
+                                                "ended_at": now(), "duration_s": 1.0}, "", "")
+
+    running = run_row("p", "pipeline", "running", now(), None, 0.0, "", "")
+    record(tmp_path, "p", [running])
+    ended = iter([None, None, "ended Failed"])   # the pipeline's flow run: running twice, then failed
+    reason = _wait_for_parent(str(tmp_path), "p", ["ingest"], lambda: next(ended), poll_s=0)
+    assert reason == "pipeline run p ended Failed before ingest could finish"
+    record(tmp_path, "p", [running, ingest("failed")])
+    assert _wait_for_parent(str(tmp_path), "p", ["ingest"], lambda: "ended Failed", poll_s=0)
+    record(tmp_path, "p", [running, ingest("reused")])
+    assert _wait_for_parent(str(tmp_path), "p", ["ingest"], lambda: "ended Failed", poll_s=0) is None
+
+
 # ---------------------------------------------------------------- real server, real worker
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _prefect(*args: str) -> list[str]:
-    return [sys.executable, "-m", "prefect", *args]
-
-
-@contextmanager
-def _started(cmd: list[str], env: dict, log: Path, cwd: Path):
-    """A child in its own process group, stopped by its pid on exit (SIGINT, SIGTERM, SIGKILL)."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        yield proc
-    finally:
-        for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything it left in its group
-        except ProcessLookupError:
-            pass
-
-
-def _kill_run_process(pid: int) -> None:
-    """An unfinished flow run's process (the worker may have started it in its own session)."""
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGKILL)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def _tails(*logs: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in logs if p.exists())
-
-
-def _final(client, flow_run_id, workers: list, logs: list[Path], limit: float):
-    """The flow run once it is final, checking the workers stay up meanwhile."""
-    deadline = time.monotonic() + limit
-    while not (run := client.read_flow_run(flow_run_id)).state.is_final():
-        for worker in workers:
-            assert worker.poll() is None, _tails(*logs)
-        assert time.monotonic() < deadline, f"run still {run.state}\n{_tails(*logs)}"
-        time.sleep(0.5)
-    return run
-
 
 def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_path):
     """The README's deployment section, line by line, on loopback: `prefect server start`, `python -m
     flows.deploy --pools-only`, a worker per pool, `prefect --no-prompt deploy --all` (prefect.yaml as
-    shipped). Then the shipped pipeline deployment runs to completion, with two of its parameters changed
-    per run to keep this test fast: config_path=configs/tiny.yaml (the shipped configs/scenes.yaml takes
-    minutes on 2 cores) and a temporary root. Its stages run as deployment runs on their pools (ingest on
-    the cpu worker, encode on the gpu worker), each under a global concurrency limit of one slot; its rows
-    are in the runs table and its report is an artifact. Meanwhile a config with a misspelt field, and the
-    ImageNet deployment on a machine without its weights, each fail in under 10 s from their start, naming
-    the field or the file, with a failed-run row at stage `config`."""
+    shipped). Then the shipped pipeline deployment runs to completion through `prefect deployment run
+    --watch`, which shows its stage table, with two of its parameters changed per run to keep this test fast:
+    config_path=configs/tiny.yaml (the shipped configs/scenes.yaml takes minutes on 2 cores) and a temporary
+    root. It runs ingest itself on the cpu worker and the rest as one stage run of tf-stages-gpu on the gpu
+    worker, each stage under a global concurrency limit of one slot; its record is 1 + stages rows with the
+    stage run's under the pipeline as parent, its metrics read under its id, its report is an artifact.
+    Meanwhile a config with a misspelt field, and the ImageNet deployment on a machine without its weights,
+    each fail in under 10 s from their start, naming the field or the file, with a failed-run row at stage
+    `config`; and the scheduled evaluation, as its schedule would start it on a fresh root (before any
+    pipeline), completes with a `nothing new` row that says it waits for the models. Run again after the
+    pipeline, it has nothing new either: the pipeline scored its models."""
     import pandas as pd
     from prefect import flow
     from prefect.client.orchestration import get_client
@@ -198,36 +161,24 @@ def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_pa
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.deploy import DEFAULT_CONFIG, SPECS
-    from flows.stages import ROUTED, slot_name, stage_slot
+    from flows.local_server import final_run, kill_run_process, server_with_workers, started, tails
+    from flows.stages import ORDER, slot_name, stage_slot
     from storage.config import load_config
     from storage.locks import StageLocked
-    from storage.tables import load_metrics, load_runs
+    from storage.tables import NOTHING_NEW, load_metrics, load_run_config, load_runs, run_summaries
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    root = tmp_path / "root"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=url,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-               PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_LOGGING_LEVEL="INFO")
-    logs = {n: tmp_path / f"{n}.log" for n in ("server", "pools", "deploy-all", "worker-cpu", "worker-gpu")}
-
-    def step(name: str, command: list[str]) -> None:
-        with open(logs[name], "w") as out:
-            done = subprocess.run(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=240)
-        assert done.returncode == 0, _tails(logs[name])
-
+    root, fresh = tmp_path / "root", tmp_path / "fresh"
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "configs" / "tiny.yaml").read_text() + "hierarchy:\n  cutz: [0.6, 0.3]\n")
     runs = {}
-    with ExitStack() as stack, temporary_settings(updates={PREFECT_API_URL: url}):
-        server = stack.enter_context(_started(
-            _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)), env, logs["server"], tmp_path))
-        _wait_healthy(url, server, logs["server"])
-        step("pools", [sys.executable, "-m", "flows.deploy", "--pools-only"])
-        workers = [stack.enter_context(_started(
-            _prefect("worker", "start", "--pool", pool, "--name", f"tf-test-{pool}"), env, logs[f"worker-{pool}"],
-            tmp_path)) for pool in ("cpu", "gpu")]
-        step("deploy-all", _prefect("--no-prompt", "deploy", "--all"))
+    with ExitStack() as stack:
+        env, url, workers, logs = stack.enter_context(server_with_workers(tmp_path, REPO))
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+        logs = dict(logs, **{name: tmp_path / f"{name}.log" for name in ("deploy-all", "watch")})
+        with open(logs["deploy-all"], "w") as out:
+            done = subprocess.run(_prefect("--no-prompt", "deploy", "--all"), env=env, cwd=REPO, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=240)
+        assert done.returncode == 0, tails(logs["deploy-all"])
         client = stack.enter_context(get_client(sync_client=True))
         assert {p.name: p.type for p in client.read_work_pools()} == {"cpu": "process", "gpu": "process"}
         deployed = {}
@@ -236,39 +187,56 @@ def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_pa
             assert (d.work_pool_name, _crons(d)) == (spec.pool, [spec.cron] if spec.cron else [])
             assert d.parameters == spec.parameters(DEFAULT_CONFIG, "data") and d.tags == spec.tags
             assert d.pull_steps == [{WORKDIR_STEP: {"directory": str(REPO)}}]
+        everything = list(logs.values())
         try:
-            runs["deployed"] = run_deployment("pipeline/tf-pipeline", timeout=0, parameters={
-                "config_path": "configs/tiny.yaml", "root": str(root), "run_id": "deployed"})
+            watch = stack.enter_context(started(_prefect(
+                "deployment", "run", "pipeline/tf-pipeline", "--watch", "--param", "config_path=configs/tiny.yaml",
+                "--param", f"root={root}", "--param", "run_id=deployed"), env, logs["watch"], REPO))
             # Refused at once: a misspelt field, and the ImageNet deployment without its weights.
             runs["hierarchy.cutz"] = run_deployment("pipeline/tf-pipeline", timeout=0, parameters={
                 "config_path": str(bad), "root": str(root), "run_id": "bad-config"})
             runs["encoder.weights /weights/dinov2_vitb14_reg4.safetensors does not exist"] = run_deployment(
                 "pipeline/tf-pipeline-imagenet", timeout=0, parameters={"root": str(root), "run_id": "no-weights"})
-            for named, submitted in list(runs.items())[1:]:
-                failed = _final(client, submitted.id, workers, list(logs.values()), limit=120)
+            # The nightly evaluation on a fresh root, with the deployment's own parameters but the root.
+            runs["nightly"] = run_deployment("evaluate/tf-evaluate", timeout=0, parameters={
+                "config_path": "configs/tiny.yaml", "root": str(fresh), "run_id": "nightly"})
+            for named, submitted in list(runs.items())[:2]:
+                failed = final_run(client, submitted.id, workers, everything, limit=120)
                 assert failed.state.is_failed() and named in failed.state.message, failed.state
                 took = (failed.end_time - failed.start_time).total_seconds()
                 assert took < 10, f"{took:.1f} s from start to failure"
+            nightly = final_run(client, runs["nightly"].id, workers, everything, limit=240)
+            assert nightly.state.is_completed(), f"{nightly.state}\n{tails(*everything)}"
 
-            run = _final(client, runs["deployed"].id, workers, list(logs.values()), limit=480)
-            assert run.state.is_completed(), f"{run.state}\n{_tails(*logs.values())}"
+            deadline = time.monotonic() + 120
+            while not (pipeline := [r for r in client.read_flow_runs() if r.parameters.get("run_id") == "deployed"]):
+                assert time.monotonic() < deadline and watch.poll() is None, tails(logs["watch"])
+                time.sleep(0.5)
+            runs["deployed"] = pipeline[0]
+            run = final_run(client, pipeline[0].id, workers, everything, limit=480)
+            assert run.state.is_completed(), f"{run.state}\n{tails(*everything)}"
             assert run.work_pool_name == "cpu"
-            # Each stage ran as a run of its deployment, a subflow of the pipeline, on its pool's worker.
-            children = {str(r.deployment_id): r for r in client.read_flow_runs()   # not the scheduled ones
-                        if r.parent_task_run_id is not None}
+            assert watch.wait(60) == 0, tails(logs["watch"])
+            # The stages ran in one run of tf-stages-gpu, a subflow of the pipeline, on the gpu worker.
+            (child,) = [r for r in client.read_flow_runs() if r.parent_task_run_id is not None]
+            assert str(child.deployment_id) == str(deployed["tf-stages-gpu"].id) and child.state.is_completed()
+            assert child.parameters["stages"] == list(ORDER[1:]) and child.parameters["parent_run_id"] == "deployed"
+            assert child.parameters["after"] == ["ingest"]   # started with the pipeline, it waits for ingest
             cpu_log, gpu_log = logs["worker-cpu"].read_text(), logs["worker-gpu"].read_text()
-            for stage in ROUTED:
-                child = children[str(deployed[f"tf-{stage}"].id)]
-                assert child.state.is_completed() and child.work_pool_name == POOL_OF[stage], stage
-                on, off = (cpu_log, gpu_log) if POOL_OF[stage] == "cpu" else (gpu_log, cpu_log)
-                assert str(child.id) in on and str(child.id) not in off, stage
-            assert str(run.id) in cpu_log   # the pipeline itself only orchestrates, from the cpu pool
+            assert str(child.id) in gpu_log and str(child.id) not in cpu_log
+            assert str(run.id) in cpu_log   # the pipeline (and its ingest) on the cpu pool
+
+            # Again after the pipeline: its models are scored, so nothing new.
+            runs["nightly-2"] = run_deployment("evaluate/tf-evaluate", timeout=0, parameters={
+                "config_path": "configs/tiny.yaml", "root": str(root), "run_id": "nightly-2"})
+            again = final_run(client, runs["nightly-2"].id, workers, everything, limit=240)
+            assert again.state.is_completed(), f"{again.state}\n{tails(*everything)}"
         finally:
             for submitted in runs.values():
                 if not client.read_flow_run(submitted.id).state.is_final():
                     pid = client.read_flow_run(submitted.id).infrastructure_pid
                     if pid and pid.isdigit():
-                        _kill_run_process(int(pid))
+                        kill_run_process(int(pid))
         reports = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
         assert any(a.key == "run-report" for a in reports)
@@ -289,13 +257,30 @@ def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_pa
 
         assert slot_name(str(root), "encode") in second_writer()
 
+    watched = logs["watch"].read_text()   # `prefect deployment run --watch` showed the stage table
+    assert "run deployed:" in watched and "(stage run deployed-encode)" in watched and "overhead" in watched
     table = pd.read_parquet(root / "tables" / "runs")   # the runs table reads whole, without the project's code
-    pipeline = table[table.run_id == "deployed"]
-    assert set(pipeline.status) == {"computed"} and {"ingest", "encode", "hierarchy", "evaluate"} <= set(pipeline.stage)
-    for stage in ROUTED:   # each stage run's own record, under <run>-<stage>
-        assert (table.run_id == f"deployed-{stage}").any(), stage
-    assert len(load_metrics(root, run_id="deployed-evaluate")) > 0
+    mine = table[(table.run_id == "deployed") | (table.parent_run_id == "deployed")]
+    stages = mine[mine.kind == "stage"]
+    assert len(mine) == 1 + len(stages) and set(stages.status) == {"computed"}
+    assert {"ingest", "encode", "hierarchy", "judge", "evaluate"} <= set(stages.stage)
+    assert set(stages[stages.stage != "ingest"].run_id.astype(str)) == {"deployed-encode"}
+    ingest, encode = (stages[stages.stage == name].iloc[0] for name in ("ingest", "encode"))
+    assert ingest.run_id == "deployed" and encode.started_at >= ingest.ended_at   # it waited for ingest
+    total = mine[mine.kind == "run"].iloc[0]
+    assert total.status == "completed" and total.duration_s == pytest.approx(
+        stages.duration_s.sum() + total.overhead_s, abs=2e-3)
+    assert len(load_metrics(root, parent_run_id="deployed")) > 0
+    assert run_summaries(root).set_index("run_id").loc["deployed", "stage_runs"] == "deployed-encode"
+    recorded = load_run_config(root, "deployed")   # the config behind its keys, and its Prefect page
+    assert recorded["config"] == load_config(CONFIG).model_dump(mode="json")
+    assert recorded["prefect_url"].endswith(f"/runs/flow-run/{run.id}") and recorded["flow_run_id"] == str(run.id)
     records = load_runs(root)
     for run_id, named in (("bad-config", "hierarchy.cutz"), ("no-weights", "encoder.weights")):
-        (row,) = records[records.run_id == run_id].itertuples()
+        (row,) = records[(records.run_id == run_id) & (records.kind == "stage")].itertuples()
         assert (row.flow, row.stage, row.status) == ("pipeline", "config", "failed") and named in row.error
+    for where, run_id, says in ((fresh, "nightly", "waiting for its models"),
+                                (root, "nightly-2", "already scored by run deployed-encode")):
+        rows = load_runs(where)
+        (row,) = rows[(rows.run_id == run_id) & (rows.kind == "stage")].itertuples()
+        assert row.status == NOTHING_NEW and says in row.note, row.note

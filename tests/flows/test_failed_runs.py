@@ -18,8 +18,14 @@ def test_a_failed_run_leaves_its_row_its_artifact_and_a_status_line(tmp_path):
     with pytest.raises(Exception) as raised:   # encode before ingest: there is no image store to read
         encode_flow(config=load_config(CONFIG), root=str(root), run_id="broken")
     runs = load_runs(root)
-    assert list(runs.run_id) == ["broken"] and list(runs.status) == ["failed"] and list(runs.stage) == ["encode"]
-    assert runs.error.iloc[0] == f"{type(raised.value).__name__}: {raised.value}"[:2000] and runs.error.iloc[0]
+    assert set(runs.run_id) == {"broken"} and list(runs.kind) == ["run", "stage"]   # oldest first: the run, its stage
+    total, stage = runs.iloc[0], runs.iloc[1]
+    assert (stage.stage, stage.status, total.status) == ("encode", "failed", "failed")
+    assert stage.error == total.error == f"{type(raised.value).__name__}: {raised.value}"[:2000] and stage.error
+    # the run's total holds the stage's time and the checks before it; times are timestamps that agree
+    assert total.duration_s == pytest.approx(stage.duration_s + total.overhead_s, abs=2e-3)
+    assert total.started_at <= stage.started_at <= stage.ended_at <= total.ended_at
+    assert (total.ended_at - total.started_at).total_seconds() == pytest.approx(total.duration_s, abs=0.05)
     assert "FAILED at encode" in status_text(root, None)
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["run-failure"])))
@@ -38,7 +44,9 @@ def test_a_refused_config_fails_before_any_stage_and_is_recorded(tmp_path):
         ingest_flow(config_path=str(bad), root=str(root), run_id="typo")
     with pytest.raises(ValueError, match="not both"):
         pipeline_flow(config=load_config(CONFIG), config_path=CONFIG, root=str(root), run_id="both")
-    runs = load_runs(root).set_index("run_id")
-    assert list(runs.loc[["typo", "both"], "stage"]) == ["config", "config"]
+    runs = load_runs(root)
+    stages = runs[runs.kind == "stage"].set_index("run_id")
+    assert list(stages.loc[["typo", "both"], "stage"]) == ["config", "config"]
     assert set(runs.status) == {"failed"} and not (root / "tables" / "metrics").exists()
-    assert "encoder.batch_sise" in runs.loc["typo", "error"]
+    assert "encoder.batch_sise" in stages.loc["typo", "error"]
+    assert list(runs[runs.kind == "run"].run_id) == ["typo", "both"]   # each run's total: failed, with its error

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -36,6 +37,30 @@ def test_every_stage_was_computed_and_stores_are_complete(tiny_run):
     for level in range(cfg.hierarchy.generator_levels):
         assert (layout.generator(level) / "generator.safetensors").exists()
         assert (layout.generator(level) / "generator.json").exists()
+
+
+def test_the_run_record_is_a_row_per_stage_and_one_for_the_run(tiny_run):
+    """tables/runs: 1 + stages rows; the run's total is its stages' seconds plus its overhead; times are
+    timestamps; run.json holds the config behind every key."""
+    from storage.tables import load_run_config, run_summaries
+
+    cfg, root, first = tiny_run
+    runs = load_runs(root)
+    mine = runs[runs.run_id == "first"]
+    assert len(mine) == 1 + len(first["stages"]) and list(mine.kind).count("run") == 1
+    total = mine[mine.kind == "run"].iloc[0]
+    stages = mine[mine.kind == "stage"]
+    assert total.status == "completed" and total.error == "" and total.flow == "pipeline"
+    assert total.duration_s == pytest.approx(stages.duration_s.sum() + total.overhead_s, abs=2e-3)
+    assert total.overhead_s >= 0 and first["total"]["duration_s"] == total.duration_s
+    assert (stages.started_at >= total.started_at).all() and (stages.ended_at <= total.ended_at).all()
+    assert (stages.started_at.diff().dropna() >= pd.Timedelta(0)).all()   # in the order they ran
+    spans = (stages.ended_at - stages.started_at).dt.total_seconds()
+    assert spans.to_numpy() == pytest.approx(stages.duration_s.to_numpy(), abs=1e-3)
+    assert set(stages.parent_run_id) == {""} and (stages.encoder_weights == "random-init").all()
+    summary = run_summaries(root).set_index("run_id").loc["first"]
+    assert summary.stage_s == pytest.approx(stages.duration_s.sum()) and summary.reused == ""
+    assert load_run_config(root, "first")["config"] == cfg.model_dump(mode="json")
 
 
 def test_metric_table_has_every_group_level_and_metric(tiny_run):
@@ -95,6 +120,8 @@ def test_rerun_reuses_everything(tiny_run):
     assert {s["status"] for s in again["stages"]} == {"reused"}
     runs = load_runs(root)
     assert set(runs.run_id) == {"first", "second"}
+    second = runs[(runs.run_id == "second") & (runs.kind == "stage")]
+    assert set(second.status) == {"reused"} and len(second) == len(again["stages"])
 
 
 def _mtimes(folder: Path) -> dict:
@@ -124,7 +151,7 @@ def test_h_sub_change_recomputes_only_what_reads_the_subpart_cut(tiny_run):
     assert zarr_store.completion(before.evaluation())["reference_reused"] == {"dinov2": False, "judge": False}
     assert zarr_store.completion(after.evaluation())["reference_reused"] == {"dinov2": True, "judge": True}
     runs = load_runs(root)
-    assert set(runs[runs.run_id == "hsub"].status) == {"computed", "reused"}
+    assert set(runs[(runs.run_id == "hsub") & (runs.kind == "stage")].status) == {"computed", "reused"}
 
 
 def test_force_recomputes_the_stage_and_everything_downstream(tiny_run):

@@ -25,6 +25,7 @@ class FdDinov2(Metric):
     name, order, group, extractor = DINOV2, 10, "quality", "dinov2"
     needs = frozenset({"dinov2"})
     headline = (("fd_dinov2", DINOV2),)
+    units = ((DINOV2, "Fréchet distance (squared feature units); lower is better"),)
     summary = (DINOV2,)
 
     def row_keys(self, setting: EvalSetting) -> list[RowKey]:
@@ -55,6 +56,7 @@ class _InceptionMetric(Metric):
 class Fid(_InceptionMetric):
     name, order, names = FID, 20, (FID,)
     headline = (("fid", FID),)
+    units = ((FID, "Fréchet distance (squared feature units); lower is better"),)
     summary = (FID,)
 
     def fold_generated(self, state, batch) -> None:
@@ -69,6 +71,7 @@ class Fid(_InceptionMetric):
 
 class Kid(_InceptionMetric):
     name, order, names = "kid", 21, ("kid_mean", "kid_std")
+    units = (("kid_mean", "kernel distance (squared MMD); lower is better"), ("kid_std", "kernel distance (squared MMD)"))
 
     def fold_generated(self, state, batch) -> None:
         state.keep_first(KID_FEATURES, batch.features["inception"]["pool"], state.plan.kid_reservoir)
@@ -89,6 +92,7 @@ class Kid(_InceptionMetric):
 
 class InceptionScore(_InceptionMetric):
     name, order, names = "is", 22, ("is_mean", "is_std")
+    units = (("is_mean", "Inception score (1 to classes); higher is better"), ("is_std", "Inception score"))
 
     def fold_generated(self, state, batch) -> None:
         state.keep_first(IS_LOGITS, batch.features["inception"]["logits"], state.plan.is_reservoir)

@@ -34,6 +34,7 @@ class _JudgeMetric(Metric):
 
 class FdScenes(_JudgeMetric):
     name, order, group = JUDGE, 50, "quality"
+    units = ((JUDGE, "Fréchet distance (squared feature units); lower is better"),)
     needs = frozenset({"judge"})
 
     def row_keys(self, setting: EvalSetting) -> list[RowKey]:
@@ -53,6 +54,7 @@ class FdScenes(_JudgeMetric):
 
 class ClassAccuracy(_JudgeMetric):
     name, order, group = "class_accuracy", 51, "quality"
+    units = (("class_accuracy", "share of samples (0-1); higher is better"),)
     needs = frozenset({"judge", "labels"})
 
     def row_keys(self, setting: EvalSetting) -> list[RowKey]:
@@ -71,6 +73,8 @@ class ClassAccuracy(_JudgeMetric):
 
 class JudgePlanAgreement(_JudgeMetric):
     name, order, group = "judge_plan", 52, "structure"
+    units = (("judge_plan_ari", "adjusted Rand index (-1 to 1; 0 chance); higher is better"),
+             ("judge_plan_miou", "mean IoU (0-1); higher is better"))
     version = "2"   # 2: a pair of single-region partitions is NaN, not a trivial 1.0
 
     def row_keys(self, setting: EvalSetting) -> list[RowKey]:

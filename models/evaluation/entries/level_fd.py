@@ -42,6 +42,7 @@ class LevelFd(Metric):
     name, order, group = "fd_level", 30, "per_level"
     needs = frozenset({"canvases"})
     headline = (("fd_level (mean)", "fd_level"),)
+    units = (("fd_level", "Fréchet distance (squared feature units); lower is better"),)
     plots = (("per-level FD", "fd_level"),)
     summary = ("fd_level",)
 

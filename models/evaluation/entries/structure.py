@@ -42,6 +42,7 @@ class _PlanMetric(Metric):
 class Nesting(_PlanMetric):
     name, order = "nesting", 40
     headline = (("nesting (mean)", "nesting"),)
+    units = (("nesting", "share of regions (0-1); higher is better"),)
     plots = (("structural consistency", "nesting"),)
     summary = ("nesting",)
 
@@ -58,6 +59,7 @@ class Nesting(_PlanMetric):
 
 class PlanAdherence(_PlanMetric):
     name, order = "plan_adherence", 41
+    units = (("plan_adherence", "cosine similarity (-1 to 1); higher is better"),)
     plots = (("structural consistency", "plan_adherence"),)
     summary = ("plan_adherence",)
 
@@ -77,6 +79,8 @@ class ReencodeAgreement(Metric):
     name, order, group = "reencode", 42, "structure"
     version = "2"   # 2: a pair of single-region partitions is NaN, not a trivial 1.0
     headline = (("reencode_ari (mean)", "reencode_ari"),)
+    units = (("reencode_ari", "adjusted Rand index (-1 to 1; 0 chance); higher is better"),
+             ("reencode_miou", "mean IoU (0-1); higher is better"))
     plots = (("structural consistency", "reencode_ari"),)
     summary = ("reencode_ari",)
     references = (("", ""), ("_final", "final_hierarchy"))   # (per_sample key suffix, row variant)

@@ -22,6 +22,13 @@ class Controllability(Metric):
     plots = (("controllability", "locality_latent"), ("controllability", "locality_pixel"),
              ("controllability", "preservation_psnr_outside"))
     summary = ("locality_latent", "preservation_coarse_identical")
+    units = (("locality_latent", "change outside ÷ inside the region; lower is better"),
+             ("locality_pixel", "change outside ÷ inside the region; lower is better"),
+             ("adherence", "cosine similarity, edited final vs source, in the region (-1 to 1)"),
+             ("adherence_baseline", "cosine similarity, unedited final vs source, in the region (-1 to 1)"),
+             ("preservation_coarse_identical", "share of edits (0-1); 1 is required"),
+             ("preservation_psnr_outside", "dB (capped at 100); higher is better"),
+             ("preservation_ssim_outside", "SSIM (-1 to 1); higher is better"))
 
     def row_keys(self, setting: EvalSetting) -> list[RowKey]:
         # staged: one row per (metric, level, edit kind) the suite ran; the flat baseline has none to run
@@ -35,11 +42,14 @@ class HierarchyAlignment(Metric):
     name, order, group = "alignment", 70, "alignment"
     headline = (("teacher ari (mean)", "ari"),)
     summary = ("ari",)
+    units = (("ari", "adjusted Rand index (-1 to 1; 0 chance); higher is better"),
+             ("miou", "mean IoU (0-1); higher is better"))
 
 
 class DecoderHoldout(Metric):
     name, order, group, extractor = "decoder", 80, "decoder", "none"
     summary = ("holdout_psnr",)
+    units = (("holdout_psnr", "dB; higher is better"), ("holdout_ssim", "SSIM (-1 to 1); higher is better"))
 
     def row_keys(self, setting: EvalSetting) -> list[RowKey]:
         return [RowKey("decoder", "holdout_psnr"), RowKey("decoder", "holdout_ssim")]
