@@ -34,6 +34,11 @@ def format_report(run_id: str, results: list[dict], extra: dict[str, str] | None
     lines = [f"run {run_id}:"]
     for r in results:
         lines.append(f"  {r['stage']:<{width}}  {r['status']:<8}  {r['duration_s']:>8.1f}s  {r['path']}")
+        if r.get("rebuilt"):   # computed again although it existed: say why
+            lines.append(f"  {'':<{width}}  rebuilt: {r['rebuilt']}")
+        if "seen" in r and "skipped" in r:   # every entry under the source root, by what became of it
+            lines.append(f"  {'':<{width}}  {r['seen'] + r['skipped']} entries: {r['accepted']} accepted, "
+                         f"{r['rejected']} rejected, {r['skipped']} skipped (named in the store's tables)")
     for name, where in (extra or {}).items():
         lines.append(f"  {name}: {where}")
     return "\n".join(lines)

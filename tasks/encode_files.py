@@ -28,6 +28,7 @@ from models.channel_stats import chunk_moments
 from models.encoder import encode_tensor, grid_size, token_dim
 from storage.imagenet import SampleFiles
 from storage.latent_store import write_latent_chunk
+from storage.sources import reject_reason
 from tasks.file_decode import crop_resize, decode_images, to_uint8
 
 READ_AHEAD = 3   # batches whose bytes are being read while one is prepared and one encoded
@@ -75,7 +76,7 @@ def prepare_batch(datas: list, files: SampleFiles, first_slot: int, preprocess: 
     """File bytes (or read errors) of slots first_slot.. -> the encoder's input and reject rows."""
     decoded = decode_images(datas, device, cpu_map=pool.map)
     ok = np.array([not isinstance(d, Exception) for d in decoded], bool)
-    rejects = [{"stage": stage, "path": files.where(first_slot + i), "reason": f"{type(d).__name__}: {d}"}
+    rejects = [{"stage": stage, "path": files.where(first_slot + i), "reason": reject_reason(d)}
                for i, d in enumerate(decoded) if isinstance(d, Exception)]
     good = [d for d in decoded if not isinstance(d, Exception)]
     images01 = crop_resize(good, preprocess.size, preprocess.resize_short, preprocess.interpolation) if good else None

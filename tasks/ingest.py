@@ -19,7 +19,7 @@ from storage import zarr_store
 from storage.config import SourceConfig, TFConfig, encode_reads_files
 from storage.keys import Layout
 from storage.sources import SourceChanged, SourceListing, describe_change, list_source, listing_frame
-from storage.tables import REJECT_COLUMNS, atomic_write_parquet, load_rejects, now_iso, write_rejects
+from storage.tables import REJECT_COLUMNS, atomic_write_parquet, load_rejects, now_iso, write_rejects, write_skipped
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import ingest_chunk
 from tasks.dask_chunks import run_chunks
@@ -85,11 +85,12 @@ def _ingest(cfg: TFConfig, layout: Layout, listing: SourceListing) -> Done:
     infos = zarr_store.chunk_infos(path)
     accepted = sum(i["accepted"] for i in infos)
     rejected = len(load_rejects(path))
-    # every listed file, every class folder without one, and every image name that is no regular file
+    # every listed file, every class folder without one, every unreadable folder and every image name that is
+    # no regular file; the entries that are no sample are the skipped table's rows
     seen = num + len(listing.empty_classes) + len(listing.rejects)
     if accepted + rejected != seen:   # a sample neither stored nor rejected would be lost silently
         raise RuntimeError(f"ingest of {path}: accepted {accepted} + rejected {rejected} != seen {seen}")
-    counts = {"seen": seen, "accepted": accepted, "rejected": rejected, "skipped": listing.skipped}
+    counts = {"seen": seen, "accepted": accepted, "rejected": rejected, "skipped": len(listing.skipped)}
     return Done({"samples": num, **counts}, counts)
 
 
@@ -170,8 +171,9 @@ def check_listing(path: Path, listing: SourceListing, source_root: str | None, c
 
 
 def write_listing_rejects(path, listing: SourceListing, source: SourceConfig) -> None:
-    """A reject row for each class folder with no image (the class keeps its number, as in ImageFolder)
-    and each image name that is no regular file (never opened: a FIFO would block the reader forever)."""
+    """A reject row for each class folder with no image (the class keeps its number, as in ImageFolder),
+    each folder that could not be read and each image name that is no regular file (never opened: a
+    FIFO would block the reader forever); a skipped row for every other entry that is no sample."""
     where = Path(source.path or "")
     rows = [{"stage": "ingest", "path": str(where / name), "reason": "empty class folder: no image files",
              "chunk": -1, "timestamp": now_iso()} for name in listing.empty_classes]
@@ -179,3 +181,5 @@ def write_listing_rejects(path, listing: SourceListing, source: SourceConfig) ->
               "chunk": -1, "timestamp": now_iso()} for sample_id, _, reason in listing.rejects]
     if rows:
         atomic_write_parquet(pd.DataFrame(rows, columns=REJECT_COLUMNS), Path(path) / "_rejects" / "listing.parquet")
+    write_skipped(path, [{"stage": "ingest", "path": str(where / name), "reason": reason}
+                         for name, reason in listing.skipped])
