@@ -18,6 +18,7 @@ import pandas as pd
 from storage import zarr_store
 from storage.config import SourceConfig, TFConfig, encode_reads_files
 from storage.keys import Layout
+from storage.lineage import rows_identity
 from storage.sources import SourceChanged, SourceListing, describe_change, list_source, listing_frame
 from storage.tables import REJECT_COLUMNS, atomic_write_parquet, load_rejects, now_iso, write_rejects, write_skipped
 from storage.zarr_store import ArraySpec
@@ -54,7 +55,8 @@ def ingest_images(cfg: TFConfig, root: str, force: bool = False) -> dict:
         check_listing(path, listing(), cfg.source.path, complete=True)
         return {}
 
-    stage = Stage("ingest", layout.keys.images, path, store_stage="images")
+    stage = Stage("ingest", layout.keys.images, path, store_stage="images",
+                  rows=lambda: rows_identity(listing().ids, listing().fingerprint))
     return run_stage(cfg, stage, force, lambda: _ingest(cfg, layout, listing()), reused=reused)
 
 
@@ -119,15 +121,17 @@ def write_listing_chunks(cfg: TFConfig, path, listing: SourceListing, pending: l
 
 def with_stored_pixels(images_store, latents):
     """(latents, uint8 pixels) of the valid samples whose pixels the image store holds: every one for the
-    scenes, the first ingest.sample_pixels for the direct path (what the decoder trains on)."""
+    scenes, the first ingest.sample_pixels for the direct path (what the decoder trains on). Each latent's
+    pixels are found by its sample id, never by its row."""
     import dataclasses
 
     image = zarr_store.open_array(images_store, "image")
-    keep = latents.index < image.shape[0]
+    rows = zarr_store.rows_of(images_store, latents.ids)
+    keep = rows < image.shape[0]
     if not keep.all():
         latents = dataclasses.replace(latents, tokens=latents.tokens[keep], label=latents.label[keep],
-                                      index=latents.index[keep])
-    return latents, np.asarray(image.oindex[latents.index])
+                                      index=latents.index[keep], ids=latents.ids[keep])
+    return latents, np.asarray(image.oindex[rows[keep]])
 
 
 def source_file(source: SourceConfig, sample_id: str) -> str:
