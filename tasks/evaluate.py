@@ -44,6 +44,7 @@ from tasks.plan import decoder_config, eval_plan, generator_config, hierarchy_sp
 from tasks.encode_files import real_pixels
 from tasks.encoder_load import load_encoder
 from tasks.evaluate_judge import holdout_values, judge_labels, prepare_judge
+from tasks.judge import ensure_judge
 from tasks.evaluate_reference import image_reference, level_reference
 from tasks.evaluate_report import publish_artifacts
 from tasks.evaluate_rows import registry_rows
@@ -121,6 +122,8 @@ def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> 
     layout = stage_layout(root, cfg)
     out, key = layout.mode_evaluation()
     stage = Stage("evaluate", key, out, store_stage="", needs=evaluation_needs(cfg, layout))
+    if cfg.source.kind == "scenes":   # trained (or reused) before the evaluation holds it as a store it reads
+        ensure_judge(cfg, root)
 
     def reused() -> dict:
         done = zarr_store.completion(out)
