@@ -59,7 +59,8 @@ def identity(folder: str | Path) -> dict | None:
 
 def start(folder: str | Path, key: str, rows: dict | None, built_from: list[dict | None]) -> dict:
     """Record a new build of `folder` (before any of its output is written) and return its identity.
-    `rows`: its rows' identity (rows_identity); None takes the first upstream's."""
+    `rows`: its rows' identity (rows_identity); None takes the first upstream's (none for a stage without
+    one, until it records its own: the image store, from its listing, when it starts its store)."""
     if rows is None:
         first = built_from[0] if built_from else None
         rows = {name: (first or {}).get(name) for name in ("rows", "count", "fingerprint")}

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from storage import zarr_store
+from storage import lineage, zarr_store
 from storage.config import SourceConfig, TFConfig, encode_reads_files
 from storage.keys import Layout
-from storage.lineage import rows_identity
 from storage.sources import SourceChanged, SourceListing, describe_change, list_source, listing_frame
 from storage.tables import REJECT_COLUMNS, atomic_write_parquet, load_rejects, now_iso, write_rejects, write_skipped
 from storage.zarr_store import ArraySpec
@@ -55,8 +54,7 @@ def ingest_images(cfg: TFConfig, root: str, force: bool = False) -> dict:
         check_listing(path, listing(), cfg.source.path, complete=True)
         return {}
 
-    stage = Stage("ingest", layout.keys.images, path, store_stage="images",
-                  rows=lambda: rows_identity(listing().ids, listing().fingerprint))
+    stage = Stage("ingest", layout.keys.images, path, store_stage="images")
     return run_stage(cfg, stage, force, lambda: _ingest(cfg, layout, listing()), reused=reused)
 
 
@@ -66,6 +64,8 @@ def _ingest(cfg: TFConfig, layout: Layout, listing: SourceListing) -> Done:
         check_listing(path, listing, cfg.source.path, complete=False)
     else:   # the per-file record before the store, so every fingerprinted store has one
         atomic_write_parquet(listing_frame(listing), Path(path) / LISTING_TABLE)
+        # this build's rows: the listing's (a run killed before its template may have listed other files)
+        lineage.start(path, layout.keys.images, lineage.rows_identity(listing.ids, listing.fingerprint), [])
     num, chunk_size = len(listing.ids), cfg.ingest.chunk_size
     direct = encode_reads_files(cfg)
     pixels = min(cfg.ingest.sample_pixels, num) if direct else None

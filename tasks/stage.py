@@ -50,8 +50,6 @@ class Stage:
     output: str = "store"           # "store" (Zarr) or "folder" (checkpoints)
     store_stage: str = ""           # the Zarr attrs' `stage` (images, latents, ...): checked on reuse
     needs: Sequence[tuple[Path, str]] = field(default=())   # (upstream store, the command that makes it)
-    # the identity of its rows (storage.lineage.rows_identity), for a stage that reads no upstream store
-    rows: Callable[[], dict] | None = None
 
 
 @dataclass
@@ -151,9 +149,8 @@ def _compute(stage: Stage, output: Output, force: bool, work: Callable[[], Done]
     for upstream, command in stage.needs:
         if not _upstream_complete(upstream):
             raise RuntimeError(f"{lineage.kind(upstream)} ({upstream}) is incomplete: run `tf {command}` first")
-    if lineage.read(stage.path) is None:
-        lineage.start(stage.path, stage.key, stage.rows() if stage.rows else None,
-                      [lineage.identity(u) for u in upstreams])
+    if lineage.read(stage.path) is None:   # its rows are its first upstream's (ingest records the listing's)
+        lineage.start(stage.path, stage.key, None, [lineage.identity(u) for u in upstreams])
     done = work()
     if done.marker is not None:
         output.mark_complete(stage.path, done.marker)
