@@ -68,6 +68,11 @@ def format_report(run_id: str, results: list[dict], extra: dict[str, str] | None
         by = f"  (stage run {r['run_id']})" if r.get("run_id") not in (None, run_id) else ""
         note = f"  {r['note']}" if r.get("note") else ""
         lines.append(f"  {r['stage']:<{width}}  {r['status']:<11}  {r['duration_s']:>8.1f}s  {r['path']}{by}{note}")
+        if r.get("rebuilt"):   # computed again although it existed: say why
+            lines.append(f"  {'':<{width}}  rebuilt: {r['rebuilt']}")
+        if "seen" in r and "skipped" in r:   # every entry under the source root, by what became of it
+            lines.append(f"  {'':<{width}}  {r['seen'] + r['skipped']} entries: {r['accepted']} accepted, "
+                         f"{r['rejected']} rejected, {r['skipped']} skipped (named in the store's tables)")
     if total:
         lines.append(f"  {'total':<{width}}  {total['status']:<11}  {total['duration_s']:>8.1f}s  "
                      f"stages {total['duration_s'] - total['overhead_s']:.1f} s, overhead {total['overhead_s']:.1f} s "

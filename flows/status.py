@@ -1,11 +1,13 @@
-"""`tf status`: what is under a root, which runs wrote it, and what a config would (re)compute."""
+"""`tf status`: what is under a root, which runs wrote it, and what a config would (re)compute: a stage
+whose output no longer fits the stores it was built from (storage.lineage: an upstream forced or rebuilt
+since, or holding other rows) is named stale, with the reason."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
 
-from storage import zarr_store
+from storage import lineage, zarr_store
 from storage.checkpoints import checkpoint_exists, is_complete
 from storage.config import TFConfig
 from storage.tables import run_summaries
@@ -28,8 +30,17 @@ def _is_done(path: Path) -> bool:
 def stored_stages(root: Path) -> list[dict]:
     out = []
     for path in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.split("-")[0] in STAGE_PREFIXES):
-        out.append({"folder": path.name, "complete": _is_done(path)})
+        out.append({"folder": path.name, "complete": _is_done(path), "stale": lineage.stale(path)})
     return out
+
+
+def _state(path: Path) -> dict:
+    """up to date | stale (a run rebuilds it, or refuses to read it until its upstream is rebuilt: `why`)
+    | would compute."""
+    if not (path.exists() and _is_done(path)):
+        return {"state": "would compute"}
+    reason = lineage.stale(path)
+    return {"state": "stale", "why": reason} if reason else {"state": "up to date"}
 
 
 def expected_stages(root: Path, cfg: TFConfig) -> list[dict]:
@@ -46,9 +57,7 @@ def expected_stages(root: Path, cfg: TFConfig) -> list[dict]:
     if cfg.source.kind == "scenes":
         wanted.append(("judge", layout.judge()))
     wanted.append(("evaluate", evaluation_dir(layout, cfg)))
-    return [{"stage": stage, "folder": path.name,
-             "state": "up to date" if path.exists() and _is_done(path) else "would compute"}
-            for stage, path in wanted]
+    return [{"stage": stage, "folder": path.name, **_state(path)} for stage, path in wanted]
 
 
 def status_text(root: Path, cfg: TFConfig | None) -> str:
@@ -56,7 +65,8 @@ def status_text(root: Path, cfg: TFConfig | None) -> str:
     if not root.exists():
         return f"{root}: no such root (nothing has run here yet)"
     lines = [f"root {root.resolve()}", "", "stores:"]
-    lines += [f"  {s['folder']:<40} {'complete' if s['complete'] else 'INCOMPLETE'}" for s in stored_stages(root)]
+    lines += [f"  {s['folder']:<40} {'complete' if s['complete'] else 'INCOMPLETE'}"
+              + (f"  stale: {s['stale']}" if s["stale"] else "") for s in stored_stages(root)]
     runs = run_summaries(root).iloc[::-1]   # oldest first; a routed pipeline's stage runs folded into it
     lines += ["", f"runs: {len(runs)}"]
     for row in runs.itertuples():
@@ -66,5 +76,8 @@ def status_text(root: Path, cfg: TFConfig | None) -> str:
             lines.append(f"    FAILED at {row.failed_stage or '-'}: {row.error}")
     if cfg is not None:
         lines += ["", f"for config {cfg.name!r}:"]
-        lines += [f"  {s['stage']:<14} {s['state']:<14} {s['folder']}" for s in expected_stages(root, cfg)]
+        for s in expected_stages(root, cfg):
+            lines.append(f"  {s['stage']:<14} {s['state']:<14} {s['folder']}")
+            if s.get("why"):
+                lines.append(f"  {'':<14} {'':<14} why: {s['why']}")
     return "\n".join(lines)

@@ -32,19 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-logger = logging.getLogger(__name__)
+from models.encoder_layout import ENCODERS, misfit, resolve_encoder_name  # noqa: F401  (their home is encoder_layout)
 
-# Short names -> timm architectures. Both forms are accepted by build_encoder.
-ENCODERS: dict[str, str] = {
-    "dinov2-s14": "vit_small_patch14_dinov2",
-    "dinov2-b14": "vit_base_patch14_dinov2",
-    "dinov2-l14": "vit_large_patch14_dinov2",
-    "dinov2-g14": "vit_giant_patch14_dinov2",
-    "dinov2-s14-reg": "vit_small_patch14_reg4_dinov2",
-    "dinov2-b14-reg": "vit_base_patch14_reg4_dinov2",
-    "dinov2-l14-reg": "vit_large_patch14_reg4_dinov2",
-    "dinov2-g14-reg": "vit_giant_patch14_reg4_dinov2",
-}
+logger = logging.getLogger(__name__)
 
 RANDOM_INIT_LABEL = "random-init"
 ENCODER_OUTPUT = "final norm without affine"   # what a latent is, as the stores record it
@@ -63,26 +53,13 @@ class WeightsError(ValueError):
         self.path = path
 
 
-_IGNORED_META_KEYS = {"mask_token"}                   # dropped by timm's DINOv2 filter
-_META_RENAMES = {"register_tokens": "reg_token"}      # Meta's names -> timm's
-_RESAMPLED = {"pos_embed"}                            # resampled to img_size (and the class slot folded in)
-
-
 def describe_misfit(timm_name: str, img_size: int, found: dict[str, tuple[int, ...]]) -> str | None:
     """The first tensors of a weights file (`found`: name -> shape, read by the caller) that do not fit
     `timm_name`, or None when every tensor fits. Shapes only: the model is built on the meta device."""
-    found = {_META_RENAMES.get(k, k): tuple(v) for k, v in found.items() if k not in _IGNORED_META_KEYS}
     with torch.device("meta"):   # nothing allocated, nothing initialised
         expected = {k: tuple(v.shape) for k, v in timm.create_model(
             timm_name, pretrained=False, img_size=img_size, num_classes=0, weight_init="skip").state_dict().items()}
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k} {list(found[k])} vs {list(expected[k])}" for k in expected
-              if k in found and k not in _RESAMPLED and found[k] != expected[k]]
-    parts = [f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-             for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                 ("shape in file vs model", shapes)) if keys]
-    return "; ".join(parts) or None
+    return misfit(expected, found)
 
 
 def _missing_weights_message(timm_name: str, weights: str | None) -> str:
@@ -103,17 +80,6 @@ def _missing_weights_message(timm_name: str, weights: str | None) -> str:
         f"For wiring-only runs set encoder.allow_random_init: true instead "
         f"(results are then labelled encoder_weights='{RANDOM_INIT_LABEL}')."
     )
-
-
-def resolve_encoder_name(model: str) -> str:
-    """Map a short name from ENCODERS (or a timm name, with or without its `.lvd142m` tag) to
-    the timm architecture name."""
-    if model in ENCODERS:
-        return ENCODERS[model]
-    if model.split(".", 1)[0] in ENCODERS.values():
-        return model.split(".", 1)[0]
-    known = ", ".join(sorted(ENCODERS) + sorted(ENCODERS.values()))
-    raise ValueError(f"unknown encoder {model!r}; expected one of: {known}")
 
 
 def weights_file_label(path: str) -> str:

@@ -1,10 +1,13 @@
-"""Atomic small-file writes (temporary file in the same folder, fsync, rename), and a cheap look
-into a weights file (tensor names and shapes, without loading the tensors)."""
+"""Atomic small-file writes (temporary file in the same folder, fsync, rename), what a write that the
+file system refuses for good is told as, and a cheap look into a weights file (tensor names and
+shapes, without loading the tensors)."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,10 +45,57 @@ def atomic_write_bytes(path: Path, *parts: bytes | memoryview, fsync: bool = Tru
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:   # a failed write names no file: name it
+            error.filename = str(path)
         raise
+
+
+class StorageFailure(OSError):
+    """A write the file system refuses for good (no space, read-only, no permission), told with the path
+    and, for a full disk, the space left: no retry can pass, the user has to act."""
+
+
+_FOR_GOOD = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+
+
+def free_space(path: str | Path) -> str:
+    """`<free> free of <size>` on the file system holding `path` (or its nearest existing folder)."""
+    where = Path(os.path.abspath(path))
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        usage = shutil.disk_usage(where)
+        while where != where.parent and os.stat(where.parent).st_dev == os.stat(where).st_dev:
+            where = where.parent   # up to the mount point: the file system's name a user knows
+    except OSError as error:
+        return f"free space unknown ({error.strerror or error})"
+    return f"{_size(usage.free)} free of {_size(usage.total)} on {where}"
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+def storage_failure(error: OSError, where: str | Path) -> StorageFailure | None:
+    """`error` told as a StorageFailure naming the file (else `where`, the folder being written), or None
+    when it is no error a second try could never pass."""
+    if error.errno not in _FOR_GOOD or isinstance(error, StorageFailure):
+        return None
+    path = error.filename or where
+    text = f"{_FOR_GOOD[error.errno]}: {path}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += f" ({free_space(path)}); free some space or point the root elsewhere, then run again"
+    elif error.errno == errno.EROFS:
+        text += "; the root must be on a writable file system"
+    return StorageFailure(error.errno, text)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

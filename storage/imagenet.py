@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from storage import tarindex
-from storage.sources import IMAGE_SUFFIXES, SourceListing, check_size, file_status, folder_listing, open_regular, to_rgb
+from storage.sources import (IMAGE_SUFFIXES, SourceListing, check_size, file_status, folder_listing, is_dir,
+                             open_regular, reject_reason, skip_reason, to_rgb)
 
 if TYPE_CHECKING:   # annotations only: the GPU bench imports this module without pydantic
     from storage.config import SourceConfig
@@ -141,13 +142,13 @@ def _list_val(cfg: SourceConfig) -> SourceListing:
     classes = sorted(set(read_synsets(cfg.synsets_file)) if cfg.synsets_file else set(mapping.values()))
     label_of = {synset: i for i, synset in enumerate(classes)}
     # One scandir: names and stats at once; an image name that is no regular file is a reject row.
-    statuses, skipped = {}, 0
+    statuses, skipped = {}, []
     with os.scandir(root) as entries:
         for entry in entries:
-            if _is_dir(entry):
-                continue
-            if Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
-                skipped += 1
+            if is_dir(entry):
+                skipped.append((entry.name, "a folder in the flat validation folder (not read)"))
+            elif Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((entry.name, skip_reason(entry.name)))
             elif (status := file_status(entry)) is not None:
                 statuses[entry.name] = status
     files = sorted(statuses)
@@ -162,13 +163,6 @@ def _list_val(cfg: SourceConfig) -> SourceListing:
             for name in files]
     # No empty_classes: a class without val images here (a partial val set) is no bad input.
     return folder_listing(rows, classes, cfg.num_images, skipped)
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
 
 
 # --- the nested train tar -------------------------------------------------------------------
@@ -269,5 +263,5 @@ def read_imagenet_chunk(cfg: SourceConfig, ids: list[str], labels: np.ndarray, s
             images[slot] = decode(io.BytesIO(data), cfg)
             valid[slot] = True
         except Exception as error:
-            rejects.append({"stage": "ingest", "path": files.where(slot), "reason": f"{type(error).__name__}: {error}"})
+            rejects.append({"stage": "ingest", "path": files.where(slot), "reason": reject_reason(error)})
     return {"image": images, "label": np.asarray(labels, np.int64), "valid": valid, "rejects": rejects}

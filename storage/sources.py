@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -49,8 +50,11 @@ class SourceListing:
     empty_classes: tuple[str, ...] = field(default=())   # class folders without one image file
     sizes: np.ndarray | None = None       # int64 [N] bytes per file (folder sources); None: not per file
     mtimes_ns: np.ndarray | None = None   # int64 [N] modification times, beside `sizes`
-    rejects: tuple[tuple[str, int, str], ...] = ()   # (id, label, reason): image names that are no regular file
-    skipped: int = 0                      # files without an image suffix: not samples, not rejects
+    # (id, label, reason): image names that are no regular file, and folders that could not be read
+    rejects: tuple[tuple[str, int, str], ...] = ()
+    # (path relative to the root, reason): every other entry that is no sample (readme.txt, .DS_Store,
+    # a file where a class folder would be), named, so each entry under the root has a row somewhere
+    skipped: tuple[tuple[str, str], ...] = ()
     stamp: dict = field(default_factory=dict)   # what else decides the samples (tar size+mtime, scenes config)
 
     @cached_property
@@ -131,6 +135,21 @@ _KINDS = ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "ch
           (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory"))
 
 
+_ADDRESS = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def reject_reason(error: BaseException) -> str:
+    """`Type: message` of what stopped a file, the same on every run: an object's memory address in the
+    message (PIL names the buffer it read, `<_io.BytesIO object at 0x7f...>`) is left out."""
+    return f"{type(error).__name__}: {_ADDRESS.sub('', str(error))}"
+
+
+def skip_reason(name: str) -> str:
+    """Why a file in a class folder is not a sample: its name has no image suffix."""
+    suffix = Path(name).suffix
+    return f"not an image file name (suffix {suffix!r})" if suffix else "not an image file name (no suffix)"
+
+
 def file_status(entry: os.DirEntry) -> os.stat_result | str | None:
     """The stat of a regular file (a link to one counts as one), else the reject reason: a FIFO
     blocks open() forever and a device reads forever, so neither may reach a reader.
@@ -164,32 +183,32 @@ def open_regular(path: Path) -> BinaryIO:
         raise
 
 
-def scan_tree(top: Path) -> Iterator[tuple[str, list[os.DirEntry]]]:
-    """(folder, its non-folder entries) for `top` and every folder under it, as os.walk(followlinks=False)
-    splits them (a link to a folder is not entered), one scandir per folder; unreadable folders are skipped
-    as os.walk skips them."""
+def scan_tree(top: Path) -> Iterator[tuple[str, list[os.DirEntry], list[os.DirEntry], OSError | None]]:
+    """(folder, its non-folder entries, its links to folders, the error that kept it unread) for `top`
+    and every folder under it, as os.walk(followlinks=False) splits them (a link to a folder is not
+    entered), one scandir per folder. An unreadable folder comes with its error and no entries: the
+    caller names it (a class folder the process may not read is no empty class)."""
     stack = [os.fspath(top)]
     while stack:
         folder = stack.pop()
-        files = []
+        files, links = [], []
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    try:
-                        is_dir = entry.is_dir()
-                    except OSError:
-                        is_dir = False
-                    if not is_dir:
+                    if not is_dir(entry):
                         files.append(entry)
-                    elif not entry.is_symlink():
+                    elif entry.is_symlink():
+                        links.append(entry)
+                    else:
                         stack.append(entry.path)
-        except OSError:
+        except OSError as error:
+            yield folder, [], [], error
             continue
-        yield folder, files
+        yield folder, files, links, None
 
 
 def folder_listing(rows: list[tuple[str, int, os.stat_result | str]], classes: list[str], cap: int,
-                   skipped: int, empty: tuple[str, ...] = ()) -> SourceListing:
+                   skipped: list[tuple[str, str]], empty: tuple[str, ...] = ()) -> SourceListing:
     """A listing from (id, label, stat or reject reason) rows in listing order; `cap` counts every
     image name, rejected ones too (as it counts a truncated file)."""
     if cap:
@@ -200,28 +219,48 @@ def folder_listing(rows: list[tuple[str, int, os.stat_result | str]], classes: l
                          classes, False, empty,
                          sizes=np.asarray([info.st_size for _, _, info in samples], np.int64),
                          mtimes_ns=np.asarray([info.st_mtime_ns for _, _, info in samples], np.int64),
-                         rejects=rejects, skipped=skipped)
+                         rejects=rejects, skipped=tuple(sorted(skipped)))
 
 
 def _list_imagefolder(root: Path, cap: int) -> SourceListing:
     if not root.is_dir():
         raise FileNotFoundError(f"source.path {root} is not a folder (expected <root>/<synset>/<image>.JPEG)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())  # ImageFolder numbering
-    rows, skipped = [], 0
+    classes, skipped = [], []
+    with os.scandir(root) as entries:   # every entry at the root is a class folder or a named skipped row
+        for entry in entries:
+            if is_dir(entry):
+                classes.append(entry.name)
+            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                skipped.append((entry.name, "image outside every class folder: no class to label it"))
+            else:
+                skipped.append((entry.name, "not a class folder (a file at the source root)"))
+    classes.sort()   # ImageFolder numbering
+    rows: list[tuple[str, int, os.stat_result | str]] = []
     for index, name in enumerate(classes):
-        for folder, entries in sorted(scan_tree(root / name), key=lambda item: item[0]):
+        for folder, entries, links, error in sorted(scan_tree(root / name), key=lambda item: item[0]):
+            where = Path(folder).relative_to(root)
+            if error is not None:   # listed as a reject of its own: its images are not "no images"
+                rows.append((str(where), index, reject_reason(error)))
+            skipped += [(str(where / link.name), "link to a folder (not followed)") for link in links]
             for entry in sorted(entries, key=lambda e: e.name):
                 if Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
-                    skipped += 1
+                    skipped.append((str(where / entry.name), skip_reason(entry.name)))
                     continue
                 status = file_status(entry)
                 if status is not None:
-                    rows.append((str(Path(folder, entry.name).relative_to(root)), index, status))
+                    rows.append((str(where / entry.name), index, status))
     if not any(not isinstance(status, str) for _, _, status in rows):
         raise FileNotFoundError(f"no images under {root} (suffixes {sorted(IMAGE_SUFFIXES)})")
     present = {label for _, label, _ in rows}   # before the cap: a class cut off by the cap is not empty
     empty = tuple(name for index, name in enumerate(classes) if index not in present)
     return folder_listing(rows, classes, cap, skipped, empty)
+
+
+def is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -287,5 +326,5 @@ def read_chunk(cfg: SourceConfig, ids: list[str], labels: np.ndarray, start: int
             images[offset] = read_image(path, cfg.image_size)
             valid[offset] = True
         except Exception as error:  # any unreadable file is a reject, never a crash
-            rejects.append({"stage": "ingest", "path": str(path), "reason": f"{type(error).__name__}: {error}"})
+            rejects.append({"stage": "ingest", "path": str(path), "reason": reject_reason(error)})
     return {"image": images, "label": np.asarray(labels, np.int64), "valid": valid, "rejects": rejects}

@@ -1,4 +1,4 @@
-"""Parquet tables: metrics, runs and rejects. Append-only, one file per run (or chunk).
+"""Parquet tables: metrics, runs, rejects and skipped entries. Append-only, one file per run (or chunk).
 
 Metrics schema (version METRICS_SCHEMA_VERSION), one row per (metric, level, variant):
   run_id, schema_version, timestamp, code_version,
@@ -66,6 +66,8 @@ METRIC_COLUMNS = [
     "group", "metric", "level", "variant", "value", "n", "ci_low", "ci_high", "status", "reason",
     "feature_extractor", "extractor_weights", "encoder_weights", "mode",
 ]
+SKIPPED_COLUMNS = ["stage", "path", "reason"]   # entries under a source root that are no sample, named
+SKIPPED_TABLE = "_skipped.parquet"
 RUNS_SCHEMA_VERSION = 2
 RUN_COLUMNS = ["run_id", "parent_run_id", "kind", "flow", "stage", "key", "status", "started_at", "ended_at",
                "duration_s", "overhead_s", "path", "encoder_weights", "error", "note", "flow_run_id", "details"]   # details: the stage's own figures, JSON
@@ -304,3 +306,13 @@ def write_rejects(stage_dir: Path, chunk: int, rows: list[dict]) -> None:
 
 def load_rejects(stage_dir: str | Path) -> pd.DataFrame:
     return _load_table(Path(stage_dir) / "_rejects", REJECT_COLUMNS)
+
+
+def write_skipped(stage_dir: Path, rows: list[dict]) -> None:
+    """The entries a listing saw that are neither samples nor rejects (readme.txt, .DS_Store, ...)."""
+    atomic_write_parquet(pd.DataFrame(rows, columns=SKIPPED_COLUMNS), Path(stage_dir) / SKIPPED_TABLE)
+
+
+def load_skipped(stage_dir: str | Path) -> pd.DataFrame:
+    path = Path(stage_dir) / SKIPPED_TABLE
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=SKIPPED_COLUMNS)

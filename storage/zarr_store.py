@@ -326,6 +326,28 @@ def has_array(path: Path, name: str) -> bool:
     return name in zarr.open_group(str(zarr_path(path)), mode="r")
 
 
+def sample_ids(path: Path, rows: Any = slice(None)) -> np.ndarray:
+    """The sample ids of the store's `rows` as an object array of str (Zarr hands back numpy's variable-width
+    StringDType, which neither pandas nor a cast to a fixed width takes)."""
+    array = open_array(path, "sample")
+    values = array[rows] if isinstance(rows, slice) else array.oindex[rows]
+    return np.asarray(values.tolist(), dtype=object)
+
+
+def rows_of(path: Path, ids) -> np.ndarray:
+    """The row of each of `ids` in the store's `sample` array: how rows of two stores are paired (by id,
+    never by position). KeyError naming the ids the store holds no row for."""
+    import pandas as pd
+
+    wanted = np.asarray(list(ids), dtype=object)
+    rows = pd.Index(sample_ids(path)).get_indexer(wanted)
+    if (rows < 0).any():
+        missing = wanted[rows < 0]
+        raise KeyError(f"{path} holds no row for {len(missing)} of the {len(wanted)} samples asked for (first: "
+                       f"{', '.join(missing[:3])}): it was built from other samples")
+    return rows.astype(np.int64)
+
+
 def store_attrs(path: Path) -> dict:
     return zarr.open_group(str(zarr_path(path)), mode="r").attrs.asdict()
 

@@ -34,6 +34,7 @@ from models.hierarchy.reference import HierarchySpec
 from storage import zarr_store
 from storage.imagenet import SampleFiles
 from storage.latent_store import write_latent_chunk
+from storage.sources import reject_reason
 from tasks.file_decode import crop_resize, decode_images, to_uint8
 from tasks.phase_clock import PhaseClock
 
@@ -84,7 +85,7 @@ def prepare_batch(datas: list, files: SampleFiles, first_slot: int, preprocess: 
     with clock.device("decode"):
         decoded = decode_images(datas, device, cpu_map=pool.map)
     ok = np.array([not isinstance(d, Exception) for d in decoded], bool)
-    rejects = [{"stage": stage, "path": files.where(first_slot + i), "reason": f"{type(d).__name__}: {d}"}
+    rejects = [{"stage": stage, "path": files.where(first_slot + i), "reason": reject_reason(d)}
                for i, d in enumerate(decoded) if isinstance(d, Exception)]
     good = [d for d in decoded if not isinstance(d, Exception)]
     with clock.device("resize"):

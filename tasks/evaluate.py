@@ -46,10 +46,11 @@ from tasks.plan import decoder_spec, eval_plan, generator_config, hierarchy_spec
 from tasks.encode_files import real_pixels
 from tasks.encoder_load import load_encoder
 from tasks.evaluate_judge import holdout_values, judge_labels, prepare_judge
+from tasks.judge import ensure_judge
 from tasks.evaluate_reference import image_reference, level_reference
 from tasks.evaluate_report import publish_artifacts
 from tasks.evaluate_rows import registry_rows
-from tasks.level_data import Latents, canvases, load_latents, load_regions
+from tasks.level_data import Latents, canvases, load_latents, regions_of
 from tasks.progress import Progress
 from tasks.stage import Done, Stage, pick_device, run_stage, stage_task
 from tasks.structure_pool import process_structure
@@ -98,9 +99,10 @@ def _extractors(cfg: TFConfig, device: str):
     return encoder, weights_label, dinov2, inception
 
 
-def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, inception: dict,
+def _reference(cfg: TFConfig, layout: Layout, latents, real: np.ndarray, teacher, dinov2: dict, inception: dict,
                device: str) -> tuple[dict, dict]:
-    """Real-side statistics; image features are reused from the images store (even under --force evaluate)."""
+    """Real-side statistics of the image store's rows `real` (the latents' own samples, found by id); image
+    features are reused from the images store (even under --force evaluate)."""
     ev = cfg.evaluate
     reference, reused = {}, {}
     # the direct path stores only a sample: the rest is decoded from the files, on the GPU where there is one
@@ -109,7 +111,7 @@ def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, in
         if extractor["fn"] is None:
             continue
         fns = {"dinov2_fn": extractor["fn"]} if name == "dinov2" else {"inception_fn": extractor["fn"]}
-        arrays, reused[name] = image_reference(layout.images(), latents.index, extractor["label"], device=device,
+        arrays, reused[name] = image_reference(layout.images(), real, extractor["label"], device=device,
                                                batch_size=ev.batch_size, read_pixels=pixels, **fns)
         reference.update(arrays)
     real_levels = canvases(latents.tokens, teacher)
@@ -122,14 +124,29 @@ def _reference(cfg: TFConfig, layout: Layout, latents, teacher, dinov2: dict, in
 def evaluate_run(cfg: TFConfig, root: str, run_id: str, force: bool = False) -> dict:
     layout = stage_layout(root, cfg)
     out, key = layout.mode_evaluation()
-    stage = Stage("evaluate", key, out, store_stage="", needs=[(layout.latents(), "encode"),
-                                                               (layout.teacher(), "hierarchy")])
+    stage = Stage("evaluate", key, out, store_stage="", needs=evaluation_needs(cfg, layout))
+    if cfg.source.kind == "scenes":   # trained (or reused) before the evaluation holds it as a store it reads
+        ensure_judge(cfg, root)
 
     def reused() -> dict:
         done = zarr_store.completion(out)
         return {"metrics_table": done["table"], "grid_png": str(out / "grid.png"), "rows": done["metrics_rows"]}
 
     return run_stage(cfg, stage, force, lambda: _evaluate(cfg, root, run_id, layout), reused=reused)
+
+
+def evaluation_needs(cfg: TFConfig, layout: Layout) -> list[tuple[Path, str]]:
+    """Every stage folder the evaluation reads, with the command that makes it: the latents first (the
+    evaluation's rows are theirs), the teacher, the decoder, the generators it samples, the scenes judge,
+    and the image store (the real side)."""
+    if cfg.generator.mode == "flat":
+        generators = [layout.flat_generator()]
+    else:
+        levels = range(cfg.hierarchy.generator_levels)
+        generators = list(dict.fromkeys(layout.level_generator(level) for level in levels))   # shared: one
+    judge = [(layout.judge(), "judge")] if cfg.source.kind == "scenes" else []
+    return [(layout.latents(), "encode"), (layout.teacher(), "hierarchy"), (layout.decoder(), "train"),
+            *[(g, "train") for g in generators], *judge, (layout.images(), "ingest")]
 
 
 def _number(value) -> float:
@@ -154,6 +171,7 @@ class Scoring:
     reference: dict
     reference_reused: dict
     judge: dict | None
+    real_rows: np.ndarray   # the image store's row of each latent, found by sample id
 
     @property
     def grid(self) -> int:
@@ -166,20 +184,21 @@ class Scoring:
 
 def load_scoring(cfg: TFConfig, root: str, layout: Layout, device: str) -> Scoring:
     latents = load_latents(layout.latents())
-    teacher = load_regions(layout.teacher(), latents.index)
+    teacher = regions_of(layout.teacher(), latents)
+    real = zarr_store.rows_of(layout.images(), latents.ids)   # the image store's row of each latent, by id
     grid, dim = latents.grid, latents.tokens.shape[-1]
     decoder = TokenDecoder(decoder_spec(cfg, grid, dim))
     decoder_tensors, decoder_meta = load_checkpoint(layout.decoder() / "decoder", device)
     decoder.load_state_dict(decoder_tensors)
     decoder = decoder.to(device).eval()
     encoder, weights_label, dinov2, inception = _extractors(cfg, device)
-    reference, reference_reused = _reference(cfg, layout, latents, teacher, dinov2, inception, device)
-    judge = prepare_judge(cfg, root, layout, latents.index, grid, device, cfg.evaluate.batch_size)   # None unless scenes
+    reference, reference_reused = _reference(cfg, layout, latents, real, teacher, dinov2, inception, device)
+    judge = prepare_judge(cfg, root, layout, real, grid, device, cfg.evaluate.batch_size)   # None unless scenes
     if judge is not None:
         reference.update(judge["reference"])
         reference_reused["judge"] = judge["reused"]
     return Scoring(cfg, device, latents, teacher, decoder, decoder_meta, encoder, weights_label, dinov2, inception,
-                   reference, reference_reused, judge)
+                   reference, reference_reused, judge, real)
 
 
 def sample_seeds(cfg: TFConfig, num_samples: int) -> np.ndarray:
@@ -213,7 +232,7 @@ def supplied_values(scoring: Scoring, layout: Layout) -> dict[str, list[MetricVa
     if scoring.judge is not None:
         supplied.update(holdout_values(scoring.judge, layout, scoring.cfg.hierarchy.generator_levels))
     if zarr_store.has_array(layout.images(), "masks"):
-        truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[scoring.latents.index],
+        truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[scoring.real_rows],
                               scoring.grid)
         supplied["alignment"] = hierarchy_alignment(scoring.teacher.numpy(),
                                                     truth.reshape(len(truth), truth.shape[1], -1))

@@ -37,7 +37,7 @@ def prepare_judge(cfg: TFConfig, root: str, layout: Layout, index: np.ndarray, g
     and the real statistics of its features over the store samples `index`."""
     if cfg.source.kind != "scenes":
         return None
-    ensure_judge(cfg, root)   # reused when complete; trained here when evaluate runs without the pipeline
+    ensure_judge(cfg, root)   # reused: evaluate_run trains it first when it is missing
     model, meta = load_judge(layout.judge(), device)
     digest = hashlib.sha256((layout.judge() / "judge.safetensors").read_bytes()).hexdigest()[:12]
     run = judge_fn(model, grid, device, batch_size=min(batch_size, 128))

@@ -20,7 +20,7 @@ from storage import zarr_store
 from storage.checkpoints import clear_train_state, mark_complete, save_checkpoint, save_train_state
 from storage.config import TFConfig
 from storage.keys import Layout
-from tasks.level_data import level_data, load_latents, load_regions
+from tasks.level_data import level_data, load_latents, regions_of
 from tasks.plan import generator_config, generator_optim, objective_config, sampled_ema
 
 
@@ -81,13 +81,13 @@ def generator_job(cfg: TFConfig, root: str, which: int | str | None) -> Generato
         data: LevelData | list[LevelData] = flat_level_data(latents.tokens, latents.label)
         seed, trained_level = cfg.generator.seed, flat_level(num_levels)
     elif which == SHARED:
-        regions = load_regions(layout.teacher(), latents.index)
+        regions = regions_of(layout.teacher(), latents)
         trained_level = list(range(num_levels))
         data = [level_data(latents, regions, level) for level in trained_level]
         seed = cfg.generator.seed
         steps = cfg.generator.steps * num_levels
     else:
-        data = level_data(latents, load_regions(layout.teacher(), latents.index), which)
+        data = level_data(latents, regions_of(layout.teacher(), latents), which)
         seed, trained_level = cfg.generator.seed + which, which
     folder, key = generator_folder(layout, which)
     torch.manual_seed(seed)

@@ -29,8 +29,10 @@ GROUND_TRUTH_INPUT = "ground-truth masks (majority vote per token, nested)"
 @stage_task("hierarchy")
 def build_teacher(cfg: TFConfig, root: str, force: bool = False) -> dict:
     layout = Layout(root, cfg)
-    stage = Stage("hierarchy", layout.keys.teacher, layout.teacher(), store_stage="teacher",
-                  needs=[(layout.latents(), "encode")])
+    # the oracle teacher also reads the image store's masks, row by row beside the latents
+    needs = [(layout.latents(), "encode")] + ([(layout.images(), "ingest")] if cfg.hierarchy.source == "ground_truth"
+                                               else [])
+    stage = Stage("hierarchy", layout.keys.teacher, layout.teacher(), store_stage="teacher", needs=needs)
     return run_stage(cfg, stage, force, lambda: _build_teacher(cfg, layout))
 
 
@@ -74,7 +76,7 @@ def _build_teacher(cfg: TFConfig, layout: Layout) -> Done:
     ground_truth = cfg.hierarchy.source == "ground_truth"
     if ground_truth:
         images = layout.images()
-        _check_ground_truth(images, num, cfg.hierarchy.partition_levels, cfg.hierarchy.cuts)
+        _check_ground_truth(images, latents, cfg.hierarchy.partition_levels, cfg.hierarchy.cuts)
     bounds = teacher_template(cfg, layout)
     pending = zarr_store.pending_chunks(path, len(bounds))
     if ground_truth:
@@ -95,16 +97,19 @@ def _build_teacher(cfg: TFConfig, layout: Layout) -> Done:
     return Done(teacher_marker(cfg, num), {"images": num})
 
 
-def _check_ground_truth(images, num: int, levels: int, cuts: list[float]) -> None:
-    """The oracle teacher needs the image store's masks, one ground-truth level per partition level."""
+def _check_ground_truth(images, latents, levels: int, cuts: list[float]) -> None:
+    """The oracle teacher needs the image store's masks, one ground-truth level per partition level, its
+    rows holding the latents' samples in their order (the chunks read both stores by row)."""
     if not zarr_store.is_complete(images):
         raise RuntimeError(f"image store {images} is incomplete: run `tf ingest` first")
     if not zarr_store.has_array(images, "masks"):
         raise ValueError(f"hierarchy.source 'ground_truth': the image store {images} holds no ground-truth "
                          f"masks (only source.kind 'scenes' has them)")
     shape = zarr_store.open_array(images, "masks").shape
-    if shape[0] != num:
-        raise RuntimeError(f"image store {images} has {shape[0]} masks, the latent store {num} samples")
     if shape[1] != levels:
         raise ValueError(f"hierarchy.source 'ground_truth': the image store has {shape[1]} ground-truth levels "
                          f"but hierarchy.cuts {cuts} gives len(cuts) + 1 = {levels} partition levels")
+    ids = [zarr_store.open_array(store, "sample")[:] for store in (images, latents)]
+    if shape[0] != len(ids[1]) or not np.array_equal(*ids):
+        raise RuntimeError(f"image store {images} ({shape[0]} masks) does not hold the samples of the latent store "
+                           f"{latents} ({len(ids[1])} samples) row by row: run `tf encode` to rebuild the latents")

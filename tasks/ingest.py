@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from storage import zarr_store
+from storage import lineage, zarr_store
 from storage.config import SourceConfig, TFConfig, encode_reads_files
 from storage.keys import Layout
 from storage.sources import SourceChanged, SourceListing, describe_change, list_source, listing_frame
-from storage.tables import REJECT_COLUMNS, atomic_write_parquet, load_rejects, now_iso, write_rejects
+from storage.tables import REJECT_COLUMNS, atomic_write_parquet, load_rejects, now_iso, write_rejects, write_skipped
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import ingest_chunk
 from tasks.dask_chunks import run_chunks
@@ -64,6 +64,8 @@ def _ingest(cfg: TFConfig, layout: Layout, listing: SourceListing) -> Done:
         check_listing(path, listing, cfg.source.path, complete=False)
     else:   # the per-file record before the store, so every fingerprinted store has one
         atomic_write_parquet(listing_frame(listing), Path(path) / LISTING_TABLE)
+        # this build's rows: the listing's (a run killed before its template may have listed other files)
+        lineage.start(path, layout.keys.images, lineage.rows_identity(listing.ids, listing.fingerprint), [])
     num, chunk_size = len(listing.ids), cfg.ingest.chunk_size
     direct = encode_reads_files(cfg)
     pixels = min(cfg.ingest.sample_pixels, num) if direct else None
@@ -85,11 +87,12 @@ def _ingest(cfg: TFConfig, layout: Layout, listing: SourceListing) -> Done:
     infos = zarr_store.chunk_infos(path)
     accepted = sum(i["accepted"] for i in infos)
     rejected = len(load_rejects(path))
-    # every listed file, every class folder without one, and every image name that is no regular file
+    # every listed file, every class folder without one, every unreadable folder and every image name that is
+    # no regular file; the entries that are no sample are the skipped table's rows
     seen = num + len(listing.empty_classes) + len(listing.rejects)
     if accepted + rejected != seen:   # a sample neither stored nor rejected would be lost silently
         raise RuntimeError(f"ingest of {path}: accepted {accepted} + rejected {rejected} != seen {seen}")
-    counts = {"seen": seen, "accepted": accepted, "rejected": rejected, "skipped": listing.skipped}
+    counts = {"seen": seen, "accepted": accepted, "rejected": rejected, "skipped": len(listing.skipped)}
     return Done({"samples": num, **counts}, counts)
 
 
@@ -118,15 +121,17 @@ def write_listing_chunks(cfg: TFConfig, path, listing: SourceListing, pending: l
 
 def with_stored_pixels(images_store, latents):
     """(latents, uint8 pixels) of the valid samples whose pixels the image store holds: every one for the
-    scenes, the first ingest.sample_pixels for the direct path (what the decoder trains on)."""
+    scenes, the first ingest.sample_pixels for the direct path (what the decoder trains on). Each latent's
+    pixels are found by its sample id, never by its row."""
     import dataclasses
 
     image = zarr_store.open_array(images_store, "image")
-    keep = latents.index < image.shape[0]
+    rows = zarr_store.rows_of(images_store, latents.ids)
+    keep = rows < image.shape[0]
     if not keep.all():
         latents = dataclasses.replace(latents, tokens=latents.tokens[keep], label=latents.label[keep],
-                                      index=latents.index[keep])
-    return latents, np.asarray(image.oindex[latents.index])
+                                      index=latents.index[keep], ids=latents.ids[keep])
+    return latents, np.asarray(image.oindex[rows[keep]])
 
 
 def source_file(source: SourceConfig, sample_id: str) -> str:
@@ -170,8 +175,9 @@ def check_listing(path: Path, listing: SourceListing, source_root: str | None, c
 
 
 def write_listing_rejects(path, listing: SourceListing, source: SourceConfig) -> None:
-    """A reject row for each class folder with no image (the class keeps its number, as in ImageFolder)
-    and each image name that is no regular file (never opened: a FIFO would block the reader forever)."""
+    """A reject row for each class folder with no image (the class keeps its number, as in ImageFolder),
+    each folder that could not be read and each image name that is no regular file (never opened: a
+    FIFO would block the reader forever); a skipped row for every other entry that is no sample."""
     where = Path(source.path or "")
     rows = [{"stage": "ingest", "path": str(where / name), "reason": "empty class folder: no image files",
              "chunk": -1, "timestamp": now_iso()} for name in listing.empty_classes]
@@ -179,3 +185,5 @@ def write_listing_rejects(path, listing: SourceListing, source: SourceConfig) ->
               "chunk": -1, "timestamp": now_iso()} for sample_id, _, reason in listing.rejects]
     if rows:
         atomic_write_parquet(pd.DataFrame(rows, columns=REJECT_COLUMNS), Path(path) / "_rejects" / "listing.parquet")
+    write_skipped(path, [{"stage": "ingest", "path": str(where / name), "reason": reason}
+                         for name, reason in listing.skipped])

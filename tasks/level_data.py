@@ -21,6 +21,7 @@ class Latents:
     std: np.ndarray           # [C]
     grid: int
     weights_label: str
+    ids: np.ndarray           # sample id of each row: what pairs them with another store's rows (zarr_store.rows_of)
 
 
 def load_latents(path: Path, limit: int | None = None) -> Latents:
@@ -34,13 +35,19 @@ def load_latents(path: Path, limit: int | None = None) -> Latents:
     grid = raw.shape[1]
     flat = (raw.reshape(len(raw), grid * grid, -1) - mean) / std
     return Latents(torch.from_numpy(flat), torch.from_numpy(zarr_store.open_array(path, "label").oindex[valid]),
-                   valid, mean, std, grid, zarr_store.store_attrs(path)["encoder_weights"])
+                   valid, mean, std, grid, zarr_store.store_attrs(path)["encoder_weights"],
+                   zarr_store.sample_ids(path, valid))
 
 
 def load_regions(path: Path, index: np.ndarray) -> torch.Tensor:
     """[N, levels-1, T] int64 teacher region ids for the given store indices."""
     regions = np.asarray(zarr_store.open_array(path, "regions").oindex[index], dtype=np.int64)
     return torch.from_numpy(regions.reshape(len(index), regions.shape[1], -1))
+
+
+def regions_of(path: Path, latents: Latents) -> torch.Tensor:
+    """The teacher's regions of each of `latents`' samples, its rows found by sample id."""
+    return load_regions(path, zarr_store.rows_of(path, latents.ids))
 
 
 def canvases(tokens: torch.Tensor, regions: torch.Tensor) -> list[torch.Tensor]:

@@ -1,9 +1,10 @@
-"""The skeleton every stage runs (`run_stage`: lock, force, reuse, upstream check, work, completion
-marker, result), what a stage returns, and the settings every stage task shares (device, threads,
+"""The skeleton every stage runs (`run_stage`: locks, force, lineage and reuse, upstream check, work,
+completion marker, result), what a stage returns, and the settings every stage task shares (device, threads,
 retries). A new stage is its work function plus its key (storage.keys)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -59,50 +60,116 @@ class Done:
     result: dict = field(default_factory=dict)
 
 
+class StaleUpstream(RuntimeError):
+    """A store the stage reads no longer fits what that store was built from (storage.lineage)."""
+
+
 def run_stage(cfg, stage: Stage, force: bool, work: Callable[[], Done],
               reused: Callable[[], dict] = dict) -> dict:
-    """Run `stage` once: under its folder's lock; `force` removes its output first; a complete output
-    is reused (a Zarr store only if its attrs still name this stage and key; `reused()` may check more
-    and gives the result's extra fields); otherwise every upstream store must be complete, `work()`
-    computes, and the completion marker is written last."""
-    from storage.files import remove_tree
+    """Run `stage` once. Every upstream store is held with a shared lock while the stage runs (a forced
+    rebuild of one waits for it) and must itself still fit what it was built from. A complete output is
+    reused when it was built from the upstream stores as they are now (a Zarr store also only if its attrs
+    still name this stage and key; `reused()` may check more and gives the result's extra fields), under
+    a shared lock of its own. Otherwise, under its exclusive lock: `force` removes the output first, an
+    output built from other upstream stores (complete, or a part to resume) is removed and rebuilt, every
+    upstream store must be complete, the lineage record (storage.lineage) is written, `work()` computes,
+    and the completion marker is written last. A write the file system refuses for good (full, read-only,
+    no permission) fails naming the path (storage.files.storage_failure)."""
+    from storage.files import storage_failure
 
     output = _zarr_output() if stage.output == "store" else _folder_output()
-    with stage_lock(cfg, stage.path):   # a second run on this output waits or fails here
-        started = time.monotonic()
-        if force:
-            remove_tree(stage.path)
-        if output.is_complete(stage.path):
-            if output.check_reuse and stage.store_stage:
-                output.check_reuse(stage.path, stage.store_stage, stage.key)
-            return stage_result(stage.name, stage.key, stage.path, False, started, **reused())
-        for upstream, command in stage.needs:
-            if not _upstream_complete(upstream):
-                raise RuntimeError(f"{_upstream_kind(upstream)} {upstream} is incomplete: run `tf {command}` first")
-        from tasks.device_watch import watch
+    try:
+        with contextlib.ExitStack() as reading:
+            for upstream, _ in stage.needs:
+                reading.enter_context(stage_lock(cfg, upstream, shared=True))
+            _check_upstreams(stage)
+            if not force:   # a run that reuses the output never waits for that output's readers
+                with stage_lock(cfg, stage.path, shared=True):
+                    result = _reuse(stage, output, reused, time.monotonic())
+                if result is not None:
+                    return result
+            with stage_lock(cfg, stage.path):   # a second run on this output waits or fails here
+                return _compute(stage, output, force, work, reused, pick_device(cfg.device))
+    except OSError as error:
+        failure = storage_failure(error, stage.path)
+        if failure is None:
+            raise
+        raise failure from error
 
-        with watch(pick_device(cfg.device)) as gpu:
-            done = work()
-        if done.marker is not None:
-            output.mark_complete(stage.path, done.marker)
-        if not output.is_complete(stage.path):   # a work function that forgot its marker would recompute forever
-            raise RuntimeError(f"stage {stage.name} finished without marking {stage.path} complete")
-        result = stage_result(stage.name, stage.key, stage.path, True, started, **done.result, **gpu)
-        if "samples" in done.result or "images" in done.result:   # throughput as the stage itself timed it
-            count = done.result.get("images", done.result.get("samples"))
-            result["images_per_s"] = round(count / max(result["duration_s"], 1e-9), 1)
-        return result
+
+def _check_upstreams(stage: Stage) -> None:
+    from storage import lineage
+
+    for upstream, command in stage.needs:
+        reason = lineage.stale(upstream) if Path(upstream).exists() else None
+        if reason:
+            raise StaleUpstream(f"{lineage.kind(upstream)} no longer fits what it was built from: {reason}. "
+                                f"Run `tf {command}` to rebuild it first (its readers are stale with it)")
+
+
+def _reuse(stage: Stage, output: Output, reused: Callable[[], dict], started: float) -> dict | None:
+    """The reused result of a complete output that fits its upstream stores as they are now, else None."""
+    import warnings
+
+    from storage import lineage
+
+    if not output.is_complete(stage.path) or lineage.mismatch(stage.path, [u for u, _ in stage.needs]):
+        return None
+    if lineage.read(stage.path) is None:
+        warnings.warn(f"{lineage.kind(stage.path)} predates lineage records: reused without checking which "
+                      f"upstream stores it was built from (--force {stage.name.split('-')[0]} rebuilds it)",
+                      stacklevel=3)
+    if output.check_reuse and stage.store_stage:
+        output.check_reuse(stage.path, stage.store_stage, stage.key)
+    return stage_result(stage.name, stage.key, stage.path, False, started, **reused())
+
+
+def _compute(stage: Stage, output: Output, force: bool, work: Callable[[], Done],
+             reused: Callable[[], dict], device: str = "cpu") -> dict:
+    import sys
+
+    from storage import lineage
+    from storage.files import remove_tree
+
+    started = time.monotonic()
+    upstreams = [u for u, _ in stage.needs]
+    rebuilt = None
+    if force:
+        remove_tree(stage.path)
+    elif stage.path.exists():
+        rebuilt = lineage.mismatch(stage.path, upstreams)
+        if rebuilt is None and output.is_complete(stage.path):   # made by another run while this one waited
+            return _reuse(stage, output, reused, started)
+        if rebuilt is None and lineage.read(stage.path) is None:
+            rebuilt = "a part without a record of the upstream stores it was built from cannot be resumed"
+        if rebuilt:   # never resumed nor reused over another upstream: its rows would be mixed
+            print(f"{lineage.kind(stage.path)} does not fit its upstream stores: {rebuilt}; rebuilding it",
+                  file=sys.stderr, flush=True)
+            remove_tree(stage.path)
+    for upstream, command in stage.needs:
+        if not _upstream_complete(upstream):
+            raise RuntimeError(f"{lineage.kind(upstream)} ({upstream}) is incomplete: run `tf {command}` first")
+    if lineage.read(stage.path) is None:   # its rows are its first upstream's (ingest records the listing's)
+        lineage.start(stage.path, stage.key, None, [lineage.identity(u) for u in upstreams])
+    from tasks.device_watch import watch
+
+    with watch(device) as gpu:   # the stage's own GPU figures: peak memory, busy share
+        done = work()
+    if done.marker is not None:
+        output.mark_complete(stage.path, done.marker)
+    if not output.is_complete(stage.path):   # a work function that forgot its marker would recompute forever
+        raise RuntimeError(f"stage {stage.name} finished without marking {stage.path} complete")
+    result = stage_result(stage.name, stage.key, stage.path, True, started,
+                          **({"rebuilt": rebuilt} if rebuilt else {}), **done.result, **gpu)
+    if "images" in done.result:   # throughput as the stage itself timed it
+        result["images_per_s"] = round(done.result["images"] / max(result["duration_s"], 1e-9), 1)
+    return result
 
 
 def _upstream_complete(path: Path) -> bool:
     from storage import zarr_store
 
     return zarr_store.is_complete(path)   # both kinds write the same `_COMPLETE` marker
-
-
-def _upstream_kind(path: Path) -> str:
-    prefix = Path(path).name.split("-")[0]
-    return {"images": "image store", "latents": "latent store", "teacher": "teacher store"}.get(prefix, "stage output")
 
 
 def pick_device(preference: str) -> str:
@@ -135,17 +202,22 @@ def cpu_threads(device: str):
         torch.set_num_threads(previous)
 
 
-def stage_lock(cfg, stage_dir: Path):
-    """The stage folder's lock (storage.locks), waiting or failing as `concurrency.on_locked` says."""
+def stage_lock(cfg, stage_dir: Path, shared: bool = False):
+    """The stage folder's lock (storage.locks), exclusive to write it, `shared` to read it, waiting or
+    failing as `concurrency.on_locked` says."""
     from storage.locks import stage_lock as lock
 
-    return lock(stage_dir, cfg.concurrency.on_locked, cfg.concurrency.wait_timeout_s)
+    return lock(stage_dir, cfg.concurrency.on_locked, cfg.concurrency.wait_timeout_s, shared=shared)
 
 
 # Errors a second attempt can fix: an I/O hiccup on a network file system, a dropped connection.
 # Bad input, a missing file or a bug fails at once: retrying it only delays the message.
 TRANSIENT_ERRORS = (TimeoutError, ConnectionError, BlockingIOError, InterruptedError)
 PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# The same by error number (a plain OSError carries only that): a full disk or quota, a read-only file
+# system, no permission. They stay until someone acts, so a retry 10 s and 60 s later only hides them.
+PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
+                              errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG})
 
 
 def is_transient(error: BaseException) -> bool:
@@ -156,7 +228,8 @@ def is_transient(error: BaseException) -> bool:
         return False
     if isinstance(error, TRANSIENT_ERRORS):
         return True
-    return isinstance(error, OSError) and not isinstance(error, PERMANENT_OS_ERRORS)
+    return isinstance(error, OSError) and not isinstance(error, PERMANENT_OS_ERRORS) \
+        and error.errno not in PERMANENT_ERRNOS
 
 
 def retry_transient(task, task_run, state) -> bool:

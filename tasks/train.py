@@ -80,7 +80,7 @@ def run_with_progress(description: str, total: int, start: int, train, clock: St
 def train_decoder_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
     layout = Layout(root, cfg)
     stage = Stage("train-decoder", layout.keys.decoder, layout.decoder(), output="folder",
-                  needs=[(layout.latents(), "encode")])
+                  needs=[(layout.latents(), "encode"), (layout.images(), "ingest")])   # latents and their pixels
     return run_stage(cfg, stage, force, lambda: _train_decoder(cfg, layout))
 
 
@@ -131,7 +131,8 @@ def _train_decoder(cfg: TFConfig, layout: Layout) -> Done:
 def _generator_stage(cfg: TFConfig, root: str, which: int | str | None, force: bool, name: str) -> dict:
     layout = Layout(root, cfg)
     folder, key = generator_folder(layout, which)
-    needs = [(layout.latents(), "encode")] + ([] if which is None else [(layout.teacher(), "hierarchy")])
+    needs = [(layout.latents(), "encode")] + ([] if which is None else [(layout.teacher(), "hierarchy")]) \
+        + [(layout.images(), "ingest")]   # its class count
     stage = Stage(name, key, folder, output="folder", needs=needs)
     return run_stage(cfg, stage, force, lambda: _train_generator(cfg, root, which, name))
 

@@ -3,9 +3,11 @@ a root that cannot be written or is a file, a missing source, and encoder weight
 (whatever encoder.allow_random_init says) or not a weights file. And the atomic writers' file mode."""
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -167,3 +169,44 @@ def test_config_path_is_relative_to_the_repository_whatever_the_working_director
     assert checked_config("ingest", tmp_path / "root", TFConfig(), "configs/tiny.yaml") == load_config(TINY)
     with pytest.raises(ValueError, match="config_path configs/none.yaml: .*No such file"):
         checked_config("ingest", tmp_path / "root", TFConfig(), "configs/none.yaml")
+
+
+def _sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A safetensors file holding float32 tensors of `shapes`, all zero: its data is a hole (no disk used)."""
+    import json
+    import struct
+
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)) + blob)
+        handle.truncate(8 + len(blob) + offset)
+
+
+def test_weights_of_another_model_are_refused_before_any_stage_in_one_line(tmp_path):
+    """Issue 31: a DINOv2-B/14 file configured for the S/14 encoder was noticed 15 s into the flow under a
+    long traceback; the checks before any stage now name the file and the first mismatched tensors."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        base = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, img_size=56, num_classes=0)
+    weights = tmp_path / "dinov2_vitb14_reg4.safetensors"
+    _sparse_safetensors(weights, {k: tuple(v.shape) for k, v in base.state_dict().items()})
+    root = tmp_path / "root"
+    for command in ("encode", "pipeline"):
+        _refused([command, "--config", str(TINY), "--root", str(root), "--set", f"encoder.weights={weights}"],
+                 f"tf {command}: invalid config: encoder.weights {weights} does not fit encoder.model "
+                 f"vit_small_patch14_reg4_dinov2: shape in file vs model (174): cls_token [1, 1, 768] vs [1, 1, 384]")
+    assert not root.exists()
+    # by construction, not by the clock: the check reads the header and compares shapes without torch or timm
+    probe = (f"import sys\nfrom flows.checks import checked_config\nfrom storage.config import load_config\n"
+             f"cfg = load_config({str(TINY)!r}, ['encoder.weights={weights}'])\n"
+             f"try:\n    checked_config('encode', {str(root)!r}, cfg)\nexcept ValueError as error:\n"
+             f"    print('refused', 'torch' in sys.modules, 'timm' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["refused", "False", "False"], done.stderr[-2000:]

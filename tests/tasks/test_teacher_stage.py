@@ -182,4 +182,4 @@ def test_ground_truth_teacher_refuses_a_store_without_enough_levels(tmp_path):
                             2, {})
     zarr_store.mark_complete(images, {})
     with pytest.raises(ValueError, match=r"2 ground-truth levels .* 3 partition levels"):
-        _check_ground_truth(images, 2, 3, [0.65, 0.35])
+        _check_ground_truth(images, tmp_path / "latents", 3, [0.65, 0.35])
