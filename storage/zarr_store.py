@@ -77,9 +77,7 @@ def create_store(path: Path, arrays: dict[str, ArraySpec], chunk_size: int, attr
         group.create_array(name, shape=spec.shape, chunks=chunks, dtype=spec.dtype,
                            dimension_names=list(spec.dims), fill_value=spec.fill_value,
                            attributes=dict(spec.attrs or {}), **codec)
-    # build_id names this template: a store made from it records the id (e.g. the teacher its latents'),
-    # so a rebuilt upstream (same key, new data) is told apart from the one a half-done store came from
-    group.attrs.update({"schema_version": SCHEMA_VERSION, "chunk_size": chunk_size, "build_id": uuid.uuid4().hex,
+    group.attrs.update({"schema_version": SCHEMA_VERSION, "chunk_size": chunk_size,
                         "stage_attrs": _jsonable(attrs), **_jsonable(attrs)})
     if final.exists():   # a template without zarr.json, left by a kill before templates were atomic
         shutil.rmtree(final)
@@ -350,11 +348,6 @@ def rows_of(path: Path, ids) -> np.ndarray:
 
 def store_attrs(path: Path) -> dict:
     return zarr.open_group(str(zarr_path(path)), mode="r").attrs.asdict()
-
-
-def set_store_attrs(path: Path, attrs: dict) -> None:
-    """Add `attrs` to the store's group attributes (not to the recorded config `check_compatible` compares)."""
-    zarr.open_group(str(zarr_path(path)), mode="r+").attrs.update(_jsonable(attrs))
 
 
 # --- float arrays stored as float16 / float32 / bfloat16 ------------------------------------

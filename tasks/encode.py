@@ -34,7 +34,7 @@ from tasks.chunk_workers import encode_chunk, encode_chunk_with, encode_files_ch
 from tasks.dask_chunks import run_chunks
 from tasks.encode_files import Preprocess, Teacher, encode_file_chunks, sample_moments
 from tasks.encoder_load import load_encoder
-from tasks.hierarchy import teacher_marker, teacher_template
+from tasks.hierarchy import teacher_marker, teacher_stage, teacher_template
 from tasks.phase_clock import PhaseClock
 from tasks.plan import hierarchy_spec
 from tasks.progress import Progress
@@ -208,24 +208,30 @@ def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: s
 @contextlib.contextmanager
 def _fused_teacher(cfg: TFConfig, layout: Layout, stats):
     """The Teacher the encode pass fills, its store's template made and its stage lock held for the pass;
-    None (encode only) when another run holds the hierarchy stage. A complete teacher store there is from
-    latents before these (this pass computes them anew) and is removed; teacher_template removes a half-done
-    one from other latents."""
+    None (encode only) when another run holds the hierarchy stage. The store records (storage.lineage) the
+    latents being written as what it is built from, as the hierarchy stage would: that stage then reuses it,
+    or resumes it chunk by chunk. A teacher store there from other latents, or complete (these latents are
+    computed anew), is removed first."""
+    from storage import lineage
     from storage.files import remove_tree
     from storage.locks import StageLocked, stage_lock
 
-    store = layout.teacher()
+    stage = teacher_stage(cfg, layout)
     try:
-        lock = stage_lock(store, "fail", 0.0)
+        lock = stage_lock(stage.path, "fail", 0.0)
         lock.__enter__()
     except StageLocked:
         yield None
         return
     try:
-        if zarr_store.is_complete(store):
-            remove_tree(store)
+        upstreams = [u for u, _ in stage.needs]
+        if stage.path.exists() and (zarr_store.is_complete(stage.path) or lineage.read(stage.path) is None
+                                    or lineage.mismatch(stage.path, upstreams)):
+            remove_tree(stage.path)
+        if lineage.read(stage.path) is None:
+            lineage.start(stage.path, stage.key, None, [lineage.identity(u) for u in upstreams])
         teacher_template(cfg, layout)
-        yield Teacher(hierarchy_spec(cfg.hierarchy), stats, store)
+        yield Teacher(hierarchy_spec(cfg.hierarchy), stats, stage.path)
     finally:
         lock.__exit__(None, None, None)
 

@@ -12,7 +12,6 @@ import numpy as np
 from models.encoder import ENCODER_OUTPUT
 from storage import zarr_store
 from storage.config import TFConfig
-from storage.files import remove_tree
 from storage.keys import Layout
 from storage.zarr_store import ArraySpec
 from tasks.chunk_workers import batched_chunks, ground_truth_chunk, hierarchy_chunk
@@ -29,11 +28,16 @@ GROUND_TRUTH_INPUT = "ground-truth masks (majority vote per token, nested)"
 @stage_task("hierarchy")
 def build_teacher(cfg: TFConfig, root: str, force: bool = False) -> dict:
     layout = Layout(root, cfg)
+    return run_stage(cfg, teacher_stage(cfg, layout), force, lambda: _build_teacher(cfg, layout))
+
+
+def teacher_stage(cfg: TFConfig, layout: Layout) -> Stage:
+    """The hierarchy stage: its key, folder and the stores it reads (also what a teacher store filled by the
+    encode pass records it was built from)."""
     # the oracle teacher also reads the image store's masks, row by row beside the latents
     needs = [(layout.latents(), "encode")] + ([(layout.images(), "ingest")] if cfg.hierarchy.source == "ground_truth"
                                                else [])
-    stage = Stage("hierarchy", layout.keys.teacher, layout.teacher(), store_stage="teacher", needs=needs)
-    return run_stage(cfg, stage, force, lambda: _build_teacher(cfg, layout))
+    return Stage("hierarchy", layout.keys.teacher, layout.teacher(), store_stage="teacher", needs=needs)
 
 
 def teacher_template(cfg: TFConfig, layout: Layout) -> list[tuple[int, int]]:
@@ -54,11 +58,7 @@ def teacher_template(cfg: TFConfig, layout: Layout) -> list[tuple[int, int]]:
     arrays = {"sample": ArraySpec((num,), str, ("sample",), fill_value=""),
               "level": ArraySpec((levels,), np.int64, ("level",), per_sample=False),
               "regions": ArraySpec((num, levels, grid, grid), np.int16, ("sample", "level", "gy", "gx"))}
-    build = zarr_store.store_attrs(latents).get("build_id")
-    if (path / zarr_store.ZARR).exists() and zarr_store.store_attrs(path).get("latents_build") != build:
-        remove_tree(path)   # half done from other latents (same key, rebuilt since): its chunks cannot be kept
     zarr_store.create_store(path, arrays, chunk_size, attrs)
-    zarr_store.set_store_attrs(path, {"latents_build": build})
     zarr_store.write_array(path, "sample", zarr_store.open_array(latents, "sample")[:])
     zarr_store.write_array(path, "level", np.arange(levels))
     return zarr_store.chunk_bounds(num, chunk_size)
