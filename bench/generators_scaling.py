@@ -41,8 +41,14 @@ from tasks.plan import generator_optim, objective_config  # noqa: E402
 
 
 def synthetic_data(cfg, rows: int, device: str) -> LevelData:
+    """A middle level's data of `rows` samples: make_batch's tokens (as latents, statistics 0 and 1) and
+    region ids, its condition from a coarser partition of the same ids."""
+    import torch
+
     batch = make_batch(cfg, rows, device)
-    return LevelData(batch["z"], batch["cond"], batch["label"], batch["regions"])
+    channels = batch["z"].shape[-1]
+    zeros, ones = torch.zeros(channels, device=device), torch.ones(channels, device=device)
+    return LevelData(batch["z"], zeros, ones, batch["label"], batch["regions"], batch["regions"] // 2)
 
 
 def worker(args) -> None:

@@ -381,6 +381,11 @@ def _is_bf16(attrs: Any) -> bool:
     return dict(attrs or {}).get(FLOAT_ENCODING) == BFLOAT16
 
 
+def is_bfloat16(array: zarr.Array) -> bool:
+    """Whether `array` holds bfloat16 bit patterns (read them through decode_floats or as torch.bfloat16)."""
+    return _is_bf16(array.attrs.asdict())
+
+
 def decode_floats(raw: np.ndarray, attrs: Any) -> np.ndarray:
     """Stored values (of an array with attributes `attrs`) as float32."""
     if _is_bf16(attrs):

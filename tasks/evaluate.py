@@ -50,7 +50,7 @@ from tasks.judge import ensure_judge
 from tasks.evaluate_reference import image_reference, level_reference
 from tasks.evaluate_report import publish_artifacts
 from tasks.evaluate_rows import registry_rows
-from tasks.level_data import Latents, canvases, load_latents, regions_of
+from tasks.level_data import Latents, load_latents, regions_of
 from tasks.progress import Progress
 from tasks.stage import Done, Stage, pick_device, run_stage, stage_task
 from tasks.structure_pool import process_structure
@@ -114,8 +114,7 @@ def _reference(cfg: TFConfig, layout: Layout, latents, real: np.ndarray, teacher
         arrays, reused[name] = image_reference(layout.images(), real, extractor["label"], device=device,
                                                batch_size=ev.batch_size, read_pixels=pixels, **fns)
         reference.update(arrays)
-    real_levels = canvases(latents.tokens, teacher)
-    reference.update(level_reference(real_levels, device=device, batch_size=ev.batch_size,
+    reference.update(level_reference(latents, teacher, device=device, batch_size=ev.batch_size,
                                      tokens_per_sample=ev.tokens_per_sample))
     return reference, reused
 
@@ -179,14 +178,14 @@ class Scoring:
 
     @property
     def dim(self) -> int:
-        return self.latents.tokens.shape[-1]
+        return self.latents.dim
 
 
 def load_scoring(cfg: TFConfig, root: str, layout: Layout, device: str) -> Scoring:
     latents = load_latents(layout.latents())
     teacher = regions_of(layout.teacher(), latents)
     real = zarr_store.rows_of(layout.images(), latents.ids)   # the image store's row of each latent, by id
-    grid, dim = latents.grid, latents.tokens.shape[-1]
+    grid, dim = latents.grid, latents.dim
     decoder = TokenDecoder(decoder_spec(cfg, grid, dim))
     decoder_tensors, decoder_meta = load_checkpoint(layout.decoder() / "decoder", device)
     decoder.load_state_dict(decoder_tensors)
@@ -246,7 +245,7 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
     device = pick_device(cfg.device)
     scoring = load_scoring(cfg, root, layout, device)
     latents, decoder, judge = scoring.latents, scoring.decoder, scoring.judge
-    grid, dim, levels = latents.grid, latents.tokens.shape[-1], cfg.hierarchy.generator_levels
+    grid, dim, levels = latents.grid, latents.dim, cfg.hierarchy.generator_levels
     patch = cfg.source.image_size // grid
     generators = [load_flat_generator(cfg, root, grid, dim, device)] if flat else \
         _load_generators(cfg, layout, grid, dim, device)

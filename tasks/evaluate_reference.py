@@ -57,14 +57,18 @@ def image_reference(images_store: Path, index: np.ndarray, extractor_label: str,
     return arrays, False
 
 
-def level_reference(real_canvases: list[torch.Tensor], *, device: str = "cpu", batch_size: int = 256,
+def level_reference(latents, teacher: torch.Tensor, *, device: str = "cpu", batch_size: int = 256,
                     tokens_per_sample: int = 4) -> dict[str, np.ndarray]:
-    """Per-level statistics ("level{l}.mean_pooled" / ".tokens") of the teacher canvases [N, T, C]."""
-    n = len(real_canvases[0])
+    """Per-level statistics ("level{l}.mean_pooled" / ".tokens") of the teacher canvases of `latents`
+    (tasks.level_data.Latents) under `teacher` [N, L-1, T], built batch by batch on `device`."""
+    from tasks.level_data import canvases
+
+    n = len(latents)
 
     def batches():
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            yield np.empty((stop - start, 0), np.uint8), [c[start:stop] for c in real_canvases]
+            x = latents.normalised(slice(start, stop), device)
+            yield np.empty((stop - start, 0), np.uint8), canvases(x, teacher[start:stop].to(device))
 
     return reference_stats(batches(), None, device=device, tokens_per_sample=tokens_per_sample)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from models.generator.dit import TrajectoryDiT
-from models.generator.flat import flat_level, flat_level_data
+from models.generator.flat import flat_level
 from models.generator.meanflow import MeanFlowConfig
 from models.generator.train_loop import LevelData, OptimConfig, TrainState
 from models.generator.train_state import export_state
@@ -20,7 +20,7 @@ from storage import zarr_store
 from storage.checkpoints import clear_train_state, mark_complete, save_checkpoint, save_train_state
 from storage.config import TFConfig
 from storage.keys import Layout
-from tasks.level_data import level_data, load_latents, regions_of
+from tasks.level_data import load_latents, regions_of
 from tasks.plan import generator_config, generator_optim, objective_config, sampled_ema
 
 
@@ -78,20 +78,20 @@ def generator_job(cfg: TFConfig, root: str, which: int | str | None) -> Generato
     num_levels = cfg.hierarchy.generator_levels
     steps = None
     if which is None:
-        data: LevelData | list[LevelData] = flat_level_data(latents.tokens, latents.label)
+        data: LevelData | list[LevelData] = latents.level_data(None, None)
         seed, trained_level = cfg.generator.seed, flat_level(num_levels)
     elif which == SHARED:
         regions = regions_of(layout.teacher(), latents)
         trained_level = list(range(num_levels))
-        data = [level_data(latents, regions, level) for level in trained_level]
+        data = [latents.level_data(regions, level) for level in trained_level]
         seed = cfg.generator.seed
         steps = cfg.generator.steps * num_levels
     else:
-        data = level_data(latents, regions_of(layout.teacher(), latents), which)
+        data = latents.level_data(regions_of(layout.teacher(), latents), which)
         seed, trained_level = cfg.generator.seed + which, which
     folder, key = generator_folder(layout, which)
     torch.manual_seed(seed)
-    model = TrajectoryDiT(generator_config(cfg, latents.grid, latents.tokens.shape[-1], num_classes(layout)))
+    model = TrajectoryDiT(generator_config(cfg, latents.grid, latents.dim, num_classes(layout)))
     objective = objective_config(cfg)
     meta = {"stage": "generator", "level": which if isinstance(which, int) else None, "flat": which is None,
             "shared": which == SHARED, "trained_level": trained_level, "num_levels": num_levels,

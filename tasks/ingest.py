@@ -129,7 +129,7 @@ def with_stored_pixels(images_store, latents):
     rows = zarr_store.rows_of(images_store, latents.ids)
     keep = rows < image.shape[0]
     if not keep.all():
-        latents = dataclasses.replace(latents, tokens=latents.tokens[keep], label=latents.label[keep],
+        latents = dataclasses.replace(latents, stored=latents.stored[keep], label=latents.label[keep],
                                       index=latents.index[keep], ids=latents.ids[keep])
     return latents, np.asarray(image.oindex[rows[keep]])
 

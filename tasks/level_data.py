@@ -8,20 +8,46 @@ import numpy as np
 import torch
 
 from models.hierarchy.reference import region_canvas
+from models.generator.flat import flat_level_data
 from models.generator.train_loop import LevelData
 from storage import zarr_store
 
 
 @dataclass
 class Latents:
-    tokens: torch.Tensor      # [N, T, C] normalised (valid samples only)
+    """The valid samples of a latent store, held as stored (50k B-sized latents: 20 GB in float16, where
+    float32 would be 40): `normalised(rows)` gives float32 (token - mean) / std of any rows, the values
+    every consumer sees (the same float32 operations as a whole-store read, so the same bits)."""
+    stored: torch.Tensor      # [N, T, C] as stored: float16, bfloat16 or float32
     label: torch.Tensor       # [N]
     index: np.ndarray         # store indices of these samples
-    mean: np.ndarray          # [C]
-    std: np.ndarray           # [C]
+    mean: np.ndarray          # [C] float32
+    std: np.ndarray           # [C] float32
     grid: int
     weights_label: str
     ids: np.ndarray           # sample id of each row: what pairs them with another store's rows (zarr_store.rows_of)
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    @property
+    def dim(self) -> int:
+        return self.stored.shape[-1]
+
+    def normalised(self, rows=slice(None), device: str | torch.device = "cpu") -> torch.Tensor:
+        """float32 [n, T, C] normalised latents of `rows` (an index, a slice or a mask), on `device`."""
+        x = self.stored[rows].to(device).float()
+        return (x - torch.as_tensor(self.mean, device=x.device)) / torch.as_tensor(self.std, device=x.device)
+
+    def level_data(self, regions: torch.Tensor | None, level: int | None) -> LevelData:
+        """Level `level`'s training data over these latents and the teacher's `regions` [N, L-1, T]; the flat
+        baseline's with level None (the latent itself, no condition)."""
+        mean, std = torch.from_numpy(np.asarray(self.mean)), torch.from_numpy(np.asarray(self.std))
+        if level is None:
+            return flat_level_data(self.stored, mean, std, self.label)
+        target = regions[:, level] if level < regions.shape[1] else None   # the last level: the latent itself
+        cond = regions[:, level - 1] if level > 0 else None
+        return LevelData(self.stored, mean, std, self.label, target, cond)
 
 
 def load_latents(path: Path, limit: int | None = None) -> Latents:
@@ -29,14 +55,17 @@ def load_latents(path: Path, limit: int | None = None) -> Latents:
     if limit is not None:
         valid = valid[:limit]
     tokens = zarr_store.open_array(path, "tokens")
-    raw = zarr_store.read_floats(tokens, valid, orthogonal=True) if len(valid) else \
-        zarr_store.read_floats(tokens, slice(0, 0))
+    raw = np.asarray(tokens.oindex[valid] if len(valid) else tokens[0:0])
+    if zarr_store.is_bfloat16(tokens):   # its bit patterns, read back as torch's bfloat16
+        stored = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    else:
+        stored = torch.from_numpy(raw)
     mean, std = zarr_store.open_array(path, "mean")[:], zarr_store.open_array(path, "std")[:]
     grid = raw.shape[1]
-    flat = (raw.reshape(len(raw), grid * grid, -1) - mean) / std
-    return Latents(torch.from_numpy(flat), torch.from_numpy(zarr_store.open_array(path, "label").oindex[valid]),
-                   valid, mean, std, grid, zarr_store.store_attrs(path)["encoder_weights"],
-                   zarr_store.sample_ids(path, valid))
+    return Latents(stored.reshape(len(raw), grid * grid, -1),
+                   torch.from_numpy(zarr_store.open_array(path, "label").oindex[valid]), valid,
+                   np.asarray(mean, np.float32), np.asarray(std, np.float32), grid,
+                   zarr_store.store_attrs(path)["encoder_weights"], zarr_store.sample_ids(path, valid))
 
 
 def load_regions(path: Path, index: np.ndarray) -> torch.Tensor:
@@ -53,10 +82,3 @@ def regions_of(path: Path, latents: Latents) -> torch.Tensor:
 def canvases(tokens: torch.Tensor, regions: torch.Tensor) -> list[torch.Tensor]:
     """Canvases of every level: region means for levels 0..L-2, the latent itself at the last level."""
     return [region_canvas(tokens, regions[:, level]) for level in range(regions.shape[1])] + [tokens]
-
-
-def level_data(latents: Latents, regions: torch.Tensor, level: int) -> LevelData:
-    levels = canvases(latents.tokens, regions)
-    cond = levels[level - 1] if level > 0 else torch.zeros_like(latents.tokens)
-    ids = regions[:, level] if level < regions.shape[1] else None
-    return LevelData(levels[level], cond, latents.label, ids)

@@ -92,7 +92,7 @@ def _train_decoder(cfg: TFConfig, layout: Layout) -> Done:
     images = images_to_tensor(pixels)
     d = cfg.decoder
     torch.manual_seed(d.seed)
-    decoder = TokenDecoder(decoder_spec(cfg, latents.grid, latents.tokens.shape[-1]))
+    decoder = TokenDecoder(decoder_spec(cfg, latents.grid, latents.dim))
     held = max(1, int(round(d.holdout * len(images))))
     train_idx, test_idx = np.arange(len(images) - held), np.arange(len(images) - held, len(images))
     history: dict[str, list[float]] = {}
@@ -108,13 +108,13 @@ def _train_decoder(cfg: TFConfig, layout: Layout) -> Done:
         clock = StepClock(optim.steps - start, optim.batch_size)
         with cpu_threads(device):
             state = run_with_progress("train decoder", optim.steps, start, lambda on_step:
-                                      train_decoder(decoder, latents.tokens[train_idx], images[train_idx], optim,
+                                      train_decoder(decoder, latents.normalised(train_idx), images[train_idx], optim,
                                                     device, on_step, resume=resume,
                                                     on_checkpoint=snapshotter(folder, "decoder")), clock)
         rates = clock.rates(device)
         decoder, history = state.ema(ema_name(halflife_kimg=DECODER_EMA_KIMG)), state.history
     with torch.no_grad():
-        recon = tensor_to_images(decoder.to(device).eval()(latents.tokens[test_idx].to(device)).cpu())
+        recon = tensor_to_images(decoder.to(device).eval()(latents.normalised(test_idx, device)).cpu())
     truth = tensor_to_images(images[test_idx])
     quality = {"holdout_psnr": float(np.mean([psnr(a, b) for a, b in zip(recon, truth)])),
                "holdout_ssim": float(np.mean([ssim(a, b) for a, b in zip(recon, truth)])),

@@ -38,8 +38,9 @@ def synthetic_job(seed: int, folder: Path, steps: int, batch_size: int, optimize
     """A tiny model on random data: the same training path without the stores, its specs built by the
     plan from a config as a store's job's are (constant-decay EMAs 0.9 and 0.99, the sampler's 0.99)."""
     g = torch.Generator().manual_seed(seed)
-    data = LevelData(torch.randn(32, 16, 8, generator=g), torch.randn(32, 16, 8, generator=g),
-                     torch.randint(0, 3, (32,), generator=g), torch.randint(0, 3, (32, 16), generator=g))
+    data = LevelData(torch.randn(32, 16, 8, generator=g), torch.zeros(8), torch.ones(8),
+                     torch.randint(0, 3, (32,), generator=g), torch.randint(0, 3, (32, 16), generator=g),
+                     torch.randint(0, 2, (32, 16), generator=g))
     cfg = TFConfig(generator={**SYNTHETIC_MODEL, "batch_size": batch_size, "optimizer": optimizer, "warmup_steps": 2,
                               "checkpoint_every": checkpoint_every, "jvp_attention": jvp_attention,
                               "ema_kind": "constant", "ema_decay": 0.99, "ema_decays": [0.9], "ema_halflives_kimg": []})

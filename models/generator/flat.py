@@ -18,8 +18,9 @@ def flat_level(num_levels: int) -> int:
     return num_levels - 1
 
 
-def flat_level_data(tokens: Tensor, label: Tensor) -> LevelData:
-    return LevelData(target=tokens, cond=torch.zeros_like(tokens), label=label, regions=None)
+def flat_level_data(tokens: Tensor, mean: Tensor, std: Tensor, label: Tensor) -> LevelData:
+    """The latent itself as the target, no condition, no regions."""
+    return LevelData(tokens, mean, std, label, target_ids=None, cond_ids=None)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from models.decoder import decoder_loss
 from models.generator.meanflow import MeanFlowConfig, draw, meanflow_loss, time_derivative
 from models.generator.optim import OptimConfig, build_optimizers
 from models.generator.train_state import EMA, TrainState, import_state
+from models.hierarchy.reference import region_canvas
 
 __all__ = ["OptimConfig", "LevelData", "EMA", "TrainState", "new_state", "train_generator", "train_decoder"]
 
@@ -31,26 +32,47 @@ Exported = tuple[dict[str, Tensor], dict]
 
 @dataclass
 class LevelData:
-    target: Tensor            # [N, T, C] level-l canvas (normalised latents)
-    cond: Tensor              # [N, T, C] level-(l-1) canvas, zeros at level 0
-    label: Tensor             # [N] int64
-    regions: Tensor | None    # [N, T] int64 level-l region ids (levels below the last), else None
+    """One level's training data. Canvases are built per batch on the device, never held as [N, T, C] floats
+    per level (50k B-sized latents are 20 GB as stored, 40 GB a canvas in float32): the latents as stored,
+    their channel statistics, and the region ids of the level's canvas (the target) and of the level before
+    (the condition). One `tokens` tensor serves every level of a run."""
+    tokens: Tensor              # [N, T, C] latents as stored (float16 / bfloat16 / float32), not normalised
+    mean: Tensor                # [C] float32: a token is used as (token - mean) / std
+    std: Tensor                 # [C] float32
+    label: Tensor               # [N] int64
+    target_ids: Tensor | None   # [N, T] level-l region ids (the region-variance loss's too); None: the latent
+    cond_ids: Tensor | None     # [N, T] level-(l-1) region ids; None: no condition (zeros), level 0 and flat
+
+    def batch(self, index: Tensor, device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(target canvas, condition canvas, label, target region ids) of rows `index`, float32 on `device`:
+        the same values as canvases of the whole set (each image's region means are its own)."""
+        x = (self.tokens[index].to(device).float() - self.mean.to(device)) / self.std.to(device)
+        bound = x.shape[1] + 1   # a teacher's ids: background 0, regions 1..k <= T (no host sync per step)
+        ids = self.target_ids[index].to(device).long() if self.target_ids is not None else None
+        target = x if ids is None else region_canvas(x, ids, bound)
+        cond = torch.zeros_like(x) if self.cond_ids is None else \
+            region_canvas(x, self.cond_ids[index].to(device).long(), bound)
+        return target, cond, self.label[index].to(device), ids
 
 
-DEVICE_RESIDENT_BYTES = 8 * 2**30
+DEVICE_RESIDENT_SHARE = 0.4   # of the GPU's memory, at most, for a run's training data
 
 
-def resident(data: LevelData, device: str) -> LevelData:
-    """The level's data moved to the GPU once when it fits (under DEVICE_RESIDENT_BYTES): gathering a
-    batch on the host and copying it every step (100 MB a step at 256 x 256 tokens x 384 channels)
+def resident(datasets: list[LevelData], device: str) -> list[LevelData]:
+    """The levels' data moved to the GPU once when it fits (DEVICE_RESIDENT_SHARE of its memory), each
+    tensor once however many levels share it: gathering a batch on the host and copying it every step
     otherwise bounds the step rate, far below what the GPU computes."""
     if torch.device(device).type != "cuda":
-        return data
-    parts = [data.target, data.cond, data.label] + ([data.regions] if data.regions is not None else [])
-    if sum(p.numel() * p.element_size() for p in parts) > DEVICE_RESIDENT_BYTES:
-        return data
-    return LevelData(*(p.to(device) if p is not None else None
-                       for p in (data.target, data.cond, data.label, data.regions)))
+        return datasets
+    tensors = {id(t): t for d in datasets for t in (d.tokens, d.mean, d.std, d.label, d.target_ids, d.cond_ids)
+               if t is not None}
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if sum(t.numel() * t.element_size() for t in tensors.values()) > DEVICE_RESIDENT_SHARE * total:
+        return datasets
+    moved = {key: t.to(device) for key, t in tensors.items()}
+    return [LevelData(*(moved[id(t)] if t is not None else None for t in (d.tokens, d.mean, d.std, d.label,
+                                                                            d.target_ids, d.cond_ids)))
+            for d in datasets]
 
 
 def new_state(model: nn.Module, cfg: OptimConfig, device: str, resume: Exported | None = None) -> TrainState:
@@ -143,7 +165,7 @@ def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: 
     datasets, levels_of = (data, level) if isinstance(data, list) else ([data], [level])
     if len(datasets) != len(levels_of):
         raise ValueError(f"{len(datasets)} level data sets for levels {levels_of}")
-    datasets = [resident(d, device) for d in datasets]
+    datasets = resident(datasets, device)
     state = new_state(model, cfg, device, resume)
     net = wrap(state.model) if wrap is not None else state.model
     tangent_fn, step_loss = time_derivative, meanflow_loss
@@ -158,14 +180,13 @@ def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: 
         which = 0 if len(datasets) == 1 else int(torch.randint(len(datasets), (1,),
                                                                 generator=state.generators["sampler"]))
         chosen, chosen_level = datasets[which], levels_of[which]
-        shape = tuple(chosen.target.shape[1:])
-        index, rows = _batch_index(state, len(chosen.target), cfg, rank, world)
-        index = index.to(chosen.target.device)
+        shape = tuple(chosen.tokens.shape[1:])
+        index, rows = _batch_index(state, len(chosen.tokens), cfg, rank, world)
+        index = index.to(chosen.tokens.device)
         draws = draw((len(index), *shape), objective, state.generators["noise"], device, torch.float32).rows(
             rows.start, rows.stop)
         mine = index[rows]
-        x, cond, label = (t[mine].to(device) for t in (chosen.target, chosen.cond, chosen.label))
-        regions = chosen.regions[mine].to(device) if chosen.regions is not None else None
+        x, cond, label, regions = chosen.batch(mine, device)
         levels = torch.full((len(mine),), chosen_level, dtype=torch.long, device=device)
         with amp:
             # jvp_model: the tangent pass bypasses DDP's one-forward-per-backward hooks

@@ -296,11 +296,13 @@ def ground_truth_hierarchies(masks: np.ndarray, grid: int) -> np.ndarray:
     return ids.reshape(n, levels, grid, grid)
 
 
-def region_canvas(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def region_canvas(x: torch.Tensor, ids: torch.Tensor, bound: int | None = None) -> torch.Tensor:
     """x [B, T, C] float, ids [B, T] int64 (>= 0) -> [B, T, C]: each token replaced by the
     mean of x over its region in the same image (scatter based, no loop over images).
 
-    Differentiable in x. Ids may be sparse and differ in count between images.
+    Differentiable in x. Ids may be sparse and differ in count between images. With `bound` (every id is
+    below it: a teacher's ids are at most T) the rows are image * bound + id, with no host synchronisation
+    (what a training step on the GPU wants); the sums are the same either way.
     """
     if x.ndim != 3 or ids.shape != x.shape[:2]:
         raise ValueError(f"expected x [B, T, C] and ids [B, T], got {tuple(x.shape)}, {tuple(ids.shape)}")
@@ -308,12 +310,16 @@ def region_canvas(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ids must be an integer tensor, got {ids.dtype}")
     batch, tokens, channels = x.shape
     ids = ids.long()
-    id_stride = int(ids.max()) + 1 if ids.numel() else 1
-    image_offset = torch.arange(batch, device=ids.device).unsqueeze(1) * id_stride
-    # Compact (image, region) pairs to dense row ids so memory scales with the
-    # number of regions present, not with the largest id.
-    _, region_row = torch.unique((ids + image_offset).reshape(-1), return_inverse=True)
-    num_regions = int(region_row.max()) + 1 if region_row.numel() else 0
+    if bound is not None:
+        region_row = (ids + torch.arange(batch, device=ids.device).unsqueeze(1) * bound).reshape(-1)
+        num_regions = batch * bound
+    else:
+        id_stride = int(ids.max()) + 1 if ids.numel() else 1
+        image_offset = torch.arange(batch, device=ids.device).unsqueeze(1) * id_stride
+        # Compact (image, region) pairs to dense row ids so memory scales with the
+        # number of regions present, not with the largest id.
+        _, region_row = torch.unique((ids + image_offset).reshape(-1), return_inverse=True)
+        num_regions = int(region_row.max()) + 1 if region_row.numel() else 0
 
     # Half-precision sums lose too much; accumulate in float32.
     accumulate_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype

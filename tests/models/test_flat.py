@@ -17,9 +17,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.
 def test_flat_data_has_no_plan_and_trains_at_the_last_level():
     g = torch.Generator().manual_seed(0)
     tokens, label = torch.randn(16, 16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
-    data = flat_level_data(tokens, label)
-    assert torch.equal(data.target, tokens) and data.regions is None
-    assert float(data.cond.abs().max()) == 0.0
+    data = flat_level_data(tokens, torch.zeros(8), torch.ones(8), label)
+    target, cond, _, regions = data.batch(torch.arange(16), "cpu")
+    assert torch.equal(target, tokens) and regions is None
+    assert float(cond.abs().max()) == 0.0
     assert flat_level(4) == 3
 
     torch.manual_seed(0)

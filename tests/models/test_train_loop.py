@@ -22,10 +22,31 @@ def tiny_model(seed: int = 0) -> TrajectoryDiT:
 
 
 def tiny_data(n: int = 12, seed: int = 0) -> LevelData:
+    """A middle level's data: random latents (float16, as stored), statistics, labels, two partitions."""
     g = torch.Generator().manual_seed(seed)
-    target = torch.randn(n, 16, 8, generator=g)
-    regions = torch.randint(0, 3, (n, 16), generator=g)
-    return LevelData(target, torch.randn(n, 16, 8, generator=g), torch.randint(0, 3, (n,), generator=g), regions)
+    tokens = (torch.randn(n, 16, 8, generator=g) * 2 + 1).half()
+    mean, std = torch.full((8,), 1.0), torch.full((8,), 2.0)
+    target_ids, cond_ids = torch.randint(0, 3, (n, 16), generator=g), torch.randint(0, 2, (n, 16), generator=g)
+    return LevelData(tokens, mean, std, torch.randint(0, 3, (n,), generator=g), target_ids, cond_ids)
+
+
+def test_a_batch_is_the_levels_canvases_of_its_rows_as_a_whole_set_read_would_give():
+    """LevelData.batch builds the canvases of the rows it is given; they equal the rows of canvases built
+    over the whole set (float32, normalised as load_latents did before batches were built on the device)."""
+    from models.hierarchy.reference import region_canvas
+
+    data = tiny_data()
+    whole = (data.tokens.float() - data.mean) / data.std
+    index = torch.tensor([3, 0, 7, 7])
+    target, cond, label, ids = data.batch(index, "cpu")
+    assert torch.equal(target, region_canvas(whole, data.target_ids)[index])
+    assert torch.equal(cond, region_canvas(whole, data.cond_ids)[index])
+    assert torch.equal(label, data.label[index]) and torch.equal(ids, data.target_ids[index])
+    last = LevelData(data.tokens, data.mean, data.std, data.label, None, data.cond_ids)   # the latent itself
+    target, _, _, ids = last.batch(index, "cpu")
+    assert torch.equal(target, whole[index]) and ids is None
+    first = LevelData(data.tokens, data.mean, data.std, data.label, data.target_ids, None)   # level 0: no condition
+    assert not first.batch(index, "cpu")[1].any()
 
 
 class Stop(Exception):

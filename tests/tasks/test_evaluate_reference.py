@@ -48,9 +48,26 @@ def test_image_statistics_are_stored_once_and_reused(tmp_path):
 
 
 def test_level_statistics_match_numpy(tmp_path):
+    """Every level's canvases of latents (float16 as stored, normalised) under a teacher, built batch by batch,
+    against numpy's statistics of canvases built over the whole set in float64."""
+    from tasks.level_data import Latents
+
     rng = np.random.default_rng(1)
-    levels = [torch.from_numpy(rng.normal(size=(9, 6, 3)).astype(np.float32)) for _ in range(2)]
-    stats = level_reference(levels, batch_size=4, tokens_per_sample=0)
+    stored = torch.from_numpy(rng.normal(2.0, 3.0, size=(9, 6, 3)).astype(np.float16))
+    mean, std = np.array([2.0, 1.5, 2.5], np.float32), np.array([3.0, 2.0, 4.0], np.float32)
+    latents = Latents(stored, torch.zeros(9, dtype=torch.long), np.arange(9), mean, std, 2, "w", np.arange(9))
+    teacher = torch.from_numpy(rng.integers(0, 3, (9, 2, 6)))   # two partition levels, then the latent
+    stats = level_reference(latents, teacher, batch_size=4, tokens_per_sample=0)
+    x = (stored.numpy().astype(np.float64) - mean) / std
+    levels = []
+    for level in range(2):
+        canvas = np.zeros_like(x)
+        for i in range(9):
+            for region in np.unique(teacher[i, level].numpy()):
+                where = teacher[i, level].numpy() == region
+                canvas[i, where] = x[i, where].mean(0)
+        levels.append(torch.from_numpy(canvas))
+    levels.append(torch.from_numpy(x))
     for level, canvas in enumerate(levels):
         mu, sigma = feature_stats(canvas.numpy().astype(np.float64).mean(1))
         np.testing.assert_allclose(stats[f"level{level}.mean_pooled.mean"], mu, rtol=1e-6)
