@@ -55,7 +55,7 @@ def load_latents(path: Path, limit: int | None = None) -> Latents:
     if limit is not None:
         valid = valid[:limit]
     tokens = zarr_store.open_array(path, "tokens")
-    raw = np.asarray(tokens.oindex[valid] if len(valid) else tokens[0:0])
+    raw = zarr_store.read_stored(path, "tokens", valid) if len(valid) else np.asarray(tokens[0:0])
     if zarr_store.is_bfloat16(tokens):   # its bit patterns, read back as torch's bfloat16
         stored = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
     else:

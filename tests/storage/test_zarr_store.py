@@ -266,3 +266,21 @@ def test_every_file_of_a_chunk_is_fsynced_before_its_marker(tmp_path, monkeypatc
         assert chunk_file in before_marker, name
         assert chunk_file.parent in before_marker, name
     assert marker.exists()
+
+
+def test_stored_rows_read_as_files_equal_zarrs_reads(tmp_path):
+    """read_stored reads whole raw shards as files and the rest (the partial last shard) through zarr: any
+    rows, in any order, come back as zarr gives them."""
+    rng = np.random.default_rng(7)
+    n, chunk = 300, 128
+    data = rng.standard_normal((n, 2, 3)).astype(np.float16)
+    path = tmp_path / "s"
+    zarr_store.create_store(path, {"raw": ArraySpec(data.shape, "float16", ("sample", "a", "b"), compressed=False,
+                                                    inner_rows=32),
+                                   "packed": ArraySpec(data.shape, "float16", ("sample", "a", "b"))}, chunk, {})
+    for c, (start, stop) in enumerate(zarr_store.chunk_bounds(n, chunk)):
+        zarr_store.write_chunk(path, c, start, {"raw": data[start:stop], "packed": data[start:stop]})
+    rows = np.array([299, 0, 5, 130, 127, 256, 5])
+    for name in ("raw", "packed"):
+        assert np.array_equal(zarr_store.read_stored(path, name, rows), data[rows])
+    assert np.array_equal(zarr_store.read_stored(path, "raw", np.arange(n)), data)
