@@ -47,8 +47,9 @@ def _write_jpeg(job: tuple[str, int]) -> int:
     rng = np.random.default_rng(seed)
     (w, h) = SIZES[rng.choice(len(SIZES), p=[p for _, p in SIZES])][0]
     small = rng.integers(0, 256, (max(2, h // 10), max(2, w // 10), 3), dtype=np.uint8)
-    image = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
-    image = np.clip(image + rng.normal(0, 14, image.shape), 0, 255).astype(np.uint8)
+    image = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    grain = rng.standard_normal(image.shape, dtype=np.float32) * 14   # float32: half the time of float64 draws
+    image = np.clip(image + grain, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=90)
     Path(path).write_bytes(buffer.getvalue())
