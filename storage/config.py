@@ -129,7 +129,8 @@ class GeneratorConfig(_Part):
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, ge=0.0, description="clip the gradients' total norm to this (0: no clipping, "
+                                                      "as the reference)")
     ema_kind: Literal["edm", "constant"] = Field(
         "edm", description="the EMA the sampler uses: edm = half-life in kimg ramped up to 5% of the images seen "
                            "(reference), constant = a fixed decay per step")
@@ -139,7 +140,10 @@ class GeneratorConfig(_Part):
     ema_rampup: float = Field(0.05, gt=0, description="edm: half-life at most this share of the images seen")
     ema_decay: float = Field(0.999, description="constant: the sampled EMA's decay (also tracked)")
     ema_decays: list[float] = Field(default_factory=list, description="constant-decay EMA copies kept")
-    optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for hidden 2-D weights + AdamW")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: the reference's optax.contrib.muon(lr, adam_b2=0.95): Newton-Schulz "
+                             "orthogonalised Nesterov momentum for every linear weight, NAdam for the rest "
+                             "(models/generator/optim.py); adamw: AdamW, betas (0.9, 0.95)")
     mode: Literal["staged", "flat"] = Field("staged", description="flat: one one-step model straight to the latent")
     compile: bool = Field(False, description="torch.compile the network and the JVP")
     compile_tuning: bool = Field(False, description="with compile: tune each compiled kernel's launch parameters "

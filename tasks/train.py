@@ -25,7 +25,7 @@ from tasks.plan import DECODER_EMA_KIMG, decoder_config, decoder_optim, generato
 from tasks.ingest import with_stored_pixels
 from tasks.level_data import load_latents
 from tasks.progress import Progress
-from tasks.stage import Done, Stage, cpu_threads, pick_device, run_stage, stage_task
+from tasks.stage import Done, Stage, cpu_threads, divergence_named, pick_device, run_stage, stage_task
 
 
 def run_with_progress(description: str, total: int, start: int, train):
@@ -63,7 +63,7 @@ def _train_decoder(cfg: TFConfig, layout: Layout) -> Done:
         # EDM EMA: its half-life ramps up with the images seen, so a short run is not its random init
         optim = decoder_optim(cfg)
         resume = load_train_state(folder, "decoder")
-        with cpu_threads(device):
+        with cpu_threads(device), divergence_named("train-decoder", folder, "decoder"):
             state = run_with_progress("train decoder", optim.steps, resume[1]["step"] if resume else 0, lambda on_step:
                                       train_decoder(decoder, latents.tokens[train_idx], images[train_idx], optim,
                                                     device, on_step, resume=resume,
@@ -97,7 +97,7 @@ def _train_generator(cfg: TFConfig, root: str, which: int | str | None, name: st
     job = generator_job(cfg, root, which)
     resume = load_train_state(job.folder, "generator")   # a killed run continues from its latest snapshot
     start = resume[1]["step"] if resume else 0
-    with cpu_threads(device):
+    with cpu_threads(device), divergence_named(name, job.folder):
         state = run_with_progress(f"train {name}", job.optim.steps, start, lambda on_step: train_generator(
             job.model, job.data, job.level, job.objective, job.optim, device, on_step,
             resume=resume, on_checkpoint=snapshotter(job.folder, "generator")))
