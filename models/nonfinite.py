@@ -33,11 +33,12 @@ def _text(value: float) -> str:
 class DivergenceWatch:
     """The device-side flag of one run. `observe(loss, grad_norm, step)` each step, `check()` at times."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, start: int = 0):
+        """`start`: updates already done (a resumed run), so the error names the run's own update number."""
         self.device = torch.device(device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.values = torch.zeros(2, dtype=torch.float32, device=self.device)   # loss, grad norm at first_bad
-        self.counter = torch.zeros((), dtype=torch.int64, device=self.device)   # updates seen, on the device
+        self.counter = torch.full((), start, dtype=torch.int64, device=self.device)   # updates done, on the device
 
     def observe(self, loss: Tensor, grad_norm: Tensor) -> None:
         """One update's loss and gradient norm (0-d tensors on the run's device); no host sync."""

@@ -72,7 +72,7 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor
     the next read of the device-side flag (models/nonfinite.py: every CHECK_EVERY steps, before each
     snapshot, at the end), so no snapshot and no returned state holds diverged weights."""
     params = [p for p in state.model.parameters() if p.requires_grad]
-    watch = DivergenceWatch(params[0].device)
+    watch = DivergenceWatch(params[0].device, start=state.step)
     while state.step < cfg.steps:
         loss, stats = loss_fn()
         for optimizer in state.optimizers:
