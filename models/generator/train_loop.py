@@ -2,10 +2,11 @@
 
 AdamW or the reference's Muon (models/generator/optim.py), linear warmup, optional gradient clipping,
 EMA copies at several decays, optional torch.compile, bf16 autocast on CUDA. A diverged run stops with
-NonFiniteTraining (models/nonfinite.py), read from a device-side flag at a cadence, not every step. Pure torch: data arrives as tensors,
-progress leaves through `on_step`, and every `checkpoint_every` steps `on_checkpoint(state)`
-gets the whole TrainState (export it with models.generator.train_state.export_state); nothing is written
-here. `resume=(tensors, meta)` continues an exported state exactly where it stopped.
+NonFiniteTraining (models/nonfinite.py), read from a device-side flag at a cadence, not every step.
+Pure torch: data arrives as tensors, progress leaves through `on_step`, and every `checkpoint_every`
+steps `on_checkpoint(state)` gets the whole TrainState (export it with
+models.generator.train_state.export_state); nothing is written here. `resume=(tensors, meta)`
+continues an exported state exactly where it stopped.
 
 Data parallel: with `world` > 1 every rank draws the same global batch indices and the same
 global noise (identical generators) and keeps its own rows; the wrapper given by `wrap` (DDP)
