@@ -102,9 +102,13 @@ def redraw(result_json: Path, figure: Path, curves_figure: Path, rows: int) -> N
     """Figures from a finished run's JSON (and its kept trajectories, when beside it)."""
     body = json.loads(result_json.read_text())
     arms = body["arms"]
-    curves = {name: [(c["seconds"], c["fd_scenes"]) for c in arm["curve"].values() if "fd_scenes" in c]
+    by_steps = all("steps" in c for arm in arms.values() for c in arm["curve"].values())
+    x = "steps" if by_steps else "seconds"   # older runs: equal GPU seconds per arm
+    curves = {name: [(c[x], c["fd_scenes"]) for c in arm["curve"].values() if "fd_scenes" in c]
               for name, arm in arms.items()}
-    curve_figure(curves_figure, curves, "FD-scenes against training seconds (equal GPU time per arm)", log_y=True)
+    title = "FD-scenes against generator steps (mean over seeds)" if by_steps else \
+        "FD-scenes against training seconds (equal GPU time per arm)"
+    curve_figure(curves_figure, curves, title, log_y=True)
     kept_file = result_json.with_name("trajectory_proof_kept.npz")
     if kept_file.exists():
         kept = np.load(kept_file)

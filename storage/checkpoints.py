@@ -1,6 +1,8 @@
 """Checkpoints: safetensors weights plus a JSON sidecar, each written atomically.
 
-The sidecar is written last, so a checkpoint exists only when both files do. A stage folder is
+The sidecar is written last, so a checkpoint exists only when both files do. Weights with a NaN or
+an infinity are refused both ways (NonFiniteWeights, naming the file): a diverged run's weights are
+never written as a checkpoint, and one written before this check is never loaded. A stage folder is
 finished when `_COMPLETE` exists (written after its final checkpoints); training-state snapshots
 for resume sit beside them until then.
 """
@@ -20,9 +22,25 @@ def _paths(prefix: Path) -> tuple[Path, Path]:
     return prefix.with_suffix(".safetensors"), prefix.with_suffix(".json")
 
 
+class NonFiniteWeights(ValueError):
+    """A checkpoint holds NaN or infinite weights: never written, never loaded."""
+
+
+def refuse_nonfinite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise NonFiniteWeights naming `path` and its tensors that hold NaN or infinite values."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    if bad:
+        named = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:3])
+        raise NonFiniteWeights(f"{path} holds {sum(bad.values())} NaN or infinite values in {len(bad)} of its "
+                               f"{len(tensors)} tensors ({named}{', ...' if len(bad) > 3 else ''}): "
+                               f"the run that wrote them diverged")
+
+
 def save_checkpoint(prefix: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     weights, sidecar = _paths(prefix)
     flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    refuse_nonfinite(weights, flat)
     atomic_write_bytes(weights, save_safetensors_bytes(flat))
     atomic_write_json(sidecar, meta)
     return weights
@@ -38,6 +56,7 @@ def load_checkpoint(prefix: Path, device: str | torch.device = "cpu") -> tuple[d
     if not checkpoint_exists(prefix):
         raise FileNotFoundError(f"no complete checkpoint at {weights} (+ {sidecar.name})")
     tensors = load_safetensors_bytes(weights.read_bytes())
+    refuse_nonfinite(weights, tensors)
     return {k: v.to(device) for k, v in tensors.items()}, read_json(sidecar)
 
 
@@ -83,6 +102,12 @@ def load_train_state(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], 
     record = read_json(pointer)
     tensors = load_safetensors_bytes((Path(folder) / record["weights"]).read_bytes())
     return tensors, record["meta"]
+
+
+def train_state_step(folder: Path, name: str) -> int | None:
+    """The step of the latest committed snapshot, or None (its tensors are not read)."""
+    pointer = Path(folder) / f"{name}-{STATE_POINTER}"
+    return int(read_json(pointer)["step"]) if pointer.exists() else None
 
 
 def clear_train_state(folder: Path, name: str) -> None:

@@ -224,7 +224,8 @@ class GeneratorConfig(_Part):
     lr: Annotated[float, GENERATOR] = 3e-4
     weight_decay: Annotated[float, GENERATOR] = 0.0
     warmup_steps: Annotated[int, GENERATOR] = 20
-    grad_clip: Annotated[float, GENERATOR] = 1.0
+    grad_clip: Annotated[float, GENERATOR] = Field(
+        1.0, ge=0.0, description="clip the gradients' total norm to this (0: no clipping, as the reference)")
     ema_kind: Annotated[Literal["edm", "constant"], GENERATOR] = Field(
         "edm", description="the EMA the sampler uses: edm = half-life in kimg ramped up to 5% of the images seen "
                            "(reference), constant = a fixed decay per step")
@@ -239,7 +240,9 @@ class GeneratorConfig(_Part):
     ema_decays: Annotated[list[float], GENERATOR] = Field(
         default_factory=list, description="constant-decay EMA copies kept")
     optimizer: Annotated[Literal["adamw", "muon"], GENERATOR] = Field(
-        "adamw", description="muon: Muon for hidden 2-D weights + AdamW")
+        "adamw", description="muon: the reference's optax.contrib.muon(lr, adam_b2=0.95): Newton-Schulz "
+                             "orthogonalised Nesterov momentum for every linear weight, NAdam for the rest "
+                             "(models/generator/optim.py); adamw: AdamW, betas (0.9, 0.95)")
     # flat or staged picks which folders a run trains and evaluates; each one's key is the same either way
     mode: Annotated[Literal["staged", "flat"], UNKEYED] = Field(
         "staged", description="flat: one one-step model straight to the latent")

@@ -27,8 +27,9 @@ CODE_VERSIONS = {
     "clustering": "2",  # the clustered teacher's partitions alone (not the ground-truth one's); 2: an exact
                         # tie between the k-means clusters for the object goes to the later one, as the
                         # reference's `0 if d0 < d1 else 1`, in both backends alike
-    "decoder": "2",     # 2: EDM EMA with ramp-up
-    "generator": "2",   # 2: reference-exact objective (plateau times, x-pred v head, summed loss, EDM EMA)
+    "decoder": "3",     # 2: EDM EMA with ramp-up; 3: its k-th update at step k, 1024 images a step (ref)
+    "generator": "3",   # 2: reference-exact objective (plateau times, x-pred v head, summed loss, EDM EMA);
+                        # 3: the EMA's k-th update at step k, 1024 images a step; optimizer muon is optax's
     "evaluate": "5",   # 2: streamed, FD-DINOv2 on the class token; 3: final_hierarchy re-encode rows, mode;
                        # 4: scenes-judge rows (FD-scenes, class accuracy, pixel plan adherence);
                        # 5: a snapped trajectory's own regions are its pieces (snap_canvases).

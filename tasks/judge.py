@@ -22,7 +22,7 @@ from storage.files import read_json
 from storage.keys import Layout
 from storage.scenes import masks_to_grid
 from tasks.progress import Progress
-from tasks.stage import Done, Stage, cpu_threads, pick_device, run_stage, stage_task
+from tasks.stage import Done, Stage, cpu_threads, divergence_named, pick_device, run_stage, stage_task
 
 TOKEN_PATCH = 14   # the sidecar's token-grid scores use DINOv2's patch (the evaluation scores at its own grid)
 NOT_SCENES = "the scenes judge needs source.kind 'scenes' (class labels and ground-truth masks of real scenes)"
@@ -79,7 +79,7 @@ def _train_judge(cfg: TFConfig, layout: Layout) -> Done:
                                         slots=class_slots(real["masks"][train]), input_size=j.input_size,
                                         stem_stride=j.stem_stride, width=j.width))
     training = JudgeTraining(steps=j.steps, batch_size=j.batch_size, lr=j.lr, dice_weight=j.dice_weight, seed=j.seed)
-    with Progress(j.steps, "train judge", unit="step") as bar, cpu_threads(device):
+    with Progress(j.steps, "train judge", unit="step") as bar, cpu_threads(device), divergence_named("judge"):
         history = train_judge(model, real["image"][train], real["label"][train], real["masks"][train], training,
                               device, lambda step, stats: bar.advance(1, loss=f"{stats['loss']:.3f}"))
     grid = cfg.source.image_size // TOKEN_PATCH if cfg.source.image_size % TOKEN_PATCH == 0 else None

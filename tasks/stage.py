@@ -172,6 +172,24 @@ def _upstream_complete(path: Path) -> bool:
     return zarr_store.is_complete(path)   # both kinds write the same `_COMPLETE` marker
 
 
+@contextlib.contextmanager
+def divergence_named(stage: str, folder: Path | None = None, name: str = "generator"):
+    """A NonFiniteTraining from the training loop inside comes out naming the stage and what was kept:
+    the latest snapshot of `name` in `folder` (written only after the loop read its flag clean) and no
+    `_COMPLETE` marker."""
+    from models.nonfinite import NonFiniteTraining
+    from storage.checkpoints import train_state_step
+
+    try:
+        yield
+    except NonFiniteTraining as error:
+        step = train_state_step(folder, name) if folder is not None else None
+        kept = (f"the last finite snapshot (step {step}) is kept in {folder}" if step is not None
+                else "no snapshot was written")
+        raise NonFiniteTraining(f"stage {stage} diverged: {error}; {kept}; nothing was marked complete "
+                                f"(lower its learning rate)", step=error.step) from error
+
+
 def pick_device(preference: str) -> str:
     import torch
 

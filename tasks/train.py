@@ -26,7 +26,7 @@ from tasks.plan import DECODER_EMA_KIMG, decoder_spec, decoder_optim, generator_
 from tasks.ingest import with_stored_pixels
 from tasks.level_data import load_latents
 from tasks.progress import Progress
-from tasks.stage import Done, Stage, cpu_threads, pick_device, run_stage, stage_task
+from tasks.stage import Done, Stage, cpu_threads, divergence_named, pick_device, run_stage, stage_task
 
 
 # Dense bf16 matrix rate of an H100 / H200 SXM (the vendor's figure DESIGN §7 measures MFU against).
@@ -106,7 +106,7 @@ def _train_decoder(cfg: TFConfig, layout: Layout) -> Done:
         resume = load_train_state(folder, "decoder")
         start = resume[1]["step"] if resume else 0
         clock = StepClock(optim.steps - start, optim.batch_size)
-        with cpu_threads(device):
+        with cpu_threads(device), divergence_named("train-decoder", folder, "decoder"):
             state = run_with_progress("train decoder", optim.steps, start, lambda on_step:
                                       train_decoder(decoder, latents.normalised(train_idx), images[train_idx], optim,
                                                     device, on_step, resume=resume,
@@ -143,7 +143,7 @@ def _train_generator(cfg: TFConfig, root: str, which: int | str | None, name: st
     resume = load_train_state(job.folder, "generator")   # a killed run continues from its latest snapshot
     start = resume[1]["step"] if resume else 0
     clock = StepClock(job.optim.steps - start, job.optim.batch_size)
-    with cpu_threads(device):
+    with cpu_threads(device), divergence_named(name, job.folder):
         state = run_with_progress(f"train {name}", job.optim.steps, start, lambda on_step: train_generator(
             job.model, job.data, job.level, job.objective, job.optim, device, on_step,
             resume=resume, on_checkpoint=snapshotter(job.folder, "generator")), clock)

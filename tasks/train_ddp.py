@@ -29,6 +29,7 @@ from storage.config import TFConfig, load_config
 from storage.files import atomic_write_json
 from tasks.generator_job import SHARED, GeneratorJob, finish_generator, generator_job
 from tasks.plan import generator_config, generator_optim, objective_config, sampled_ema
+from tasks.stage import divergence_named
 
 SYNTHETIC_MODEL = dict(width=32, depth=2, head_depth=1, heads=2)   # on 4 x 4 tokens of 8 channels, 3 classes
 
@@ -101,9 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     if not is_complete_before:
         resume = load_train_state(folder, "generator")
         wrap = (lambda m: DistributedDataParallel(m, device_ids=[local])) if cuda else DistributedDataParallel
-        state = train_generator(job.model, job.data, job.level, job.objective, job.optim,
-                                device, resume=resume,
-                                on_checkpoint=on_checkpoint, rank=rank, world=world, wrap=wrap)
+        with divergence_named(f"train {folder.name} (torchrun)", folder):   # every rank reads the same flag and stops
+            state = train_generator(job.model, job.data, job.level, job.objective, job.optim,
+                                    device, resume=resume,
+                                    on_checkpoint=on_checkpoint, rank=rank, world=world, wrap=wrap)
         dist.barrier()
         if rank == 0:
             finish_generator(job, state, world_size=world)

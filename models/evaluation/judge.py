@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.evaluation.metrics import adjusted_rand, matched_miou
+from models.nonfinite import DivergenceWatch
 
 EXTRACTOR = "scenes-judge"   # the feature_extractor column of the judge's metric rows
 
@@ -189,6 +190,8 @@ def train_judge(model: SceneJudge, images: np.ndarray, labels: np.ndarray, masks
     optim = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optim, train.lr, total_steps=train.steps, pct_start=0.15)
     history: dict = {"loss": [], "class_loss": []}
+    params = [p for p in model.parameters() if p.requires_grad]
+    watch = DivergenceWatch(device)   # a NaN loss, gradient or weight raises NonFiniteTraining
     n = len(pixels)
     order, cursor = torch.randperm(n, generator=generator), 0
     for step in range(train.steps):
@@ -209,13 +212,17 @@ def train_judge(model: SceneJudge, images: np.ndarray, labels: np.ndarray, masks
                 loss = loss + weights[level] * train.dice_weight * region_dice_loss(logits, tb[:, level])
         optim.zero_grad(set_to_none=True)
         loss.backward()
+        watch.observe(loss, torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         optim.step()
         schedule.step()
+        if watch.due(step + 1):
+            watch.check()
         stats = {"loss": float(loss.detach()), "class_loss": float(class_loss.detach())}
         history["loss"].append(stats["loss"])
         history["class_loss"].append(stats["class_loss"])
         if on_step is not None:
             on_step(step, stats)
+    watch.check(model.parameters())
     model.eval()
     history["seconds"] = time.monotonic() - started
     return history

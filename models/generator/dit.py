@@ -88,6 +88,10 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    # q, k and v are one linear for speed; the reference holds three matrices, and Muon orthogonalises
+    # each of them on its own (models/generator/optim.py)
+    fused_linears = {"qkv": 3}
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads

@@ -1,10 +1,12 @@
 """Training loops for one level's generator and for the decoder, resumable bit-for-bit.
 
-AdamW or Muon + AdamW (models/generator/optim.py), linear warmup, gradient clipping, EMA copies at several
-decays, optional torch.compile, bf16 autocast on CUDA. Pure torch: data arrives as tensors,
-progress leaves through `on_step`, and every `checkpoint_every` steps `on_checkpoint(state)`
-gets the whole TrainState (export it with models.generator.train_state.export_state); nothing is written
-here. `resume=(tensors, meta)` continues an exported state exactly where it stopped.
+AdamW or the reference's Muon (models/generator/optim.py), linear warmup, optional gradient clipping,
+EMA copies at several decays, optional torch.compile, bf16 autocast on CUDA. A diverged run stops with
+NonFiniteTraining (models/nonfinite.py), read from a device-side flag at a cadence, not every step.
+Pure torch: data arrives as tensors, progress leaves through `on_step`, and every `checkpoint_every`
+steps `on_checkpoint(state)` gets the whole TrainState (export it with
+models.generator.train_state.export_state); nothing is written here. `resume=(tensors, meta)`
+continues an exported state exactly where it stopped.
 
 Data parallel: with `world` > 1 every rank draws the same global batch indices and the same
 global noise (identical generators) and keeps its own rows; the wrapper given by `wrap` (DDP)
@@ -24,6 +26,7 @@ from models.generator.meanflow import MeanFlowConfig, draw, meanflow_loss, time_
 from models.generator.optim import OptimConfig, build_optimizers
 from models.generator.train_state import EMA, TrainState, import_state
 from models.hierarchy.reference import region_canvas
+from models.nonfinite import DivergenceWatch
 
 __all__ = ["OptimConfig", "LevelData", "EMA", "TrainState", "new_state", "train_generator", "train_decoder"]
 
@@ -91,26 +94,38 @@ def new_state(model: nn.Module, cfg: OptimConfig, device: str, resume: Exported 
 
 def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor, dict]],
          on_step: Callable[[int, dict], None] | None, on_checkpoint: Callable[[TrainState], None] | None) -> TrainState:
+    """The steps up to cfg.steps. A NaN or infinite loss, gradient or weight raises NonFiniteTraining at
+    the next read of the device-side flag (models/nonfinite.py: every CHECK_EVERY steps, before each
+    snapshot, at the end), so no snapshot and no returned state holds diverged weights."""
+    params = [p for p in state.model.parameters() if p.requires_grad]
+    watch = DivergenceWatch(params[0].device, start=state.step)
     while state.step < cfg.steps:
         loss, stats = loss_fn()
         for optimizer in state.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+        stats["grad_norm"] = gradient_norm(params, cfg.grad_clip)
+        watch.observe(loss, stats["grad_norm"])
         for optimizer, schedule in zip(state.optimizers, state.schedules):
             optimizer.step()
             schedule.step()
-        for ema in state.emas:
-            ema.update(state.model, state.step, cfg.batch_size)
+        for ema in state.emas:   # the reference's k-th update uses the new step k (utils/ema_util.py)
+            ema.update(state.model, state.step + 1)
         stats = _read_back(stats)
         for name, value in stats.items():
             state.history.setdefault(name, []).append(float(value))
         state.step += 1
+        snapshot = on_checkpoint is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
+            and state.step < cfg.steps
+        if snapshot:
+            watch.check(trained_weights(state))
+        elif watch.due(state.step):
+            watch.check()
         if on_step is not None:
             on_step(state.step - 1, stats)
-        if on_checkpoint is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
-                and state.step < cfg.steps:
+        if snapshot:
             on_checkpoint(state)
+    watch.check(trained_weights(state))   # cfg.steps may have been lowered by on_step (a clock-bound run)
     return state
 
 
@@ -120,6 +135,18 @@ def compiled_loss():
     the second level's step reuses the first's compiled graph (parameters are graph inputs, guarded by
     shape and dtype) instead of compiling again, a minute or more each for the B preset."""
     return torch.compile(meanflow_loss)
+
+
+def gradient_norm(params: list[Tensor], clip: float) -> Tensor:
+    """The gradients' total 2-norm, after clipping them to `clip` (0: no clipping, as the reference)."""
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def trained_weights(state: TrainState) -> list[Tensor]:
+    """The weights a snapshot or the final checkpoints hold: the model's and every EMA's."""
+    return list(state.model.parameters()) + [p for ema in state.emas for p in ema.shadow.parameters()]
 
 
 def compile_settings(cfg: OptimConfig, device: str):

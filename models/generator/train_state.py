@@ -19,11 +19,17 @@ import torch
 from torch import Tensor, nn
 
 
+# The reference's EDM EMA counts 1024 images a step whatever the batch (utils/ema_util.py): its batch.
+# Kept as the count here, so a half-life in kimg means the same number of steps as there.
+IMAGES_PER_STEP = 1024
+
+
 class EMA:
     """An exponential moving average of a model's parameters: a constant `decay` per step, or EDM's
     (Karras et al. 2024, the reference's utils/ema_util.py) half-life in thousands of images,
     `halflife_kimg`, ramped up to `rampup` times the images seen so far, so a short run samples its
-    recent weights and not its random init: decay = 0.5 ** (batch / min(halflife, rampup * images))."""
+    recent weights and not its random init: after update k (1-based, the new step as the reference
+    passes it), decay = 0.5 ** (1024 / min(halflife, rampup * 1024 k)), counting IMAGES_PER_STEP."""
 
     def __init__(self, model: nn.Module, decay: float | None = None, halflife_kimg: float | None = None,
                  rampup: float = 0.05):
@@ -33,17 +39,16 @@ class EMA:
         self.name = ema_name(decay, halflife_kimg)
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def beta(self, step: int, batch: int) -> float:
-        """The decay applied by the update after `step` steps of `batch` images (0 at step 0 for EDM:
-        the first update copies the weights)."""
+    def beta(self, step: int) -> float:
+        """The decay applied by the `step`-th update (1-based: the step count after it)."""
         if self.decay is not None:
             return self.decay
-        halflife_images = min(self.halflife_kimg * 1000, step * batch * self.rampup)
-        return 0.5 ** (batch / max(halflife_images, 1e-8))
+        halflife_images = min(self.halflife_kimg * 1000, step * IMAGES_PER_STEP * self.rampup)
+        return 0.5 ** (IMAGES_PER_STEP / max(halflife_images, 1e-8))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int = 0, batch: int = 1) -> None:
-        keep = self.beta(step, batch)
+    def update(self, model: nn.Module, step: int) -> None:
+        keep = self.beta(step)
         for ema_p, p in zip(self.shadow.parameters(), model.parameters()):
             ema_p.lerp_(p.detach(), 1.0 - keep)
 

@@ -1,5 +1,7 @@
 """bench/trajectory_proof.py: runs where prefect, dask and pydantic are not installed (the GPU box), its
-figures put every level and the own regions where they belong, its clock leaves the pauses out."""
+figures put every level and the own regions where they belong, its cached phases key on every argument
+that changes them, and a run that diverges becomes a row, not a crash."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +16,7 @@ ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.proof_figures import outline, proof_figure, redraw  # noqa: E402
-from bench.trajectory_proof import BudgetClock  # noqa: E402
+from bench import trajectory_proof as proof  # noqa: E402
 
 
 def test_imports_without_prefect_or_dask():
@@ -66,15 +68,72 @@ def test_redraw_draws_the_curves_from_the_json(tmp_path):
     assert not (tmp_path / "traj.png").exists()                   # no kept trajectories beside the JSON
 
 
-def test_budget_clock_leaves_paused_time_out():
-    clock = BudgetClock(torch.device("cpu"))
-    began = time.perf_counter()
-    clock.start()
-    time.sleep(0.05)
-    clock.pause()
-    time.sleep(0.2)
-    clock.start()
-    time.sleep(0.05)
-    elapsed, wall = clock.elapsed(), time.perf_counter() - began
-    # both running stretches count; the 0.2 s pause does not (bounds that hold however late sleep wakes)
-    assert 0.1 <= elapsed <= wall - 0.2
+# A setting unlike the default for every argument that may change a result: an argument added to the
+# bench must be listed here or in NOT_RESULT_ARGS, or the first assertion below fails.
+CHANGED = {"device": "cuda", "data_seed": "1", "image_size": "56", "images": "100", "scene_seed": "1", "chunk": "64",
+           "encoder": "vit_base_patch14_reg4_dinov2", "encoder_weights": "/w.pth", "preset": "B", "width": "64",
+           "depth": "4", "head_depth": "2", "heads": "2", "batch_size": "64", "optimizer": "adamw", "lr": "3e-4",
+           "warmup_steps": "5", "grad_clip": "1.0", "compile": None, "v_tangent": "same", "jvp_attention": "math",
+           "cond_noise": "0.5", "decoder_steps": "10", "judge_steps": "10", "judge_holdout": "0.2", "samples": "64",
+           "reencode": "8", "structure_samples": "8", "eval_batch": "32", "grid_rows": "2",
+           "region_threshold": "0.2", "diagnose": None}
+
+
+def test_every_cached_phase_keys_on_every_argument_that_changes_it():
+    """Issue 29 item 5: `--work W` once reused an arm trained at another lr. A run's train key moves with
+    every argument but the where / which / when ones and the evaluation's own; its eval key with those too."""
+    base = proof.parse(["--work", "/tmp/w"])
+    dests = {a.dest for a in argparse_actions()} - {"help"}
+    assert dests == set(CHANGED) | proof.NOT_RESULT_ARGS - {"root"}
+    train, evaluation = proof.phase_keys(base, "tf_shared_oracle", 0)
+    for dest, value in CHANGED.items():
+        flag = "--" + dest.replace("_", "-")
+        changed = proof.parse(["--work", "/tmp/w", flag] + ([value] if value is not None else []))
+        moved_train, moved_eval = proof.phase_keys(changed, "tf_shared_oracle", 0)
+        assert moved_eval != evaluation, dest
+        assert (moved_train == train) == (dest in proof.EVAL_ONLY_ARGS), dest   # eval-only: scored anew, not trained
+    assert proof.phase_keys(proof.parse(["--work", "/w", "--lr", "5e-4"]), "flat", 0)[0] != \
+        proof.phase_keys(proof.parse(["--work", "/w", "--lr", "3e-4"]), "flat", 0)[0]
+    assert len({proof.phase_keys(base, arm, seed)[0] for arm in proof.ARMS for seed in (0, 1)}) == 2 * len(proof.ARMS)
+    # where things go, which runs, and when to stop change no point's content
+    elsewhere = proof.parse(["--work", "/tmp/other", "--arms", "flat", "--seeds", "0", "--time-limit", "60",
+                             "--steps", "7", "--max-steps", "9", "--change-target", "0.5", "--workers", "3"])
+    assert proof.phase_keys(elsewhere, "tf_shared_oracle", 0) == (train, evaluation)
+
+
+def argparse_actions():
+    """The bench parser's actions (caught as parse() builds it)."""
+    import argparse
+
+    captured = []
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *a, **k):
+        captured.extend(self._actions)
+        return original(self, *a, **k)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        proof.parse(["--work", "/tmp/w"])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return captured
+
+
+def test_a_diverged_run_is_a_row_and_a_run_past_its_deadline_stops_cleanly(tmp_path):
+    """advance() turns the training loop's NonFiniteTraining into ("diverged", its update) and a segment
+    that passes the deadline into "time_limit"; a normal segment continues from the saved state."""
+    from tasks.train_ddp import synthetic_job
+
+    def job(lr):
+        j = synthetic_job(0, tmp_path, steps=100, batch_size=8, optimizer="muon", checkpoint_every=0)
+        j.optim = dataclasses.replace(j.optim, lr=lr)
+        return j
+
+    cpu = torch.device("cpu")
+    trained, stopped, diverged = proof.advance([job(1e3)], None, 100, cpu, None)
+    assert trained is None and stopped == "diverged" and 1 <= diverged <= 25
+    assert proof.advance([job(1e-3)], None, 4, cpu, time.time() - 1)[1:] == ("time_limit", None)
+    first, _, _ = proof.advance([job(1e-3)], None, 2, cpu, None)
+    again, stopped, _ = proof.advance([job(1e-3)], first["states"], 4, cpu, None)
+    assert stopped == "" and again["states"][0]["meta"]["step"] == 4

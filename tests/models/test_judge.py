@@ -62,6 +62,16 @@ def test_a_short_training_run_on_tiny_scenes_beats_chance_clearly(single_thread)
     assert len(scores["miou_grid"]) == len(scores["ari_grid"]) == 3
 
 
+def test_a_judge_training_that_turns_nan_stops_naming_the_update(single_thread):
+    from models.nonfinite import NonFiniteTraining
+
+    data = render_scenes(range(32), seed=0, size=56)
+    torch.manual_seed(0)
+    model = SceneJudge(SceneJudgeConfig(6, class_slots(data["masks"]), input_size=56, stem_stride=1, width=8))
+    with pytest.raises(NonFiniteTraining, match=r"non-finite (loss|gradient norm) at update \d+"):
+        train_judge(model, data["image"], data["label"], data["masks"], JudgeTraining(steps=30, batch_size=8, lr=1e6))
+
+
 def _spread(mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Points m +- scale_i * sqrt(2D - 1) e_i / sqrt(2): mean exactly m, unbiased covariance exactly diag(scale^2)."""
     dim = len(mean)

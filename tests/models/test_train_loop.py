@@ -1,4 +1,6 @@
 """Training loop: Muon/AdamW groups, warmup, EMAs, and exact resume from an exported state."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -53,19 +55,21 @@ class Stop(Exception):
     pass
 
 
-def test_muon_gets_hidden_matrices_and_adamw_the_rest():
+def test_muon_gets_every_linear_weight_and_adam_the_rest():
+    """optax's default split on the reference's layout: its Dense kernels are the 2-D leaves (tables,
+    tokens, norms and biases are not); tests/models/test_muon.py checks the updates themselves."""
     model = tiny_model()
-    muon, adamw = param_groups(model, "muon")
-    muon_names, adamw_names = {n for n, _ in muon}, {n for n, _ in adamw}
-    assert muon_names and not muon_names & adamw_names
-    assert muon_names | adamw_names == {n for n, _ in model.named_parameters()}
-    assert all(p.ndim == 2 for _, p in muon)
-    assert "trunk.0.attn.qkv.weight" in muon_names and "x_blocks.0.mlp.2.weight" in muon_names
-    for name in ("fuse.weight", "class_embed.weight", "level_embed.weight", "h_embed.0.weight",
-                 "x_final.linear.weight", "v_final.modulation.1.weight", "trunk.0.attn.qkv.bias"):
-        assert name in adamw_names, name
+    muon, adam = param_groups(model, "muon")
+    muon_names, adam_names = {n for n, _ in muon}, {n for n, _ in adam}
+    assert muon_names and not muon_names & adam_names
+    assert muon_names | adam_names == {n for n, _ in model.named_parameters()}
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert muon_names == linears
+    assert {"trunk.0.attn.qkv.weight", "x_blocks.0.mlp.2.weight", "fuse.weight", "h_embed.0.weight",
+            "x_final.linear.weight", "v_final.modulation.1.weight"} <= muon_names
+    assert {"class_embed.weight", "level_embed.weight", "trunk.0.attn.qkv.bias"} <= adam_names
     optimizers, _ = build_optimizers(model, optim(optimizer="muon"))
-    assert [type(o).__name__ for o in optimizers] == ["Muon", "AdamW"]
+    assert [type(o).__name__ for o in optimizers] == ["ReferenceMuon"]
     assert param_groups(model, "adamw")[0] == []
 
 
@@ -185,35 +189,89 @@ def test_compile_settings_reach_inductor_only_inside_the_loop_and_only_with_comp
 
 
 def test_edm_ema_follows_the_reference_half_life_with_ramp_up():
-    """utils/ema_util.py of the reference written out: half-life min(500 kimg, 0.05 x images seen),
-    decay 0.5 ** (batch / half-life); so the first update copies the weights and a short run's EMA
-    holds recent weights, not the random init."""
+    """utils/ema_util.py of the reference written out: its k-th update (train.py passes the new step k)
+    has half-life min(500 kimg, 0.05 x 1024 k images), decay 0.5 ** (1024 / half-life), whatever the
+    batch; so a short run's EMA holds recent weights, not the random init."""
     from models.generator.train_state import EMA
 
-    batch, halflife_kimg = 32, 500.0
+    halflife_kimg = 500.0
     model = torch.nn.Linear(3, 2)
     ema = EMA(model, halflife_kimg=halflife_kimg, rampup=0.05)
     assert ema.name == "edm500kimg"
     shadow = [p.detach().double() for p in model.parameters()]   # the recursion in float64
     generator = torch.Generator().manual_seed(0)
-    for step in range(300):
+    for k in range(1, 301):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator))
-        ema.update(model, step, batch)
-        halflife_images = min(halflife_kimg * 1000, step * batch * 0.05)
-        beta = 0.5 ** (batch / max(halflife_images, 1e-8))
+        ema.update(model, k)
+        beta = 0.5 ** (1024 / max(min(halflife_kimg * 1000, k * 1024 * 0.05), 1e-8))
         shadow = [beta * s + (1 - beta) * p.detach().double() for s, p in zip(shadow, model.parameters())]
-        if step == 0:
-            assert beta == 0.0
-            assert all(torch.equal(e, p) for e, p in zip(ema.shadow.parameters(), model.parameters()))
     # float32 lerp rounds by <= 2^-24 x |value| (values < 5) a step; the average contracts each error by
     # beta >= 0.5 ** (1 / 15), so the float32 EMA stays within 22 x 3e-7 = 7e-6 of the float64 recursion.
     for got, want in zip(ema.shadow.parameters(), shadow):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
-    # At step 300 the half-life is 480 images = 15 steps: the weights from before step 200 weigh < 1 %.
-    assert 0.5 ** (100 / 15) < 0.01
-    assert ema.beta(300, batch) == 0.5 ** (batch / (300 * batch * 0.05))
-    assert ema.beta(10**9, batch) == 0.5 ** (batch / 500_000)   # past the ramp: the full half-life
+    assert ema.beta(10) == pytest.approx(0.25, abs=1e-12)        # issue 30: the old step k - 1 gave 0.2143
+    assert ema.beta(1) == 0.5 ** 20                                 # the first update: almost a copy
+    assert ema.beta(10**9) == 0.5 ** (1024 / 500_000)               # past the ramp: the full half-life
     const = EMA(model, decay=0.99)
-    assert const.name == "0.99" and const.beta(0, batch) == 0.99
+    assert const.name == "0.99" and const.beta(1) == 0.99
+
+
+def test_the_loop_hands_the_ema_its_new_step():
+    """Update k of a training run moves the EDM EMA by decay 0.5 ** (1 / (0.05 k)) (the ramp), read from
+    the model and EMA weights at each snapshot: k = 10 keeps 0.25 of the EMA, where step k - 1 kept 0.2143."""
+    seen = {}
+
+    def grab(state):
+        seen[state.step] = ([p.detach().clone() for p in state.model.parameters()],
+                            [p.detach().clone() for p in state.ema("edm500kimg").parameters()])
+
+    cfg = optim(steps=11, batch_size=4, lr=1e-2, ema_decays=[], ema_halflives_kimg=[500.0], checkpoint_every=1,
+                warmup_steps=1)   # a large rate: weights far apart, so a wrong decay shows well above rounding
+    train_generator(tiny_model(), tiny_data(), 1, objective(), cfg, "cpu", on_checkpoint=grab)
+    for k in (2, 5, 10):
+        (_, before), (model, after) = seen[k - 1], seen[k]
+        beta = 0.5 ** (1 / (0.05 * k))
+        for b, m, a in zip(before, model, after):
+            torch.testing.assert_close(a, beta * b + (1 - beta) * m, atol=1e-6, rtol=1e-5)
+    assert 0.5 ** (1 / (0.05 * 10)) == 0.25
+
+
+def test_a_diverged_run_stops_at_the_next_read_of_its_flag_and_snapshots_only_finite_weights():
+    """lr 1e3 makes the loss NaN at update 4 (this seed). With snapshots every 2 steps the flag is read
+    before each: the snapshot of step 2 is taken, none after, and the error names update 4. Without
+    snapshots the flag is read every CHECK_EVERY steps: the run stops there, not at its 100 steps."""
+    from models.nonfinite import CHECK_EVERY, NonFiniteTraining
+
+    snapshots, seen = [], []
+
+    def keep(state):
+        snapshots.append([t.clone() for t in state.model.state_dict().values()])
+
+    cfg = optim(steps=100, batch_size=4, lr=1e3, checkpoint_every=2, ema_decays=[], ema_halflives_kimg=[500.0])
+    with pytest.raises(NonFiniteTraining, match=r"non-finite loss at update 4: loss nan") as raised:
+        train_generator(tiny_model(), tiny_data(), 1, objective(), cfg, "cpu", on_checkpoint=keep)
+    assert raised.value.step == 4 and len(snapshots) == 1
+    assert all(torch.isfinite(t).all() for t in snapshots[0])
+    with pytest.raises(NonFiniteTraining, match="update 4"):
+        train_generator(tiny_model(), tiny_data(), 1, objective(), dataclasses.replace(cfg, checkpoint_every=0),
+                        "cpu", on_step=lambda step, stats: seen.append(step))
+    assert len(seen) == CHECK_EVERY - 1 < 100   # read after update CHECK_EVERY, before its on_step
+
+
+def test_the_watch_names_the_first_bad_update_and_looks_at_the_weights_when_asked():
+    """A finite loss and gradient can still step the weights to infinity: a check given the weights (the
+    loop's at snapshots and at the end) counts them too."""
+    from models.nonfinite import DivergenceWatch, NonFiniteTraining
+
+    watch = DivergenceWatch("cpu")
+    for loss in (1.0, 2.0):
+        watch.observe(torch.tensor(loss), torch.tensor(0.5))
+    watch.check([torch.ones(3)])
+    with pytest.raises(NonFiniteTraining, match=r"2 non-finite weight values after update 2"):
+        watch.check([torch.ones(3), torch.tensor([1.0, float("inf"), float("nan")])])
+    watch.observe(torch.tensor(3.0), torch.tensor(float("inf")))      # update 3: the gradient
+    watch.observe(torch.tensor(float("nan")), torch.tensor(1.0))      # update 4: the loss; the first is kept
+    with pytest.raises(NonFiniteTraining, match=r"non-finite gradient norm at update 3: loss 3.0, gradient norm inf"):
+        watch.check()

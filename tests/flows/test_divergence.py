@@ -1,0 +1,50 @@
+"""No silent divergence (issue 30), tried as a new user would: `tf pipeline` on configs/tiny.yaml with a
+learning rate that makes training NaN fails at the training stage, names the stage, the update and the
+value, leaves the runs table a failed row that says so, and marks nothing complete."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.cli import main
+from models.nonfinite import NonFiniteTraining
+from storage.checkpoints import NonFiniteWeights, load_checkpoint, save_checkpoint
+from storage.config import load_config
+from storage.keys import Layout
+from storage.tables import load_runs
+
+CONFIG = "configs/tiny.yaml"
+
+
+@pytest.mark.parametrize(("override", "stage", "row"), [
+    ("generator.lr=10", "train-L0", "train"),
+    ("decoder.lr=1e6", "train-decoder", "train"),
+])
+def test_a_learning_rate_that_diverges_fails_the_training_stage_naming_nan(tmp_path, copy_root, override, stage, row):
+    root = copy_root(tmp_path / "root", upstream_only=True)   # ingest .. judge reused: only training runs
+    with pytest.raises(NonFiniteTraining, match=rf"stage {stage} diverged: non-finite (loss|gradient norm) at "
+                                                rf"update \d+: loss \S+, gradient norm \S+;") as raised:
+        main(["pipeline", "--config", CONFIG, "--root", str(root), "--set", override, "--run-id", "diverged"])
+    assert "nan" in str(raised.value) and "nothing was marked complete" in str(raised.value)
+    runs = load_runs(root)
+    failed = runs[runs.status == "failed"]
+    assert list(failed.stage) == [row] and f"stage {stage} diverged: non-finite" in failed.error.iloc[0]
+    layout = Layout(root, load_config(CONFIG, [override]))
+    folder = layout.decoder() if stage == "train-decoder" else layout.generator(0)
+    assert not (folder / "_COMPLETE").exists()
+    for weights in folder.glob("*.safetensors"):   # any snapshot kept is finite
+        assert all(torch.isfinite(t).all() for t in load_file(str(weights)).values()), weights
+
+
+def test_non_finite_weights_are_never_written_or_loaded_and_the_error_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from storage.files import atomic_write_json
+
+    with pytest.raises(NonFiniteWeights, match=r"generator.safetensors holds 1 NaN or infinite values"):
+        save_checkpoint(tmp_path / "generator", {"w": torch.tensor([1.0, float("nan")]), "n": torch.tensor([3])}, {})
+    assert not (tmp_path / "generator.safetensors").exists()
+    # one written before the check existed (or by hand): evaluation's load refuses it
+    save_file({"w": torch.tensor([float("inf"), 1.0, float("nan")])}, str(tmp_path / "old.safetensors"))
+    atomic_write_json(tmp_path / "old.json", {"stage": "generator"})
+    with pytest.raises(NonFiniteWeights, match=rf"{tmp_path / 'old.safetensors'} holds 2 NaN or infinite values"):
+        load_checkpoint(tmp_path / "old")
