@@ -19,9 +19,9 @@ def teacher_forced(models: list, scoring, samples: int, batch: int, seed: int, d
     generated one): token FD per level against the teacher's level-l canvases, and the judge's
     FD-scenes / class accuracy of the final decoded after a teacher-forced level L-2."""
     latents, levels = scoring.latents, len(models)
-    n = min(samples, len(latents.tokens))
-    index = np.random.default_rng(seed + 7).choice(len(latents.tokens), n, replace=False)
-    tokens = latents.tokens[index]
+    n = min(samples, len(latents))
+    index = np.random.default_rng(seed + 7).choice(len(latents), n, replace=False)
+    tokens = latents.normalised(index)
     teach = canvases(tokens, scoring.teacher[index])
     labels = latents.label[index].to(device)
     noises = level_noises(levels, tokens.shape[1], tokens.shape[2], list(range(10**6, 10**6 + n)))
