@@ -26,8 +26,10 @@ def test_a_learning_rate_that_diverges_fails_the_training_stage_naming_nan(tmp_p
         main(["pipeline", "--config", CONFIG, "--root", str(root), "--set", override, "--run-id", "diverged"])
     assert "nan" in str(raised.value) and "nothing was marked complete" in str(raised.value)
     runs = load_runs(root)
-    failed = runs[runs.status == "failed"]
+    failed = runs[(runs.status == "failed") & (runs.kind == "stage")]
     assert list(failed.stage) == [row] and f"stage {stage} diverged: non-finite" in failed.error.iloc[0]
+    whole = runs[runs.kind == "run"]   # the run's own row fails with it
+    assert list(whole.status) == ["failed"] and f"stage {stage} diverged" in whole.error.iloc[0]
     layout = Layout(root, load_config(CONFIG, [override]))
     folder = layout.decoder() if stage == "train-decoder" else layout.generator(0)
     assert not (folder / "_COMPLETE").exists()
