@@ -4,12 +4,12 @@
 
 1. Writes ImageNet-shaped synthetic JPEGs (typical sizes 500x375 and the like, quality 90, smooth
    content plus grain, ~100 KB each like ImageNet's mean) into <workdir>/train/<synset>/<synset>_<i>.JPEG.
-2. Runs the stages as `tf pipeline` does, through their task functions (tasks.ingest.ingest_images,
-   tasks.encode.encode_latents, tasks.hierarchy.build_teacher: `.fn`, without the Prefect run around
+2. Runs the stages as `tf pipeline` does, through their task functions (tasks.ingest.stage.ingest_images,
+   tasks.encode.stage.encode_latents, tasks.hierarchy.stage.build_teacher: `.fn`, without the Prefect run around
    them) on configs/imagenet.yaml with a random-init encoder: once with the hierarchy fused into the encode
    pass (encoder.stats_images, the config's default), once the two-pass way (stats from every image, then
    the hierarchy stage). Each stage's seconds, throughput, GPU figures and the encode pass's phase times
-   (tasks.phase_clock) are what the stages themselves return, as the runs table records them.
+   (tasks.encode.phase_clock) are what the stages themselves return, as the runs table records them.
 3. Measures the encoder and the hierarchy alone on resident batches, the batched hierarchy against the
    scipy/scikit-learn reference on the stored latents, peak host memory and the stores' bytes per image.
    Writes <out>/dataplane.json (DESIGN §7 shape).
@@ -107,11 +107,11 @@ def main() -> None:
     from models.hierarchy.reference import build_hierarchies
     from storage import zarr_store
     from storage.keys import Layout
-    from tasks.encode import encode_latents
-    from tasks.encode_files import encode_batch
-    from tasks.encoder_load import load_encoder
-    from tasks.hierarchy import build_teacher
-    from tasks.ingest import ingest_images
+    from tasks.encode.stage import encode_latents
+    from tasks.encode.files import encode_batch
+    from tasks.encode.encoder_load import load_encoder
+    from tasks.hierarchy.stage import build_teacher
+    from tasks.ingest.stage import ingest_images
     from tasks.plan import hierarchy_spec
     from tasks.stage import pick_device
 

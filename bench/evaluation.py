@@ -180,7 +180,7 @@ def main() -> None:
     from models.evaluation.streaming_eval import PHASES, Runtime, Scorers, evaluate_streaming, metric_values, reference_stats
     from storage.config import TFConfig
     from tasks.plan import eval_plan, hierarchy_spec
-    from tasks.structure_pool import process_structure
+    from tasks.evaluate.structure_pool import process_structure
 
     size = SIZES[args.size]
     device = torch.device(args.device)

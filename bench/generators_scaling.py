@@ -2,7 +2,7 @@
 
     python3 bench/generators_scaling.py --gpus 1,2 --out bench/results
 
-Runs models/generator/train_loop.train_generator (the path of `tasks.train_ddp`: bf16 autocast, compile,
+Runs models/generator/train_loop.train_generator (the path of `tasks.train.ddp`: bf16 autocast, compile,
 the kernel tangent pass, AdamW, clipping, one EMA) on synthetic data held on the GPU, with the
 same per-GPU batch at every GPU count (weak scaling: the global batch grows with the GPUs):
   - "1":     one process, no DDP (train_loop compiles the whole loss as one graph);

@@ -11,7 +11,7 @@ from models.evaluation.eval_stats import JUDGE
 from models.evaluation.judge import judge_outputs
 from models.evaluation.metrics import feature_stats, frechet_distance
 from models.generator.trajectory import level_noises, one_step_level
-from tasks.level_data import canvases
+from tasks.train.level_data import canvases
 
 
 def teacher_forced(models: list, scoring, samples: int, batch: int, seed: int, device: torch.device) -> dict:

@@ -51,12 +51,12 @@ def _import_stages() -> dict:
     import torch
 
     torch.set_num_threads(1)   # before any torch op, so no thread pool exists when we fork
-    from tasks.encode import encode_latents
-    from tasks.evaluate import evaluate_run
-    from tasks.hierarchy import build_teacher
-    from tasks.ingest import ingest_images
-    from tasks.judge import train_judge_task
-    from tasks.train import train_decoder_task, train_level_task
+    from tasks.encode.stage import encode_latents
+    from tasks.evaluate.stage import evaluate_run
+    from tasks.hierarchy.stage import build_teacher
+    from tasks.ingest.stage import ingest_images
+    from tasks.judge.stage import train_judge_task
+    from tasks.train.stage import train_decoder_task, train_level_task
 
     level = lambda l: (lambda cfg, root: train_level_task.fn(cfg, root, l))  # noqa: E731
     return {"ingest": ingest_images.fn, "encode": encode_latents.fn, "hierarchy": build_teacher.fn,

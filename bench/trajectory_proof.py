@@ -17,8 +17,8 @@ script's flags as `--set` overrides, `arm_config`) goes through the plan (tasks.
 spec. The data are the pipeline's stages, called as `tf pipeline` calls them (their `.fn`): ingest,
 encode, hierarchy (the clustered and the oracle teacher stores side by side under one root),
 train-decoder and the scenes judge, under <work>/root. Each run's generators are the train stage's jobs
-(tasks.generator_job), trained by models.generator.train_loop.train_generator as `tf train` trains
-them, scored with the evaluate stage's own pieces (tasks.evaluate.load_scoring / stream_samples).
+(tasks.train.generator_job), trained by models.generator.train_loop.train_generator as `tf train` trains
+them, scored with the evaluate stage's own pieces (tasks.evaluate.stage.load_scoring / stream_samples).
 
 Budget, in generator steps: every run (an arm with a seed) trains --steps steps (TF per level: a
 quarter for each level), is scored, then its budget doubles (training continues from the saved state)
@@ -63,9 +63,9 @@ from storage.config import TFConfig, load_config  # noqa: E402
 from storage.keys import stable_hash  # noqa: E402
 from storage.scenes import masks_to_grid  # noqa: E402
 from tasks import plan  # noqa: E402
-from tasks.evaluate import load_scoring, stream_samples  # noqa: E402
-from tasks.generator_job import SHARED, generator_job, num_classes  # noqa: E402
-from tasks.level_data import load_regions  # noqa: E402
+from tasks.evaluate.stage import load_scoring, stream_samples  # noqa: E402
+from tasks.train.generator_job import SHARED, generator_job, num_classes  # noqa: E402
+from tasks.train.level_data import load_regions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {   # name: (generator.sharing or flat, hierarchy.source); flat reads no teacher
@@ -142,11 +142,11 @@ def phase_keys(args, name: str, seed: int) -> tuple[str, str]:
 def run_stages(args) -> list[dict]:
     """The pipeline's data stages on <work>/root, as `tf pipeline` runs them (each reused when complete):
     ingest, encode, both teachers, the decoder and the scenes judge."""
-    from tasks.encode import encode_latents
-    from tasks.hierarchy import build_teacher
-    from tasks.ingest import ingest_images
-    from tasks.judge import train_judge_task
-    from tasks.train import train_decoder_task
+    from tasks.encode.stage import encode_latents
+    from tasks.hierarchy.stage import build_teacher
+    from tasks.ingest.stage import ingest_images
+    from tasks.judge.stage import train_judge_task
+    from tasks.train.stage import train_decoder_task
 
     root, results = args.root, []
     clustered, oracle = arm_config(args, "tf_shared_clustered"), arm_config(args, "tf_shared_oracle")

@@ -1,6 +1,6 @@
 """What every run is checked for before any stage starts, the same from `tf <stage>` and in a deployment
 run: a root that can hold the stores, and a config that would not fail later (storage.config.preflight,
-and a weights file that does not fit the configured encoder: tasks.encoder_load.weights_misfit)."""
+and a weights file that does not fit the configured encoder: tasks.encode.encoder_load.weights_misfit)."""
 from __future__ import annotations
 
 import os
@@ -72,7 +72,7 @@ def checked_config(command: str, root: str | os.PathLike, config: TFConfig, conf
             raise ValueError(f"config_path {config_path}: {error}") from None
     preflight(config, command, levels)
     if command in ("pipeline", "encode", "evaluate"):   # the stages that build the encoder
-        from tasks.encoder_load import weights_misfit
+        from tasks.encode.encoder_load import weights_misfit
 
         problem = weights_misfit(config.encoder.model, config.source.image_size, config.encoder.weights)
         if problem:

@@ -4,7 +4,7 @@ image source -> ingest -> encode -> hierarchy -> train (decoder, level 0..L-1) -
                     ingest -> judge (scenes only: a small network on the real scenes) -> evaluate
 
 With `generator.mode: flat` the train stage trains the flat baseline (one one-step model straight to
-the latent) in place of the level generators, and evaluate samples and scores it (tasks.evaluate).
+the latent) in place of the level generators, and evaluate samples and scores it (tasks.evaluate.stage).
 
 Every flow first checks its config as `tf` does (flows.checks: the root, storage.config.preflight);
 a refusal is recorded as the run's `config` stage. `config_path` (a YAML file, relative to this
@@ -52,13 +52,13 @@ def forced(stage: str, force: str | None) -> bool:
 
 def _judge(config: TFConfig, root: str, force: bool) -> list[dict]:
     """The scenes judge, which evaluate scores with; other sources have none (their judge rows say skipped)."""
-    from tasks.judge import train_judge_task
+    from tasks.judge.stage import train_judge_task
 
     return [train_judge_task(config, root, force)] if config.source.kind == "scenes" else []
 
 
 def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -> list[dict]:
-    from tasks.train import train_decoder_task, train_flat_task, train_level_task, train_shared_task
+    from tasks.train.stage import train_decoder_task, train_flat_task, train_level_task, train_shared_task
 
     if config.generator.mode == "flat":   # one model for the whole latent: there are no levels to pick
         if levels is not None:
@@ -81,15 +81,15 @@ def _stage(stage: str, config: TFConfig, root: str, run_id: str, force: str | No
     and the hierarchy stage reuses what that pass made instead of forcing it again."""
     again = forced(stage, force)
     if stage == "ingest":
-        from tasks.ingest import ingest_images
+        from tasks.ingest.stage import ingest_images
 
         return [ingest_images(config, root, again)]
     if stage == "encode":
-        from tasks.encode import encode_latents
+        from tasks.encode.stage import encode_latents
 
         return [encode_latents(config, root, again, with_teacher=done is not None)]
     if stage == "hierarchy":
-        from tasks.hierarchy import build_teacher
+        from tasks.hierarchy.stage import build_teacher
 
         fused = any(r.get("stage") == "encode" and r.get("teacher") for r in done or [])
         return [build_teacher(config, root, again and not fused)]
@@ -98,7 +98,7 @@ def _stage(stage: str, config: TFConfig, root: str, run_id: str, force: str | No
     if stage == "judge":
         return _judge(config, root, again)
     if stage == "evaluate":
-        from tasks.evaluate import evaluate_run
+        from tasks.evaluate.stage import evaluate_run
 
         return [evaluate_run(config, root, run_id, again)]
     raise ValueError(f"unknown stage {stage!r}")
@@ -472,8 +472,8 @@ def stages_flow(stages: list[Stage] | None = None, config: TFConfig = DEFAULTS, 
     return run.finish()
 
 
-STAGE_MODULES = {"ingest": "tasks.ingest", "encode": "tasks.encode", "hierarchy": "tasks.hierarchy",
-                 "train": "tasks.train", "judge": "tasks.judge", "evaluate": "tasks.evaluate"}
+STAGE_MODULES = {"ingest": "tasks.ingest.stage", "encode": "tasks.encode.stage", "hierarchy": "tasks.hierarchy.stage",
+                 "train": "tasks.train.stage", "judge": "tasks.judge.stage", "evaluate": "tasks.evaluate.stage"}
 
 
 def _wait_for_parent(root: str, parent: str, after: list[str], parent_ended: Callable[[], str | None],

@@ -12,7 +12,7 @@ from storage.checkpoints import checkpoint_exists, is_complete
 from storage.config import TFConfig
 from storage.tables import run_summaries
 from tasks import plan
-from tasks.evaluate import evaluation_dir
+from tasks.evaluate.stage import evaluation_dir
 
 STAGE_PREFIXES = ("images", "latents", "teacher", "decoder", "generator", "judge", "evaluate")
 

@@ -46,7 +46,7 @@ class MissingWeightsError(FileNotFoundError):
 
 class WeightsError(ValueError):
     """Raised when the configured weights file cannot be read or does not fit the encoder model.
-    `path` is the resolved file (tasks.encoder_load re-words the error with what the file holds)."""
+    `path` is the resolved file (tasks.encode.encoder_load re-words the error with what the file holds)."""
 
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)

@@ -447,7 +447,7 @@ def preflight(cfg: TFConfig, command: str, levels: list[int] | None = None) -> N
 def _check_encoder_weights(enc: EncoderConfig) -> None:
     """A configured weights file must exist and read as weights, whatever allow_random_init says: that
     only stands in for weights left unset, never for a typo. Whether the tensors fit encoder.model is
-    checked where they are loaded (tasks.encoder_load names the mismatched tensors)."""
+    checked where they are loaded (tasks.encode.encoder_load names the mismatched tensors)."""
     if not enc.weights:
         if not enc.allow_random_init:
             raise ValueError("encoder.weights is not set and encoder.allow_random_init is false: give a local "

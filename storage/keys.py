@@ -186,7 +186,7 @@ def stage_keys(cfg: TFConfig, metrics: tuple[str, ...] = ()) -> StageKeys:
         teacher_part["clustering"] = v["clustering"]
     teacher = stable_hash(teacher_part)
     decoder_part = {"decoder": keyed_settings(cfg.decoder, "decoder", cfg), "up": latents, "v": v["decoder"]}
-    if direct:   # it trains on the image store's pixel sample (tasks.ingest.with_stored_pixels)
+    if direct:   # it trains on the image store's pixel sample (tasks.ingest.stage.with_stored_pixels)
         decoder_part["pixels"] = images
     decoder = stable_hash(decoder_part)
     parts = partition_keys(cfg)

@@ -1,7 +1,7 @@
 """The latent store's format: its arrays, and how one encode chunk is written into it.
 
 Both encode paths (image store -> latents in tasks.chunk_workers, JPEG files -> latents in
-tasks.encode_files) write a chunk through `write_latent_chunk`, so the stores they make are the
+tasks.encode.files) write a chunk through `write_latent_chunk`, so the stores they make are the
 same: tokens, valid, label, this chunk's row of moments, rejects, then the chunk marker last.
 Free of pydantic and Prefect: the GPU bench writes real latent stores through it.
 """

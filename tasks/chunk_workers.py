@@ -114,7 +114,7 @@ def _worker_address() -> str | None:
 
 
 def cached_encoder(model: str, img_size: int, weights: str | None, allow_random_init: bool, device: str):
-    from tasks.encoder_load import load_encoder
+    from tasks.encode.encoder_load import load_encoder
 
     key = (model, img_size, weights, allow_random_init)
     with _ENCODERS_LOCK:
@@ -174,11 +174,11 @@ def encode_chunk(encoder: dict, image_size: int, device: str, images: str, store
 
 def encode_files_chunk(encoder: dict, source: dict, device: str, store: str, chunk: int, start: int,
                        ids: list[str], labels: list[int], expect_weights: str) -> dict:
-    """Dask entry of the direct path: this chunk's files -> latents (tasks.encode_files), on this
+    """Dask entry of the direct path: this chunk's files -> latents (tasks.encode.files), on this
     worker's GPU. Only the chunk's ids and labels cross Dask; the files are read here."""
     from storage.config import SourceConfig
     from storage.imagenet import resize_short_side, sample_files
-    from tasks.encode_files import Preprocess, encode_file_chunks
+    from tasks.encode.files import Preprocess, encode_file_chunks
 
     src = SourceConfig.model_validate(source)
     cfg, device, model = _planned_encoder(encoder, src.image_size, device, expect_weights)
@@ -194,10 +194,10 @@ def encode_files_chunk(encoder: dict, source: dict, device: str, store: str, chu
 
 def stats_chunk(encoder: dict, source: dict, device: str, ids: list[str], expect_weights: str) -> tuple:
     """Dask entry: (count, mean, M2) of the encoder's tokens over the files of `ids` (encoder.stats_images),
-    on this worker's GPU. tasks.encode fixes the latent store's mean/std from it before the pass."""
+    on this worker's GPU. tasks.encode.stage fixes the latent store's mean/std from it before the pass."""
     from storage.config import SourceConfig
     from storage.imagenet import resize_short_side, sample_files
-    from tasks.encode_files import Preprocess, sample_moments
+    from tasks.encode.files import Preprocess, sample_moments
 
     src = SourceConfig.model_validate(source)
     cfg, device, model = _planned_encoder(encoder, src.image_size, device, expect_weights)

@@ -10,7 +10,7 @@ and `hierarchy.generator_levels` (the trajectory's states, one more: the full la
 
 The walk of `hierarchy.cuts` from the CLI to the teacher store, 5 arrows and one conversion:
 flows.cli (storage.config.load_config: a validated TFConfig) -> flows.stages (the hierarchy stage) ->
-tasks.hierarchy.build_teacher (cfg.hierarchy; its model_dump into the store's attributes) ->
+tasks.hierarchy.stage.build_teacher (cfg.hierarchy; its model_dump into the store's attributes) ->
 hierarchy_spec (here: the frozen HierarchySpec of the same-named fields) -> tasks.chunk_workers.hierarchy_chunk
 on a Dask worker -> models.hierarchy.reference.build_hierarchies, whose regions hierarchy_chunk writes.
 """

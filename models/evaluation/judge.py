@@ -9,7 +9,7 @@ Network: a four-stage conv encoder (strides 1, 2, 4, 8 after a stride-`stem_stri
 conv on an `input_size` resize of the image) with an FPN-style decoder back to stride 2 of the
 first stage. The class head pools the deepest stage (features = its hidden layer); one 1x1
 segmentation head per level predicts, per pixel, one of `slots[l]` region slots. Sized to train
-in about a minute on one CPU core at the scenes config (tasks.judge): an FPN-style decoder, not a
+in about a minute on one CPU core at the scenes config (tasks.judge.stage): an FPN-style decoder, not a
 U-Net's concatenating convs, which cost as much as the encoder for no better held-out mIoU.
 
 Id-free targets: ground-truth ids are only defined up to renaming, so the targets are made

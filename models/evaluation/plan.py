@@ -74,7 +74,7 @@ class Scorers:
 class Runtime:
     """device / dtype: every network runs under autocast(dtype) (default bf16 on cuda, none on cpu).
     structure_runner: a factory with models.evaluation.structure_stream.InlineStructure's signature
-    (tasks.structure_pool.process_structure for worker processes). noise_threads=0 draws noise in
+    (tasks.evaluate.structure_pool.process_structure for worker processes). noise_threads=0 draws noise in
     this thread. overlap_features: feature passes in a side thread (None: on for cuda).
     progress(done, total, timing) is called after every batch."""
     device: str | torch.device = "cpu"

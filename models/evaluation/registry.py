@@ -13,7 +13,7 @@ An entry (a `Metric`) holds everything the evaluation knows about its metric:
 - its values (`values`: MetricValues, from which the row writer makes rows);
 - which extractor's labels its rows carry, and where the dashboard and the run summary show it.
 
-models.evaluation.streaming_eval, models.evaluation.eval_stats, models.evaluation.structure_stream, tasks.evaluate and
+models.evaluation.streaming_eval, models.evaluation.eval_stats, models.evaluation.structure_stream, tasks.evaluate.stage and
 dashboards.data iterate over `registered()`. The entries live in the package models.evaluation.entries,
 one module per family, and register themselves on import: adding a metric is one module there
 (plus its test). An entry registered elsewhere (a test) takes part in everything that runs in this

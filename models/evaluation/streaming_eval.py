@@ -8,7 +8,7 @@ models.evaluation.eval_stats.FoldState (running Gaussian statistics kept on the 
 reservoirs, per-sample values). The per-sample structure values of the first
 `plan.structure_samples` samples (re-encode agreement: the first `plan.reencode_samples`) are
 computed on CPU by a structure runner (models.evaluation.structure_stream.InlineStructure, or
-tasks.structure_pool's worker processes), each registered metric's `Metric.score_chunk` per block.
+tasks.evaluate.structure_pool's worker processes), each registered metric's `Metric.score_chunk` per block.
 Defaults: 10,000 structure samples (they cost ~50 CPU-ms a sample: region clustering of three
 levels plus plan adherence, measured on the H200 host; all 50,000 would need ~2,400 CPU-s, more than
 the whole GPU pass), 10,000 KID pool vectors (80 MB, float64 KID math on 100 subsets of 1,000) and

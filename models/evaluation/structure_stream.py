@@ -7,7 +7,7 @@ rebuilt from the re-encoded decoded image, the hierarchy rebuilt on the final la
 judge's partition. `structure_chunk` runs every registered metric's `score_chunk` on it
 (models.evaluation.registry). A block of one level is a flat-baseline block (the final latent only): no
 plan, and its regions are those of the rebuilt hierarchy. `InlineStructure` collects the blocks of a
-streamed evaluation by sample; tasks.structure_pool runs the same chunks in worker processes.
+streamed evaluation by sample; tasks.evaluate.structure_pool runs the same chunks in worker processes.
 """
 from __future__ import annotations
 

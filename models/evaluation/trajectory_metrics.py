@@ -72,7 +72,7 @@ def _single_region(ids: np.ndarray) -> bool:
 def informative_agreement(score, a: np.ndarray, b: np.ndarray) -> float:
     """score(a, b), or NaN when both partitions are one region: they then agree by construction (ARI
     and mIoU both say 1.0), which over a flat grey canvas would read as a perfect plan. NaN leaves the
-    pair out of the row's mean and its n (tasks.evaluate_rows)."""
+    pair out of the row's mean and its n (tasks.evaluate.rows)."""
     return float("nan") if _single_region(a) and _single_region(b) else score(a, b)
 
 

@@ -123,7 +123,7 @@ def argparse_actions():
 def test_a_diverged_run_is_a_row_and_a_run_past_its_deadline_stops_cleanly(tmp_path):
     """advance() turns the training loop's NonFiniteTraining into ("diverged", its update) and a segment
     that passes the deadline into "time_limit"; a normal segment continues from the saved state."""
-    from tasks.train_ddp import synthetic_job
+    from tasks.train.ddp import synthetic_job
 
     def job(lr):
         j = synthetic_job(0, tmp_path, steps=100, batch_size=8, optimizer="muon", checkpoint_every=0)

@@ -29,7 +29,7 @@ def test_flat_pipeline_trains_the_flat_model_and_reuses_the_rest(two_runs):
     status = {s["stage"]: s["status"] for s in second["stages"]}
     assert status == {"ingest": "reused", "encode": "reused", "hierarchy": "reused", "train-decoder": "reused",
                       "train-flat": "computed", "judge": "reused", "evaluate": "computed"}
-    from tasks.evaluate import evaluation_dir
+    from tasks.evaluate.stage import evaluation_dir
 
     layout = plan.layout(root, flat)
     flat_dir, staged_dir = evaluation_dir(layout, flat), evaluation_dir(plan.layout(root, staged), staged)

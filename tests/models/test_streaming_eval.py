@@ -12,7 +12,7 @@ from models.evaluation.metrics import fd_from_features, feature_stats
 from models.evaluation.streaming_eval import (DINOV2, FID, KID_FEATURES, PHASES, Runtime, Scorers,
                                    evaluate_streaming, level_key, metric_values, reference_stats, token_subsample)
 from models.generator.trajectory import level_noises, sample_trajectory
-from tasks.structure_pool import process_structure
+from tasks.evaluate.structure_pool import process_structure
 from models.evaluation.trajectory_metrics import (generated_regions, per_level_fd, reencode_agreement,
                                        structural_consistency)
 from specs import eval_plan, hierarchy_spec
@@ -87,7 +87,7 @@ def reference(real):
 
 @pytest.fixture(scope="module")
 def in_memory(models):
-    """What tasks/evaluate.py computes with everything in memory."""
+    """What tasks/evaluate/stage.py computes with everything in memory."""
     generators, decoder, encoder = models
     labels = np.random.default_rng(0).choice(LABEL_POOL, N)
     noises = level_noises(LEVELS, T, C, SEEDS.tolist(), "cpu")

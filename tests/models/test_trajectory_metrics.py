@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from models.evaluation.trajectory_metrics import reencode_agreement
-from tasks.evaluate_rows import values_rows
+from tasks.evaluate.rows import values_rows
 
 T = 8
 ONE_REGION = np.zeros(T, np.int64)

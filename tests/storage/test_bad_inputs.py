@@ -71,7 +71,7 @@ def write_corpus(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
-    from tasks.ingest import ingest_images
+    from tasks.ingest.stage import ingest_images
 
     source, root = tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("root")
     expected = write_corpus(source)

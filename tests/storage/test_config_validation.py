@@ -112,7 +112,7 @@ def test_store_of_another_schema_version_is_refused(tmp_path, monkeypatch):
 
 
 def test_a_complete_store_under_the_wrong_key_is_not_reused(tmp_path):
-    from tasks.ingest import ingest_images
+    from tasks.ingest.stage import ingest_images
     from storage.keys import Layout
 
     cfg = load_config(CONFIG)

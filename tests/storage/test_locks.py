@@ -96,7 +96,7 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
 
 
 def test_ingest_refuses_before_any_work_while_another_run_holds_its_store(tmp_path):
-    from tasks.ingest import ingest_images
+    from tasks.ingest.stage import ingest_images
 
     cfg = load_config(CONFIG, ["concurrency.on_locked=fail"])
     stage = Layout(tmp_path, cfg).images()

@@ -20,7 +20,7 @@ from storage.config import SourceConfig
 from storage.imagenet import sample_files
 from storage.sources import list_source
 from storage.tables import load_rejects
-from tasks.encode_files import Preprocess, decode_pixels
+from tasks.encode.files import Preprocess, decode_pixels
 
 REPO = Path(__file__).parents[2]
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
@@ -93,7 +93,7 @@ def shared_tmp(tmp_path_factory):
 INGEST = """
 import json
 from storage.config import load_config
-from tasks.ingest import ingest_images
+from tasks.ingest.stage import ingest_images
 cfg = load_config(None, {overrides!r})
 print(json.dumps(ingest_images.fn(cfg, "{root}", False)))
 """
@@ -115,7 +115,7 @@ def _ingest(tree: Path, root: Path, bound: bool = False) -> tuple[dict, dict[str
         result = json.loads(done.stdout.strip().splitlines()[-1])
     else:
         from storage.config import load_config
-        from tasks.ingest import ingest_images
+        from tasks.ingest.stage import ingest_images
 
         result = ingest_images.fn(load_config(None, overrides), str(root), False)
     frame = load_rejects(result["path"])

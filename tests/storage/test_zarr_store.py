@@ -122,8 +122,8 @@ def test_bfloat16_round_trip_equals_torch_rounding_and_float16_is_unchanged(tmp_
     reader (read_floats, open_dataset, load_latents) gets float32 equal to torch's bf16 rounding."""
     import torch
 
-    from tasks.encode import latent_store_arrays
-    from tasks.level_data import load_latents
+    from tasks.encode.stage import latent_store_arrays
+    from tasks.train.level_data import load_latents
 
     rng = np.random.default_rng(2)
     tokens = (rng.standard_normal((10, 2, 2, 8)) * 10.0 ** rng.integers(-4, 4, (10, 2, 2, 8))).astype(np.float32)

@@ -77,8 +77,8 @@ def dask_cluster(logs: Path):
 
 
 def test_encode_chunks_run_on_the_gpu_worker_and_match_the_in_process_encode(tmp_path):
-    from tasks.encode import encode_latents
-    from tasks.ingest import ingest_images
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
 
     remote_root, local_root = tmp_path / "dask", tmp_path / "local"
     with dask_cluster(tmp_path / "logs") as (address, gpu_worker, cpu_worker):

@@ -1,4 +1,4 @@
-"""The direct encode path (tasks/encode_files.py): ImageNet-layout files -> latent store on the CPU,
+"""The direct encode path (tasks/encode/files.py): ImageNet-layout files -> latent store on the CPU,
 with the files nvjpeg would refuse (CMYK, a PNG named .JPEG) and one nothing decodes (truncated)."""
 import io
 from pathlib import Path
@@ -14,7 +14,7 @@ from storage.config import load_config
 from storage.keys import Layout
 from storage.sources import SourceChanged
 from storage.tables import load_rejects
-from tasks.file_decode import decode_images, jpeg_frame, nvjpeg_can_take
+from tasks.encode.decode import decode_images, jpeg_frame, nvjpeg_can_take
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 SIZE = 56
@@ -51,7 +51,7 @@ def _cfg(tree: Path, *more: str):
 
 
 def _expected_tokens(paths: list[Path], resize_short: int) -> np.ndarray:
-    """Independent of tasks.file_decode: PIL decode, the central crop of the short side, one
+    """Independent of tasks.encode.decode: PIL decode, the central crop of the short side, one
     antialiased bicubic resize, the random-init encoder the stage builds (seed 0)."""
     from models.encoder import build_encoder, encode_tensor
 
@@ -80,8 +80,8 @@ def test_decoders_route_what_nvjpeg_refuses_to_the_cpu(tree):
 
 
 def test_every_file_is_a_latent_or_a_reject_and_latents_match_an_independent_encode(tree, tmp_path):
-    from tasks.encode import encode_latents
-    from tasks.ingest import ingest_images
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
 
     cfg = _cfg(tree)
     ingest = ingest_images.fn(cfg, str(tmp_path))
@@ -112,8 +112,8 @@ def test_every_file_is_a_latent_or_a_reject_and_latents_match_an_independent_enc
 
 
 def test_rerun_after_a_lost_marker_recomputes_only_that_chunk(tree, tmp_path):
-    from tasks.encode import encode_latents
-    from tasks.ingest import ingest_images
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
 
     cfg = _cfg(tree)
     ingest_images.fn(cfg, str(tmp_path))
@@ -135,8 +135,8 @@ def test_rerun_after_a_lost_marker_recomputes_only_that_chunk(tree, tmp_path):
 def test_encode_refuses_a_folder_changed_since_ingest(tree, tmp_path):
     import shutil
 
-    from tasks.encode import encode_latents
-    from tasks.ingest import ingest_images
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
 
     copy = tmp_path / "tree"
     shutil.copytree(tree, copy)
@@ -149,9 +149,9 @@ def test_encode_refuses_a_folder_changed_since_ingest(tree, tmp_path):
 
 def test_imagefolder_stages_complete_with_a_pixel_sample(tree, tmp_path):
     """ingest (listing + 6 sampled images) -> encode (every file) -> the decoder, trained on the sample."""
-    from tasks.encode import encode_latents
-    from tasks.ingest import ingest_images
-    from tasks.train import train_decoder_task
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
+    from tasks.train.stage import train_decoder_task
 
     cfg = _cfg(tree, "ingest.sample_pixels=6")
     root = str(tmp_path)
@@ -165,8 +165,8 @@ def test_imagefolder_stages_complete_with_a_pixel_sample(tree, tmp_path):
 def test_real_pixels_decode_what_the_image_store_does_not_hold(tree, tmp_path):
     """The evaluation's real side on a direct-path source: with 6 images stored, the other valid samples
     are decoded from their files; the result equals a store holding all of them (ingest's own decode)."""
-    from tasks.encode_files import real_pixels
-    from tasks.ingest import ingest_images
+    from tasks.encode.files import real_pixels
+    from tasks.ingest.stage import ingest_images
 
     stores = {}
     for pixels in (6, 13):
@@ -191,8 +191,8 @@ def test_a_file_that_never_finishes_reading_becomes_a_reject_and_the_run_goes_on
     import storage.imagenet as imagenet
     from storage.imagenet import resize_short_side, sample_files
     from storage.latent_store import latent_store_arrays
-    from tasks.encode_files import Preprocess, encode_file_chunks
-    from tasks.encoder_load import load_encoder
+    from tasks.encode.files import Preprocess, encode_file_chunks
+    from tasks.encode.encoder_load import load_encoder
 
     cfg = _cfg(tree)
     paths = sorted(str(p.relative_to(tree)) for p in tree.rglob("*.JPEG") if str(p.relative_to(tree)) not in ODD)
@@ -228,9 +228,9 @@ def test_the_hierarchy_fused_into_encode_equals_the_hierarchy_stage_and_is_reuse
     spread over both class folders); with the batched backend the pass then also fills the teacher
     store. `tf hierarchy` reuses it, and recomputed from the stored latents it is the same, region for
     region; the store's mean/std are the sample's, with the whole set's distance from them on record."""
-    from tasks.encode import encode_latents, sample_rows
-    from tasks.hierarchy import build_teacher
-    from tasks.ingest import ingest_images
+    from tasks.encode.stage import encode_latents, sample_rows
+    from tasks.hierarchy.stage import build_teacher
+    from tasks.ingest.stage import ingest_images
 
     cfg = _cfg(tree, "encoder.stats_images=5", "hierarchy.backend=batched", "encoder.dtype=bfloat16")
     root = str(tmp_path)
@@ -256,8 +256,8 @@ def test_the_hierarchy_fused_into_encode_equals_the_hierarchy_stage_and_is_reuse
 
 
 def test_without_the_hierarchy_in_the_run_encode_leaves_the_teacher_alone(tree, tmp_path):
-    from tasks.encode import encode_latents
-    from tasks.ingest import ingest_images
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
 
     cfg = _cfg(tree, "encoder.stats_images=5", "hierarchy.backend=batched")
     ingest_images.fn(cfg, str(tmp_path))

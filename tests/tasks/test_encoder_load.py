@@ -1,7 +1,7 @@
 """Issue 17: a weights file that cannot be loaded into the configured encoder fails in a few lines naming
 the file, encoder.weights and the first mismatched tensors, through the real loading path (timm with
 pretrained_cfg_overlay=dict(file=...)), never with torch's advice to load with weights_only=False.
-models.encoder only says which file failed; tasks.encoder_load reads what the file holds."""
+models.encoder only says which file failed; tasks.encode.encoder_load reads what the file holds."""
 import os
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.encoder import WeightsError, build_encoder
-from tasks.encoder_load import load_encoder
+from tasks.encode.encoder_load import load_encoder
 
 REG = "vit_small_patch14_reg4_dinov2"
 SIZE = 56

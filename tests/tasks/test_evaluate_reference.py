@@ -5,7 +5,7 @@ import torch
 from models.evaluation.metrics import feature_stats
 from storage import zarr_store
 from storage.zarr_store import ArraySpec
-from tasks.evaluate_reference import image_reference, level_reference
+from tasks.evaluate.reference import image_reference, level_reference
 
 
 def _images_store(tmp_path, n=10, size=8):
@@ -50,7 +50,7 @@ def test_image_statistics_are_stored_once_and_reused(tmp_path):
 def test_level_statistics_match_numpy(tmp_path):
     """Every level's canvases of latents (float16 as stored, normalised) under a teacher, built batch by batch,
     against numpy's statistics of canvases built over the whole set in float64."""
-    from tasks.level_data import Latents
+    from tasks.train.level_data import Latents
 
     rng = np.random.default_rng(1)
     stored = torch.from_numpy(rng.normal(2.0, 3.0, size=(9, 6, 3)).astype(np.float16))

@@ -2,7 +2,7 @@
 import numpy as np
 
 from models.evaluation.registry import FLAT_REASON, EvalSetting, MetricValues, registered
-from tasks.evaluate_rows import registry_rows
+from tasks.evaluate.rows import registry_rows
 
 LABELS = {"dinov2": {"feature_extractor": "dinov2"}, "inception": {"feature_extractor": "inception"},
           "judge": {"feature_extractor": "judge"}, "encoder": {"feature_extractor": "encoder"}}

@@ -41,7 +41,7 @@ def _config(tree, weights, allow_random=False):
 
 
 def test_ingest_rejects_bad_files_and_resumes_only_unfinished_chunks(imagenet_tree, weights_file, tmp_path):
-    from tasks.ingest import ingest_images
+    from tasks.ingest.stage import ingest_images
 
     cfg = _config(imagenet_tree, weights_file)
     result = ingest_images.fn(cfg, str(tmp_path))
@@ -66,8 +66,8 @@ def test_ingest_rejects_bad_files_and_resumes_only_unfinished_chunks(imagenet_tr
 
 
 def test_encode_loads_a_timm_weights_file_through_the_real_path(imagenet_tree, weights_file, tmp_path):
-    from tasks.encode import encode_latents
-    from tasks.ingest import ingest_images
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
 
     cfg = _config(imagenet_tree, weights_file)
     ingest_images.fn(cfg, str(tmp_path))
@@ -84,8 +84,8 @@ def test_encode_loads_a_timm_weights_file_through_the_real_path(imagenet_tree, w
 
 def test_missing_weights_without_random_init_fail_with_how_to(imagenet_tree, tmp_path):
     from models.encoder import MissingWeightsError
-    from tasks.encode import encode_latents
-    from tasks.ingest import ingest_images
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
 
     cfg = _config(imagenet_tree, tmp_path / "absent.safetensors")
     ingest_images.fn(cfg, str(tmp_path))

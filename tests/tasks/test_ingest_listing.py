@@ -16,7 +16,7 @@ from storage.config import SourceConfig, load_config
 from storage.keys import Layout
 from storage.sources import SourceChanged, list_source, read_chunk, read_image
 from storage.tables import load_rejects
-from tasks.ingest import ingest_images
+from tasks.ingest.stage import ingest_images
 
 SIZE = 28   # a multiple of the encoder patch (14), as the config demands
 

@@ -9,7 +9,7 @@ from storage.config import load_config
 from storage.files import read_json
 from storage.keys import Layout
 from storage.scenes import SCENE_CLASSES, render_scenes
-from tasks.ingest import image_store_arrays
+from tasks.ingest.stage import image_store_arrays
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
@@ -27,7 +27,7 @@ def _image_store(path: Path, cfg) -> None:
 
 
 def test_judge_stage_is_trained_once_then_reused_and_keyed_by_its_config(tmp_path):
-    from tasks.judge import ensure_judge
+    from tasks.judge.stage import ensure_judge
 
     cfg = load_config(CONFIG)
     layout = Layout(tmp_path, cfg)
@@ -55,7 +55,7 @@ def test_judge_stage_is_trained_once_then_reused_and_keyed_by_its_config(tmp_pat
 
 
 def test_judge_needs_scenes(tmp_path):
-    from tasks.judge import ensure_judge
+    from tasks.judge.stage import ensure_judge
 
     cfg = load_config(CONFIG, ["source.kind=imagefolder", f"source.path={tmp_path}"])
     assert Layout(tmp_path, cfg).keys.judge == ""
@@ -65,9 +65,9 @@ def test_judge_needs_scenes(tmp_path):
 
 def test_other_sources_get_every_judge_row_as_skipped_with_the_reason(tmp_path):
     from models.evaluation.registry import EvalSetting
-    from tasks.evaluate_judge import judge_labels
-    from tasks.evaluate_rows import registry_rows
-    from tasks.judge import NOT_SCENES
+    from tasks.evaluate.judge import judge_labels
+    from tasks.evaluate.rows import registry_rows
+    from tasks.judge.stage import NOT_SCENES
 
     cfg = load_config(CONFIG, ["source.kind=imagefolder", f"source.path={tmp_path}"])
     setting = EvalSetting(levels=4, judge_reason=NOT_SCENES + " (source.kind is 'imagefolder')")

@@ -16,10 +16,10 @@ from storage.config import load_config
 from storage.keys import Layout
 from storage.latent_store import latent_store_arrays
 from storage.locks import StageLocked
-from tasks.encode import encode_latents
-from tasks.hierarchy import build_teacher
-from tasks.ingest import ingest_images, with_stored_pixels
-from tasks.level_data import load_latents
+from tasks.encode.stage import encode_latents
+from tasks.hierarchy.stage import build_teacher
+from tasks.ingest.stage import ingest_images, with_stored_pixels
+from tasks.train.level_data import load_latents
 from tasks.stage import Done, Stage, StaleUpstream, run_stage
 
 REPO = Path(__file__).parents[2]

@@ -68,7 +68,7 @@ FULL_DISK = """
 import json, sys, time
 from prefect.states import Failed
 from storage.config import load_config
-from tasks.ingest import ingest_images
+from tasks.ingest.stage import ingest_images
 from tasks.stage import retry_transient
 disk, tree = sys.argv[1], sys.argv[2]
 with open(disk + "/filler", "wb", buffering=0) as filler:   # the file system is full before the stage starts

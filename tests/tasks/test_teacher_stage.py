@@ -24,11 +24,11 @@ def in_process_chunks(monkeypatch):
     def run_here(fn, chunk_args, **_):
         return [fn(*args) for args in chunk_args]
 
-    import tasks.hierarchy
-    import tasks.ingest
+    import tasks.hierarchy.stage
+    import tasks.ingest.stage
 
-    monkeypatch.setattr(tasks.hierarchy, "run_chunks", run_here)
-    monkeypatch.setattr(tasks.ingest, "run_chunks", run_here)
+    monkeypatch.setattr(tasks.hierarchy.stage, "run_chunks", run_here)
+    monkeypatch.setattr(tasks.ingest.stage, "run_chunks", run_here)
 
 
 def canonical(ids: np.ndarray) -> np.ndarray:
@@ -98,7 +98,7 @@ def write_latent_store(path: Path, tokens: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def test_teacher_clusters_the_standardised_latents_as_written_out(tmp_path):
-    from tasks.hierarchy import build_teacher
+    from tasks.hierarchy.stage import build_teacher
 
     cfg = load_config(CONFIG)
     layout = Layout(tmp_path, cfg)
@@ -130,9 +130,9 @@ def assert_nested(ids: np.ndarray) -> None:
 def test_ground_truth_teacher_end_to_end_beside_the_clustered_one(tmp_path):
     """`tf hierarchy --config configs/tiny.yaml --set hierarchy.source=ground_truth`, through the stage task."""
     from models.hierarchy.reference import ground_truth_hierarchies
-    from tasks.encode import encode_latents
-    from tasks.hierarchy import build_teacher
-    from tasks.ingest import ingest_images
+    from tasks.encode.stage import encode_latents
+    from tasks.hierarchy.stage import build_teacher
+    from tasks.ingest.stage import ingest_images
 
     oracle = load_config(CONFIG, ["hierarchy.source=ground_truth"])
     clustered = load_config(CONFIG)
@@ -175,7 +175,7 @@ def test_ground_truth_teacher_end_to_end_beside_the_clustered_one(tmp_path):
 
 def test_ground_truth_teacher_refuses_a_store_without_enough_levels(tmp_path):
     """The number of ground-truth levels must be the hierarchy's partition level count (checked on the store)."""
-    from tasks.hierarchy import _check_ground_truth
+    from tasks.hierarchy.stage import _check_ground_truth
 
     images = tmp_path / "images"
     zarr_store.create_store(images, {"masks": ArraySpec((2, 2, 28, 28), np.uint8, ("sample", "gt_level", "y", "x"))},

@@ -11,7 +11,7 @@ import torch
 
 from models.generator.train_loop import train_generator
 from storage.checkpoints import is_complete, load_checkpoint
-from tasks.train_ddp import synthetic_job
+from tasks.train.ddp import synthetic_job
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, BATCH, SEED = 4, 8, 5
@@ -35,7 +35,7 @@ def test_two_ranks_equal_one_process_and_only_rank0_writes(tmp_path, jvp_attenti
     out, log = tmp_path / "stage", tmp_path / "log"
     log.mkdir()
     env = {**os.environ, "TF_DDP_WRITE_LOG": str(log), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "tasks.train_ddp",
+    command = torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "tasks.train.ddp",
                             "--synthetic", str(SEED), "--out", str(out), "--steps", str(STEPS),
                             "--batch-size", str(BATCH), "--optimizer", optimizer, "--checkpoint-every", "2",
                             "--jvp-attention", jvp_attention]

@@ -1,6 +1,6 @@
 """A training process SIGKILLed mid-run and started again ends with exactly the weights of an unbroken run.
 
-The child uses the same pieces as the train-level task: snapshots through tasks.generator_job's
+The child uses the same pieces as the train-level task: snapshots through tasks.train.generator_job's
 snapshotter into a stage folder, resume from storage.checkpoints.load_train_state, and the final
 write (per-EMA checkpoints, generator-raw, _COMPLETE).
 """
@@ -16,7 +16,7 @@ import torch
 from models.generator.train_loop import train_generator
 from storage.checkpoints import is_complete, load_checkpoint
 from storage.files import read_json
-from tasks.train_ddp import synthetic_job
+from tasks.train.ddp import synthetic_job
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, SEED = 12, 11
@@ -26,8 +26,8 @@ torch.set_num_threads(1)
 from pathlib import Path
 from models.generator.train_loop import train_generator
 from storage.checkpoints import load_train_state
-from tasks.generator_job import finish_generator, snapshotter
-from tasks.train_ddp import synthetic_job
+from tasks.train.generator_job import finish_generator, snapshotter
+from tasks.train.ddp import synthetic_job
 folder, pause = Path(sys.argv[1]), float(sys.argv[2])
 job = synthetic_job({SEED}, folder, {STEPS}, 8, "muon", 2)
 resume = load_train_state(folder, "generator")

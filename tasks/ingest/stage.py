@@ -3,7 +3,7 @@
 The scenes (and ImageNet sources with encoder.read_from image_store) store every image, decoded by
 Dask workers. ImageNet sources that encode reads from the files (the default) store the listing
 (ids, labels, valid, listing rejects, fingerprint) and the pixels of only the first
-ingest.sample_pixels samples, decoded here by the encoder's own reader (tasks.encode_files) so the
+ingest.sample_pixels samples, decoded here by the encoder's own reader (tasks.encode.files) so the
 dashboards and the decoder see exactly what the encoder saw; `image` then has that many rows.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def write_listing_chunks(cfg: TFConfig, path, listing: SourceListing, pending: l
     file; decode failures show in the latent store, and here for the sampled pixels), and the pixels of
     the slots below `pixels`, decoded on this CPU by the encoder's reader."""
     from storage.imagenet import resize_short_side, sample_files
-    from tasks.encode_files import Preprocess, decode_pixels
+    from tasks.encode.files import Preprocess, decode_pixels
 
     files = sample_files(cfg.source, listing.ids)
     preprocess = Preprocess(cfg.source.image_size, resize_short_side(cfg.source), cfg.source.interpolation)

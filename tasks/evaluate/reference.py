@@ -32,7 +32,7 @@ def image_reference(images_store: Path, index: np.ndarray, extractor_label: str,
                     device: str = "cpu", batch_size: int = 256, kid_reservoir: int = 10_000,
                     force: bool = False, read_pixels: Callable | None = None) -> tuple[dict[str, np.ndarray], bool]:
     """(statistics, reused) of the real images `index` under one extractor; computed and stored when absent.
-    read_pixels(index) -> uint8 images (tasks.encode_files.real_pixels); default: the image store's rows."""
+    read_pixels(index) -> uint8 images (tasks.encode.files.real_pixels); default: the image store's rows."""
     label = _set_label(extractor_label, index)
     found = None if force else load_reference(images_store, label)
     if found is not None:
@@ -60,8 +60,8 @@ def image_reference(images_store: Path, index: np.ndarray, extractor_label: str,
 def level_reference(latents, teacher: torch.Tensor, *, device: str = "cpu", batch_size: int = 256,
                     tokens_per_sample: int = 4) -> dict[str, np.ndarray]:
     """Per-level statistics ("level{l}.mean_pooled" / ".tokens") of the teacher canvases of `latents`
-    (tasks.level_data.Latents) under `teacher` [N, L-1, T], built batch by batch on `device`."""
-    from tasks.level_data import canvases
+    (tasks.train.level_data.Latents) under `teacher` [N, L-1, T], built batch by batch on `device`."""
+    from tasks.train.level_data import canvases
 
     n = len(latents)
 

@@ -43,7 +43,7 @@ def teacher_stage(cfg: TFConfig, layout: Layout) -> Stage:
 def teacher_template(cfg: TFConfig, layout: Layout) -> list[tuple[int, int]]:
     """The teacher store's template for this config (or the one already there, checked to be it): attrs,
     sample ids, levels. Returns the chunk bounds. Shared with the encode stage, which fills it in the
-    same pass as the latents when it can (tasks.encode: the hierarchy fused into encode)."""
+    same pass as the latents when it can (tasks.encode.stage: the hierarchy fused into encode)."""
     latents, path = layout.latents(), layout.teacher()
     tokens = zarr_store.open_array(latents, "tokens")
     num, grid = tokens.shape[0], tokens.shape[1]

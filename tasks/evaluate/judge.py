@@ -23,8 +23,8 @@ from models.evaluation.metrics import feature_stats, frechet_distance
 from storage.config import TFConfig
 from storage.keys import Layout
 from storage.scenes import masks_to_grid
-from tasks.evaluate_reference import image_reference
-from tasks.judge import ensure_judge, load_judge, load_real_scenes
+from tasks.evaluate.reference import image_reference
+from tasks.judge.stage import ensure_judge, load_judge, load_real_scenes
 
 
 def judge_labels(layout: Layout) -> dict:

@@ -8,7 +8,7 @@
          hierarchy of the stored values (models.hierarchy.batched); one async copy to a pinned buffer
       -> writer threads (latents, reject rows, then the teacher's regions; each marker last)
 
-`encode_file_chunks` is what `tf encode` runs for ImageNet sources (tasks/encode.py, in-process
+`encode_file_chunks` is what `tf encode` runs for ImageNet sources (tasks/encode/stage.py, in-process
 per GPU or one Dask task per chunk) and what bench/dataplane.py times. It writes the chunks it is
 given through storage.latent_store.write_latent_chunk, so a store it makes is the store the
 image-store path makes; a file nothing decodes is a reject row and a slot with valid False.
@@ -35,8 +35,8 @@ from storage import zarr_store
 from storage.imagenet import SampleFiles
 from storage.latent_store import write_latent_chunk
 from storage.sources import reject_reason
-from tasks.file_decode import crop_resize, decode_images, to_uint8
-from tasks.phase_clock import PhaseClock
+from tasks.encode.decode import crop_resize, decode_images, to_uint8
+from tasks.encode.phase_clock import PhaseClock
 
 READ_AHEAD = 3   # batches whose bytes are being read while one is prepared and one encoded
 
@@ -208,7 +208,7 @@ def _encode_prepared(model, prepared: Prepared, device: torch.device, clock: Pha
 def sample_moments(model, files: SampleFiles, preprocess: Preprocess, device: str | torch.device, *,
                    batch_size: int, readers: int = 8, read_timeout: float | None = None) -> tuple:
     """(count, mean [C], M2 [C]) of the encoder's tokens over every decodable file of `files`, accumulated on
-    the device: the channel statistics of a sample (tasks.encode spreads it over the source) that a fused
+    the device: the channel statistics of a sample (tasks.encode.stage spreads it over the source) that a fused
     pass standardises with before it has seen the rest. Nothing is written."""
     device = torch.device(device)
     moments = DeviceMoments()

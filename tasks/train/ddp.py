@@ -1,7 +1,7 @@
 """Multi-GPU (or multi-process CPU) training of one generator with torchrun + DistributedDataParallel.
 
-    torchrun --nproc_per_node=4 -m tasks.train_ddp --config configs/imagenet.yaml --root data --level 2
-    torchrun --nproc_per_node=4 -m tasks.train_ddp --config ... --root ... --flat
+    torchrun --nproc_per_node=4 -m tasks.train.ddp --config configs/imagenet.yaml --root data --level 2
+    torchrun --nproc_per_node=4 -m tasks.train.ddp --config ... --root ... --flat
 
 Plain torch, no Prefect run: it reads the same stores and writes the same stage folder as the
 `train-level-l` task (final checkpoints, `_COMPLETE`, resumable snapshots), so either can finish
@@ -27,7 +27,7 @@ from models.generator.train_state import export_state
 from storage.checkpoints import is_complete, load_train_state, save_train_state
 from storage.config import TFConfig, load_config
 from storage.files import atomic_write_json
-from tasks.generator_job import SHARED, GeneratorJob, finish_generator, generator_job
+from tasks.train.generator_job import SHARED, GeneratorJob, finish_generator, generator_job
 from tasks.plan import generator_config, generator_optim, objective_config, sampled_ema
 from tasks.stage import divergence_named
 

@@ -4,7 +4,7 @@ Reads the latent/teacher/image stores and the checkpoints; writes the evaluation
 (trajectories Zarr for the kept subset, edits Parquet/Zarr, grid PNG) and one metrics
 Parquet part for the run. Samples are streamed in batches (models.evaluation.streaming_eval), so
 50k samples never sit in memory; the real side's image statistics are cached with the
-real set (tasks.evaluate_reference).
+real set (tasks.evaluate.reference).
 
 With `generator.mode: flat` the flat baseline is evaluated instead of the level generators, into
 its own folder (`evaluate-flat-<key>`, beside the staged `evaluate-<key>`): one step from the final
@@ -43,20 +43,20 @@ from storage.scenes import masks_to_grid
 from storage.tables import write_metrics
 from storage.trajectory_store import new_edit_id, write_edits, write_grid, write_trajectories
 from tasks.plan import decoder_spec, eval_plan, generator_config, hierarchy_spec, layout as stage_layout
-from tasks.encode_files import real_pixels
-from tasks.encoder_load import load_encoder
-from tasks.evaluate_judge import holdout_values, judge_labels, prepare_judge
-from tasks.judge import ensure_judge
-from tasks.evaluate_reference import image_reference, level_reference
-from tasks.evaluate_report import publish_artifacts
-from tasks.evaluate_rows import registry_rows
-from tasks.level_data import Latents, load_latents, regions_of
+from tasks.encode.files import real_pixels
+from tasks.encode.encoder_load import load_encoder
+from tasks.evaluate.judge import holdout_values, judge_labels, prepare_judge
+from tasks.judge.stage import ensure_judge
+from tasks.evaluate.reference import image_reference, level_reference
+from tasks.evaluate.report import publish_artifacts
+from tasks.evaluate.rows import registry_rows
+from tasks.train.level_data import Latents, load_latents, regions_of
 from tasks.progress import Progress
 from tasks.stage import Done, Stage, pick_device, run_stage, stage_task
-from tasks.structure_pool import process_structure
-from tasks.judge import NOT_SCENES
-from tasks.generator_job import num_classes
-from tasks.train import load_flat_generator
+from tasks.evaluate.structure_pool import process_structure
+from tasks.judge.stage import NOT_SCENES
+from tasks.train.generator_job import num_classes
+from tasks.train.stage import load_flat_generator
 
 
 def _sampled_keys(layout: Layout) -> list[str]:

@@ -1,5 +1,5 @@
 """One generator's training job (a level l, or the flat baseline), shared by the Prefect task
-(tasks/train.py) and the torchrun entry point (tasks/train_ddp.py). No Prefect here, so DDP ranks
+(tasks/train/stage.py) and the torchrun entry point (tasks/train/ddp.py). No Prefect here, so DDP ranks
 import it cheaply: building the job from the stores, snapshot callbacks, and the final write
 (one checkpoint per EMA decay, `generator` being the sampled one, then `_COMPLETE`).
 """
@@ -20,7 +20,7 @@ from storage import zarr_store
 from storage.checkpoints import clear_train_state, mark_complete, save_checkpoint, save_train_state
 from storage.config import TFConfig
 from storage.keys import Layout
-from tasks.level_data import load_latents, regions_of
+from tasks.train.level_data import load_latents, regions_of
 from tasks.plan import generator_config, generator_optim, objective_config, sampled_ema
 
 

@@ -21,10 +21,10 @@ from models.generator.train_state import ema_name
 from storage.checkpoints import clear_train_state, load_checkpoint, load_train_state, mark_complete, save_checkpoint
 from storage.config import TFConfig
 from storage.keys import Layout
-from tasks.generator_job import SHARED, finish_generator, generator_folder, generator_job, num_classes, snapshotter
+from tasks.train.generator_job import SHARED, finish_generator, generator_folder, generator_job, num_classes, snapshotter
 from tasks.plan import DECODER_EMA_KIMG, decoder_spec, decoder_optim, generator_config
-from tasks.ingest import with_stored_pixels
-from tasks.level_data import load_latents
+from tasks.ingest.stage import with_stored_pixels
+from tasks.train.level_data import load_latents
 from tasks.progress import Progress
 from tasks.stage import Done, Stage, cpu_threads, divergence_named, pick_device, run_stage, stage_task
 

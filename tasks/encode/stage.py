@@ -2,7 +2,7 @@
 
 Two readers, one store format (storage.latent_store). For the scenes (encoder.read_from
 image_store) a chunk is `tasks.chunk_workers.encode_chunk_with` over the pixels ingest stored. For
-ImageNet sources (read_from files, the default there) a chunk is `tasks.encode_files`: the files
+ImageNet sources (read_from files, the default there) a chunk is `tasks.encode.files`: the files
 themselves, decoded on the GPU, cropped, resized and encoded in one pass; the image store only
 lends its listing (ids, labels, fingerprint), re-checked against the source before any file is read.
 
@@ -32,10 +32,10 @@ from storage.keys import Layout
 from storage.latent_store import latent_store_arrays  # noqa: F401  (its home before storage.latent_store)
 from tasks.chunk_workers import encode_chunk, encode_chunk_with, encode_files_chunk, stats_chunk
 from tasks.dask_chunks import run_chunks
-from tasks.encode_files import Preprocess, Teacher, encode_file_chunks, sample_moments
-from tasks.encoder_load import load_encoder
-from tasks.hierarchy import teacher_marker, teacher_stage, teacher_template
-from tasks.phase_clock import PhaseClock
+from tasks.encode.files import Preprocess, Teacher, encode_file_chunks, sample_moments
+from tasks.encode.encoder_load import load_encoder
+from tasks.hierarchy.stage import teacher_marker, teacher_stage, teacher_template
+from tasks.encode.phase_clock import PhaseClock
 from tasks.plan import hierarchy_spec
 from tasks.progress import Progress
 from tasks.stage import Done, Stage, pick_device, run_stage, stage_task
@@ -93,7 +93,7 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     direct = encode_reads_files(cfg)
     if direct:   # files are read now: they must still be the ones the listing recorded
         from storage.sources import list_source
-        from tasks.ingest import check_listing
+        from tasks.ingest.stage import check_listing
 
         check_listing(images, list_source(cfg.source), cfg.source.path, complete=True)
     address = cfg.ingest.dask_address

@@ -1,0 +1,1 @@
+"""Evaluate: sample, score and store trajectories; the metric tables."""

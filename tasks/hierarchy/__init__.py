@@ -1,0 +1,1 @@
+"""Hierarchy: the latent store -> the teacher store (per-image region ids per level)."""

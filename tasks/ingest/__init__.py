@@ -1,0 +1,1 @@
+"""Ingest: an image source -> the image store (listing, pixels, rejects, skipped entries)."""

@@ -1,0 +1,1 @@
+"""Judge: the scenes' own scoring network, trained on the real scenes."""

@@ -1,0 +1,1 @@
+"""Train: the decoder and the generators (per level, shared or flat), resumable, DDP."""
