@@ -98,8 +98,8 @@ def figures_of(rows: list[dict], images: int) -> tuple[dict, dict]:
         seconds = float(encode["duration_s"]) + float(hierarchy["duration_s"])
         figures["jpeg_to_teacher_img_per_s"] = (round(images / seconds, 1),
                                                 "img/s, JPEG to teacher store (encode + hierarchy stage seconds)")
-    mfus = [row["mfu"] for row in rows if row["stage"].startswith("train-L") or row["stage"] == "train-shared"
-            if isinstance(row.get("mfu"), (int, float))]
+    generators = [row for row in rows if row["stage"].startswith("train-L") or row["stage"] == "train-shared"]
+    mfus = [row["mfu"] for row in generators if isinstance(row.get("mfu"), (int, float))]
     if mfus:
         figures["generator_mfu_min"] = (round(min(mfus), 4), "fraction of 989 TFLOP/s, lowest generator stage")
         figures["generator_mfu_mean"] = (round(sum(mfus) / len(mfus), 4), "fraction of 989 TFLOP/s, mean")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from storage import zarr_store
-from storage.files import atomic_write_json, read_json
+from storage.files import atomic_write_json
 from storage.zarr_store import ArraySpec
 
 SAMPLED_STATS = "_SAMPLED_STATS.json"   # beside the store: mean/std hold a sample's statistics, fixed before the pass
@@ -77,5 +77,4 @@ def sampled_stats(store: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """The statistics write_sampled_stats fixed, or None when there are none (yet)."""
     if not (Path(store) / SAMPLED_STATS).exists():
         return None
-    read_json(Path(store) / SAMPLED_STATS)   # a torn record would not be there: it is written atomically
     return tuple(np.asarray(zarr_store.open_array(Path(store), name)[:], np.float32) for name in ("mean", "std"))

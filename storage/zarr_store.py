@@ -215,6 +215,11 @@ def _shard_index(per_shard: tuple[int, ...], data: np.ndarray) -> bytes:
     return raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
 
 
+def _chunk_file(folder: Path, index: int, ndim: int) -> Path:
+    """The file of chunk (or shard) `index` along axis 0 under the default "/" key encoding."""
+    return Path(folder).joinpath("c", str(index), *("0" for _ in range(ndim - 1)))
+
+
 def _array_meta(folder: Path) -> dict:
     return json.loads((Path(folder) / "zarr.json").read_text())
 
@@ -230,7 +235,7 @@ def _raw_chunk_file(meta: dict, folder: Path, start: int, data: np.ndarray) -> t
     if start % chunks[0] or len(data) != chunks[0] or chunks[1:] != shape[1:] or data.shape[1:] != shape[1:]:
         return None
     index = [_shard_index(per_shard, data)] if per_shard else []
-    return Path(folder).joinpath("c", str(start // chunks[0]), *("0" for _ in shape[1:])), index
+    return _chunk_file(folder, start // chunks[0], len(shape)), index
 
 
 def _region_files(meta: dict, folder: Path, start: int, stop: int) -> list[Path]:
@@ -302,7 +307,7 @@ def read_stored(path: Path, name: str, rows: np.ndarray) -> np.ndarray:
     for chunk in np.unique(rows // chunk_rows):
         start = int(chunk) * chunk_rows
         count = min(chunk_rows, shape[0] - start)
-        file = folder.joinpath("c", str(int(chunk)), *("0" for _ in shape[1:]))
+        file = _chunk_file(folder, int(chunk), len(shape))
         mine = np.flatnonzero(rows // chunk_rows == chunk)
         if count != chunk_rows or not file.is_file():   # a partial last chunk, or one zarr holds as fill
             out[mine] = np.asarray(array.oindex[rows[mine]])

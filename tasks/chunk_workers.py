@@ -58,15 +58,14 @@ def batched_chunks(spec: HierarchySpec, latents: Path, store: Path, chunks: list
     import torch
 
     from models.hierarchy.batched import build_hierarchies_batched
+    from tasks.encode.files import stored_tensor
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokens = zarr_store.open_array(Path(latents), "tokens")
-    bf16 = tokens.attrs.get(zarr_store.FLOAT_ENCODING) == zarr_store.BFLOAT16
+    bf16 = zarr_store.is_bfloat16(zarr_store.open_array(Path(latents), "tokens"))
     stats = tuple(zarr_store.open_array(Path(latents), name)[:] for name in ("mean", "std"))
 
-    def read(start: int, stop: int) -> torch.Tensor:
-        raw = np.asarray(tokens[start:stop])
-        return torch.from_numpy(raw.view(np.int16) if bf16 else raw)
+    def read(start: int, stop: int) -> torch.Tensor:   # whole shards as files (zarr_store.read_stored)
+        return stored_tensor(zarr_store.read_stored(Path(latents), "tokens", np.arange(start, stop)), bf16)
 
     def write(chunk: int, start: int, regions: np.ndarray) -> None:
         zarr_store.write_chunk(Path(store), chunk, start, {"regions": regions})
@@ -79,8 +78,7 @@ def batched_chunks(spec: HierarchySpec, latents: Path, store: Path, chunks: list
         for i, (chunk, start, _) in enumerate(chunks):
             raw = ahead.result()
             ahead = reader.submit(read, *chunks[i + 1][1:]) if i + 1 < len(chunks) else None
-            on_device = raw.to(device, non_blocking=True)
-            values = (on_device.view(torch.bfloat16) if bf16 else on_device).float()
+            values = raw.to(device, non_blocking=True).float()
             with torch.no_grad():
                 regions = build_hierarchies_batched(values, spec, stats=stats).cpu().numpy()
             writes.append(writer.submit(write, chunk, start, regions))

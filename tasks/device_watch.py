@@ -18,7 +18,8 @@ def watch(device: str, every_s: float = 0.2) -> Iterator[dict]:
     import torch
 
     figures: dict = {}
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+    device = "cuda" if device == "auto" else str(device)
+    if not device.startswith("cuda") or not torch.cuda.is_available():
         yield figures
         return
     index = torch.device(device).index or 0

@@ -89,7 +89,7 @@ def run_stage(cfg, stage: Stage, force: bool, work: Callable[[], Done],
                 if result is not None:
                     return result
             with stage_lock(cfg, stage.path):   # a second run on this output waits or fails here
-                return _compute(stage, output, force, work, reused, pick_device(cfg.device))
+                return _compute(stage, output, force, work, reused, cfg.device)
     except OSError as error:
         failure = storage_failure(error, stage.path)
         if failure is None:

@@ -138,6 +138,14 @@ def read_back(stored: torch.Tensor, dtype: str) -> torch.Tensor:
     return (stored.view(torch.bfloat16) if dtype == "bfloat16" else stored).float()
 
 
+def stored_tensor(raw: np.ndarray, bf16: bool) -> torch.Tensor:
+    """A store's raw values (zarr_store.read_stored) as a tensor of the stored form: bfloat16 bit patterns
+    as torch.bfloat16 (the inverse of _host_numpy), other dtypes as they are."""
+    if bf16:
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(raw)
+
+
 def _host_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     array = tensor.numpy()
     return array.view(np.uint16) if dtype == "bfloat16" else array

@@ -185,18 +185,19 @@ def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: s
         return kept
     ids = zarr_store.open_array(layout.images(), "sample")[:]
     rows = sample_rows(len(ids), cfg.encoder.stats_images)
-    files = sample_files(cfg.source, [str(ids[r]) for r in rows])
-    preprocess = Preprocess(cfg.source.image_size, resize_short_side(cfg.source), cfg.source.interpolation)
+    sampled = [str(ids[r]) for r in rows]
     if cfg.ingest.dask_address:
         [moments] = run_chunks(stats_chunk, [(cfg.encoder.model_dump(), cfg.source.model_dump(), cfg.device,
-                                              [str(ids[r]) for r in rows], weights_label)],
+                                              sampled, weights_label)],
                                description="channel statistics", address=cfg.ingest.dask_address,
                                workers=cfg.ingest.workers, resources=GPU_RESOURCES,
                                worker_loss_timeout=cfg.ingest.worker_loss_timeout)
     else:
         device, model = next(iter(models.items()))
+        preprocess = Preprocess(cfg.source.image_size, resize_short_side(cfg.source), cfg.source.interpolation)
         with Progress(len(rows), "channel statistics", unit="img") as bar:
-            moments = sample_moments(model, files, preprocess, device, batch_size=cfg.encoder.batch_size,
+            moments = sample_moments(model, sample_files(cfg.source, sampled), preprocess, device,
+                                     batch_size=cfg.encoder.batch_size,
                                      readers=cfg.encoder.readers, read_timeout=cfg.encoder.read_timeout_s)
             bar.advance(len(rows))
     count, mean, m2 = moments

@@ -11,6 +11,7 @@ from models.hierarchy.reference import region_canvas
 from models.generator.flat import flat_level_data
 from models.generator.train_loop import LevelData
 from storage import zarr_store
+from tasks.encode.files import stored_tensor
 
 
 @dataclass
@@ -56,10 +57,7 @@ def load_latents(path: Path, limit: int | None = None) -> Latents:
         valid = valid[:limit]
     tokens = zarr_store.open_array(path, "tokens")
     raw = zarr_store.read_stored(path, "tokens", valid) if len(valid) else np.asarray(tokens[0:0])
-    if zarr_store.is_bfloat16(tokens):   # its bit patterns, read back as torch's bfloat16
-        stored = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
-    else:
-        stored = torch.from_numpy(raw)
+    stored = stored_tensor(raw, zarr_store.is_bfloat16(tokens))
     mean, std = zarr_store.open_array(path, "mean")[:], zarr_store.open_array(path, "std")[:]
     grid = raw.shape[1]
     return Latents(stored.reshape(len(raw), grid * grid, -1),
