@@ -176,6 +176,7 @@ def encode_files_chunk(encoder: dict, source: dict, device: str, store: str, chu
     worker's GPU. Only the chunk's ids and labels cross Dask; the files are read here."""
     from storage.config import SourceConfig
     from storage.imagenet import resize_short_side, sample_files
+    from tasks.encode.decode import DecodeSplit
     from tasks.encode.files import Preprocess, encode_file_chunks
 
     src = SourceConfig.model_validate(source)
@@ -186,7 +187,7 @@ def encode_files_chunk(encoder: dict, source: dict, device: str, store: str, chu
                                                                    src.interpolation),
                                 device, batch_size=cfg.batch_size, dtype=cfg.dtype, weights_label=expect_weights,
                                 base=start, readers=cfg.readers, read_timeout=cfg.read_timeout_s,
-                                worker=_worker_address())
+                                worker=_worker_address(), split=DecodeSplit(cfg.cpu_decode_share))
     return info
 
 
@@ -195,6 +196,7 @@ def stats_chunk(encoder: dict, source: dict, device: str, ids: list[str], expect
     on this worker's GPU. tasks.encode.stage fixes the latent store's mean/std from it before the pass."""
     from storage.config import SourceConfig
     from storage.imagenet import resize_short_side, sample_files
+    from tasks.encode.decode import DecodeSplit
     from tasks.encode.files import Preprocess, sample_moments
 
     src = SourceConfig.model_validate(source)
@@ -202,5 +204,5 @@ def stats_chunk(encoder: dict, source: dict, device: str, ids: list[str], expect
     count, mean, m2 = sample_moments(model, sample_files(src, ids), Preprocess(src.image_size, resize_short_side(src),
                                                                            src.interpolation),
                                      device, batch_size=cfg.batch_size, readers=cfg.readers,
-                                     read_timeout=cfg.read_timeout_s)
+                                     read_timeout=cfg.read_timeout_s, split=DecodeSplit(cfg.cpu_decode_share))
     return count, mean.tolist(), m2.tolist()

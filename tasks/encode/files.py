@@ -35,7 +35,7 @@ from storage import zarr_store
 from storage.imagenet import SampleFiles
 from storage.latent_store import write_latent_chunk
 from storage.sources import reject_reason
-from tasks.encode.decode import crop_resize, decode_images, to_uint8
+from tasks.encode.decode import DecodeSplit, crop_resize, decode_images, to_uint8
 from tasks.encode.phase_clock import PhaseClock
 
 READ_AHEAD = 3   # batches whose bytes are being read while one is prepared and one encoded
@@ -79,11 +79,12 @@ def collect(parts: list[tuple[cf.Future, int]], timeout: float | None) -> list[b
 
 
 def prepare_batch(datas: list, files: SampleFiles, first_slot: int, preprocess: Preprocess, device: torch.device,
-                  pool: cf.Executor, stage: str, clock: PhaseClock | None = None) -> Prepared:
+                  pool: cf.Executor, stage: str, clock: PhaseClock | None = None,
+                  split: DecodeSplit | None = None) -> Prepared:
     """File bytes (or read errors) of slots first_slot.. -> the encoder's input and reject rows."""
     clock = clock or PhaseClock(False)
     with clock.device("decode"):
-        decoded = decode_images(datas, device, cpu_map=pool.map)
+        decoded = decode_images(datas, device, cpu_map=pool.map, split=split)
     ok = np.array([not isinstance(d, Exception) for d in decoded], bool)
     rejects = [{"stage": stage, "path": files.where(first_slot + i), "reason": reject_reason(d)}
                for i, d in enumerate(decoded) if isinstance(d, Exception)]
@@ -164,10 +165,11 @@ class Teacher:
 
 def _prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preprocess: Preprocess,
                       device: torch.device, readers: int, read_timeout: float | None,
-                      clock: PhaseClock) -> Iterator[Prepared]:
+                      clock: PhaseClock, split: DecodeSplit | None = None) -> Iterator[Prepared]:
     """Each (start, stop) of `spans` (slots of `files`) as a Prepared batch, in order. Reader threads fetch
     bytes READ_AHEAD batches ahead; one preparing thread decodes and resizes the next batch (on CUDA on a
-    side stream, so it overlaps the encoder's work on this one). Wait on `.ready` before using the images."""
+    side stream, so it overlaps the encoder's work on this one), the reader threads decoding `split`'s share
+    of it on the CPU meanwhile. Wait on `.ready` before using the images."""
     cuda = device.type == "cuda"
     reader_pool, preparer = cf.ThreadPoolExecutor(readers), cf.ThreadPoolExecutor(1)
     side_stream = torch.cuda.Stream(device) if cuda else None
@@ -181,7 +183,8 @@ def _prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preproce
         with clock.host("wait_for_files"):   # the readers are behind: file reads bound the pass
             datas = collect(reading.pop(i), read_timeout)
         with torch.cuda.stream(side_stream) if cuda else contextlib.nullcontext():
-            prepared = prepare_batch(datas, files, spans[i][0], preprocess, device, reader_pool, "encode", clock)
+            prepared = prepare_batch(datas, files, spans[i][0], preprocess, device, reader_pool, "encode", clock,
+                                     split)
             if cuda:
                 prepared.ready = torch.cuda.Event()
                 prepared.ready.record(side_stream)
@@ -214,7 +217,8 @@ def _encode_prepared(model, prepared: Prepared, device: torch.device, clock: Pha
 
 
 def sample_moments(model, files: SampleFiles, preprocess: Preprocess, device: str | torch.device, *,
-                   batch_size: int, readers: int = 8, read_timeout: float | None = None) -> tuple:
+                   batch_size: int, readers: int = 8, read_timeout: float | None = None,
+                   split: DecodeSplit | None = None) -> tuple:
     """(count, mean [C], M2 [C]) of the encoder's tokens over every decodable file of `files`, accumulated on
     the device: the channel statistics of a sample (tasks.encode.stage spreads it over the source) that a fused
     pass standardises with before it has seen the rest. Nothing is written."""
@@ -222,7 +226,7 @@ def sample_moments(model, files: SampleFiles, preprocess: Preprocess, device: st
     moments = DeviceMoments()
     clock = PhaseClock(device.type == "cuda")
     spans = [(b, min(b + batch_size, len(files))) for b in range(0, len(files), batch_size)]
-    for prepared in _prepared_batches(files, spans, preprocess, device, readers, read_timeout, clock):
+    for prepared in _prepared_batches(files, spans, preprocess, device, readers, read_timeout, clock, split):
         tokens = _encode_prepared(model, prepared, device, clock)
         if tokens is not None:
             moments.add(tokens)
@@ -264,7 +268,7 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
                        batch_size: int, dtype: str, weights_label: str, base: int = 0, readers: int = 8,
                        writers: int = 2, worker: str | None = None, read_timeout: float | None = None,
                        on_chunk: Callable[[int], None] | None = None, teacher: Teacher | None = None,
-                       clock: PhaseClock | None = None) -> list[dict]:
+                       clock: PhaseClock | None = None, split: DecodeSplit | None = None) -> list[dict]:
     """Encode the samples of `chunks` ((chunk, start, stop), disjoint) into the latent store's template and,
     with `teacher`, their regions into the teacher store's template in the same pass.
 
@@ -272,7 +276,8 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
     `device`. Per batch, on the device: encode, channel moments (float64), the storage form, the hierarchy
     of the stored values; then one asynchronous copy into a pinned chunk buffer. Writer threads put each
     finished chunk on disk, latents then teacher, each marker last. Returns each chunk's marker info;
-    `on_chunk(rows)` after each chunk is on disk; `clock` collects where the time went (PhaseClock)."""
+    `on_chunk(rows)` after each chunk is on disk; `clock` collects where the time went (PhaseClock); `split`
+    (on CUDA) hands a share of nvjpeg's files to the reader threads' CPU decoders."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     clock = clock or PhaseClock(cuda)
@@ -324,7 +329,7 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
     current: _Chunk | None = None
     try:
         batches = _prepared_batches(files, [(b0 - base, b1 - base) for _, b0, b1 in spans], preprocess, device,
-                                    readers, read_timeout, clock)
+                                    readers, read_timeout, clock, split)
         for (c, b0, b1), prepared in zip(spans, batches):
             if current is None:
                 start, stop = bounds[c]

@@ -63,3 +63,18 @@ class PhaseClock:
             end.synchronize()
             out[name] = out.get(name, 0.0) + start.elapsed_time(end) / 1000.0
         return {name: round(seconds, 3) for name, seconds in sorted(out.items())}
+
+
+class Laps:
+    """Wall-clock seconds of a stage's consecutive steps (checking the source, loading the encoder, the
+    pass...): `lap(name)` closes the step that began at the previous lap. What the phases inside the pass
+    cannot show: where the stage's time went before and after it."""
+
+    def __init__(self):
+        self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        self._last = now

@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import contextlib
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -35,7 +36,8 @@ from tasks.dask_chunks import run_chunks
 from tasks.encode.files import Preprocess, Teacher, encode_file_chunks, sample_moments
 from tasks.encode.encoder_load import load_encoder
 from tasks.hierarchy.stage import teacher_marker, teacher_stage, teacher_template
-from tasks.encode.phase_clock import PhaseClock
+from tasks.encode.decode import DecodeSplit
+from tasks.encode.phase_clock import Laps, PhaseClock
 from tasks.plan import hierarchy_spec
 from tasks.progress import Progress
 from tasks.stage import Done, Stage, pick_device, run_stage, stage_task
@@ -91,11 +93,13 @@ def local_devices(cfg: TFConfig, direct: bool) -> list[str]:
 def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     images, path = layout.images(), layout.latents()
     direct = encode_reads_files(cfg)
+    laps = Laps()
     if direct:   # files are read now: they must still be the ones the listing recorded
         from storage.sources import list_source
         from tasks.ingest.stage import check_listing
 
         check_listing(images, list_source(cfg.source), cfg.source.path, complete=True)
+        laps.lap("check_source")
     address = cfg.ingest.dask_address
     models: dict[str, object] = {}
     if address:
@@ -106,6 +110,8 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
                                                 cfg.encoder.allow_random_init)
             models[device] = model.to(device)
         grid, dim = grid_size(model), token_dim(model)
+    laps.lap("load_encoder")
+    splits = {device: DecodeSplit(cfg.encoder.cpu_decode_share) for device in models if device.startswith("cuda")}
     num = zarr_store.open_array(images, "label").shape[0]
     chunk_size = zarr_store.store_attrs(images)["chunk_size"]
     bounds = zarr_store.chunk_bounds(num, chunk_size)
@@ -116,11 +122,20 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     zarr_store.create_store(path, latent_store_arrays(num, len(bounds), grid, dim, cfg.encoder.dtype), chunk_size, attrs)
     zarr_store.write_array(path, "sample", zarr_store.open_array(images, "sample")[:])
     pending = zarr_store.pending_chunks(path, len(bounds))
+    laps.lap("latent_template")
+    fuse = with_teacher and fusable(cfg)
+    # the hierarchy's Triton kernels compile while the statistics pass runs, not at the pass's first batch
+    warm = _warm_hierarchy(cfg, next(iter(models), None), grid, dim) if fuse and pending else None
     began = time.monotonic()
-    stats = _sampled_stats(cfg, layout, models, weights_label) if cfg.encoder.stats_images else None
+    stats = _sampled_stats(cfg, layout, models, weights_label, splits) if cfg.encoder.stats_images else None
     extra: dict = {"stats_pass_s": round(time.monotonic() - began, 3)} if stats is not None else {}
-    teacher = _fused_teacher(cfg, layout, stats) if with_teacher and fusable(cfg) else contextlib.nullcontext()
+    laps.lap("stats_pass")
+    if warm is not None:
+        warm.result()
+        laps.lap("wait_for_kernel_compile")
+    teacher = _fused_teacher(cfg, layout, stats) if fuse else contextlib.nullcontext()
     with teacher as fused:
+        laps.lap("teacher_template")
         if fused is not None:   # a chunk is to do while either of its two markers is missing
             pending = sorted(set(pending) | set(zarr_store.pending_chunks(fused.store, len(bounds))))
         if address:
@@ -133,7 +148,7 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
                 bar.advance(num - sum(bounds[c][1] - bounds[c][0] for c in pending))
                 if direct:
                     extra["phases_s"] = _encode_files_here(cfg, layout, models, weights_label, pending, bounds, bar,
-                                                           fused)
+                                                           fused, splits)
                 else:
                     [(device, model)] = models.items()
                     for chunk in pending:
@@ -144,6 +159,9 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
         if fused is not None:
             zarr_store.mark_complete(fused.store, teacher_marker(cfg, num))
             extra["teacher"] = str(fused.store)
+    laps.lap("pass")
+    if splits:
+        extra["decoded_by"] = {device: split.summary() for device, split in splits.items()}
     full = mean_std(*(zarr_store.open_array(path, n)[:] for n in ("chunk_count", "chunk_mean", "chunk_m2")))
     if stats is None:
         zarr_store.write_array(path, "mean", full[0])
@@ -152,6 +170,8 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
         extra["channel_stats"] = stats_deviation(stats, full)
     valid = zarr_store.open_array(path, "valid")[:]
     counts = {"accepted": int(valid.sum()), "rejected": int((~valid).sum())}
+    laps.lap("statistics_and_count")
+    extra["wall_s"] = laps.seconds
     return Done({"samples": num, "encoder_weights": weights_label, "grid": grid, "dim": dim, **counts, **extra},
                 {"encoder_weights": weights_label, "images": num, **counts, **extra})
 
@@ -176,7 +196,8 @@ def sample_rows(num: int, images: int) -> np.ndarray:
     return np.unique(np.linspace(0, num - 1, images).round().astype(np.int64))
 
 
-def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: str) -> tuple[np.ndarray, np.ndarray]:
+def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: str,
+                   splits: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The channel statistics of encoder.stats_images images spread over the source, computed once (before the
     pass, so a fused hierarchy can standardise with them) and kept in the store: a resumed run reuses them."""
     path = layout.latents()
@@ -198,12 +219,41 @@ def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: s
         with Progress(len(rows), "channel statistics", unit="img") as bar:
             moments = sample_moments(model, sample_files(cfg.source, sampled), preprocess, device,
                                      batch_size=cfg.encoder.batch_size,
-                                     readers=cfg.encoder.readers, read_timeout=cfg.encoder.read_timeout_s)
+                                     readers=cfg.encoder.readers, read_timeout=cfg.encoder.read_timeout_s,
+                                     split=(splits or {}).get(device))
             bar.advance(len(rows))
     count, mean, m2 = moments
     stats = mean_std(np.array([count]), np.asarray(mean)[None], np.asarray(m2)[None])
     latent_store.write_sampled_stats(path, *stats, {"images": len(rows), "tokens": int(count)})
     return stats
+
+
+def _warm_hierarchy(cfg: TFConfig, device: str | None, grid: int, dim: int) -> cf.Future | None:
+    """On CUDA, the batched hierarchy once over random tokens of a full batch's shape, in a thread: its
+    Triton kernels compile (seconds on a fresh machine) while the statistics pass runs."""
+    if device is None or not device.startswith("cuda"):
+        return None
+    import torch
+
+    from models.hierarchy.batched import build_hierarchies_batched
+
+    spec = hierarchy_spec(cfg.hierarchy)
+
+    def run() -> None:
+        try:
+            with torch.no_grad(), torch.cuda.device(device):
+                noise = torch.Generator(device=device).manual_seed(0)
+                tokens = torch.randn((cfg.encoder.batch_size, grid, grid, dim), device=device, generator=noise)
+                build_hierarchies_batched(tokens.half().float(), spec, stats=(np.zeros(dim), np.ones(dim)))
+                torch.cuda.synchronize(device)
+        except Exception as error:   # only a head start: the pass compiles them itself, and says what failed
+            warnings.warn(f"warming the hierarchy kernels failed ({error!r}); the pass compiles them", stacklevel=1)
+
+    pool = cf.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(run)
+    finally:
+        pool.shutdown(wait=False)
 
 
 @contextlib.contextmanager
@@ -249,7 +299,8 @@ def _dask_chunks(cfg: TFConfig, layout: Layout, direct: bool, pending: list[int]
 
 
 def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_label: str, pending: list[int],
-                       bounds, bar: Progress, teacher: Teacher | None = None) -> dict[str, dict[str, float]]:
+                       bounds, bar: Progress, teacher: Teacher | None = None,
+                       splits: dict | None = None) -> dict[str, dict[str, float]]:
     """The direct path on this machine's devices: one pass per device over every n-th pending chunk. Returns
     each device's PhaseClock summary: where the pass spent its time."""
     ids = zarr_store.open_array(layout.images(), "sample")[:].tolist()
@@ -270,7 +321,7 @@ def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_labe
                             batch_size=cfg.encoder.batch_size, dtype=cfg.encoder.dtype, weights_label=weights_label,
                             readers=cfg.encoder.readers, writers=cfg.encoder.writers,
                             read_timeout=cfg.encoder.read_timeout_s, on_chunk=advance, teacher=teacher,
-                            clock=clocks[device])
+                            clock=clocks[device], split=(splits or {}).get(device))
                 for i, device in enumerate(devices)]
         for run in runs:
             run.result()

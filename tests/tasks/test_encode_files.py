@@ -14,7 +14,7 @@ from storage.config import load_config
 from storage.keys import Layout
 from storage.sources import SourceChanged
 from storage.tables import load_rejects
-from tasks.encode.decode import decode_images, jpeg_frame, nvjpeg_can_take
+from tasks.encode.decode import DecodeSplit, decode_cpu, decode_images, jpeg_frame, nvjpeg_can_take
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 SIZE = 56
@@ -77,6 +77,44 @@ def test_decoders_route_what_nvjpeg_refuses_to_the_cpu(tree):
     assert all(isinstance(d, Exception) for d in decoded[3:])
     # CMYK through libjpeg-turbo gives PIL's RGB
     assert np.array_equal(decoded[1].permute(1, 2, 0).numpy(), np.asarray(Image.open(io.BytesIO(cmyk)).convert("RGB")))
+
+
+def test_the_decode_split_settles_where_nvjpeg_and_the_cpu_threads_finish_together():
+    gpu_rate, cpu_rate = 4000.0, 2000.0   # img/s: the balance gives the CPU a third of each batch
+    split = DecodeSplit()
+    for _ in range(30):
+        to_cpu = split.to_cpu(512)
+        split.update(512 - to_cpu, (512 - to_cpu) / gpu_rate, to_cpu, to_cpu / cpu_rate)
+    assert abs(split.share - 1 / 3) < 0.01
+    to_cpu = split.to_cpu(512)
+    assert abs(to_cpu / cpu_rate - (512 - to_cpu) / gpu_rate) < 0.01 * 512 / gpu_rate   # equal finish times
+    assert split.summary()["nvjpeg"] + split.summary()["cpu"] == 30 * 512 and split.summary()["balanced"]
+    fixed = DecodeSplit(0.5)
+    fixed.update(100, 1.0, 100, 10.0)   # a fixed share stays whatever the rates
+    assert fixed.share == 0.5 and fixed.to_cpu(10) == 5 and not fixed.summary()["balanced"]
+    slow_cpu = DecodeSplit(high=0.9)
+    for _ in range(30):
+        slow_cpu.update(100, 0.01, 100, 100.0)
+    assert slow_cpu.share < 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs CUDA (runs on the GPU machine)")
+def test_a_batch_split_between_nvjpeg_and_the_cpu_decodes_every_file_as_either_alone(tree):
+    import concurrent.futures as cf
+
+    files = sorted(p for p in tree.rglob("*.JPEG") if p.name.startswith("n0"))
+    datas = [p.read_bytes() for p in files] + [(tree / "n02" / "cmyk.JPEG").read_bytes(), OSError("gone")]
+    device = torch.device("cuda")
+    with cf.ThreadPoolExecutor(4) as pool:
+        runs = {share: decode_images(datas, device, cpu_map=pool.map, split=DecodeSplit(share))
+                for share in (0.0, 0.5, 1.0)}
+    assert isinstance(runs[0.5][-1], Exception)
+    for share, decoded in runs.items():
+        for data, image in zip(datas[:-1], decoded[:-1]):
+            reference = decode_cpu(data)
+            assert image.device.type == "cuda" and image.shape == reference.shape, share
+            # nvjpeg and libjpeg-turbo differ by their IDCT and upsampling rounding only
+            assert (image.cpu().float() - reference.float()).abs().mean() < 2.0, share
 
 
 def test_every_file_is_a_latent_or_a_reject_and_latents_match_an_independent_encode(tree, tmp_path):
