@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,8 +49,11 @@ def write_weights(path: Path, model: str = ENCODER) -> Path:
     return path
 
 
-def run_pipeline(root: Path, train: Path, weights: Path, sets: list[str], log: Path, config: str) -> float:
-    """`tf pipeline` as a subprocess (the installed CLI), its output to `log`; returns its wall seconds."""
+def run_pipeline(root: Path, train: Path, weights: Path, sets: list[str], log: Path, config: str,
+                 time_limit: float | None = None) -> tuple[float, str]:
+    """`tf pipeline` as a subprocess (the installed CLI), its output to `log`; returns (wall seconds, how it
+    ended: "completed", "exit N" or "stopped at the time limit"). Past `time_limit` seconds its whole process
+    group (the Dask cluster included) is stopped, so the stages it finished can still be read back."""
     tf = shutil.which("tf", path=str(Path(sys.executable).parent)) or shutil.which("tf")
     command = [tf] if tf else [sys.executable, "-m", "flows.cli"]
     command += ["pipeline", "--config", config, "--root", str(root), "--set", f"source.path={train}",
@@ -63,22 +67,35 @@ def run_pipeline(root: Path, train: Path, weights: Path, sets: list[str], log: P
     with open(log, "w") as out:
         out.write(" ".join(command) + "\n")
         out.flush()
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    if done.returncode:
-        tail = log.read_text()[-4000:]
-        raise SystemExit(f"tf pipeline exited {done.returncode}; the end of {log}:\n{tail}")
-    return time.perf_counter() - began
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                 start_new_session=True)
+        try:
+            code = child.wait(timeout=time_limit)
+            ended = "completed" if code == 0 else f"exit {code}"
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+            ended = f"stopped at the time limit ({time_limit:g} s)"
+    if ended != "completed":
+        print(f"tf pipeline {ended}; the end of {log}:\n{log.read_text()[-4000:]}", flush=True)
+    return time.perf_counter() - began, ended
 
 
-def recorded(root: Path) -> tuple[dict, list[dict]]:
-    """The newest pipeline run's row and its stage rows from tables/runs, each stage with its parsed details."""
+def recorded(root: Path) -> tuple[dict | None, list[dict]]:
+    """The newest pipeline run's row (None while it has none) and its stage rows from tables/runs, each stage with its parsed details."""
     from storage.tables import load_runs, run_details
 
     runs = load_runs(root)
     runs = runs[runs.flow == "pipeline"]
+    if runs.empty:   # stopped before its first stage was recorded
+        return None, []
     run_id = sorted(runs.run_id.unique())[-1]
     rows = runs[runs.run_id == run_id].to_dict("records")
-    run = next(row for row in rows if row["kind"] == "run")
+    run = next((row for row in rows if row["kind"] == "run"), None)   # None: stopped mid-run
     return run, [{**row, **run_details(row)} for row in rows if row["kind"] == "stage"]
 
 
@@ -90,7 +107,7 @@ def figures_of(rows: list[dict], images: int) -> tuple[dict, dict]:
     for row in rows:
         keep = {k: row[k] for k in ("status", "duration_s", "images_per_s", "gpu_peak_mem_gib", "gpu_busy_share",
                                     "train_img_per_s", "step_s", "mfu", "stats_pass_s", "phases_s", "timing_s",
-                                    "channel_stats", "teacher", "rows") if k in row and row[k] == row[k]}
+                                    "channel_stats", "teacher", "rows", "wall_s", "decoded_by") if k in row and row[k] == row[k]}
         table[row["stage"]] = keep
         figures[f"{row['stage']}_s"] = (round(float(row["duration_s"]), 2), f"s ({row['status']})")
     encode, hierarchy = by_stage.get("encode"), by_stage.get("hierarchy")
@@ -122,6 +139,8 @@ def main() -> None:
     parser.add_argument("--jpeg-workers", type=int, default=os.cpu_count() or 4)
     parser.add_argument("--model", default=ENCODER, help="the encoder the weights file is written for")
     parser.add_argument("--out", default=None, help="folder for gpu_pipeline.json and grid.png (default bench/results)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds for tf pipeline; past them it is stopped and the stages it finished reported")
     args = parser.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tf-gpu-pipeline-"))
@@ -133,21 +152,24 @@ def main() -> None:
     out = Path(args.out) if args.out else None
     log = (out or work) / "pipeline.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    wall = run_pipeline(work / "root", work / "train", weights, args.sets, log, args.config)
+    wall, ended = run_pipeline(work / "root", work / "train", weights, args.sets, log, args.config, args.time_limit)
     run, rows = recorded(work / "root")
-    run_id = run["run_id"]
+    run_id = run["run_id"] if run is not None else None
     figures, table = figures_of(rows, args.images)
-    figures["run_total_s"] = (round(float(run["duration_s"]), 1), f"s, the run's own record ({run['status']})")
-    figures["run_overhead_s"] = (round(float(run["overhead_s"]), 1), "s of the run outside any stage")
+    if run is not None:
+        figures["run_total_s"] = (round(float(run["duration_s"]), 1), f"s, the run's own record ({run['status']})")
+        figures["run_overhead_s"] = (round(float(run["overhead_s"]), 1), "s of the run outside any stage")
     figures["pipeline_wall_s"] = (round(wall, 1), "s, tf pipeline as a command (Prefect and Dask start-up included)")
     grid = next((Path(row["path"]) / "grid.png" for row in rows if row["stage"] == "evaluate"), None)
     if grid is not None and grid.exists() and out is not None:
         shutil.copy(grid, out / "grid.png")
-    extra = {"run_id": run_id, "stages": table, "sets": args.sets, "config": args.config,
+    extra = {"run_id": run_id, "pipeline": ended, "stages": table, "sets": args.sets, "config": args.config,
              "images": args.images, "classes": args.classes, "mean_jpeg_kb": round(mean_bytes / 1024, 1),
              "jpeg_write_s": round(jpeg_s, 1)}
     path = results_io.write_result("gpu_pipeline", figures, extra, out)
     print(path.read_text(), flush=True)
+    if ended != "completed":
+        raise SystemExit(f"tf pipeline {ended}: the stages it finished are in {path}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ for step in $STEPS; do
     tests) timeout "${TESTS_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/storage \
              tests/tasks/test_encode_files.py tests/models/test_channel_stats.py tests/scripts > "$OUT/tests.log" 2>&1 ;;
     dataplane) timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
-             --workdir "${DP_WORK:-/tmp/dp}" --out "$OUT" ${DP_SETS:-} > "$OUT/dataplane.log" 2>&1 ;;
+             --workdir "${DP_WORK:-/tmp/dp}" --out "$OUT" ${DP_SETS:-} > "$OUT/dataplane.log" 2>&1; rc=$?
+             rm -rf "${DP_WORK:-/tmp/dp}/fused" "${DP_WORK:-/tmp/dp}/two_pass"; (exit $rc) ;;   # 20 GB each at 50k
     pipeline) timeout "${PIPELINE_S:-330}" python3 bench/gpu_pipeline.py --images "${GP_IMAGES:-50000}" \
-             --workdir /tmp/gp --out "$OUT" ${GP_SETS:-} > "$OUT/gp.log" 2>&1; rc=$?
+             --workdir /tmp/gp --out "$OUT" --time-limit $(( ${PIPELINE_S:-330} - 30 )) ${GP_SETS:-} \
+             > "$OUT/gp.log" 2>&1; rc=$?
              rm -rf /tmp/gp/root; (exit $rc) ;;   # its figures are in $OUT; the disk is needed next
   esac
   echo "$step: rc $? in $(( $(date +%s) - began ))s"

@@ -1,6 +1,7 @@
 """bench/gpu_pipeline.py at a toy size on the CPU: the acceptance run's own code path (JPEGs, a weights
 file in timm's format, `tf pipeline` as a subprocess, figures read back from tables/runs)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,40 @@ def test_the_acceptance_run_reports_every_stage_from_the_runs_table(tmp_path):
     assert figures["pipeline_wall_s"]["value"] > stages["evaluate"]["duration_s"]
     assert stages["train-L0"]["train_img_per_s"] > 0 and "mfu" not in stages["train-L0"]   # no MFU on a CPU
     assert (out / "grid.png").stat().st_size > 1000 and "pipeline" in (out / "pipeline.log").read_text()
+    assert result["pipeline"] == "completed" and {"check_source", "pass"} <= set(stages["encode"]["wall_s"])
+
+
+def test_a_pipeline_past_its_time_limit_is_stopped_with_its_process_group_and_reported(tmp_path):
+    import os
+    import signal
+
+    sys.path.insert(0, str(REPO))
+    from bench.gpu_pipeline import recorded, run_pipeline, write_weights
+
+    log = tmp_path / "pipeline.log"
+    (tmp_path / "train").mkdir()
+    write_weights(tmp_path / "w.safetensors", "vit_small_patch14_reg4_dinov2")   # what the config accepts
+    wall, ended = run_pipeline(tmp_path / "root", tmp_path / "train", tmp_path / "w.safetensors",
+                               TOY, log, "configs/imagenet.yaml", time_limit=2.0)
+    assert ended.startswith("stopped at the time limit") and wall < 30
+    assert recorded(tmp_path / "root") == (None, [])   # nothing recorded yet: an empty report, not a crash
+    leftovers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                 if _session(pid) is not None and "--root " + str(tmp_path / "root") in _cmdline(pid)]
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
