@@ -23,7 +23,7 @@ for step in $STEPS; do
              --workdir "${DP_WORK:-/tmp/dp}" --out "$OUT" ${DP_SETS:-} > "$OUT/dataplane.log" 2>&1; rc=$?
              rm -rf "${DP_WORK:-/tmp/dp}/fused" "${DP_WORK:-/tmp/dp}/two_pass"; (exit $rc) ;;   # 20 GB each at 50k
     pipeline) timeout "${PIPELINE_S:-330}" python3 bench/gpu_pipeline.py --images "${GP_IMAGES:-50000}" \
-             --workdir /tmp/gp --out "$OUT" --time-limit $(( ${PIPELINE_S:-330} - 30 )) ${GP_SETS:-} \
+             --workdir /tmp/gp --out "$OUT" --time-limit $(( ${PIPELINE_S:-330} - 5 )) ${GP_SETS:-} \
              > "$OUT/gp.log" 2>&1; rc=$?
              rm -rf /tmp/gp/root; (exit $rc) ;;   # its figures are in $OUT; the disk is needed next
   esac
