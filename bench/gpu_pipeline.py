@@ -75,7 +75,7 @@ def run_pipeline(root: Path, train: Path, weights: Path, sets: list[str], log: P
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGTERM)
             try:
-                child.wait(timeout=20)
+                child.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--model", default=ENCODER, help="the encoder the weights file is written for")
     parser.add_argument("--out", default=None, help="folder for gpu_pipeline.json and grid.png (default bench/results)")
     parser.add_argument("--time-limit", type=float, default=None,
-                        help="seconds for this whole bench (JPEGs included): tf pipeline is stopped 20 s before, "
+                        help="seconds for this whole bench (JPEGs included): tf pipeline is stopped 30 s before, "
                              "and the stages it finished are reported")
     args = parser.parse_args()
 
@@ -153,7 +153,7 @@ def main() -> None:
     out = Path(args.out) if args.out else None
     log = (out or work) / "pipeline.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    left = None if args.time_limit is None else max(1.0, args.time_limit - 20 - (time.perf_counter() - began))
+    left = None if args.time_limit is None else max(1.0, args.time_limit - 30 - (time.perf_counter() - began))
     wall, ended = run_pipeline(work / "root", work / "train", weights, args.sets, log, args.config, left)
     run, rows = recorded(work / "root")
     run_id = run["run_id"] if run is not None else None
