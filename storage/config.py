@@ -163,8 +163,8 @@ class EncoderConfig(_Part):
     cpu_decode_share: Annotated[float | None, UNKEYED] = Field(
         0.0, ge=0.0, le=1.0, description="read_from files on CUDA: the share of each batch's JPEGs the reader "
                                          "threads decode on the CPU while nvjpeg decodes the rest; null = "
-                                         "balanced from the measured rates of both (tasks.encode.decode). 0 by "
-                                         "measurement: balanced, the fused pass ran at half the speed on an H100 "
+                                         "balanced from the measured rates of both (tasks.encode.decode). 0: the "
+                                         "one H100 run with the balance was slower than nvjpeg alone "
                                          "(docs/gpu.md)")
     stats_images: Annotated[int, keyed(latents="set")] = Field(
         0, ge=0, description="read_from files: 0 = the channel mean/std of every image, known after the pass; "
