@@ -160,6 +160,9 @@ class EncoderConfig(_Part):
                                  "(a hung network file system) become reject rows")
     writers: Annotated[int, UNKEYED] = Field(
         2, ge=1, description="read_from files: threads writing finished chunks (each holds one chunk's host buffer)")
+    cuda_graph: Annotated[bool, UNKEYED] = Field(
+        False, description="read_from files on CUDA, in this process: the encoder replayed as one CUDA graph per "
+                           "batch shape (one launch a batch; tasks.encode.cuda_graph); Dask workers run it eagerly")
     cpu_decode_share: Annotated[float | None, UNKEYED] = Field(
         0.0, ge=0.0, le=1.0, description="read_from files on CUDA: the share of each batch's JPEGs the reader "
                                          "threads decode on the CPU while nvjpeg decodes the rest; null = "

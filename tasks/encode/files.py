@@ -35,6 +35,7 @@ from storage import zarr_store
 from storage.imagenet import SampleFiles
 from storage.latent_store import write_latent_chunk
 from storage.sources import reject_reason
+from tasks.encode.cuda_graph import EncoderGraphs
 from tasks.encode.decode import DecodeSplit, crop_resize, decode_images, to_uint8
 from tasks.encode.phase_clock import PhaseClock
 
@@ -112,11 +113,15 @@ def decode_pixels(files: SampleFiles, start: int, stop: int, preprocess: Preproc
     return pixels, batch.ok, batch.rejects
 
 
-def encode_batch(model, images01: torch.Tensor) -> torch.Tensor:
-    """[B, 3, S, S] in [0, 1] -> float32 [B, g, g, C], as models.encoder.encode_images encodes (bf16 on CUDA)."""
+def encode_batch(model, images01: torch.Tensor, graphs: EncoderGraphs | None = None) -> torch.Tensor:
+    """[B, 3, S, S] in [0, 1] -> float32 [B, g, g, C], as models.encoder.encode_images encodes (bf16 on CUDA);
+    with `graphs` (CUDA), replayed as one CUDA graph per batch shape."""
     cuda = images01.device.type == "cuda"
-    with torch.autocast(images01.device.type, dtype=torch.bfloat16, enabled=cuda):
-        tokens = encode_tensor(model, images01)
+    if graphs is not None and cuda:
+        tokens = graphs(images01)
+    else:
+        with torch.autocast(images01.device.type, dtype=torch.bfloat16, enabled=cuda):
+            tokens = encode_tensor(model, images01)
     side = grid_size(model)
     return tokens.float().reshape(len(tokens), side, side, token_dim(model))
 
@@ -205,7 +210,8 @@ def _prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preproce
         reader_pool.shutdown(wait=False, cancel_futures=True)   # a reader hung past the timeout stays behind
 
 
-def _encode_prepared(model, prepared: Prepared, device: torch.device, clock: PhaseClock) -> torch.Tensor | None:
+def _encode_prepared(model, prepared: Prepared, device: torch.device, clock: PhaseClock,
+                     graphs: EncoderGraphs | None = None) -> torch.Tensor | None:
     """float32 [n_ok, g, g, C] tokens of a prepared batch's decodable images, on the device; None if none."""
     if prepared.images01 is None:
         return None
@@ -213,12 +219,12 @@ def _encode_prepared(model, prepared: Prepared, device: torch.device, clock: Pha
         torch.cuda.current_stream(device).wait_event(prepared.ready)
         prepared.images01.record_stream(torch.cuda.current_stream(device))
     with torch.no_grad(), clock.device("encoder"):
-        return encode_batch(model, prepared.images01)
+        return encode_batch(model, prepared.images01, graphs)
 
 
 def sample_moments(model, files: SampleFiles, preprocess: Preprocess, device: str | torch.device, *,
                    batch_size: int, readers: int = 8, read_timeout: float | None = None,
-                   split: DecodeSplit | None = None) -> tuple:
+                   split: DecodeSplit | None = None, graphs: EncoderGraphs | None = None) -> tuple:
     """(count, mean [C], M2 [C]) of the encoder's tokens over every decodable file of `files`, accumulated on
     the device: the channel statistics of a sample (tasks.encode.stage spreads it over the source) that a fused
     pass standardises with before it has seen the rest. Nothing is written."""
@@ -227,7 +233,7 @@ def sample_moments(model, files: SampleFiles, preprocess: Preprocess, device: st
     clock = PhaseClock(device.type == "cuda")
     spans = [(b, min(b + batch_size, len(files))) for b in range(0, len(files), batch_size)]
     for prepared in _prepared_batches(files, spans, preprocess, device, readers, read_timeout, clock, split):
-        tokens = _encode_prepared(model, prepared, device, clock)
+        tokens = _encode_prepared(model, prepared, device, clock, graphs)
         if tokens is not None:
             moments.add(tokens)
     return moments.result(token_dim(model))
@@ -268,7 +274,8 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
                        batch_size: int, dtype: str, weights_label: str, base: int = 0, readers: int = 8,
                        writers: int = 2, worker: str | None = None, read_timeout: float | None = None,
                        on_chunk: Callable[[int], None] | None = None, teacher: Teacher | None = None,
-                       clock: PhaseClock | None = None, split: DecodeSplit | None = None) -> list[dict]:
+                       clock: PhaseClock | None = None, split: DecodeSplit | None = None,
+                       graphs: EncoderGraphs | None = None) -> list[dict]:
     """Encode the samples of `chunks` ((chunk, start, stop), disjoint) into the latent store's template and,
     with `teacher`, their regions into the teacher store's template in the same pass.
 
@@ -277,7 +284,8 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
     of the stored values; then one asynchronous copy into a pinned chunk buffer. Writer threads put each
     finished chunk on disk, latents then teacher, each marker last. Returns each chunk's marker info;
     `on_chunk(rows)` after each chunk is on disk; `clock` collects where the time went (PhaseClock); `split`
-    (on CUDA) hands a share of nvjpeg's files to the reader threads' CPU decoders."""
+    (on CUDA) hands a share of nvjpeg's files to the reader threads' CPU decoders; `graphs` (on CUDA) replays the
+    encoder as CUDA graphs (tasks.encode.cuda_graph)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     clock = clock or PhaseClock(cuda)
@@ -339,7 +347,7 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
             at = slice(b0 - current.start, b1 - current.start)
             current.valid[at] = prepared.ok
             current.rejects += prepared.rejects
-            tokens = _encode_prepared(model, prepared, device, clock)
+            tokens = _encode_prepared(model, prepared, device, clock, graphs)
             with clock.device("moments_and_store_form"):
                 if tokens is None:
                     stored = torch.zeros((b1 - b0, side, side, dim), dtype=_HOST[dtype], device=device)

@@ -36,6 +36,7 @@ from tasks.dask_chunks import run_chunks
 from tasks.encode.files import Preprocess, Teacher, encode_file_chunks, sample_moments
 from tasks.encode.encoder_load import load_encoder
 from tasks.hierarchy.stage import teacher_marker, teacher_stage, teacher_template
+from tasks.encode.cuda_graph import EncoderGraphs
 from tasks.encode.decode import DecodeSplit
 from tasks.encode.phase_clock import Laps, PhaseClock
 from tasks.plan import hierarchy_spec
@@ -112,6 +113,8 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
         grid, dim = grid_size(model), token_dim(model)
     laps.lap("load_encoder")
     splits = {device: DecodeSplit(cfg.encoder.cpu_decode_share) for device in models if device.startswith("cuda")}
+    graphs = {device: EncoderGraphs(model) for device, model in models.items()
+              if device.startswith("cuda") and cfg.encoder.cuda_graph}
     num = zarr_store.open_array(images, "label").shape[0]
     chunk_size = zarr_store.store_attrs(images)["chunk_size"]
     bounds = zarr_store.chunk_bounds(num, chunk_size)
@@ -127,7 +130,7 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     # the hierarchy's Triton kernels compile while the statistics pass runs, not at the pass's first batch
     warm = _warm_hierarchy(cfg, next(iter(models), None), grid, dim) if fuse and pending else None
     began = time.monotonic()
-    stats = _sampled_stats(cfg, layout, models, weights_label, splits) if cfg.encoder.stats_images else None
+    stats = _sampled_stats(cfg, layout, models, weights_label, splits, graphs) if cfg.encoder.stats_images else None
     extra: dict = {"stats_pass_s": round(time.monotonic() - began, 3)} if stats is not None else {}
     laps.lap("stats_pass")
     if warm is not None:
@@ -148,7 +151,7 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
                 bar.advance(num - sum(bounds[c][1] - bounds[c][0] for c in pending))
                 if direct:
                     extra["phases_s"] = _encode_files_here(cfg, layout, models, weights_label, pending, bounds, bar,
-                                                           fused, splits)
+                                                           fused, splits, graphs)
                 else:
                     [(device, model)] = models.items()
                     for chunk in pending:
@@ -197,7 +200,7 @@ def sample_rows(num: int, images: int) -> np.ndarray:
 
 
 def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: str,
-                   splits: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   splits: dict | None = None, graphs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The channel statistics of encoder.stats_images images spread over the source, computed once (before the
     pass, so a fused hierarchy can standardise with them) and kept in the store: a resumed run reuses them."""
     path = layout.latents()
@@ -220,7 +223,7 @@ def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: s
             moments = sample_moments(model, sample_files(cfg.source, sampled), preprocess, device,
                                      batch_size=cfg.encoder.batch_size,
                                      readers=cfg.encoder.readers, read_timeout=cfg.encoder.read_timeout_s,
-                                     split=(splits or {}).get(device))
+                                     split=(splits or {}).get(device), graphs=(graphs or {}).get(device))
             bar.advance(len(rows))
     count, mean, m2 = moments
     stats = mean_std(np.array([count]), np.asarray(mean)[None], np.asarray(m2)[None])
@@ -300,7 +303,7 @@ def _dask_chunks(cfg: TFConfig, layout: Layout, direct: bool, pending: list[int]
 
 def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_label: str, pending: list[int],
                        bounds, bar: Progress, teacher: Teacher | None = None,
-                       splits: dict | None = None) -> dict[str, dict[str, float]]:
+                       splits: dict | None = None, graphs: dict | None = None) -> dict[str, dict[str, float]]:
     """The direct path on this machine's devices: one pass per device over every n-th pending chunk. Returns
     each device's PhaseClock summary: where the pass spent its time."""
     ids = zarr_store.open_array(layout.images(), "sample")[:].tolist()
@@ -321,7 +324,8 @@ def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_labe
                             batch_size=cfg.encoder.batch_size, dtype=cfg.encoder.dtype, weights_label=weights_label,
                             readers=cfg.encoder.readers, writers=cfg.encoder.writers,
                             read_timeout=cfg.encoder.read_timeout_s, on_chunk=advance, teacher=teacher,
-                            clock=clocks[device], split=(splits or {}).get(device))
+                            clock=clocks[device], split=(splits or {}).get(device),
+                            graphs=(graphs or {}).get(device))
                 for i, device in enumerate(devices)]
         for run in runs:
             run.result()

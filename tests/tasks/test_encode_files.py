@@ -117,6 +117,26 @@ def test_a_batch_split_between_nvjpeg_and_the_cpu_decodes_every_file_as_either_a
             assert (image.cpu().float() - reference.float()).abs().mean() < 2.0, share
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (runs on the GPU machine)")
+def test_the_encoder_replayed_as_cuda_graphs_gives_the_eager_tokens_for_every_batch():
+    from models.encoder import build_encoder
+    from tasks.encode.cuda_graph import EncoderGraphs
+    from tasks.encode.files import encode_batch
+
+    model, _ = build_encoder("vit_small_patch14_reg4_dinov2", SIZE, None, True, seed=0)
+    model = model.eval().cuda()
+    graphs = EncoderGraphs(model)
+    noise = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.rand((n, 3, SIZE, SIZE), device="cuda", generator=noise) for n in (8, 8, 5, 8)]
+    with torch.no_grad():
+        outs = [encode_batch(model, batch, graphs) for batch in batches]   # captured at the first 8 and the 5
+        eager = [encode_batch(model, batch) for batch in batches]
+    assert len(graphs.graphs) == 2
+    for got, want in zip(outs, eager):   # each replay its own batch's tokens, none overwritten by a later one
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(outs[0], outs[1])
+
+
 def test_every_file_is_a_latent_or_a_reject_and_latents_match_an_independent_encode(tree, tmp_path):
     from tasks.encode.stage import encode_latents
     from tasks.ingest.stage import ingest_images

@@ -1,0 +1,54 @@
+"""The encoder's forward as one CUDA graph per batch shape (encoder.cuda_graph).
+
+Eager, a DINOv2-B batch is hundreds of kernel launches issued by one Python thread. In the encode pass that
+thread shares the GIL with the readers, the preparing thread and the writers, and every time it waits for
+the GIL the GPU may run dry (docs/gpu.md: the encoder's phase took three times its resident time while CPU
+threads decoded). Replayed as a graph, a batch is one launch. The graph is captured at the first batch of
+each shape (the full batch and the pass's last one), after warm-up passes on a side stream as
+torch.cuda.graphs asks; a replay copies the batch into the captured input and the captured output out, so
+what it returns is never overwritten by the next replay. The same bf16 autocast as the eager path (its
+weight-cast cache off: the casts are captured with the graph).
+
+Capture is thread-local: the preparing thread keeps decoding on its own stream meanwhile. No I/O here.
+"""
+from __future__ import annotations
+
+import torch
+
+from models.encoder import encode_tensor
+
+WARMUP_PASSES = 3   # cuBLAS and autocast state settle before capture (torch.cuda.graphs' advice)
+
+
+class EncoderGraphs:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def _forward(self, images01: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return encode_tensor(self.model, images01)
+
+    def _capture(self, example: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_in = example.clone()
+        current = torch.cuda.current_stream(example.device)
+        side = torch.cuda.Stream(example.device)
+        side.wait_stream(current)
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(WARMUP_PASSES):
+                self._forward(static_in)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_out = self._forward(static_in)
+        return graph, static_in, static_out
+
+    def __call__(self, images01: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] in [0, 1] on CUDA -> the encoder's [B, T, C] tokens, as encode_tensor under autocast."""
+        key = (tuple(images01.shape), images01.dtype, images01.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(images01)
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(images01)
+        graph.replay()
+        return static_out.clone()
