@@ -230,6 +230,11 @@ class GeneratorConfig(_Part):
     heads: Annotated[int | None, GENERATOR] = None
     steps: Annotated[int, GENERATOR] = Field(300, ge=1)
     batch_size: Annotated[int, GENERATOR] = Field(64, ge=1)
+    # how a step runs, not what it computes: the accumulated gradient is the whole batch's, up to rounding
+    device_batch: Annotated[int | None, UNKEYED] = Field(
+        None, ge=1, description="the most samples one forward/backward takes on one device: a step's share of "
+                                "batch_size runs as near-equal micro-batches whose gradients add up before one "
+                                "optimiser step (None: the whole share at once)")
     lr: Annotated[float, GENERATOR] = 3e-4
     weight_decay: Annotated[float, GENERATOR] = 0.0
     warmup_steps: Annotated[int, GENERATOR] = 20

@@ -102,7 +102,7 @@ def decoder_spec(cfg: TFConfig, grid: int, dim: int) -> DecoderSpec:
 def decoder_optim(cfg: TFConfig) -> OptimConfig:
     d = cfg.decoder
     return project(OptimConfig, d, warmup_steps=DECODER_WARMUP_STEPS, weight_decay=0.0, grad_clip=1.0,
-                   ema_decays=[], ema_halflives_kimg=[DECODER_EMA_KIMG], ema_rampup=DECODER_EMA_RAMPUP,
+                   device_batch=None, ema_decays=[], ema_halflives_kimg=[DECODER_EMA_KIMG], ema_rampup=DECODER_EMA_RAMPUP,
                    optimizer="adamw", muon_momentum=OptimConfig.muon_momentum, compile=False, compile_tuning=False)
 
 

@@ -38,6 +38,7 @@ class OptimConfig:
     muon_momentum is this module's fixed constant, not a setting."""
     steps: int
     batch_size: int
+    device_batch: int | None          # the most samples one forward/backward takes (None: the rank's whole share)
     lr: float
     weight_decay: float
     warmup_steps: int
@@ -61,6 +62,8 @@ class OptimConfig:
             raise ValueError(f"ema_halflives_kimg must be positive, got {self.ema_halflives_kimg}")
         if not self.ema_decays and not self.ema_halflives_kimg:
             raise ValueError("at least one EMA is needed: ema_decays or ema_halflives_kimg")
+        if self.device_batch is not None and self.device_batch < 1:
+            raise ValueError(f"device_batch must be >= 1 (None: the whole batch at once), got {self.device_batch}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
 

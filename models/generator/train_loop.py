@@ -11,6 +11,10 @@ continues an exported state exactly where it stopped.
 Data parallel: with `world` > 1 every rank draws the same global batch indices and the same
 global noise (identical generators) and keeps its own rows; the wrapper given by `wrap` (DDP)
 averages the gradients, so N ranks follow the same trajectory as one process up to float sums.
+
+Gradient accumulation: with cfg.device_batch set, a rank's rows run as near-equal micro-batches, each
+loss weighted by its share of the rows, their gradients summed before the one optimiser step; the
+step's random choices are drawn once for the whole batch, so only float rounding differs.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from models.nonfinite import DivergenceWatch
 __all__ = ["OptimConfig", "LevelData", "EMA", "TrainState", "new_state", "train_generator", "train_decoder"]
 
 Exported = tuple[dict[str, Tensor], dict]
+# One micro-batch of a step: its sample count and the forward that returns its (mean loss, stats)
+MicroBatch = tuple[int, Callable[[], tuple[Tensor, dict]]]
 
 
 @dataclass
@@ -92,18 +98,19 @@ def new_state(model: nn.Module, cfg: OptimConfig, device: str, resume: Exported 
     return import_state(state, *resume) if resume is not None else state
 
 
-def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor, dict]],
+def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], list[MicroBatch]],
          on_step: Callable[[int, dict], None] | None, on_checkpoint: Callable[[TrainState], None] | None) -> TrainState:
-    """The steps up to cfg.steps. A NaN or infinite loss, gradient or weight raises NonFiniteTraining at
-    the next read of the device-side flag (models/nonfinite.py: every CHECK_EVERY steps, before each
-    snapshot, at the end), so no snapshot and no returned state holds diverged weights."""
+    """The steps up to cfg.steps; `loss_fn` draws a step's batch and returns its micro-batches. A NaN
+    or infinite loss, gradient or weight raises NonFiniteTraining at the next read of the device-side
+    flag (models/nonfinite.py: every CHECK_EVERY steps, before each snapshot, at the end), so no
+    snapshot and no returned state holds diverged weights."""
     params = [p for p in state.model.parameters() if p.requires_grad]
     watch = DivergenceWatch(params[0].device, start=state.step)
     while state.step < cfg.steps:
-        loss, stats = loss_fn()
+        micro_batches = loss_fn()
         for optimizer in state.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, stats = _accumulate(micro_batches)
         stats["grad_norm"] = gradient_norm(params, cfg.grad_clip)
         watch.observe(loss, stats["grad_norm"])
         for optimizer, schedule in zip(state.optimizers, state.schedules):
@@ -127,6 +134,37 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], tuple[Tensor
             on_checkpoint(state)
     watch.check(trained_weights(state))   # cfg.steps may have been lowered by on_step (a clock-bound run)
     return state
+
+
+def _accumulate(micro_batches: list[MicroBatch]) -> tuple[Tensor, dict]:
+    """Forward and backward of each micro-batch in turn (one graph alive at a time), each loss weighted
+    by its share of the samples: the summed gradient is the whole batch's mean-loss gradient. Returns
+    the step's loss and stats, size-weighted means of the micro-batches' (left as they are for one)."""
+    if len(micro_batches) == 1:
+        loss, stats = micro_batches[0][1]()
+        loss.backward()
+        return loss, stats
+    total = sum(size for size, _ in micro_batches)
+    loss_sum, stat_sums = 0.0, {}
+    for size, forward in micro_batches:
+        loss, stats = forward()
+        (loss * (size / total)).backward()
+        # summed times the (integer) sizes, divided once: a stat equal in every micro-batch stays exact
+        loss_sum = loss_sum + loss.detach() * size
+        for name, value in stats.items():
+            stat_sums[name] = stat_sums.get(name, 0.0) + value.detach() * size
+    return loss_sum / total, {name: value / total for name, value in stat_sums.items()}
+
+
+def micro_batch_rows(start: int, count: int, device_batch: int | None) -> list[slice]:
+    """`count` rows from `start` cut into ceil(count / device_batch) slices (one for None), their sizes
+    as equal as possible, larger first: with compile, equal sizes run one compiled graph."""
+    pieces = 1 if device_batch is None else -(-count // device_batch)
+    size, larger = divmod(count, pieces)
+    bounds = [start]
+    for piece in range(pieces):
+        bounds.append(bounds[-1] + size + (piece < larger))
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 @functools.cache
@@ -173,13 +211,15 @@ def _read_back(stats: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(names, values))
 
 
-def _batch_index(state: TrainState, n: int, cfg: OptimConfig, rank: int, world: int) -> tuple[Tensor, slice]:
+def _batch_index(state: TrainState, n: int, cfg: OptimConfig, rank: int, world: int) -> tuple[Tensor, list[slice]]:
+    """The step's global batch of row indices (the same draw on every rank) and this rank's positions in
+    it, as the micro-batches of at most cfg.device_batch rows that run one after the other."""
     size = min(cfg.batch_size, n)
     if size % world:
         raise ValueError(f"global batch {size} is not divisible by {world} ranks")
     index = torch.randint(n, (size,), generator=state.generators["sampler"])
     share = size // world
-    return index, slice(rank * share, (rank + 1) * share)
+    return index, micro_batch_rows(rank * share, share, cfg.device_batch)
 
 
 def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: int | list[int],
@@ -205,26 +245,32 @@ def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: 
     on_cuda = torch.device(device).type == "cuda"   # "cuda:3" on a DDP rank too
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
 
-    def loss_fn() -> tuple[Tensor, dict]:
+    def loss_fn() -> list[MicroBatch]:
+        # every random choice of the step is drawn here, once for the whole global batch, whatever the split
         which = 0 if len(datasets) == 1 else int(torch.randint(len(datasets), (1,),
                                                                 generator=state.generators["sampler"]))
         chosen, chosen_level = datasets[which], levels_of[which]
         shape = tuple(chosen.tokens.shape[1:])
-        index, rows = _batch_index(state, len(chosen.tokens), cfg, rank, world)
+        index, parts = _batch_index(state, len(chosen.tokens), cfg, rank, world)
         index = index.to(chosen.tokens.device)
-        draws = draw((len(index), *shape), objective, state.generators["noise"], device, torch.float32).rows(
-            rows.start, rows.stop)
-        mine = index[rows]
-        x, cond, label, regions = chosen.batch(mine, device)
-        levels = torch.full((len(mine),), chosen_level, dtype=torch.long, device=device)
-        with amp:
-            # jvp_model: the tangent pass bypasses DDP's one-forward-per-backward hooks
-            loss, stats = step_loss(net, x, cond, label, levels, regions, objective, draws=draws,
-                                    jvp_model=state.model, tangent_fn=tangent_fn)
-        if len(datasets) > 1:
-            # on the loss's device: _read_back stacks every stat into one tensor (a CPU scalar among CUDA ones fails)
-            stats["level"] = torch.full((), float(chosen_level), device=loss.device)
-        return loss, stats
+        draws = draw((len(index), *shape), objective, state.generators["noise"], device, torch.float32)
+
+        def forward(rows: slice) -> tuple[Tensor, dict]:
+            mine = index[rows]
+            x, cond, label, regions = chosen.batch(mine, device)
+            levels = torch.full((len(mine),), chosen_level, dtype=torch.long, device=device)
+            with amp:
+                # jvp_model: the tangent pass bypasses DDP's one-forward-per-backward hooks
+                loss, stats = step_loss(net, x, cond, label, levels, regions, objective,
+                                        draws=draws.rows(rows.start, rows.stop), jvp_model=state.model,
+                                        tangent_fn=tangent_fn)
+            if len(datasets) > 1:
+                # on the loss's device: _read_back stacks every stat into one tensor (a CPU scalar among
+                # CUDA ones fails)
+                stats["level"] = torch.full((), float(chosen_level), device=loss.device)
+            return loss, stats
+
+        return [(rows.stop - rows.start, functools.partial(forward, rows)) for rows in parts]
 
     with compile_settings(cfg, device):
         return _fit(state, cfg, loss_fn, on_step, on_checkpoint)
@@ -237,8 +283,12 @@ def train_decoder(decoder: nn.Module, tokens: Tensor, images: Tensor, cfg: Optim
     state = new_state(decoder, cfg, device, resume)
     net = torch.compile(state.model) if cfg.compile else state.model
 
-    def loss_fn() -> tuple[Tensor, dict]:
-        index, _ = _batch_index(state, len(tokens), cfg, 0, 1)
-        return decoder_loss(net(tokens[index].to(device)), images[index].to(device))
+    def loss_fn() -> list[MicroBatch]:
+        index, parts = _batch_index(state, len(tokens), cfg, 0, 1)
+
+        def forward(rows: slice) -> tuple[Tensor, dict]:
+            return decoder_loss(net(tokens[index[rows]].to(device)), images[index[rows]].to(device))
+
+        return [(rows.stop - rows.start, functools.partial(forward, rows)) for rows in parts]
 
     return _fit(state, cfg, loss_fn, on_step, on_checkpoint)

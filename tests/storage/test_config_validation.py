@@ -57,6 +57,7 @@ def test_fuzzed_configs_load_or_fail_with_a_value_error(tmp_path, document, over
     (["hierarchy.k=1"], "greater than or equal to 2"),
     (["source.kind=imagefolder"], "source.path is required"),
     (["generator.steps=0"], "greater than or equal to 1"),
+    (["generator.device_batch=0"], r"generator.device_batch\s+Input should be greater than or equal to 1"),
     (["nonsense.key=1"], "Extra inputs are not permitted"),
     (["source=5", "source.kind=scenes"], "source is not a section"),
 ])
