@@ -10,6 +10,8 @@
    pass (encoder.stats_images, the config's default), once the two-pass way (stats from every image, then
    the hierarchy stage). Each stage's seconds, throughput, GPU figures and the encode pass's phase times
    (tasks.encode.phase_clock) are what the stages themselves return, as the runs table records them.
+   `--compare NAME:KEY=VALUE` times the fused encode stage again with other settings in the same call (the
+   same machine as the baseline: ratios from one run), e.g. cuda_graph:encoder.cuda_graph=true.
 3. Measures the encoder and the hierarchy alone on resident batches, the batched hierarchy against the
    scipy/scikit-learn reference on the stored latents, peak host memory and the stores' bytes per image.
    Writes <out>/dataplane.json (DESIGN §7 shape).
@@ -21,6 +23,7 @@ import io
 import multiprocessing
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -82,6 +85,38 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """--compare NAME:KEY=VALUE[,KEY=VALUE] -> (name, sets)."""
+    out = []
+    for spec in specs:
+        name, _, sets = spec.partition(":")
+        if not name or not sets or name in ("fused", "two_pass"):
+            raise SystemExit(f"--compare {spec!r}: give NAME:KEY=VALUE[,KEY=VALUE], NAME not fused or two_pass")
+        out.append((name, sets.split(",")))
+    return out
+
+
+def _compare(workdir: Path, args, name: str, sets: list[str], n: int) -> dict:
+    """The fused encode stage (the hierarchy in its pass) with `sets` on top of the bench's own, on its own root,
+    timed like the main run; the root is removed after (the disk holds about two 50k stores)."""
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
+
+    cfg = _stage_config(args.config, workdir / "train", [*args.sets, *sets])
+    root = workdir / name
+    try:
+        ingest_images.fn(cfg, str(root))
+        encode = encode_latents.fn(cfg, str(root), with_teacher=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    keep = ("duration_s", "images_per_s", "gpu_busy_share", "gpu_peak_mem_gib", "stats_pass_s", "phases_s",
+            "wall_s", "decoded_by")
+    print(f"{name} ({','.join(sets)}): encode {encode['duration_s']:.1f}s: {n / encode['duration_s']:.0f} img/s",
+          flush=True)
+    return {"sets": sets, "img_per_s": round(n / encode["duration_s"], 1),
+            **{k: encode[k] for k in keep if k in encode}}
+
+
 def _stage_config(base: str, train: Path, sets: list[str]):
     from storage.config import load_config
 
@@ -99,6 +134,9 @@ def main() -> None:
     parser.add_argument("--resident-repeats", type=int, default=8)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="folder for dataplane.json (default bench/results)")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="also time the fused encode stage with these settings, in this call, on its own root "
+                             "(removed after: 20 GB at 50k images), e.g. cuda_graph:encoder.cuda_graph=true")
     args = parser.parse_args()
 
     from sklearn.metrics import adjusted_rand_score
@@ -107,8 +145,9 @@ def main() -> None:
     from models.hierarchy.reference import build_hierarchies
     from storage import zarr_store
     from storage.keys import Layout
-    from tasks.encode.stage import encode_latents
+    from tasks.encode.cuda_graph import EncoderGraphs
     from tasks.encode.files import encode_batch
+    from tasks.encode.stage import encode_latents
     from tasks.encode.encoder_load import load_encoder
     from tasks.hierarchy.stage import build_teacher
     from tasks.ingest.stage import ingest_images
@@ -125,8 +164,10 @@ def main() -> None:
     n = len(paths)
 
     # --- the stages as `tf pipeline` runs them (their task functions): fused, then the two-pass way --------
-    runs = {}
+    runs, compared = {}, {}
     for name, cfg in (("fused", fused_cfg), ("two_pass", two_pass_cfg)):
+        if name == "two_pass":   # the variants first: the disk holds the fused store, one variant's and two_pass's
+            compared = {variant: _compare(workdir, args, variant, sets, n) for variant, sets in _variants(args.compare)}
         root = str(workdir / name)
         ingest_images.fn(cfg, root)   # the listing (and the image store's pixel sample): not timed
         if device.startswith("cuda"):
@@ -172,6 +213,16 @@ def main() -> None:
             build_hierarchies_batched(out, spec, stats=(mean, std))
         sync(torch.device(device))
         hierarchy_s = time.perf_counter() - t0
+        graph_s = None
+        if device.startswith("cuda"):   # the same batches replayed as one CUDA graph (encoder.cuda_graph)
+            graphs = EncoderGraphs(encoder)
+            encode_batch(encoder, resident, graphs)
+            sync(torch.device(device))
+            t0 = time.perf_counter()
+            for _ in range(args.resident_repeats):
+                encode_batch(encoder, resident, graphs)
+            sync(torch.device(device))
+            graph_s = time.perf_counter() - t0
 
     # --- batched hierarchy vs the scipy / scikit-learn reference on the stored latents ---------------------
     k = min(args.reference_images, n)
@@ -192,6 +243,11 @@ def main() -> None:
         "encode_stage_img_per_s": (fused["encode"].get("images_per_s", 0.0), "img/s, the fused encode stage"),
         "encoder_img_per_s": (round(args.resident_repeats * batch / encoder_s, 1), "img/s, resident batches"),
         "hierarchy_share": (round(hierarchy_s / encoder_s, 4), "hierarchy time / encoder time, same batches"),
+        **({"encoder_graph_img_per_s": (round(args.resident_repeats * batch / graph_s, 1),
+                                        "img/s, resident batches, the encoder replayed as a CUDA graph")}
+           if graph_s else {}),
+        **{f"{name}_encode_stage_img_per_s": (run["img_per_s"], f"img/s, the fused encode stage with {run['sets']}")
+           for name, run in compared.items()},
         "hierarchy_ari_vs_reference": (round(min(ari), 4), f"min over levels of mean ARI, {k} images"),
         "hierarchy_exact_vs_reference": (round(exact, 4), f"share of {k} images whose regions equal the reference"),
         "peak_gpu_mem_gib": (fused["encode"].get("gpu_peak_mem_gib", 0.0), "GiB, the fused encode stage"),
@@ -200,7 +256,7 @@ def main() -> None:
         "store_bytes_per_image": (round(bytes_per_image), "B on disk (latent + teacher stores)"),
         "imagenet_train_tb": (round(bytes_per_image * 1_281_167 / 1e12, 3), "TB for 1.28M images"),
     }
-    extra = {"runs": runs, "phases_s": fused["encode"].get("phases_s"), "stats_pass_s": fused["encode"].get(
+    extra = {"runs": runs, "compared": compared, "phases_s": fused["encode"].get("phases_s"), "stats_pass_s": fused["encode"].get(
              "stats_pass_s"), "channel_stats": fused["encode"].get("channel_stats"),
              "ari_per_level": [round(a, 4) for a in ari],
              # the sampled statistics' effect on the teacher: the same images under the whole set's statistics
