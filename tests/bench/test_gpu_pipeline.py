@@ -12,7 +12,8 @@ TOY = ["device=cpu", "encoder.model=vit_small_patch14_reg4_dinov2", "source.imag
        "generator.preset=tiny", "generator.steps=3", "generator.batch_size=8", "generator.compile=false",
        "decoder.width=32", "decoder.depth=1", "decoder.heads=2", "decoder.steps=3", "decoder.batch_size=8",
        "evaluate.num_samples=8", "evaluate.keep_trajectories=4", "evaluate.edits_per_level=1",
-       "evaluate.bootstrap=10", "evaluate.grid_rows=4"]
+       "evaluate.bootstrap=10", "evaluate.grid_rows=4",
+       "evaluate.structure_workers=0"]   # imagenet.yaml's 12 processes take 19 s to start on 2 cores
 
 
 def test_the_acceptance_run_reports_every_stage_from_the_runs_table(tmp_path):
