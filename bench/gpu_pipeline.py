@@ -86,7 +86,8 @@ def run_pipeline(root: Path, train: Path, weights: Path, sets: list[str], log: P
 
 
 def recorded(root: Path) -> tuple[dict | None, list[dict]]:
-    """The newest pipeline run's row (None while it has none) and its stage rows from tables/runs, each stage with its parsed details."""
+    """The newest pipeline run's row (None while it has none) and its stage rows from tables/runs, each stage
+    with its parsed details."""
     from storage.tables import load_runs, run_details
 
     runs = load_runs(root)
@@ -107,7 +108,8 @@ def figures_of(rows: list[dict], images: int) -> tuple[dict, dict]:
     for row in rows:
         keep = {k: row[k] for k in ("status", "duration_s", "images_per_s", "gpu_peak_mem_gib", "gpu_busy_share",
                                     "train_img_per_s", "step_s", "mfu", "stats_pass_s", "phases_s", "timing_s",
-                                    "channel_stats", "teacher", "rows", "wall_s", "decoded_by") if k in row and row[k] == row[k]}
+                                    "channel_stats", "teacher", "rows", "wall_s", "decoded_by")
+                if k in row and row[k] == row[k]}
         table[row["stage"]] = keep
         figures[f"{row['stage']}_s"] = (round(float(row["duration_s"]), 2), f"s ({row['status']})")
     encode, hierarchy = by_stage.get("encode"), by_stage.get("hierarchy")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import threading
-import time
 import warnings
 
 import numpy as np
@@ -129,10 +128,9 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     fuse = with_teacher and fusable(cfg)
     # the hierarchy's Triton kernels compile while the statistics pass runs, not at the pass's first batch
     warm = _warm_hierarchy(cfg, next(iter(models), None), grid, dim) if fuse and pending else None
-    began = time.monotonic()
     stats = _sampled_stats(cfg, layout, models, weights_label, splits, graphs) if cfg.encoder.stats_images else None
-    extra: dict = {"stats_pass_s": round(time.monotonic() - began, 3)} if stats is not None else {}
     laps.lap("stats_pass")
+    extra: dict = {"stats_pass_s": laps.seconds["stats_pass"]} if stats is not None else {}
     if warm is not None:
         warm.result()
         laps.lap("wait_for_kernel_compile")
