@@ -227,10 +227,20 @@ def _normalise(model: nn.Module, images01: Tensor) -> Tensor:
     size = _image_size(model)
     if tuple(images01.shape[-2:]) != size:
         images01 = F.interpolate(images01, size=size, mode="bilinear", align_corners=False, antialias=True)
-    cfg = model.pretrained_cfg
-    mean = torch.tensor(cfg["mean"], dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], dtype=images01.dtype, device=images01.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(model, images01.dtype, images01.device)
     return (images01 - mean) / std
+
+
+def _mean_std(model: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The model's input mean/std as [1,3,1,1] tensors, made once per dtype and device: a CUDA graph capture
+    (tasks/encode/cuda_graph.py) may not copy from pageable host memory, and its warm-up passes fill this."""
+    cache = model.__dict__.setdefault("_tf_mean_std", {})
+    key = (dtype, device)
+    if key not in cache:
+        cfg = model.pretrained_cfg
+        cache[key] = tuple(torch.tensor(cfg[name], dtype=dtype, device=device).view(1, 3, 1, 1)
+                           for name in ("mean", "std"))
+    return cache[key]
 
 
 def _patch_tokens(model: nn.Module, images01: Tensor) -> Tensor:

@@ -218,9 +218,9 @@ def plan_adherence(canvas: np.ndarray, final: np.ndarray, ids: np.ndarray) -> fl
     if labels.size == 0:
         return float("nan")
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    sums = np.zeros((counts.size, final.shape[1]))
-    np.add.at(sums, inverse, final)
-    region_means = sums / counts[:, None]
+    # region sums as one matrix product (np.add.at took a third of the structure CPU time)
+    members = np.arange(counts.size)[:, None] == inverse.reshape(1, -1)
+    region_means = (members.astype(np.float64) @ final) / counts[:, None]
     return float(np.mean(_rowwise_cosine(canvas, region_means[inverse])))
 
 
@@ -247,8 +247,9 @@ def matched_miou(pred: np.ndarray, target: np.ndarray) -> float:
         return float("nan")
     _, pred_index = np.unique(pred_ids, return_inverse=True)
     _, target_index = np.unique(target_ids, return_inverse=True)
-    intersection = np.zeros((pred_index.max() + 1, target_index.max() + 1))
-    np.add.at(intersection, (pred_index, target_index), 1.0)
+    shape = (pred_index.max() + 1, target_index.max() + 1)
+    intersection = np.bincount(np.ravel_multi_index((pred_index, target_index), shape),
+                               minlength=shape[0] * shape[1]).reshape(shape).astype(np.float64)
     pred_area = intersection.sum(axis=1, keepdims=True)
     target_area = intersection.sum(axis=0, keepdims=True)
     iou = intersection / (pred_area + target_area - intersection)
@@ -313,9 +314,10 @@ def _cosine_distance_matrix(x: np.ndarray) -> np.ndarray:
     is_zero = norms == 0
     unit = x / np.where(is_zero, 1.0, norms)[:, None]
     distances = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
-    distances[np.ix_(is_zero, is_zero)] = 0.0
-    distances[np.ix_(is_zero, ~is_zero)] = 1.0
-    distances[np.ix_(~is_zero, is_zero)] = 1.0
+    if is_zero.any():
+        distances[np.ix_(is_zero, is_zero)] = 0.0
+        distances[np.ix_(is_zero, ~is_zero)] = 1.0
+        distances[np.ix_(~is_zero, is_zero)] = 1.0
     distances = 0.5 * (distances + distances.T)
     np.fill_diagonal(distances, 0.0)
     return distances

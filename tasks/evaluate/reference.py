@@ -8,6 +8,7 @@ on every evaluation.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -42,12 +43,16 @@ def image_reference(images_store: Path, index: np.ndarray, extractor_label: str,
 
         def read_pixels(rows: np.ndarray) -> np.ndarray:
             return np.asarray(images.oindex[rows])
-    starts = range(0, len(index), batch_size)
+    parts = [index[start:start + batch_size] for start in range(0, len(index), batch_size)]
 
     def batches():
-        with Progress(len(index), f"reference {extractor_label.split(':')[0]}", unit="img") as bar:
-            for start in starts:
-                chunk = read_pixels(index[start:start + batch_size])
+        # the next batch is read (decoded from its files, on a GPU machine) while this one is encoded
+        with Progress(len(index), f"reference {extractor_label.split(':')[0]}", unit="img") as bar, \
+                cf.ThreadPoolExecutor(1, thread_name_prefix="reference-read") as ahead:
+            pending = ahead.submit(read_pixels, parts[0]) if parts else None
+            for following in [*parts[1:], None]:
+                chunk = pending.result()
+                pending = None if following is None else ahead.submit(read_pixels, following)
                 yield chunk, []
                 bar.advance(len(chunk))
 

@@ -108,13 +108,20 @@ def test_a_batch_split_between_nvjpeg_and_the_cpu_decodes_every_file_as_either_a
     with cf.ThreadPoolExecutor(4) as pool:
         runs = {share: decode_images(datas, device, cpu_map=pool.map, split=DecodeSplit(share))
                 for share in (0.0, 0.5, 1.0)}
-    assert isinstance(runs[0.5][-1], Exception)
-    for share, decoded in runs.items():
-        for data, image in zip(datas[:-1], decoded[:-1]):
-            reference = decode_cpu(data)
-            assert image.device.type == "cuda" and image.shape == reference.shape, share
-            # nvjpeg and libjpeg-turbo differ by their IDCT and upsampling rounding only
-            assert (image.cpu().float() - reference.float()).abs().mean() < 2.0, share
+    assert all(isinstance(run[-1], Exception) for run in runs.values())
+    nvjpeg_alone, cpu_alone = runs[0.0][:-1], runs[1.0][:-1]
+    for data, image in zip(datas[:-1], cpu_alone):
+        assert image.device.type == "cuda" and torch.equal(image.cpu(), decode_cpu(data))
+    # the two decoders round their IDCT and chroma upsampling differently (on these noisy test images by
+    # up to ~13 levels on average), so a split file must equal one of them exactly, not approximately
+    from_gpu = from_cpu = 0
+    for i, image in enumerate(runs[0.5][:-1]):
+        assert image.device.type == "cuda" and image.shape == cpu_alone[i].shape
+        same_gpu, same_cpu = torch.equal(image, nvjpeg_alone[i]), torch.equal(image, cpu_alone[i])
+        assert same_gpu or same_cpu, i
+        from_gpu += same_gpu and not same_cpu
+        from_cpu += same_cpu and not same_gpu
+    assert from_gpu > 0 and from_cpu > 0, (from_gpu, from_cpu)   # the split really split
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (runs on the GPU machine)")
