@@ -1,10 +1,12 @@
 """Where a pipelined pass spends its time, measured inside the pass without stalling it.
 
 Device phases are bracketed by CUDA events on the stream that runs them and read only at the end
-(one synchronisation for the whole pass); host phases (waiting for files, for a free buffer, writing)
-are summed wall-clock seconds, from any thread. `summary()` gives seconds per phase: device phases
-as the GPU ran them (phases on different streams overlap, so they need not add up to the wall time),
-host phases as the threads waited or worked. On the CPU, device phases are host-timed.
+(one synchronisation for the whole pass); the issuing thread's wall time inside each is kept too, as
+`<phase>_host` (where it exceeds the device time, the host bounds the phase: nvjpeg's Huffman stage runs
+on the host, an eager encoder is hundreds of launches). Host phases (waiting for files, for a free buffer,
+writing) are summed wall-clock seconds, from any thread. `summary()` gives seconds per phase: device
+phases as the GPU ran them (phases on different streams overlap, so they need not add up to the wall
+time), host phases as the threads waited or worked. On the CPU, device phases are host-timed.
 """
 from __future__ import annotations
 
@@ -33,11 +35,13 @@ class PhaseClock:
 
         stream = stream or torch.cuda.current_stream()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began = time.perf_counter()
         start.record(stream)
         try:
             yield
         finally:
             end.record(stream)
+            self.add(f"{name}_host", time.perf_counter() - began)
             with self._lock:
                 self._events.append((name, start, end))
 
