@@ -169,6 +169,9 @@ class EncoderConfig(_Part):
                                          "balanced from the measured rates of both (tasks.encode.decode). 0: the "
                                          "one H100 run with the balance was slower than nvjpeg alone "
                                          "(docs/gpu.md)")
+    cpu_decode_processes: Annotated[int, UNKEYED] = Field(
+        0, ge=0, description="with a CPU decode share: decode it in this many spawned processes instead of the "
+                             "reader threads (no GIL shared with the thread launching the encoder); 0: threads")
     stats_images: Annotated[int, keyed(latents="set")] = Field(
         0, ge=0, description="read_from files: 0 = the channel mean/std of every image, known after the pass; "
                              "N = of N images spread evenly over the source, encoded first, so the hierarchy "

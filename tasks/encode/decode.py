@@ -14,10 +14,12 @@ No Prefect, Dask or pydantic here: Dask workers and the GPU bench import it chea
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import io
 import time
 import warnings
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -111,19 +113,62 @@ def _or_error(decode: Callable[[bytes], torch.Tensor], data: bytes | Exception) 
         return error
 
 
+def _decode_worker_init() -> None:
+    torch.set_num_threads(1)   # one decode a process: the pool's size is the parallelism
+
+
+def _decode_in_worker(data: bytes | Exception) -> tuple[np.ndarray | Exception, float]:
+    """In a decode process: (uint8 [3, H, W] as numpy, pickled by value, or the exception; when it finished
+    on the system-wide monotonic clock, which the parent reads too)."""
+    image = _or_error(decode_cpu, data)
+    return (image if isinstance(image, Exception) else image.numpy()), time.monotonic()
+
+
 class DecodeSplit:
     """How many of each batch's nvjpeg-decodable JPEGs the CPU decoders take instead, so that both finish
     together. nvjpeg's batched decode runs its Huffman stage on the host, one batch at a time behind one
-    lock, so by itself it bounds the pass (about 4,300 img/s on an H100 host); libjpeg-turbo threads
-    (the reader pool) decode beside it. `share` None balances by the rates the last batches measured
-    (nvjpeg's host time per image against the CPU pool's wall time per image, queueing included);
-    a number fixes it. Which decoder took a file changes its pixels only by the decoders' rounding."""
+    lock, so by itself it bounds the pass (about 4,300 img/s on an H100 host); libjpeg-turbo decodes beside
+    it, in the reader threads or, with `processes`, in that many spawned processes (their Python holds no
+    GIL that the thread launching the encoder needs; results come back by value and are pinned here).
+    `share` None balances by the rates the last batches measured (nvjpeg's host time per image against the
+    CPU side's wall time per image, queueing included); a number fixes it. Which decoder took a file changes its pixels only by the decoders' rounding."""
 
-    def __init__(self, share: float | None = None, start: float = 0.25, low: float = 0.0, high: float = 0.9):
+    def __init__(self, share: float | None = None, start: float = 0.25, low: float = 0.0, high: float = 0.9,
+                 processes: int = 0):
         self.fixed = share
         self.share = start if share is None else share
         self.low, self.high = low, high
         self.counts = {"nvjpeg": 0, "cpu": 0}
+        self.processes = processes
+        self._pool: cf.ProcessPoolExecutor | None = None
+        if processes and (share is None or share > 0):
+            self._start_pool()
+
+    def _start_pool(self) -> None:
+        """`processes` spawned decoders (no GIL shared with the thread that launches the encoder), started
+        now so that their imports overlap the stage's set-up."""
+        import multiprocessing
+
+        self._pool = cf.ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_decode_worker_init)
+        for _ in range(self.processes):
+            self._pool.submit(time.monotonic)
+        # a stage that fails before close() still ends its processes once the split is dropped
+        weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+
+    def decode_in_processes(self, datas: list[bytes | Exception]) -> Iterator[tuple]:
+        """(uint8 [3, H, W] CPU tensor or exception, monotonic finish time) per file, in order; every file is
+        submitted before this returns, so the processes decode while the caller runs nvjpeg."""
+        if self._pool is None:
+            self._start_pool()
+        results = self._pool.map(_decode_in_worker, datas, chunksize=4)
+        return ((image if isinstance(image, Exception) else torch.from_numpy(image), finished)
+                for image, finished in results)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def to_cpu(self, n: int) -> int:
         return int(round(n * self.share))
@@ -140,7 +185,8 @@ class DecodeSplit:
     def summary(self) -> dict:
         total = sum(self.counts.values())
         return {**self.counts, "cpu_share": round(self.counts["cpu"] / total, 3) if total else 0.0,
-                "balanced": self.fixed is None}
+                "balanced": self.fixed is None, "cpu_decoders": f"{self.processes} processes" if self.processes
+                else "reader threads"}
 
 
 def decode_images(datas: Sequence[bytes | Exception], device: torch.device,
@@ -165,13 +211,23 @@ def decode_images(datas: Sequence[bytes | Exception], device: torch.device,
         finished.append(time.perf_counter())
         return image
 
-    began = time.perf_counter()
-    beside_results = cpu_map(decode_beside, [datas[i] for i in beside])
+    began, began_monotonic = time.perf_counter(), time.monotonic()
+    in_processes = split is not None and split.processes > 0 and bool(beside)
+    if in_processes:   # pinned here, as results arrive; finish times are the workers' own
+        beside_results = split.decode_in_processes([datas[i] for i in beside])
+    else:
+        beside_results = cpu_map(decode_beside, [datas[i] for i in beside])
     if gpu:
         for i, image in zip(gpu, _nvjpeg([datas[i] for i in gpu], device)):
             out[i] = image
     gpu_s = time.perf_counter() - began
-    for i, image in zip(beside, beside_results):
+    for i, result in zip(beside, beside_results):
+        image = result
+        if in_processes:
+            image, done = result
+            finished.append(done - began_monotonic + began)
+            if pin and not isinstance(image, Exception):
+                image = image.pin_memory()
         out[i] = image if isinstance(image, Exception) else image.to(device, non_blocking=True)
     if split is not None:
         split.update(len(gpu), gpu_s, len(beside), (max(finished) - began) if finished else 0.0)

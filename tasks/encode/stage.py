@@ -111,7 +111,8 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
             models[device] = model.to(device)
         grid, dim = grid_size(model), token_dim(model)
     laps.lap("load_encoder")
-    splits = {device: DecodeSplit(cfg.encoder.cpu_decode_share) for device in models if device.startswith("cuda")}
+    splits = {device: DecodeSplit(cfg.encoder.cpu_decode_share, processes=cfg.encoder.cpu_decode_processes)
+              for device in models if device.startswith("cuda")}
     graphs = {device: EncoderGraphs(model) for device, model in models.items()
               if device.startswith("cuda") and cfg.encoder.cuda_graph}
     num = zarr_store.open_array(images, "label").shape[0]
@@ -161,6 +162,8 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
             zarr_store.mark_complete(fused.store, teacher_marker(cfg, num))
             extra["teacher"] = str(fused.store)
     laps.lap("pass")
+    for split in splits.values():
+        split.close()
     if splits:
         extra["decoded_by"] = {device: split.summary() for device, split in splits.items()}
     full = mean_std(*(zarr_store.open_array(path, n)[:] for n in ("chunk_count", "chunk_mean", "chunk_m2")))

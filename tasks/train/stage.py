@@ -66,7 +66,10 @@ class StepClock:
 def run_with_progress(description: str, total: int, start: int, train, clock: StepClock | None = None):
     """`train(on_step)` under a progress bar that starts at the resumed step."""
     def on_step(step: int, stats: dict) -> None:
-        bar.advance(1, loss=f"{stats['loss']:.4f}")
+        shown = {"loss": f"{stats['loss']:.4f}"}
+        if "loss_u" in stats:   # the adaptive weights hold `loss` near its number of terms (2.0 at the final
+            shown["mse_u"] = f"{stats['loss_u']:.4g}"   # level) while errors are large: the raw error moves
+        bar.advance(1, **shown)
         if clock is not None:
             clock.on_step(step - start)
 

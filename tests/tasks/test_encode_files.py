@@ -98,16 +98,42 @@ def test_the_decode_split_settles_where_nvjpeg_and_the_cpu_threads_finish_togeth
     assert slow_cpu.share < 0.01
 
 
+def test_decode_processes_give_the_cpu_decoders_pixels_and_errors_and_end_with_the_split(tree):
+    files = sorted(tree.rglob("*.JPEG"))
+    datas = [p.read_bytes() for p in files] + [OSError("gone")]
+    split = DecodeSplit(None, processes=2)
+    try:
+        results = list(split.decode_in_processes(datas))
+    finally:
+        split.close()
+    assert len(results) == len(datas)
+    for path, data, (image, finished) in zip(files + [None], datas, results):
+        assert finished > 0
+        if isinstance(data, Exception):
+            assert image is data or (isinstance(image, OSError) and str(image) == "gone")
+            continue
+        try:
+            expected = decode_cpu(data)
+        except Exception as error:   # the truncated file: the same refusal, by value
+            assert isinstance(image, type(error)), path
+            continue
+        assert torch.equal(image, expected), path
+    assert split._pool is None and split.summary()["cpu_decoders"] == "2 processes"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs CUDA (runs on the GPU machine)")
-def test_a_batch_split_between_nvjpeg_and_the_cpu_decodes_every_file_as_either_alone(tree):
+@pytest.mark.parametrize("processes", [0, 2])
+def test_a_batch_split_between_nvjpeg_and_the_cpu_decodes_every_file_as_either_alone(tree, processes):
     import concurrent.futures as cf
 
     files = sorted(p for p in tree.rglob("*.JPEG") if p.name.startswith("n0"))
     datas = [p.read_bytes() for p in files] + [(tree / "n02" / "cmyk.JPEG").read_bytes(), OSError("gone")]
     device = torch.device("cuda")
     with cf.ThreadPoolExecutor(4) as pool:
-        runs = {share: decode_images(datas, device, cpu_map=pool.map, split=DecodeSplit(share))
-                for share in (0.0, 0.5, 1.0)}
+        splits = {share: DecodeSplit(share, processes=processes) for share in (0.0, 0.5, 1.0)}
+        runs = {share: decode_images(datas, device, cpu_map=pool.map, split=split) for share, split in splits.items()}
+    for split in splits.values():
+        split.close()
     assert all(isinstance(run[-1], Exception) for run in runs.values())
     nvjpeg_alone, cpu_alone = runs[0.0][:-1], runs[1.0][:-1]
     for data, image in zip(datas[:-1], cpu_alone):
