@@ -76,10 +76,13 @@ class Runtime:
     structure_runner: a factory with models.evaluation.structure_stream.InlineStructure's signature
     (tasks.evaluate.structure_pool.process_structure for worker processes). noise_threads=0 draws noise in
     this thread. overlap_features: feature passes in a side thread (None: on for cuda).
-    progress(done, total, timing) is called after every batch."""
+    progress(done, total, timing) is called after every batch. regions_on_device: the generated regions of the
+    structure-scored samples found on the device in batch (models.evaluation.regions_batched; None: on
+    cuda), the same partition the structure workers would find with scipy."""
     device: str | torch.device = "cpu"
     dtype: torch.dtype | None = None
     structure_runner: Callable[..., Any] | None = None
     noise_threads: int = 0
     overlap_features: bool | None = None
     progress: Callable[[int, int, dict], None] | None = None
+    regions_on_device: bool | None = None

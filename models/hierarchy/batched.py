@@ -268,6 +268,29 @@ def _linkage_for(batch: int, tokens: int, steps: int, device: torch.device, use_
     return _GRAPHS[key]
 
 
+def merge_loop(dist: Tensor, valid: Tensor, linkage: str = "auto", use_graph: bool = True,
+               static_steps: bool | None = None) -> tuple[Tensor, Tensor, int]:
+    """UPGMA over float32 [B, T, T] distances (inf on the diagonal and for invalid tokens; overwritten) of the
+    tokens `valid` [B, T]: (heights [B, steps], inf where no merge; snapshots int16 [steps + 1, B, T], each
+    token's cluster after 0..steps merges, a cluster named by its first token; steps). The Triton kernel
+    on CUDA ("auto"), else the torch loop (a CUDA graph on CUDA). static_steps (default on CUDA): T - 1
+    steps whatever the valid counts, so every batch of a shape reuses one graph."""
+    batch, tokens, _ = dist.shape
+    device = dist.device
+    if static_steps is None:
+        static_steps = device.type == "cuda"
+    steps = tokens - 1 if static_steps else max(int(valid.sum(1).max()) - 1, 0)
+    if uses_triton(linkage, device, "linkage"):
+        from models.hierarchy.linkage_triton import run_linkage_triton
+
+        heights, snapshots = run_linkage_triton(dist, valid.to(dist.dtype), steps, inplace=True)
+        return heights, snapshots, steps
+    state = _linkage_for(batch, tokens, steps, device, use_graph)
+    state.load(dist, valid.to(dist.dtype))
+    state.replay()
+    return state.heights, state.snapshots, state.steps
+
+
 def linkage_distances(unit: Tensor, coords: Tensor, is_object: Tensor, lam: float) -> Tensor:
     """The merge loop's input: float [B, T, T] (1 - cos) + lam * ||coord_i - coord_j|| between object
     tokens, inf on the diagonal and wherever a background token takes part."""
@@ -290,8 +313,7 @@ def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: H
     shape), since each step is ~20 small kernels and eager launches would dominate. A graph needs
     a fixed step count (static_steps, default on CUDA): T - 1 steps, where finished images idle.
     Both give the same heights and ids."""
-    batch, tokens, _ = unit.shape
-    device = unit.device
+    batch, tokens, device = unit.shape[0], unit.shape[1], unit.device
     cuts = len(spec.cuts)
     if cuts == 0:
         return torch.zeros((batch, 0, tokens), dtype=torch.long, device=device)
@@ -299,18 +321,7 @@ def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: H
         raise ValueError("the batched hierarchy implements average linkage with height cuts; "
                          "use the reference backend for other settings")
     dist = linkage_distances(unit, coords, is_object, spec.lam)
-    if static_steps is None:
-        static_steps = device.type == "cuda"
-    steps = tokens - 1 if static_steps else max(int(is_object.sum(1).max()) - 1, 0)
-    if uses_triton(linkage, device, "linkage"):
-        from models.hierarchy.linkage_triton import run_linkage_triton
-
-        heights, snapshots = run_linkage_triton(dist, is_object.to(dist.dtype), steps, inplace=True)
-    else:
-        state = _linkage_for(batch, tokens, steps, device, use_graph)
-        state.load(dist, is_object.to(dist.dtype))
-        state.replay()
-        heights, snapshots, steps = state.heights, state.snapshots, state.steps
+    heights, snapshots, steps = merge_loop(dist, is_object, linkage, use_graph, static_steps)
     rows = torch.arange(batch, device=device)
     merges = torch.isfinite(heights)
     low = torch.where(merges, heights, torch.full_like(heights, _INF)).amin(1, keepdim=True)

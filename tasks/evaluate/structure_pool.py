@@ -28,12 +28,12 @@ def _chunk_from_files(canvas_file: str, canvas_shape: tuple, lo: int, hi: int,
                       reencode_file: str | None, reencode_shape: tuple | None, r_lo: int, r_hi: int,
                       threshold: float, spec: HierarchySpec | None, want_regions: int,
                       used_levels: int | None = None, latent_stats: tuple | None = None,
-                      judged: np.ndarray | None = None) -> dict:
+                      judged: np.ndarray | None = None, regions: np.ndarray | None = None) -> dict:
     canvases = np.memmap(canvas_file, dtype=np.float32, mode="r", shape=canvas_shape)[:used_levels, lo:hi]
     reencoded = None
     if reencode_file is not None and r_hi > r_lo:
         reencoded = np.memmap(reencode_file, dtype=np.float32, mode="r", shape=reencode_shape)[r_lo:r_hi]
-    return structure_chunk(canvases, reencoded, threshold, spec, want_regions, latent_stats, judged)
+    return structure_chunk(canvases, reencoded, threshold, spec, want_regions, latent_stats, judged, regions)
 
 
 def _worker_init() -> None:
@@ -77,7 +77,7 @@ class ProcessStructure(InlineStructure):
                                            initializer=_worker_init)
 
     def submit(self, batch_index: int, start: int, canvases: Sequence[Tensor], reencoded: np.ndarray | None,
-               judged: np.ndarray | None = None) -> None:
+               judged: np.ndarray | None = None, regions: np.ndarray | None = None) -> None:
         s = canvases[0].shape[0]
         want = max(0, min(self.want - start, s))
         slot = batch_index % len(self.slots)
@@ -97,8 +97,9 @@ class ProcessStructure(InlineStructure):
             future = self.pool.submit(_chunk_from_files, self.slots[slot], self.slot_shape, lo, hi,
                                       self.reencode_file if r_hi > r_lo else None, self.reencode_shape,
                                       r_lo, r_hi, self.threshold, self.spec, max(0, min(want - lo, hi - lo)),
-                                      len(canvases), self.latent_stats,
-                                      None if judged is None else judged[lo:hi])   # small ints: pickled
+                                      len(canvases), self.latent_stats,   # small ints below: pickled
+                                      None if judged is None else judged[lo:hi],
+                                      None if regions is None else regions[lo:hi])
             self.slot_futures[slot].append((start + lo, future))
 
     def _drain(self, slot: int) -> None:

@@ -78,11 +78,27 @@ def check_hierarchies() -> None:
     assert (loop[:, 1:] > 1).any(), "the cuts split nothing: the case tests little"
 
 
+def check_generated_regions() -> None:
+    """models.evaluation.regions_batched with the kernel equals scipy's linkage canvas by canvas."""
+    from models.evaluation.metrics import regions_from_canvas
+    from models.evaluation.regions_batched import regions_batched
+
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, 4, (3, 20))
+    canvases = (np.take_along_axis(rng.normal(size=(3, 4, 8)), ids[..., None], 1)
+                + 0.2 * rng.normal(size=(3, 20, 8))).astype(np.float32)
+    got = regions_batched(torch.from_numpy(canvases), 0.3, linkage="triton").numpy()
+    expected = np.stack([regions_from_canvas(c, 0.3) for c in canvases])
+    assert (got == expected).all(), f"{got} != {expected}"
+    assert expected.max() > 0, "one region everywhere: the case tests little"
+
+
 CHECKS = {
     "kernel_T24_all_steps": lambda: check_kernel(24, 23),      # idle tail after the last merge
     "kernel_T19_fewer_steps": lambda: check_kernel(19, 10),    # T not a power of two; stops mid-way
     "kernel_T2_one_step": lambda: check_kernel(2, 1),
     "hierarchies": check_hierarchies,
+    "generated_regions": check_generated_regions,
 }
 
 

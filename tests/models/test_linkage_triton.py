@@ -34,6 +34,10 @@ def test_hierarchies_with_the_triton_linkage_equal_the_torch_linkage(interpreted
     assert interpreted_results["hierarchies"] == "ok", interpreted_results["hierarchies"]
 
 
+def test_generated_regions_with_the_triton_linkage_equal_scipys(interpreted_results):
+    assert interpreted_results["generated_regions"] == "ok", interpreted_results["generated_regions"]
+
+
 def test_unknown_linkage_is_refused():
     with pytest.raises(ValueError, match="linkage"):
         build_hierarchies_batched(torch.randn(1, 2, 2, 3), hierarchy_spec(), linkage="cuda")
