@@ -51,6 +51,7 @@ from tasks.evaluate.reference import image_reference, level_reference
 from tasks.evaluate.report import publish_artifacts
 from tasks.evaluate.rows import registry_rows
 from tasks.train.level_data import Latents, load_latents, regions_of
+from tasks.encode.phase_clock import Laps
 from tasks.progress import Progress
 from tasks.stage import Done, Stage, pick_device, run_stage, stage_task
 from tasks.evaluate.structure_pool import process_structure
@@ -243,12 +244,15 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
     out, key = layout.mode_evaluation()
     ev = cfg.evaluate
     device = pick_device(cfg.device)
+    laps = Laps()   # where the stage's wall time went, before, in and after the sample loop
     scoring = load_scoring(cfg, root, layout, device)
+    laps.lap("load_scoring_and_reference")
     latents, decoder, judge = scoring.latents, scoring.decoder, scoring.judge
     grid, dim, levels = latents.grid, latents.dim, cfg.hierarchy.generator_levels
     patch = cfg.source.image_size // grid
     generators = [load_flat_generator(cfg, root, grid, dim, device)] if flat else \
         _load_generators(cfg, layout, grid, dim, device)
+    laps.lap("load_generators")
 
     # Sample and score every trajectory in batches; keep whole only the first few (stored, edited, shown).
     seeds = sample_seeds(cfg, ev.num_samples)
@@ -256,6 +260,7 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
     with Progress(ev.num_samples, "evaluate: sample + metrics", unit="sample") as bar:
         result = stream_samples(scoring, generators, ev.num_samples, eval_plan(cfg, keep),
                                 progress=lambda done, total, timing: bar.advance(done - bar.done))
+    laps.lap("sample_loop")
     supplied = supplied_values(scoring, layout)
 
     def decode(tokens: torch.Tensor) -> np.ndarray:
@@ -275,6 +280,7 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
         specs = plan_edits(keep, regions, levels, ev.edits_per_level, ev.seed)
         supplied["control"], edited = run_edit_suite(generators, noises, kept_labels, base, regions, specs, decode,
                                                      grid, patch, ev.snap_threshold())
+    laps.lap("edits")
     setting = EvalSetting(levels, cfg.generator.mode, scoring.inception["reason"],
                           None if judge is not None else NOT_SCENES + f" (source.kind is {cfg.source.kind!r})",
                           ev.structure_samples, ev.reencode_samples)
@@ -287,6 +293,7 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
                                         [layout.keys.decoder, *_sampled_keys(layout)]),
                "code_version": f"evaluate-v{CODE_VERSIONS['evaluate']}", "encoder_weights": latents.weights_label,
                "mode": cfg.generator.mode}
+    laps.lap("rows_and_intervals")
     table = write_metrics(root, run_id, rows, context)
 
     ids = [f"traj-{s}" for s in seeds]
@@ -301,11 +308,13 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
         _write_edits(out, run_id, ids, specs, edited, regions, kept, decode, attrs, levels, grid, dim)
     write_grid(out / "grid.png", kept.images[:min(ev.grid_rows, keep)])
     publish_artifacts(run_id, rows, out, table)
+    laps.lap("write_outputs")
     timing = {k: round(float(v), 3) for k, v in result.timing.items()}
     return Done({"run_id": run_id, "metrics_rows": len(rows), "table": str(table), "timing_s": timing,
-                 "counts": result.counts, "reference_reused": scoring.reference_reused},
+                 "wall_s": laps.seconds, "counts": result.counts, "reference_reused": scoring.reference_reused},
                 {"metrics_table": str(table), "grid_png": str(out / "grid.png"), "rows": len(rows),
-                 "reference_reused": scoring.reference_reused, "images": ev.num_samples, "timing_s": timing})
+                 "reference_reused": scoring.reference_reused, "images": ev.num_samples, "timing_s": timing,
+                 "wall_s": laps.seconds})
 
 
 def _write_edits(out, run_id: str, ids: list[str], specs: list[dict], edited: list[list[torch.Tensor]],
