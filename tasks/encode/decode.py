@@ -131,7 +131,8 @@ class DecodeSplit:
     it, in the reader threads or, with `processes`, in that many spawned processes (their Python holds no
     GIL that the thread launching the encoder needs; results come back by value and are pinned here).
     `share` None balances by the rates the last batches measured (nvjpeg's host time per image against the
-    CPU side's wall time per image, queueing included); a number fixes it. Which decoder took a file changes its pixels only by the decoders' rounding."""
+    CPU side's wall time per image, queueing included); a number fixes it. Which decoder took a file changes
+    its pixels only by the decoders' rounding."""
 
     def __init__(self, share: float | None = None, start: float = 0.25, low: float = 0.0, high: float = 0.9,
                  processes: int = 0):
