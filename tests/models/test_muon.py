@@ -118,3 +118,18 @@ def test_one_update_after_another_equals_optax_muon_on_the_generators_parameters
             want = torch_layout(model, reference_params, name)
             np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-9, atol=1e-12, err_msg=f"{name} step {step}")
     assert optimizers[0].param_groups[0]["lr"] == LR   # constant, no warm-up
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 needs CUDA (runs on the GPU machine)")
+def test_newton_schulz_runs_in_tf32_on_cuda_and_leaves_the_setting_as_it_was():
+    from models.generator.optim import newton_schulz, tf32_matmuls
+
+    x = torch.randn(4, 256, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    before = torch.backends.cuda.matmul.allow_tf32
+    exact = newton_schulz(x.double()).float()
+    with tf32_matmuls(x.device):
+        assert torch.backends.cuda.matmul.allow_tf32
+        fast = newton_schulz(x)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    # TF32 rounds the inputs to 10 mantissa bits: close to the float64 iteration, not equal to it
+    assert (fast - exact).abs().max() < 2e-2 * exact.abs().max()
