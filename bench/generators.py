@@ -44,6 +44,7 @@ from models.generator.dit import TrajectoryDiT, dit_config  # noqa: E402
 from models.generator.dit_jvp import x_head_tangent  # noqa: E402
 from models.generator.jvp_attention import math_attention_fn, tangent_torch, tangent_triton  # noqa: E402
 from models.generator.meanflow import draw, meanflow_loss  # noqa: E402
+from models.generator.optim import build_optimizers  # noqa: E402
 from models.generator.train_loop import compile_settings  # noqa: E402
 from storage.config import TFConfig  # noqa: E402
 from tasks.plan import generator_optim, objective_config  # noqa: E402
@@ -176,11 +177,17 @@ def make_batch(cfg, batch: int, device: str) -> dict:
 
 
 def make_step(model, batch: dict, kind: str | None, compiled: bool, mode: str | None = None,
-              v_tangent: str = "h0"):
+              v_tangent: str = "h0", optimizer_name: str = "adamw"):
     """One training step on `batch`: kind None is the plain step, else the mean-flow step with that
     tangent pass and JVP tangent source (h0: the v head's own forward at h = 0, as the reference;
-    same: the v of u's forward); compiled as models/generator/train_loop.py does on one GPU (one graph)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    same: the v of u's forward); compiled as models/generator/train_loop.py does on one GPU (one graph).
+    optimizer_name "muon": the product's optimizer as configs/imagenet.yaml builds it (ReferenceMuon);
+    "adamw": torch's fused AdamW."""
+    if optimizer_name == "muon":
+        optimizers, _ = build_optimizers(model, generator_optim(
+            TFConfig(generator={"optimizer": "muon", "lr": 0.01}), seed=0))
+    else:
+        optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)]
     objective = dataclasses.replace(objective_config(TFConfig()), jvp_attention=kind or "kernel", v_tangent=v_tangent)
     gen = torch.Generator("cuda").manual_seed(0)
 
@@ -199,18 +206,20 @@ def make_step(model, batch: dict, kind: str | None, compiled: bool, mode: str | 
                 draws = draw(tuple(batch["cond"].shape), objective, gen)
                 loss, _ = loss_fn(model, batch["cond"], batch["z"], batch["label"], batch["level"], batch["regions"],
                                   objective, draws=draws)
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
 
     return step
 
 
 def run_variant(model, batch: dict, kind: str | None, compiled: bool, steps: int, mode: str | None = None,
-                v_tangent: str = "h0") -> dict:
+                v_tangent: str = "h0", optimizer_name: str = "adamw") -> dict:
     """kind None: the plain step; else the mean-flow step with that tangent pass."""
     torch._dynamo.reset()
-    step = make_step(model, batch, kind, compiled, mode, v_tangent)
+    step = make_step(model, batch, kind, compiled, mode, v_tangent, optimizer_name)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
@@ -238,19 +247,32 @@ def main() -> None:
     parser.add_argument("--kernel-check-only", action="store_true", help="only the tangent kernel's check")
     parser.add_argument("--compile-tuning", action="store_true",
                         help="coordinate-descent tuning of the compiled kernels (generator.compile_tuning)")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                        help="muon: the product's ReferenceMuon (configs/imagenet.yaml's), Newton-Schulz in TF32")
+    parser.add_argument("--ns-float32", action="store_true",
+                        help="with --optimizer muon: Newton-Schulz in full float32 (no TF32 anywhere)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/generators.py measures GPU training: no CUDA device")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = not args.ns_float32
+    if args.ns_float32:
+        import models.generator.optim as optim
+
+        optim.NS_TF32 = False
     device = "cuda"
     cfg = dit_config(args.preset, token_dim=args.token_dim, grid=args.grid, num_classes=1000, num_levels=4)
     report: dict = {"config": {"preset": args.preset, "batch": args.batch, "tokens": args.grid ** 2,
                                "token_dim": args.token_dim, "width": cfg.width, "depth": cfg.depth,
                                "head_depth": cfg.head_depth, "heads": cfg.heads, "dtype": "bf16 autocast",
-                               "optimizer": "AdamW fused", "torch": torch.__version__,
+                               "optimizer": "AdamW fused" if args.optimizer == "adamw" else
+                               "Muon (ReferenceMuon), Newton-Schulz in " + ("float32" if args.ns_float32 else "TF32"),
+                               "torch": torch.__version__,
                                "compile_mode": args.compile_mode or "default",
                                "compile_tuning": args.compile_tuning,
-                               "inductor": apply_inductor_settings(args.inductor)}}
+                               "inductor": apply_inductor_settings(args.inductor),
+                               # another optimiser's figures go beside generators.json, not over it
+                               "result_name": "generators" if args.optimizer == "adamw" else
+                               "generators_muon" + ("_ns_float32" if args.ns_float32 else "")}}
     if args.kernel_check_only:
         report["kernel_check"] = kernel_check(device, cfg.heads, args.grid ** 2, cfg.width // cfg.heads)
         print(report["kernel_check"], flush=True)
@@ -269,7 +291,7 @@ def main() -> None:
             kind, mode, *rest = spec.split(":")
             v_tangent = rest[0] if rest else "h0"
             result = run_variant(model, batch, None if kind == "plain" else kind, mode == "compile", args.steps,
-                                 args.compile_mode, v_tangent)
+                                 args.compile_mode, v_tangent, args.optimizer)
             if "step_s" in result:
                 counted = plain_flops if kind == "plain" else \
                     jvp_flops + (flops["forward"] if v_tangent == "h0" else 0)
@@ -293,7 +315,7 @@ def write_figures(report: dict, batch: int, out: str | None):
     variants = report["variants"]
     jvp_keys = [k for k, v in variants.items() if not k.startswith("plain") and "step_s" in v]
     if not jvp_keys:
-        return write_result("generators", {}, report, out)
+        return write_result(report["config"].get("result_name", "generators"), {}, report, out)
     top = min(jvp_keys, key=lambda k: variants[k]["step_s"])
     mode = top.split(":")[1]
     plains = [v["step_s"] for k, v in variants.items() if k == f"plain:{mode}" and "step_s" in v]
@@ -313,7 +335,7 @@ def write_figures(report: dict, batch: int, out: str | None):
         figures["plain_img_per_s"] = (round(batch / plain, 1), "img/s")
     figures.update(extra_figures)
     report["best_variant"] = top
-    return write_result("generators", figures, report, out)
+    return write_result(report["config"].get("result_name", "generators"), figures, report, out)
 
 
 if __name__ == "__main__":

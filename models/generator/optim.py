@@ -104,10 +104,13 @@ def param_groups(model: nn.Module, optimizer: str) -> tuple[list[tuple[str, nn.P
     return [(n, p) for n, p in named if n in linear], [(n, p) for n, p in named if n not in linear]
 
 
+NS_TF32 = True   # bench/generators.py --ns-float32 turns it off, to time what TF32 saves
+
+
 @contextlib.contextmanager
-def tf32_matmuls(device: torch.device) -> Iterator[None]:
-    """float32 matmuls on `device` through TF32 tensor cores when it is CUDA (restored after)."""
-    if device.type != "cuda":
+def tf32_matmuls(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """float32 matmuls on `device` through TF32 tensor cores when it is CUDA and `enabled` (restored after)."""
+    if device.type != "cuda" or not enabled:
         yield
         return
     before = torch.backends.cuda.matmul.allow_tf32
@@ -180,7 +183,7 @@ class ReferenceMuon(torch.optim.Optimizer):
         updates: list[Tensor | None] = [None] * len(params)
         for (fan_out, fan_in), items in by_shape.items():
             stacked = torch.cat([parts for _, parts in items])
-            with tf32_matmuls(stacked.device):
+            with tf32_matmuls(stacked.device, NS_TF32):
                 stacked = newton_schulz(stacked)
             stacked = stacked * math.sqrt(max(1.0, fan_out / fan_in))
             for (i, parts), chunk in zip(items, stacked.split([len(parts) for _, parts in items])):
