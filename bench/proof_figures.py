@@ -84,7 +84,8 @@ def curve_figure(path: Path, curves: dict[str, list[tuple[float, float]]], title
         y = height - bottom - k / 4 * (height - top - bottom)
         draw.text((4, y - 6), f"{label:.3g}", fill="black")
         xv = x1 * k / 4
-        draw.text((left + k / 4 * (width - left - right) - 8, height - bottom + 4), f"{xv:.3g}", fill="black")
+        x_label = f"{xv:,.0f}" if xv >= 100 else f"{xv:.3g}"   # steps: 1,024, not 1.02e+03
+        draw.text((left + k / 4 * (width - left - right) - 8, height - bottom + 4), x_label, fill="black")
     draw.text((left, 4), title, fill="black")
     for i, (name, series) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
