@@ -36,6 +36,7 @@ def test_the_acceptance_run_reports_every_stage_from_the_runs_table(tmp_path):
     assert stages["train-L0"]["train_img_per_s"] > 0 and "mfu" not in stages["train-L0"]   # no MFU on a CPU
     assert (out / "grid.png").stat().st_size > 1000 and "pipeline" in (out / "pipeline.log").read_text()
     assert result["pipeline"] == "completed" and {"check_source", "pass"} <= set(stages["encode"]["wall_s"])
+    assert "random values" in result["encoder_weights"]   # no reader takes the grid for a trained model's
     evaluate_laps = stages["evaluate"]["wall_s"]   # where the evaluation's time went, around its sample loop
     assert {"load_scoring_and_reference", "sample_loop", "edits", "write_outputs"} <= set(evaluate_laps)
     assert sum(evaluate_laps.values()) <= stages["evaluate"]["duration_s"] + 0.5
