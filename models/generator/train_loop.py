@@ -3,7 +3,8 @@
 AdamW or the reference's Muon (models/generator/optim.py), linear warmup, optional gradient clipping,
 EMA copies at several decays, optional torch.compile, bf16 autocast on CUDA. A diverged run stops with
 NonFiniteTraining (models/nonfinite.py), read from a device-side flag at a cadence, not every step.
-Pure torch: data arrives as tensors, progress leaves through `on_step`, and every `checkpoint_every`
+Pure torch: data arrives as tensors, progress leaves through `on_step` (a step's stats one step late, so
+the host never waits for the GPU between steps; LaggedStats), and every `checkpoint_every`
 steps `on_checkpoint(state)` gets the whole TrainState (export it with
 models.generator.train_state.export_state); nothing is written here. `resume=(tensors, meta)`
 continues an exported state exactly where it stopped.
@@ -106,6 +107,17 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], list[MicroBa
     snapshot and no returned state holds diverged weights."""
     params = [p for p in state.model.parameters() if p.requires_grad]
     watch = DivergenceWatch(params[0].device, start=state.step)
+    lagged = LaggedStats()
+
+    def record(done: tuple[int, dict[str, float]] | None) -> None:
+        if done is None:
+            return
+        step, values = done
+        for name, value in values.items():
+            state.history.setdefault(name, []).append(value)
+        if on_step is not None:
+            on_step(step, values)
+
     while state.step < cfg.steps:
         micro_batches = loss_fn()
         for optimizer in state.optimizers:
@@ -118,9 +130,7 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], list[MicroBa
             schedule.step()
         for ema in state.emas:   # the reference's k-th update uses the new step k (utils/ema_util.py)
             ema.update(state.model, state.step + 1)
-        stats = _read_back(stats)
-        for name, value in stats.items():
-            state.history.setdefault(name, []).append(float(value))
+        record(lagged.push(state.step, stats))   # this step's stats copy out; the last step's are read
         state.step += 1
         snapshot = on_checkpoint is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
             and state.step < cfg.steps
@@ -128,10 +138,10 @@ def _fit(state: TrainState, cfg: OptimConfig, loss_fn: Callable[[], list[MicroBa
             watch.check(trained_weights(state))
         elif watch.due(state.step):
             watch.check()
-        if on_step is not None:
-            on_step(state.step - 1, stats)
         if snapshot:
+            record(lagged.pop())   # a snapshot holds the history up to its own step
             on_checkpoint(state)
+    record(lagged.pop())
     watch.check(trained_weights(state))   # cfg.steps may have been lowered by on_step (a clock-bound run)
     return state
 
@@ -203,12 +213,39 @@ def compile_settings(cfg: OptimConfig, device: str):
     return inductor.patch(settings)
 
 
-def _read_back(stats: dict[str, Tensor]) -> dict[str, float]:
-    """The step's stats as floats, in one device-to-host copy at the end of the step: a read-back in
-    the middle (a float() before backward) would stall the GPU while the host catches up."""
-    names = list(stats)
-    values = torch.stack([stats[name].detach().float().reshape(()) for name in names]).tolist()
-    return dict(zip(names, values))
+class LaggedStats:
+    """A step's stats reach the host one step late. At the end of step k they are stacked into one tensor
+    and copied into pinned memory without blocking; they are read at the end of step k + 1, by when the
+    host has queued step k + 1. Reading them at once (one sync a step) left the GPU idle while the host
+    prepared every next step: the batch, the launches of the compiled graph, the optimiser and the EMAs."""
+
+    def __init__(self):
+        self.pending: tuple[int, list[str], Tensor, object] | None = None
+
+    def push(self, step: int, stats: dict[str, Tensor]) -> tuple[int, dict[str, float]] | None:
+        """Start copying `step`'s stats; returns the step before it as (step, floats), or None."""
+        names = list(stats)
+        stacked = torch.stack([stats[name].detach().float().reshape(()) for name in names])
+        event = None
+        if stacked.device.type == "cuda":
+            host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            host.copy_(stacked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            stacked = host
+        ready = self.pop()
+        self.pending = (step, names, stacked, event)
+        return ready
+
+    def pop(self) -> tuple[int, dict[str, float]] | None:
+        """The pending step's stats as floats (waiting for their copy only), or None."""
+        if self.pending is None:
+            return None
+        step, names, values, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        return step, dict(zip(names, values.tolist()))
 
 
 def _batch_index(state: TrainState, n: int, cfg: OptimConfig, rank: int, world: int) -> tuple[Tensor, list[slice]]:
@@ -265,7 +302,7 @@ def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: 
                                         draws=draws.rows(rows.start, rows.stop), jvp_model=state.model,
                                         tangent_fn=tangent_fn)
             if len(datasets) > 1:
-                # on the loss's device: _read_back stacks every stat into one tensor (a CPU scalar among
+                # on the loss's device: LaggedStats stacks every stat into one tensor (a CPU scalar among
                 # CUDA ones fails)
                 stats["level"] = torch.full((), float(chosen_level), device=loss.device)
             return loss, stats

@@ -275,3 +275,24 @@ def test_the_watch_names_the_first_bad_update_and_looks_at_the_weights_when_aske
     watch.observe(torch.tensor(float("nan")), torch.tensor(1.0))      # update 4: the loss; the first is kept
     with pytest.raises(NonFiniteTraining, match=r"non-finite gradient norm at update 3: loss 3.0, gradient norm inf"):
         watch.check()
+
+
+def test_stats_reach_the_host_one_step_late_and_every_step_is_reported_in_order():
+    """LaggedStats: step k's stats are read at the end of step k + 1 (no sync between steps); the loop
+    still reports every step once, in order, and its history holds them all, the last one included."""
+    from models.generator.train_loop import LaggedStats
+
+    lagged = LaggedStats()
+    assert lagged.push(0, {"loss": torch.tensor(1.5)}) is None
+    assert lagged.push(1, {"loss": torch.tensor(2.5)}) == (0, {"loss": 1.5})
+    assert lagged.pop() == (1, {"loss": 2.5}) and lagged.pop() is None
+
+    seen = []
+    cfg = optim(steps=7, batch_size=4, checkpoint_every=3, ema_decays=[], ema_halflives_kimg=[500.0])
+    histories = []
+    state = train_generator(tiny_model(), tiny_data(), 1, objective(), cfg, "cpu",
+                            on_step=lambda step, stats: seen.append((step, stats["loss"])),
+                            on_checkpoint=lambda s: histories.append((s.step, len(s.history["loss"]))))
+    assert [step for step, _ in seen] == list(range(7))
+    assert state.history["loss"] == [loss for _, loss in seen]
+    assert histories == [(3, 3), (6, 6)]   # a snapshot's history reaches its own step
