@@ -4,6 +4,8 @@
 #   tests      the storage and encode tests against the newest zarr (pip picks it for this Python)
 #   dataplane  bench/dataplane.py: JPEG -> teacher store, fused and two-pass, through the stage functions
 #   pipeline   bench/gpu_pipeline.py: `tf pipeline --config configs/imagenet.yaml` on 50k JPEGs
+#   generators bench/generators.py: the compiled B step with Muon (TF32, float32 Newton-Schulz) and AdamW
+#   proof      bench/trajectory_proof.py (issue 30), resuming from /tmp/proof while the machine stays warm
 # Usage (device tool, repository root, .whl carried): STEPS="tests pipeline" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -11,6 +13,9 @@ export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=/t
 # the device's copy of the tree may carry a stale .git: pass BENCH_COMMIT=<the commit sent> with the call
 export BENCH_COMMIT=${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 STEPS=${STEPS:-"tests dataplane pipeline"}
+# issue 30's proof at the tiny preset (docs/trajectory.md section 8); PROOF_ARGS replaces it
+PROOF_DEFAULT="--preset tiny --batch-size 256 --steps 512 --max-steps 8192 --samples 512 --reencode 128
+  --structure-samples 256 --decoder-steps 1500 --judge-steps 1000"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2; df -h /tmp | tail -1
   bash scripts/gpu_install.sh; } > "$OUT/env.txt" 2>&1 || { tail -20 "$OUT/env.txt"; exit 1; }
 tail -1 "$OUT/env.txt"
@@ -18,7 +23,8 @@ for step in $STEPS; do
   began=$(date +%s)
   case $step in
     tests) timeout "${TESTS_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/storage \
-             tests/tasks/test_encode_files.py tests/tasks/test_phase_clock.py tests/models/test_channel_stats.py tests/models/test_muon.py tests/models/test_regions_batched.py tests/scripts > "$OUT/tests.log" 2>&1 ;;
+             tests/tasks/test_encode_files.py tests/tasks/test_phase_clock.py tests/models/test_channel_stats.py \
+             tests/models/test_muon.py tests/models/test_regions_batched.py tests/scripts > "$OUT/tests.log" 2>&1 ;;
     dataplane) timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
              --workdir "${DP_WORK:-/tmp/dp}" --out "$OUT" ${DP_SETS:-} > "$OUT/dataplane.log" 2>&1; rc=$?
              rm -rf "${DP_WORK:-/tmp/dp}/fused" "${DP_WORK:-/tmp/dp}/two_pass"; (exit $rc) ;;   # 20 GB each at 50k
@@ -26,6 +32,15 @@ for step in $STEPS; do
              --workdir /tmp/gp --out "$OUT" --time-limit $(( ${PIPELINE_S:-330} - 5 )) ${GP_SETS:-} \
              > "$OUT/gp.log" 2>&1; rc=$?
              rm -rf /tmp/gp/root; (exit $rc) ;;   # its figures are in $OUT; the disk is needed next
+    generators) for optimizer in "--optimizer muon" "--optimizer muon --ns-float32" "--optimizer adamw"; do
+             # the compiled B step with Muon's Newton-Schulz in TF32 (shipped), in float32 (before), and AdamW
+             timeout "${GENERATOR_S:-150}" python3 bench/generators.py --variants kernel:compile --steps 10 \
+               --no-kernel-check $optimizer --out "$OUT" >> "$OUT/generators.log" 2>&1
+           done ;;
+    proof) timeout "${PROOF_S:-560}" python3 bench/trajectory_proof.py --device cuda --work /tmp/proof --parallel \
+             --time-limit $(( ${PROOF_S:-560} - 20 )) ${PROOF_ARGS:-$PROOF_DEFAULT} --out "$OUT" \
+             --figure "$OUT/tf_vs_flat_trajectories.png" \
+             --curves-figure "$OUT/trajectory_proof_curves.png" > "$OUT/proof.log" 2>&1 ;;   # /tmp/proof: chain calls
   esac
   echo "$step: rc $? in $(( $(date +%s) - began ))s"
 done
