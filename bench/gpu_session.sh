@@ -7,6 +7,7 @@
 #   generators bench/generators.py: the compiled B step with Muon (TF32, float32 Newton-Schulz) and AdamW
 #   proof      bench/trajectory_proof.py (issue 30), resuming from /tmp/proof while the machine stays warm
 # Usage (device tool, repository root, .whl carried): STEPS="tests pipeline" bash bench/gpu_session.sh
+# (TESTS="<paths>" picks the tests; *_S each step's time limit)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=/tmp/prefect
@@ -22,9 +23,10 @@ tail -1 "$OUT/env.txt"
 for step in $STEPS; do
   began=$(date +%s)
   case $step in
-    tests) timeout "${TESTS_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/storage \
+    tests) timeout "${TESTS_S:-150}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/storage \
              tests/tasks/test_encode_files.py tests/tasks/test_phase_clock.py tests/models/test_channel_stats.py \
-             tests/models/test_muon.py tests/models/test_regions_batched.py tests/scripts > "$OUT/tests.log" 2>&1 ;;
+             tests/models/test_muon.py tests/models/test_regions_batched.py tests/models/test_hierarchy_batched.py \
+             tests/scripts} > "$OUT/tests.log" 2>&1 ;;
     dataplane) timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
              --workdir "${DP_WORK:-/tmp/dp}" --out "$OUT" ${DP_SETS:-} > "$OUT/dataplane.log" 2>&1; rc=$?
              rm -rf "${DP_WORK:-/tmp/dp}/fused" "${DP_WORK:-/tmp/dp}/two_pass"; (exit $rc) ;;   # 20 GB each at 50k

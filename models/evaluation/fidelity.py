@@ -269,13 +269,16 @@ def register_dinov2_extractor(encoder: torch.nn.Module, weights_label: str) -> s
 # ---------------------------------------------------------------------------
 
 
-def _uint8_batches(images: np.ndarray, batch_size: int, device: torch.device):
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 [N,H,W,3] images, got {images.dtype} {images.shape}")
+def _uint8_batches(images: np.ndarray | torch.Tensor, batch_size: int, device: torch.device):
+    """uint8 [N,H,W,3] images (numpy, or a tensor already on the device: the evaluation's decoded real images)
+    -> [b,3,H,W] batches on `device`."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype not in (np.uint8, torch.uint8):
+        raise ValueError(f"expected uint8 [N,H,W,3] images, got {images.dtype} {tuple(images.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        part = images[start : start + batch_size]
+        batch = part if torch.is_tensor(part) else torch.from_numpy(np.ascontiguousarray(part))
         yield batch.to(device).permute(0, 3, 1, 2)
 
 

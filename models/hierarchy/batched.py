@@ -337,17 +337,31 @@ def part_levels_batched(unit: Tensor, coords: Tensor, is_object: Tensor, spec: H
     return torch.stack(out, 1)
 
 
+def device_stats(stats: tuple, channels: int, device) -> tuple[Tensor, Tensor]:
+    """(mean, std) [C] as float64 tensors on `device`, checked on the host (std > 0) when they come as
+    arrays; tensors already there pass as they are, so a pass that makes them once never waits on a copy."""
+    if all(torch.is_tensor(v) and v.device == torch.device(device) and v.dtype == torch.float64
+           and v.shape == (channels,) for v in stats):
+        return stats[0], stats[1]
+    mean, std = (np.asarray(v.cpu() if torch.is_tensor(v) else v, np.float64).reshape(-1) for v in stats)
+    if mean.shape != (channels,) or std.shape != (channels,) or not bool((std > 0).all()):
+        raise ValueError(f"stats must be (mean [{channels}], std [{channels}]) with std > 0")
+    return torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device)
+
+
 @torch.no_grad()
 def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec,
                               kmeans_iterations: int = 50, static_steps: bool | None = None,
                               use_graph: bool = True, linkage: str = "auto", kmeans: str = "auto",
-                              stats: tuple | None = None) -> Tensor:
+                              stats: tuple | None = None, nonfinite: Tensor | None = None) -> Tensor:
     """[N, g, g, C] tokens (any float dtype, any device) -> int16 [N, len(cuts)+1, g, g] region ids.
 
     Computed in float32 on the tokens' device; `linkage` picks the merge loop (part_levels_batched:
     "auto" = the Triton kernel on CUDA where triton is installed, else torch; same ids) and
     `kmeans` level 0 (object_masks: the same choice). `stats` = (mean, std) [C] standardises the
-    tokens per channel first (in float64, then float32), as the teacher does.
+    tokens per channel first (in float64, then float32), as the teacher does; device_stats makes
+    them once for a pass. Tokens with NaN or inf raise, which waits for the device; a pass that
+    must not wait passes `nonfinite`, a bool device scalar the check ORs into, and reads it later.
     Equals models.hierarchy.reference.build_hierarchies (with the same `stats`) on the test sets.
     """
     if tokens.ndim != 4:
@@ -355,12 +369,12 @@ def build_hierarchies_batched(tokens: Tensor, spec: HierarchySpec,
     n, height, width, channels = tokens.shape
     flat = tokens.reshape(n, height * width, channels)
     if stats is not None:
-        mean, std = (torch.as_tensor(np.asarray(v, np.float64).reshape(-1), device=tokens.device) for v in stats)
-        if mean.shape != (channels,) or std.shape != (channels,) or not bool((std > 0).all()):
-            raise ValueError(f"stats must be (mean [{channels}], std [{channels}]) with std > 0")
+        mean, std = device_stats(stats, channels, tokens.device)
         flat = (flat.double() - mean) / std
     flat = flat.float()
-    if not torch.isfinite(flat).all():
+    if nonfinite is not None:
+        nonfinite.logical_or_(~torch.isfinite(flat).all())
+    elif not torch.isfinite(flat).all():
         raise ValueError("tokens contain NaN or inf")
     unit = flat / flat.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     # level 0 takes float64 coordinates, as the reference: in float32 the rows of a grid are not mirror

@@ -32,6 +32,8 @@ TRITON_INTERPRET=1 set before the first call it runs on CPU tensors through the 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -142,6 +144,16 @@ def _kernel():
     return _KERNELS[interpret]
 
 
+@functools.lru_cache(maxsize=16)
+def _draw_table(device: torch.device, k: int, tp: int, uniforms: tuple) -> Tensor:
+    """The k-means++ draws as a float64 [k - 1, tp] device table, made once per (device, draws): a copy
+    from the host each batch would make the encode pass wait for the device."""
+    table = torch.zeros((max(k - 1, 1), tp), dtype=torch.float64)
+    for row, draws in enumerate(uniforms):
+        table[row, :len(draws)] = torch.as_tensor(draws, dtype=torch.float64)
+    return table.to(device)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -165,10 +177,7 @@ def kmeans_gram_triton(gram: Tensor, k: int, first: int, uniforms: list, iterati
     gram = gram.to(torch.float64).contiguous()
     trials = len(uniforms[0]) if uniforms else 1
     kp, tp = max(2, _next_pow2(k)), max(2, _next_pow2(trials))
-    table = torch.zeros((max(k - 1, 1), tp), dtype=torch.float64)
-    for row, draws in enumerate(uniforms):
-        table[row, :len(draws)] = torch.as_tensor(draws, dtype=torch.float64)
-    table = table.to(device)
+    table = _draw_table(device, k, tp, tuple(tuple(float(u) for u in draws) for draws in uniforms))
     labels = torch.empty((batch, tokens), dtype=torch.int32, device=device)
     centres = torch.empty((batch, kp), dtype=torch.int32, device=device)
     if batch == 0 or tokens == 0:

@@ -16,6 +16,7 @@ No Prefect, Dask or pydantic here.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
 import queue
@@ -29,7 +30,7 @@ import torch
 
 from models.channel_stats import DeviceMoments
 from models.encoder import encode_tensor, grid_size, token_dim
-from models.hierarchy.batched import build_hierarchies_batched
+from models.hierarchy.batched import build_hierarchies_batched, device_stats
 from models.hierarchy.reference import HierarchySpec
 from storage import zarr_store
 from storage.imagenet import SampleFiles
@@ -39,7 +40,8 @@ from tasks.encode.cuda_graph import EncoderGraphs
 from tasks.encode.decode import DecodeSplit, crop_resize, decode_images, to_uint8
 from tasks.encode.phase_clock import PhaseClock
 
-READ_AHEAD = 3   # batches whose bytes are being read while one is prepared and one encoded
+PREPARE_AHEAD = 2   # batches prepared ahead of the one being encoded: the preparing thread never waits for it
+READ_AHEAD = 4      # batches whose bytes are being read meanwhile
 
 
 @dataclass(frozen=True)
@@ -172,9 +174,9 @@ def _prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preproce
                       device: torch.device, readers: int, read_timeout: float | None,
                       clock: PhaseClock, split: DecodeSplit | None = None) -> Iterator[Prepared]:
     """Each (start, stop) of `spans` (slots of `files`) as a Prepared batch, in order. Reader threads fetch
-    bytes READ_AHEAD batches ahead; one preparing thread decodes and resizes the next batch (on CUDA on a
-    side stream, so it overlaps the encoder's work on this one), the reader threads decoding `split`'s share
-    of it on the CPU meanwhile. Wait on `.ready` before using the images."""
+    bytes READ_AHEAD batches ahead; one preparing thread decodes and resizes the next PREPARE_AHEAD batches (on
+    CUDA on a side stream, so it overlaps the encoder's work on this one, and it never waits for this thread),
+    the reader threads decoding `split`'s share on the CPU meanwhile. Wait on `.ready` before using the images."""
     cuda = device.type == "cuda"
     reader_pool, preparer = cf.ThreadPoolExecutor(readers), cf.ThreadPoolExecutor(1)
     side_stream = torch.cuda.Stream(device) if cuda else None
@@ -198,12 +200,13 @@ def _prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preproce
     try:
         for i in range(READ_AHEAD):
             read(i)
-        upcoming = preparer.submit(prepare, 0) if spans else None
+        upcoming = collections.deque(preparer.submit(prepare, i) for i in range(min(PREPARE_AHEAD, len(spans))))
         for i in range(len(spans)):
             with clock.host("wait_for_decode"):   # the preparing thread is behind the encoder
-                prepared = upcoming.result()
+                prepared = upcoming.popleft().result()
             read(i + READ_AHEAD)
-            upcoming = preparer.submit(prepare, i + 1) if i + 1 < len(spans) else None
+            if i + PREPARE_AHEAD < len(spans):
+                upcoming.append(preparer.submit(prepare, i + PREPARE_AHEAD))
             yield prepared
     finally:
         preparer.shutdown(wait=True, cancel_futures=True)
@@ -267,6 +270,7 @@ class _Chunk:
     valid: np.ndarray
     moments: DeviceMoments = field(default_factory=DeviceMoments)
     rejects: list[dict] = field(default_factory=list)
+    nonfinite: torch.Tensor | None = None   # bool device scalar: a token of the chunk was NaN or inf
 
 
 def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str | Path,
@@ -297,12 +301,16 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
     buffers = _HostBuffers(writers + 1, rows, (side, side, dim), dtype,
                            (levels, side, side) if teacher else None, pin=cuda) if chunks else None
     writer_pool = cf.ThreadPoolExecutor(writers)
+    # made once: per batch, a copy from the host (or a check of their values) would wait for the device
+    stats = device_stats(teacher.stats, dim, device) if teacher else None
 
-    def write(done: _Chunk, ready: torch.cuda.Event | None, moments: tuple) -> dict:
+    def write(done: _Chunk, ready: torch.cuda.Event | None, moments: tuple, nonfinite: torch.Tensor) -> dict:
         try:
             if ready is not None:
                 with clock.host("writer_wait_for_device"):
                     ready.synchronize()   # this chunk's copies into the host buffers have landed
+            if bool(nonfinite):   # read here, not per batch on the pass's thread: no wait for the device
+                raise ValueError(f"chunk {done.chunk}: the encoder's tokens contain NaN or inf")
             write_started = time.perf_counter()
             tokens, regions = done.buffers
             count = len(done.valid)
@@ -328,10 +336,13 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
         for target, value in zip(host, (mean, m2)):
             if value is not None:
                 target.copy_(value, non_blocking=cuda)
+        nonfinite = torch.zeros((), dtype=torch.bool, pin_memory=cuda)
+        if done.nonfinite is not None:
+            nonfinite.copy_(done.nonfinite, non_blocking=cuda)
         ready = torch.cuda.Event() if cuda else None
         if ready is not None:
             ready.record(torch.cuda.current_stream(device))
-        return writer_pool.submit(write, done, ready, (count, *host))
+        return writer_pool.submit(write, done, ready, (count, *host), nonfinite)
 
     in_flight: list[cf.Future] = []
     current: _Chunk | None = None
@@ -343,7 +354,8 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
                 start, stop = bounds[c]
                 with clock.host("wait_for_buffer"):   # every buffer still being written: the disk is behind
                     taken = buffers.take()
-                current = _Chunk(c, start, stop, taken, np.zeros(stop - start, bool))
+                current = _Chunk(c, start, stop, taken, np.zeros(stop - start, bool),
+                                 nonfinite=torch.zeros((), dtype=torch.bool, device=device) if teacher else None)
             at = slice(b0 - current.start, b1 - current.start)
             current.valid[at] = prepared.ok
             current.rejects += prepared.rejects
@@ -363,7 +375,8 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
                 host_tokens[at].copy_(stored, non_blocking=cuda)
             if teacher is not None:
                 with torch.no_grad(), clock.device("hierarchy"):
-                    regions = build_hierarchies_batched(read_back(stored, dtype), teacher.spec, stats=teacher.stats)
+                    regions = build_hierarchies_batched(read_back(stored, dtype), teacher.spec, stats=stats,
+                                                        nonfinite=current.nonfinite)
                     host_regions[at].copy_(regions, non_blocking=cuda)
             if b1 == current.stop:   # the chunk's last batch: its writes overlap the next chunk's work
                 in_flight.append(finish(current))
@@ -379,37 +392,50 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
         writer_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def real_pixels(source, images_store: str | Path, device: str | torch.device = "cpu",
-                readers: int = 4) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 [n, S, S, 3] of any valid samples by store index: the image store's rows where it holds
-    them (every scene; the first ingest.sample_pixels of a direct-path source), else decoded from their
-    files exactly as the encoder saw them (on `device`). What the real side of the evaluation reads."""
-    from storage import zarr_store
+def real_pixel_batches(source, images_store: str | Path, parts: list[np.ndarray], device: str | torch.device = "cpu",
+                       readers: int = 4) -> Iterator[np.ndarray | torch.Tensor]:
+    """uint8 [n, S, S, 3] of the valid samples of each part (store indices), in order: the image store's rows
+    where it holds them (every scene; the first ingest.sample_pixels of a direct-path source), else decoded
+    from their files exactly as the encoder saw them, through the encode pass's own pipeline (readers ahead,
+    the preparing thread's nvjpeg on a side stream). What the real side of the evaluation reads. On CUDA a part
+    with decoded rows comes as a CUDA tensor, never copied to the host and back; otherwise a numpy array."""
     from storage.imagenet import resize_short_side, sample_files
 
     image = zarr_store.open_array(Path(images_store), "image")
-    stored = image.shape[0]
-    ids = zarr_store.open_array(Path(images_store), "sample")
-    preprocess = None if source.kind == "scenes" else Preprocess(source.image_size, resize_short_side(source),
-                                                                 source.interpolation)
-
-    def read(index: np.ndarray) -> np.ndarray:
-        index = np.asarray(index, np.int64)
-        out = np.zeros((len(index), *image.shape[1:]), np.uint8)
-        held = index < stored
-        if held.any():
-            out[held] = np.asarray(image.oindex[index[held]])
-        if not held.all():
-            if preprocess is None:
-                raise ValueError(f"image store {images_store} holds {stored} images, samples up to "
-                                 f"{int(index.max())} were asked for")
-            missing = index[~held]
-            files = sample_files(source, [str(i) for i in np.asarray(ids.oindex[missing])])
-            pixels, ok, rejects = decode_pixels(files, 0, len(missing), preprocess, readers, stage="evaluate",
-                                                device=device)
-            if not ok.all():   # valid at encode time, unreadable now: the real set would silently shrink
-                raise RuntimeError(f"real images changed since encode: {rejects[0]['path']}: {rejects[0]['reason']}")
-            out[~held] = pixels
-        return out
-
-    return read
+    held_rows = image.shape[0]
+    parts = [np.asarray(part, np.int64) for part in parts]
+    missing = [part[part >= held_rows] for part in parts]
+    device = torch.device(device)
+    decoded: Iterator[Prepared] = iter(())
+    if any(len(m) for m in missing):
+        if source.kind == "scenes":
+            raise ValueError(f"image store {images_store} holds {held_rows} images, samples up to "
+                             f"{int(max(m.max() for m in missing if len(m)))} were asked for")
+        ids = zarr_store.open_array(Path(images_store), "sample")
+        files = sample_files(source, [str(i) for i in np.asarray(ids.oindex[np.concatenate(missing)])])
+        bounds = np.cumsum([0, *(len(m) for m in missing)])
+        spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        preprocess = Preprocess(source.image_size, resize_short_side(source), source.interpolation)
+        decoded = _prepared_batches(files, spans, preprocess, device, readers, None, PhaseClock(False))
+    for part, absent in zip(parts, missing):
+        held = part < held_rows
+        stored = np.asarray(image.oindex[part[held]]) if held.any() else None
+        if not len(absent):
+            yield stored
+            continue
+        prepared = next(decoded)
+        if not prepared.ok.all():   # valid at encode time, unreadable now: the real set would silently shrink
+            raise RuntimeError(f"real images changed since encode: {prepared.rejects[0]['path']}: "
+                               f"{prepared.rejects[0]['reason']}")
+        if prepared.ready is not None:
+            torch.cuda.current_stream(device).wait_event(prepared.ready)
+            prepared.images01.record_stream(torch.cuda.current_stream(device))
+        pixels = prepared.images01.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1)   # as to_uint8
+        if device.type != "cuda":
+            pixels = pixels.numpy()
+        if stored is not None:
+            out = torch.empty((len(part), *pixels.shape[1:]), dtype=torch.uint8, device=device)
+            out[torch.from_numpy(np.flatnonzero(held)).to(device)] = torch.from_numpy(stored).to(device)
+            out[torch.from_numpy(np.flatnonzero(~held)).to(device)] = torch.as_tensor(pixels, device=device)
+            pixels = out if device.type == "cuda" else out.numpy()
+        yield pixels

@@ -9,6 +9,7 @@ on every evaluation.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -27,32 +28,38 @@ def _set_label(extractor_label: str, index: np.ndarray) -> str:
     return f"{extractor_label}|set:{len(index)}:{digest}"
 
 
+def _stored_rows(images, parts: list[np.ndarray]):
+    """The image store's rows of each part; the next part is read while the caller encodes this one."""
+    def read(rows: np.ndarray) -> np.ndarray:
+        return np.asarray(images.oindex[rows])
+
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="reference-read") as ahead:
+        pending = ahead.submit(read, parts[0]) if parts else None
+        for following in [*parts[1:], None]:
+            chunk = pending.result()
+            pending = None if following is None else ahead.submit(read, following)
+            yield chunk
+
+
 def image_reference(images_store: Path, index: np.ndarray, extractor_label: str, *,
                     dinov2_fn: Callable | None = None, inception_fn: Callable | None = None,
                     feature_fns: dict[str, Callable] | None = None,
                     device: str = "cpu", batch_size: int = 256, kid_reservoir: int = 10_000,
-                    force: bool = False, read_pixels: Callable | None = None) -> tuple[dict[str, np.ndarray], bool]:
+                    force: bool = False, pixel_batches: Callable | None = None) -> tuple[dict[str, np.ndarray], bool]:
     """(statistics, reused) of the real images `index` under one extractor; computed and stored when absent.
-    read_pixels(index) -> uint8 images (tasks.encode.files.real_pixels); default: the image store's rows."""
+    pixel_batches(parts) -> uint8 images per part (tasks.encode.files.real_pixel_batches, which decodes what
+    the image store does not hold); default: the image store's rows, the next part read while one is encoded."""
     label = _set_label(extractor_label, index)
     found = None if force else load_reference(images_store, label)
     if found is not None:
         return found[0], True
-    if read_pixels is None:
-        images = zarr_store.open_array(images_store, "image")
-
-        def read_pixels(rows: np.ndarray) -> np.ndarray:
-            return np.asarray(images.oindex[rows])
+    if pixel_batches is None:
+        pixel_batches = functools.partial(_stored_rows, zarr_store.open_array(images_store, "image"))
     parts = [index[start:start + batch_size] for start in range(0, len(index), batch_size)]
 
     def batches():
-        # the next batch is read (decoded from its files, on a GPU machine) while this one is encoded
-        with Progress(len(index), f"reference {extractor_label.split(':')[0]}", unit="img") as bar, \
-                cf.ThreadPoolExecutor(1, thread_name_prefix="reference-read") as ahead:
-            pending = ahead.submit(read_pixels, parts[0]) if parts else None
-            for following in [*parts[1:], None]:
-                chunk = pending.result()
-                pending = None if following is None else ahead.submit(read_pixels, following)
+        with Progress(len(index), f"reference {extractor_label.split(':')[0]}", unit="img") as bar:
+            for chunk in pixel_batches(parts):
                 yield chunk, []
                 bar.advance(len(chunk))
 

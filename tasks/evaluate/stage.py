@@ -16,6 +16,7 @@ as skipped with the reason. Every row carries the mode.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from storage.scenes import masks_to_grid
 from storage.tables import write_metrics
 from storage.trajectory_store import new_edit_id, write_edits, write_grid, write_trajectories
 from tasks.plan import decoder_spec, eval_plan, generator_config, hierarchy_spec, layout as stage_layout
-from tasks.encode.files import real_pixels
+from tasks.encode.files import real_pixel_batches
 from tasks.encode.encoder_load import load_encoder
 from tasks.evaluate.judge import holdout_values, judge_labels, prepare_judge
 from tasks.judge.stage import ensure_judge
@@ -107,13 +108,14 @@ def _reference(cfg: TFConfig, layout: Layout, latents, real: np.ndarray, teacher
     ev = cfg.evaluate
     reference, reused = {}, {}
     # the direct path stores only a sample: the rest is decoded from the files, on the GPU where there is one
-    pixels = real_pixels(cfg.source, layout.images(), device, readers=cfg.encoder.readers)
+    pixels = functools.partial(real_pixel_batches, cfg.source, layout.images(), device=device,
+                               readers=cfg.encoder.readers)
     for name, extractor in (("dinov2", dinov2), ("inception", inception)):
         if extractor["fn"] is None:
             continue
         fns = {"dinov2_fn": extractor["fn"]} if name == "dinov2" else {"inception_fn": extractor["fn"]}
         arrays, reused[name] = image_reference(layout.images(), real, extractor["label"], device=device,
-                                               batch_size=ev.batch_size, read_pixels=pixels, **fns)
+                                               batch_size=ev.batch_size, pixel_batches=pixels, **fns)
         reference.update(arrays)
     reference.update(level_reference(latents, teacher, device=device, batch_size=ev.batch_size,
                                      tokens_per_sample=ev.tokens_per_sample))

@@ -130,3 +130,47 @@ def test_plusplus_draws_are_scikit_learns():
 def test_rejects_what_it_does_not_implement():
     with pytest.raises(ValueError, match="average linkage"):
         build_hierarchies_batched(torch.zeros(1, 2, 2, 3) + torch.arange(3.0), hierarchy_spec(linkage="complete"))
+
+
+def test_device_stats_and_a_nonfinite_flag_give_the_same_ids_and_flag_nan(real_shaped_tokens):
+    """What the encode pass passes to stay off the host: (mean, std) made once on the device and a device
+    flag instead of the raising check. Same ids; NaN tokens set the flag instead of raising."""
+    from models.hierarchy.batched import device_stats
+
+    tokens, spec = torch.from_numpy(real_shaped_tokens[:6]), hierarchy_spec()
+    channels = tokens.shape[-1]
+    mean, std = np.linspace(-0.1, 0.1, channels), np.linspace(0.5, 2.0, channels)
+    expected = build_hierarchies_batched(tokens, spec, stats=(mean, std))
+    flag = torch.zeros((), dtype=torch.bool)
+    made = device_stats((mean, std), channels, tokens.device)
+    assert device_stats(made, channels, tokens.device)[0] is made[0]   # made once, passed as they are
+    assert torch.equal(build_hierarchies_batched(tokens, spec, stats=made, nonfinite=flag), expected)
+    assert not bool(flag)
+    bad = tokens.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    build_hierarchies_batched(bad, spec, stats=made, nonfinite=flag)
+    assert bool(flag)
+    with pytest.raises(ValueError, match="NaN"):
+        build_hierarchies_batched(bad, spec, stats=made)
+    with pytest.raises(ValueError, match="std > 0"):
+        device_stats((mean, np.zeros(channels)), channels, tokens.device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the encode pass's device path (runs on the GPU machine)")
+def test_the_fused_pass_hierarchy_never_waits_for_the_device(real_shaped_tokens):
+    """With device statistics and a flag, a batch's hierarchy makes no synchronising call (CUDA's sync debug
+    mode raises on one): the pass's thread queues the next batch while the device works on this one."""
+    from models.hierarchy.batched import device_stats
+
+    tokens, spec = torch.from_numpy(real_shaped_tokens[:6]).cuda(), hierarchy_spec()
+    channels = tokens.shape[-1]
+    stats = device_stats((np.zeros(channels), np.ones(channels)), channels, tokens.device)
+    flag = torch.zeros((), dtype=torch.bool, device="cuda")
+    warm = build_hierarchies_batched(tokens, spec, stats=stats, nonfinite=flag)   # compiles, caches the draws
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = build_hierarchies_batched(tokens, spec, stats=stats, nonfinite=flag)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(again, warm) and not bool(flag)

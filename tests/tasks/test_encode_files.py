@@ -256,7 +256,7 @@ def test_imagefolder_stages_complete_with_a_pixel_sample(tree, tmp_path):
 def test_real_pixels_decode_what_the_image_store_does_not_hold(tree, tmp_path):
     """The evaluation's real side on a direct-path source: with 6 images stored, the other valid samples
     are decoded from their files; the result equals a store holding all of them (ingest's own decode)."""
-    from tasks.encode.files import real_pixels
+    from tasks.encode.files import real_pixel_batches
     from tasks.ingest.stage import ingest_images
 
     stores = {}
@@ -266,11 +266,28 @@ def test_real_pixels_decode_what_the_image_store_does_not_hold(tree, tmp_path):
         ingest_images.fn(cfg, str(root))
         stores[pixels] = (cfg, Layout(root, cfg).images())
     valid = np.flatnonzero(zarr_store.open_array(stores[13][1], "valid")[:])
-    full = real_pixels(stores[13][0].source, stores[13][1])(valid)
-    sampled = real_pixels(stores[6][0].source, stores[6][1])(valid)
-    assert valid.max() >= 6 and full.shape == (len(valid), SIZE, SIZE, 3)
-    assert np.array_equal(sampled, full)
-    assert full[valid >= 6].std() > 10   # real pixels, not zeros
+    parts = [valid[:3], valid[3:8], valid[8:]]   # held only, held and decoded, decoded only
+    full = list(real_pixel_batches(stores[13][0].source, stores[13][1], parts))
+    sampled = list(real_pixel_batches(stores[6][0].source, stores[6][1], parts, readers=2))
+    assert valid[3] < 6 <= valid[7] and [len(p) for p in sampled] == [len(p) for p in parts]
+    assert all(isinstance(p, np.ndarray) and p.shape[1:] == (SIZE, SIZE, 3) for p in sampled)
+    assert np.array_equal(np.concatenate(sampled), np.concatenate(full))
+    assert np.concatenate(full)[valid >= 6].std() > 10   # real pixels, not zeros
+    if torch.cuda.is_available():   # on the GPU machine: decoded rows stay there, as the encode pass decodes them
+        from storage.imagenet import resize_short_side, sample_files
+        from tasks.encode.files import Preprocess, decode_pixels
+
+        cfg, images = stores[6]
+        on_gpu = list(real_pixel_batches(cfg.source, images, parts, device="cuda"))
+        assert all(p.is_cuda and p.dtype == torch.uint8 for p in on_gpu[1:])
+        assert np.array_equal(on_gpu[0], sampled[0])   # held rows: the store's own
+        ids = [str(i) for i in zarr_store.open_array(images, "sample")[:]]
+        rows = np.concatenate(parts[1:])
+        rows = rows[rows >= 6]
+        files = sample_files(cfg.source, [ids[r] for r in rows])
+        alone = decode_pixels(files, 0, len(rows), Preprocess(SIZE, resize_short_side(cfg.source)), device="cuda")[0]
+        decoded = torch.cat(on_gpu[1:]).cpu().numpy()[np.concatenate(parts[1:]) >= 6]
+        assert np.array_equal(decoded, alone)
 
 
 def test_a_file_that_never_finishes_reading_becomes_a_reject_and_the_run_goes_on(tree, tmp_path, monkeypatch):
@@ -354,3 +371,30 @@ def test_without_the_hierarchy_in_the_run_encode_leaves_the_teacher_alone(tree, 
     ingest_images.fn(cfg, str(tmp_path))
     result = encode_latents.fn(cfg, str(tmp_path))
     assert "teacher" not in result and not Layout(tmp_path, cfg).teacher().exists()
+
+
+def test_nan_tokens_stop_the_fused_pass_naming_the_chunk_without_its_marker(tree, tmp_path, monkeypatch):
+    """The fused hierarchy does not wait for the device per batch to check the tokens: the check is a device
+    flag per chunk, read by the chunk's writer. An encoder that turns NaN on one batch still stops the stage
+    with an error naming NaN and that chunk; the chunk gets no marker, the one before it keeps its own."""
+    import tasks.encode.files as files
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
+
+    cfg = _cfg(tree, "encoder.stats_images=5", "hierarchy.backend=batched", "encoder.batch_size=4")
+    root = str(tmp_path)
+    ingest_images.fn(cfg, root)
+    calls, real_encode = [], files.encode_tensor
+
+    def encode_tensor(model, images01):
+        calls.append(len(images01))
+        tokens = real_encode(model, images01)
+        return tokens * float("nan") if len(calls) == 4 else tokens   # after the statistics, a later chunk
+
+    monkeypatch.setattr(files, "encode_tensor", encode_tensor)
+    with pytest.raises(ValueError, match=r"chunk \d+: the encoder's tokens contain NaN") as raised:
+        encode_latents.fn(cfg, root, with_teacher=True)
+    bad = int(str(raised.value).split(":")[0].split()[-1])
+    latents = Layout(root, cfg).latents()
+    assert bad > 0 and zarr_store.chunk_done(latents, 0) and not zarr_store.chunk_done(latents, bad)
+    assert not zarr_store.is_complete(latents)
