@@ -44,3 +44,25 @@ def regions_batched(canvases: Tensor, threshold: float, linkage: str = "auto") -
     taken = ((heights <= threshold) & torch.isfinite(heights)).sum(1).clamp(max=steps)
     labels = snapshots[taken, torch.arange(n, device=canvases.device)].long()
     return _canonical(labels, valid) - 1
+
+
+@torch.no_grad()
+def plan_adherence_batched(canvas: Tensor, final: Tensor, ids: Tensor, chunk: int = 128) -> Tensor:
+    """float64 [n]: models.evaluation.metrics.plan_adherence of each sample, for a batch on its device:
+    (1/T) sum_t cos(canvas_t, the mean of `final` over t's region), a zero vector at cosine 0 with anything.
+    canvas, final [n, T, C]; ids long [n, T] in 0..T-1 (regions_batched's). In float64 as the reference,
+    `chunk` samples at a time (a chunk's region sums are [chunk, T, C] float64)."""
+    out = []
+    for start in range(0, canvas.shape[0], chunk):
+        c, f = canvas[start:start + chunk].double(), final[start:start + chunk].double()
+        labels = ids[start:start + chunk].long()
+        spread = labels[..., None].expand(-1, -1, f.shape[2])
+        sums = torch.zeros_like(f).scatter_add_(1, spread, f)
+        counts = torch.zeros(labels.shape, dtype=torch.float64, device=f.device).scatter_add_(
+            1, labels, torch.ones_like(labels, dtype=torch.float64))
+        means = sums.gather(1, spread) / counts.gather(1, labels)[..., None]
+        denominator = c.norm(dim=2) * means.norm(dim=2)
+        dots = (c * means).sum(2)
+        cosine = torch.where(denominator > 0, dots / torch.where(denominator > 0, denominator, 1.0), 0.0)
+        out.append(cosine.mean(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64, device=canvas.device)

@@ -54,7 +54,7 @@ from models.generator.flat import sample_flat
 from models.evaluation.registry import FEATURE_SOURCES, Batch, folding
 from models.evaluation.metrics import StreamingStats
 from models.generator.noise_feeder import NoiseFeeder
-from models.evaluation.regions_batched import regions_batched
+from models.evaluation.regions_batched import plan_adherence_batched, regions_batched
 from models.evaluation.structure_stream import InlineStructure
 from models.generator.trajectory import own_regions_cut, sample_trajectory
 
@@ -314,15 +314,20 @@ class _StreamingRun:
         judged = None
         if verdict is not None and not self.flat:   # the judge's partition per token, [s, P, T]
             judged = np.asarray(verdict["regions"], dtype=np.int64).reshape(stop - start, -1, self.tokens)[:s]
-        regions = None
+        found = {}
+        canvases = [c[:s] for c in trajectory]
         on_device = self.runtime.regions_on_device
         if not self.flat and (self.device.type == "cuda" if on_device is None else on_device):
+            # the plan's regions and adherence on the device: the runner then needs canvases only for the rows
+            # whose re-encode values read the final latent, not [L, s, T, C] floats copied out every batch
             cut = own_regions_cut(self.plan.region_threshold, self.plan.snap_threshold)
-            regions = torch.stack([regions_batched(c[:s], cut) for c in trajectory[:-1]], 1)
-            regions = regions.to(torch.int16).cpu().numpy()   # < 32768 tokens; pickled to the workers
-        self.runner.submit(b, start, [c[:s] for c in trajectory], reencoded,
-                           **({} if judged is None else {"judged": judged}),
-                           **({} if regions is None else {"regions": regions}))
+            regions = torch.stack([regions_batched(c, cut) for c in canvases[:-1]], 1)
+            adherence = torch.stack([plan_adherence_batched(c, canvases[-1], regions[:, level])
+                                     for level, c in enumerate(canvases[:-1])], 1)
+            found = {"regions": regions.to(torch.int16).cpu().numpy(),   # < 32768 tokens; pickled to the workers
+                     "adherence": adherence.cpu().numpy()}
+            canvases = [c[:max(0, min(self.reencode_n - start, s))] for c in canvases]
+        self.runner.submit(b, start, canvases, reencoded, **({} if judged is None else {"judged": judged}), **found)
 
     def _result(self, total_s: float) -> StreamingEvalResult:
         levels, keep_n, runner = self.levels, self.keep_n, self.runner

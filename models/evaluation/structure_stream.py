@@ -37,15 +37,19 @@ class StructureChunk:
     raw tokens of the first r samples (or None); latent_stats (mean, std) of the normalised latents
     (the re-encoded tokens are standardised with them, like the teacher's input); judged [n, P, T]:
     the scenes judge's partition of each decoded final image; regions [n, L - 1, T]: the generated
-    regions when the caller found them already (on the GPU), else they are found here."""
+    regions when the caller found them already (on the GPU), else they are found here; adherence [n, L - 1]:
+    the plan adherence found with them (models.evaluation.regions_batched.plan_adherence_batched). With
+    both, the canvases need only the rows the re-encode values read (the first r): n is the regions'."""
 
     def __init__(self, canvases: np.ndarray, reencoded: np.ndarray | None, threshold: float,
                  spec: HierarchySpec | None, want_regions: int, latent_stats: tuple | None = None,
-                 judged: np.ndarray | None = None, regions: np.ndarray | None = None):
+                 judged: np.ndarray | None = None, regions: np.ndarray | None = None,
+                 adherence: np.ndarray | None = None):
         self.levels = [np.asarray(canvases[level]) for level in range(canvases.shape[0])]
         if regions is not None:   # [n, L - 1, T], found on the device (models.evaluation.regions_batched)
             self.__dict__["regions"] = [np.asarray(regions[:, level], np.int64) for level in range(regions.shape[1])]
-        self.n = canvases.shape[1]
+        self.n = canvases.shape[1] if regions is None else regions.shape[0]
+        self.adherence = adherence
         self.r = 0 if reencoded is None else len(reencoded)
         self.flat = len(self.levels) == 1
         self.reencoded, self.threshold, self.spec = reencoded, threshold, spec
@@ -82,11 +86,13 @@ class StructureChunk:
 
 def structure_chunk(canvases: np.ndarray, reencoded: np.ndarray | None, threshold: float,
                     spec: HierarchySpec | None, want_regions: int, latent_stats: tuple | None = None,
-                    judged: np.ndarray | None = None, regions: np.ndarray | None = None) -> dict:
+                    judged: np.ndarray | None = None, regions: np.ndarray | None = None,
+                    adherence: np.ndarray | None = None) -> dict:
     """Every registered metric's per-sample values of one block (StructureChunk's arguments):
     {"values": {per_sample key: [n or r, ...]}, "regions": kept regions, "cpu_s": CPU seconds}."""
     started = time.process_time()
-    chunk = StructureChunk(canvases, reencoded, threshold, spec, want_regions, latent_stats, judged, regions)
+    chunk = StructureChunk(canvases, reencoded, threshold, spec, want_regions, latent_stats, judged, regions,
+                           adherence)
     values = {}
     for metric in registered():
         values.update(metric.score_chunk(chunk))
@@ -121,14 +127,16 @@ class InlineStructure:
                 for key, parts in self.parts.items()}
 
     def submit(self, batch_index: int, start: int, canvases: Sequence[Tensor], reencoded: np.ndarray | None,
-               judged: np.ndarray | None = None, regions: np.ndarray | None = None) -> None:
+               judged: np.ndarray | None = None, regions: np.ndarray | None = None,
+               adherence: np.ndarray | None = None) -> None:
         """canvases: L tensors [s, T, C] (any device) of samples start..start+s (one tensor: the flat
         baseline's final latent); reencoded [r, g, g, Ce]; judged [s, P, T] the judge's regions; regions
-        [s, L - 1, T] the generated regions when already found."""
-        want = max(0, min(self.want - start, canvases[0].shape[0]))
+        [s, L - 1, T] the generated regions when already found, adherence [s, L - 1] the plan adherence with
+        them (then the canvases may hold only their first r rows)."""
+        want = max(0, min(self.want - start, canvases[0].shape[0] if regions is None else len(regions)))
         arrays = np.stack([c.float().cpu().numpy() for c in canvases])
         self.store(start, structure_chunk(arrays, reencoded, self.threshold, self.spec, want, self.latent_stats,
-                                          judged, regions))
+                                          judged, regions, adherence))
 
     def finish(self) -> None:
         """Wait for every submitted batch (nothing is pending inline)."""

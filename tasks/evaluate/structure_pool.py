@@ -28,12 +28,17 @@ def _chunk_from_files(canvas_file: str, canvas_shape: tuple, lo: int, hi: int,
                       reencode_file: str | None, reencode_shape: tuple | None, r_lo: int, r_hi: int,
                       threshold: float, spec: HierarchySpec | None, want_regions: int,
                       used_levels: int | None = None, latent_stats: tuple | None = None,
-                      judged: np.ndarray | None = None, regions: np.ndarray | None = None) -> dict:
-    canvases = np.memmap(canvas_file, dtype=np.float32, mode="r", shape=canvas_shape)[:used_levels, lo:hi]
+                      judged: np.ndarray | None = None, regions: np.ndarray | None = None,
+                      adherence: np.ndarray | None = None, canvas_rows: int | None = None) -> dict:
+    """One block's structure values in a worker; canvas_rows: the rows the caller copied (fewer than the
+    batch's when the regions and plan adherence came found on the device)."""
+    rows = hi if canvas_rows is None else min(hi, max(lo, canvas_rows))
+    canvases = np.memmap(canvas_file, dtype=np.float32, mode="r", shape=canvas_shape)[:used_levels, lo:rows]
     reencoded = None
     if reencode_file is not None and r_hi > r_lo:
         reencoded = np.memmap(reencode_file, dtype=np.float32, mode="r", shape=reencode_shape)[r_lo:r_hi]
-    return structure_chunk(canvases, reencoded, threshold, spec, want_regions, latent_stats, judged, regions)
+    return structure_chunk(canvases, reencoded, threshold, spec, want_regions, latent_stats, judged, regions,
+                           adherence)
 
 
 def _worker_init() -> None:
@@ -77,15 +82,17 @@ class ProcessStructure(InlineStructure):
                                            initializer=_worker_init)
 
     def submit(self, batch_index: int, start: int, canvases: Sequence[Tensor], reencoded: np.ndarray | None,
-               judged: np.ndarray | None = None, regions: np.ndarray | None = None) -> None:
-        s = canvases[0].shape[0]
+               judged: np.ndarray | None = None, regions: np.ndarray | None = None,
+               adherence: np.ndarray | None = None) -> None:
+        copied = canvases[0].shape[0]
+        s = copied if regions is None else len(regions)
         want = max(0, min(self.want - start, s))
         slot = batch_index % len(self.slots)
         self._drain(slot)
         copy_started = time.perf_counter()
         target = torch.from_numpy(self.slot_maps[slot])
         for level, c in enumerate(canvases):
-            target[level, :s].copy_(c)
+            target[level, :copied].copy_(c)
         r = 0 if reencoded is None else len(reencoded)
         if r:
             self.reencode_map[start:start + r] = reencoded
@@ -99,7 +106,8 @@ class ProcessStructure(InlineStructure):
                                       r_lo, r_hi, self.threshold, self.spec, max(0, min(want - lo, hi - lo)),
                                       len(canvases), self.latent_stats,   # small ints below: pickled
                                       None if judged is None else judged[lo:hi],
-                                      None if regions is None else regions[lo:hi])
+                                      None if regions is None else regions[lo:hi],
+                                      None if adherence is None else adherence[lo:hi], copied)
             self.slot_futures[slot].append((start + lo, future))
 
     def _drain(self, slot: int) -> None:

@@ -36,3 +36,21 @@ def test_distances_follow_the_reference_rule_for_zero_tokens():
 def test_empty_and_single_token_batches():
     assert regions_batched(torch.zeros((0, 5, 3)), 0.3).shape == (0, 5)
     assert regions_batched(torch.ones((2, 1, 3)), 0.3).tolist() == [[0], [0]]
+
+
+def test_batched_plan_adherence_equals_the_per_sample_reference():
+    """plan_adherence_batched against models.evaluation.metrics.plan_adherence sample by sample (NumPy, float64),
+    with zero tokens in a canvas and in a final, a one-region sample, and chunks smaller than the batch."""
+    from models.evaluation.metrics import plan_adherence
+    from models.evaluation.regions_batched import plan_adherence_batched
+
+    rng = np.random.default_rng(7)
+    canvas, final = _canvases(rng, 9, 48, 16, 4, 0.3), _canvases(rng, 9, 48, 16, 3, 0.3)
+    ids = regions_batched(torch.from_numpy(canvas), 0.3, linkage="torch")
+    canvas[0, :4] = 0.0           # zero canvas tokens: cosine 0
+    final[1, ids[1] == ids[1, 0]] = 0.0   # a whole region of the final at zero: its mean is zero
+    ids[2] = 0                    # one region
+    got = plan_adherence_batched(torch.from_numpy(canvas), torch.from_numpy(final), ids, chunk=4).numpy()
+    expected = np.array([plan_adherence(c, f, i) for c, f, i in zip(canvas, final, ids.numpy())])
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+    assert got.dtype == np.float64 and np.ptp(got) > 0.05   # the cases differ

@@ -71,6 +71,8 @@ class PlanAdherence(_PlanMetric):
             return {}
         from models.evaluation.trajectory_metrics import plan_adherence_values
 
+        if chunk.adherence is not None:   # found with the regions, on the device
+            return {"plan_adherence": np.asarray(chunk.adherence, np.float64).reshape(chunk.n, -1)}
         values = plan_adherence_values(chunk.levels, chunk.regions)
         return {"plan_adherence": _stack([v.values for v in values], chunk.n)}
 
