@@ -217,7 +217,7 @@ def stream_samples(scoring: Scoring, generators: list[TrajectoryDiT], num_sample
     scorers = Scorers(scoring.dinov2["fn"], scoring.inception["fn"], None if judge is None else judge["fn"],
                       scoring.encoder, hierarchy_spec(cfg.hierarchy), (scoring.latents.mean, scoring.latents.std))
     # noise comes from per-sample CPU generators (the same in any batch and on any device): on a GPU machine
-    # threads draw it a batch ahead, or it would bound the pass (40 GB of normals for 50k B-sized samples)
+    # threads draw it a batch ahead, or it would bound the pass (39 G normals, 157 GB, for 50k B-sized samples)
     threads = min(8, max(1, (os.cpu_count() or 2) // 2)) if torch.device(scoring.device).type == "cuda" else 0
     runtime = Runtime(scoring.device, structure_runner=process_structure(ev.structure_workers),
                       noise_threads=threads, progress=progress)
