@@ -8,7 +8,7 @@ it (channel moments, the storage form, the fused hierarchy with device statistic
 loop, beside one competitor at a time: a writer thread writing latent chunks with
 storage.latent_store.write_latent_chunk into a scratch store, or the pass's reading and preparing threads
 (tasks.encode.files._prepared_batches) over small JPEG files; under the default interval and under
-0.1 ms (sys.setswitchinterval), the fix this bench was written to test. Small batches and one torch
+0.1 ms (tasks.encode.files.gil_switch_interval, the stage's `encoder.gil_switch_ms`). Small batches and one torch
 thread, so that calls, not arithmetic, dominate, as on a GPU where the arithmetic runs elsewhere.
 
     .venv/bin/python bench/gil_convoy.py [--batches 40] [--batch 8]
@@ -40,7 +40,7 @@ from models.hierarchy.batched import build_hierarchies_batched, device_stats  # 
 from models.hierarchy.reference import HierarchySpec  # noqa: E402
 from storage import zarr_store  # noqa: E402
 from storage.latent_store import latent_store_arrays, write_latent_chunk  # noqa: E402
-from tasks.encode.files import read_back, stored_form  # noqa: E402
+from tasks.encode.files import gil_switch_interval, read_back, stored_form  # noqa: E402
 
 SWITCH_INTERVAL_S = 1e-4   # the short slices tried; CPython's default is 5e-3
 GRID, DIM, CHUNK = 4, 64, 64   # 16 tokens: the merge loop is calls, not arithmetic
@@ -123,7 +123,7 @@ def main() -> None:
         competitors = {"writer": lambda stop, out: writer(store, stop, out),
                        "preparer": lambda stop, out: preparer(folder, stop, out)}
         for competitor, target in competitors.items():
-            for name, slices in (("default", _nothing()), ("short", short_gil_slices())):
+            for name, slices in (("default", _nothing()), ("short", gil_switch_interval(SWITCH_INTERVAL_S * 1e3))):
                 stop, done = threading.Event(), []
                 thread = threading.Thread(target=target, args=(stop, done))
                 with slices:
@@ -150,16 +150,6 @@ def main() -> None:
         print(f"{name}: {value} {unit}")
     write_result("gil_convoy", figures, {"batch": args.batch, "grid": GRID, "dim": DIM, "batches": args.batches},
                  folder=args.out)
-
-
-@contextlib.contextmanager
-def short_gil_slices():
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 @contextlib.contextmanager

@@ -172,6 +172,10 @@ class EncoderConfig(_Part):
     cpu_decode_processes: Annotated[int, UNKEYED] = Field(
         0, ge=0, description="with a CPU decode share: decode it in this many spawned processes instead of the "
                              "reader threads (no GIL shared with the thread launching the encoder); 0: threads")
+    gil_switch_ms: Annotated[float | None, UNKEYED] = Field(
+        None, gt=0, description="CPython's GIL time slice in ms while the encode stage runs (sys.setswitchinterval);"
+                                " null: CPython's own, 5 ms. The thread driving the GPU takes the GIL back after"
+                                " each of hundreds of short calls a batch (tasks.encode.files.gil_switch_interval)")
     stats_images: Annotated[int, keyed(latents="set")] = Field(
         0, ge=0, description="read_from files: 0 = the channel mean/std of every image, known after the pass; "
                              "N = of N images spread evenly over the source, encoded first, so the hierarchy "

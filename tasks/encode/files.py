@@ -20,6 +20,7 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import queue
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,23 @@ from tasks.encode.phase_clock import PhaseClock
 
 PREPARE_AHEAD = 2   # batches prepared ahead of the one being encoded: the preparing thread never waits for it
 READ_AHEAD = 4      # batches whose bytes are being read meanwhile
+
+
+@contextlib.contextmanager
+def gil_switch_interval(ms: float | None) -> Iterator[None]:
+    """CPython's GIL time slice set to `ms` for the duration (None: left as it is). The thread driving the GPU
+    makes hundreds of short calls a batch, each giving the GIL up and taking it back; when another thread runs
+    Python then, taking it back waits until that thread is made to yield, up to the slice (5 ms by default).
+    bench/gil_convoy.py measures it; set once per stage (a pass per GPU runs as threads of one process)."""
+    if ms is None:
+        yield
+        return
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(ms / 1000.0)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 @dataclass(frozen=True)

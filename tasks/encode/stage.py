@@ -32,7 +32,7 @@ from storage.keys import Layout
 from storage.latent_store import latent_store_arrays  # noqa: F401  (its home before storage.latent_store)
 from tasks.chunk_workers import encode_chunk, encode_chunk_with, encode_files_chunk, stats_chunk
 from tasks.dask_chunks import run_chunks
-from tasks.encode.files import Preprocess, Teacher, encode_file_chunks, sample_moments
+from tasks.encode.files import Preprocess, Teacher, encode_file_chunks, gil_switch_interval, sample_moments
 from tasks.encode.encoder_load import load_encoder
 from tasks.hierarchy.stage import teacher_marker, teacher_stage, teacher_template
 from tasks.encode.cuda_graph import EncoderGraphs
@@ -67,7 +67,11 @@ def encode_latents(cfg: TFConfig, root: str, force: bool = False, with_teacher: 
     layout = Layout(root, cfg)
     stage = Stage("encode", layout.keys.latents, layout.latents(), store_stage="latents",
                   needs=[(layout.images(), "ingest")])
-    return run_stage(cfg, stage, force, lambda: _encode(cfg, layout, with_teacher), reused=lambda: {
+    def encode() -> Done:
+        with gil_switch_interval(cfg.encoder.gil_switch_ms):
+            return _encode(cfg, layout, with_teacher)
+
+    return run_stage(cfg, stage, force, encode, reused=lambda: {
         "encoder_weights": zarr_store.store_attrs(layout.latents())["encoder_weights"]})
 
 

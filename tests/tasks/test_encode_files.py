@@ -398,3 +398,35 @@ def test_nan_tokens_stop_the_fused_pass_naming_the_chunk_without_its_marker(tree
     latents = Layout(root, cfg).latents()
     assert bad > 0 and zarr_store.chunk_done(latents, 0) and not zarr_store.chunk_done(latents, bad)
     assert not zarr_store.is_complete(latents)
+
+
+def test_the_encode_stage_runs_with_the_gil_slice_it_is_given_and_restores_it(tree, tmp_path, monkeypatch):
+    """encoder.gil_switch_ms: the stage's passes (statistics and encode) run with that GIL time slice, and the
+    process gets its own back after the stage, also after a failing one."""
+    import sys
+
+    import tasks.encode.files as files
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
+
+    cfg = _cfg(tree, "encoder.stats_images=5", "hierarchy.backend=batched", "encoder.gil_switch_ms=0.25")
+    root = str(tmp_path)
+    ingest_images.fn(cfg, root)
+    before, seen, real_encode = sys.getswitchinterval(), [], files.encode_tensor
+
+    def encode_tensor(model, images01):
+        seen.append(sys.getswitchinterval())
+        return real_encode(model, images01)
+
+    monkeypatch.setattr(files, "encode_tensor", encode_tensor)
+    encode_latents.fn(cfg, root, with_teacher=True)
+    assert len(seen) > 2 and seen == pytest.approx([0.25e-3] * len(seen))
+    assert sys.getswitchinterval() == before
+
+    def failing(model, images01):
+        raise RuntimeError("a pass that fails")
+
+    monkeypatch.setattr(files, "encode_tensor", failing)
+    with pytest.raises(RuntimeError, match="a pass that fails"):
+        encode_latents.fn(cfg, root, with_teacher=True, force=True)
+    assert sys.getswitchinterval() == before
