@@ -163,6 +163,9 @@ class EncoderConfig(_Part):
     cuda_graph: Annotated[bool, UNKEYED] = Field(
         False, description="read_from files on CUDA, in this process: the encoder replayed as one CUDA graph per "
                            "batch shape (one launch a batch; tasks.encode.cuda_graph); Dask workers run it eagerly")
+    hierarchy_graph: Annotated[bool, UNKEYED] = Field(
+        False, description="with the hierarchy in the encode pass on CUDA: it replayed as one CUDA graph per batch "
+                           "shape (tasks.encode.cuda_graph.HierarchyGraphs); off until measured on a GPU")
     cpu_decode_share: Annotated[float | None, UNKEYED] = Field(
         0.0, ge=0.0, le=1.0, description="read_from files on CUDA: the share of each batch's JPEGs the reader "
                                          "threads decode on the CPU while nvjpeg decodes the rest; null = "

@@ -1,4 +1,5 @@
-"""The encoder's forward as one CUDA graph per batch shape (encoder.cuda_graph).
+"""The encoder's forward as one CUDA graph per batch shape (encoder.cuda_graph), and the fused hierarchy
+(encoder.hierarchy_graph).
 
 Eager, a DINOv2-B batch is hundreds of kernel launches issued by one Python thread. In the encode pass that
 thread shares the GIL with the readers, the preparing thread and the writers, and every time it waits for
@@ -12,6 +13,8 @@ weight-cast cache off: the casts are captured with the graph).
 Capture is thread-local: the preparing thread keeps decoding on its own stream meanwhile. No I/O here.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -51,4 +54,57 @@ class EncoderGraphs:
         graph, static_in, static_out = self.graphs[key]
         static_in.copy_(images01)
         graph.replay()
+        return static_out.clone()
+
+
+class HierarchyGraphs:
+    """The fused pass's hierarchy (models.hierarchy.batched.build_hierarchies_batched with the statistics made on
+    the device and the NaN flag, the call that never waits for the device) as one CUDA graph per batch shape
+    (encoder.hierarchy_graph). Eager it is a few hundred launches a batch from the thread that also launches the
+    encoder: 7.8 s of that thread's time for 1.4 s of device work on 50,000 images (docs/gpu.md). A replay copies
+    the batch in, clears the graph's own NaN flag, and ORs it into the caller's. Should a capture fail, the
+    warning says why and every batch runs eagerly, as without the setting."""
+
+    def __init__(self, spec, stats: tuple):
+        self.spec, self.stats = spec, stats
+        self.graphs: dict[tuple, tuple] = {}
+        self.failed: str | None = None
+
+    def _eager(self, tokens: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
+        from models.hierarchy.batched import build_hierarchies_batched
+
+        return build_hierarchies_batched(tokens, self.spec, stats=self.stats, nonfinite=nonfinite)
+
+    def _capture(self, example: torch.Tensor) -> tuple:
+        static_in = example.clone()
+        flag = torch.zeros((), dtype=torch.bool, device=example.device)
+        current = torch.cuda.current_stream(example.device)
+        side = torch.cuda.Stream(example.device)
+        side.wait_stream(current)
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(WARMUP_PASSES):   # compiles the Triton kernels, caches the k-means++ draws' table
+                self._eager(static_in, flag)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            flag.zero_()
+            static_out = self._eager(static_in, flag)
+        return graph, static_in, flag, static_out
+
+    def __call__(self, tokens: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
+        """int16 region ids [B, levels, g, g] of tokens [B, g, g, C] on CUDA, as _eager gives them."""
+        key = (tuple(tokens.shape), tokens.dtype, tokens.device)
+        if self.failed is None and key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(tokens)
+            except Exception as error:   # a head start only: the pass goes on eagerly, and says why
+                self.failed = repr(error)
+                warnings.warn(f"capturing the hierarchy as a CUDA graph failed ({self.failed}); it runs eagerly",
+                              stacklevel=2)
+        if self.failed is not None:
+            return self._eager(tokens, nonfinite)
+        graph, static_in, flag, static_out = self.graphs[key]
+        static_in.copy_(tokens)
+        graph.replay()
+        nonfinite.logical_or_(flag)
         return static_out.clone()

@@ -37,7 +37,7 @@ from storage import zarr_store
 from storage.imagenet import SampleFiles
 from storage.latent_store import write_latent_chunk
 from storage.sources import reject_reason
-from tasks.encode.cuda_graph import EncoderGraphs
+from tasks.encode.cuda_graph import EncoderGraphs, HierarchyGraphs
 from tasks.encode.decode import DecodeSplit, crop_resize, decode_images, to_uint8
 from tasks.encode.phase_clock import PhaseClock
 
@@ -297,7 +297,7 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
                        writers: int = 2, worker: str | None = None, read_timeout: float | None = None,
                        on_chunk: Callable[[int], None] | None = None, teacher: Teacher | None = None,
                        clock: PhaseClock | None = None, split: DecodeSplit | None = None,
-                       graphs: EncoderGraphs | None = None) -> list[dict]:
+                       graphs: EncoderGraphs | None = None, hierarchy_graph: bool = False) -> list[dict]:
     """Encode the samples of `chunks` ((chunk, start, stop), disjoint) into the latent store's template and,
     with `teacher`, their regions into the teacher store's template in the same pass.
 
@@ -307,7 +307,7 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
     finished chunk on disk, latents then teacher, each marker last. Returns each chunk's marker info;
     `on_chunk(rows)` after each chunk is on disk; `clock` collects where the time went (PhaseClock); `split`
     (on CUDA) hands a share of nvjpeg's files to the reader threads' CPU decoders; `graphs` (on CUDA) replays the
-    encoder as CUDA graphs (tasks.encode.cuda_graph)."""
+    encoder as CUDA graphs (tasks.encode.cuda_graph), `hierarchy_graph` (on CUDA, with `teacher`) the hierarchy."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     clock = clock or PhaseClock(cuda)
@@ -321,6 +321,7 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
     writer_pool = cf.ThreadPoolExecutor(writers)
     # made once: per batch, a copy from the host (or a check of their values) would wait for the device
     stats = device_stats(teacher.stats, dim, device) if teacher else None
+    hierarchy = HierarchyGraphs(teacher.spec, stats) if teacher and cuda and hierarchy_graph else None
 
     def write(done: _Chunk, ready: torch.cuda.Event | None, moments: tuple, nonfinite: torch.Tensor) -> dict:
         try:
@@ -393,8 +394,11 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
                 host_tokens[at].copy_(stored, non_blocking=cuda)
             if teacher is not None:
                 with torch.no_grad(), clock.device("hierarchy"):
-                    regions = build_hierarchies_batched(read_back(stored, dtype), teacher.spec, stats=stats,
-                                                        nonfinite=current.nonfinite)
+                    if hierarchy is not None:
+                        regions = hierarchy(read_back(stored, dtype), current.nonfinite)
+                    else:
+                        regions = build_hierarchies_batched(read_back(stored, dtype), teacher.spec, stats=stats,
+                                                            nonfinite=current.nonfinite)
                     host_regions[at].copy_(regions, non_blocking=cuda)
             if b1 == current.stop:   # the chunk's last batch: its writes overlap the next chunk's work
                 in_flight.append(finish(current))

@@ -330,7 +330,7 @@ def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_labe
                             readers=cfg.encoder.readers, writers=cfg.encoder.writers,
                             read_timeout=cfg.encoder.read_timeout_s, on_chunk=advance, teacher=teacher,
                             clock=clocks[device], split=(splits or {}).get(device),
-                            graphs=(graphs or {}).get(device))
+                            graphs=(graphs or {}).get(device), hierarchy_graph=cfg.encoder.hierarchy_graph)
                 for i, device in enumerate(devices)]
         for run in runs:
             run.result()

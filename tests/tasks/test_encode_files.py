@@ -170,6 +170,57 @@ def test_the_encoder_replayed_as_cuda_graphs_gives_the_eager_tokens_for_every_ba
     assert not torch.allclose(outs[0], outs[1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (runs on the GPU machine)")
+def test_the_hierarchy_replayed_as_cuda_graphs_gives_the_eager_regions_and_flags_nan():
+    """encoder.hierarchy_graph: each batch's region ids equal the eager call's, none overwritten by a later
+    replay; a NaN batch sets the caller's flag through the graph, and the next clean batch leaves it as it is."""
+    from models.hierarchy.batched import build_hierarchies_batched, device_stats
+    from tasks.encode.cuda_graph import HierarchyGraphs
+    from tasks.plan import hierarchy_spec
+
+    spec = hierarchy_spec(load_config(TINY).hierarchy)
+    noise = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randn((n, 8, 8, 32), device="cuda", generator=noise) for n in (8, 8, 5, 8)]
+    stats = device_stats((np.full(32, 0.1), np.full(32, 2.0)), 32, "cuda")
+    graphs = HierarchyGraphs(spec, stats)
+    flag = torch.zeros((), dtype=torch.bool, device="cuda")
+    with torch.no_grad():
+        outs = [graphs(batch, flag) for batch in batches]   # captured at the first 8 and the 5
+        eager = [build_hierarchies_batched(batch, spec, stats=stats) for batch in batches]
+    assert graphs.failed is None and len(graphs.graphs) == 2 and not bool(flag)
+    for got, want in zip(outs, eager):
+        assert torch.equal(got, want)
+    assert not torch.equal(outs[0], outs[1])
+    bad = batches[0].clone()
+    bad[3, 1, 1, 0] = float("nan")
+    graphs(bad, flag)
+    assert bool(flag)
+    graphs(batches[1], flag)
+    assert bool(flag)   # ORed in: a chunk's flag stays set
+
+
+def test_a_hierarchy_graph_that_cannot_be_captured_warns_and_runs_eagerly():
+    """Here the capture fails (no CUDA): the warning names it, and every batch gets the eager call's regions and
+    NaN flag, as without encoder.hierarchy_graph."""
+    from models.hierarchy.batched import build_hierarchies_batched, device_stats
+    from tasks.encode.cuda_graph import HierarchyGraphs
+    from tasks.plan import hierarchy_spec
+
+    if torch.cuda.is_available():
+        pytest.skip("on the GPU machine the capture succeeds")
+    spec = hierarchy_spec(load_config(TINY).hierarchy)
+    tokens = torch.randn((4, 4, 4, 16), generator=torch.Generator().manual_seed(1))
+    stats = device_stats((np.zeros(16), np.ones(16)), 16, "cpu")
+    graphs, flag = HierarchyGraphs(spec, stats), torch.zeros((), dtype=torch.bool)
+    with pytest.warns(UserWarning, match="capturing the hierarchy as a CUDA graph failed"):
+        first = graphs(tokens, flag)
+    assert graphs.failed and torch.equal(first, build_hierarchies_batched(tokens, spec, stats=stats))
+    bad = tokens.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    graphs(bad, flag)
+    assert bool(flag) and not graphs.graphs
+
+
 def test_every_file_is_a_latent_or_a_reject_and_latents_match_an_independent_encode(tree, tmp_path):
     from tasks.encode.stage import encode_latents
     from tasks.ingest.stage import ingest_images
