@@ -7,7 +7,7 @@ go. This bench runs one batch's work of the driving thread, as tasks.encode.file
 it (channel moments, the storage form, the fused hierarchy with device statistics and the NaN flag), in a
 loop, beside one competitor at a time: a writer thread writing latent chunks with
 storage.latent_store.write_latent_chunk into a scratch store, or the pass's reading and preparing threads
-(tasks.encode.files._prepared_batches) over small JPEG files; under the default interval and under
+(tasks.encode.files.prepared_batches) over small JPEG files; under the default interval and under
 0.1 ms (tasks.encode.files.gil_switch_interval, the stage's `encoder.gil_switch_ms`). Small batches and one torch
 thread, so that calls, not arithmetic, dominate, as on a GPU where the arithmetic runs elsewhere.
 
@@ -67,17 +67,17 @@ def writer(store: Path, stop: threading.Event, written: list[int]) -> None:
 
 
 def preparer(folder: Path, stop: threading.Event, prepared: list[int]) -> None:
-    """The pass's reading and preparing threads (tasks.encode.files._prepared_batches) over JPEG files, again
+    """The pass's reading and preparing threads (tasks.encode.files.prepared_batches) over JPEG files, again
     and again: file reads, header checks, decodes, crops and resizes, as they run beside the driving thread."""
     from storage.imagenet import SampleFiles
-    from tasks.encode.files import Preprocess, _prepared_batches
+    from tasks.encode.files import Preprocess, prepared_batches
     from tasks.encode.phase_clock import PhaseClock
 
     files = SampleFiles(paths=tuple(sorted(str(p) for p in folder.glob("*.JPEG"))))
     spans = [(start, min(start + 16, len(files))) for start in range(0, len(files), 16)]
     count = 0
     while not stop.is_set():
-        for batch in _prepared_batches(files, spans, Preprocess(32, 36), torch.device("cpu"), 4, None,
+        for batch in prepared_batches(files, spans, Preprocess(32, 36), torch.device("cpu"), 4, None,
                                        PhaseClock(False)):
             count += len(batch.ok)
             if stop.is_set():

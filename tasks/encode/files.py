@@ -12,7 +12,8 @@
 per GPU or one Dask task per chunk) and what bench/dataplane.py times. It writes the chunks it is
 given through storage.latent_store.write_latent_chunk, so a store it makes is the store the
 image-store path makes; a file nothing decodes is a reject row and a slot with valid False.
-No Prefect, Dask or pydantic here.
+tasks.encode.pixels runs the same reading and preparing pipeline for ingest's pixel sample and the
+evaluation's real images. No Prefect, Dask or pydantic here.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from storage.imagenet import SampleFiles
 from storage.latent_store import write_latent_chunk
 from storage.sources import reject_reason
 from tasks.encode.cuda_graph import EncoderGraphs, HierarchyGraphs
-from tasks.encode.decode import DecodeSplit, crop_resize, decode_images, to_uint8
+from tasks.encode.decode import DecodeSplit, crop_resize, decode_images
 from tasks.encode.phase_clock import PhaseClock
 
 PREPARE_AHEAD = 2   # batches prepared ahead of the one being encoded: the preparing thread never waits for it
@@ -115,24 +116,6 @@ def prepare_batch(datas: list, files: SampleFiles, first_slot: int, preprocess: 
     return Prepared(images01, ok, rejects)
 
 
-def decode_pixels(files: SampleFiles, start: int, stop: int, preprocess: Preprocess, readers: int = 4,
-                  stage: str = "ingest", read_timeout: float | None = None,
-                  device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(uint8 [n, S, S, 3], valid, reject rows) of slots start..stop: the pixels the encoder sees from these
-    files, for the image store's sample subset (dashboards, the decoder) and the evaluation's real side.
-    Decoded and resized on `device` (on CUDA nvjpeg, as the encode pass does), delivered on the host."""
-    pixels = np.zeros((stop - start, preprocess.size, preprocess.size, 3), np.uint8)
-    pool = cf.ThreadPoolExecutor(readers)
-    try:
-        datas = collect(read_parts(files, start, stop, pool, readers), read_timeout)
-        batch = prepare_batch(datas, files, start, preprocess, torch.device(device), pool, stage)
-    finally:   # not waiting: a reader hung past the timeout would hold this call forever
-        pool.shutdown(wait=False, cancel_futures=True)
-    if batch.images01 is not None:
-        pixels[batch.ok] = to_uint8(batch.images01)
-    return pixels, batch.ok, batch.rejects
-
-
 def encode_batch(model, images01: torch.Tensor, graphs: EncoderGraphs | None = None) -> torch.Tensor:
     """[B, 3, S, S] in [0, 1] -> float32 [B, g, g, C], as models.encoder.encode_images encodes (bf16 on CUDA);
     with `graphs` (CUDA), replayed as one CUDA graph per batch shape."""
@@ -188,7 +171,7 @@ class Teacher:
     store: Path
 
 
-def _prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preprocess: Preprocess,
+def prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preprocess: Preprocess,
                       device: torch.device, readers: int, read_timeout: float | None,
                       clock: PhaseClock, split: DecodeSplit | None = None) -> Iterator[Prepared]:
     """Each (start, stop) of `spans` (slots of `files`) as a Prepared batch, in order. Reader threads fetch
@@ -253,7 +236,7 @@ def sample_moments(model, files: SampleFiles, preprocess: Preprocess, device: st
     moments = DeviceMoments()
     clock = PhaseClock(device.type == "cuda")
     spans = [(b, min(b + batch_size, len(files))) for b in range(0, len(files), batch_size)]
-    for prepared in _prepared_batches(files, spans, preprocess, device, readers, read_timeout, clock, split):
+    for prepared in prepared_batches(files, spans, preprocess, device, readers, read_timeout, clock, split):
         tokens = _encode_prepared(model, prepared, device, clock, graphs)
         if tokens is not None:
             moments.add(tokens)
@@ -366,7 +349,7 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
     in_flight: list[cf.Future] = []
     current: _Chunk | None = None
     try:
-        batches = _prepared_batches(files, [(b0 - base, b1 - base) for _, b0, b1 in spans], preprocess, device,
+        batches = prepared_batches(files, [(b0 - base, b1 - base) for _, b0, b1 in spans], preprocess, device,
                                     readers, read_timeout, clock, split)
         for (c, b0, b1), prepared in zip(spans, batches):
             if current is None:
@@ -412,52 +395,3 @@ def encode_file_chunks(model, files: SampleFiles, labels: np.ndarray, store: str
         return sorted(infos, key=lambda info: info["chunk"])
     finally:
         writer_pool.shutdown(wait=True, cancel_futures=True)
-
-
-def real_pixel_batches(source, images_store: str | Path, parts: list[np.ndarray], device: str | torch.device = "cpu",
-                       readers: int = 4) -> Iterator[np.ndarray | torch.Tensor]:
-    """uint8 [n, S, S, 3] of the valid samples of each part (store indices), in order: the image store's rows
-    where it holds them (every scene; the first ingest.sample_pixels of a direct-path source), else decoded
-    from their files exactly as the encoder saw them, through the encode pass's own pipeline (readers ahead,
-    the preparing thread's nvjpeg on a side stream). What the real side of the evaluation reads. On CUDA a part
-    with decoded rows comes as a CUDA tensor, never copied to the host and back; otherwise a numpy array."""
-    from storage.imagenet import resize_short_side, sample_files
-
-    image = zarr_store.open_array(Path(images_store), "image")
-    held_rows = image.shape[0]
-    parts = [np.asarray(part, np.int64) for part in parts]
-    missing = [part[part >= held_rows] for part in parts]
-    device = torch.device(device)
-    decoded: Iterator[Prepared] = iter(())
-    if any(len(m) for m in missing):
-        if source.kind == "scenes":
-            raise ValueError(f"image store {images_store} holds {held_rows} images, samples up to "
-                             f"{int(max(m.max() for m in missing if len(m)))} were asked for")
-        ids = zarr_store.open_array(Path(images_store), "sample")
-        files = sample_files(source, [str(i) for i in np.asarray(ids.oindex[np.concatenate(missing)])])
-        bounds = np.cumsum([0, *(len(m) for m in missing)])
-        spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        preprocess = Preprocess(source.image_size, resize_short_side(source), source.interpolation)
-        decoded = _prepared_batches(files, spans, preprocess, device, readers, None, PhaseClock(False))
-    for part, absent in zip(parts, missing):
-        held = part < held_rows
-        stored = np.asarray(image.oindex[part[held]]) if held.any() else None
-        if not len(absent):
-            yield stored
-            continue
-        prepared = next(decoded)
-        if not prepared.ok.all():   # valid at encode time, unreadable now: the real set would silently shrink
-            raise RuntimeError(f"real images changed since encode: {prepared.rejects[0]['path']}: "
-                               f"{prepared.rejects[0]['reason']}")
-        if prepared.ready is not None:
-            torch.cuda.current_stream(device).wait_event(prepared.ready)
-            prepared.images01.record_stream(torch.cuda.current_stream(device))
-        pixels = prepared.images01.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1)   # as to_uint8
-        if device.type != "cuda":
-            pixels = pixels.numpy()
-        if stored is not None:
-            out = torch.empty((len(part), *pixels.shape[1:]), dtype=torch.uint8, device=device)
-            out[torch.from_numpy(np.flatnonzero(held)).to(device)] = torch.from_numpy(stored).to(device)
-            out[torch.from_numpy(np.flatnonzero(~held)).to(device)] = torch.as_tensor(pixels, device=device)
-            pixels = out if device.type == "cuda" else out.numpy()
-        yield pixels

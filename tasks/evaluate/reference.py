@@ -47,7 +47,7 @@ def image_reference(images_store: Path, index: np.ndarray, extractor_label: str,
                     device: str = "cpu", batch_size: int = 256, kid_reservoir: int = 10_000,
                     force: bool = False, pixel_batches: Callable | None = None) -> tuple[dict[str, np.ndarray], bool]:
     """(statistics, reused) of the real images `index` under one extractor; computed and stored when absent.
-    pixel_batches(parts) -> uint8 images per part (tasks.encode.files.real_pixel_batches, which decodes what
+    pixel_batches(parts) -> uint8 images per part (tasks.encode.pixels.real_pixel_batches, which decodes what
     the image store does not hold); default: the image store's rows, the next part read while one is encoded."""
     label = _set_label(extractor_label, index)
     found = None if force else load_reference(images_store, label)

@@ -44,7 +44,7 @@ from storage.scenes import masks_to_grid
 from storage.tables import write_metrics
 from storage.trajectory_store import new_edit_id, write_edits, write_grid, write_trajectories
 from tasks.plan import decoder_spec, eval_plan, generator_config, hierarchy_spec, layout as stage_layout
-from tasks.encode.files import real_pixel_batches
+from tasks.encode.pixels import real_pixel_batches
 from tasks.encode.encoder_load import load_encoder
 from tasks.evaluate.judge import holdout_values, judge_labels, prepare_judge
 from tasks.judge.stage import ensure_judge

@@ -101,7 +101,8 @@ def write_listing_chunks(cfg: TFConfig, path, listing: SourceListing, pending: l
     file; decode failures show in the latent store, and here for the sampled pixels), and the pixels of
     the slots below `pixels`, decoded on this CPU by the encoder's reader."""
     from storage.imagenet import resize_short_side, sample_files
-    from tasks.encode.files import Preprocess, decode_pixels
+    from tasks.encode.files import Preprocess
+    from tasks.encode.pixels import decode_pixels
 
     files = sample_files(cfg.source, listing.ids)
     preprocess = Preprocess(cfg.source.image_size, resize_short_side(cfg.source), cfg.source.interpolation)

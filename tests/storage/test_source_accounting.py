@@ -20,7 +20,8 @@ from storage.config import SourceConfig
 from storage.imagenet import sample_files
 from storage.sources import list_source
 from storage.tables import load_rejects
-from tasks.encode.files import Preprocess, decode_pixels
+from tasks.encode.files import Preprocess
+from tasks.encode.pixels import decode_pixels
 
 REPO = Path(__file__).parents[2]
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2

@@ -307,7 +307,7 @@ def test_imagefolder_stages_complete_with_a_pixel_sample(tree, tmp_path):
 def test_real_pixels_decode_what_the_image_store_does_not_hold(tree, tmp_path):
     """The evaluation's real side on a direct-path source: with 6 images stored, the other valid samples
     are decoded from their files; the result equals a store holding all of them (ingest's own decode)."""
-    from tasks.encode.files import real_pixel_batches
+    from tasks.encode.pixels import real_pixel_batches
     from tasks.ingest.stage import ingest_images
 
     stores = {}
@@ -326,7 +326,8 @@ def test_real_pixels_decode_what_the_image_store_does_not_hold(tree, tmp_path):
     assert np.concatenate(full)[valid >= 6].std() > 10   # real pixels, not zeros
     if torch.cuda.is_available():   # on the GPU machine: decoded rows stay there, as the encode pass decodes them
         from storage.imagenet import resize_short_side, sample_files
-        from tasks.encode.files import Preprocess, decode_pixels
+        from tasks.encode.files import Preprocess
+        from tasks.encode.pixels import decode_pixels
 
         cfg, images = stores[6]
         on_gpu = list(real_pixel_batches(cfg.source, images, parts, device="cuda"))
