@@ -123,7 +123,8 @@ def main() -> None:
         competitors = {"writer": lambda stop, out: writer(store, stop, out),
                        "preparer": lambda stop, out: preparer(folder, stop, out)}
         for competitor, target in competitors.items():
-            for name, slices in (("default", _nothing()), ("short", gil_switch_interval(SWITCH_INTERVAL_S * 1e3))):
+            short = gil_switch_interval(SWITCH_INTERVAL_S * 1e3)
+            for name, slices in (("default", contextlib.nullcontext()), ("short", short)):
                 stop, done = threading.Event(), []
                 thread = threading.Thread(target=target, args=(stop, done))
                 with slices:
@@ -150,11 +151,6 @@ def main() -> None:
         print(f"{name}: {value} {unit}")
     write_result("gil_convoy", figures, {"batch": args.batch, "grid": GRID, "dim": DIM, "batches": args.batches},
                  folder=args.out)
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
 
 
 if __name__ == "__main__":

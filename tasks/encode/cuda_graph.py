@@ -23,6 +23,23 @@ from models.encoder import encode_tensor
 WARMUP_PASSES = 3   # cuBLAS and autocast state settle before capture (torch.cuda.graphs' advice)
 
 
+def _captured(run, *static: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, its output) of run(*static): warmed up on a side stream first, as torch.cuda.graphs asks, then
+    captured thread-locally (the preparing thread keeps decoding on its own stream meanwhile)."""
+    device = static[0].device
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(WARMUP_PASSES):
+            run(*static)
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = run(*static)
+    return graph, out
+
+
 class EncoderGraphs:
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -34,16 +51,7 @@ class EncoderGraphs:
 
     def _capture(self, example: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         static_in = example.clone()
-        current = torch.cuda.current_stream(example.device)
-        side = torch.cuda.Stream(example.device)
-        side.wait_stream(current)
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(WARMUP_PASSES):
-                self._forward(static_in)
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_out = self._forward(static_in)
+        graph, static_out = _captured(self._forward, static_in)
         return graph, static_in, static_out
 
     def __call__(self, images01: torch.Tensor) -> torch.Tensor:
@@ -78,17 +86,13 @@ class HierarchyGraphs:
     def _capture(self, example: torch.Tensor) -> tuple:
         static_in = example.clone()
         flag = torch.zeros((), dtype=torch.bool, device=example.device)
-        current = torch.cuda.current_stream(example.device)
-        side = torch.cuda.Stream(example.device)
-        side.wait_stream(current)
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(WARMUP_PASSES):   # compiles the Triton kernels, caches the k-means++ draws' table
-                self._eager(static_in, flag)
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            flag.zero_()
-            static_out = self._eager(static_in, flag)
+
+        def run(tokens: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
+            nonfinite.zero_()   # the graph's own flag, cleared at each replay
+            return self._eager(tokens, nonfinite)
+
+        # the warm-up passes also compile the Triton kernels and cache the k-means++ draws' table
+        graph, static_out = _captured(run, static_in, flag)
         return graph, static_in, flag, static_out
 
     def __call__(self, tokens: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
