@@ -37,6 +37,7 @@ from tasks.encode.encoder_load import load_encoder
 from tasks.hierarchy.stage import teacher_marker, teacher_stage, teacher_template
 from tasks.encode.cuda_graph import EncoderGraphs
 from tasks.encode.decode import DecodeSplit
+from tasks.encode.pass_processes import PassProcesses, PassSetup
 from tasks.encode.phase_clock import Laps, PhaseClock
 from tasks.plan import hierarchy_spec
 from tasks.progress import Progress
@@ -95,6 +96,11 @@ def local_devices(cfg: TFConfig, direct: bool) -> list[str]:
 
 
 def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
+    with contextlib.ExitStack() as cleanup:   # pass processes end with the stage, however it ends
+        return _encode_with(cfg, layout, with_teacher, cleanup)
+
+
+def _encode_with(cfg: TFConfig, layout: Layout, with_teacher: bool, cleanup: contextlib.ExitStack) -> Done:
     images, path = layout.images(), layout.latents()
     direct = encode_reads_files(cfg)
     laps = Laps()
@@ -131,6 +137,9 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     pending = zarr_store.pending_chunks(path, len(bounds))
     laps.lap("latent_template")
     fuse = with_teacher and fusable(cfg)
+    helpers = None
+    if direct and not address and pending and cfg.encoder.pass_processes > 1:   # they start while the stats pass runs
+        helpers = cleanup.enter_context(_pass_processes(cfg, layout, list(models), weights_label, fuse))
     # the hierarchy's Triton kernels compile while the statistics pass runs, not at the pass's first batch
     warm = _warm_hierarchy(cfg, next(iter(models), None), grid, dim) if fuse and pending else None
     stats = _sampled_stats(cfg, layout, models, weights_label, splits, graphs) if cfg.encoder.stats_images else None
@@ -154,7 +163,7 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
                 bar.advance(num - sum(bounds[c][1] - bounds[c][0] for c in pending))
                 if direct:
                     extra["phases_s"] = _encode_files_here(cfg, layout, models, weights_label, pending, bounds, bar,
-                                                           fused, splits, graphs)
+                                                           fused, splits, graphs, helpers)
                 else:
                     [(device, model)] = models.items()
                     for chunk in pending:
@@ -306,11 +315,27 @@ def _dask_chunks(cfg: TFConfig, layout: Layout, direct: bool, pending: list[int]
              labels[start:stop], weights_label) for c in pending for start, stop in [bounds[c]]]
 
 
+def _pass_processes(cfg: TFConfig, layout: Layout, devices: list[str], weights_label: str,
+                    fuse: bool) -> PassProcesses:
+    """encoder.pass_processes spawned pass processes per device, started now (tasks.encode.pass_processes)."""
+    import torch
+
+    spec = hierarchy_spec(cfg.hierarchy) if fuse else None
+    return PassProcesses([PassSetup(cfg.encoder.model_dump(), cfg.source.model_dump(), str(layout.images()),
+                                    str(layout.latents()), device, weights_label, torch.get_num_threads(), spec)
+                          for device in devices for _ in range(cfg.encoder.pass_processes)])
+
+
 def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_label: str, pending: list[int],
                        bounds, bar: Progress, teacher: Teacher | None = None,
-                       splits: dict | None = None, graphs: dict | None = None) -> dict[str, dict[str, float]]:
-    """The direct path on this machine's devices: one pass per device over every n-th pending chunk. Returns
-    each device's PhaseClock summary: where the pass spent its time."""
+                       splits: dict | None = None, graphs: dict | None = None,
+                       helpers: PassProcesses | None = None) -> dict[str, dict[str, float]]:
+    """The direct path on this machine's devices: one pass per device over every n-th pending chunk, in this
+    process or, with `helpers`, one per pass process. Returns each pass's PhaseClock summary: where it spent
+    its time."""
+    if helpers is not None:
+        n = len(helpers.processes)
+        return helpers.run([([(c, *bounds[c]) for c in pending[i::n]], teacher) for i in range(n)], bar.advance)
     ids = zarr_store.open_array(layout.images(), "sample")[:].tolist()
     labels = zarr_store.open_array(layout.images(), "label")[:]
     files = sample_files(cfg.source, ids)
