@@ -167,18 +167,20 @@ class PassProcesses:
                 raise RuntimeError(f"{self.name(index)} failed: {event[2]}\n{event[3]}")
         return {self.name(i): {"ready_s": self.ready_s.get(i), **summaries[i]} for i in sorted(summaries)}
 
-    def close(self) -> None:
+    def close(self, at_once: bool = False) -> None:
+        """Processes still waiting for their order leave; with `at_once` (the stage failed) or after 5 s, the
+        rest are terminated: a chunk they were writing has no marker, so a rerun redoes it."""
         for inbox in self.orders:
-            inbox.put(None)   # a process still waiting for its order leaves
-        deadline = time.monotonic() + 5.0
+            inbox.put(None)
+        deadline = time.monotonic() + (0.0 if at_once else 5.0)
         for process in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():   # still in its pass: the stage failed elsewhere
+            if process.is_alive():
                 process.terminate()
                 process.join(5.0)
 
     def __enter__(self) -> PassProcesses:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, failed, *exc) -> None:
+        self.close(at_once=failed is not None)

@@ -74,39 +74,43 @@ def test_two_pass_processes_write_the_stores_one_pass_writes(tree, tmp_path):
     assert list(load_rejects(b.latents()).path.str.endswith("n02_3.JPEG")) == [True]
 
 
+@pytest.fixture(scope="module")
+def ingested(tree, tmp_path_factory) -> Path:
+    from tasks.ingest.stage import ingest_images
+
+    root = tmp_path_factory.mktemp("ingested")
+    ingest_images.fn(_cfg(tree), str(root))
+    return root
+
+
 def _setups(tree: Path, root: Path, weights_label: str, count: int):
     """What the stage hands its pass processes, over an ingested image store."""
     from tasks.encode.pass_processes import PassSetup
-    from tasks.ingest.stage import ingest_images
 
     cfg = _cfg(tree)
-    ingest_images.fn(cfg, str(root))
     layout = Layout(root, cfg)
     return [PassSetup(cfg.encoder.model_dump(), cfg.source.model_dump(), str(layout.images()),
                       str(layout.latents()), "cpu", weights_label, 1, None) for _ in range(count)]
 
 
-def test_a_pass_process_that_fails_stops_the_run_naming_it_and_its_error(tree, tmp_path):
+def test_a_pass_process_that_fails_stops_the_run_naming_it_and_its_error(tree, ingested):
     """A process whose encoder is not the one the latent store was planned with refuses to write; the parent
     raises with the process's name and the child's own message."""
     from tasks.encode.pass_processes import PassProcesses
 
-    with PassProcesses(_setups(tree, tmp_path, "dinov2 from another file", 1)) as helpers:
+    with PassProcesses(_setups(tree, ingested, "dinov2 from another file", 1)) as helpers:
         with pytest.raises(RuntimeError, match=r"encode pass process 0 \(cpu\) failed: RuntimeError: loaded "
                                                r"encoder weights 'random-init', but the latent store was planned"):
             helpers.run([([(0, 0, 4)], None)], lambda rows: None)
 
 
-def test_a_pass_process_that_dies_without_a_word_stops_the_run(tree, tmp_path):
+def test_a_pass_process_that_dies_without_a_word_stops_the_run(tree, ingested):
     """Killed (the host's OOM killer, a segfault in a decoder): no message comes, its exit does; the other
     process is ended with the stage."""
     from tasks.encode.pass_processes import PassProcesses
 
-    helpers = PassProcesses(_setups(tree, tmp_path, "random-init", 2))
-    try:
-        os.kill(helpers.processes[0].pid, signal.SIGKILL)
-        with pytest.raises(RuntimeError, match=r"encode pass process 0 \(cpu\) exited with code -9 before finishing"):
+    with pytest.raises(RuntimeError, match=r"encode pass process 1 \(cpu\) exited with code -9 before finishing"):
+        with PassProcesses(_setups(tree, ingested, "random-init", 2)) as helpers:   # as the stage holds them
+            os.kill(helpers.processes[1].pid, signal.SIGKILL)
             helpers.run([([], None), ([], None)], lambda rows: None)
-    finally:
-        helpers.close()
     assert not any(process.is_alive() for process in helpers.processes)
