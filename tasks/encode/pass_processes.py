@@ -88,7 +88,7 @@ def _serve(setup: PassSetup, index: int, orders, events) -> None:
                                f"{setup.weights_label!r}")
         device = torch.device(setup.device)
         cuda = device.type == "cuda"
-        if cuda:
+        if cuda and device.index is not None:
             torch.cuda.set_device(device)
         model = model.to(device)
         ids = zarr_store.open_array(setup.images, "sample")[:].tolist()
