@@ -8,8 +8,9 @@ chunk (tasks.encode.files.encode_file_chunks, unchanged), feed one GPU from N in
 and each is written whole with its marker last, so the stores are the ones a single pass writes; this process
 keeps the stage's lock, the templates, the statistics pass and the progress bar.
 
-The processes start (imports, encoder, CUDA context, kernels warmed) while this process runs the statistics
-pass; their work order (the chunks, and the Teacher whose statistics that pass fixes) follows. A process that
+The processes start first (imports, encoder, CUDA context, kernels warmed) while this process checks the
+source, loads its own encoder and runs the statistics pass; each one's work order (its chunks, and the Teacher
+whose statistics that pass fixes) goes out once it is ready and has loaded the planned weights. A process that
 fails or dies stops the stage, naming it and its error; the others are ended, and the chunks they finished
 keep their markers, so a rerun resumes. No Prefect or Dask here.
 """
@@ -30,14 +31,12 @@ POLL_S = 0.5   # how often the parent looks for a process that died without a wo
 @dataclass(frozen=True)
 class PassSetup:
     """What a pass process builds before its work order: the settings as plain dicts (only plain data crosses
-    to a spawned process), the stores' paths, its device and the weights label the latent store was planned
-    with (a process that loads other weights refuses to write)."""
+    to a spawned process), the stores' paths and its device."""
     encoder: dict
     source: dict
     images: str
     store: str
     device: str
-    weights_label: str
     threads: int                        # torch's CPU threads, as in the parent (the same kernels, the same sums)
     warm_spec: HierarchySpec | None     # the fused hierarchy's, to compile its kernels before the order comes
 
@@ -63,8 +62,8 @@ def _warm(model, graphs, spec: HierarchySpec | None, batch: int, size: int, devi
 
 
 def _serve(setup: PassSetup, index: int, orders, events) -> None:
-    """A pass process: build, warm, say ready, then run the one work order ((chunk, start, stop) list, Teacher
-    or None) and say done with its phase clock; any error goes back as a message, never silently."""
+    """A pass process: build, warm, say ready with its weights label, then run the one work order ((chunk, start,
+    stop) list, Teacher or None) and say done with its phase clock; any error goes back as a message."""
     split = None
     try:
         import numpy as np
@@ -83,9 +82,6 @@ def _serve(setup: PassSetup, index: int, orders, events) -> None:
         torch.set_num_threads(setup.threads)
         enc, src = EncoderConfig.model_validate(setup.encoder), SourceConfig.model_validate(setup.source)
         model, label = load_encoder(enc.model, src.image_size, enc.weights, enc.allow_random_init)
-        if label != setup.weights_label:
-            raise RuntimeError(f"loaded encoder weights {label!r}, but the latent store was planned with "
-                               f"{setup.weights_label!r}")
         device = torch.device(setup.device)
         cuda = device.type == "cuda"
         if cuda and device.index is not None:
@@ -99,7 +95,7 @@ def _serve(setup: PassSetup, index: int, orders, events) -> None:
         split = DecodeSplit(enc.cpu_decode_share, processes=enc.cpu_decode_processes) if cuda else None
         if cuda:
             _warm(model, graphs, setup.warm_spec, enc.batch_size, src.image_size, device)
-        events.put(("ready", index, time.perf_counter() - began))
+        events.put(("ready", index, time.perf_counter() - began, label))
         order = orders.get()
         if order is None:   # the stage ended before it had work for this process
             return
@@ -137,12 +133,13 @@ class PassProcesses:
     def name(self, index: int) -> str:
         return f"encode pass process {index} ({self.setups[index].device})"
 
-    def run(self, orders: list[tuple[list[tuple[int, int, int]], object]],
-            advance: Callable[[int], None]) -> dict[str, dict[str, float]]:
-        """Each process's order ((chunk, start, stop) list, Teacher or None); returns each one's phase clock
-        summary by name. Raises, naming the process, when one fails or exits without finishing."""
-        for inbox, order in zip(self.orders, orders, strict=True):
-            inbox.put(order)
+    def run(self, orders: list[tuple[list[tuple[int, int, int]], object]], advance: Callable[[int], None],
+            weights_label: str) -> dict[str, dict[str, float]]:
+        """Each process's order ((chunk, start, stop) list, Teacher or None), sent once it is ready with the
+        weights the latent store was planned with; returns each one's phase clock summary by name. Raises,
+        naming the process, when one loaded other weights, fails or exits without finishing."""
+        if len(orders) != len(self.processes):
+            raise ValueError(f"{len(orders)} orders for {len(self.processes)} pass processes")
         summaries: dict[int, dict] = {}
         silent: dict[int, int] = {}   # polls since a process was seen to have exited without its "done"
         while len(summaries) < len(self.processes):
@@ -160,7 +157,11 @@ class PassProcesses:
             if kind == "rows":
                 advance(event[2])
             elif kind == "ready":
+                if event[3] != weights_label:
+                    raise RuntimeError(f"{self.name(index)} loaded encoder weights {event[3]!r}, but the latent "
+                                       f"store was planned with {weights_label!r}")
                 self.ready_s[index] = round(event[2], 3)
+                self.orders[index].put(orders[index])
             elif kind == "done":
                 summaries[index] = event[2]
             else:

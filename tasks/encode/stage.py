@@ -103,14 +103,18 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
 def _encode_with(cfg: TFConfig, layout: Layout, with_teacher: bool, cleanup: contextlib.ExitStack) -> Done:
     images, path = layout.images(), layout.latents()
     direct = encode_reads_files(cfg)
+    address = cfg.ingest.dask_address
     laps = Laps()
+    helpers = None
+    if direct and not address and cfg.encoder.pass_processes > 1:   # first: their set-up overlaps this one's
+        helpers = cleanup.enter_context(_pass_processes(cfg, layout, local_devices(cfg, direct),
+                                                        with_teacher and fusable(cfg)))
     if direct:   # files are read now: they must still be the ones the listing recorded
         from storage.sources import list_source
         from tasks.ingest.stage import check_listing
 
         check_listing(images, list_source(cfg.source), cfg.source.path, complete=True)
         laps.lap("check_source")
-    address = cfg.ingest.dask_address
     models: dict[str, object] = {}
     if address:
         weights_label, grid, dim = plan_encoder(cfg)
@@ -137,9 +141,6 @@ def _encode_with(cfg: TFConfig, layout: Layout, with_teacher: bool, cleanup: con
     pending = zarr_store.pending_chunks(path, len(bounds))
     laps.lap("latent_template")
     fuse = with_teacher and fusable(cfg)
-    helpers = None
-    if direct and not address and pending and cfg.encoder.pass_processes > 1:   # they start while the stats pass runs
-        helpers = cleanup.enter_context(_pass_processes(cfg, layout, list(models), weights_label, fuse))
     # the hierarchy's Triton kernels compile while the statistics pass runs, not at the pass's first batch
     warm = _warm_hierarchy(cfg, next(iter(models), None), grid, dim) if fuse and pending else None
     stats = _sampled_stats(cfg, layout, models, weights_label, splits, graphs) if cfg.encoder.stats_images else None
@@ -315,14 +316,13 @@ def _dask_chunks(cfg: TFConfig, layout: Layout, direct: bool, pending: list[int]
              labels[start:stop], weights_label) for c in pending for start, stop in [bounds[c]]]
 
 
-def _pass_processes(cfg: TFConfig, layout: Layout, devices: list[str], weights_label: str,
-                    fuse: bool) -> PassProcesses:
+def _pass_processes(cfg: TFConfig, layout: Layout, devices: list[str], fuse: bool) -> PassProcesses:
     """encoder.pass_processes spawned pass processes per device, started now (tasks.encode.pass_processes)."""
     import torch
 
     spec = hierarchy_spec(cfg.hierarchy) if fuse else None
     return PassProcesses([PassSetup(cfg.encoder.model_dump(), cfg.source.model_dump(), str(layout.images()),
-                                    str(layout.latents()), device, weights_label, torch.get_num_threads(), spec)
+                                    str(layout.latents()), device, torch.get_num_threads(), spec)
                           for device in devices for _ in range(cfg.encoder.pass_processes)])
 
 
@@ -335,7 +335,8 @@ def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_labe
     its time."""
     if helpers is not None:
         n = len(helpers.processes)
-        return helpers.run([([(c, *bounds[c]) for c in pending[i::n]], teacher) for i in range(n)], bar.advance)
+        return helpers.run([([(c, *bounds[c]) for c in pending[i::n]], teacher) for i in range(n)], bar.advance,
+                           weights_label)
     ids = zarr_store.open_array(layout.images(), "sample")[:].tolist()
     labels = zarr_store.open_array(layout.images(), "label")[:]
     files = sample_files(cfg.source, ids)

@@ -83,25 +83,30 @@ def ingested(tree, tmp_path_factory) -> Path:
     return root
 
 
-def _setups(tree: Path, root: Path, weights_label: str, count: int):
+def _setups(tree: Path, root: Path, count: int):
     """What the stage hands its pass processes, over an ingested image store."""
     from tasks.encode.pass_processes import PassSetup
 
     cfg = _cfg(tree)
     layout = Layout(root, cfg)
     return [PassSetup(cfg.encoder.model_dump(), cfg.source.model_dump(), str(layout.images()),
-                      str(layout.latents()), "cpu", weights_label, 1, None) for _ in range(count)]
+                      str(layout.latents()), "cpu", 1, None) for _ in range(count)]
 
 
 def test_a_pass_process_that_fails_stops_the_run_naming_it_and_its_error(tree, ingested):
-    """A process whose encoder is not the one the latent store was planned with refuses to write; the parent
-    raises with the process's name and the child's own message."""
+    """A process whose encoder is not the one the latent store was planned with gets no work: the parent raises
+    with the process's name and both labels. One that fails in its pass raises with its own error: here its
+    chunk's store was never made."""
     from tasks.encode.pass_processes import PassProcesses
 
-    with PassProcesses(_setups(tree, ingested, "dinov2 from another file", 1)) as helpers:
-        with pytest.raises(RuntimeError, match=r"encode pass process 0 \(cpu\) failed: RuntimeError: loaded "
-                                               r"encoder weights 'random-init', but the latent store was planned"):
-            helpers.run([([(0, 0, 4)], None)], lambda rows: None)
+    with pytest.raises(RuntimeError, match=r"encode pass process 0 \(cpu\) loaded encoder weights 'random-init', "
+                                           r"but the latent store was planned with 'dinov2 from another file'"):
+        with PassProcesses(_setups(tree, ingested, 1)) as helpers:
+            helpers.run([([(0, 0, 4)], None)], lambda rows: None, "dinov2 from another file")
+    with pytest.raises(RuntimeError, match=r"encode pass process 0 \(cpu\) failed: \w*(Error|Exception)") as failed:
+        with PassProcesses(_setups(tree, ingested, 1)) as helpers:
+            helpers.run([([(0, 0, 4)], None)], lambda rows: None, "random-init")
+    assert "latents" in str(failed.value)   # the child's traceback names what it could not open
 
 
 def test_a_pass_process_that_dies_without_a_word_stops_the_run(tree, ingested):
@@ -110,7 +115,7 @@ def test_a_pass_process_that_dies_without_a_word_stops_the_run(tree, ingested):
     from tasks.encode.pass_processes import PassProcesses
 
     with pytest.raises(RuntimeError, match=r"encode pass process 1 \(cpu\) exited with code -9 before finishing"):
-        with PassProcesses(_setups(tree, ingested, "random-init", 2)) as helpers:   # as the stage holds them
+        with PassProcesses(_setups(tree, ingested, 2)) as helpers:   # as the stage holds them
             os.kill(helpers.processes[1].pid, signal.SIGKILL)
-            helpers.run([([], None), ([], None)], lambda rows: None)
+            helpers.run([([], None), ([], None)], lambda rows: None, "random-init")
     assert not any(process.is_alive() for process in helpers.processes)
