@@ -24,7 +24,7 @@ for step in $STEPS; do
   began=$(date +%s)
   case $step in
     tests) timeout "${TESTS_S:-150}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/storage \
-             tests/tasks/test_encode_files.py tests/tasks/test_encode_pass_processes.py tests/tasks/test_phase_clock.py tests/models/test_channel_stats.py \
+             tests/tasks/test_encode_files.py tests/tasks/test_phase_clock.py tests/models/test_channel_stats.py \
              tests/models/test_muon.py tests/models/test_regions_batched.py tests/models/test_hierarchy_batched.py \
              tests/scripts} > "$OUT/tests.log" 2>&1 ;;
     dataplane) timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \

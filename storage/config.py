@@ -166,10 +166,6 @@ class EncoderConfig(_Part):
     hierarchy_graph: Annotated[bool, UNKEYED] = Field(
         False, description="with the hierarchy in the encode pass on CUDA: it replayed as one CUDA graph per batch "
                            "shape (tasks.encode.cuda_graph.HierarchyGraphs); off until measured on a GPU")
-    pass_processes: Annotated[int, UNKEYED] = Field(
-        1, ge=1, description="read_from files, in this process (no ingest.dask_address): the pass split over this "
-                             "many spawned processes per device, each with its own GIL, nvjpeg and encoder and "
-                             "every n-th pending chunk (tasks.encode.pass_processes); 1: the pass runs here")
     cpu_decode_share: Annotated[float | None, UNKEYED] = Field(
         0.0, ge=0.0, le=1.0, description="read_from files on CUDA: the share of each batch's JPEGs the reader "
                                          "threads decode on the CPU while nvjpeg decodes the rest; null = "

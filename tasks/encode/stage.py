@@ -37,7 +37,6 @@ from tasks.encode.encoder_load import load_encoder
 from tasks.hierarchy.stage import teacher_marker, teacher_stage, teacher_template
 from tasks.encode.cuda_graph import EncoderGraphs
 from tasks.encode.decode import DecodeSplit
-from tasks.encode.pass_processes import PassProcesses, PassSetup
 from tasks.encode.phase_clock import Laps, PhaseClock
 from tasks.plan import hierarchy_spec
 from tasks.progress import Progress
@@ -96,25 +95,16 @@ def local_devices(cfg: TFConfig, direct: bool) -> list[str]:
 
 
 def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
-    with contextlib.ExitStack() as cleanup:   # pass processes end with the stage, however it ends
-        return _encode_with(cfg, layout, with_teacher, cleanup)
-
-
-def _encode_with(cfg: TFConfig, layout: Layout, with_teacher: bool, cleanup: contextlib.ExitStack) -> Done:
     images, path = layout.images(), layout.latents()
     direct = encode_reads_files(cfg)
-    address = cfg.ingest.dask_address
     laps = Laps()
-    helpers = None
-    if direct and not address and cfg.encoder.pass_processes > 1:   # first: their set-up overlaps this one's
-        helpers = cleanup.enter_context(_pass_processes(cfg, layout, local_devices(cfg, direct),
-                                                        with_teacher and fusable(cfg)))
     if direct:   # files are read now: they must still be the ones the listing recorded
         from storage.sources import list_source
         from tasks.ingest.stage import check_listing
 
         check_listing(images, list_source(cfg.source), cfg.source.path, complete=True)
         laps.lap("check_source")
+    address = cfg.ingest.dask_address
     models: dict[str, object] = {}
     if address:
         weights_label, grid, dim = plan_encoder(cfg)
@@ -164,7 +154,7 @@ def _encode_with(cfg: TFConfig, layout: Layout, with_teacher: bool, cleanup: con
                 bar.advance(num - sum(bounds[c][1] - bounds[c][0] for c in pending))
                 if direct:
                     extra["phases_s"] = _encode_files_here(cfg, layout, models, weights_label, pending, bounds, bar,
-                                                           fused, splits, graphs, helpers)
+                                                           fused, splits, graphs)
                 else:
                     [(device, model)] = models.items()
                     for chunk in pending:
@@ -316,27 +306,11 @@ def _dask_chunks(cfg: TFConfig, layout: Layout, direct: bool, pending: list[int]
              labels[start:stop], weights_label) for c in pending for start, stop in [bounds[c]]]
 
 
-def _pass_processes(cfg: TFConfig, layout: Layout, devices: list[str], fuse: bool) -> PassProcesses:
-    """encoder.pass_processes spawned pass processes per device, started now (tasks.encode.pass_processes)."""
-    import torch
-
-    spec = hierarchy_spec(cfg.hierarchy) if fuse else None
-    return PassProcesses([PassSetup(cfg.encoder.model_dump(), cfg.source.model_dump(), str(layout.images()),
-                                    str(layout.latents()), device, torch.get_num_threads(), spec)
-                          for device in devices for _ in range(cfg.encoder.pass_processes)])
-
-
 def _encode_files_here(cfg: TFConfig, layout: Layout, models: dict, weights_label: str, pending: list[int],
                        bounds, bar: Progress, teacher: Teacher | None = None,
-                       splits: dict | None = None, graphs: dict | None = None,
-                       helpers: PassProcesses | None = None) -> dict[str, dict[str, float]]:
-    """The direct path on this machine's devices: one pass per device over every n-th pending chunk, in this
-    process or, with `helpers`, one per pass process. Returns each pass's PhaseClock summary: where it spent
-    its time."""
-    if helpers is not None:
-        n = len(helpers.processes)
-        return helpers.run([([(c, *bounds[c]) for c in pending[i::n]], teacher) for i in range(n)], bar.advance,
-                           weights_label)
+                       splits: dict | None = None, graphs: dict | None = None) -> dict[str, dict[str, float]]:
+    """The direct path on this machine's devices: one pass per device over every n-th pending chunk. Returns
+    each device's PhaseClock summary: where the pass spent its time."""
     ids = zarr_store.open_array(layout.images(), "sample")[:].tolist()
     labels = zarr_store.open_array(layout.images(), "label")[:]
     files = sample_files(cfg.source, ids)
