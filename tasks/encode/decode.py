@@ -274,6 +274,11 @@ def crop_resize(images: Sequence[torch.Tensor], size: int, resize_short: int,
     return out.div_(255.0).clamp_(0.0, 1.0)   # bicubic overshoots
 
 
+def uint8_pixels(images01: torch.Tensor) -> torch.Tensor:
+    """[B, 3, S, S] in [0, 1] -> uint8 [B, S, S, 3] on their device (the image store's pixels)."""
+    return images01.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def to_uint8(images01: torch.Tensor) -> np.ndarray:
-    """[B, 3, S, S] in [0, 1] -> uint8 [B, S, S, 3] on the host (the image store's pixels)."""
-    return images01.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """uint8_pixels on the host, as numpy."""
+    return uint8_pixels(images01).cpu().numpy()

@@ -76,7 +76,16 @@ class Prepared:
     images01: torch.Tensor | None   # [n_ok, 3, S, S] in [0, 1] on the device; None when nothing decoded
     ok: np.ndarray                  # bool [batch]: decoded
     rejects: list[dict] = field(default_factory=list)
-    ready: torch.cuda.Event | None = None
+    ready: torch.cuda.Event | None = None   # on CUDA: recorded on the preparing thread's side stream
+
+    def images(self) -> torch.Tensor | None:
+        """images01 for use on the current stream: on CUDA that stream first waits for the side stream's
+        decode and resize, and the allocator learns the tensor is used there (no reuse while in flight)."""
+        if self.images01 is not None and self.ready is not None:
+            stream = torch.cuda.current_stream(self.images01.device)
+            stream.wait_event(self.ready)
+            self.images01.record_stream(stream)
+        return self.images01
 
 
 def read_parts(files: SampleFiles, start: int, stop: int, pool: cf.Executor, parts: int) -> list[tuple[cf.Future, int]]:
@@ -217,13 +226,11 @@ def prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preproces
 def _encode_prepared(model, prepared: Prepared, device: torch.device, clock: PhaseClock,
                      graphs: EncoderGraphs | None = None) -> torch.Tensor | None:
     """float32 [n_ok, g, g, C] tokens of a prepared batch's decodable images, on the device; None if none."""
-    if prepared.images01 is None:
+    images01 = prepared.images()
+    if images01 is None:
         return None
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).wait_event(prepared.ready)
-        prepared.images01.record_stream(torch.cuda.current_stream(device))
     with torch.no_grad(), clock.device("encoder"):
-        return encode_batch(model, prepared.images01, graphs)
+        return encode_batch(model, images01, graphs)
 
 
 def sample_moments(model, files: SampleFiles, preprocess: Preprocess, device: str | torch.device, *,

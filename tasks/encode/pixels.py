@@ -13,7 +13,7 @@ import torch
 
 from storage import zarr_store
 from storage.imagenet import SampleFiles
-from tasks.encode.decode import to_uint8
+from tasks.encode.decode import to_uint8, uint8_pixels
 from tasks.encode.files import Prepared, Preprocess, collect, prepare_batch, prepared_batches, read_parts
 from tasks.encode.phase_clock import PhaseClock
 
@@ -71,15 +71,10 @@ def real_pixel_batches(source, images_store: str | Path, parts: list[np.ndarray]
         if not prepared.ok.all():   # valid at encode time, unreadable now: the real set would silently shrink
             raise RuntimeError(f"real images changed since encode: {prepared.rejects[0]['path']}: "
                                f"{prepared.rejects[0]['reason']}")
-        if prepared.ready is not None:
-            torch.cuda.current_stream(device).wait_event(prepared.ready)
-            prepared.images01.record_stream(torch.cuda.current_stream(device))
-        pixels = prepared.images01.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1)   # as to_uint8
-        if device.type != "cuda":
-            pixels = pixels.numpy()
-        if stored is not None:
+        pixels = uint8_pixels(prepared.images())
+        if stored is not None:   # held and decoded rows of one part, back in the part's order
             out = torch.empty((len(part), *pixels.shape[1:]), dtype=torch.uint8, device=device)
             out[torch.from_numpy(np.flatnonzero(held)).to(device)] = torch.from_numpy(stored).to(device)
-            out[torch.from_numpy(np.flatnonzero(~held)).to(device)] = torch.as_tensor(pixels, device=device)
-            pixels = out if device.type == "cuda" else out.numpy()
-        yield pixels
+            out[torch.from_numpy(np.flatnonzero(~held)).to(device)] = pixels
+            pixels = out
+        yield pixels if device.type == "cuda" else pixels.numpy()
