@@ -2,6 +2,8 @@
 # One device call: install the carried wheels, then run the steps named in $STEPS (default all), each
 # under its own time limit, every log and result into $OUT. What the GPU issue measures:
 #   tests      the storage and encode tests against the newest zarr (pip picks it for this Python)
+#   decode     bench/decode_probe.py: the pass's JPEG decode alone, in two threads, in two processes, beside the
+#              encoder, and with a CPU share in processes (what bounds it: host, engines or sharing)
 #   dataplane  bench/dataplane.py: JPEG -> teacher store, fused and two-pass, through the stage functions
 #   pipeline   bench/gpu_pipeline.py: `tf pipeline --config configs/imagenet.yaml` on 50k JPEGs
 #   generators bench/generators.py: the compiled B step with Muon (TF32, float32 Newton-Schulz) and AdamW
@@ -27,6 +29,9 @@ for step in $STEPS; do
              tests/tasks/test_encode_files.py tests/tasks/test_phase_clock.py tests/models/test_channel_stats.py \
              tests/models/test_muon.py tests/models/test_regions_batched.py tests/models/test_hierarchy_batched.py \
              tests/scripts} > "$OUT/tests.log" 2>&1 ;;
+    decode) timeout "${DECODE_S:-150}" python3 bench/decode_probe.py --images "${DECODE_IMAGES:-8192}" \
+             --workdir "${DP_WORK:-/tmp/dp}" --processes "${DECODE_PROCESSES:-4,8}" --out "$OUT" \
+             > "$OUT/decode.log" 2>&1 ;;   # the same JPEG files as dataplane's (same names and bytes)
     dataplane) timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
              --workdir "${DP_WORK:-/tmp/dp}" --out "$OUT" ${DP_SETS:-} > "$OUT/dataplane.log" 2>&1; rc=$?
              rm -rf "${DP_WORK:-/tmp/dp}/fused" "${DP_WORK:-/tmp/dp}/two_pass"; (exit $rc) ;;   # 20 GB each at 50k
@@ -46,5 +51,5 @@ for step in $STEPS; do
   esac
   echo "$step: rc $? in $(( $(date +%s) - began ))s"
 done
-tail -3 "$OUT/tests.log" 2>/dev/null; grep -E "img/s|Error|error" "$OUT/dataplane.log" 2>/dev/null | tail -5
+tail -3 "$OUT/tests.log" 2>/dev/null; grep -E "img/s|Error" "$OUT/decode.log" 2>/dev/null | tail -12; grep -E "img/s|Error|error" "$OUT/dataplane.log" 2>/dev/null | tail -5
 grep -E "computed|reused|failed|Error" "$OUT/pipeline.log" 2>/dev/null | tail -14

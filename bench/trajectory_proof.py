@@ -54,6 +54,7 @@ from bench.proof_figures import redraw  # noqa: E402
 from bench.proof_report import arm_figures, fits, next_budget  # noqa: E402
 from models.evaluation.eval_stats import metric_values  # noqa: E402
 from models.evaluation.metrics import REGION_THRESHOLD, adjusted_rand  # noqa: E402
+from models.evaluation.trajectory_metrics import teacher_structure  # noqa: E402
 from models.generator.dit import TrajectoryDiT  # noqa: E402
 from models.generator.train_loop import train_generator  # noqa: E402
 from models.generator.train_state import export_state  # noqa: E402
@@ -65,7 +66,7 @@ from storage.scenes import masks_to_grid  # noqa: E402
 from tasks import plan  # noqa: E402
 from tasks.evaluate.stage import load_scoring, stream_samples  # noqa: E402
 from tasks.train.generator_job import SHARED, generator_job, num_classes  # noqa: E402
-from tasks.train.level_data import load_regions  # noqa: E402
+from tasks.train.level_data import canvases, load_latents, load_regions, regions_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {   # name: (generator.sharing or flat, hierarchy.source); flat reads no teacher
@@ -500,7 +501,13 @@ def _store_facts(args) -> dict:
     truth = truth.reshape(len(index), truth.shape[1], -1)
     alignment = [round(float(np.mean([adjusted_rand(a, b) for a, b in zip(regions[:, level], truth[:, level])])), 4)
                  for level in range(regions.shape[1])]
-    return {"decoder": decoder, "judge": judge, "alignment": alignment, "grid": grid, "token_dim": tokens.shape[-1],
+    # nesting's ceiling: each teacher's own canvases through the evaluation's region cut (first 512 samples)
+    latents = load_latents(layout.latents(), limit=512)
+    teachers = {name: teacher_structure([c.numpy() for c in canvases(latents.normalised(), regions_of(
+                    plan.layout(args.root, arm_config(args, arm)).teacher(), latents))], cfg.evaluate.region_threshold)
+                for name, arm in (("oracle", "tf_shared_oracle"), ("clustered", "tf_shared_clustered"))}
+    return {"decoder": decoder, "judge": judge, "alignment": alignment, "teachers": teachers,
+            "grid": grid, "token_dim": tokens.shape[-1],
             "encoder_weights": zarr_store.store_attrs(layout.latents())["encoder_weights"], "config": cfg}
 
 
@@ -517,6 +524,9 @@ def report(args, stages, units: list[dict | None], arms: list[str], wall_s: floa
             detail[u["arm"]]["diagnosis"] = u["diagnosis"]
             figures.update({f"{u['arm']}_{k}": (v, "score") for k, v in u["diagnosis"].items()
                             if isinstance(v, (int, float))})
+    for teacher, values in facts["teachers"].items():   # what the generated canvases' structure is read against
+        figures.update({f"{teacher}_teacher_{k}": (round(v, 4), "the teacher's own canvases through the region cut")
+                        for k, v in values.items()})
     figures["judge_holdout_accuracy"] = (holdout["accuracy"], "accuracy")
     figures["decoder_holdout_psnr"] = (round(facts["decoder"]["holdout_psnr"], 3), "dB")
     figures["wall_s_this_call"] = (round(wall_s, 1), "s")

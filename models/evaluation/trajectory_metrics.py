@@ -12,7 +12,8 @@ from models.evaluation.metrics import (adjusted_rand, fd_from_features, matched_
                             regions_from_canvas)
 
 __all__ = ["MetricValues", "generated_regions", "per_level_fd", "structural_consistency", "nesting_values",
-           "plan_adherence_values", "informative_agreement", "reencode_agreement", "hierarchy_alignment"]
+           "teacher_structure", "plan_adherence_values", "informative_agreement", "reencode_agreement",
+           "hierarchy_alignment"]
 
 
 def generated_regions(canvases: list[np.ndarray], threshold: float) -> list[np.ndarray]:
@@ -47,6 +48,20 @@ def nesting_values(regions: list[np.ndarray]) -> list[MetricValues]:
     for level in range(len(regions) - 1):
         share = [nesting_share(fine, coarse) for fine, coarse in zip(regions[level + 1], regions[level])]
         out.append(MetricValues("structure", "nesting", np.asarray(share), level))
+    return out
+
+
+def teacher_structure(canvases: list[np.ndarray], threshold: float) -> dict[str, float]:
+    """The structure metrics' ceiling: the teacher's own level canvases (region means, [N, T, C] per level,
+    the latent last) read back as generated ones are, by the region cut at `threshold`. Nesting below 1
+    here is the cut's doing (two parts with close means merge across an object's border), so a generator's
+    nesting is read against it. {"nesting_L{l}": mean share, "two_region_L0": share of canvases whose level
+    0 splits into exactly two regions, "regions_L{l}": mean region count}."""
+    regions = generated_regions(canvases, threshold)
+    out = {f"nesting_L{v.level}": float(np.nanmean(v.values)) for v in nesting_values(regions)}
+    out["two_region_L0"] = float(np.mean([np.unique(ids).size == 2 for ids in regions[0]]))
+    out.update({f"regions_L{level}": float(np.mean([np.unique(ids).size for ids in ids_of_level]))
+                for level, ids_of_level in enumerate(regions)})
     return out
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from models.evaluation.trajectory_metrics import reencode_agreement
+from models.evaluation.trajectory_metrics import reencode_agreement, teacher_structure
 from tasks.evaluate.rows import values_rows
 
 T = 8
@@ -40,3 +40,15 @@ def test_rows_count_only_the_informative_pairs():
     assert row["value"] == pytest.approx(0.5)   # (1.0 + 0.0) / 2, the trivial pair not counted
     [skipped] = values_rows([_agreement([(ONE_REGION, ONE_REGION)])["reencode_ari"]], n_boot=50)
     assert skipped["status"] == "skipped"
+
+
+def test_teacher_structure_counts_parts_the_cut_merges_across_an_object_border_as_not_nested():
+    a, b, c, d = np.eye(4)[:, :4]
+    level0 = np.array([[a, a, b, b]])                      # object | background: two regions
+    level1 = np.array([[c, d, d, a]])                      # token 1 (object) and token 2 (background) alike
+    latent = np.array([[a, b, c, d]])
+    out = teacher_structure([level0, level1, latent], threshold=0.3)
+    assert out["two_region_L0"] == 1.0 and out["regions_L0"] == 2 and out["regions_L1"] == 3
+    assert out["nesting_L0"] == pytest.approx(2 / 3)       # {t0} and {t3} nest; {t1, t2} straddles the border
+    apart = teacher_structure([level0, np.array([[c, d, a, b]]), latent], threshold=0.3)
+    assert apart["nesting_L0"] == 1.0                      # distinct parts: perfectly nested

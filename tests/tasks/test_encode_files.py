@@ -121,6 +121,17 @@ def test_decode_processes_give_the_cpu_decoders_pixels_and_errors_and_end_with_t
     assert split._pool is None and split.summary()["cpu_decoders"] == "2 processes"
 
 
+def test_the_cpu_takes_no_share_until_its_decode_processes_are_up():
+    split = DecodeSplit(0.5, processes=1)
+    try:
+        assert split.to_cpu(100) == 0   # a spawned process needs seconds to import torch: nvjpeg takes all
+        assert split.wait_ready(120) and split.ready()
+        assert split.to_cpu(100) == 50
+    finally:
+        split.close()
+    assert DecodeSplit(0.5).to_cpu(100) == 50   # threads: no start-up
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs CUDA (runs on the GPU machine)")
 @pytest.mark.parametrize("processes", [0, 2])
 def test_a_batch_split_between_nvjpeg_and_the_cpu_decodes_every_file_as_either_alone(tree, processes):
@@ -131,6 +142,7 @@ def test_a_batch_split_between_nvjpeg_and_the_cpu_decodes_every_file_as_either_a
     device = torch.device("cuda")
     with cf.ThreadPoolExecutor(4) as pool:
         splits = {share: DecodeSplit(share, processes=processes) for share in (0.0, 0.5, 1.0)}
+        assert all(split.wait_ready(120) for split in splits.values())
         runs = {share: decode_images(datas, device, cpu_map=pool.map, split=split) for share, split in splits.items()}
     for split in splits.values():
         split.close()

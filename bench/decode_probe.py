@@ -1,0 +1,263 @@
+"""Where the encode pass's JPEG decode spends its time on one GPU (issue 29): the product's own decode call
+(tasks.encode.decode.decode_images, what the pass's preparing thread runs for every batch) on the bench's
+JPEGs, alone and beside each thing the pass runs next to it.
+
+    python bench/decode_probe.py --images 8192 --workdir /tmp/dp [--batch 512] [--processes 4,8] [--out DIR]
+
+The pass's decode took 0.34 ms a file on an H100 (0.23-0.25 on an H200) where the issue quoted nvjpeg at
+13,000 img/s; two passes in two processes decoded 3,800 img/s together. Which of these bounds it is what
+this measures, every figure on the same files read into memory first (no disk in any figure):
+
+  nvjpeg_b{B}_img_per_s        decode_images alone, batches of B (64, 256 and --batch), on a side stream as
+                               in the pass: the one-thread rate
+  nvjpeg_two_threads           two threads calling it at once (torchvision holds one decoder behind a lock)
+  nvjpeg_two_processes         two processes at once, each half the files, started together: with one
+                               process's host work overlapping the other's engine time, the JPEG engines' cap
+  nvjpeg_beside_encoder        while another thread replays the encoder (CUDA graph, as configs/imagenet.yaml)
+                               on resident batches; `encoder_beside_decode` is the encoder's rate meanwhile
+  cpu_processes_{k}            the CPU share's own decoders (DecodeSplit.decode_in_processes) alone, k processes
+  split_processes_{k}          decode_images with the balanced CPU share in k processes (encoder.cpu_decode_share
+                               null, encoder.cpu_decode_processes k), and the share it settled at
+  host_check_us_per_file       the preparing thread's Python per file before nvjpeg (nvjpeg_can_take, the copy)
+
+Without CUDA the nvjpeg figures are written as skipped with the reason; the CPU decoders are still timed.
+Writes <out>/decode_probe.json (DESIGN §7 shape). The JPEGs are bench/dataplane.py's (the same names and
+bytes, so a --workdir that holds its files reuses them).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import results_io  # noqa: E402
+from bench.dataplane import make_jpegs  # noqa: E402
+from tasks.encode.decode import DecodeSplit, decode_images, nvjpeg_can_take  # noqa: E402
+
+
+def read_all(paths: list[str]) -> list[bytes]:
+    return [Path(p).read_bytes() for p in paths]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_rate(datas: list[bytes], device: torch.device, batch: int, split: DecodeSplit | None = None,
+                stream: torch.cuda.Stream | None = None, warm: bool = True) -> float:
+    """Images a second through decode_images over `datas` in batches of `batch`, on `stream` (a side stream as
+    the pass's preparing thread uses; the current one when None). With `warm`, a first batch untimed."""
+    def run(part: list[bytes]) -> None:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for start in range(0, len(part), batch):
+                images = decode_images(part[start:start + batch], device, split=split)
+                bad = [i for i, image in enumerate(images) if isinstance(image, Exception)]
+                if bad:
+                    raise RuntimeError(f"{len(bad)} of the probe's JPEGs did not decode: {images[bad[0]]}")
+        _sync(device)
+
+    if warm:
+        run(datas[:batch])
+    began = time.perf_counter()
+    run(datas)
+    return len(datas) / (time.perf_counter() - began)
+
+
+def two_threads(datas: list[bytes], device: torch.device, batch: int) -> float:
+    """Both halves at once from two threads, each on its own side stream: images a second together."""
+    half = len(datas) // 2
+    parts = [datas[:half], datas[half:2 * half]]
+    streams = [torch.cuda.Stream(device) for _ in parts]
+    for part, stream in zip(parts, streams):
+        decode_rate(part[:batch], device, batch, stream=stream)   # each thread's warm-up
+    threads = [threading.Thread(target=decode_rate, args=(part, device, batch),
+                                kwargs={"stream": stream, "warm": False}) for part, stream in zip(parts, streams)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return 2 * half / (time.perf_counter() - began)
+
+
+def _process_decode(paths: list[str], device: str, batch: int, barrier, results) -> None:
+    """In a spawned process: read, warm up, wait for the others, then time this process's share."""
+    datas = read_all(paths)
+    dev = torch.device(device)
+    decode_rate(datas[:batch], dev, batch)
+    barrier.wait()
+    began = time.perf_counter()
+    decode_rate(datas, dev, batch, warm=False)
+    results.put((len(datas), began, time.perf_counter()))
+
+
+def in_processes(paths: list[str], device: str, batch: int, count: int) -> float:
+    """`count` processes decoding a share each, released together: images a second over the span from the
+    first start to the last finish."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(count), context.Queue()
+    shares = [paths[i::count] for i in range(count)]
+    workers = [context.Process(target=_process_decode, args=(share, device, batch, barrier, results))
+               for share in shares]
+    for worker in workers:
+        worker.start()
+    done = [results.get(timeout=600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    return sum(n for n, _, _ in done) / (max(end for _, _, end in done) - min(start for _, start, _ in done))
+
+
+def beside_encoder(datas: list[bytes], device: torch.device, batch: int, image_size: int, model_name: str) -> dict:
+    """The decode's rate while another thread replays the encoder (as the pass does) on a resident batch, and
+    the encoder's rate meanwhile and alone."""
+    from tasks.encode.cuda_graph import EncoderGraphs
+    from tasks.encode.encoder_load import load_encoder
+    from tasks.encode.files import encode_batch
+
+    model, _ = load_encoder(model_name, image_size, None, True)
+    model = model.to(device).eval()
+    graphs = EncoderGraphs(model)
+    resident = torch.rand(batch, 3, image_size, image_size, device=device)
+    stop, counted = threading.Event(), []
+    encoder_stream = torch.cuda.Stream(device)
+
+    def encode_until_stopped() -> None:
+        with torch.no_grad(), torch.cuda.stream(encoder_stream):
+            began, n = time.perf_counter(), 0
+            while not stop.is_set():
+                encode_batch(model, resident, graphs)
+                n += 1
+                if n % 4 == 0:   # at most four batches queued, as the pass keeps a few in flight
+                    encoder_stream.synchronize()
+            encoder_stream.synchronize()
+            counted.append(n * batch / (time.perf_counter() - began))
+
+    with torch.no_grad():
+        encode_batch(model, resident, graphs)   # capture the graph, untimed
+        _sync(device)
+        began = time.perf_counter()
+        for _ in range(8):
+            encode_batch(model, resident, graphs)
+        _sync(device)
+        alone = 8 * batch / (time.perf_counter() - began)
+    side = torch.cuda.Stream(device)
+    decode_rate(datas[:batch], device, batch, stream=side)
+    thread = threading.Thread(target=encode_until_stopped)
+    thread.start()
+    try:
+        rate = decode_rate(datas, device, batch, stream=side)
+    finally:
+        stop.set()
+        thread.join()
+    return {"nvjpeg_beside_encoder": rate, "encoder_beside_decode": counted[0], "encoder_alone": alone}
+
+
+def cpu_processes(datas: list[bytes], count: int) -> float:
+    """The CPU share's decoders alone: every file through DecodeSplit.decode_in_processes, images a second
+    (pickled back by value, as the pass receives them)."""
+    split = DecodeSplit(1.0, processes=count)
+    try:
+        list(split.decode_in_processes(datas[:4 * count]))   # the processes' imports, untimed
+        began = time.perf_counter()
+        results = list(split.decode_in_processes(datas))
+        rate = len(datas) / (time.perf_counter() - began)
+    finally:
+        split.close()
+    bad = [image for image, _ in results if isinstance(image, Exception)]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of the probe's JPEGs did not decode on the CPU: {bad[0]}")
+    return rate
+
+
+def split_processes(datas: list[bytes], device: torch.device, batch: int, count: int) -> tuple[float, float]:
+    """decode_images with a balanced CPU share in `count` processes: (images a second, the CPU's share)."""
+    split = DecodeSplit(None, processes=count)
+    try:
+        list(split.decode_in_processes(datas[:4 * count]))
+        rate = decode_rate(datas, device, batch, split=split, stream=torch.cuda.Stream(device))
+        return rate, split.share
+    finally:
+        split.close()
+
+
+def host_check_us(datas: list[bytes]) -> float:
+    """The preparing thread's Python per file before nvjpeg sees it: the frame check and the bytes' copy."""
+    began = time.perf_counter()
+    for data in datas:
+        nvjpeg_can_take(data)
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return (time.perf_counter() - began) / len(datas) * 1e6
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=8192)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=512, help="the pass's batch (encoder.batch_size)")
+    parser.add_argument("--processes", default="4,8", help="CPU decode process counts to time")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--encoder", default="vit_base_patch14_reg4_dinov2",
+                        help="the encoder beside the decode (random-init; its speed, not its values, matters)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", default=None, help="folder for decode_probe.json (default bench/results)")
+    args = parser.parse_args(argv)
+
+    began = time.perf_counter()
+    paths, _, mean_bytes = make_jpegs(Path(args.workdir) / "train", args.images, args.classes, os.cpu_count() or 4)
+    datas = read_all(paths)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    print(f"{len(datas)} JPEGs ({mean_bytes / 1024:.0f} KB mean) ready in {time.perf_counter() - began:.1f}s",
+          flush=True)
+    per_s = "img/s, decode_images on files in memory"
+    figures: dict[str, tuple[float, str]] = {
+        "host_check_us_per_file": (round(host_check_us(datas), 2), "us a file, nvjpeg_can_take + the copy")}
+    skipped: dict[str, str] = {}
+
+    def record(name: str, value: float, unit: str) -> None:
+        figures[name] = (round(value, 1), unit)
+        print(f"{name}: {value:,.1f} {unit}", flush=True)
+
+    nvjpeg_names = ["nvjpeg_two_threads", "nvjpeg_two_processes", "nvjpeg_beside_encoder"]
+    if cuda:
+        side = torch.cuda.Stream(device)
+        for batch in sorted({64, 256, args.batch}):
+            record(f"nvjpeg_b{batch}_img_per_s", decode_rate(datas, device, batch, stream=side),
+                   f"{per_s}, batches of {batch}, one thread")
+        record("nvjpeg_two_threads", two_threads(datas, device, args.batch), f"{per_s}, two threads together")
+        record("nvjpeg_two_processes", in_processes(paths, args.device, args.batch, 2),
+               f"{per_s}, two processes together")
+        for name, value in beside_encoder(datas, device, args.batch, args.image_size, args.encoder).items():
+            record(name, value, f"{per_s}, one thread, the encoder replayed beside" if name.startswith("nvjpeg")
+                   else "img/s, the encoder as a CUDA graph on resident batches"
+                   + (", the decode beside" if name.endswith("decode") else ""))
+    else:
+        skipped = {name: f"no CUDA device ({args.device}): nvjpeg needs one" for name in nvjpeg_names}
+    for count in [int(c) for c in args.processes.split(",") if c.strip()]:
+        record(f"cpu_processes_{count}", cpu_processes(datas, count),
+               f"img/s, the CPU share's {count} decode processes alone")
+        if cuda:
+            rate, share = split_processes(datas, device, args.batch, count)
+            record(f"split_processes_{count}", rate, f"{per_s}, nvjpeg + a balanced CPU share in {count} processes")
+            figures[f"split_processes_{count}_cpu_share"] = (round(share, 3), "share of files the CPU took")
+        else:
+            skipped[f"split_processes_{count}"] = f"no CUDA device ({args.device})"
+    extra = {"images": len(datas), "mean_kb": round(mean_bytes / 1024, 1), "batch": args.batch,
+             "device": str(device), "skipped": skipped, "cores": os.cpu_count()}
+    path = results_io.write_result("decode_probe", figures, extra, args.out)
+    print(f"wrote {path} in {time.perf_counter() - began:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""bench/decode_probe.py on the CPU: the JPEGs it writes decode, the CPU share's processes are timed through
+the product's DecodeSplit, the process fan-out returns every file, and the nvjpeg figures say why they are
+skipped instead of holding a number."""
+import json
+
+import pytest
+
+from bench import decode_probe
+
+
+@pytest.mark.slow
+def test_probe_on_cpu_times_the_cpu_decoders_and_skips_nvjpeg_with_a_reason(tmp_path):
+    decode_probe.main(["--device", "cpu", "--images", "24", "--classes", "3", "--batch", "8", "--processes", "2",
+                       "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)])
+    body = json.loads((tmp_path / "decode_probe.json").read_text())
+    figures = body["figures"]
+    assert figures["cpu_processes_2"]["value"] > 0
+    assert figures["host_check_us_per_file"]["value"] > 0
+    assert not any(name.startswith("nvjpeg") for name in figures)   # never a number without nvjpeg
+    assert set(body["skipped"]) == {"nvjpeg_two_threads", "nvjpeg_two_processes", "nvjpeg_beside_encoder",
+                                    "split_processes_2"}
+    assert all("no CUDA" in reason for reason in body["skipped"].values())
+    assert body["images"] == 24 and body["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_processes_released_together_decode_every_file(tmp_path):
+    paths, _, _ = decode_probe.make_jpegs(tmp_path / "train", 12, 2, 2)
+    assert decode_probe.in_processes(paths, "cpu", 4, 2) > 0   # raises if any file failed in a process
+
+
+def test_a_file_that_does_not_decode_stops_the_probe_naming_it():
+    datas = [b"\xff\xd8\xff" + b"\x00" * 64]
+    with pytest.raises(RuntimeError, match="did not decode"):
+        decode_probe.decode_rate(datas * 2, decode_probe.torch.device("cpu"), 1)
