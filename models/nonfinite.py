@@ -1,7 +1,10 @@
 """Noticing a diverged training run without a host sync every step.
 
-Each step `observe` folds "is this step's loss or gradient norm NaN or infinite?" into a flag kept on
-the device (with the first such step and its values); nothing is read back. `check` reads the flag,
+Each step `observe` folds "is this step's loss or gradient norm NaN or infinite, or is every gradient
+exactly zero while the loss is not?" into a flag kept on the device (with the first such step and its
+values); nothing is read back. The second is divergence that stays finite: a learning rate far too high
+throws the weights so far (decoder.lr 1e6 on configs/tiny.yaml: 7e5 within 8 updates) that the output
+saturates and no gradient flows any more; healthy training never has a zero gradient above a zero loss. `check` reads the flag,
 one small device-to-host copy, at a cadence (`due`) and always before a snapshot or the run's end, and
 raises NonFiniteTraining naming the first bad step and its values. A check at a snapshot or the end
 also looks at the weights themselves: an update can overflow them while the loss that drove it was
@@ -19,7 +22,7 @@ CHECK_EVERY = 25   # steps between reads of the flag: a diverged run stops withi
 
 
 class NonFiniteTraining(RuntimeError):
-    """A training run produced a NaN or infinite loss, gradient or weight."""
+    """A training run produced a NaN or infinite loss, gradient or weight, or its gradient vanished."""
 
     def __init__(self, message: str, step: int | None = None):
         super().__init__(message)
@@ -44,7 +47,8 @@ class DivergenceWatch:
         """One update's loss and gradient norm (0-d tensors on the run's device); no host sync."""
         self.counter += 1
         now = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
-        newly = (~torch.isfinite(now)).any() & (self.first_bad < 0)
+        dead = (now[1] == 0) & (now[0] > 0)   # a finite loss no parameter can move: saturated
+        newly = ((~torch.isfinite(now)).any() | dead) & (self.first_bad < 0)
         self.first_bad = torch.where(newly, self.counter, self.first_bad)
         self.values = torch.where(newly, now, self.values)
 
@@ -59,6 +63,10 @@ class DivergenceWatch:
         first = int(self.first_bad)
         if first >= 0:
             loss, norm = (float(v) for v in self.values.tolist())
+            if math.isfinite(loss) and norm == 0:
+                raise NonFiniteTraining(f"the gradient vanished at update {first}: loss {_text(loss)}, gradient "
+                                        "norm 0.0 (every gradient exactly zero above a non-zero loss: the weights "
+                                        "were thrown so far that the output saturated)", step=first)
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             raise NonFiniteTraining(f"non-finite {what} at update {first}: loss {_text(loss)}, gradient norm "
                                     f"{_text(norm)}", step=first)

@@ -1,6 +1,10 @@
 """No silent divergence (issue 30), tried as a new user would: `tf pipeline` on configs/tiny.yaml with a
-learning rate that makes training NaN fails at the training stage, names the stage, the update and the
-value, leaves the runs table a failed row that says so, and marks nothing complete."""
+learning rate that makes training diverge fails at the training stage, names the stage, the update and the
+value, leaves the runs table a failed row that says so, and marks nothing complete. Divergence is NaN or
+infinite values, or a gradient that vanished above a non-zero loss (the output saturated): which of the two
+a learning rate of 1e6 gives the decoder depends on rounding and on the packages installed (NaN when the
+issue was filed and in this suite until 2026-12-06; in a fresh environment that day, weights of 7e5 and
+every gradient exactly zero from update 4 on)."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,13 +25,15 @@ CONFIG = "configs/tiny.yaml"
 ])
 def test_a_learning_rate_that_diverges_fails_the_training_stage_naming_nan(tmp_path, copy_root, override, stage, row):
     root = copy_root(tmp_path / "root", upstream_only=True)   # ingest .. judge reused: only training runs
-    with pytest.raises(NonFiniteTraining, match=rf"stage {stage} diverged: non-finite (loss|gradient norm) at "
-                                                rf"update \d+: loss \S+, gradient norm \S+;") as raised:
+    with pytest.raises(NonFiniteTraining, match=rf"stage {stage} diverged: (non-finite (loss|gradient norm)|the "
+                                                rf"gradient vanished) at update \d+: loss \S+, gradient norm \S+[; ]"
+                       ) as raised:
         main(["pipeline", "--config", CONFIG, "--root", str(root), "--set", override, "--run-id", "diverged"])
-    assert "nan" in str(raised.value) and "nothing was marked complete" in str(raised.value)
+    message = str(raised.value)
+    assert ("nan" in message or "gradient norm 0.0" in message) and "nothing was marked complete" in message
     runs = load_runs(root)
     failed = runs[(runs.status == "failed") & (runs.kind == "stage")]
-    assert list(failed.stage) == [row] and f"stage {stage} diverged: non-finite" in failed.error.iloc[0]
+    assert list(failed.stage) == [row] and f"stage {stage} diverged: " in failed.error.iloc[0]
     whole = runs[runs.kind == "run"]   # the run's own row fails with it
     assert list(whole.status) == ["failed"] and f"stage {stage} diverged" in whole.error.iloc[0]
     layout = Layout(root, load_config(CONFIG, [override]))

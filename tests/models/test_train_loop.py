@@ -277,6 +277,24 @@ def test_the_watch_names_the_first_bad_update_and_looks_at_the_weights_when_aske
         watch.check()
 
 
+def test_a_gradient_that_vanishes_above_a_non_zero_loss_is_divergence_but_a_perfect_fit_is_not():
+    """Finite divergence: weights thrown far enough saturate the output and every gradient is exactly zero
+    (decoder.lr 1e6 on configs/tiny.yaml). A zero loss with a zero gradient is a fit, not that."""
+    from models.nonfinite import DivergenceWatch, NonFiniteTraining
+
+    fitted = DivergenceWatch("cpu")
+    fitted.observe(torch.tensor(0.0), torch.tensor(0.0))
+    fitted.check()
+    watch = DivergenceWatch("cpu")
+    watch.observe(torch.tensor(0.3), torch.tensor(0.03))
+    watch.observe(torch.tensor(0.87), torch.tensor(0.0))
+    watch.observe(torch.tensor(float("nan")), torch.tensor(0.0))   # the first is kept
+    with pytest.raises(NonFiniteTraining, match=r"the gradient vanished at update 2: loss 0.87\d*, gradient norm "
+                                                r"0.0 \(every gradient exactly zero") as raised:
+        watch.check()
+    assert raised.value.step == 2
+
+
 def test_stats_reach_the_host_one_step_late_and_every_step_is_reported_in_order():
     """LaggedStats: step k's stats are read at the end of step k + 1 (no sync between steps); the loop
     still reports every step once, in order, and its history holds them all, the last one included."""
