@@ -15,7 +15,8 @@ this measures, every figure on the same files read into memory first (no disk in
                                process's host work overlapping the other's engine time, the JPEG engines' cap
   nvjpeg_beside_encoder        while another thread replays the encoder (CUDA graph, as configs/imagenet.yaml)
                                on resident batches; `encoder_beside_decode` is the encoder's rate meanwhile
-  cpu_processes_{k}            the CPU share's own decoders (DecodeSplit.decode_in_processes) alone, k processes
+  cpu_processes_{k}            the CPU share's own decoders (DecodeSplit.decode_in_processes) alone, k processes,
+                               and the receiving process's CPU time a file (`_parent_cpu_us`)
   split_processes_{k}          decode_images with the balanced CPU share in k processes (encoder.cpu_decode_share
                                null, encoder.cpu_decode_processes k), and the share it settled at
   host_check_us_per_file       the preparing thread's Python per file before nvjpeg (nvjpeg_can_take, the copy)
@@ -162,28 +163,31 @@ def beside_encoder(datas: list[bytes], device: torch.device, batch: int, image_s
     return {"nvjpeg_beside_encoder": rate, "encoder_beside_decode": counted[0], "encoder_alone": alone}
 
 
-def cpu_processes(datas: list[bytes], count: int) -> float:
-    """The CPU share's decoders alone: every file through DecodeSplit.decode_in_processes, images a second
-    (pickled back by value, as the pass receives them)."""
+def cpu_processes(datas: list[bytes], count: int) -> tuple[float, float]:
+    """The CPU share's decoders alone: every file through DecodeSplit.decode_in_processes as the pass receives
+    them: (images a second, this process's CPU time a file in microseconds, its threads together: what
+    receiving the pixels costs the process that also drives the GPU)."""
     split = DecodeSplit(1.0, processes=count)
     try:
-        list(split.decode_in_processes(datas[:4 * count]))   # the processes' imports, untimed
-        began = time.perf_counter()
+        split.wait_ready(120)
+        list(split.decode_in_processes(datas[:32 * count]))   # every process busy once, untimed
+        began, cpu_began = time.perf_counter(), time.process_time()
         results = list(split.decode_in_processes(datas))
         rate = len(datas) / (time.perf_counter() - began)
+        parent_us = (time.process_time() - cpu_began) / len(datas) * 1e6
     finally:
         split.close()
     bad = [image for image, _ in results if isinstance(image, Exception)]
     if bad:
         raise RuntimeError(f"{len(bad)} of the probe's JPEGs did not decode on the CPU: {bad[0]}")
-    return rate
+    return rate, parent_us
 
 
 def split_processes(datas: list[bytes], device: torch.device, batch: int, count: int) -> tuple[float, float]:
     """decode_images with a balanced CPU share in `count` processes: (images a second, the CPU's share)."""
     split = DecodeSplit(None, processes=count)
     try:
-        list(split.decode_in_processes(datas[:4 * count]))
+        list(split.decode_in_processes(datas[:32 * count]))
         rate = decode_rate(datas, device, batch, split=split, stream=torch.cuda.Stream(device))
         return rate, split.share
     finally:
@@ -245,8 +249,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         skipped = {name: f"no CUDA device ({args.device}): nvjpeg needs one" for name in nvjpeg_names}
     for count in [int(c) for c in args.processes.split(",") if c.strip()]:
-        record(f"cpu_processes_{count}", cpu_processes(datas, count),
-               f"img/s, the CPU share's {count} decode processes alone")
+        rate, parent_us = cpu_processes(datas, count)
+        record(f"cpu_processes_{count}", rate, f"img/s, the CPU share's {count} decode processes alone")
+        record(f"cpu_processes_{count}_parent_cpu_us", parent_us,
+               "us of the receiving process's CPU a file (all its threads)")
         if cuda:
             rate, share = split_processes(datas, device, args.batch, count)
             record(f"split_processes_{count}", rate, f"{per_s}, nvjpeg + a balanced CPU share in {count} processes")

@@ -118,6 +118,7 @@ def test_decode_processes_give_the_cpu_decoders_pixels_and_errors_and_end_with_t
             assert isinstance(image, type(error)), path
             continue
         assert torch.equal(image, expected), path
+        assert image.is_shared()   # handed over in shared memory, not pickled through the pipe
     assert split._pool is None and split.summary()["cpu_decoders"] == "2 processes"
 
 
