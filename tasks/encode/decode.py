@@ -130,8 +130,8 @@ def _decode_in_worker(datas: list[bytes | Exception]) -> tuple[torch.Tensor, lis
     file's [3, H, W] shape or its exception, when the last finished on the system-wide monotonic clock, which
     the parent reads too). Each image is stored as the decoders leave it, H x W x 3 (decode_cpu's [3, H, W] is
     a view of that), so filling the buffer is one plain copy a file. Pickled by value through the pipe, the
-    pixels cost the receiving process 0.59-0.89 ms of CPU a file, GIL held, against 0.12-0.15 ms this way,
-    and 2 processes decoded 610-670 img/s against 970-980 (bench/decode_probe.py, a 2-core CPU)."""
+    pixels cost the receiving process 0.59-0.99 ms of CPU a file, GIL held, against 0.12-0.16 ms this way,
+    and 2 processes decoded 580-670 img/s against 970-1,030 (bench/decode_probe.py, a 2-core CPU)."""
     images = [_or_error(decode_cpu, data) for data in datas]
     good = [image for image in images if not isinstance(image, Exception)]
     flat = torch.empty(sum(image.numel() for image in good), dtype=torch.uint8).share_memory_()
