@@ -19,7 +19,7 @@ STEPS=${STEPS:-"tests dataplane pipeline"}
 # issue 30's proof at the tiny preset (docs/trajectory.md section 8); PROOF_ARGS replaces it
 PROOF_DEFAULT="--preset tiny --batch-size 256 --steps 512 --max-steps 8192 --samples 512 --reencode 128
   --structure-samples 256 --decoder-steps 1500 --judge-steps 1000"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2; df -h /tmp | tail -1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2; df -h /tmp /dev/shm | tail -2
   bash scripts/gpu_install.sh; } > "$OUT/env.txt" 2>&1 || { tail -20 "$OUT/env.txt"; exit 1; }
 tail -1 "$OUT/env.txt"
 for step in $STEPS; do

@@ -125,7 +125,7 @@ def _decode_worker_init(up=None) -> None:
 WORKER_FILES = 8   # files a decode process takes per task: one shared-memory hand-over for all of them
 
 
-def _decode_in_worker(datas: list[bytes | Exception]) -> tuple[torch.Tensor, list, float]:
+def _decode_in_worker(datas: list[bytes | Exception]) -> tuple[torch.Tensor | np.ndarray, list, float]:
     """In a decode process, a few files: (their pixels end to end in one uint8 tensor in shared memory, each
     file's [3, H, W] shape or its exception, when the last finished on the system-wide monotonic clock, which
     the parent reads too). Each image is stored as the decoders leave it, H x W x 3 (decode_cpu's [3, H, W] is
@@ -134,13 +134,20 @@ def _decode_in_worker(datas: list[bytes | Exception]) -> tuple[torch.Tensor, lis
     and 2 processes decoded 580-670 img/s against 970-1,030 (bench/decode_probe.py, a 2-core CPU)."""
     images = [_or_error(decode_cpu, data) for data in datas]
     good = [image for image in images if not isinstance(image, Exception)]
-    flat = torch.empty(sum(image.numel() for image in good), dtype=torch.uint8).share_memory_()
+    total = sum(image.numel() for image in good)
+    try:
+        flat = torch.empty(total, dtype=torch.uint8).share_memory_()
+        by_value = None
+    except RuntimeError:   # /dev/shm full (a container's 64 MB default): by value through the pipe instead
+        by_value = np.empty(total, dtype=np.uint8)
+        flat = torch.from_numpy(by_value)
     at = 0
     for image in good:
         channels, height, width = image.shape
         flat[at:at + image.numel()].view(height, width, channels).copy_(image.permute(1, 2, 0))
         at += image.numel()
-    return flat, [image if isinstance(image, Exception) else tuple(image.shape) for image in images], time.monotonic()
+    shapes = [image if isinstance(image, Exception) else tuple(image.shape) for image in images]
+    return (flat if by_value is None else by_value), shapes, time.monotonic()
 
 
 def _unpack(flat: torch.Tensor, shapes: list) -> Iterator[torch.Tensor | Exception]:
@@ -206,6 +213,7 @@ class DecodeSplit:
 
         def received():
             for flat, shapes, finished in results:
+                flat = torch.as_tensor(flat)   # numpy where the worker had no shared memory left
                 if upload and flat.numel():
                     flat = flat.pin_memory().to(device, non_blocking=True)
                 for image in _unpack(flat, shapes):

@@ -122,6 +122,23 @@ def test_decode_processes_give_the_cpu_decoders_pixels_and_errors_and_end_with_t
     assert split._pool is None and split.summary()["cpu_decoders"] == "2 processes"
 
 
+def test_a_decode_process_without_shared_memory_hands_its_pixels_back_by_value(tree, monkeypatch):
+    from tasks.encode import decode
+
+    def full(self):
+        raise RuntimeError("unable to allocate shared memory(shm): No space left on device (28)")
+
+    datas = [p.read_bytes() for p in sorted(tree.rglob("*.JPEG"))[:3]] + [OSError("gone")]
+    shared, shapes, _ = decode._decode_in_worker(datas)
+    monkeypatch.setattr(torch.Tensor, "share_memory_", full)
+    by_value, same_shapes, _ = decode._decode_in_worker(datas)
+    assert shared.is_shared() and isinstance(by_value, np.ndarray) and str(same_shapes) == str(shapes)
+    assert sum(not isinstance(shape, Exception) for shape in shapes) >= 2
+    for a, b, data in zip(decode._unpack(shared, shapes), decode._unpack(torch.as_tensor(by_value), shapes), datas):
+        assert (isinstance(a, Exception) and isinstance(b, Exception)) or (
+            torch.equal(a, b) and torch.equal(a, decode_cpu(data)))
+
+
 def test_the_cpu_takes_no_share_until_its_decode_processes_are_up():
     split = DecodeSplit(0.5, processes=1)
     try:
