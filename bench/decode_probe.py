@@ -28,6 +28,7 @@ bytes, so a --workdir that holds its files reuses them).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import contextlib
 import multiprocessing
 import os
@@ -81,14 +82,13 @@ def two_threads(datas: list[bytes], device: torch.device, batch: int) -> float:
     streams = [torch.cuda.Stream(device) for _ in parts]
     for part, stream in zip(parts, streams):
         decode_rate(part[:batch], device, batch, stream=stream)   # each thread's warm-up
-    threads = [threading.Thread(target=decode_rate, args=(part, device, batch),
-                                kwargs={"stream": stream, "warm": False}) for part, stream in zip(parts, streams)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return 2 * half / (time.perf_counter() - began)
+    with cf.ThreadPoolExecutor(2) as pool:
+        began = time.perf_counter()
+        running = [pool.submit(decode_rate, part, device, batch, stream=stream, warm=False)
+                   for part, stream in zip(parts, streams)]
+        for future in running:
+            future.result()   # a thread's error is raised here, not lost
+        return 2 * half / (time.perf_counter() - began)
 
 
 def _process_decode(paths: list[str], device: str, batch: int, barrier, results) -> None:
@@ -97,9 +97,9 @@ def _process_decode(paths: list[str], device: str, batch: int, barrier, results)
     dev = torch.device(device)
     decode_rate(datas[:batch], dev, batch)
     barrier.wait()
-    began = time.perf_counter()
+    began = time.monotonic()   # the system-wide clock: the parent compares the processes' spans
     decode_rate(datas, dev, batch, warm=False)
-    results.put((len(datas), began, time.perf_counter()))
+    results.put((len(datas), began, time.monotonic()))
 
 
 def in_processes(paths: list[str], device: str, batch: int, count: int) -> float:
