@@ -42,17 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import results_io  # noqa: E402
-from bench.dataplane import make_jpegs  # noqa: E402
+from bench.dataplane import make_jpegs, sync  # noqa: E402
 from tasks.encode.decode import DecodeSplit, decode_images, nvjpeg_can_take  # noqa: E402
 
 
 def read_all(paths: list[str]) -> list[bytes]:
     return [Path(p).read_bytes() for p in paths]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decode_rate(datas: list[bytes], device: torch.device, batch: int, split: DecodeSplit | None = None,
@@ -66,7 +61,7 @@ def decode_rate(datas: list[bytes], device: torch.device, batch: int, split: Dec
                 bad = [i for i, image in enumerate(images) if isinstance(image, Exception)]
                 if bad:
                     raise RuntimeError(f"{len(bad)} of the probe's JPEGs did not decode: {images[bad[0]]}")
-        _sync(device)
+        sync(device)
 
     if warm:
         run(datas[:batch])
@@ -145,11 +140,11 @@ def beside_encoder(datas: list[bytes], device: torch.device, batch: int, image_s
 
     with torch.no_grad():
         encode_batch(model, resident, graphs)   # capture the graph, untimed
-        _sync(device)
+        sync(device)
         began = time.perf_counter()
         for _ in range(8):
             encode_batch(model, resident, graphs)
-        _sync(device)
+        sync(device)
         alone = 8 * batch / (time.perf_counter() - began)
     side = torch.cuda.Stream(device)
     decode_rate(datas[:batch], device, batch, stream=side)

@@ -66,7 +66,7 @@ from storage.scenes import masks_to_grid  # noqa: E402
 from tasks import plan  # noqa: E402
 from tasks.evaluate.stage import load_scoring, stream_samples  # noqa: E402
 from tasks.train.generator_job import SHARED, generator_job, num_classes  # noqa: E402
-from tasks.train.level_data import canvases, load_latents, load_regions, regions_of  # noqa: E402
+from tasks.train.level_data import canvases, load_latents, regions_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {   # name: (generator.sharing or flat, hierarchy.source); flat reads no teacher
@@ -493,22 +493,21 @@ def _store_facts(args) -> dict:
     layout = plan.layout(args.root, cfg)
     _, decoder = load_checkpoint(layout.decoder() / "decoder")
     judge = read_json(layout.judge() / "judge.json")
-    index = np.flatnonzero(zarr_store.open_array(layout.latents(), "valid")[:])[:512]
-    regions = load_regions(layout.teacher(), index).numpy()
-    tokens = zarr_store.open_array(layout.latents(), "tokens")
-    grid = tokens.shape[1]
-    truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[index], grid)
-    truth = truth.reshape(len(index), truth.shape[1], -1)
+    latents = load_latents(layout.latents(), limit=512)   # the first 512 valid samples
+    teachers = {name: regions_of(plan.layout(args.root, arm_config(args, arm)).teacher(), latents)
+                for name, arm in (("oracle", "tf_shared_oracle"), ("clustered", "tf_shared_clustered"))}
+    regions = teachers["clustered"].numpy()
+    truth = masks_to_grid(zarr_store.open_array(layout.images(), "masks").oindex[latents.index], latents.grid)
+    truth = truth.reshape(len(latents), truth.shape[1], -1)
     alignment = [round(float(np.mean([adjusted_rand(a, b) for a, b in zip(regions[:, level], truth[:, level])])), 4)
                  for level in range(regions.shape[1])]
-    # nesting's ceiling: each teacher's own canvases through the evaluation's region cut (first 512 samples)
-    latents = load_latents(layout.latents(), limit=512)
-    teachers = {name: teacher_structure([c.numpy() for c in canvases(latents.normalised(), regions_of(
-                    plan.layout(args.root, arm_config(args, arm)).teacher(), latents))], cfg.evaluate.region_threshold)
-                for name, arm in (("oracle", "tf_shared_oracle"), ("clustered", "tf_shared_clustered"))}
-    return {"decoder": decoder, "judge": judge, "alignment": alignment, "teachers": teachers,
-            "grid": grid, "token_dim": tokens.shape[-1],
-            "encoder_weights": zarr_store.store_attrs(layout.latents())["encoder_weights"], "config": cfg}
+    # nesting's ceiling: each teacher's own canvases through the evaluation's region cut
+    tokens = latents.normalised()
+    structure = {name: teacher_structure([c.numpy() for c in canvases(tokens, ids)], cfg.evaluate.region_threshold)
+                 for name, ids in teachers.items()}
+    return {"decoder": decoder, "judge": judge, "alignment": alignment, "teachers": structure,
+            "grid": latents.grid, "token_dim": latents.dim,
+            "encoder_weights": latents.weights_label, "config": cfg}
 
 
 def report(args, stages, units: list[dict | None], arms: list[str], wall_s: float) -> None:
