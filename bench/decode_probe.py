@@ -4,17 +4,21 @@ JPEGs, alone and beside each thing the pass runs next to it.
 
     python bench/decode_probe.py --images 8192 --workdir /tmp/dp [--batch 512] [--processes 4,8] [--out DIR]
 
-The pass's decode took 0.34 ms a file on an H100 (0.23-0.25 on an H200) where the issue quoted nvjpeg at
-13,000 img/s; two passes in two processes decoded 3,800 img/s together. Which of these bounds it is what
-this measures, every figure on the same files read into memory first (no disk in any figure):
+Inside the encode pass nvjpeg decodes about 3,000 img/s (0.33 ms a file on an H100). At c8299f5 on an H100
+this probe found it 10,700 img/s alone in calls of 64 and 7,800 in calls of 512, but 95 img/s while another
+thread replayed the encoder: the decode starves beside the encoder. The contention figures say under what
+conditions, every figure on the same files read into memory first (no disk in any figure):
 
   nvjpeg_b{B}_img_per_s        decode_images alone, batches of B (64, 256 and --batch), on a side stream as
                                in the pass: the one-thread rate
+  nvjpeg_*beside_encoder*      while another thread replays the encoder (CUDA graph, as configs/imagenet.yaml)
+                               on resident batches (BESIDE: which stream, how many batches queued, nvjpeg call
+                               size); `encoder_beside_*` is the encoder's rate meanwhile, `encoder_alone` without
+  serial_decode_then_encode*   decode, resize and encode one batch after another in one thread: a pass that
+                               never overlaps them
   nvjpeg_two_threads           two threads calling it at once (torchvision holds one decoder behind a lock)
   nvjpeg_two_processes         two processes at once, each half the files, started together: with one
                                process's host work overlapping the other's engine time, the JPEG engines' cap
-  nvjpeg_beside_encoder        while another thread replays the encoder (CUDA graph, as configs/imagenet.yaml)
-                               on resident batches; `encoder_beside_decode` is the encoder's rate meanwhile
   cpu_processes_{k}            the CPU share's own decoders (DecodeSplit.decode_in_processes) alone, k processes,
                                and the receiving process's CPU time a file (`_parent_cpu_us`)
   split_processes_{k}          decode_images with the balanced CPU share in k processes (encoder.cpu_decode_share
@@ -22,8 +26,8 @@ this measures, every figure on the same files read into memory first (no disk in
   host_check_us_per_file       the preparing thread's Python per file before nvjpeg (nvjpeg_can_take, the copy)
 
 Without CUDA the nvjpeg figures are written as skipped with the reason; the CPU decoders are still timed.
-Writes <out>/decode_probe.json (DESIGN §7 shape). The JPEGs are bench/dataplane.py's (the same names and
-bytes, so a --workdir that holds its files reuses them).
+Writes <out>/decode_probe.json (DESIGN §7 shape) after every figure, `complete` true at the end. The JPEGs are
+bench/dataplane.py's (the same names and bytes, so a --workdir that holds its files reuses them).
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ import torch  # noqa: E402
 
 from bench import results_io  # noqa: E402
 from bench.dataplane import make_jpegs, sync  # noqa: E402
-from tasks.encode.decode import DecodeSplit, decode_images, nvjpeg_can_take  # noqa: E402
+from tasks.encode.decode import DecodeSplit, crop_resize, decode_images, nvjpeg_can_take  # noqa: E402
 
 
 def read_all(paths: list[str]) -> list[bytes]:
@@ -51,23 +55,29 @@ def read_all(paths: list[str]) -> list[bytes]:
 
 
 def decode_rate(datas: list[bytes], device: torch.device, batch: int, split: DecodeSplit | None = None,
-                stream: torch.cuda.Stream | None = None, warm: bool = True) -> float:
+                stream: torch.cuda.Stream | None = None, warm: bool = True, max_s: float | None = None) -> float:
     """Images a second through decode_images over `datas` in batches of `batch`, on `stream` (a side stream as
-    the pass's preparing thread uses; the current one when None). With `warm`, a first batch untimed."""
-    def run(part: list[bytes]) -> None:
+    the pass's preparing thread uses; the current one when None). With `warm`, a first batch untimed; with
+    `max_s`, batches stop once that long has passed (the rate of those done: a starved decode ends in time)."""
+    def run(part: list[bytes], began: float) -> int:
+        done = 0
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for start in range(0, len(part), batch):
                 images = decode_images(part[start:start + batch], device, split=split)
                 bad = [i for i, image in enumerate(images) if isinstance(image, Exception)]
                 if bad:
                     raise RuntimeError(f"{len(bad)} of the probe's JPEGs did not decode: {images[bad[0]]}")
+                done += len(images)
+                if max_s is not None and time.perf_counter() - began > max_s:
+                    break
         sync(device)
+        return done
 
     if warm:
-        run(datas[:batch])
+        run(datas[:batch], time.perf_counter())
     began = time.perf_counter()
-    run(datas)
-    return len(datas) / (time.perf_counter() - began)
+    done = run(datas, began)
+    return done / (time.perf_counter() - began)
 
 
 def two_threads(datas: list[bytes], device: torch.device, batch: int) -> float:
@@ -113,9 +123,22 @@ def in_processes(paths: list[str], device: str, batch: int, count: int) -> float
     return sum(n for n, _, _ in done) / (max(end for _, _, end in done) - min(start for _, start, _ in done))
 
 
-def beside_encoder(datas: list[bytes], device: torch.device, batch: int, image_size: int, model_name: str) -> dict:
-    """The decode's rate while another thread replays the encoder (as the pass does) on a resident batch, and
-    the encoder's rate meanwhile and alone."""
+# How the encoder runs beside the decode in each contention figure: (stream, batches queued before a wait).
+# The pass launches the encoder on the driving thread's default stream and waits for each batch's copies;
+# a side stream with four batches queued keeps the GPU busiest.
+BESIDE = {"nvjpeg_beside_encoder": ("side", 4, None),
+          "nvjpeg_beside_encoder_depth1": ("side", 1, None),
+          "nvjpeg_beside_encoder_default_stream": ("default", 1, None),
+          "nvjpeg_b64_beside_encoder": ("side", 4, 64),
+          "nvjpeg_b64_beside_encoder_default_stream": ("default", 1, 64)}
+
+
+def contention(datas: list[bytes], device: torch.device, batch: int, image_size: int, model_name: str,
+               max_s: float, record) -> None:
+    """The decode's rate while another thread replays the encoder (CUDA graph, as configs/imagenet.yaml) on a
+    resident batch, for each of BESIDE, and the encoder's rate meanwhile (`encoder_beside_<name>`), alone, and
+    both in one thread, one after the other (`serial_decode_then_encode*`: a pass with no overlap at all).
+    Each decode figure stops after `max_s` (at c8299f5 the first took 86 s for 8,192 files: 95 img/s)."""
     from tasks.encode.cuda_graph import EncoderGraphs
     from tasks.encode.encoder_load import load_encoder
     from tasks.encode.files import encode_batch
@@ -124,20 +147,6 @@ def beside_encoder(datas: list[bytes], device: torch.device, batch: int, image_s
     model = model.to(device).eval()
     graphs = EncoderGraphs(model)
     resident = torch.rand(batch, 3, image_size, image_size, device=device)
-    stop, counted = threading.Event(), []
-    encoder_stream = torch.cuda.Stream(device)
-
-    def encode_until_stopped() -> None:
-        with torch.no_grad(), torch.cuda.stream(encoder_stream):
-            began, n = time.perf_counter(), 0
-            while not stop.is_set():
-                encode_batch(model, resident, graphs)
-                n += 1
-                if n % 4 == 0:   # at most four batches queued, as the pass keeps a few in flight
-                    encoder_stream.synchronize()
-            encoder_stream.synchronize()
-            counted.append(n * batch / (time.perf_counter() - began))
-
     with torch.no_grad():
         encode_batch(model, resident, graphs)   # capture the graph, untimed
         sync(device)
@@ -145,17 +154,51 @@ def beside_encoder(datas: list[bytes], device: torch.device, batch: int, image_s
         for _ in range(8):
             encode_batch(model, resident, graphs)
         sync(device)
-        alone = 8 * batch / (time.perf_counter() - began)
+    record("encoder_alone", 8 * batch / (time.perf_counter() - began),
+           "img/s, the encoder as a CUDA graph on resident batches")
     side = torch.cuda.Stream(device)
     decode_rate(datas[:batch], device, batch, stream=side)
-    thread = threading.Thread(target=encode_until_stopped)
-    thread.start()
-    try:
-        rate = decode_rate(datas, device, batch, stream=side)
-    finally:
-        stop.set()
-        thread.join()
-    return {"nvjpeg_beside_encoder": rate, "encoder_beside_decode": counted[0], "encoder_alone": alone}
+    for name, (where, depth, calls) in BESIDE.items():
+        stop, counted = threading.Event(), []
+        encoder_stream = torch.cuda.Stream(device) if where == "side" else torch.cuda.default_stream(device)
+
+        def encode_until_stopped() -> None:
+            with torch.no_grad(), torch.cuda.stream(encoder_stream):
+                began, n = time.perf_counter(), 0
+                while not stop.is_set():
+                    encode_batch(model, resident, graphs)
+                    n += 1
+                    if n % depth == 0:
+                        encoder_stream.synchronize()
+                encoder_stream.synchronize()
+                counted.append(n * batch / (time.perf_counter() - began))
+
+        split = DecodeSplit(0.0, nvjpeg_batch=calls)
+        thread = threading.Thread(target=encode_until_stopped)
+        thread.start()
+        try:
+            rate = decode_rate(datas, device, batch, split=split, stream=side, warm=False, max_s=max_s)
+        finally:
+            stop.set()
+            thread.join()
+        record(name, rate, f"img/s, decode_images (nvjpeg calls of {calls or batch}) on a side stream while a "
+                           f"thread replays the encoder on the {where} stream, {depth} batch(es) queued")
+        record(f"encoder_beside_{name.removeprefix('nvjpeg_')}", counted[0],
+               "img/s, the encoder meanwhile (CUDA graph, resident batches)")
+    for calls in (None, 64):   # one thread: decode a batch, resize it as the pass does, encode it, the next
+        split = DecodeSplit(0.0, nvjpeg_batch=calls)
+        began, done = time.perf_counter(), 0
+        with torch.no_grad():
+            for start in range(0, len(datas), batch):
+                images = decode_images(datas[start:start + batch], device, split=split)
+                pixels = crop_resize(images, image_size, image_size * 8 // 7, "bicubic")
+                encode_batch(model, pixels, graphs if len(pixels) == batch else None)
+                done += len(images)
+                if time.perf_counter() - began > max_s:
+                    break
+            sync(device)
+        record("serial_decode_then_encode" + (f"_b{calls}" if calls else ""), done / (time.perf_counter() - began),
+               f"img/s, one thread: decode (calls of {calls or batch}), resize, encoder, no overlap")
 
 
 def cpu_processes(datas: list[bytes], count: int) -> tuple[float, float]:
@@ -207,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--encoder", default="vit_base_patch14_reg4_dinov2",
                         help="the encoder beside the decode (random-init; its speed, not its values, matters)")
+    parser.add_argument("--beside-s", type=float, default=6.0,
+                        help="seconds each decode-beside-the-encoder figure decodes for at most")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", default=None, help="folder for decode_probe.json (default bench/results)")
@@ -223,26 +268,28 @@ def main(argv: list[str] | None = None) -> None:
     figures: dict[str, tuple[float, str]] = {
         "host_check_us_per_file": (round(host_check_us(datas), 2), "us a file, nvjpeg_can_take + the copy")}
     skipped: dict[str, str] = {}
+    extra = {"images": len(datas), "mean_kb": round(mean_bytes / 1024, 1), "batch": args.batch,
+             "device": str(device), "skipped": skipped, "cores": os.cpu_count(), "complete": False}
 
     def record(name: str, value: float, unit: str) -> None:
+        """Each figure is written as it comes: a probe stopped at its time limit keeps what it measured."""
         figures[name] = (round(value, 1), unit)
         print(f"{name}: {value:,.1f} {unit}", flush=True)
+        results_io.write_result("decode_probe", figures, extra, args.out)
 
-    nvjpeg_names = ["nvjpeg_two_threads", "nvjpeg_two_processes", "nvjpeg_beside_encoder"]
     if cuda:
         side = torch.cuda.Stream(device)
         for batch in sorted({64, 256, args.batch}):
             record(f"nvjpeg_b{batch}_img_per_s", decode_rate(datas, device, batch, stream=side),
                    f"{per_s}, batches of {batch}, one thread")
+        contention(datas, device, args.batch, args.image_size, args.encoder, args.beside_s, record)
         record("nvjpeg_two_threads", two_threads(datas, device, args.batch), f"{per_s}, two threads together")
         record("nvjpeg_two_processes", in_processes(paths, args.device, args.batch, 2),
                f"{per_s}, two processes together")
-        for name, value in beside_encoder(datas, device, args.batch, args.image_size, args.encoder).items():
-            record(name, value, f"{per_s}, one thread, the encoder replayed beside" if name.startswith("nvjpeg")
-                   else "img/s, the encoder as a CUDA graph on resident batches"
-                   + (", the decode beside" if name.endswith("decode") else ""))
     else:
-        skipped = {name: f"no CUDA device ({args.device}): nvjpeg needs one" for name in nvjpeg_names}
+        skipped.update({name: f"no CUDA device ({args.device}): nvjpeg needs one"
+                        for name in ["nvjpeg_two_threads", "nvjpeg_two_processes", *BESIDE,
+                                     "serial_decode_then_encode"]})
     for count in [int(c) for c in args.processes.split(",") if c.strip()]:
         rate, parent_us = cpu_processes(datas, count)
         record(f"cpu_processes_{count}", rate, f"img/s, the CPU share's {count} decode processes alone")
@@ -250,12 +297,11 @@ def main(argv: list[str] | None = None) -> None:
                "us of the receiving process's CPU a file (all its threads)")
         if cuda:
             rate, share = split_processes(datas, device, args.batch, count)
-            record(f"split_processes_{count}", rate, f"{per_s}, nvjpeg + a balanced CPU share in {count} processes")
             figures[f"split_processes_{count}_cpu_share"] = (round(share, 3), "share of files the CPU took")
+            record(f"split_processes_{count}", rate, f"{per_s}, nvjpeg + a balanced CPU share in {count} processes")
         else:
             skipped[f"split_processes_{count}"] = f"no CUDA device ({args.device})"
-    extra = {"images": len(datas), "mean_kb": round(mean_bytes / 1024, 1), "batch": args.batch,
-             "device": str(device), "skipped": skipped, "cores": os.cpu_count()}
+    extra["complete"] = True
     path = results_io.write_result("decode_probe", figures, extra, args.out)
     print(f"wrote {path} in {time.perf_counter() - began:.0f}s", flush=True)
 

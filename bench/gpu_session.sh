@@ -2,8 +2,8 @@
 # One device call: install the carried wheels, then run the steps named in $STEPS (default all), each
 # under its own time limit, every log and result into $OUT. What the GPU issue measures:
 #   tests      the storage and encode tests against the newest zarr (pip picks it for this Python)
-#   decode     bench/decode_probe.py: the pass's JPEG decode alone, in two threads, in two processes, beside the
-#              encoder, and with a CPU share in processes (what bounds it: host, engines or sharing)
+#   decode     bench/decode_probe.py: the pass's JPEG decode alone, beside the encoder (which stream, how much
+#              queued, nvjpeg's call size), in threads and processes, and with a CPU share in processes
 #   dataplane  bench/dataplane.py: JPEG -> teacher store, fused and two-pass, through the stage functions
 #   pipeline   bench/gpu_pipeline.py: `tf pipeline --config configs/imagenet.yaml` on 50k JPEGs
 #   generators bench/generators.py: the compiled B step with Muon (TF32, float32 Newton-Schulz) and AdamW
@@ -29,7 +29,7 @@ for step in $STEPS; do
              tests/tasks/test_encode_files.py tests/tasks/test_phase_clock.py tests/models/test_channel_stats.py \
              tests/models/test_muon.py tests/models/test_regions_batched.py tests/models/test_hierarchy_batched.py \
              tests/scripts} > "$OUT/tests.log" 2>&1 ;;
-    decode) timeout "${DECODE_S:-150}" python3 bench/decode_probe.py --images "${DECODE_IMAGES:-8192}" \
+    decode) timeout "${DECODE_S:-180}" python3 bench/decode_probe.py --images "${DECODE_IMAGES:-8192}" \
              --workdir "${DP_WORK:-/tmp/dp}" --processes "${DECODE_PROCESSES:-4,8}" --out "$OUT" \
              > "$OUT/decode.log" 2>&1 ;;   # the same JPEG files as dataplane's (same names and bytes)
     dataplane) timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \

@@ -23,7 +23,7 @@ from models.generator.dit import DiTConfig, TrajectoryDiT
 from models.generator.edit_suite import EDIT_KINDS, run_edit_suite
 from models.generator.trajectory import level_noises, sample_trajectory
 from storage import zarr_store
-from storage.checkpoints import load_checkpoint
+from storage.checkpoints import load_built
 from storage.files import atomic_write_json
 from storage.trajectory_store import new_edit_id, write_trajectories
 
@@ -57,16 +57,13 @@ def load_models(folders: RunFolders, device: str | None = None) -> Models:
     loaded: dict = {}   # a shared generator is one folder named at every level: load it once
     for folder in folders.generators:
         if folder not in loaded:
-            tensors, meta = load_checkpoint(folder / "generator", device)
-            model = TrajectoryDiT(DiTConfig(**meta["config"]))
-            model.load_state_dict(tensors)
-            loaded[folder] = model.to(device).eval()
+            model, _ = load_built(folder / "generator", lambda meta: TrajectoryDiT(DiTConfig(**meta["config"])), device)
+            loaded[folder] = model.eval()
     generators = [loaded[folder] for folder in folders.generators]
-    tensors, meta = load_checkpoint(folders.decoder / "decoder", device)
+    decoder, meta = load_built(folders.decoder / "decoder", lambda meta: TokenDecoder(DecoderSpec(**meta["config"])),
+                               device)
     config = DecoderSpec(**meta["config"])
-    decoder = TokenDecoder(config)
-    decoder.load_state_dict(tensors)
-    return Models(generators, decoder.to(device).eval(), config.grid, config.patch, device)
+    return Models(generators, decoder.eval(), config.grid, config.patch, device)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,9 @@ def sincos_position_embedding(grid: int, width: int) -> Tensor:
     if width % 4 != 0:
         raise ValueError(f"width {width} must be divisible by 4 for 2-D sin-cos positions")
     quarter = width // 4
-    freqs = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    coords = torch.arange(grid, dtype=torch.float64)
+    cpu = torch.device("cpu")   # whatever the default device (storage.checkpoints.built_with keeps this table)
+    freqs = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64, device=cpu) / quarter))
+    coords = torch.arange(grid, dtype=torch.float64, device=cpu)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # raster order: row-major
 
     def encode(pos: Tensor) -> Tensor:

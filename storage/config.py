@@ -176,6 +176,10 @@ class EncoderConfig(_Part):
     cpu_decode_processes: Annotated[int, UNKEYED] = Field(
         0, ge=0, description="with a CPU decode share: decode it in this many spawned processes instead of the "
                              "reader threads (no GIL shared with the thread launching the encoder); 0: threads")
+    nvjpeg_batch: Annotated[int | None, UNKEYED] = Field(
+        None, ge=1, description="read_from files on CUDA: files per nvjpeg call (null: a batch's in one call). "
+                                "Alone on an H100 calls of 64 decoded 10,700 img/s, of 512 7,800; inside the "
+                                "pass, beside the encoder, not yet measured (docs/gpu.md)")
     gil_switch_ms: Annotated[float | None, UNKEYED] = Field(
         None, gt=0, description="CPython's GIL time slice in ms while the encode stage runs (sys.setswitchinterval);"
                                 " null: CPython's own, 5 ms. The thread driving the GPU takes the GIL back after"

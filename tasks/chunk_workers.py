@@ -187,7 +187,8 @@ def encode_files_chunk(encoder: dict, source: dict, device: str, store: str, chu
                                                                    src.interpolation),
                                 device, batch_size=cfg.batch_size, dtype=cfg.dtype, weights_label=expect_weights,
                                 base=start, readers=cfg.readers, read_timeout=cfg.read_timeout_s,
-                                worker=_worker_address(), split=DecodeSplit(cfg.cpu_decode_share))
+                                worker=_worker_address(),
+                                split=DecodeSplit(cfg.cpu_decode_share, nvjpeg_batch=cfg.nvjpeg_batch))
     return info
 
 
@@ -204,5 +205,6 @@ def stats_chunk(encoder: dict, source: dict, device: str, ids: list[str], expect
     count, mean, m2 = sample_moments(model, sample_files(src, ids), Preprocess(src.image_size, resize_short_side(src),
                                                                            src.interpolation),
                                      device, batch_size=cfg.batch_size, readers=cfg.readers,
-                                     read_timeout=cfg.read_timeout_s, split=DecodeSplit(cfg.cpu_decode_share))
+                                     read_timeout=cfg.read_timeout_s,
+                                     split=DecodeSplit(cfg.cpu_decode_share, nvjpeg_batch=cfg.nvjpeg_batch))
     return count, mean.tolist(), m2.tolist()

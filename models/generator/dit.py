@@ -63,9 +63,12 @@ def dit_config(preset: str, **fields) -> DiTConfig:
 def sincos_position_embedding(grid: int, width: int) -> Tensor:
     """[grid*grid, width]: half the channels encode the row, half the column (sin and cos each)."""
     quarter = width // 4
-    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
+    # on the CPU whatever the default device: a module laid out on the meta device keeps this table
+    # (storage.checkpoints.built_with)
+    cpu = torch.device("cpu")
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=cpu) / max(quarter, 1))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64, device=cpu),
+                                torch.arange(grid, dtype=torch.float64, device=cpu), indexing="ij")
     parts = []
     for coordinate in (rows.reshape(-1), cols.reshape(-1)):
         angles = coordinate[:, None] * frequencies[None]

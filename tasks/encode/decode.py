@@ -163,10 +163,12 @@ def _unpack(flat: torch.Tensor, shapes: list) -> Iterator[torch.Tensor | Excepti
 
 
 class DecodeSplit:
-    """How many of each batch's nvjpeg-decodable JPEGs the CPU decoders take instead, so that both finish
-    together. nvjpeg's batched decode runs its Huffman stage on the host, one batch at a time behind one
-    lock, so by itself it bounds the pass (about 4,300 img/s on an H100 host); libjpeg-turbo decodes beside
-    it, in the reader threads or, with `processes`, in that many spawned processes (their Python holds no
+    """How a batch's nvjpeg-decodable JPEGs are shared among the decoders: how many the CPU decoders take
+    instead, so that both finish together, and how many files each nvjpeg call takes (`nvjpeg_batch`; None:
+    one call). torchvision's nvjpeg decodes one call at a time behind one lock, on the GPU's JPEG engines
+    after a header parse per file on the host: alone on an H100 10,700 img/s in calls of 64, 7,800 in calls
+    of 512, but about 3,000 inside the encode pass, beside the encoder (docs/gpu.md). libjpeg-turbo decodes
+    beside it, in the reader threads or, with `processes`, in that many spawned processes (their Python holds no
     GIL that the thread launching the encoder needs; pixels come back through shared memory, WORKER_FILES files
     a hand-over, and are pinned here; no share until they are up).
     `share` None balances by the rates the last batches measured (nvjpeg's host time per image against the
@@ -174,7 +176,10 @@ class DecodeSplit:
     its pixels only by the decoders' rounding."""
 
     def __init__(self, share: float | None = None, start: float = 0.25, low: float = 0.0, high: float = 0.9,
-                 processes: int = 0):
+                 processes: int = 0, nvjpeg_batch: int | None = None):
+        if nvjpeg_batch is not None and nvjpeg_batch < 1:
+            raise ValueError(f"nvjpeg_batch must be >= 1 (None: one call a batch), got {nvjpeg_batch}")
+        self.nvjpeg_batch = nvjpeg_batch   # files per nvjpeg call (encoder.nvjpeg_batch); None: the whole batch
         self.fixed = share
         self.share = start if share is None else share
         self.low, self.high = low, high
@@ -288,8 +293,10 @@ def decode_images(datas: Sequence[bytes | Exception], device: torch.device,
         beside_results = split.decode_in_processes([datas[i] for i in beside], device)
     else:
         beside_results = cpu_map(decode_beside, [datas[i] for i in beside])
-    if gpu:
-        for i, image in zip(gpu, _nvjpeg([datas[i] for i in gpu], device)):
+    calls = (split.nvjpeg_batch if split is not None else None) or max(1, len(gpu))
+    for first in range(0, len(gpu), calls):
+        part = gpu[first:first + calls]
+        for i, image in zip(part, _nvjpeg([datas[i] for i in part], device)):
             out[i] = image
     gpu_s = time.perf_counter() - began
     for i, result in zip(beside, beside_results):

@@ -16,10 +16,13 @@ as skipped with the reason. Every row carries the mode.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextvars
 import functools
 import os
+import time
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,7 @@ from models.evaluation.streaming_eval import Runtime, Scorers, StreamingEvalResu
 from models.generator.trajectory import level_noises, own_regions_cut, sample_trajectory
 from models.evaluation.trajectory_metrics import generated_regions, hierarchy_alignment
 from storage import zarr_store
-from storage.checkpoints import load_checkpoint
+from storage.checkpoints import load_built
 from storage.config import TFConfig
 from storage.keys import CODE_VERSIONS, Layout, stable_hash
 from storage.scenes import masks_to_grid
@@ -51,7 +54,7 @@ from tasks.judge.stage import ensure_judge
 from tasks.evaluate.reference import image_reference, level_reference
 from tasks.evaluate.report import publish_artifacts
 from tasks.evaluate.rows import registry_rows
-from tasks.train.level_data import Latents, load_latents, regions_of
+from tasks.train.level_data import Latents, load_latents, regions_of, valid_rows
 from tasks.encode.phase_clock import Laps
 from tasks.progress import Progress
 from tasks.stage import Done, Stage, pick_device, run_stage, stage_task
@@ -76,10 +79,9 @@ def _load_generators(cfg: TFConfig, layout: Layout, grid: int, dim: int, device:
     for level in range(cfg.hierarchy.generator_levels):
         folder = layout.level_generator(level)
         if folder not in loaded:
-            model = TrajectoryDiT(generator_config(cfg, grid, dim, num_classes(layout)))
-            tensors, _ = load_checkpoint(folder / "generator", device)
-            model.load_state_dict(tensors)
-            loaded[folder] = model.to(device).eval()
+            config = generator_config(cfg, grid, dim, num_classes(layout))
+            model, _ = load_built(folder / "generator", lambda _: TrajectoryDiT(config), device)
+            loaded[folder] = model.eval()
     return [loaded[layout.level_generator(level)] for level in range(cfg.hierarchy.generator_levels)]
 
 
@@ -101,10 +103,12 @@ def _extractors(cfg: TFConfig, device: str):
     return encoder, weights_label, dinov2, inception
 
 
-def _reference(cfg: TFConfig, layout: Layout, latents, real: np.ndarray, teacher, dinov2: dict, inception: dict,
-               device: str) -> tuple[dict, dict]:
-    """Real-side statistics of the image store's rows `real` (the latents' own samples, found by id); image
-    features are reused from the images store (even under --force evaluate)."""
+def _image_reference(cfg: TFConfig, layout: Layout, real: np.ndarray, dinov2: dict, inception: dict,
+                     device: str) -> tuple[dict, dict, float]:
+    """(statistics, reused, seconds) of the real images' features over the image store's rows `real` (the
+    latents' own samples, found by id); reused from the images store when it holds them (even under --force
+    evaluate)."""
+    began = time.perf_counter()
     ev = cfg.evaluate
     reference, reused = {}, {}
     # the direct path stores only a sample: the rest is decoded from the files, on the GPU where there is one
@@ -117,9 +121,7 @@ def _reference(cfg: TFConfig, layout: Layout, latents, real: np.ndarray, teacher
         arrays, reused[name] = image_reference(layout.images(), real, extractor["label"], device=device,
                                                batch_size=ev.batch_size, pixel_batches=pixels, **fns)
         reference.update(arrays)
-    reference.update(level_reference(latents, teacher, device=device, batch_size=ev.batch_size,
-                                     tokens_per_sample=ev.tokens_per_sample))
-    return reference, reused
+    return reference, reused, time.perf_counter() - began
 
 
 @stage_task("evaluate")
@@ -174,6 +176,7 @@ class Scoring:
     reference_reused: dict
     judge: dict | None
     real_rows: np.ndarray   # the image store's row of each latent, found by sample id
+    load_s: dict = field(default_factory=dict)   # where loading went: the real images' features ran beside
 
     @property
     def grid(self) -> int:
@@ -185,22 +188,41 @@ class Scoring:
 
 
 def load_scoring(cfg: TFConfig, root: str, layout: Layout, device: str) -> Scoring:
-    latents = load_latents(layout.latents())
-    teacher = regions_of(layout.teacher(), latents)
-    real = zarr_store.rows_of(layout.images(), latents.ids)   # the image store's row of each latent, by id
-    grid, dim = latents.grid, latents.dim
-    decoder = TokenDecoder(decoder_spec(cfg, grid, dim))
-    decoder_tensors, decoder_meta = load_checkpoint(layout.decoder() / "decoder", device)
-    decoder.load_state_dict(decoder_tensors)
-    decoder = decoder.to(device).eval()
+    began = time.perf_counter()
+    ids = zarr_store.sample_ids(layout.latents(), valid_rows(layout.latents()))
+    real = zarr_store.rows_of(layout.images(), ids)   # the image store's row of each latent, by id
     encoder, weights_label, dinov2, inception = _extractors(cfg, device)
-    reference, reference_reused = _reference(cfg, layout, latents, real, teacher, dinov2, inception, device)
+    # The real images' features (the first time, a decode and encode of every image: 15 s for 50,000 on an
+    # H100) are computed beside the host-bound reads of the latents (20 GB at 50,000 B-sized latents), the
+    # teacher and the decoder; the level statistics, GPU work too, come after (the decode starves beside
+    # other GPU work, docs/gpu.md).
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="real-reference") as beside:
+        # in this context's copy: the thread's progress artifact belongs to this Prefect task run
+        images_side = beside.submit(contextvars.copy_context().run, _image_reference, cfg, layout, real, dinov2,
+                                    inception, device)
+        started = time.perf_counter()
+        latents = load_latents(layout.latents())
+        teacher = regions_of(layout.teacher(), latents)
+        grid, dim = latents.grid, latents.dim
+        decoder, decoder_meta = load_built(layout.decoder() / "decoder",
+                                           lambda _: TokenDecoder(decoder_spec(cfg, grid, dim)), device)
+        decoder = decoder.eval()
+        loaded_s = time.perf_counter() - started
+        reference, reference_reused, images_s = images_side.result()
+    if not np.array_equal(latents.ids, ids):
+        raise RuntimeError(f"{layout.latents()} changed while the evaluation read it")
+    joined_s = time.perf_counter() - began
+    reference.update(level_reference(latents, teacher, device=device, batch_size=cfg.evaluate.batch_size,
+                                     tokens_per_sample=cfg.evaluate.tokens_per_sample))
+    load_s = {"real_images_beside": round(images_s, 3), "latents_teacher_decoder": round(loaded_s, 3),
+              "until_both_done": round(joined_s, 3),
+              "level_reference": round(time.perf_counter() - began - joined_s, 3)}
     judge = prepare_judge(cfg, root, layout, real, grid, device, cfg.evaluate.batch_size)   # None unless scenes
     if judge is not None:
         reference.update(judge["reference"])
         reference_reused["judge"] = judge["reused"]
     return Scoring(cfg, device, latents, teacher, decoder, decoder_meta, encoder, weights_label, dinov2, inception,
-                   reference, reference_reused, judge, real)
+                   reference, reference_reused, judge, real, load_s)
 
 
 def sample_seeds(cfg: TFConfig, num_samples: int) -> np.ndarray:
@@ -313,10 +335,10 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
     laps.lap("write_outputs")
     timing = {k: round(float(v), 3) for k, v in result.timing.items()}
     return Done({"run_id": run_id, "metrics_rows": len(rows), "table": str(table), "timing_s": timing,
-                 "wall_s": laps.seconds, "counts": result.counts, "reference_reused": scoring.reference_reused},
+                 "wall_s": laps.seconds, "load_s": scoring.load_s, "counts": result.counts, "reference_reused": scoring.reference_reused},
                 {"metrics_table": str(table), "grid_png": str(out / "grid.png"), "rows": len(rows),
                  "reference_reused": scoring.reference_reused, "images": ev.num_samples, "timing_s": timing,
-                 "wall_s": laps.seconds})
+                 "wall_s": laps.seconds, "load_s": scoring.load_s})
 
 
 def _write_edits(out, run_id: str, ids: list[str], specs: list[dict], edited: list[list[torch.Tensor]],

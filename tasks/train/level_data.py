@@ -51,10 +51,14 @@ class Latents:
         return LevelData(self.stored, mean, std, self.label, target, cond)
 
 
-def load_latents(path: Path, limit: int | None = None) -> Latents:
+def valid_rows(path: Path, limit: int | None = None) -> np.ndarray:
+    """Store indices of the latent store's valid samples (the first `limit` of them)."""
     valid = np.flatnonzero(zarr_store.open_array(path, "valid")[:])
-    if limit is not None:
-        valid = valid[:limit]
+    return valid if limit is None else valid[:limit]
+
+
+def load_latents(path: Path, limit: int | None = None) -> Latents:
+    valid = valid_rows(path, limit)
     tokens = zarr_store.open_array(path, "tokens")
     raw = zarr_store.read_stored(path, "tokens", valid) if len(valid) else np.asarray(tokens[0:0])
     stored = stored_tensor(raw, zarr_store.is_bfloat16(tokens))

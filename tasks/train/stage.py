@@ -18,7 +18,8 @@ from models.generator.dit import TrajectoryDiT
 from models.evaluation.image_metrics import psnr, ssim
 from models.generator.train_loop import train_decoder, train_generator
 from models.generator.train_state import ema_name
-from storage.checkpoints import clear_train_state, load_checkpoint, load_train_state, mark_complete, save_checkpoint
+from storage.checkpoints import (clear_train_state, load_built, load_checkpoint, load_train_state, mark_complete,
+                                 save_checkpoint)
 from storage.config import TFConfig
 from storage.keys import Layout
 from tasks.train.generator_job import SHARED, finish_generator, generator_folder, generator_job, num_classes, snapshotter
@@ -174,7 +175,6 @@ def train_flat_task(cfg: TFConfig, root: str, force: bool = False) -> dict:
 
 def load_flat_generator(cfg: TFConfig, root: str, grid: int, dim: int, device: str = "cpu") -> TrajectoryDiT:
     layout = Layout(root, cfg)
-    model = TrajectoryDiT(generator_config(cfg, grid, dim, num_classes(layout)))
-    tensors, _ = load_checkpoint(layout.flat_generator() / "generator", device)
-    model.load_state_dict(tensors)
-    return model.to(device).eval()
+    config = generator_config(cfg, grid, dim, num_classes(layout))
+    model, _ = load_built(layout.flat_generator() / "generator", lambda _: TrajectoryDiT(config), device)
+    return model.eval()

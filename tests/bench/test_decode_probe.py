@@ -17,10 +17,10 @@ def test_probe_on_cpu_times_the_cpu_decoders_and_skips_nvjpeg_with_a_reason(tmp_
     assert figures["cpu_processes_2"]["value"] > 0
     assert figures["host_check_us_per_file"]["value"] > 0
     assert not any(name.startswith("nvjpeg") for name in figures)   # never a number without nvjpeg
-    assert set(body["skipped"]) == {"nvjpeg_two_threads", "nvjpeg_two_processes", "nvjpeg_beside_encoder",
-                                    "split_processes_2"}
+    assert set(body["skipped"]) == {"nvjpeg_two_threads", "nvjpeg_two_processes", *decode_probe.BESIDE,
+                                    "serial_decode_then_encode", "split_processes_2"}
     assert all("no CUDA" in reason for reason in body["skipped"].values())
-    assert body["images"] == 24 and body["device"] == "cpu"
+    assert body["images"] == 24 and body["device"] == "cpu" and body["complete"]
 
 
 @pytest.mark.slow
@@ -33,3 +33,21 @@ def test_a_file_that_does_not_decode_stops_the_probe_naming_it():
     datas = [b"\xff\xd8\xff" + b"\x00" * 64]
     with pytest.raises(RuntimeError, match="did not decode"):
         decode_probe.decode_rate(datas * 2, decode_probe.torch.device("cpu"), 1)
+
+
+def test_a_time_cap_ends_the_decode_after_the_batch_that_passes_it(tmp_path, monkeypatch):
+    paths, _, _ = decode_probe.make_jpegs(tmp_path / "train", 12, 2, 2)
+    datas = decode_probe.read_all(paths)
+    calls = []
+    real = decode_probe.decode_images
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode_probe, "decode_images", counted)
+    assert decode_probe.decode_rate(datas, decode_probe.torch.device("cpu"), 2, warm=False, max_s=0.0) > 0
+    assert len(calls) == 1   # past the cap after the first batch: a starved decode ends in time
+    calls.clear()
+    decode_probe.decode_rate(datas, decode_probe.torch.device("cpu"), 2, warm=False)
+    assert len(calls) == 6

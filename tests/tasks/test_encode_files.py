@@ -180,6 +180,45 @@ def test_a_batch_split_between_nvjpeg_and_the_cpu_decodes_every_file_as_either_a
     assert from_gpu > 0 and from_cpu > 0, (from_gpu, from_cpu)   # the split really split
 
 
+def test_nvjpeg_takes_a_batch_in_calls_of_its_batch_size_and_every_file_keeps_its_place(tree, monkeypatch):
+    """encoder.nvjpeg_batch: the nvjpeg calls' sizes, and each file's image back in its slot (nvjpeg itself is
+    stood in for by the CPU decoder here; the CUDA test below runs the real one)."""
+    import tasks.encode.decode as decode_module
+
+    files = sorted(p for p in tree.rglob("*.JPEG") if p.name.startswith("n0"))
+    datas = [p.read_bytes() for p in files]
+    calls = []
+
+    def fake_nvjpeg(part, device):
+        calls.append(len(part))
+        return [decode_cpu(d) for d in part]
+
+    monkeypatch.setattr(decode_module, "_nvjpeg", fake_nvjpeg)
+    with_bad = datas[:3] + [OSError("gone")] + datas[3:]
+    decoded = decode_images(with_bad, torch.device("cuda"), split=DecodeSplit(0.0, nvjpeg_batch=4))
+    n = len(datas)
+    assert calls == [4] * (n // 4) + ([n % 4] if n % 4 else [])
+    assert isinstance(decoded[3], OSError)
+    for data, image in zip(datas, decoded[:3] + decoded[4:]):
+        assert torch.equal(image, decode_cpu(data))
+    calls.clear()
+    decode_images(datas, torch.device("cuda"), split=DecodeSplit(0.0))
+    assert calls == [n]   # None: one call a batch, as before
+    with pytest.raises(ValueError, match="nvjpeg_batch"):
+        DecodeSplit(0.0, nvjpeg_batch=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs CUDA (runs on the GPU machine)")
+def test_nvjpeg_in_small_calls_gives_the_pixels_of_one_call(tree):
+    files = sorted(p for p in tree.rglob("*.JPEG") if p.name.startswith("n0"))
+    datas = [p.read_bytes() for p in files]
+    device = torch.device("cuda")
+    whole = decode_images(datas, device, split=DecodeSplit(0.0))
+    for size in (1, 3):
+        for a, b in zip(decode_images(datas, device, split=DecodeSplit(0.0, nvjpeg_batch=size)), whole):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (runs on the GPU machine)")
 def test_the_encoder_replayed_as_cuda_graphs_gives_the_eager_tokens_for_every_batch():
     from models.encoder import build_encoder
