@@ -74,3 +74,14 @@ def test_a_checkpoint_missing_a_weight_is_refused():
     tensors.pop(next(iter(tensors)))
     with pytest.raises(RuntimeError, match="Missing key"):
         built_with(_generator, tensors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the GPU machine)")
+def test_a_generator_built_on_the_gpu_from_its_checkpoint_holds_the_file_s_values(tmp_path):
+    trained = _generator().eval()
+    save_module(tmp_path / "generator", trained, {})
+    built, _ = load_built(tmp_path / "generator", lambda meta: _generator(), "cuda")
+    assert all(t.is_cuda for t in [*built.parameters(), *built.buffers()])
+    for name, value in trained.state_dict().items():
+        assert torch.equal(built.state_dict()[name].cpu(), value), name
+    assert torch.equal(built.position.cpu(), trained.position)
