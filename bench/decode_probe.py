@@ -70,7 +70,10 @@ def decode_rate(datas: list[bytes], device: torch.device, batch: int, split: Dec
                 done += len(images)
                 if max_s is not None and time.perf_counter() - began > max_s:
                     break
-        sync(device)
+        if stream is not None:   # this stream alone: not whatever another thread has queued on the device
+            stream.synchronize()
+        else:
+            sync(device)
         return done
 
     if warm:
