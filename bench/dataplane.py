@@ -270,7 +270,8 @@ def main() -> None:
                  np.asarray(zarr_store.open_array(two_pass.teacher(), "regions")[:k]), stored)])), 4),
              "config": {"images": n, "classes": args.classes, "config": args.config, "sets": args.sets,
                         "mean_jpeg_kb": round(mean_bytes / 1024, 1), "torch": torch.__version__,
-                        "cpus": os.cpu_count(), "weights": "random-init"}}
+                        "cpus": os.cpu_count(), "weights": "random-init",
+                        "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default")}}
     path = results_io.write_result("dataplane", figures, extra, args.out)
     print(path.read_text(), flush=True)
 

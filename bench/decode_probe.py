@@ -7,7 +7,8 @@ JPEGs, alone and beside each thing the pass runs next to it.
 Inside the encode pass nvjpeg decodes about 3,000 img/s (0.33 ms a file on an H100). At c8299f5 on an H100
 this probe found it 10,700 img/s alone in calls of 64 and 7,800 in calls of 512, but 95 img/s while another
 thread replayed the encoder: the decode starves beside the encoder. The contention figures say under what
-conditions, every figure on the same files read into memory first (no disk in any figure):
+conditions (run it again under CUDA_DEVICE_MAX_CONNECTIONS=32 to see whether streams sharing one of CUDA's 8
+hardware work queues is why), every figure on the same files read into memory first (no disk in any figure):
 
   nvjpeg_b{B}_img_per_s        decode_images alone, batches of B (64, 256 and --batch), on a side stream as
                                in the pass: the one-thread rate
@@ -272,7 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         "host_check_us_per_file": (round(host_check_us(datas), 2), "us a file, nvjpeg_can_take + the copy")}
     skipped: dict[str, str] = {}
     extra = {"images": len(datas), "mean_kb": round(mean_bytes / 1024, 1), "batch": args.batch,
-             "device": str(device), "skipped": skipped, "cores": os.cpu_count(), "complete": False}
+             "device": str(device), "skipped": skipped, "cores": os.cpu_count(), "complete": False,
+             # hardware work queues the streams share (CUDA's default 8): streams on one queue wait for each other
+             "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default")}
 
     def record(name: str, value: float, unit: str) -> None:
         """Each figure is written as it comes: a probe stopped at its time limit keeps what it measured."""

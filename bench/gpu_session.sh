@@ -9,7 +9,9 @@
 #   generators bench/generators.py: the compiled B step with Muon (TF32, float32 Newton-Schulz) and AdamW
 #   proof      bench/trajectory_proof.py (issue 30), resuming from /tmp/proof while the machine stays warm
 # Usage (device tool, repository root, .whl carried): STEPS="tests pipeline" bash bench/gpu_session.sh
-# (TESTS="<paths>" picks the tests; *_S each step's time limit)
+# (TESTS="<paths>" picks the tests; *_S each step's time limit). A step written STEP:NAME=VALUE runs with that
+# environment variable set, its logs and results in $OUT/NAME_VALUE: decode:CUDA_DEVICE_MAX_CONNECTIONS=32 times
+# the probe with 32 hardware work queues instead of CUDA's 8 (streams that share one queue wait for each other)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=/tmp/prefect
@@ -22,34 +24,35 @@ PROOF_DEFAULT="--preset tiny --batch-size 256 --steps 512 --max-steps 8192 --sam
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2; df -h /tmp /dev/shm | tail -2
   bash scripts/gpu_install.sh; } > "$OUT/env.txt" 2>&1 || { tail -20 "$OUT/env.txt"; exit 1; }
 tail -1 "$OUT/env.txt"
-for step in $STEPS; do
-  began=$(date +%s)
+for item in $STEPS; do
+  began=$(date +%s); step=${item%%:*}; assign=""; out="$OUT"
+  if [[ $item == *:* ]]; then assign=${item#*:}; out="$OUT/${assign//=/_}"; mkdir -p "$out"; fi
   case $step in
-    tests) timeout "${TESTS_S:-150}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/storage \
+    tests) env $assign timeout "${TESTS_S:-150}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/storage \
              tests/tasks/test_encode_files.py tests/tasks/test_phase_clock.py tests/models/test_channel_stats.py \
              tests/models/test_muon.py tests/models/test_regions_batched.py tests/models/test_hierarchy_batched.py \
-             tests/scripts} > "$OUT/tests.log" 2>&1 ;;
-    decode) timeout "${DECODE_S:-180}" python3 bench/decode_probe.py --images "${DECODE_IMAGES:-8192}" \
-             --workdir "${DP_WORK:-/tmp/dp}" --processes "${DECODE_PROCESSES:-4,8}" --out "$OUT" \
-             > "$OUT/decode.log" 2>&1 ;;   # the same JPEG files as dataplane's (same names and bytes)
-    dataplane) timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
-             --workdir "${DP_WORK:-/tmp/dp}" --out "$OUT" ${DP_SETS:-} > "$OUT/dataplane.log" 2>&1; rc=$?
+             tests/scripts} > "$out/tests.log" 2>&1 ;;
+    decode) env $assign timeout "${DECODE_S:-180}" python3 bench/decode_probe.py --images "${DECODE_IMAGES:-8192}" \
+             --workdir "${DP_WORK:-/tmp/dp}" --processes "${DECODE_PROCESSES:-4,8}" --out "$out" \
+             > "$out/decode.log" 2>&1 ;;   # the same JPEG files as dataplane's (same names and bytes)
+    dataplane) env $assign timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
+             --workdir "${DP_WORK:-/tmp/dp}" --out "$out" ${DP_SETS:-} > "$out/dataplane.log" 2>&1; rc=$?
              rm -rf "${DP_WORK:-/tmp/dp}/fused" "${DP_WORK:-/tmp/dp}/two_pass"; (exit $rc) ;;   # 20 GB each at 50k
-    pipeline) timeout "${PIPELINE_S:-330}" python3 bench/gpu_pipeline.py --images "${GP_IMAGES:-50000}" \
-             --workdir /tmp/gp --out "$OUT" --time-limit $(( ${PIPELINE_S:-330} - 5 )) ${GP_SETS:-} \
-             > "$OUT/gp.log" 2>&1; rc=$?
-             rm -rf /tmp/gp/root; (exit $rc) ;;   # its figures are in $OUT; the disk is needed next
+    pipeline) env $assign timeout "${PIPELINE_S:-330}" python3 bench/gpu_pipeline.py --images "${GP_IMAGES:-50000}" \
+             --workdir /tmp/gp --out "$out" --time-limit $(( ${PIPELINE_S:-330} - 5 )) ${GP_SETS:-} \
+             > "$out/gp.log" 2>&1; rc=$?
+             rm -rf /tmp/gp/root; (exit $rc) ;;   # its figures are in $out; the disk is needed next
     generators) for optimizer in "--optimizer muon" "--optimizer muon --ns-float32" "--optimizer adamw"; do
              # the compiled B step with Muon's Newton-Schulz in TF32 (shipped), in float32 (before), and AdamW
-             timeout "${GENERATOR_S:-150}" python3 bench/generators.py --variants kernel:compile --steps 10 \
-               --no-kernel-check $optimizer --out "$OUT" >> "$OUT/generators.log" 2>&1
+             env $assign timeout "${GENERATOR_S:-150}" python3 bench/generators.py --variants kernel:compile --steps 10 \
+               --no-kernel-check $optimizer --out "$out" >> "$out/generators.log" 2>&1
            done ;;
-    proof) timeout "${PROOF_S:-560}" python3 bench/trajectory_proof.py --device cuda --work /tmp/proof --parallel \
-             --time-limit $(( ${PROOF_S:-560} - 20 )) ${PROOF_ARGS:-$PROOF_DEFAULT} --out "$OUT" \
-             --figure "$OUT/tf_vs_flat_trajectories.png" \
-             --curves-figure "$OUT/trajectory_proof_curves.png" > "$OUT/proof.log" 2>&1 ;;   # /tmp/proof: chain calls
+    proof) env $assign timeout "${PROOF_S:-560}" python3 bench/trajectory_proof.py --device cuda --work /tmp/proof --parallel \
+             --time-limit $(( ${PROOF_S:-560} - 20 )) ${PROOF_ARGS:-$PROOF_DEFAULT} --out "$out" \
+             --figure "$out/tf_vs_flat_trajectories.png" \
+             --curves-figure "$out/trajectory_proof_curves.png" > "$out/proof.log" 2>&1 ;;   # /tmp/proof: chain calls
   esac
-  echo "$step: rc $? in $(( $(date +%s) - began ))s"
+  echo "$item: rc $? in $(( $(date +%s) - began ))s"
 done
-tail -3 "$OUT/tests.log" 2>/dev/null; grep -E "img/s|Error" "$OUT/decode.log" 2>/dev/null | tail -12; grep -E "img/s|Error|error" "$OUT/dataplane.log" 2>/dev/null | tail -5
+tail -3 "$OUT/tests.log" 2>/dev/null; grep -E "img/s|Error" "$OUT"/decode.log "$OUT"/*/decode.log 2>/dev/null | tail -24; grep -E "img/s|Error|error" "$OUT/dataplane.log" 2>/dev/null | tail -5
 grep -E "computed|reused|failed|Error" "$OUT/pipeline.log" 2>/dev/null | tail -14

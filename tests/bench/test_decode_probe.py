@@ -21,6 +21,7 @@ def test_probe_on_cpu_times_the_cpu_decoders_and_skips_nvjpeg_with_a_reason(tmp_
                                     "serial_decode_then_encode", "split_processes_2"}
     assert all("no CUDA" in reason for reason in body["skipped"].values())
     assert body["images"] == 24 and body["device"] == "cpu" and body["complete"]
+    assert body["cuda_device_max_connections"]   # which hardware work-queue count the figures were taken with
 
 
 @pytest.mark.slow
