@@ -4,11 +4,11 @@ Each step `observe` folds "is this step's loss or gradient norm NaN or infinite,
 exactly zero while the loss is not?" into a flag kept on the device (with the first such step and its
 values); nothing is read back. The second is divergence that stays finite: a learning rate far too high
 throws the weights so far (decoder.lr 1e6 on configs/tiny.yaml: 7e5 within 8 updates) that the output
-saturates and no gradient flows any more; healthy training never has a zero gradient above a zero loss. `check` reads the flag,
-one small device-to-host copy, at a cadence (`due`) and always before a snapshot or the run's end, and
-raises NonFiniteTraining naming the first bad step and its values. A check at a snapshot or the end
-also looks at the weights themselves: an update can overflow them while the loss that drove it was
-still finite.
+saturates and no gradient flows any more; healthy training never has a zero gradient above a non-zero
+loss. `check` reads the flag, one small device-to-host copy, at a cadence (`due`) and always before a
+snapshot or the run's end, and raises NonFiniteTraining naming the first bad step and its values. A check
+at a snapshot or the end also looks at the weights themselves: an update can overflow them while the loss
+that drove it was still finite.
 """
 from __future__ import annotations
 

@@ -335,7 +335,8 @@ def _evaluate(cfg: TFConfig, root: str, run_id: str, layout: Layout) -> Done:
     laps.lap("write_outputs")
     timing = {k: round(float(v), 3) for k, v in result.timing.items()}
     return Done({"run_id": run_id, "metrics_rows": len(rows), "table": str(table), "timing_s": timing,
-                 "wall_s": laps.seconds, "load_s": scoring.load_s, "counts": result.counts, "reference_reused": scoring.reference_reused},
+                 "wall_s": laps.seconds, "load_s": scoring.load_s, "counts": result.counts,
+                 "reference_reused": scoring.reference_reused},
                 {"metrics_table": str(table), "grid_png": str(out / "grid.png"), "rows": len(rows),
                  "reference_reused": scoring.reference_reused, "images": ev.num_samples, "timing_s": timing,
                  "wall_s": laps.seconds, "load_s": scoring.load_s})
