@@ -25,6 +25,9 @@ hardware work queues is why), every figure on the same files read into memory fi
   split_processes_{k}          decode_images with the balanced CPU share in k processes (encoder.cpu_decode_share
                                null, encoder.cpu_decode_processes k), and the share it settled at
   host_check_us_per_file       the preparing thread's Python per file before nvjpeg (nvjpeg_can_take, the copy)
+  nvimgcodec_*                 the same with encoder.gpu_decoder=nvimgcodec (the hardware JPEG engines, not SMs),
+                               where nvImageCodec is installed: alone, beside the encoder, serial, and its
+                               pixels against nvjpeg's (`nvimgcodec_vs_nvjpeg_*`, `nvimgcodec_refused`)
 
 Without CUDA the nvjpeg figures are written as skipped with the reason; the CPU decoders are still timed.
 Writes <out>/decode_probe.json (DESIGN §7 shape) after every figure, `complete` true at the end. The JPEGs are
@@ -49,6 +52,7 @@ import torch  # noqa: E402
 from bench import results_io  # noqa: E402
 from bench.dataplane import make_jpegs, sync  # noqa: E402
 from tasks.encode.decode import DecodeSplit, crop_resize, decode_images, nvjpeg_can_take  # noqa: E402
+from tasks.encode.gpu_jpeg import nvimgcodec_available  # noqa: E402
 
 
 def read_all(paths: list[str]) -> list[bytes]:
@@ -130,15 +134,18 @@ def in_processes(paths: list[str], device: str, batch: int, count: int) -> float
 # How the encoder runs beside the decode in each contention figure: (stream, batches queued before a wait).
 # The pass launches the encoder on the driving thread's default stream and waits for each batch's copies;
 # a side stream with four batches queued keeps the GPU busiest.
-BESIDE = {"nvjpeg_beside_encoder": ("side", 4, None),
-          "nvjpeg_beside_encoder_depth1": ("side", 1, None),
-          "nvjpeg_beside_encoder_default_stream": ("default", 1, None),
-          "nvjpeg_b64_beside_encoder": ("side", 4, 64),
-          "nvjpeg_b64_beside_encoder_default_stream": ("default", 1, 64)}
+# Last: which GPU decoder (encoder.gpu_decoder); nvimgcodec's figures are skipped where it is not installed.
+BESIDE = {"nvjpeg_beside_encoder": ("side", 4, None, "torchvision"),
+          "nvimgcodec_beside_encoder": ("side", 4, None, "nvimgcodec"),
+          "nvimgcodec_beside_encoder_default_stream": ("default", 1, None, "nvimgcodec"),
+          "nvjpeg_beside_encoder_depth1": ("side", 1, None, "torchvision"),
+          "nvjpeg_beside_encoder_default_stream": ("default", 1, None, "torchvision"),
+          "nvjpeg_b64_beside_encoder": ("side", 4, 64, "torchvision"),
+          "nvjpeg_b64_beside_encoder_default_stream": ("default", 1, 64, "torchvision")}
 
 
 def contention(datas: list[bytes], device: torch.device, batch: int, image_size: int, model_name: str,
-               max_s: float, record) -> None:
+               max_s: float, record, decoders: tuple[str, ...] = ("torchvision",)) -> None:
     """The decode's rate while another thread replays the encoder (CUDA graph, as configs/imagenet.yaml) on a
     resident batch, for each of BESIDE, and the encoder's rate meanwhile (`encoder_beside_<name>`), alone, and
     both in one thread, one after the other (`serial_decode_then_encode*`: a pass with no overlap at all).
@@ -162,7 +169,9 @@ def contention(datas: list[bytes], device: torch.device, batch: int, image_size:
            "img/s, the encoder as a CUDA graph on resident batches")
     side = torch.cuda.Stream(device)
     decode_rate(datas[:batch], device, batch, stream=side)
-    for name, (where, depth, calls) in BESIDE.items():
+    for name, (where, depth, calls, decoder) in BESIDE.items():
+        if decoder not in decoders:
+            continue
         stop, counted = threading.Event(), []
         encoder_stream = torch.cuda.Stream(device) if where == "side" else torch.cuda.default_stream(device)
 
@@ -177,7 +186,7 @@ def contention(datas: list[bytes], device: torch.device, batch: int, image_size:
                 encoder_stream.synchronize()
                 counted.append(n * batch / (time.perf_counter() - began))
 
-        split = DecodeSplit(0.0, nvjpeg_batch=calls)
+        split = DecodeSplit(0.0, nvjpeg_batch=calls, gpu_decoder=decoder)
         thread = threading.Thread(target=encode_until_stopped)
         thread.start()
         try:
@@ -185,12 +194,13 @@ def contention(datas: list[bytes], device: torch.device, batch: int, image_size:
         finally:
             stop.set()
             thread.join()
-        record(name, rate, f"img/s, decode_images (nvjpeg calls of {calls or batch}) on a side stream while a "
+        record(name, rate, f"img/s, decode_images ({decoder}, calls of {calls or batch}) on a side stream while a "
                            f"thread replays the encoder on the {where} stream, {depth} batch(es) queued")
         record(f"encoder_beside_{name.removeprefix('nvjpeg_')}", counted[0],
                "img/s, the encoder meanwhile (CUDA graph, resident batches)")
-    for calls in (None, 64):   # one thread: decode a batch, resize it as the pass does, encode it, the next
-        split = DecodeSplit(0.0, nvjpeg_batch=calls)
+    serial = [(None, "torchvision"), (64, "torchvision"), (None, "nvimgcodec")]
+    for calls, decoder in [(c, d) for c, d in serial if d in decoders]:   # one thread: decode a batch, resize
+        split = DecodeSplit(0.0, nvjpeg_batch=calls, gpu_decoder=decoder)   # it as the pass does, encode it, ...
         began, done = time.perf_counter(), 0
         with torch.no_grad():
             for start in range(0, len(datas), batch):
@@ -201,8 +211,9 @@ def contention(datas: list[bytes], device: torch.device, batch: int, image_size:
                 if time.perf_counter() - began > max_s:
                     break
             sync(device)
-        record("serial_decode_then_encode" + (f"_b{calls}" if calls else ""), done / (time.perf_counter() - began),
-               f"img/s, one thread: decode (calls of {calls or batch}), resize, encoder, no overlap")
+        record("serial_decode_then_encode" + (f"_b{calls}" if calls else "") + ("_nvimgcodec" if decoder ==
+               "nvimgcodec" else ""), done / (time.perf_counter() - began),
+               f"img/s, one thread: decode ({decoder}, calls of {calls or batch}), resize, encoder, no overlap")
 
 
 def cpu_processes(datas: list[bytes], count: int) -> tuple[float, float]:
@@ -234,6 +245,35 @@ def split_processes(datas: list[bytes], device: torch.device, batch: int, count:
         return rate, split.share
     finally:
         split.close()
+
+
+def nvimgcodec_works(device: torch.device) -> bool | str:
+    """True, or why encoder.gpu_decoder=nvimgcodec cannot run here."""
+    if not nvimgcodec_available():
+        return "nvImageCodec is not installed (nvidia-nvimgcodec-cu13)"
+    try:
+        DecodeSplit(0.0, gpu_decoder="nvimgcodec").decode_gpu([], device)
+    except RuntimeError as error:
+        return str(error)
+    return True
+
+
+def agreement(datas: list[bytes], device: torch.device, record) -> None:
+    """nvImageCodec's hardware decode against torchvision's nvjpeg on the same files: how many the engines
+    refused (the CPU takes those) and how far apart the pixels are (both round an IDCT; not bit-equal)."""
+    from tasks.encode.gpu_jpeg import nvimgcodec_hardware, torchvision_nvjpeg
+
+    hardware, reference = nvimgcodec_hardware(datas, device), torchvision_nvjpeg(datas, device)
+    pairs = [(a, b) for a, b in zip(hardware, reference) if a is not None and b is not None]
+    record("nvimgcodec_refused", sum(a is None for a in hardware), f"of {len(datas)} files, the engines refused")
+    if pairs:
+        shapes = sum(a.shape == b.shape for a, b in pairs)
+        record("nvimgcodec_same_shape", shapes, f"of {len(pairs)} decoded by both, the same [3, H, W]")
+        diffs = [(a.int() - b.int()).abs() for a, b in pairs if a.shape == b.shape]
+        if diffs:
+            record("nvimgcodec_vs_nvjpeg_max_abs", max(float(d.max()) for d in diffs), "uint8 levels, worst pixel")
+            record("nvimgcodec_vs_nvjpeg_mean_abs", sum(float(d.float().mean()) for d in diffs) / len(diffs),
+                   "uint8 levels, mean over pixels and files")
 
 
 def host_check_us(datas: list[bytes]) -> float:
@@ -288,7 +328,19 @@ def main(argv: list[str] | None = None) -> None:
         for batch in sorted({64, 256, args.batch}):
             record(f"nvjpeg_b{batch}_img_per_s", decode_rate(datas, device, batch, stream=side),
                    f"{per_s}, batches of {batch}, one thread")
-        contention(datas, device, args.batch, args.image_size, args.encoder, args.beside_s, record)
+        decoders = ("torchvision",)
+        hardware = nvimgcodec_works(device)
+        if hardware is True:
+            decoders += ("nvimgcodec",)
+            agreement(datas[:256], device, record)
+            for batch in sorted({64, args.batch}):
+                record(f"nvimgcodec_b{batch}_img_per_s", decode_rate(
+                    datas, device, batch, split=DecodeSplit(0.0, gpu_decoder="nvimgcodec"), stream=side),
+                    f"{per_s}, nvImageCodec on the hardware JPEG engines, batches of {batch}, one thread")
+        else:
+            skipped.update({name: hardware for name in
+                            [*(n for n, v in BESIDE.items() if v[3] == "nvimgcodec"), "nvimgcodec_img_per_s"]})
+        contention(datas, device, args.batch, args.image_size, args.encoder, args.beside_s, record, decoders)
         record("nvjpeg_two_threads", two_threads(datas, device, args.batch), f"{per_s}, two threads together")
         record("nvjpeg_two_processes", in_processes(paths, args.device, args.batch, 2),
                f"{per_s}, two processes together")

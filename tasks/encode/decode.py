@@ -1,9 +1,9 @@
 """Image file bytes -> decoded RGB tensors -> the encoder's input, on the GPU or the CPU.
 
-On CUDA the JPEGs nvjpeg can take go through torchvision.io.decode_jpeg(device="cuda") in one
-batched call, but for a share (DecodeSplit) that CPU threads decode meanwhile; everything else, and
-every file nvjpeg refuses, goes to the CPU decoder one by one:
-libjpeg-turbo through torchvision for JPEGs, then PIL (storage.sources.to_rgb) for what that
+On CUDA the JPEGs nvjpeg can take go through the GPU decoder (tasks.encode.gpu_jpeg: torchvision's nvjpeg or
+nvImageCodec on the hardware JPEG engines) in batched calls, but for a share (DecodeSplit) that CPU threads
+decode meanwhile; everything else, and every file the GPU decoder refuses, goes to the CPU decoder one by
+one: libjpeg-turbo through torchvision for JPEGs, then PIL (storage.sources.to_rgb) for what that
 refuses too (PNG or WebP named .JPEG, 16-bit, palette). A file nothing decodes comes back as its
 exception, never raised, so the caller writes a reject row for it. EXIF orientation is not applied
 (as PIL and torchvision's ImageFolder do not).
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from storage.sources import MAX_PIXELS, MIN_SIDE, BadImage, check_size, to_rgb
+from tasks.encode.gpu_jpeg import gpu_decoder as _gpu_decoder
 
 # torchvision 0.29 warns on every decode that decoding moves to torchcodec; the calls still work.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -164,21 +165,24 @@ def _unpack(flat: torch.Tensor, shapes: list) -> Iterator[torch.Tensor | Excepti
 
 class DecodeSplit:
     """How a batch's nvjpeg-decodable JPEGs are shared among the decoders: how many the CPU decoders take
-    instead, so that both finish together, and how many files each nvjpeg call takes (`nvjpeg_batch`; None:
-    one call). torchvision's nvjpeg decodes one call at a time behind one lock, on the GPU's JPEG engines
-    after a header parse per file on the host: alone on an H100 10,700 img/s in calls of 64, 7,800 in calls
-    of 512, but about 3,000 inside the encode pass, beside the encoder (docs/gpu.md). libjpeg-turbo decodes
-    beside it, in the reader threads or, with `processes`, in that many spawned processes (their Python holds no
-    GIL that the thread launching the encoder needs; pixels come back through shared memory, WORKER_FILES files
-    a hand-over, and are pinned here; no share until they are up).
+    instead, so that both finish together, how many files each GPU decoder call takes (`nvjpeg_batch`; None:
+    one call), and which GPU decoder that is (`gpu_decoder`, tasks.encode.gpu_jpeg). torchvision's nvjpeg
+    decodes one call at a time behind one lock, CUDA kernels after an entropy decode per file on the host:
+    alone on an H100 10,700 img/s in calls of 64, 7,800 in calls of 512, but about 3,000 inside the encode
+    pass, beside the encoder (docs/gpu.md). libjpeg-turbo decodes beside it, in the reader threads or, with
+    `processes`, in that many spawned processes (their Python holds no GIL that the thread launching the
+    encoder needs; pixels come back through shared memory, WORKER_FILES files a hand-over, and are pinned
+    here; no share until they are up).
     `share` None balances by the rates the last batches measured (nvjpeg's host time per image against the
     CPU side's wall time per image, queueing included); a number fixes it. Which decoder took a file changes
     its pixels only by the decoders' rounding."""
 
     def __init__(self, share: float | None = None, start: float = 0.25, low: float = 0.0, high: float = 0.9,
-                 processes: int = 0, nvjpeg_batch: int | None = None):
+                 processes: int = 0, nvjpeg_batch: int | None = None, gpu_decoder: str = "torchvision"):
         if nvjpeg_batch is not None and nvjpeg_batch < 1:
             raise ValueError(f"nvjpeg_batch must be >= 1 (None: one call a batch), got {nvjpeg_batch}")
+        self.gpu_decoder = gpu_decoder   # encoder.gpu_decoder: which GPU decoder takes the files (gpu_jpeg)
+        self.decode_gpu = _gpu_decoder(gpu_decoder)   # a missing package is named here, before any file
         self.nvjpeg_batch = nvjpeg_batch   # files per nvjpeg call (encoder.nvjpeg_batch); None: the whole batch
         self.fixed = share
         self.share = start if share is None else share
@@ -294,9 +298,10 @@ def decode_images(datas: Sequence[bytes | Exception], device: torch.device,
     else:
         beside_results = cpu_map(decode_beside, [datas[i] for i in beside])
     calls = (split.nvjpeg_batch if split is not None else None) or max(1, len(gpu))
+    decode_gpu = split.decode_gpu if split is not None else _gpu_decoder("torchvision")
     for first in range(0, len(gpu), calls):
         part = gpu[first:first + calls]
-        for i, image in zip(part, _nvjpeg([datas[i] for i in part], device)):
+        for i, image in zip(part, decode_gpu([datas[i] for i in part], device)):
             out[i] = image
     gpu_s = time.perf_counter() - began
     for i, result in zip(beside, beside_results):
@@ -311,23 +316,6 @@ def decode_images(datas: Sequence[bytes | Exception], device: torch.device,
     for i, image in zip(cpu, cpu_map(lambda d: _or_error(decode_cpu, d), [datas[i] for i in cpu])):
         out[i] = image if isinstance(image, Exception) else image.to(device, non_blocking=True)
     return out
-
-
-def _nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
-    """One batched nvjpeg call; when it fails, file by file, None where nvjpeg refuses (the CPU retries)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    try:
-        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        out = []
-        for tensor in tensors:
-            try:
-                out.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                out.append(None)
-        return out
 
 
 def crop_resize(images: Sequence[torch.Tensor], size: int, resize_short: int,

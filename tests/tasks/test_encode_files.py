@@ -183,7 +183,7 @@ def test_a_batch_split_between_nvjpeg_and_the_cpu_decodes_every_file_as_either_a
 def test_nvjpeg_takes_a_batch_in_calls_of_its_batch_size_and_every_file_keeps_its_place(tree, monkeypatch):
     """encoder.nvjpeg_batch: the nvjpeg calls' sizes, and each file's image back in its slot (nvjpeg itself is
     stood in for by the CPU decoder here; the CUDA test below runs the real one)."""
-    import tasks.encode.decode as decode_module
+    import tasks.encode.gpu_jpeg as gpu_jpeg
 
     files = sorted(p for p in tree.rglob("*.JPEG") if p.name.startswith("n0"))
     datas = [p.read_bytes() for p in files]
@@ -193,7 +193,7 @@ def test_nvjpeg_takes_a_batch_in_calls_of_its_batch_size_and_every_file_keeps_it
         calls.append(len(part))
         return [decode_cpu(d) for d in part]
 
-    monkeypatch.setattr(decode_module, "_nvjpeg", fake_nvjpeg)
+    monkeypatch.setattr(gpu_jpeg, "torchvision_nvjpeg", fake_nvjpeg)
     with_bad = datas[:3] + [OSError("gone")] + datas[3:]
     decoded = decode_images(with_bad, torch.device("cuda"), split=DecodeSplit(0.0, nvjpeg_batch=4))
     n = len(datas)

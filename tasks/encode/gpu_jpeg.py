@@ -1,0 +1,117 @@
+"""The GPU's JPEG decoders behind one call (encoder.gpu_decoder): a list of JPEG files -> each one's uint8
+[3, H, W] on the device, or None where the decoder refuses it (tasks.encode.decode then decodes it on the CPU).
+
+  torchvision  torchvision.io.decode_jpeg(device="cuda"): nvjpeg's CUDA backend. The entropy decode runs on
+               the host, the IDCT and colour conversion as CUDA kernels on the SMs, on a stream of
+               torchvision's own. Alone on an H100 it decoded 7,800-10,700 img/s, but 95 img/s while another
+               thread replayed the encoder: its small kernels wait behind the encoder's (docs/gpu.md).
+  nvimgcodec   NVIDIA's nvImageCodec (pip: nvidia-nvimgcodec-cu13, or -cu12 for a CUDA 12 torch) on the
+               hardware JPEG decode engines (NVJPG: A100, H100, H200), which are not SMs, so the decode can run
+               beside the encoder. Only those engines are allowed: what they refuse (progressive or
+               arithmetic-coded files) comes back None for the CPU, never through CUDA kernels that would starve.
+
+No Prefect, Dask or pydantic here (Dask workers import it).
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+GPU_DECODERS = ("torchvision", "nvimgcodec")
+NVIMGCODEC_MISSING = ("encoder.gpu_decoder=nvimgcodec needs NVIDIA's nvImageCodec: pip install "
+                      "nvidia-nvimgcodec-cu13 nvidia-nvjpeg (or nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12 for a "
+                      "CUDA 12 torch); scripts/gpu_wheels.py carries it to a GPU machine")
+
+
+def torchvision_nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """One batched nvjpeg call; when it fails, file by file, None where nvjpeg refuses (the CPU retries)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        out = []
+        for tensor in tensors:
+            try:
+                out.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def nvimgcodec_available() -> bool:
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _HardwareDecoder:
+    """One nvImageCodec decoder a device, hardware engines only, used by one thread at a time."""
+    _by_device: dict[int, "_HardwareDecoder"] = {}
+    _made = threading.Lock()
+
+    def __init__(self, index: int):
+        from nvidia import nvimgcodec
+
+        self.codec = nvimgcodec
+        self.decoder = nvimgcodec.Decoder(device_id=index,
+                                          backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
+        # EXIF orientation is not applied, as by every other decoder here (PIL and ImageFolder do not)
+        self.params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                              sample_format=nvimgcodec.SampleFormat.I_RGB)
+        self.lock = threading.Lock()
+        probe = self.decoder.decode([nvimgcodec.CodeStream(_tiny_jpeg())], params=self.params)
+        if probe[0] is None:   # no nvJPEG library found, or a GPU without the engines: say so, once
+            raise RuntimeError(f"nvImageCodec's hardware JPEG decoder did not decode a baseline JPEG on cuda:{index} "
+                               "(no nvJPEG library, or a GPU without JPEG engines): use encoder.gpu_decoder="
+                               "torchvision")
+
+    @classmethod
+    def on(cls, device: torch.device) -> "_HardwareDecoder":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with cls._made:
+            if index not in cls._by_device:
+                cls._by_device[index] = cls(index)
+            return cls._by_device[index]
+
+    def __call__(self, datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+        if not datas:
+            return []
+        streams = [self.codec.CodeStream(data) for data in datas]
+        stream = torch.cuda.current_stream(device)
+        with self.lock:
+            images = self.decoder.decode(streams, params=self.params, cuda_stream=stream.cuda_stream)
+        # H x W x 3 on the device, ordered on the current stream; the tensor keeps the Image's buffer alive
+        return [None if image is None else torch.as_tensor(image, device=device).permute(2, 0, 1)
+                for image in images]
+
+
+def _tiny_jpeg() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def nvimgcodec_hardware(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    return _HardwareDecoder.on(device)(datas, device)
+
+
+def gpu_decoder(name: str) -> Callable[[list[bytes], torch.device], list[torch.Tensor | None]]:
+    """The decode call of encoder.gpu_decoder `name`; a clear error when its package is missing."""
+    if name == "torchvision":
+        return torchvision_nvjpeg
+    if name == "nvimgcodec":
+        if not nvimgcodec_available():
+            raise ImportError(NVIMGCODEC_MISSING)
+        return nvimgcodec_hardware
+    raise ValueError(f"unknown GPU JPEG decoder {name!r}: one of {', '.join(GPU_DECODERS)}")
