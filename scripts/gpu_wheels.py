@@ -15,12 +15,15 @@ never asks for another torch. Everything downloaded must fit the 64 MiB the devi
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import re
 import subprocess
 import sys
 import tempfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +88,43 @@ def download(pins: list[str], dest: Path, python: str, no_deps: bool = True) -> 
                     *(["--no-deps"] if no_deps else []), *target_flags(python), *pins], check=True)
 
 
+# nvImageCodec's wheel carries every Python's extension module and codecs the pass never uses (25 MB):
+# slimmed to the target Python's module, the library and its JPEG extensions (5 MB) so it fits the carry.
+NVIMGCODEC_DROP = re.compile(r"(nvimgcodec_impl\.cpython-(?!{py}-)[^/]*\.so$|extensions/lib(opencv|nvtiff|tiff|"
+                             r"nvjpeg2k|nvbmp|nvpnm)_ext|/include/|/tools/)")
+
+
+def slim_wheel(source: Path, dest: Path, drop: re.Pattern) -> Path:
+    """A copy of wheel `source` in folder `dest` without the members `drop` matches, its RECORD rewritten
+    (each kept file's sha256 and size) so that pip installs it as any wheel."""
+    out = dest / source.name
+    with zipfile.ZipFile(source) as wheel, zipfile.ZipFile(out.with_suffix(".tmp"), "w", zipfile.ZIP_DEFLATED) as slim:
+        record = next(n for n in wheel.namelist() if n.endswith(".dist-info/RECORD"))
+        rows = []
+        for info in wheel.infolist():
+            if info.filename == record or drop.search(info.filename):
+                continue
+            data = wheel.read(info)
+            slim.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            rows.append(f"{info.filename},sha256={digest},{len(data)}")
+        slim.writestr(record, "\n".join([*rows, f"{record},,"]) + "\n")
+    out.with_suffix(".tmp").rename(out)
+    return out
+
+
+def nvimgcodec_extra(dest: Path, python: str, cuda: str) -> Path:
+    """nvImageCodec for encoder.gpu_decoder=nvimgcodec, slimmed into dest/extra (gpu_install.sh installs it)."""
+    extra = dest / "extra"
+    extra.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        download([f"nvidia-nvimgcodec-cu{cuda}"], Path(tmp), python)
+        [wheel] = Path(tmp).glob("*.whl")
+        for old in extra.glob("nvidia_nvimgcodec*.whl"):
+            old.unlink()
+        return slim_wheel(wheel, extra, re.compile(NVIMGCODEC_DROP.pattern.format(py=python.replace(".", ""))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
@@ -92,6 +132,8 @@ def main() -> None:
     parser.add_argument("--with-present", action="store_true",
                         help="also download the large scientific wheels the GPU image already has")
     parser.add_argument("--with-dashboard", action="store_true", help="also the dashboard's streamlit")
+    parser.add_argument("--nvimgcodec-cuda", default="13",
+                        help="CUDA major of the GPU machine's torch, for nvImageCodec's wheel ('' leaves it out)")
     parser.add_argument("--budget-mib", type=float, default=58.0,
                         help="fail if the wheels exceed this (the device tool carries 64 MiB with the repo)")
     args = parser.parse_args()
@@ -112,7 +154,9 @@ def main() -> None:
     torch_pins = [p for p in pins if p.split("==")[0] in WITHOUT_DEPS]
     (dest / "requirements.txt").write_text("".join(f"{p}\n" for p in pins if p not in torch_pins))
     (dest / "no-deps.txt").write_text("".join(f"{p}\n" for p in torch_pins))
-    size = sum(p.stat().st_size for p in dest.glob("*.whl")) / 2**20
+    if args.nvimgcodec_cuda:
+        nvimgcodec_extra(dest, args.python, args.nvimgcodec_cuda)
+    size = sum(p.stat().st_size for p in dest.rglob("*.whl")) / 2**20
     print(f"{len(pins)} wheels for Python {args.python} in {dest} ({size:.1f} MiB); "
           f"left to the GPU machine: {', '.join(sorted(PROVIDED | (set() if args.with_present else PRESENT_LARGE)))}")
     if size > args.budget_mib:

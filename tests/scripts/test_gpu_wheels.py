@@ -25,3 +25,36 @@ def test_names_are_canonical_as_pip_compares_them():
     assert gpu_wheels.wheel_pin("PyYAML-6.0.4-cp312-cp312-manylinux2014_x86_64.whl") == "pyyaml==6.0.4"
     flags = gpu_wheels.target_flags("3.12")
     assert flags[flags.index("--abi") + 1] == "cp312" and "--only-binary=:all:" in flags
+
+
+def test_a_slimmed_wheel_keeps_only_what_it_should_and_pip_installs_it(tmp_path):
+    """nvImageCodec's wheel slimmed for the carry: other Pythons' modules and unused codecs gone, RECORD
+    rewritten with each kept file's hash, and pip (offline) installs the result."""
+    import re
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src" / "demo_pkg-1.0-py3-none-any.whl"
+    source.parent.mkdir()
+    members = {"demo/__init__.py": b"VALUE = 1\n", "demo/nvimgcodec_impl.cpython-312-x86_64-linux-gnu.so": b"keep",
+               "demo/nvimgcodec_impl.cpython-313-x86_64-linux-gnu.so": b"drop",
+               "demo/extensions/libopencv_ext.so.0": b"drop", "demo/extensions/libnvjpeg_ext.so.0": b"keep",
+               "demo_pkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\n",
+               "demo_pkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                               b"Tag: py3-none-any\n",
+               "demo_pkg-1.0.dist-info/RECORD": b"stale,,\n"}
+    with zipfile.ZipFile(source, "w") as wheel:
+        for name, data in members.items():
+            wheel.writestr(name, data)
+    drop = re.compile(gpu_wheels.NVIMGCODEC_DROP.pattern.format(py="312"))
+    slim = gpu_wheels.slim_wheel(source, tmp_path, drop)
+    with zipfile.ZipFile(slim) as wheel:
+        names = set(wheel.namelist())
+        record = wheel.read("demo_pkg-1.0.dist-info/RECORD").decode()
+    assert names == {n for n, data in members.items() if data != b"drop"}
+    assert "stale" not in record and record.count("sha256=") == len(names) - 1
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target",
+                    str(tmp_path / "site"), str(slim)], check=True)
+    assert (tmp_path / "site" / "demo" / "extensions" / "libnvjpeg_ext.so.0").read_bytes() == b"keep"
+    assert not (tmp_path / "site" / "demo" / "extensions" / "libopencv_ext.so.0").exists()
