@@ -33,7 +33,7 @@ for item in $STEPS; do
              tests/models/test_muon.py tests/models/test_regions_batched.py tests/models/test_hierarchy_batched.py \
              tests/scripts} > "$out/tests.log" 2>&1 ;;
     decode) env $assign timeout "${DECODE_S:-180}" python3 bench/decode_probe.py --images "${DECODE_IMAGES:-8192}" \
-             --workdir "${DP_WORK:-/tmp/dp}" --processes "${DECODE_PROCESSES:-4,8}" --out "$out" \
+             --workdir "${DP_WORK:-/tmp/dp}" --processes "${DECODE_PROCESSES-4,8}" --out "$out" \
              > "$out/decode.log" 2>&1 ;;   # the same JPEG files as dataplane's (same names and bytes)
     dataplane) env $assign timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
              --workdir "${DP_WORK:-/tmp/dp}" --out "$out" ${DP_SETS:-} > "$out/dataplane.log" 2>&1; rc=$?
