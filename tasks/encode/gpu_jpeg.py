@@ -65,11 +65,17 @@ class _HardwareDecoder:
         self.params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
                                               sample_format=nvimgcodec.SampleFormat.I_RGB)
         self.lock = threading.Lock()
-        probe = self.decoder.decode([nvimgcodec.CodeStream(_tiny_jpeg())], params=self.params)
-        if probe[0] is None:   # no nvJPEG library found, or a GPU without the engines: say so, once
+        if self._one(nvimgcodec.CodeStream(_small_jpeg()), torch.cuda.current_stream(index)) is None:
+            # no nvJPEG library found, or a GPU without the engines: say so, once
             raise RuntimeError(f"nvImageCodec's hardware JPEG decoder did not decode a baseline JPEG on cuda:{index} "
                                "(no nvJPEG library, or a GPU without JPEG engines): use encoder.gpu_decoder="
                                "torchvision")
+
+    def _one(self, code, stream: torch.cuda.Stream):
+        try:
+            return self.decoder.decode(code, params=self.params, cuda_stream=stream.cuda_stream)
+        except RuntimeError:
+            return None
 
     @classmethod
     def on(cls, device: torch.device) -> "_HardwareDecoder":
@@ -85,20 +91,25 @@ class _HardwareDecoder:
         streams = [self.codec.CodeStream(data) for data in datas]
         stream = torch.cuda.current_stream(device)
         with self.lock:
-            images = self.decoder.decode(streams, params=self.params, cuda_stream=stream.cuda_stream)
+            try:
+                images = self.decoder.decode(streams, params=self.params, cuda_stream=stream.cuda_stream)
+            except RuntimeError:   # the batch failed as a whole: file by file, None where a file fails
+                images = [self._one(code, stream) for code in streams]
         # H x W x 3 on the device, ordered on the current stream; the tensor keeps the Image's buffer alive
         return [None if image is None else torch.as_tensor(image, device=device).permute(2, 0, 1)
                 for image in images]
 
 
-def _tiny_jpeg() -> bytes:
+def _small_jpeg() -> bytes:
+    """A 160 x 128 baseline 4:2:0 JPEG (a gradient), what every JPEG decoder takes."""
     import io
 
     import numpy as np
     from PIL import Image
 
+    ramp = np.linspace(0, 255, 160, dtype=np.uint8)
     out = io.BytesIO()
-    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(out, format="JPEG")
+    Image.fromarray(np.stack([np.tile(ramp, (128, 1))] * 3, -1)).save(out, format="JPEG", quality=90)
     return out.getvalue()
 
 
