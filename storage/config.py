@@ -180,11 +180,12 @@ class EncoderConfig(_Part):
         None, ge=1, description="read_from files on CUDA: files per nvjpeg call (null: a batch's in one call). "
                                 "Alone on an H100 calls of 64 decoded 10,700 img/s, of 512 7,800; inside the "
                                 "pass, beside the encoder, not yet measured (docs/gpu.md)")
-    gpu_decoder: Annotated[Literal["torchvision", "nvimgcodec"], UNKEYED] = Field(
+    gpu_decoder: Annotated[Literal["torchvision", "nvimgcodec", "auto"], UNKEYED] = Field(
         "torchvision", description="read_from files on CUDA: the GPU's JPEG decoder (tasks.encode.gpu_jpeg). "
                                    "torchvision: nvjpeg's CUDA kernels, which starve beside the encoder; nvimgcodec: "
                                    "the hardware JPEG engines through nvImageCodec (pip nvidia-nvimgcodec-cu13), "
-                                   "what they refuse decoded on the CPU")
+                                   "what they refuse decoded on the CPU; auto: nvimgcodec where it works, else "
+                                   "torchvision (the encode stage's decoded_by names the one that ran)")
     gil_switch_ms: Annotated[float | None, UNKEYED] = Field(
         None, gt=0, description="CPython's GIL time slice in ms while the encode stage runs (sys.setswitchinterval);"
                                 " null: CPython's own, 5 ms. The thread driving the GPU takes the GIL back after"

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from storage.sources import MAX_PIXELS, MIN_SIDE, BadImage, check_size, to_rgb
-from tasks.encode.gpu_jpeg import gpu_decoder as _gpu_decoder
+from tasks.encode.gpu_jpeg import decoder_name, gpu_decoder as _gpu_decoder
 
 # torchvision 0.29 warns on every decode that decoding moves to torchcodec; the calls still work.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -264,7 +264,8 @@ class DecodeSplit:
 
     def summary(self) -> dict:
         total = sum(self.counts.values())
-        return {**self.counts, "cpu_share": round(self.counts["cpu"] / total, 3) if total else 0.0,
+        return {**self.counts, "gpu_decoder": decoder_name(self.decode_gpu, self.gpu_decoder),
+                "cpu_share": round(self.counts["cpu"] / total, 3) if total else 0.0,
                 "balanced": self.fixed is None, "cpu_decoders": f"{self.processes} processes" if self.processes
                 else "reader threads"}
 

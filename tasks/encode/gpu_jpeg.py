@@ -9,17 +9,19 @@
                hardware JPEG decode engines (NVJPG: A100, H100, H200), which are not SMs, so the decode can run
                beside the encoder. Only those engines are allowed: what they refuse (progressive or
                arithmetic-coded files) comes back None for the CPU, never through CUDA kernels that would starve.
+  auto         nvimgcodec where it is installed and its engines decode on this GPU, else torchvision.
 
 No Prefect, Dask or pydantic here (Dask workers import it).
 """
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 
 import torch
 
-GPU_DECODERS = ("torchvision", "nvimgcodec")
+GPU_DECODERS = ("torchvision", "nvimgcodec", "auto")
 NVIMGCODEC_MISSING = ("encoder.gpu_decoder=nvimgcodec needs NVIDIA's nvImageCodec: pip install "
                       "nvidia-nvimgcodec-cu13 nvidia-nvjpeg (or nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12 for a "
                       "CUDA 12 torch); scripts/gpu_wheels.py carries it to a GPU machine")
@@ -117,12 +119,39 @@ def nvimgcodec_hardware(datas: list[bytes], device: torch.device) -> list[torch.
     return _HardwareDecoder.on(device)(datas, device)
 
 
+class FirstThatWorks:
+    """encoder.gpu_decoder=auto: nvImageCodec's hardware engines where it is installed and decodes on this
+    GPU (checked at the first call), else torchvision's nvjpeg; `chosen` names the one that runs."""
+
+    def __init__(self):
+        self.chosen: str | None = None
+        self._decode = None
+
+    def __call__(self, datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+        if self._decode is None:
+            self.chosen, self._decode = "torchvision", torchvision_nvjpeg
+            if nvimgcodec_available():
+                try:
+                    _HardwareDecoder.on(device)
+                    self.chosen, self._decode = "nvimgcodec", nvimgcodec_hardware
+                except RuntimeError as error:
+                    warnings.warn(f"encoder.gpu_decoder=auto: {error}; decoding with torchvision", stacklevel=2)
+        return self._decode(datas, device)
+
+
 def gpu_decoder(name: str) -> Callable[[list[bytes], torch.device], list[torch.Tensor | None]]:
     """The decode call of encoder.gpu_decoder `name`; a clear error when its package is missing."""
     if name == "torchvision":
         return torchvision_nvjpeg
+    if name == "auto":
+        return FirstThatWorks()
     if name == "nvimgcodec":
         if not nvimgcodec_available():
             raise ImportError(NVIMGCODEC_MISSING)
         return nvimgcodec_hardware
     raise ValueError(f"unknown GPU JPEG decoder {name!r}: one of {', '.join(GPU_DECODERS)}")
+
+
+def decoder_name(decode: Callable, name: str) -> str:
+    """Which decoder `decode` (from gpu_decoder(name)) is: auto's choice once it has run."""
+    return (decode.chosen or "auto (not yet used)") if isinstance(decode, FirstThatWorks) else name

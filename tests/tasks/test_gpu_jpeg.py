@@ -63,3 +63,22 @@ def test_the_hardware_engines_decode_what_the_cpu_decodes_and_refusals_go_to_the
         assert image.shape == expected.shape   # greyscale comes back as three channels, as on the CPU
         difference = (image.cpu().int() - expected.int()).abs().float()
         assert difference.mean() < 2.0 and difference.max() <= 40, (difference.mean(), difference.max())
+
+
+def test_auto_takes_nvjpeg_where_the_hardware_decoder_cannot_run_and_says_which_ran(monkeypatch):
+    """encoder.gpu_decoder=auto: without nvImageCodec (or where its engines fail their first decode) the files
+    go to torchvision's nvjpeg, and the encode stage's decoded_by names it."""
+    calls = []
+    monkeypatch.setattr(gpu_jpeg, "torchvision_nvjpeg", lambda datas, device: calls.append(len(datas)) or [])
+    monkeypatch.setattr(gpu_jpeg, "nvimgcodec_available", lambda: True)
+
+    def engines_fail(cls, device):
+        raise RuntimeError("nvImageCodec's hardware JPEG decoder did not decode a baseline JPEG on cuda:0")
+
+    monkeypatch.setattr(gpu_jpeg._HardwareDecoder, "on", classmethod(engines_fail))
+    split = DecodeSplit(0.0, gpu_decoder="auto")
+    assert split.summary()["gpu_decoder"] == "auto (not yet used)"
+    with pytest.warns(UserWarning, match="decoding with torchvision"):
+        split.decode_gpu([b"x", b"y"], torch.device("cuda"))
+    split.decode_gpu([b"z"], torch.device("cuda"))   # decided once
+    assert calls == [2, 1] and split.summary()["gpu_decoder"] == "torchvision"
