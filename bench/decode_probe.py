@@ -144,6 +144,14 @@ BESIDE = {"nvjpeg_beside_encoder": ("side", 4, None, "torchvision"),
           "nvjpeg_b64_beside_encoder_default_stream": ("default", 1, 64, "torchvision")}
 
 
+# The figures that need nvImageCodec's hardware decoder (and its rates, nvimgcodec_b{B}_img_per_s): written as
+# skipped, with the reason, where it cannot run.
+NVIMGCODEC_FIGURES = ["nvimgcodec_refused", "nvimgcodec_same_shape", "nvimgcodec_vs_nvjpeg_max_abs",
+                      "nvimgcodec_vs_nvjpeg_mean_abs",
+                      *(name for name, (*_, decoder) in BESIDE.items() if decoder == "nvimgcodec"),
+                      "serial_decode_then_encode_nvimgcodec"]
+
+
 def contention(datas: list[bytes], device: torch.device, batch: int, image_size: int, model_name: str,
                max_s: float, record, decoders: tuple[str, ...] = ("torchvision",)) -> None:
     """The decode's rate while another thread replays the encoder (CUDA graph, as configs/imagenet.yaml) on a
@@ -323,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {value:,.1f} {unit}", flush=True)
         results_io.write_result("decode_probe", figures, extra, args.out)
 
+    hardware_batches = sorted({64, args.batch})
+    nvimgcodec_figures = [*NVIMGCODEC_FIGURES, *(f"nvimgcodec_b{batch}_img_per_s" for batch in hardware_batches)]
     if cuda:
         side = torch.cuda.Stream(device)
         for batch in sorted({64, 256, args.batch}):
@@ -333,13 +343,12 @@ def main(argv: list[str] | None = None) -> None:
         if hardware is True:
             decoders += ("nvimgcodec",)
             agreement(datas[:256], device, record)
-            for batch in sorted({64, args.batch}):
+            for batch in hardware_batches:
                 record(f"nvimgcodec_b{batch}_img_per_s", decode_rate(
                     datas, device, batch, split=DecodeSplit(0.0, gpu_decoder="nvimgcodec"), stream=side),
                     f"{per_s}, nvImageCodec on the hardware JPEG engines, batches of {batch}, one thread")
         else:
-            skipped.update({name: hardware for name in
-                            [*(n for n, v in BESIDE.items() if v[3] == "nvimgcodec"), "nvimgcodec_img_per_s"]})
+            skipped.update({name: hardware for name in nvimgcodec_figures})
         contention(datas, device, args.batch, args.image_size, args.encoder, args.beside_s, record, decoders)
         record("nvjpeg_two_threads", two_threads(datas, device, args.batch), f"{per_s}, two threads together")
         record("nvjpeg_two_processes", in_processes(paths, args.device, args.batch, 2),
@@ -347,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         skipped.update({name: f"no CUDA device ({args.device}): nvjpeg needs one"
                         for name in ["nvjpeg_two_threads", "nvjpeg_two_processes", *BESIDE,
-                                     "serial_decode_then_encode"]})
+                                     "serial_decode_then_encode", *nvimgcodec_figures]})
     for count in [int(c) for c in args.processes.split(",") if c.strip()]:
         rate, parent_us = cpu_processes(datas, count)
         record(f"cpu_processes_{count}", rate, f"img/s, the CPU share's {count} decode processes alone")

@@ -9,7 +9,7 @@ WHEELS=${WHEELS:-.whl}
 "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" -r "$WHEELS/requirements.txt"
 "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps -r "$WHEELS/no-deps.txt"
 "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
-# optional GPU extras (gpu_wheels.py --with-nvimgcodec): nvImageCodec for encoder.gpu_decoder=nvimgcodec
+# GPU extras gpu_wheels.py put in extra/ (--nvimgcodec-cuda): nvImageCodec for encoder.gpu_decoder
 if compgen -G "$WHEELS/extra/*.whl" > /dev/null; then
   "$PY" -m pip install --quiet --no-index --no-deps "$WHEELS"/extra/*.whl
   "$PY" scripts/nvjpeg_link.py || echo "nvImageCodec has no nvJPEG: encoder.gpu_decoder=nvimgcodec will refuse to start"

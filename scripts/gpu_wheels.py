@@ -90,8 +90,10 @@ def download(pins: list[str], dest: Path, python: str, no_deps: bool = True) -> 
 
 # nvImageCodec's wheel carries every Python's extension module and codecs the pass never uses (25 MB):
 # slimmed to the target Python's module, the library and its JPEG extensions (5 MB) so it fits the carry.
-NVIMGCODEC_DROP = re.compile(r"(nvimgcodec_impl\.cpython-(?!{py}-)[^/]*\.so$|extensions/lib(opencv|nvtiff|tiff|"
-                             r"nvjpeg2k|nvbmp|nvpnm)_ext|/include/|/tools/)")
+def nvimgcodec_drop(python: str) -> re.Pattern:
+    """The members of nvImageCodec's wheel that Python `python` (major.minor) on the GPU machine never loads."""
+    return re.compile(rf"(nvimgcodec_impl\.cpython-(?!{python.replace('.', '')}-)[^/]*\.so$|"
+                      r"extensions/lib(opencv|nvtiff|tiff|nvjpeg2k|nvbmp|nvpnm)_ext|/include/|/tools/)")
 
 
 def slim_wheel(source: Path, dest: Path, drop: re.Pattern) -> Path:
@@ -122,7 +124,7 @@ def nvimgcodec_extra(dest: Path, python: str, cuda: str) -> Path:
         [wheel] = Path(tmp).glob("*.whl")
         for old in extra.glob("nvidia_nvimgcodec*.whl"):
             old.unlink()
-        return slim_wheel(wheel, extra, re.compile(NVIMGCODEC_DROP.pattern.format(py=python.replace(".", ""))))
+        return slim_wheel(wheel, extra, nvimgcodec_drop(python))
 
 
 def main() -> None:

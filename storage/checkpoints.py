@@ -72,12 +72,6 @@ def save_module(prefix: Path, module: torch.nn.Module, meta: dict) -> Path:
     return save_checkpoint(prefix, dict(module.state_dict()), meta)
 
 
-def load_module(prefix: Path, module: torch.nn.Module, device: str | torch.device = "cpu") -> dict:
-    tensors, meta = load_checkpoint(prefix, device)
-    module.load_state_dict(tensors)
-    return meta
-
-
 def built_with(factory: Callable[[], torch.nn.Module], tensors: dict[str, torch.Tensor],
                device: str | torch.device = "cpu") -> torch.nn.Module:
     """factory()'s module on `device` holding `tensors` themselves (strict), built without its random

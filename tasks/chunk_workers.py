@@ -188,8 +188,7 @@ def encode_files_chunk(encoder: dict, source: dict, device: str, store: str, chu
                                 device, batch_size=cfg.batch_size, dtype=cfg.dtype, weights_label=expect_weights,
                                 base=start, readers=cfg.readers, read_timeout=cfg.read_timeout_s,
                                 worker=_worker_address(),
-                                split=DecodeSplit(cfg.cpu_decode_share, nvjpeg_batch=cfg.nvjpeg_batch,
-                                                 gpu_decoder=cfg.gpu_decoder))
+                                split=DecodeSplit.for_encoder(cfg))
     return info
 
 
@@ -207,6 +206,5 @@ def stats_chunk(encoder: dict, source: dict, device: str, ids: list[str], expect
                                                                            src.interpolation),
                                      device, batch_size=cfg.batch_size, readers=cfg.readers,
                                      read_timeout=cfg.read_timeout_s,
-                                     split=DecodeSplit(cfg.cpu_decode_share, nvjpeg_batch=cfg.nvjpeg_batch,
-                                                 gpu_decoder=cfg.gpu_decoder))
+                                     split=DecodeSplit.for_encoder(cfg))
     return count, mean.tolist(), m2.tolist()

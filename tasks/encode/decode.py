@@ -194,6 +194,13 @@ class DecodeSplit:
         if processes and (share is None or share > 0):
             self._start_pool()
 
+    @classmethod
+    def for_encoder(cls, encoder, processes: int = 0) -> "DecodeSplit":
+        """The split encoder settings (storage.config.EncoderConfig) ask for: cpu_decode_share, nvjpeg_batch,
+        gpu_decoder; `processes` where the caller may spawn decode processes (not in a Dask worker)."""
+        return cls(encoder.cpu_decode_share, processes=processes, nvjpeg_batch=encoder.nvjpeg_batch,
+                   gpu_decoder=encoder.gpu_decoder)
+
     def _start_pool(self) -> None:
         """`processes` spawned decoders (no GIL shared with the thread that launches the encoder), started
         now so that their imports overlap the stage's set-up."""

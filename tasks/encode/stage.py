@@ -115,9 +115,7 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
             models[device] = model.to(device)
         grid, dim = grid_size(model), token_dim(model)
     laps.lap("load_encoder")
-    splits = {device: DecodeSplit(cfg.encoder.cpu_decode_share, processes=cfg.encoder.cpu_decode_processes,
-                                  nvjpeg_batch=cfg.encoder.nvjpeg_batch,
-                                  gpu_decoder=cfg.encoder.gpu_decoder)
+    splits = {device: DecodeSplit.for_encoder(cfg.encoder, processes=cfg.encoder.cpu_decode_processes)
               for device in models if device.startswith("cuda")}
     graphs = {device: EncoderGraphs(model) for device, model in models.items()
               if device.startswith("cuda") and cfg.encoder.cuda_graph}

@@ -17,8 +17,11 @@ def test_probe_on_cpu_times_the_cpu_decoders_and_skips_nvjpeg_with_a_reason(tmp_
     assert figures["cpu_processes_2"]["value"] > 0
     assert figures["host_check_us_per_file"]["value"] > 0
     assert not any(name.startswith("nvjpeg") for name in figures)   # never a number without nvjpeg
+    assert not any(name.startswith("nvimgcodec") for name in figures)
     assert set(body["skipped"]) == {"nvjpeg_two_threads", "nvjpeg_two_processes", *decode_probe.BESIDE,
-                                    "serial_decode_then_encode", "split_processes_2"}
+                                    "serial_decode_then_encode", "split_processes_2",
+                                    *decode_probe.NVIMGCODEC_FIGURES, "nvimgcodec_b8_img_per_s",
+                                    "nvimgcodec_b64_img_per_s"}
     assert all("no CUDA" in reason for reason in body["skipped"].values())
     assert body["images"] == 24 and body["device"] == "cpu" and body["complete"]
     assert body["cuda_device_max_connections"]   # which hardware work-queue count the figures were taken with

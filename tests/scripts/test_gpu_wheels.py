@@ -30,7 +30,6 @@ def test_names_are_canonical_as_pip_compares_them():
 def test_a_slimmed_wheel_keeps_only_what_it_should_and_pip_installs_it(tmp_path):
     """nvImageCodec's wheel slimmed for the carry: other Pythons' modules and unused codecs gone, RECORD
     rewritten with each kept file's hash, and pip (offline) installs the result."""
-    import re
     import subprocess
     import sys
     import zipfile
@@ -47,7 +46,7 @@ def test_a_slimmed_wheel_keeps_only_what_it_should_and_pip_installs_it(tmp_path)
     with zipfile.ZipFile(source, "w") as wheel:
         for name, data in members.items():
             wheel.writestr(name, data)
-    drop = re.compile(gpu_wheels.NVIMGCODEC_DROP.pattern.format(py="312"))
+    drop = gpu_wheels.nvimgcodec_drop("3.12")
     slim = gpu_wheels.slim_wheel(source, tmp_path, drop)
     with zipfile.ZipFile(slim) as wheel:
         names = set(wheel.namelist())
