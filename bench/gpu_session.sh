@@ -39,9 +39,9 @@ for item in $STEPS; do
              --workdir "${DP_WORK:-/tmp/dp}" --out "$out" ${DP_SETS:-} > "$out/dataplane.log" 2>&1; rc=$?
              rm -rf "${DP_WORK:-/tmp/dp}/fused" "${DP_WORK:-/tmp/dp}/two_pass"; (exit $rc) ;;   # 20 GB each at 50k
     pipeline) env $assign timeout "${PIPELINE_S:-330}" python3 bench/gpu_pipeline.py --images "${GP_IMAGES:-50000}" \
-             --workdir /tmp/gp --out "$out" --time-limit $(( ${PIPELINE_S:-330} - 5 )) ${GP_SETS:-} \
-             > "$out/gp.log" 2>&1; rc=$?
-             rm -rf /tmp/gp/root; (exit $rc) ;;   # its figures are in $out; the disk is needed next
+             --workdir "${DP_WORK:-/tmp/dp}" --out "$out" --time-limit $(( ${PIPELINE_S:-330} - 5 )) ${GP_SETS:-} \
+             > "$out/gp.log" 2>&1; rc=$?   # the data plane's JPEGs (same names and bytes): written once a machine
+             rm -rf "${DP_WORK:-/tmp/dp}/root"; (exit $rc) ;;   # its figures are in $out; the disk is needed next
     generators) for optimizer in "--optimizer muon" "--optimizer muon --ns-float32" "--optimizer adamw"; do
              # the compiled B step with Muon's Newton-Schulz in TF32 (shipped), in float32 (before), and AdamW
              env $assign timeout "${GENERATOR_S:-150}" python3 bench/generators.py --variants kernel:compile --steps 10 \

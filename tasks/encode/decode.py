@@ -163,6 +163,9 @@ def _unpack(flat: torch.Tensor, shapes: list) -> Iterator[torch.Tensor | Excepti
         at += channels * height * width
 
 
+DECODE_AHEAD = 2   # batches decoded ahead of the encoder unless encoder.decode_ahead says otherwise
+
+
 class DecodeSplit:
     """How a batch's nvjpeg-decodable JPEGs are shared among the decoders: how many the CPU decoders take
     instead, so that both finish together, how many files each GPU decoder call takes (`nvjpeg_batch`; None:
@@ -178,9 +181,13 @@ class DecodeSplit:
     its pixels only by the decoders' rounding."""
 
     def __init__(self, share: float | None = None, start: float = 0.25, low: float = 0.0, high: float = 0.9,
-                 processes: int = 0, nvjpeg_batch: int | None = None, gpu_decoder: str = "torchvision"):
+                 processes: int = 0, nvjpeg_batch: int | None = None, gpu_decoder: str = "torchvision",
+                 ahead: int = DECODE_AHEAD):
         if nvjpeg_batch is not None and nvjpeg_batch < 1:
             raise ValueError(f"nvjpeg_batch must be >= 1 (None: one call a batch), got {nvjpeg_batch}")
+        if ahead < 0:
+            raise ValueError(f"decode_ahead must be >= 0, got {ahead}")
+        self.ahead = ahead   # encoder.decode_ahead: batches decoded ahead of the encoder (tasks.encode.files)
         self.gpu_decoder = gpu_decoder   # encoder.gpu_decoder: which GPU decoder takes the files (gpu_jpeg)
         self.decode_gpu = _gpu_decoder(gpu_decoder)   # a missing package is named here, before any file
         self.nvjpeg_batch = nvjpeg_batch   # files per nvjpeg call (encoder.nvjpeg_batch); None: the whole batch
@@ -197,9 +204,9 @@ class DecodeSplit:
     @classmethod
     def for_encoder(cls, encoder, processes: int = 0) -> "DecodeSplit":
         """The split encoder settings (storage.config.EncoderConfig) ask for: cpu_decode_share, nvjpeg_batch,
-        gpu_decoder; `processes` where the caller may spawn decode processes (not in a Dask worker)."""
+        gpu_decoder, decode_ahead; `processes` where the caller may spawn decode processes (not in a Dask worker)."""
         return cls(encoder.cpu_decode_share, processes=processes, nvjpeg_batch=encoder.nvjpeg_batch,
-                   gpu_decoder=encoder.gpu_decoder)
+                   gpu_decoder=encoder.gpu_decoder, ahead=encoder.decode_ahead)
 
     def _start_pool(self) -> None:
         """`processes` spawned decoders (no GIL shared with the thread that launches the encoder), started
@@ -273,7 +280,7 @@ class DecodeSplit:
         total = sum(self.counts.values())
         return {**self.counts, "gpu_decoder": decoder_name(self.decode_gpu, self.gpu_decoder),
                 "cpu_share": round(self.counts["cpu"] / total, 3) if total else 0.0,
-                "balanced": self.fixed is None, "cpu_decoders": f"{self.processes} processes" if self.processes
+                "decode_ahead": self.ahead, "balanced": self.fixed is None, "cpu_decoders": f"{self.processes} processes" if self.processes
                 else "reader threads"}
 
 

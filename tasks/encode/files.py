@@ -2,7 +2,8 @@
 
     reader threads (file bytes, a few batches ahead)
       -> a preparing thread (decode: nvjpeg on CUDA, CPU decoders for the rest; crop + resize;
-         on CUDA on a side stream, so it overlaps the encoder's batch before)
+         on CUDA on a side stream, so it overlaps the encoder's batch before); with encoder.decode_ahead 0
+         this thread instead, on its own stream, just before the batch's encoder
       -> on this thread, per batch on the device: the encoder (bf16 autocast on CUDA), channel
          moments in float64, the storage form (float16 / bfloat16 bits), and with a Teacher the
          hierarchy of the stored values (models.hierarchy.batched); one async copy to a pinned buffer
@@ -39,10 +40,9 @@ from storage.imagenet import SampleFiles
 from storage.latent_store import write_latent_chunk
 from storage.sources import reject_reason
 from tasks.encode.cuda_graph import EncoderGraphs, HierarchyGraphs
-from tasks.encode.decode import DecodeSplit, crop_resize, decode_images
+from tasks.encode.decode import DECODE_AHEAD, DecodeSplit, crop_resize, decode_images
 from tasks.encode.phase_clock import PhaseClock
 
-PREPARE_AHEAD = 2   # batches prepared ahead of the one being encoded: the preparing thread never waits for it
 READ_AHEAD = 4      # batches whose bytes are being read meanwhile
 
 
@@ -184,12 +184,15 @@ def prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preproces
                       device: torch.device, readers: int, read_timeout: float | None,
                       clock: PhaseClock, split: DecodeSplit | None = None) -> Iterator[Prepared]:
     """Each (start, stop) of `spans` (slots of `files`) as a Prepared batch, in order. Reader threads fetch
-    bytes READ_AHEAD batches ahead; one preparing thread decodes and resizes the next PREPARE_AHEAD batches (on
-    CUDA on a side stream, so it overlaps the encoder's work on this one, and it never waits for this thread),
-    the reader threads decoding `split`'s share on the CPU meanwhile. Wait on `.ready` before using the images."""
+    bytes READ_AHEAD batches ahead; one preparing thread decodes and resizes the next `split.ahead` batches
+    (DECODE_AHEAD without a split; on CUDA on a side stream, so it overlaps the encoder's work on this one, and
+    it never waits for this thread), the reader threads decoding `split`'s share on the CPU meanwhile. Wait on
+    `.ready` before using the images. With ahead 0 this thread decodes each batch when it is asked for, on its
+    current stream: the GPU decoders then never run beside the encoder, where they starve (docs/gpu.md)."""
     cuda = device.type == "cuda"
+    ahead = DECODE_AHEAD if split is None else split.ahead
     reader_pool, preparer = cf.ThreadPoolExecutor(readers), cf.ThreadPoolExecutor(1)
-    side_stream = torch.cuda.Stream(device) if cuda else None
+    side_stream = torch.cuda.Stream(device) if cuda and ahead else None
     reading: dict[int, list[tuple[cf.Future, int]]] = {}
 
     def read(i: int) -> None:
@@ -199,10 +202,10 @@ def prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preproces
     def prepare(i: int) -> Prepared:
         with clock.host("wait_for_files"):   # the readers are behind: file reads bound the pass
             datas = collect(reading.pop(i), read_timeout)
-        with torch.cuda.stream(side_stream) if cuda else contextlib.nullcontext():
+        with torch.cuda.stream(side_stream) if side_stream else contextlib.nullcontext():
             prepared = prepare_batch(datas, files, spans[i][0], preprocess, device, reader_pool, "encode", clock,
                                      split)
-            if cuda:
+            if side_stream:
                 prepared.ready = torch.cuda.Event()
                 prepared.ready.record(side_stream)
         return prepared
@@ -210,13 +213,17 @@ def prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preproces
     try:
         for i in range(READ_AHEAD):
             read(i)
-        upcoming = collections.deque(preparer.submit(prepare, i) for i in range(min(PREPARE_AHEAD, len(spans))))
+        upcoming = collections.deque(preparer.submit(prepare, i) for i in range(min(ahead, len(spans))))
         for i in range(len(spans)):
+            if not ahead:
+                read(i + READ_AHEAD)
+                yield prepare(i)   # on this thread and stream, after the batch before was queued
+                continue
             with clock.host("wait_for_decode"):   # the preparing thread is behind the encoder
                 prepared = upcoming.popleft().result()
             read(i + READ_AHEAD)
-            if i + PREPARE_AHEAD < len(spans):
-                upcoming.append(preparer.submit(prepare, i + PREPARE_AHEAD))
+            if i + ahead < len(spans):
+                upcoming.append(preparer.submit(prepare, i + ahead))
             yield prepared
     finally:
         preparer.shutdown(wait=True, cancel_futures=True)

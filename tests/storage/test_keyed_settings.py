@@ -35,7 +35,7 @@ EXCEPTIONS = {
     "encoder.batch_size": NONE, "encoder.gpus": NONE, "encoder.readers": NONE, "encoder.read_timeout_s": NONE,
     "encoder.writers": NONE, "encoder.cpu_decode_share": NONE, "encoder.cuda_graph": NONE,
     "encoder.cpu_decode_processes": NONE, "encoder.gil_switch_ms": NONE, "encoder.nvjpeg_batch": NONE,
-    "encoder.gpu_decoder": NONE, "encoder.hierarchy_graph": NONE,
+    "encoder.gpu_decoder": NONE, "encoder.hierarchy_graph": NONE, "encoder.decode_ahead": NONE,
     "generator.compile": NONE, "generator.compile_tuning": NONE, "generator.checkpoint_every": NONE,
     "generator.jvp_attention": NONE, "generator.device_batch": NONE, "decoder.checkpoint_every": NONE,
     "generator.mode": NONE,                # picks the folders a run trains and evaluates, each keyed alike

@@ -219,6 +219,65 @@ def test_nvjpeg_in_small_calls_gives_the_pixels_of_one_call(tree):
             assert torch.equal(a, b)
 
 
+def _prepared_runs(tree: Path, device: torch.device, aheads: tuple[int, ...], monkeypatch) -> dict:
+    """Every file of the tree (the odd ones too) through prepared_batches in batches of 3, for each
+    encoder.decode_ahead: the batches, and the threads that decoded them."""
+    import threading
+
+    import tasks.encode.files as files_module
+    from storage.imagenet import SampleFiles
+    from tasks.encode.files import Preprocess, prepared_batches
+    from tasks.encode.phase_clock import PhaseClock
+
+    paths = tuple(sorted(str(p) for p in tree.rglob("*.JPEG")))
+    spans = [(b, min(b + 3, len(paths))) for b in range(0, len(paths), 3)]
+    decoded_on, real = [], files_module.prepare_batch
+
+    def recorded(*args, **kwargs):
+        decoded_on.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(files_module, "prepare_batch", recorded)
+    runs = {}
+    for ahead in aheads:
+        decoded_on.clear()
+        split = DecodeSplit(0.0, ahead=ahead)
+        batches = [(b.images(), b.ok, b.rejects) for b in prepared_batches(
+            SampleFiles(paths=paths), spans, Preprocess(SIZE, SIZE), device, 2, None, PhaseClock(False), split)]
+        runs[ahead] = batches, set(decoded_on)
+    return runs
+
+
+def _same_pixels(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
+
+
+def test_decoding_ahead_or_on_the_encoders_thread_gives_the_same_batches(tree, monkeypatch):
+    """encoder.decode_ahead: with 0 the thread that asks for the batches decodes each one itself (on CUDA on
+    its own stream, never beside the encoder); with 1 or 2 a preparing thread does. The batches are the same:
+    pixels, decoded flags and reject rows, in order."""
+    import threading
+
+    runs = _prepared_runs(tree, torch.device("cpu"), (0, 1, 2), monkeypatch)
+    assert runs[0][1] == {threading.get_ident()}
+    assert threading.get_ident() not in runs[2][1] and threading.get_ident() not in runs[1][1]
+    for ahead in (1, 2):
+        assert len(runs[ahead][0]) == len(runs[0][0]) == 5
+        for (a, ok_a, rej_a), (b, ok_b, rej_b) in zip(runs[0][0], runs[ahead][0]):
+            assert _same_pixels(a, b) and np.array_equal(ok_a, ok_b) and rej_a == rej_b
+    assert sum(len(rejects) for _, _, rejects in runs[0][0]) == 1   # the truncated file
+    with pytest.raises(ValueError, match="decode_ahead"):
+        DecodeSplit(0.0, ahead=-1)
+    assert DecodeSplit.for_encoder(_cfg(tree, "encoder.decode_ahead=0").encoder).ahead == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs CUDA (runs on the GPU machine)")
+def test_on_cuda_decoding_on_the_encoders_stream_gives_the_side_streams_pixels(tree, monkeypatch):
+    runs = _prepared_runs(tree, torch.device("cuda"), (0, 2), monkeypatch)
+    for (a, ok_a, rej_a), (b, ok_b, rej_b) in zip(runs[0][0], runs[2][0]):
+        assert (a is None or a.device.type == "cuda") and _same_pixels(a, b) and np.array_equal(ok_a, ok_b) and rej_a == rej_b
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (runs on the GPU machine)")
 def test_the_encoder_replayed_as_cuda_graphs_gives_the_eager_tokens_for_every_batch():
     from models.encoder import build_encoder
