@@ -13,7 +13,7 @@ import torch
 
 from storage import zarr_store
 from storage.imagenet import SampleFiles
-from tasks.encode.decode import to_uint8, uint8_pixels
+from tasks.encode.decode import DecodeSplit, to_uint8, uint8_pixels
 from tasks.encode.files import Prepared, Preprocess, collect, prepare_batch, prepared_batches, read_parts
 from tasks.encode.phase_clock import PhaseClock
 
@@ -37,12 +37,14 @@ def decode_pixels(files: SampleFiles, start: int, stop: int, preprocess: Preproc
 
 
 def real_pixel_batches(source, images_store: str | Path, parts: list[np.ndarray], device: str | torch.device = "cpu",
-                       readers: int = 4) -> Iterator[np.ndarray | torch.Tensor]:
+                       readers: int = 4, split: DecodeSplit | None = None) -> Iterator[np.ndarray | torch.Tensor]:
     """uint8 [n, S, S, 3] of the valid samples of each part (store indices), in order: the image store's rows
     where it holds them (every scene; the first ingest.sample_pixels of a direct-path source), else decoded
     from their files exactly as the encoder saw them, through the encode pass's own pipeline (readers ahead,
     the preparing thread's nvjpeg on a side stream). What the real side of the evaluation reads. On CUDA a part
-    with decoded rows comes as a CUDA tensor, never copied to the host and back; otherwise a numpy array."""
+    with decoded rows comes as a CUDA tensor, never copied to the host and back; otherwise a numpy array.
+    `split`: how the encode pass decodes (DecodeSplit.for_encoder: the GPU decoder, decode_ahead), else the
+    defaults."""
     from storage.imagenet import resize_short_side, sample_files
 
     image = zarr_store.open_array(Path(images_store), "image")
@@ -60,7 +62,7 @@ def real_pixel_batches(source, images_store: str | Path, parts: list[np.ndarray]
         bounds = np.cumsum([0, *(len(m) for m in missing)])
         spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         preprocess = Preprocess(source.image_size, resize_short_side(source), source.interpolation)
-        decoded = prepared_batches(files, spans, preprocess, device, readers, None, PhaseClock(False))
+        decoded = prepared_batches(files, spans, preprocess, device, readers, None, PhaseClock(False), split)
     for part, absent in zip(parts, missing):
         held = part < held_rows
         stored = np.asarray(image.oindex[part[held]]) if held.any() else None

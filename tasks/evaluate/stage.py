@@ -47,6 +47,7 @@ from storage.scenes import masks_to_grid
 from storage.tables import write_metrics
 from storage.trajectory_store import new_edit_id, write_edits, write_grid, write_trajectories
 from tasks.plan import decoder_spec, eval_plan, generator_config, hierarchy_spec, layout as stage_layout
+from tasks.encode.decode import DecodeSplit
 from tasks.encode.pixels import real_pixel_batches
 from tasks.encode.encoder_load import load_encoder
 from tasks.evaluate.judge import holdout_values, judge_labels, prepare_judge
@@ -113,7 +114,8 @@ def _image_reference(cfg: TFConfig, layout: Layout, real: np.ndarray, dinov2: di
     reference, reused = {}, {}
     # the direct path stores only a sample: the rest is decoded from the files, on the GPU where there is one
     pixels = functools.partial(real_pixel_batches, cfg.source, layout.images(), device=device,
-                               readers=cfg.encoder.readers)
+                               readers=cfg.encoder.readers, split=DecodeSplit.for_encoder(cfg.encoder)
+                               if device.startswith("cuda") else None)
     for name, extractor in (("dinov2", dinov2), ("inception", inception)):
         if extractor["fn"] is None:
             continue

@@ -448,6 +448,8 @@ def test_real_pixels_decode_what_the_image_store_does_not_hold(tree, tmp_path):
     parts = [valid[:3], valid[3:8], valid[8:]]   # held only, held and decoded, decoded only
     full = list(real_pixel_batches(stores[13][0].source, stores[13][1], parts))
     sampled = list(real_pixel_batches(stores[6][0].source, stores[6][1], parts, readers=2))
+    inline = list(real_pixel_batches(stores[6][0].source, stores[6][1], parts, split=DecodeSplit(0.0, ahead=0)))
+    assert all(np.array_equal(a, b) for a, b in zip(inline, sampled))   # decoded on this thread: the same
     assert valid[3] < 6 <= valid[7] and [len(p) for p in sampled] == [len(p) for p in parts]
     assert all(isinstance(p, np.ndarray) and p.shape[1:] == (SIZE, SIZE, 3) for p in sampled)
     assert np.array_equal(np.concatenate(sampled), np.concatenate(full))
