@@ -280,8 +280,8 @@ class DecodeSplit:
         total = sum(self.counts.values())
         return {**self.counts, "gpu_decoder": decoder_name(self.decode_gpu, self.gpu_decoder),
                 "cpu_share": round(self.counts["cpu"] / total, 3) if total else 0.0,
-                "decode_ahead": self.ahead, "balanced": self.fixed is None, "cpu_decoders": f"{self.processes} processes" if self.processes
-                else "reader threads"}
+                "decode_ahead": self.ahead, "balanced": self.fixed is None,
+                "cpu_decoders": f"{self.processes} processes" if self.processes else "reader threads"}
 
 
 def decode_images(datas: Sequence[bytes | Exception], device: torch.device,

@@ -275,7 +275,8 @@ def test_decoding_ahead_or_on_the_encoders_thread_gives_the_same_batches(tree, m
 def test_on_cuda_decoding_on_the_encoders_stream_gives_the_side_streams_pixels(tree, monkeypatch):
     runs = _prepared_runs(tree, torch.device("cuda"), (0, 2), monkeypatch)
     for (a, ok_a, rej_a), (b, ok_b, rej_b) in zip(runs[0][0], runs[2][0]):
-        assert (a is None or a.device.type == "cuda") and _same_pixels(a, b) and np.array_equal(ok_a, ok_b) and rej_a == rej_b
+        assert a is None or a.device.type == "cuda"
+        assert _same_pixels(a, b) and np.array_equal(ok_a, ok_b) and rej_a == rej_b
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (runs on the GPU machine)")
