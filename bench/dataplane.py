@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import multiprocessing
 import os
 import resource
@@ -127,6 +128,16 @@ def _stage_config(base: str, train: Path, sets: list[str]):
                                      "evaluate.inception_weights=null", *sets])
 
 
+def fastest_sets(result: dict) -> list[str]:
+    """The settings (KEY=VALUE) of the fastest `--compare` variant of a dataplane.json, where it beat the fused
+    stage as configured; [] where none did (or none ran). What `gpu_session.sh` hands the pipeline step
+    (GP_FASTEST=1), so that a chained call needs no reading of the one before."""
+    baseline = result["figures"]["encode_stage_img_per_s"]["value"]
+    ran = [run for run in result.get("compared", {}).values() if "img_per_s" in run]
+    best = max(ran, key=lambda run: run["img_per_s"], default=None)
+    return list(best["sets"]) if best and best["img_per_s"] > baseline else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=20_000)
@@ -140,7 +151,12 @@ def main() -> None:
     parser.add_argument("--compare", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="also time the fused encode stage with these settings, in this call, on its own root "
                              "(removed after: 20 GB at 50k images), e.g. cuda_graph:encoder.cuda_graph=true")
+    parser.add_argument("--fastest-of", default=None, metavar="DATAPLANE_JSON",
+                        help="print the fastest compared variant's settings as --set flags (fastest_sets) and exit")
     args = parser.parse_args()
+    if args.fastest_of:
+        print(" ".join(f"--set {s}" for s in fastest_sets(json.loads(Path(args.fastest_of).read_text()))))
+        return
 
     from sklearn.metrics import adjusted_rand_score
 

@@ -9,9 +9,11 @@
 #   generators bench/generators.py: the compiled B step with Muon (TF32, float32 Newton-Schulz) and AdamW
 #   proof      bench/trajectory_proof.py (issue 30), resuming from /tmp/proof while the machine stays warm
 # Usage (device tool, repository root, .whl carried): STEPS="tests pipeline" bash bench/gpu_session.sh
-# (TESTS="<paths>" picks the tests; *_S each step's time limit). A step written STEP:NAME=VALUE runs with that
-# environment variable set, its logs and results in $OUT/NAME_VALUE: decode:CUDA_DEVICE_MAX_CONNECTIONS=32 times
-# the probe with 32 hardware work queues instead of CUDA's 8 (streams that share one queue wait for each other)
+# (TESTS="<paths>" picks the tests; *_S each step's time limit; GP_FASTEST=1 runs the pipeline with the settings
+# of the last data plane's fastest --compare on this machine, from an earlier call too while it stays warm).
+# A step written STEP:NAME=VALUE runs with that environment variable set, its logs and results in
+# $OUT/NAME_VALUE: decode:CUDA_DEVICE_MAX_CONNECTIONS=32 times the probe with 32 hardware work queues instead of
+# CUDA's 8 (streams that share one queue wait for each other)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=/tmp/prefect
@@ -37,9 +39,14 @@ for item in $STEPS; do
              > "$out/decode.log" 2>&1 ;;   # the same JPEG files as dataplane's (same names and bytes)
     dataplane) env $assign timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
              --workdir "${DP_WORK:-/tmp/dp}" --out "$out" ${DP_SETS:-} > "$out/dataplane.log" 2>&1; rc=$?
+             cp "$out/dataplane.json" "${DP_WORK:-/tmp/dp}/last_dataplane.json" 2>/dev/null   # for GP_FASTEST
              rm -rf "${DP_WORK:-/tmp/dp}/fused" "${DP_WORK:-/tmp/dp}/two_pass"; (exit $rc) ;;   # 20 GB each at 50k
-    pipeline) env $assign timeout "${PIPELINE_S:-330}" python3 bench/gpu_pipeline.py --images "${GP_IMAGES:-50000}" \
-             --workdir "${DP_WORK:-/tmp/dp}" --out "$out" --time-limit $(( ${PIPELINE_S:-330} - 5 )) ${GP_SETS:-} \
+    pipeline) fastest=""   # GP_FASTEST=1: with the settings of the last data plane's fastest --compare, if any
+             if [[ -n ${GP_FASTEST:-} && -f ${DP_WORK:-/tmp/dp}/last_dataplane.json ]]; then
+               fastest=$(python3 bench/dataplane.py --fastest-of "${DP_WORK:-/tmp/dp}/last_dataplane.json")
+               echo "pipeline with the data plane's fastest: ${fastest:-as configured}"; fi
+             env $assign timeout "${PIPELINE_S:-330}" python3 bench/gpu_pipeline.py --images "${GP_IMAGES:-50000}" \
+             --workdir "${DP_WORK:-/tmp/dp}" --out "$out" --time-limit $(( ${PIPELINE_S:-330} - 5 )) ${GP_SETS:-} $fastest \
              > "$out/gp.log" 2>&1; rc=$?   # the data plane's JPEGs (same names and bytes): written once a machine
              rm -rf "${DP_WORK:-/tmp/dp}/root"; (exit $rc) ;;   # its figures are in $out; the disk is needed next
     generators) for optimizer in "--optimizer muon" "--optimizer muon --ns-float32" "--optimizer adamw"; do
