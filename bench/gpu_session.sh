@@ -37,7 +37,8 @@ for item in $STEPS; do
     decode) env $assign timeout "${DECODE_S:-180}" python3 bench/decode_probe.py --images "${DECODE_IMAGES:-8192}" \
              --workdir "${DP_WORK:-/tmp/dp}" --processes "${DECODE_PROCESSES-4,8}" --out "$out" \
              > "$out/decode.log" 2>&1 ;;   # the same JPEG files as dataplane's (same names and bytes)
-    dataplane) env $assign timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
+    dataplane) rm -f "${DP_WORK:-/tmp/dp}/last_dataplane.json"   # GP_FASTEST never reads an earlier run's
+             env $assign timeout "${DATAPLANE_S:-150}" python3 bench/dataplane.py --images "${DP_IMAGES:-20000}" \
              --workdir "${DP_WORK:-/tmp/dp}" --out "$out" ${DP_SETS:-} > "$out/dataplane.log" 2>&1; rc=$?
              cp "$out/dataplane.json" "${DP_WORK:-/tmp/dp}/last_dataplane.json" 2>/dev/null   # for GP_FASTEST
              rm -rf "${DP_WORK:-/tmp/dp}/fused" "${DP_WORK:-/tmp/dp}/two_pass"; (exit $rc) ;;   # 20 GB each at 50k

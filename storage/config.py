@@ -182,16 +182,15 @@ class EncoderConfig(_Part):
                                 "pass, beside the encoder, not yet measured (docs/gpu.md)")
     gpu_decoder: Annotated[Literal["torchvision", "nvimgcodec", "auto"], UNKEYED] = Field(
         "torchvision", description="read_from files on CUDA: the GPU's JPEG decoder (tasks.encode.gpu_jpeg). "
-                                   "torchvision: nvjpeg's CUDA kernels, which starve beside the encoder; nvimgcodec: "
-                                   "the hardware JPEG engines through nvImageCodec (pip nvidia-nvimgcodec-cu13), "
-                                   "what they refuse decoded on the CPU; auto: nvimgcodec where it works, else "
-                                   "torchvision (the encode stage's decoded_by names the one that ran)")
+                                   "torchvision: nvjpeg's CUDA kernels; nvimgcodec: the hardware JPEG engines "
+                                   "through nvImageCodec (pip nvidia-nvimgcodec-cu13), what they refuse decoded on "
+                                   "the CPU; auto: nvimgcodec where it works, else torchvision (the encode stage's "
+                                   "decoded_by names the one that ran)")
     decode_ahead: Annotated[int, UNKEYED] = Field(
-        2, ge=0, description="read_from files: batches a preparing thread decodes and resizes ahead of the encoder "
-                             "(on CUDA on a side stream); 0: the pass's own thread decodes each batch on its "
-                             "stream just before encoding it. Beside the encoder the GPU decoders starve (H200: "
-                             "nvjpeg 111 img/s, nvImageCodec 88), one after the other they ran 4,532 img/s "
-                             "(docs/gpu.md)")
+        2, ge=0, description="read_from files on CUDA: batches a preparing thread decodes and resizes ahead of the "
+                             "encoder on a side stream; 0: the pass's own thread decodes each batch on its stream "
+                             "just before encoding it. Beside the encoder the GPU decoders starve (H200: nvjpeg "
+                             "111 img/s, nvImageCodec 88), one after the other they ran 4,532 img/s (docs/gpu.md)")
     gil_switch_ms: Annotated[float | None, UNKEYED] = Field(
         None, gt=0, description="CPython's GIL time slice in ms while the encode stage runs (sys.setswitchinterval);"
                                 " null: CPython's own, 5 ms. The thread driving the GPU takes the GIL back after"

@@ -4,10 +4,12 @@
   torchvision  torchvision.io.decode_jpeg(device="cuda"): nvjpeg's CUDA backend. The entropy decode runs on
                the host, the IDCT and colour conversion as CUDA kernels on the SMs, on a stream of
                torchvision's own. Alone on an H100 it decoded 7,800-10,700 img/s, but 95 img/s while another
-               thread replayed the encoder: its small kernels wait behind the encoder's (docs/gpu.md).
+               thread replayed the encoder (docs/gpu.md).
   nvimgcodec   NVIDIA's nvImageCodec (pip: nvidia-nvimgcodec-cu13, or -cu12 for a CUDA 12 torch) on the
-               hardware JPEG decode engines (NVJPG: A100, H100, H200), which are not SMs, so the decode can run
-               beside the encoder. Only those engines are allowed: what they refuse (progressive or
+               hardware JPEG decode engines (NVJPG: A100, H100, H200), which are not SMs. Alone on an H200 15,600
+               img/s; beside the encoder it starved as nvjpeg does (88 img/s): a decode call waits for the
+               encoder's queued work, whatever runs it (encoder.decode_ahead 0 avoids that). Only those engines are
+               allowed: what they refuse (progressive or
                arithmetic-coded files) comes back None for the CPU, never through CUDA kernels that would starve.
   auto         nvimgcodec where it is installed and its engines decode on this GPU, else torchvision.
 
