@@ -113,7 +113,7 @@ def figures_of(rows: list[dict], images: int) -> tuple[dict, dict]:
         table[row["stage"]] = keep
         figures[f"{row['stage']}_s"] = (round(float(row["duration_s"]), 2), f"s ({row['status']})")
     encode, hierarchy = by_stage.get("encode"), by_stage.get("hierarchy")
-    if encode is not None and hierarchy is not None:
+    if encode is not None and hierarchy is not None and encode["status"] == "computed":   # reused: no throughput
         seconds = float(encode["duration_s"]) + float(hierarchy["duration_s"])
         figures["jpeg_to_teacher_img_per_s"] = (round(images / seconds, 1),
                                                 "img/s, JPEG to teacher store (encode + hierarchy stage seconds)")
@@ -122,7 +122,7 @@ def figures_of(rows: list[dict], images: int) -> tuple[dict, dict]:
     if mfus:
         figures["generator_mfu_min"] = (round(min(mfus), 4), "fraction of 989 TFLOP/s, lowest generator stage")
         figures["generator_mfu_mean"] = (round(sum(mfus) / len(mfus), 4), "fraction of 989 TFLOP/s, mean")
-    if "evaluate" in by_stage:
+    if "evaluate" in by_stage and by_stage["evaluate"]["status"] == "computed":
         figures["evaluate_img_per_s"] = (by_stage["evaluate"].get("images_per_s", 0.0), "samples/s, whole stage")
     peaks = [row["gpu_peak_mem_gib"] for row in rows if isinstance(row.get("gpu_peak_mem_gib"), (int, float))]
     if peaks:
@@ -156,6 +156,8 @@ def main() -> None:
     log = (out or work) / "pipeline.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     left = None if args.time_limit is None else max(1.0, args.time_limit - 30 - (time.perf_counter() - began))
+    # a root left by a run killed before its clean-up would be reused, its stages timed at milliseconds
+    shutil.rmtree(work / "root", ignore_errors=True)
     wall, ended = run_pipeline(work / "root", work / "train", weights, args.sets, log, args.config, left)
     run, rows = recorded(work / "root")
     run_id = run["run_id"] if run is not None else None

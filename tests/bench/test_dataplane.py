@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.dataplane import fastest_sets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,3 +37,18 @@ def test_the_command_line_prints_set_flags(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["--set", "encoder.decode_ahead=0", "--set", "encoder.gpu_decoder=auto"]
+
+
+def test_a_store_left_by_a_killed_run_is_removed_and_a_reused_stage_is_no_measurement(tmp_path):
+    # the H100 call at f17fed5 timed out before its clean-up; the next call reused the fused store and
+    # reported 1.5M img/s end to end
+    from bench.dataplane import fresh_root, timed
+
+    left = tmp_path / "fused" / "latents-abc"
+    left.mkdir(parents=True)
+    (left / "zarr.json").write_text("{}")
+    assert fresh_root(tmp_path / "fused") == tmp_path / "fused" and not (tmp_path / "fused").exists()
+    computed = {"stage": "encode", "status": "computed", "duration_s": 9.9}
+    assert timed(computed, "inline") is computed
+    with pytest.raises(SystemExit, match="reused, not computed"):
+        timed({"stage": "encode", "status": "reused", "duration_s": 0.006, "path": str(left)}, "fused")

@@ -82,3 +82,19 @@ def _cmdline(pid: int) -> str:
     except OSError:
         return ""
 
+
+
+def test_stages_reused_from_an_earlier_run_give_no_throughput():
+    sys.path.insert(0, str(REPO))
+    from bench.gpu_pipeline import figures_of
+
+    def rows(encode_status: str) -> list[dict]:
+        seconds = 0.006 if encode_status == "reused" else 20.0
+        return [{"stage": "encode", "status": encode_status, "duration_s": seconds},
+                {"stage": "hierarchy", "status": "reused", "duration_s": 0.002},
+                {"stage": "evaluate", "status": encode_status, "duration_s": 0.01, "images_per_s": 5e6}]
+    figures, table = figures_of(rows("reused"), 50_000)
+    assert "jpeg_to_teacher_img_per_s" not in figures and "evaluate_img_per_s" not in figures
+    assert figures["encode_s"] == (0.01, "s (reused)") and table["encode"]["status"] == "reused"
+    figures, _ = figures_of(rows("computed"), 50_000)
+    assert figures["jpeg_to_teacher_img_per_s"][0] == round(50_000 / 20.002, 1) and figures["evaluate_img_per_s"][0] == 5e6
