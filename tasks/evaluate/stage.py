@@ -113,9 +113,9 @@ def _image_reference(cfg: TFConfig, layout: Layout, real: np.ndarray, dinov2: di
     ev = cfg.evaluate
     reference, reused = {}, {}
     # the direct path stores only a sample: the rest is decoded from the files, on the GPU where there is one
+    split = DecodeSplit.for_encoder(cfg.encoder) if device.startswith("cuda") else None   # as the encode pass
     pixels = functools.partial(real_pixel_batches, cfg.source, layout.images(), device=device,
-                               readers=cfg.encoder.readers, split=DecodeSplit.for_encoder(cfg.encoder)
-                               if device.startswith("cuda") else None)
+                               readers=cfg.encoder.readers, split=split)
     for name, extractor in (("dinov2", dinov2), ("inception", inception)):
         if extractor["fn"] is None:
             continue

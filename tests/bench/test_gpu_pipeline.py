@@ -83,7 +83,6 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-
 def test_stages_reused_from_an_earlier_run_give_no_throughput():
     sys.path.insert(0, str(REPO))
     from bench.gpu_pipeline import figures_of
@@ -97,4 +96,5 @@ def test_stages_reused_from_an_earlier_run_give_no_throughput():
     assert "jpeg_to_teacher_img_per_s" not in figures and "evaluate_img_per_s" not in figures
     assert figures["encode_s"] == (0.01, "s (reused)") and table["encode"]["status"] == "reused"
     figures, _ = figures_of(rows("computed"), 50_000)
-    assert figures["jpeg_to_teacher_img_per_s"][0] == round(50_000 / 20.002, 1) and figures["evaluate_img_per_s"][0] == 5e6
+    assert figures["jpeg_to_teacher_img_per_s"][0] == round(50_000 / 20.002, 1)
+    assert figures["evaluate_img_per_s"][0] == 5e6
