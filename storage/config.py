@@ -199,6 +199,11 @@ class EncoderConfig(_Part):
         0, ge=0, description="read_from files: 0 = the channel mean/std of every image, known after the pass; "
                              "N = of N images spread evenly over the source, encoded first, so the hierarchy "
                              "(backend batched) runs in the same pass as the encoder")
+    verify_images: Annotated[int, UNKEYED] = Field(
+        64, ge=0, description="after the pass, this many stored latents spread over the store are encoded again "
+                              "one batch at a time (no decoding ahead, no CUDA graph) and must match within a "
+                              "relative error of 0.25, or the stage fails before marking anything complete "
+                              "(tasks.encode.verify); 0: no check")
 
 
 class HierarchyConfig(_Part):

@@ -29,21 +29,57 @@ NVIMGCODEC_MISSING = ("encoder.gpu_decoder=nvimgcodec needs NVIDIA's nvImageCode
                       "CUDA 12 torch); scripts/gpu_wheels.py carries it to a GPU machine")
 
 
+_IDLE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_idle_made = threading.Lock()
+
+
+def idle_stream(device: torch.device) -> torch.cuda.Stream:
+    """A CUDA stream of this process's own on `device` (cudaStreamCreate, not one of PyTorch's pooled streams,
+    which other code is handed too) that never runs a kernel: memory the caching allocator gives out for it was
+    freed only once every use of it had finished, so a write from any other stream may land there at once."""
+    import ctypes
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _idle_made:
+        if index not in _IDLE_STREAMS:
+            handle = ctypes.c_void_p()
+            with torch.cuda.device(index):
+                error = torch.cuda.cudart().cudaStreamCreate(ctypes.addressof(handle))
+            if int(error) != 0:
+                raise RuntimeError(f"cudaStreamCreate failed on cuda:{index}: {error}")
+            _IDLE_STREAMS[index] = torch.cuda.ExternalStream(handle.value, device=index)
+        return _IDLE_STREAMS[index]
+
+
 def torchvision_nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
-    """One batched nvjpeg call; when it fails, file by file, None where nvjpeg refuses (the CPU retries)."""
+    """One batched nvjpeg call; when it fails, file by file, None where nvjpeg refuses (the CPU retries).
+
+    torchvision allocates the output on the caller's current stream but writes it on a stream of its own,
+    ordered after none of the caller's queued work. On a busy stream the allocator may hand out a block that
+    queued kernels still read or write (the last batch's images, the resize's scratch), and the decode and
+    those kernels then overwrite each other: on an H200 with decode_ahead 0 the statistics pass saw tokens
+    of 1e38 (docs/gpu.md). So the call allocates on an idle stream, and the caller's stream waits for it and
+    is recorded as the outputs' user (their memory is reused only after that stream's use)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    try:
-        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        out = []
-        for tensor in tensors:
-            try:
-                out.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                out.append(None)
-        return out
+    caller = torch.cuda.current_stream(device)
+    own = idle_stream(device)
+    with torch.cuda.stream(own):
+        try:
+            out = list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out = []
+            for tensor in tensors:
+                try:
+                    out.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    out.append(None)
+    caller.wait_stream(own)
+    for image in out:
+        if image is not None:
+            image.record_stream(caller)
+    return out
 
 
 def nvimgcodec_available() -> bool:

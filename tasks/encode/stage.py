@@ -18,9 +18,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import threading
+import time
 import warnings
 
 import numpy as np
+import torch
 
 from models.channel_stats import mean_std
 from models.encoder import ENCODER_OUTPUT, grid_size, resolve_encoder_name, token_dim
@@ -162,6 +164,7 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
                         encode_chunk_with(model, weights_label, device, str(images), str(path), chunk, start, stop,
                                           cfg.encoder.batch_size, cfg.encoder.dtype)
                         bar.advance(stop - start)
+        extra["verified"] = _verify_sample(cfg, layout, models)   # before any store is marked complete
         if fused is not None:
             zarr_store.mark_complete(fused.store, teacher_marker(cfg, num))
             extra["teacher"] = str(fused.store)
@@ -234,6 +237,36 @@ def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: s
     stats = mean_std(np.array([count]), np.asarray(mean)[None], np.asarray(m2)[None])
     latent_store.write_sampled_stats(path, *stats, {"images": len(rows), "tokens": int(count)})
     return stats
+
+
+def _verify_sample(cfg: TFConfig, layout: Layout, models: dict) -> dict:
+    """encoder.verify_images of the stored latents, spread over the store, encoded again the plain way and
+    compared with what the pass stored (tasks.encode.verify): raises when they differ."""
+    from models.encoder import encode_images
+    from tasks.encode.verify import check_sample, encode_files_plainly
+
+    if not cfg.encoder.verify_images:
+        return {"status": "skipped", "reason": "encoder.verify_images is 0"}
+    if not models:
+        return {"status": "skipped", "reason": "encoded on Dask workers: this process holds no encoder"}
+    began = time.perf_counter()
+    path = layout.latents()
+    valid = np.flatnonzero(zarr_store.open_array(path, "valid")[:])
+    if not len(valid):
+        return {"status": "skipped", "reason": "no valid image"}
+    rows = valid[sample_rows(len(valid), cfg.encoder.verify_images)]
+    ids = np.asarray(zarr_store.open_array(path, "sample")[:])[rows]
+    device, model = next(iter(models.items()))
+    if encode_reads_files(cfg):
+        preprocess = Preprocess(cfg.source.image_size, resize_short_side(cfg.source), cfg.source.interpolation)
+        recomputed = encode_files_plainly(model, sample_files(cfg.source, [str(i) for i in ids]), preprocess,
+                                          device, cfg.encoder.batch_size, cfg.encoder.gpu_decoder)
+    else:   # the pass's own function over the image store's pixels, one batch at a time
+        pixels = np.asarray(zarr_store.open_array(layout.images(), "image").oindex[rows])
+        cuda = torch.device(device).type == "cuda"
+        recomputed = encode_images(model, pixels, device=device, batch_size=cfg.encoder.batch_size,
+                                   dtype=torch.bfloat16 if cuda else None)
+    return {**check_sample(path, rows, recomputed, ids), "seconds": round(time.perf_counter() - began, 3)}
 
 
 def _warm_hierarchy(cfg: TFConfig, device: str | None, grid: int, dim: int) -> cf.Future | None:

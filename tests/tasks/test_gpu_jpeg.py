@@ -82,3 +82,27 @@ def test_auto_takes_nvjpeg_where_the_hardware_decoder_cannot_run_and_says_which_
         split.decode_gpu([b"x", b"y"], torch.device("cuda"))
     split.decode_gpu([b"z"], torch.device("cuda"))   # decided once
     assert calls == [2, 1] and split.summary()["gpu_decoder"] == "torchvision"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg's streams need CUDA (runs on the GPU machine)")
+@pytest.mark.parametrize("decoder", ["torchvision", "nvimgcodec"])
+def test_a_decode_on_a_busy_stream_never_lands_in_memory_its_queued_work_still_writes(decoder):
+    """The race behind the H200's 1e38 tokens with decode_ahead 0: a buffer freed while the stream's queued work
+    will still write it, then a decode of the same size. Were the decode's output given that buffer (torchvision
+    allocates on the caller's stream, writes on its own), the queued fill would land on the decoded pixels."""
+    if decoder == "nvimgcodec" and not HAS_NVIMGCODEC:
+        pytest.skip("nvImageCodec is not installed here")
+    device = torch.device("cuda")
+    decode = gpu_jpeg.gpu_decoder(decoder)
+    data = _smooth_jpeg(240, 320, 11)
+    expected = decode([data], device)[0].clone()
+    torch.cuda.synchronize()
+    busy = torch.randn(6144, 6144, device=device)
+    for _ in range(8):
+        slow = busy @ busy @ busy   # tens of ms queued ahead of the fill below
+        pending = torch.empty(expected.numel(), dtype=torch.uint8, device=device)
+        pending.fill_(0)   # runs after the matmuls, so after the decode below has written its pixels
+        del pending, slow
+        decoded = decode([data], device)[0]
+        torch.cuda.synchronize()
+        assert torch.equal(decoded, expected), "queued work overwrote the decoded pixels"
