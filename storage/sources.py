@@ -238,22 +238,30 @@ def _list_imagefolder(root: Path, cap: int) -> SourceListing:
     rows: list[tuple[str, int, os.stat_result | str]] = []
     for index, name in enumerate(classes):
         for folder, entries, links, error in sorted(scan_tree(root / name), key=lambda item: item[0]):
-            where = Path(folder).relative_to(root)
+            where = str(Path(folder).relative_to(root))
             if error is not None:   # listed as a reject of its own: its images are not "no images"
-                rows.append((str(where), index, reject_reason(error)))
-            skipped += [(str(where / link.name), "link to a folder (not followed)") for link in links]
+                rows.append((where, index, reject_reason(error)))
+            skipped += [(os.path.join(where, link.name), "link to a folder (not followed)") for link in links]
+            # strings, not a Path per file: a third of the time of listing 50,000 files went to pathlib
             for entry in sorted(entries, key=lambda e: e.name):
-                if Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
-                    skipped.append((str(where / entry.name), skip_reason(entry.name)))
+                if name_suffix(entry.name).lower() not in IMAGE_SUFFIXES:
+                    skipped.append((os.path.join(where, entry.name), skip_reason(entry.name)))
                     continue
                 status = file_status(entry)
                 if status is not None:
-                    rows.append((str(where / entry.name), index, status))
+                    rows.append((os.path.join(where, entry.name), index, status))
     if not any(not isinstance(status, str) for _, _, status in rows):
         raise FileNotFoundError(f"no images under {root} (suffixes {sorted(IMAGE_SUFFIXES)})")
     present = {label for _, label, _ in rows}   # before the cap: a class cut off by the cap is not empty
     empty = tuple(name for index, name in enumerate(classes) if index not in present)
     return folder_listing(rows, classes, cap, skipped, empty)
+
+
+def name_suffix(name: str) -> str:
+    """A file name's suffix by pathlib's rule (PurePath.suffix), without building a path: "" for ".JPEG"
+    and for "name." alike."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
 def is_dir(entry: os.DirEntry) -> bool:
