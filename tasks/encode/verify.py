@@ -77,5 +77,5 @@ def check_sample(store: Path, rows: np.ndarray, recomputed: np.ndarray, ids: np.
                            f"what the encode pass stored (relative error above {VERIFY_TOLERANCE}): {named}. "
                            f"The pass wrote wrong latents; the store is not marked complete. Run the stage "
                            f"again with --force encode")
-    return {"images": int(len(rows)), "max_relative_error": round(float(errors.max()), 5) if len(rows) else None,
+    return {"status": "passed", "images": int(len(rows)), "max_relative_error": round(float(errors.max()), 5) if len(rows) else None,
             "tolerance": VERIFY_TOLERANCE}

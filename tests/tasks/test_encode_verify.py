@@ -50,7 +50,7 @@ def test_a_faithful_pass_is_verified_on_a_spread_sample(tree, tmp_path, read_fro
     cfg = _cfg(tree, f"encoder.read_from={read_from}", "encoder.verify_images=6")
     ingest_images.fn(cfg, str(tmp_path))
     verified = encode_latents.fn(cfg, str(tmp_path))["verified"]
-    assert verified["images"] == 6 and verified["tolerance"] == VERIFY_TOLERANCE
+    assert verified["status"] == "passed" and verified["images"] == 6 and verified["tolerance"] == VERIFY_TOLERANCE
     assert verified["max_relative_error"] < 0.01   # float16 storage of float32 tokens: about 1e-4
 
 
