@@ -25,7 +25,9 @@ from safetensors.numpy import save as save_safetensors_bytes
 
 from storage.files import atomic_write_bytes, atomic_write_json
 
-SCHEMA_VERSION = 1
+# 2: references whose real images were decoded on CUDA before 0593437 may hold pixels that queued GPU work
+# overwrote (docs/gpu.md, the nvjpeg race); every reference of version 1 reads as absent and is computed again
+SCHEMA_VERSION = 2
 REFERENCE_DIR = "reference"
 _MAX_SAFE_CHARS = 80
 

@@ -89,6 +89,17 @@ def test_arrays_not_matching_sidecar_count_as_absent(tmp_path):
     assert load_reference(store, INCEPTION) is None
 
 
+def test_a_reference_of_schema_version_1_is_computed_again(tmp_path):
+    """Version 1 references may come from real images decoded on CUDA while the nvjpeg race (fixed at 0593437)
+    could overwrite their pixels: they read as absent, whatever else matches."""
+    store = tmp_path / "images-abc"
+    path = save_reference(store, INCEPTION, _arrays(0), {"n": 5})
+    assert load_reference(store, INCEPTION) is not None
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({**sidecar, "schema_version": 1}))
+    assert load_reference(store, INCEPTION) is None
+
+
 def test_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError):
         reference_path(tmp_path, "")
