@@ -255,7 +255,7 @@ def _verify_sample(cfg: TFConfig, layout: Layout, models: dict) -> dict:
     if not len(valid):
         return {"status": "skipped", "reason": "no valid image"}
     rows = valid[sample_rows(len(valid), cfg.encoder.verify_images)]
-    ids = np.asarray(zarr_store.open_array(path, "sample")[:])[rows]
+    ids = zarr_store.sample_ids(path, rows)
     device, model = next(iter(models.items()))
     if encode_reads_files(cfg):
         preprocess = Preprocess(cfg.source.image_size, resize_short_side(cfg.source), cfg.source.interpolation)
