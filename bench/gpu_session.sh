@@ -50,8 +50,10 @@ for item in $STEPS; do
              --workdir "${DP_WORK:-/tmp/dp}" --out "$out" --time-limit $(( ${PIPELINE_S:-330} - 5 )) ${GP_SETS:-} $fastest \
              > "$out/gp.log" 2>&1; rc=$?   # the data plane's JPEGs (same names and bytes): written once a machine
              rm -rf "${DP_WORK:-/tmp/dp}/root"; (exit $rc) ;;   # its figures are in $out; the disk is needed next
-    generators) for optimizer in "--optimizer muon" "--optimizer muon --ns-float32" "--optimizer adamw"; do
+    generators) for run in ${GEN_RUNS:-muon ns_float32 adamw}; do   # GEN_RUNS picks (about 110 s each)
              # the compiled B step with Muon's Newton-Schulz in TF32 (shipped), in float32 (before), and AdamW
+             case $run in muon) optimizer="--optimizer muon" ;; ns_float32) optimizer="--optimizer muon --ns-float32" ;;
+               *) optimizer="--optimizer adamw" ;; esac
              env $assign timeout "${GENERATOR_S:-150}" python3 bench/generators.py --variants kernel:compile --steps 10 \
                --no-kernel-check $optimizer --out "$out" >> "$out/generators.log" 2>&1
            done ;;

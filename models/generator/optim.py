@@ -122,16 +122,23 @@ def tf32_matmuls(device: torch.device, enabled: bool = True) -> Iterator[None]:
 
 
 def newton_schulz(x: Tensor, steps: int = NS_STEPS, coeffs: tuple[float, float, float] = NS_COEFFS,
-                  eps: float = EPS) -> Tensor:
-    """optax's orthogonalize_via_newton_schulz over a stack [n, rows, cols] of matrices of one shape."""
+                  eps: float = EPS, scale: float = 1.0) -> Tensor:
+    """optax's orthogonalize_via_newton_schulz over a stack [n, rows, cols] of matrices of one shape, times
+    `scale`. Each step is three batched matmuls whose multiply-adds carry the polynomial's coefficients
+    (b A + c A A, then a X + (...) X): no elementwise pass over the stack between them, and `scale` rides on
+    the last step's coefficients (on CUDA those passes were a share of Muon's step beside the matmuls)."""
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)   # Frobenius: spectral norm at most 1
     a, b, c = coeffs
-    for _ in range(steps):
+    for step in range(steps):
+        last = scale if step == steps - 1 else 1.0
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)   # b A + c A A
+        x = torch.baddbmm(x, polynomial, x, beta=a * last, alpha=last)   # (a X + (b A + c A A) X) * last
+    if steps == 0 and scale != 1.0:
+        x = x * scale
     return x.mT if transposed else x
 
 
@@ -184,8 +191,7 @@ class ReferenceMuon(torch.optim.Optimizer):
         for (fan_out, fan_in), items in by_shape.items():
             stacked = torch.cat([parts for _, parts in items])
             with tf32_matmuls(stacked.device, NS_TF32):
-                stacked = newton_schulz(stacked)
-            stacked = stacked * math.sqrt(max(1.0, fan_out / fan_in))
+                stacked = newton_schulz(stacked, scale=math.sqrt(max(1.0, fan_out / fan_in)))
             for (i, parts), chunk in zip(items, stacked.split([len(parts) for _, parts in items])):
                 updates[i] = chunk.reshape(params[i].shape)
         if group["weight_decay"]:

@@ -100,25 +100,28 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     images, path = layout.images(), layout.latents()
     direct = encode_reads_files(cfg)
     laps = Laps()
-    if direct:   # files are read now: they must still be the ones the listing recorded
-        from storage.sources import list_source
-        from tasks.ingest.stage import check_listing
-
-        check_listing(images, list_source(cfg.source), cfg.source.path, complete=True)
-        laps.lap("check_source")
+    # files are read now: they must still be the ones the listing recorded. The source is listed again in a
+    # thread while the encoder loads (both take about a second on ImageNet-sized sources); no file is read
+    # before the check has passed
+    checked = _check_source_beside(cfg, images) if direct else None
     address = cfg.ingest.dask_address
+    devices = [] if address else local_devices(cfg, direct)
+    # the CPU decode processes start before the encoder loads: their imports overlap it
+    splits = {device: DecodeSplit.for_encoder(cfg.encoder, processes=cfg.encoder.cpu_decode_processes)
+              for device in devices if device.startswith("cuda")}
     models: dict[str, object] = {}
     if address:
         weights_label, grid, dim = plan_encoder(cfg)
     else:
-        for device in local_devices(cfg, direct):
+        for device in devices:
             model, weights_label = load_encoder(cfg.encoder.model, cfg.source.image_size, cfg.encoder.weights,
                                                 cfg.encoder.allow_random_init)
             models[device] = model.to(device)
         grid, dim = grid_size(model), token_dim(model)
     laps.lap("load_encoder")
-    splits = {device: DecodeSplit.for_encoder(cfg.encoder, processes=cfg.encoder.cpu_decode_processes)
-              for device in models if device.startswith("cuda")}
+    if checked is not None:
+        checked.result()
+        laps.lap("check_source")   # what the check took beyond the load
     graphs = {device: EncoderGraphs(model) for device, model in models.items()
               if device.startswith("cuda") and cfg.encoder.cuda_graph}
     num = zarr_store.open_array(images, "label").shape[0]
@@ -185,6 +188,19 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     extra["wall_s"] = laps.seconds
     return Done({"samples": num, "encoder_weights": weights_label, "grid": grid, "dim": dim, **counts, **extra},
                 {"encoder_weights": weights_label, "images": num, **counts, **extra})
+
+
+def _check_source_beside(cfg: TFConfig, images) -> cf.Future:
+    """tasks.ingest.stage.check_listing of the source listed anew, in a thread: its result() raises what
+    the check found."""
+    from storage.sources import list_source
+    from tasks.ingest.stage import check_listing
+
+    pool = cf.ThreadPoolExecutor(1, thread_name_prefix="check-source")
+    try:
+        return pool.submit(lambda: check_listing(images, list_source(cfg.source), cfg.source.path, complete=True))
+    finally:
+        pool.shutdown(wait=False)
 
 
 def sampled_stats_label(images: int) -> str:
