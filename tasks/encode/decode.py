@@ -198,6 +198,7 @@ class DecodeSplit:
         self.processes = processes
         self._pool: cf.ProcessPoolExecutor | None = None
         self._up = None   # how many decode processes have started (a shared counter)
+        self._pin_thread: cf.ThreadPoolExecutor | None = None   # pins what the processes decoded
         if processes and (share is None or share > 0):
             self._start_pool()
 
@@ -234,20 +235,36 @@ class DecodeSplit:
                                                      for i in range(0, len(datas), WORKER_FILES)])
         upload = device is not None and device.type == "cuda"
 
+        def pinned() -> list[tuple]:
+            # the copies into pinned memory (tens of MB a batch) release the GIL: in this thread they overlap
+            # the caller's nvjpeg calls instead of following them on the thread that launches the encoder
+            return [(flat.pin_memory() if flat.numel() else flat, shapes, finished)
+                    for flat, shapes, finished in ((torch.as_tensor(f), s, t) for f, s, t in results)]
+
+        arrived = self._pinner().submit(pinned) if upload else None
+
         def received():
-            for flat, shapes, finished in results:
-                flat = torch.as_tensor(flat)   # numpy where the worker had no shared memory left
+            for flat, shapes, finished in (arrived.result() if arrived is not None else
+                                           ((torch.as_tensor(f), s, t) for f, s, t in results)):
                 if upload and flat.numel():
-                    flat = flat.pin_memory().to(device, non_blocking=True)
+                    flat = flat.to(device, non_blocking=True)
                 for image in _unpack(flat, shapes):
                     yield image, finished
 
         return received()
 
+    def _pinner(self) -> cf.ThreadPoolExecutor:
+        if self._pin_thread is None:
+            self._pin_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="pin-decoded")
+        return self._pin_thread
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._pin_thread is not None:
+            self._pin_thread.shutdown(wait=True)
+            self._pin_thread = None
 
     def ready(self) -> bool:
         """Whether every decode process is up (spawned, torch imported): a few seconds after the stage starts.
