@@ -416,6 +416,9 @@ def test_encode_refuses_a_folder_changed_since_ingest(tree, tmp_path):
     (copy / "n01" / "n01_1.JPEG").unlink()
     with pytest.raises(SourceChanged, match="1 removed"):
         encode_latents.fn(cfg, str(tmp_path / "root"))
+    # the check runs beside the encoder's loading, but nothing is written (or read) before it has passed
+    latents = Layout(str(tmp_path / "root"), cfg).latents()
+    assert sorted(p.name for p in latents.iterdir()) == ["_LINEAGE.json"]   # no array, no chunk
 
 
 def test_imagefolder_stages_complete_with_a_pixel_sample(tree, tmp_path):
