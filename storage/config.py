@@ -182,10 +182,11 @@ class EncoderConfig(_Part):
                                 "pass, beside the encoder, not yet measured (docs/gpu.md)")
     gpu_decoder: Annotated[Literal["torchvision", "nvimgcodec", "auto"], UNKEYED] = Field(
         "torchvision", description="read_from files on CUDA: the GPU's JPEG decoder (tasks.encode.gpu_jpeg). "
-                                   "torchvision: nvjpeg's CUDA kernels; nvimgcodec: the hardware JPEG engines "
-                                   "through nvImageCodec (pip nvidia-nvimgcodec-cu13), what they refuse decoded on "
-                                   "the CPU; auto: nvimgcodec where it works, else torchvision (the encode stage's "
-                                   "decoded_by names the one that ran)")
+                                   "torchvision: nvjpeg through torchvision (its hardware backend for the files "
+                                   "that takes); nvimgcodec: the hardware JPEG engines through nvImageCodec (pip "
+                                   "nvidia-nvimgcodec-cu13), what they refuse decoded on the CPU; auto: nvimgcodec "
+                                   "where it works, else torchvision (the encode stage's decoded_by names the one "
+                                   "that ran)")
     decode_ahead: Annotated[int, UNKEYED] = Field(
         2, ge=0, description="read_from files on CUDA: batches a preparing thread decodes and resizes ahead of the "
                              "encoder on a side stream; 0: the pass's own thread decodes each batch on its stream "

@@ -1,10 +1,12 @@
 """The GPU's JPEG decoders behind one call (encoder.gpu_decoder): a list of JPEG files -> each one's uint8
 [3, H, W] on the device, or None where the decoder refuses it (tasks.encode.decode then decodes it on the CPU).
 
-  torchvision  torchvision.io.decode_jpeg(device="cuda"): nvjpeg's CUDA backend. The entropy decode runs on
-               the host, the IDCT and colour conversion as CUDA kernels on the SMs, on a stream of
-               torchvision's own. Alone on an H100 it decoded 7,800-10,700 img/s, but 95 img/s while another
-               thread replayed the encoder (docs/gpu.md).
+  torchvision  torchvision.io.decode_jpeg(device="cuda") on a list, on a stream of torchvision's own. By its
+               source (csrc/io/image/cuda/decode_jpegs_cuda.cpp, 0.19 on) it asks nvjpeg for the hardware
+               backend: where the GPU has the engines (A100, H100, H200), the files nvjpegDecodeBatchedSupported
+               accepts go to them in one batched call, the rest one file at a time (entropy decode on the host,
+               CUDA kernels, a wait on its stream per file); which way our files went is not measured. Alone on
+               an H100 it decoded 7,800-10,700 img/s, but 95 img/s while another thread replayed the encoder.
   nvimgcodec   NVIDIA's nvImageCodec (pip: nvidia-nvimgcodec-cu13, or -cu12 for a CUDA 12 torch) on the
                hardware JPEG decode engines (NVJPG: A100, H100, H200), which are not SMs. Alone on an H200 15,600
                img/s; beside the encoder it starved as nvjpeg does (88 img/s): a decode call waits for the
