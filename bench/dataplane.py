@@ -295,7 +295,11 @@ def main() -> None:
         "store_bytes_per_image": (round(bytes_per_image), "B on disk (latent + teacher stores)"),
         "imagenet_train_tb": (round(bytes_per_image * 1_281_167 / 1e12, 3), "TB for 1.28M images"),
     }
+    from bench.nvjpeg_paths import nvjpeg_paths
+
     extra = {"runs": runs, "compared": compared, "phases_s": fused["encode"].get("phases_s"),
+             # which of torchvision's two CUDA decode paths these files take (docs/gpu.md)
+             "nvjpeg_paths": nvjpeg_paths([Path(p).read_bytes() for p in paths[:2000]]),
              "stats_pass_s": fused["encode"].get("stats_pass_s"), "channel_stats": fused["encode"].get("channel_stats"),
              "ari_per_level": [round(a, 4) for a in ari],
              # the sampled statistics' effect on the teacher: the same images under the whole set's statistics
