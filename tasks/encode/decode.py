@@ -234,18 +234,15 @@ class DecodeSplit:
         results = self._pool.map(_decode_in_worker, [datas[i:i + WORKER_FILES]
                                                      for i in range(0, len(datas), WORKER_FILES)])
         upload = device is not None and device.type == "cuda"
-
-        def pinned() -> list[tuple]:
-            # the copies into pinned memory (tens of MB a batch) release the GIL: in this thread they overlap
-            # the caller's nvjpeg calls instead of following them on the thread that launches the encoder
-            return [(flat.pin_memory() if flat.numel() else flat, shapes, finished)
-                    for flat, shapes, finished in ((torch.as_tensor(f), s, t) for f, s, t in results)]
-
-        arrived = self._pinner().submit(pinned) if upload else None
+        # numpy where the worker had no shared memory left
+        buffers = ((torch.as_tensor(flat), shapes, finished) for flat, shapes, finished in results)
+        if upload:   # the copies into pinned memory (tens of MB a batch) release the GIL: in a thread of their
+            # own they overlap the caller's nvjpeg calls instead of following them on the encoder's thread
+            arrived = self._pinner().submit(lambda: [(flat.pin_memory() if flat.numel() else flat, shapes, t)
+                                                     for flat, shapes, t in buffers])
 
         def received():
-            for flat, shapes, finished in (arrived.result() if arrived is not None else
-                                           ((torch.as_tensor(f), s, t) for f, s, t in results)):
+            for flat, shapes, finished in (arrived.result() if upload else buffers):
                 if upload and flat.numel():
                     flat = flat.to(device, non_blocking=True)
                 for image in _unpack(flat, shapes):
