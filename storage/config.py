@@ -192,6 +192,10 @@ class EncoderConfig(_Part):
                              "encoder on a side stream; 0: the pass's own thread decodes each batch on its stream "
                              "just before encoding it. Beside the encoder the GPU decoders starve (H200: nvjpeg "
                              "111 img/s, nvImageCodec 88), one after the other they ran 4,532 img/s (docs/gpu.md)")
+    decode_priority: Annotated[Literal["normal", "high"], UNKEYED] = Field(
+        "normal", description="with decode_ahead > 0 on CUDA: the preparing thread's side stream at CUDA's normal "
+                              "or highest priority (its kernels are scheduled before the encoder's queued ones; "
+                              "nvimgcodec decodes on it, torchvision on a stream of its own)")
     gil_switch_ms: Annotated[float | None, UNKEYED] = Field(
         None, gt=0, description="CPython's GIL time slice in ms while the encode stage runs (sys.setswitchinterval);"
                                 " null: CPython's own, 5 ms. The thread driving the GPU takes the GIL back after"

@@ -182,12 +182,15 @@ class DecodeSplit:
 
     def __init__(self, share: float | None = None, start: float = 0.25, low: float = 0.0, high: float = 0.9,
                  processes: int = 0, nvjpeg_batch: int | None = None, gpu_decoder: str = "torchvision",
-                 ahead: int = DECODE_AHEAD):
+                 ahead: int = DECODE_AHEAD, priority: str = "normal"):
         if nvjpeg_batch is not None and nvjpeg_batch < 1:
             raise ValueError(f"nvjpeg_batch must be >= 1 (None: one call a batch), got {nvjpeg_batch}")
         if ahead < 0:
             raise ValueError(f"decode_ahead must be >= 0, got {ahead}")
         self.ahead = ahead   # encoder.decode_ahead: batches decoded ahead of the encoder (tasks.encode.files)
+        if priority not in ("normal", "high"):
+            raise ValueError(f"decode_priority must be normal or high, got {priority!r}")
+        self.priority = priority   # encoder.decode_priority: the side stream's CUDA priority
         self.gpu_decoder = gpu_decoder   # encoder.gpu_decoder: which GPU decoder takes the files (gpu_jpeg)
         self.decode_gpu = _gpu_decoder(gpu_decoder)   # a missing package is named here, before any file
         self.nvjpeg_batch = nvjpeg_batch   # files per nvjpeg call (encoder.nvjpeg_batch); None: the whole batch
@@ -205,9 +208,10 @@ class DecodeSplit:
     @classmethod
     def for_encoder(cls, encoder, processes: int = 0) -> "DecodeSplit":
         """The split encoder settings (storage.config.EncoderConfig) ask for: cpu_decode_share, nvjpeg_batch,
-        gpu_decoder, decode_ahead; `processes` where the caller may spawn decode processes (not in a Dask worker)."""
+        gpu_decoder, decode_ahead, decode_priority; `processes` where the caller may spawn decode processes (not in a
+        Dask worker)."""
         return cls(encoder.cpu_decode_share, processes=processes, nvjpeg_batch=encoder.nvjpeg_batch,
-                   gpu_decoder=encoder.gpu_decoder, ahead=encoder.decode_ahead)
+                   gpu_decoder=encoder.gpu_decoder, ahead=encoder.decode_ahead, priority=encoder.decode_priority)
 
     def _start_pool(self) -> None:
         """`processes` spawned decoders (no GIL shared with the thread that launches the encoder), started
@@ -294,7 +298,7 @@ class DecodeSplit:
         total = sum(self.counts.values())
         return {**self.counts, "gpu_decoder": decoder_name(self.decode_gpu, self.gpu_decoder),
                 "cpu_share": round(self.counts["cpu"] / total, 3) if total else 0.0,
-                "decode_ahead": self.ahead, "balanced": self.fixed is None,
+                "decode_ahead": self.ahead, "decode_priority": self.priority, "balanced": self.fixed is None,
                 "cpu_decoders": f"{self.processes} processes" if self.processes else "reader threads"}
 
 

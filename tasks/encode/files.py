@@ -192,7 +192,9 @@ def prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preproces
     cuda = device.type == "cuda"
     ahead = DECODE_AHEAD if split is None else split.ahead
     reader_pool, preparer = cf.ThreadPoolExecutor(readers), cf.ThreadPoolExecutor(1)
-    side_stream = torch.cuda.Stream(device) if cuda and ahead else None
+    # CUDA schedules lower numbers first; priority_range() is (lowest, highest)
+    priority = torch.cuda.Stream.priority_range()[1] if cuda and split is not None and split.priority == "high" else 0
+    side_stream = torch.cuda.Stream(device, priority=priority) if cuda and ahead else None
     reading: dict[int, list[tuple[cf.Future, int]]] = {}
 
     def read(i: int) -> None:

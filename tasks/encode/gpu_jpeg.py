@@ -5,8 +5,9 @@
                source (csrc/io/image/cuda/decode_jpegs_cuda.cpp, 0.19 on) it asks nvjpeg for the hardware
                backend: where the GPU has the engines (A100, H100, H200), the files nvjpegDecodeBatchedSupported
                accepts go to them in one batched call, the rest one file at a time (entropy decode on the host,
-               CUDA kernels, a wait on its stream per file); which way our files went is not measured. Alone on
-               an H100 it decoded 7,800-10,700 img/s, but 95 img/s while another thread replayed the encoder.
+               CUDA kernels, a wait on its stream per file); on an H100 all of the bench's first 2,000 files went
+               to the engines (bench/nvjpeg_paths.py). Alone on an H100 it decoded 7,800-10,700 img/s, but 95
+               img/s while another thread replayed the encoder.
   nvimgcodec   NVIDIA's nvImageCodec (pip: nvidia-nvimgcodec-cu13, or -cu12 for a CUDA 12 torch) on the
                hardware JPEG decode engines (NVJPG: A100, H100, H200), which are not SMs. Alone on an H200 15,600
                img/s; beside the encoder it starved as nvjpeg does (88 img/s): a decode call waits for the

@@ -36,6 +36,7 @@ EXCEPTIONS = {
     "encoder.writers": NONE, "encoder.cpu_decode_share": NONE, "encoder.cuda_graph": NONE,
     "encoder.cpu_decode_processes": NONE, "encoder.gil_switch_ms": NONE, "encoder.nvjpeg_batch": NONE,
     "encoder.gpu_decoder": NONE, "encoder.hierarchy_graph": NONE, "encoder.decode_ahead": NONE,
+    "encoder.decode_priority": NONE,
     "encoder.verify_images": NONE,         # a check after the pass: it changes no stored value
     "generator.compile": NONE, "generator.compile_tuning": NONE, "generator.checkpoint_every": NONE,
     "generator.jvp_attention": NONE, "generator.device_batch": NONE, "decoder.checkpoint_every": NONE,

@@ -269,6 +269,10 @@ def test_decoding_ahead_or_on_the_encoders_thread_gives_the_same_batches(tree, m
     with pytest.raises(ValueError, match="decode_ahead"):
         DecodeSplit(0.0, ahead=-1)
     assert DecodeSplit.for_encoder(_cfg(tree, "encoder.decode_ahead=0").encoder).ahead == 0
+    with pytest.raises(ValueError, match="decode_priority"):
+        DecodeSplit(0.0, priority="urgent")
+    split = DecodeSplit.for_encoder(_cfg(tree, "encoder.decode_priority=high").encoder)
+    assert split.priority == "high" and split.summary()["decode_priority"] == "high"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs CUDA (runs on the GPU machine)")
