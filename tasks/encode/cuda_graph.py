@@ -10,10 +10,14 @@ torch.cuda.graphs asks; a replay copies the batch into the captured input and th
 what it returns is never overwritten by the next replay. The same bf16 autocast as the eager path (its
 weight-cast cache off: the casts are captured with the graph).
 
-Capture is thread-local: the preparing thread keeps decoding on its own stream meanwhile. No I/O here.
+Capture is thread-local: the preparing thread keeps decoding on its own stream meanwhile. But a capture
+fails when any thread synchronises the whole device during it (on an H100 the hierarchy's kernel warm-up
+did, beside the statistics pass's first capture: cuDNN's attention failed inside the capture and the stage
+with it), so captures and such work hold CAPTURE_LOCK. No I/O here.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -21,6 +25,7 @@ import torch
 from models.encoder import encode_tensor
 
 WARMUP_PASSES = 3   # cuBLAS and autocast state settle before capture (torch.cuda.graphs' advice)
+CAPTURE_LOCK = threading.Lock()   # held by every capture here, and by other threads' device-wide work
 
 
 def _captured(run, *static: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -29,14 +34,15 @@ def _captured(run, *static: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, object]
     device = static[0].device
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(WARMUP_PASSES):
-            run(*static)
-    current.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        out = run(*static)
+    with CAPTURE_LOCK:
+        side.wait_stream(current)
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(WARMUP_PASSES):
+                run(*static)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = run(*static)
     return graph, out
 
 
@@ -53,6 +59,14 @@ class EncoderGraphs:
         static_in = example.clone()
         graph, static_out = _captured(self._forward, static_in)
         return graph, static_in, static_out
+
+    def capture(self, batch: int, size: int, device: torch.device | str) -> None:
+        """Capture the graph of [batch, 3, size, size] float32 batches now (the stage does so for its full batch
+        before other threads start work on the device)."""
+        example = torch.zeros((batch, 3, size, size), dtype=torch.float32, device=device)
+        key = (tuple(example.shape), example.dtype, example.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(example)
 
     def __call__(self, images01: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] in [0, 1] on CUDA -> the encoder's [B, T, C] tokens, as encode_tensor under autocast."""

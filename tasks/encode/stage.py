@@ -37,7 +37,7 @@ from tasks.dask_chunks import run_chunks
 from tasks.encode.files import Preprocess, Teacher, encode_file_chunks, gil_switch_interval, sample_moments
 from tasks.encode.encoder_load import load_encoder
 from tasks.hierarchy.stage import teacher_marker, teacher_stage, teacher_template
-from tasks.encode.cuda_graph import EncoderGraphs
+from tasks.encode.cuda_graph import CAPTURE_LOCK, EncoderGraphs
 from tasks.encode.decode import DecodeSplit
 from tasks.encode.phase_clock import Laps, PhaseClock
 from tasks.plan import hierarchy_spec
@@ -136,6 +136,9 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     pending = zarr_store.pending_chunks(path, len(bounds))
     laps.lap("latent_template")
     fuse = with_teacher and fusable(cfg)
+    if fuse and pending:   # the full batch's encoder graph first: a capture fails beside the warm-up below
+        for device, graph in graphs.items():
+            graph.capture(cfg.encoder.batch_size, cfg.source.image_size, device)
     # the hierarchy's Triton kernels compile while the statistics pass runs, not at the pass's first batch
     warm = _warm_hierarchy(cfg, next(iter(models), None), grid, dim) if fuse and pending else None
     stats = _sampled_stats(cfg, layout, models, weights_label, splits, graphs) if cfg.encoder.stats_images else None
@@ -297,12 +300,15 @@ def _warm_hierarchy(cfg: TFConfig, device: str | None, grid: int, dim: int) -> c
     spec = hierarchy_spec(cfg.hierarchy)
 
     def run() -> None:
+        # on a stream of its own, waiting only for it, and never during a CUDA graph capture (tasks.encode.cuda_graph)
         try:
-            with torch.no_grad(), torch.cuda.device(device):
-                noise = torch.Generator(device=device).manual_seed(0)
-                tokens = torch.randn((cfg.encoder.batch_size, grid, grid, dim), device=device, generator=noise)
-                build_hierarchies_batched(tokens.half().float(), spec, stats=(np.zeros(dim), np.ones(dim)))
-                torch.cuda.synchronize(device)
+            with CAPTURE_LOCK, torch.no_grad(), torch.cuda.device(device):
+                stream = torch.cuda.Stream(device)
+                with torch.cuda.stream(stream):
+                    noise = torch.Generator(device=device).manual_seed(0)
+                    tokens = torch.randn((cfg.encoder.batch_size, grid, grid, dim), device=device, generator=noise)
+                    build_hierarchies_batched(tokens.half().float(), spec, stats=(np.zeros(dim), np.ones(dim)))
+                stream.synchronize()
         except Exception as error:   # only a head start: the pass compiles them itself, and says what failed
             warnings.warn(f"warming the hierarchy kernels failed ({error!r}); the pass compiles them", stacklevel=1)
 

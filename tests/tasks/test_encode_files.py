@@ -304,6 +304,33 @@ def test_the_encoder_replayed_as_cuda_graphs_gives_the_eager_tokens_for_every_ba
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (runs on the GPU machine)")
+def test_a_capture_waits_for_device_wide_work_holding_the_capture_lock():
+    """On an H100 the hierarchy's warm-up thread synchronised the device during the statistics pass's first
+    capture, and cuDNN's attention failed inside it. Captures hold CAPTURE_LOCK; work that synchronises the
+    device holds it too: a capture started meanwhile waits, then succeeds, and so does that work."""
+    import concurrent.futures as cf
+
+    from models.encoder import build_encoder, encode_tensor
+    from tasks.encode.cuda_graph import CAPTURE_LOCK, EncoderGraphs
+
+    model, _ = build_encoder("vit_small_patch14_reg4_dinov2", SIZE, None, True, seed=0)
+    graphs = EncoderGraphs(model.eval().cuda())
+    with cf.ThreadPoolExecutor(1) as pool:
+        with CAPTURE_LOCK:
+            capture = pool.submit(graphs.capture, 8, SIZE, "cuda")
+            for _ in range(20):   # the other thread's device-wide work, while the capture is asked for
+                torch.matmul(torch.randn(512, 512, device="cuda"), torch.randn(512, 512, device="cuda"))
+                torch.cuda.synchronize()
+            assert not capture.done()
+        capture.result(timeout=120)
+    assert len(graphs.graphs) == 1
+    batch = torch.rand((8, 3, SIZE, SIZE), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = encode_tensor(model, batch)
+    torch.testing.assert_close(graphs(batch).float(), eager.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (runs on the GPU machine)")
 def test_the_hierarchy_replayed_as_cuda_graphs_gives_the_eager_regions_and_flags_nan():
     """encoder.hierarchy_graph: each batch's region ids equal the eager call's, none overwritten by a later
     replay; a NaN batch sets the caller's flag through the graph, and the next clean batch leaves it as it is."""
