@@ -7,6 +7,9 @@
 #   dataplane  bench/dataplane.py: JPEG -> teacher store, fused and two-pass, through the stage functions
 #   pipeline   bench/gpu_pipeline.py: `tf pipeline --config configs/imagenet.yaml` on 50k JPEGs
 #   generators bench/generators.py: the compiled B step with Muon (TF32, float32 Newton-Schulz) and AdamW
+#   profile    bench/encode_profile.py (the fused encode stage alone) under py-spy, once per PROFILE_MODES
+#              (idle: where every thread is; gil: who holds the GIL), summarised by bench/pyspy_summary.py;
+#              needs the wheels built with `scripts/gpu_wheels.py --profiler --nvimgcodec-cuda ''`
 #   proof      bench/trajectory_proof.py (issue 30), resuming from /tmp/proof while the machine stays warm
 # Usage (device tool, repository root, .whl carried): STEPS="tests pipeline" bash bench/gpu_session.sh
 # (TESTS="<paths>" picks the tests; *_S each step's time limit; GP_FASTEST=1 runs the pipeline with the settings
@@ -57,6 +60,15 @@ for item in $STEPS; do
              env $assign timeout "${GENERATOR_S:-150}" python3 bench/generators.py --variants kernel:compile --steps 10 \
                --no-kernel-check $optimizer --out "$out" >> "$out/generators.log" 2>&1
            done ;;
+    profile) spy="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/py-spy"
+             for mode in ${PROFILE_MODES:-idle gil}; do
+               env $assign timeout "${PROFILE_S:-150}" "$spy" record --threads "--$mode" --rate "${PROFILE_RATE:-100}" \
+                 --format raw -o "$out/pyspy_$mode.txt" -- python3 bench/encode_profile.py \
+                 --images "${PROFILE_IMAGES:-20000}" --workdir "${DP_WORK:-/tmp/dp}" --out "$out/$mode" \
+                 ${PROFILE_SETS:-} >> "$out/profile.log" 2>&1
+               python3 bench/pyspy_summary.py "$out/pyspy_$mode.txt" --within encode_file_chunks \
+                 > "$out/pyspy_${mode}_summary.json"
+             done ;;
     proof) env $assign timeout "${PROOF_S:-560}" python3 bench/trajectory_proof.py --device cuda --work /tmp/proof --parallel \
              --time-limit $(( ${PROOF_S:-560} - 20 )) ${PROOF_ARGS:-$PROOF_DEFAULT} --out "$out" \
              --figure "$out/tf_vs_flat_trajectories.png" \

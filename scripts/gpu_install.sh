@@ -9,10 +9,12 @@ WHEELS=${WHEELS:-.whl}
 "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" -r "$WHEELS/requirements.txt"
 "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps -r "$WHEELS/no-deps.txt"
 "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
-# GPU extras gpu_wheels.py put in extra/ (--nvimgcodec-cuda): nvImageCodec for encoder.gpu_decoder
+# GPU extras gpu_wheels.py put in extra/: nvImageCodec for encoder.gpu_decoder (--nvimgcodec-cuda), py-spy (--profiler)
 if compgen -G "$WHEELS/extra/*.whl" > /dev/null; then
   "$PY" -m pip install --quiet --no-index --no-deps "$WHEELS"/extra/*.whl
-  "$PY" scripts/nvjpeg_link.py || echo "nvImageCodec has no nvJPEG: encoder.gpu_decoder=nvimgcodec will refuse to start"
+  if compgen -G "$WHEELS/extra/nvidia_nvimgcodec*.whl" > /dev/null; then
+    "$PY" scripts/nvjpeg_link.py || echo "nvImageCodec has no nvJPEG: encoder.gpu_decoder=nvimgcodec will refuse to start"
+  fi
 fi
 "$PY" - <<'PY'
 import importlib.metadata as m

@@ -127,6 +127,25 @@ def nvimgcodec_extra(dest: Path, python: str, cuda: str) -> Path:
         return slim_wheel(wheel, extra, nvimgcodec_drop(python))
 
 
+def profiler_extra(dest: Path, python: str) -> Path:
+    """py-spy (a sampling profiler, one static binary) into dest/extra, for bench/encode_profile.py there."""
+    extra = dest / "extra"
+    extra.mkdir(parents=True, exist_ok=True)
+    for old in extra.glob("py_spy*.whl"):
+        old.unlink()
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(extra),
+                    "--only-binary=:all:", "--python-version", python, "--implementation", "py", "--abi", "none",
+                    *(flag for platform in ("manylinux_2_5_x86_64", "manylinux1_x86_64")
+                      for flag in ("--platform", platform)), "py-spy"], check=True)
+    [wheel] = extra.glob("py_spy*.whl")
+    return wheel
+
+
+def drop_extra(dest: Path, pattern: str) -> None:
+    for old in (dest / "extra").glob(pattern):
+        old.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
@@ -136,6 +155,9 @@ def main() -> None:
     parser.add_argument("--with-dashboard", action="store_true", help="also the dashboard's streamlit")
     parser.add_argument("--nvimgcodec-cuda", default="13",
                         help="CUDA major of the GPU machine's torch, for nvImageCodec's wheel ('' leaves it out)")
+    parser.add_argument("--profiler", action="store_true",
+                        help="also py-spy (2.8 MiB; with nvImageCodec too it is over the budget: pass "
+                             "--nvimgcodec-cuda '' with it)")
     parser.add_argument("--budget-mib", type=float, default=58.0,
                         help="fail if the wheels exceed this (the device tool carries 64 MiB with the repo)")
     args = parser.parse_args()
@@ -158,6 +180,12 @@ def main() -> None:
     (dest / "no-deps.txt").write_text("".join(f"{p}\n" for p in torch_pins))
     if args.nvimgcodec_cuda:
         nvimgcodec_extra(dest, args.python, args.nvimgcodec_cuda)
+    else:   # what extra/ holds is what was asked for this time
+        drop_extra(dest, "nvidia_nvimgcodec*.whl")
+    if args.profiler:
+        profiler_extra(dest, args.python)
+    else:
+        drop_extra(dest, "py_spy*.whl")
     size = sum(p.stat().st_size for p in dest.rglob("*.whl")) / 2**20
     print(f"{len(pins)} wheels for Python {args.python} in {dest} ({size:.1f} MiB); "
           f"left to the GPU machine: {', '.join(sorted(PROVIDED | (set() if args.with_present else PRESENT_LARGE)))}")

@@ -57,3 +57,12 @@ def test_a_slimmed_wheel_keeps_only_what_it_should_and_pip_installs_it(tmp_path)
                     str(tmp_path / "site"), str(slim)], check=True)
     assert (tmp_path / "site" / "demo" / "extensions" / "libnvjpeg_ext.so.0").read_bytes() == b"keep"
     assert not (tmp_path / "site" / "demo" / "extensions" / "libopencv_ext.so.0").exists()
+
+
+def test_extra_holds_only_what_was_asked_this_time(tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for name in ("nvidia_nvimgcodec_cu13-0.9-py3-none-any.whl", "py_spy-0.4.3-py2.py3-none-any.whl"):
+        (extra / name).write_bytes(b"x")
+    gpu_wheels.drop_extra(tmp_path, "py_spy*.whl")
+    assert [p.name for p in extra.iterdir()] == ["nvidia_nvimgcodec_cu13-0.9-py3-none-any.whl"]
