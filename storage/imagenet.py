@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -219,8 +219,9 @@ class SampleFiles:
     def where(self, slot: int) -> str:
         return f"{self.archive}::{self.ids[slot]}" if self.archive else self.paths[slot]
 
-    def read(self, start: int, stop: int) -> list[bytes | Exception]:
-        out: list[bytes | Exception] = [b""] * (stop - start)
+    def read(self, start: int, stop: int) -> list[bytes | bytearray | Exception]:
+        """Each slot's bytes (a folder's files as bytearrays, which torch takes without a copy) or error."""
+        out: list[bytes | bytearray | Exception] = [b""] * (stop - start)
         if self.archive:
             rows = self.members[start:stop]
             with open(self.archive, "rb") as archive:
@@ -233,10 +234,22 @@ class SampleFiles:
         for slot, path in enumerate(self.paths[start:stop]):
             try:
                 with open_regular(Path(path)) as file:   # a FIFO put here after listing must not block
-                    out[slot] = file.read()
+                    out[slot] = read_whole(file)
             except Exception as error:
                 out[slot] = error
         return out
+
+
+def read_whole(file: BinaryIO) -> bytearray:
+    """All of an open file, read into a bytearray of its size (the GIL released for the read): the GPU decoders
+    wrap it as a tensor as it is, where bytes had to be copied first, on the thread that launches the encoder."""
+    data = bytearray(os.fstat(file.fileno()).st_size)
+    got = file.readinto(data)
+    del data[got:]
+    rest = file.read()   # grown since its size was taken: nothing is lost
+    if rest:
+        data += rest
+    return data
 
 
 def sample_files(cfg: SourceConfig, ids: list[str], start: int = 0) -> SampleFiles:

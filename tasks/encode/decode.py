@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from storage.sources import MAX_PIXELS, MIN_SIDE, BadImage, check_size, to_rgb
-from tasks.encode.gpu_jpeg import decoder_name, gpu_decoder as _gpu_decoder
+from tasks.encode.gpu_jpeg import as_uint8_tensor, decoder_name, gpu_decoder as _gpu_decoder
 
 # torchvision 0.29 warns on every decode that decoding moves to torchcodec; the calls still work.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -81,7 +81,16 @@ def nvjpeg_can_take(data: bytes) -> bool:
     frame = jpeg_frame(data)
     return (frame is not None and frame[2] in (1, 3) and frame[3] == 8
             and frame[0] * frame[1] <= MAX_PIXELS and min(frame[0], frame[1]) >= MIN_SIDE
-            and data.rstrip(b"\0\r\n ")[-2:] == b"\xff\xd9")
+            and _ends_in_eoi(data))
+
+
+def _ends_in_eoi(data: bytes) -> bool:
+    """Whether `data` ends in the end-of-image marker, trailing NUL, CR, LF and space bytes aside; found without
+    copying it (rstrip copies a bytearray whole, a file a call on the thread that launches the encoder)."""
+    end = len(data)
+    while end and data[end - 1] in b"\0\r\n ":
+        end -= 1
+    return end >= 2 and data[end - 2:end] == b"\xff\xd9"
 
 
 def decode_cpu(data: bytes) -> torch.Tensor:
@@ -93,7 +102,7 @@ def decode_cpu(data: bytes) -> torch.Tensor:
         check_frame(frame[0], frame[1])
         if frame[3] == 8:
             try:
-                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                return decode_jpeg(as_uint8_tensor(data), mode=ImageReadMode.RGB)
             except RuntimeError:
                 pass   # PIL decides, and names the error if it fails too
     from PIL import Image

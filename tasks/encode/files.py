@@ -23,6 +23,7 @@ import concurrent.futures as cf
 import contextlib
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -88,25 +89,55 @@ class Prepared:
         return self.images01
 
 
-def read_parts(files: SampleFiles, start: int, stop: int, pool: cf.Executor, parts: int) -> list[tuple[cf.Future, int]]:
-    """(future of files.read, file count) over slices of start..stop, so reader threads share a batch: one
-    file each in a folder (a hung file costs only itself), `parts` slices of a tar (one forward pass each)."""
-    step = max(1, -(-(stop - start) // parts)) if files.archive else 1
-    return [(pool.submit(files.read, s, min(s + step, stop)), min(s + step, stop) - s) for s in range(start, stop, step)]
+class BatchRead:
+    """Slots start..stop of `files`, being read by at most `readers` tasks of `pool` that each take the next
+    unread unit in turn: one file of a folder (a hung file costs only itself), or one of `readers` slices of a
+    tar (one forward pass each). A task a reader, not a future a file: 512 submissions a batch were a visible
+    share of the GIL held by the thread that launches the encoder (py-spy on an H100, docs/gpu.md)."""
+
+    def __init__(self, files: SampleFiles, start: int, stop: int, pool: cf.Executor, readers: int):
+        step = max(1, -(-(stop - start) // readers)) if files.archive else 1
+        self.files, self.start = files, start
+        self.units = [(s, min(s + step, stop)) for s in range(start, stop, step)]
+        self.out: list = [None] * (stop - start)   # None: not read yet
+        self._taken, self._left = 0, len(self.units)
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+        if not self.units:
+            self.done.set()
+        for _ in range(min(readers, len(self.units))):
+            pool.submit(self._work)
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if self._taken == len(self.units):
+                    return
+                first, last = self.units[self._taken]
+                self._taken += 1
+            try:
+                values = self.files.read(first, last)
+            except Exception as error:   # read() gives each file's error; this is anything else, per file
+                values = [error] * (last - first)
+            self.out[first - self.start:last - self.start] = values
+            with self._lock:
+                self._left -= 1
+                if not self._left:
+                    self.done.set()
 
 
-def collect(parts: list[tuple[cf.Future, int]], timeout: float | None) -> list[bytes | Exception]:
-    """The bytes (or read errors) of read_parts' slices, in order. A slice still unread `timeout` seconds
-    after collecting began (a hung network file system) becomes one error per file: reject rows, and the
-    run goes on. Its thread cannot be interrupted and stays behind, holding one reader."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    out: list[bytes | Exception] = []
-    for future, count in parts:
-        try:
-            out += future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except cf.TimeoutError:
-            out += [TimeoutError(f"not read within encoder.read_timeout_s = {timeout:g} s")] * count
-    return out
+def read_parts(files: SampleFiles, start: int, stop: int, pool: cf.Executor, readers: int) -> BatchRead:
+    """Slots start..stop of `files`, read ahead by the reader pool (collect waits for them)."""
+    return BatchRead(files, start, stop, pool, readers)
+
+
+def collect(read: BatchRead, timeout: float | None) -> list[bytes | bytearray | Exception]:
+    """The bytes (or read errors) of a BatchRead, in order. A file still unread `timeout` seconds after
+    collecting began (a hung network file system) becomes an error: a reject row, and the run goes on. Its
+    thread cannot be interrupted and stays behind, holding one reader."""
+    read.done.wait(timeout)
+    error = TimeoutError(f"not read within encoder.read_timeout_s = {timeout:g} s") if timeout is not None else None
+    return [error if value is None else value for value in list(read.out)]
 
 
 def prepare_batch(datas: list, files: SampleFiles, first_slot: int, preprocess: Preprocess, device: torch.device,
@@ -195,7 +226,7 @@ def prepared_batches(files: SampleFiles, spans: list[tuple[int, int]], preproces
     # CUDA schedules lower numbers first; priority_range() is (lowest, highest)
     priority = torch.cuda.Stream.priority_range()[1] if cuda and split is not None and split.priority == "high" else 0
     side_stream = torch.cuda.Stream(device, priority=priority) if cuda and ahead else None
-    reading: dict[int, list[tuple[cf.Future, int]]] = {}
+    reading: dict[int, BatchRead] = {}
 
     def read(i: int) -> None:
         if i < len(spans) and i not in reading:

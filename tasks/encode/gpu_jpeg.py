@@ -54,6 +54,12 @@ def idle_stream(device: torch.device) -> torch.cuda.Stream:
         return _IDLE_STREAMS[index]
 
 
+def as_uint8_tensor(data: bytes | bytearray) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor: a bytearray (what the readers give) as it is, bytes copied once (torch
+    wraps only writable buffers)."""
+    return torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
+
+
 def torchvision_nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """One batched nvjpeg call; when it fails, file by file, None where nvjpeg refuses (the CPU retries).
 
@@ -65,7 +71,7 @@ def torchvision_nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.T
     is recorded as the outputs' user (their memory is reused only after that stream's use)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    tensors = [as_uint8_tensor(d) for d in datas]
     caller = torch.cuda.current_stream(device)
     own = idle_stream(device)
     with torch.cuda.stream(own):
@@ -131,7 +137,7 @@ class _HardwareDecoder:
     def __call__(self, datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
         if not datas:
             return []
-        streams = [self.codec.CodeStream(data) for data in datas]
+        streams = [self.codec.CodeStream(bytes(data)) for data in datas]   # it is given bytes only
         stream = torch.cuda.current_stream(device)
         with self.lock:
             try:

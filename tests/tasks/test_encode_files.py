@@ -67,6 +67,52 @@ def _expected_tokens(paths: list[Path], resize_short: int) -> np.ndarray:
     return encode_tensor(model.eval(), torch.cat(batch)).numpy()
 
 
+def test_files_are_read_into_bytearrays_that_torch_wraps_without_a_copy_and_padding_is_skipped(tree):
+    """The readers give a folder's files as bytearrays (storage.imagenet.read_whole), which the GPU and CPU
+    decoders wrap as tensors as they are; the end-of-image check sees past trailing padding without copying."""
+    from storage.imagenet import SampleFiles
+    from tasks.encode.gpu_jpeg import as_uint8_tensor
+
+    path = tree / "n02" / "n02_0.JPEG"
+    [data] = SampleFiles(paths=(str(path),)).read(0, 1)
+    assert isinstance(data, bytearray) and data == path.read_bytes()
+    wrapped = as_uint8_tensor(data)
+    data[0] ^= 0xFF
+    assert int(wrapped[0]) == data[0]   # the same memory
+    data[0] ^= 0xFF
+    copied = as_uint8_tensor(bytes(data))
+    assert torch.equal(copied, wrapped) and copied.data_ptr() != wrapped.data_ptr()
+    assert nvjpeg_can_take(data + b"\0\0\r\n  ") and nvjpeg_can_take(bytes(data) + b"\0" * 300)
+    assert not nvjpeg_can_take(data[:-2] + b"\0\0") and not nvjpeg_can_take(b"\xff\xd8\0")
+    assert torch.equal(decode_cpu(data), decode_cpu(bytes(data)))
+
+
+def test_a_batch_is_read_by_one_task_a_reader_in_order(tree):
+    """read_parts hands a batch to at most `readers` pool tasks (not one future a file); collect gives every
+    file's bytes, or its read error, in slot order."""
+    import concurrent.futures as cf
+
+    from storage.imagenet import SampleFiles
+    from tasks.encode.files import collect, read_parts
+
+    paths = sorted(str(p) for p in tree.rglob("*.JPEG"))
+    files = SampleFiles(paths=(*paths, str(tree / "gone.JPEG")))
+
+    class Counting(cf.ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args, **kwargs):
+            Counting.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    with Counting(3) as pool:
+        got = collect(read_parts(files, 1, len(files), pool, 3), timeout=30)
+        empty = collect(read_parts(files, 2, 2, pool, 3), timeout=30)
+    assert Counting.submitted == 3 and empty == []
+    assert [bytes(d) for d in got[:-1]] == [Path(p).read_bytes() for p in paths[1:]]
+    assert isinstance(got[-1], FileNotFoundError)
+
+
 def test_decoders_route_what_nvjpeg_refuses_to_the_cpu(tree):
     good, cmyk, png, cut = ((tree / "n02" / name).read_bytes()
                             for name in ("n02_0.JPEG", "cmyk.JPEG", "png_named.JPEG", "truncated.JPEG"))
