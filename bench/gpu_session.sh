@@ -8,7 +8,8 @@
 #   pipeline   bench/gpu_pipeline.py: `tf pipeline --config configs/imagenet.yaml` on 50k JPEGs
 #   generators bench/generators.py: the compiled B step with Muon (TF32, float32 Newton-Schulz) and AdamW
 #   profile    bench/encode_profile.py (the fused encode stage alone) under py-spy, once per PROFILE_MODES
-#              (idle: where every thread is; gil: who holds the GIL), summarised by bench/pyspy_summary.py;
+#              (idle: where every thread is; gil: who holds the GIL), summarised by bench/pyspy_summary.py
+#              (--nonblocking: at 73178de py-spy pausing the process at 100 Hz slowed the stage 2-3x);
 #              needs the wheels built with `scripts/gpu_wheels.py --profiler --nvimgcodec-cuda ''`
 #   proof      bench/trajectory_proof.py (issue 30), resuming from /tmp/proof while the machine stays warm
 # Usage (device tool, repository root, .whl carried): STEPS="tests pipeline" bash bench/gpu_session.sh
@@ -62,7 +63,7 @@ for item in $STEPS; do
            done ;;
     profile) spy="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/py-spy"
              for mode in ${PROFILE_MODES:-idle gil}; do
-               env $assign timeout "${PROFILE_S:-150}" "$spy" record --threads "--$mode" --rate "${PROFILE_RATE:-100}" \
+               env $assign timeout "${PROFILE_S:-150}" "$spy" record --threads "--$mode" --nonblocking --rate "${PROFILE_RATE:-50}" \
                  --format raw -o "$out/pyspy_$mode.txt" -- python3 bench/encode_profile.py \
                  --images "${PROFILE_IMAGES:-20000}" --workdir "${DP_WORK:-/tmp/dp}" --out "$out/$mode" \
                  ${PROFILE_SETS:-} >> "$out/profile.log" 2>&1
