@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import io
+import os
 import time
 import warnings
 import weakref
@@ -307,7 +308,8 @@ class DecodeSplit:
         total = sum(self.counts.values())
         return {**self.counts, "gpu_decoder": decoder_name(self.decode_gpu, self.gpu_decoder),
                 "cpu_share": round(self.counts["cpu"] / total, 3) if total else 0.0,
-                "decode_ahead": self.ahead, "decode_priority": self.priority, "balanced": self.fixed is None,
+                "decode_ahead": self.ahead, "decode_priority": self.priority,
+                "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default"), "balanced": self.fixed is None,
                 "cpu_decoders": f"{self.processes} processes" if self.processes else "reader threads"}
 
 
@@ -370,13 +372,23 @@ def crop_resize(images: Sequence[torch.Tensor], size: int, resize_short: int,
     groups: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
         groups.setdefault(tuple(image.shape[1:]), []).append(index)
-    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=images[0].device)
+    device = images[0].device
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=device)
     for (h, w), members in groups.items():
         crop = max(1, round(min(h, w) * size / resize_short))
         top, left = (h - crop) // 2, (w - crop) // 2
         patch = torch.stack([images[i][:, top:top + crop, left:left + crop] for i in members]).float()
-        out[members] = F.interpolate(patch, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
+        resized = F.interpolate(patch, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
+        out.index_copy_(0, _index_on(members, device), resized)
     return out.div_(255.0).clamp_(0.0, 1.0)   # bicubic overshoots
+
+
+def _index_on(rows: list[int], device: torch.device) -> torch.Tensor:
+    """rows as a long tensor on `device`, copied from pinned memory without waiting: `out[rows] = ...` with a
+    list copies it from pageable memory, which waits for everything queued on the stream (on the encoder's
+    stream when decoding inline: the pass's thread then waited for the last batch's encoder, once a shape)."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
 
 
 def uint8_pixels(images01: torch.Tensor) -> torch.Tensor:

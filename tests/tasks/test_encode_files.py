@@ -349,6 +349,38 @@ def test_the_encoder_replayed_as_cuda_graphs_gives_the_eager_tokens_for_every_ba
     assert not torch.allclose(outs[0], outs[1])
 
 
+def test_a_batch_of_several_shapes_is_resized_image_by_image_in_its_order():
+    from tasks.encode.decode import crop_resize
+
+    noise = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=noise)
+              for h, w in ((60, 80), (66, 90), (60, 80), (80, 60), (66, 90))]
+    out = crop_resize(images, SIZE, 64)
+    for got, image in zip(out, images):
+        torch.testing.assert_close(got, crop_resize([image], SIZE, 64)[0])
+    assert not torch.equal(out[0], out[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the GPU machine)")
+def test_on_cuda_the_resize_never_waits_for_the_device(tree):
+    """crop_resize on the GPU with images of several shapes (one group each) under CUDA's sync debug mode:
+    no copy or read waits for the stream, whose queue holds the encoder's last batch when decoding inline
+    (a list index, `out[rows] = ...`, copied from pageable memory and waited, once a shape). The values are
+    each image's own crop and resize."""
+    from tasks.encode.decode import crop_resize
+
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device="cuda")
+              for h, w in ((60, 80), (66, 90), (60, 80), (80, 60), (66, 90))]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = crop_resize(images, SIZE, 64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, image in zip(out, images):
+        torch.testing.assert_close(got, crop_resize([image], SIZE, 64)[0])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (runs on the GPU machine)")
 def test_a_capture_waits_for_device_wide_work_holding_the_capture_lock():
     """On an H100 the hierarchy's warm-up thread synchronised the device during the statistics pass's first
