@@ -374,12 +374,15 @@ def crop_resize(images: Sequence[torch.Tensor], size: int, resize_short: int,
         groups.setdefault(tuple(image.shape[1:]), []).append(index)
     device = images[0].device
     out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=device)
+    rows = _index_on([i for members in groups.values() for i in members], device)   # every group's, in turn
+    at = 0
     for (h, w), members in groups.items():
         crop = max(1, round(min(h, w) * size / resize_short))
         top, left = (h - crop) // 2, (w - crop) // 2
         patch = torch.stack([images[i][:, top:top + crop, left:left + crop] for i in members]).float()
         resized = F.interpolate(patch, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
-        out.index_copy_(0, _index_on(members, device), resized)
+        out.index_copy_(0, rows[at:at + len(members)], resized)
+        at += len(members)
     return out.div_(255.0).clamp_(0.0, 1.0)   # bicubic overshoots
 
 
