@@ -11,7 +11,9 @@
   nvimgcodec   NVIDIA's nvImageCodec (pip: nvidia-nvimgcodec-cu13, or -cu12 for a CUDA 12 torch) on the
                hardware JPEG decode engines (NVJPG: A100, H100, H200), which are not SMs. Alone on an H200 15,600
                img/s; beside the encoder it starved as nvjpeg does (88 img/s): a decode call waits for the
-               encoder's queued work, whatever runs it (encoder.decode_ahead 0 avoids that). Only those engines are
+               encoder's queued work, whatever runs it (encoder.decode_ahead 0 avoids that). It decodes on a
+               stream of its own (before 7368282 on the caller's: inline, behind the encoder's last batch) and
+               its images are copied there into torch's memory. Only those engines are
                allowed: what they refuse (progressive or
                arithmetic-coded files) comes back None for the CPU, never through CUDA kernels that would starve.
   auto         nvimgcodec where it is installed and its engines decode on this GPU, else torchvision.
@@ -114,6 +116,9 @@ class _HardwareDecoder:
         self.params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
                                               sample_format=nvimgcodec.SampleFormat.I_RGB)
         self.lock = threading.Lock()
+        # decodes run here, not on the caller's stream: decoding inline, that is the encoder's, and a decode
+        # queued behind the last batch's encoder waited for it (torchvision decodes on a stream of its own too)
+        self.stream = torch.cuda.Stream(index)
         if self._one(nvimgcodec.CodeStream(_small_jpeg()), torch.cuda.current_stream(index)) is None:
             # no nvJPEG library found, or a GPU without the engines: say so, once
             raise RuntimeError(f"nvImageCodec's hardware JPEG decoder did not decode a baseline JPEG on cuda:{index} "
@@ -138,15 +143,20 @@ class _HardwareDecoder:
         if not datas:
             return []
         streams = [self.codec.CodeStream(bytes(data)) for data in datas]   # it is given bytes only
-        stream = torch.cuda.current_stream(device)
-        with self.lock:
+        caller, own = torch.cuda.current_stream(device), self.stream
+        with self.lock, torch.cuda.stream(own):
             try:
-                images = self.decoder.decode(streams, params=self.params, cuda_stream=stream.cuda_stream)
+                images = self.decoder.decode(streams, params=self.params, cuda_stream=own.cuda_stream)
             except RuntimeError:   # the batch failed as a whole: file by file, None where a file fails
-                images = [self._one(code, stream) for code in streams]
-        # H x W x 3 on the device, ordered on the current stream; the tensor keeps the Image's buffer alive
-        return [None if image is None else torch.as_tensor(image, device=device).permute(2, 0, 1)
-                for image in images]
+                images = [self._one(code, own) for code in streams]
+            # H x W x 3 copied on the decode's stream into memory of torch's, allocated there: nvImageCodec's own
+            # buffers go back to it when the Images do, ordered on that stream, after these copies
+            out = [None if image is None else torch.as_tensor(image, device=device).clone() for image in images]
+        caller.wait_stream(own)
+        for image in out:
+            if image is not None:
+                image.record_stream(caller)   # its memory is reused only after the caller's use
+        return [None if image is None else image.permute(2, 0, 1) for image in out]
 
 
 def _small_jpeg() -> bytes:
