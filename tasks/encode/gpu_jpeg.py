@@ -12,7 +12,7 @@
                hardware JPEG decode engines (NVJPG: A100, H100, H200), which are not SMs. Alone on an H200 15,600
                img/s; beside the encoder it starved as nvjpeg does (88 img/s): a decode call waits for the
                encoder's queued work, whatever runs it (encoder.decode_ahead 0 avoids that). It decodes on a
-               stream of its own (before 7368282 on the caller's: inline, behind the encoder's last batch) and
+               stream of its own (before 11e8396 on the caller's: inline, behind the encoder's last batch) and
                its images are copied there into torch's memory. Only those engines are
                allowed: what they refuse (progressive or
                arithmetic-coded files) comes back None for the CPU, never through CUDA kernels that would starve.
