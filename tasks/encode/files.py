@@ -96,7 +96,7 @@ class BatchRead:
     share of the GIL held by the thread that launches the encoder (py-spy on an H100, docs/gpu.md)."""
 
     def __init__(self, files: SampleFiles, start: int, stop: int, pool: cf.Executor, readers: int):
-        step = max(1, -(-(stop - start) // readers)) if files.archive else 1
+        step = max(1, -(-(stop - start) // max(1, readers))) if files.archive else 1
         self.files, self.start = files, start
         self.units = [(s, min(s + step, stop)) for s in range(start, stop, step)]
         self.out: list = [None] * (stop - start)   # None: not read yet
@@ -105,7 +105,7 @@ class BatchRead:
         self.done = threading.Event()
         if not self.units:
             self.done.set()
-        for _ in range(min(readers, len(self.units))):
+        for _ in range(min(max(1, readers), len(self.units))):
             pool.submit(self._work)
 
     def _work(self) -> None:
