@@ -2,7 +2,7 @@
 
     py-spy record --threads --idle --format raw -o idle.txt -- python3 bench/encode_profile.py --images 20000
     py-spy record --threads --gil --format raw -o gil.txt -- python3 bench/encode_profile.py --images 20000
-    python3 bench/pyspy_summary.py idle.txt --within _encode_files_here
+    python3 bench/pyspy_summary.py idle.txt --within encode_file_chunks
 
 bench/dataplane.py times the stage among others (two passes, resident batches, the scipy reference); here the
 process does nothing else, so a profile of it is the stage's: the JPEGs as dataplane.py writes them (same names

@@ -63,8 +63,8 @@ for item in $STEPS; do
            done ;;
     profile) spy="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/py-spy"
              for mode in ${PROFILE_MODES:-idle gil}; do
-               env $assign timeout "${PROFILE_S:-150}" "$spy" record --threads "--$mode" --nonblocking --rate "${PROFILE_RATE:-50}" \
-                 --format raw -o "$out/pyspy_$mode.txt" -- python3 bench/encode_profile.py \
+               env $assign timeout "${PROFILE_S:-150}" "$spy" record --threads "--$mode" --nonblocking \
+                 --rate "${PROFILE_RATE:-50}" --format raw -o "$out/pyspy_$mode.txt" -- python3 bench/encode_profile.py \
                  --images "${PROFILE_IMAGES:-20000}" --workdir "${DP_WORK:-/tmp/dp}" --out "$out/$mode" \
                  ${PROFILE_SETS:-} >> "$out/profile.log" 2>&1
                python3 bench/pyspy_summary.py "$out/pyspy_$mode.txt" --within encode_file_chunks \

@@ -1,16 +1,17 @@
 """Where each thread's time went, from a py-spy raw profile (`py-spy record --threads --format raw`).
 
-    python3 bench/pyspy_summary.py idle.txt [--within _encode_files_here] [--top 20] > summary.json
+    python3 bench/pyspy_summary.py idle.txt [--within encode_file_chunks] [--top 20] > summary.json
 
 A raw profile is one line a distinct stack: `thread (TID): NAME;frame (file:line);...;leaf (file:line) COUNT`.
 Threads are grouped by name, pool numbers dropped (ThreadPoolExecutor-3_7 -> ThreadPoolExecutor-3). For each
 group: its samples, the functions that appear in its stacks (inclusive share: a function counted once a
-sample, wherever it is on the stack; threads' and pools' own loops left out) and the leaves (where the thread was). Recorded with --idle, a waiting
-thread's samples are kept (a leaf such as `wait (threading.py)` says it waited); recorded with --gil, only the
-thread holding the GIL is sampled, so the groups' samples say who held it.
+sample, wherever it is on the stack; threads' and pools' own loops left out) and the leaves (where the
+thread was). Recorded with --idle, a waiting thread's samples are kept (a leaf such as `wait (threading.py)`
+says it waited); recorded with --gil, only the thread holding the GIL is sampled, so the groups' samples say
+who held it.
 
 --within FUNC keeps, of the threads whose stacks ever hold FUNC, only the samples that hold it (the encode
-pass's thread outside its pass: loading, the statistics pass); other threads are kept whole.
+pass's thread: its pass, not the pool's idle time before or after); other threads are kept whole.
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ WHEELS=${WHEELS:-.whl}
 if compgen -G "$WHEELS/extra/*.whl" > /dev/null; then
   "$PY" -m pip install --quiet --no-index --no-deps "$WHEELS"/extra/*.whl
   if compgen -G "$WHEELS/extra/nvidia_nvimgcodec*.whl" > /dev/null; then
-    "$PY" scripts/nvjpeg_link.py || echo "nvImageCodec has no nvJPEG: encoder.gpu_decoder=nvimgcodec will refuse to start"
+    "$PY" scripts/nvjpeg_link.py \
+      || echo "nvImageCodec has no nvJPEG: encoder.gpu_decoder=nvimgcodec will refuse to start"
   fi
 fi
 "$PY" - <<'PY'
