@@ -391,7 +391,9 @@ def _index_on(rows: list[int], device: torch.device) -> torch.Tensor:
     list copies it from pageable memory, which waits for everything queued on the stream (on the encoder's
     stream when decoding inline: the pass's thread then waited for the last batch's encoder, once a shape)."""
     index = torch.tensor(rows, dtype=torch.long)
-    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)   # the CPU's own, or another accelerator's (a plain copy there)
 
 
 def uint8_pixels(images01: torch.Tensor) -> torch.Tensor:
