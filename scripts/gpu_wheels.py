@@ -115,6 +115,12 @@ def slim_wheel(source: Path, dest: Path, drop: re.Pattern) -> Path:
     return out
 
 
+def drop_extra(dest: Path, pattern: str) -> None:
+    """What dest/extra holds of `pattern` removed (it holds what this run asked for, nothing older)."""
+    for old in (dest / "extra").glob(pattern):
+        old.unlink()
+
+
 def nvimgcodec_extra(dest: Path, python: str, cuda: str) -> Path:
     """nvImageCodec for encoder.gpu_decoder=nvimgcodec, slimmed into dest/extra (gpu_install.sh installs it)."""
     extra = dest / "extra"
@@ -122,8 +128,7 @@ def nvimgcodec_extra(dest: Path, python: str, cuda: str) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         download([f"nvidia-nvimgcodec-cu{cuda}"], Path(tmp), python)
         [wheel] = Path(tmp).glob("*.whl")
-        for old in extra.glob("nvidia_nvimgcodec*.whl"):
-            old.unlink()
+        drop_extra(dest, "nvidia_nvimgcodec*.whl")
         return slim_wheel(wheel, extra, nvimgcodec_drop(python))
 
 
@@ -131,19 +136,13 @@ def profiler_extra(dest: Path, python: str) -> Path:
     """py-spy (a sampling profiler, one static binary) into dest/extra, for bench/encode_profile.py there."""
     extra = dest / "extra"
     extra.mkdir(parents=True, exist_ok=True)
-    for old in extra.glob("py_spy*.whl"):
-        old.unlink()
+    drop_extra(dest, "py_spy*.whl")
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(extra),
                     "--only-binary=:all:", "--python-version", python, "--implementation", "py", "--abi", "none",
                     *(flag for platform in ("manylinux_2_5_x86_64", "manylinux1_x86_64")
                       for flag in ("--platform", platform)), "py-spy"], check=True)
     [wheel] = extra.glob("py_spy*.whl")
     return wheel
-
-
-def drop_extra(dest: Path, pattern: str) -> None:
-    for old in (dest / "extra").glob(pattern):
-        old.unlink()
 
 
 def main() -> None:

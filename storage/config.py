@@ -195,7 +195,7 @@ class EncoderConfig(_Part):
     decode_priority: Annotated[Literal["normal", "high"], UNKEYED] = Field(
         "normal", description="with decode_ahead > 0 on CUDA: the preparing thread's side stream at CUDA's normal "
                               "or highest priority (its kernels are scheduled before the encoder's queued ones; "
-                              "nvimgcodec decodes on it, torchvision on a stream of its own)")
+                              "torchvision decodes on a stream of its own). H100 at c235123: no gain (docs/gpu.md)")
     gil_switch_ms: Annotated[float | None, UNKEYED] = Field(
         None, gt=0, description="CPython's GIL time slice in ms while the encode stage runs (sys.setswitchinterval);"
                                 " null: CPython's own, 5 ms. The thread driving the GPU takes the GIL back after"

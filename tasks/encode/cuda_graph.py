@@ -60,20 +60,20 @@ class EncoderGraphs:
         graph, static_out = _captured(self._forward, static_in)
         return graph, static_in, static_out
 
-    def capture(self, batch: int, size: int, device: torch.device | str) -> None:
-        """Capture the graph of [batch, 3, size, size] float32 batches now (the stage does so for its full batch
-        before other threads start work on the device)."""
-        example = torch.zeros((batch, 3, size, size), dtype=torch.float32, device=device)
+    def _graph_for(self, example: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         key = (tuple(example.shape), example.dtype, example.device)
         if key not in self.graphs:
             self.graphs[key] = self._capture(example)
+        return self.graphs[key]
+
+    def capture(self, batch: int, size: int, device: torch.device | str) -> None:
+        """Capture the graph of [batch, 3, size, size] float32 batches now (the stage does so for its full batch
+        before other threads start work on the device)."""
+        self._graph_for(torch.zeros((batch, 3, size, size), dtype=torch.float32, device=device))
 
     def __call__(self, images01: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] in [0, 1] on CUDA -> the encoder's [B, T, C] tokens, as encode_tensor under autocast."""
-        key = (tuple(images01.shape), images01.dtype, images01.device)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(images01)
-        graph, static_in, static_out = self.graphs[key]
+        graph, static_in, static_out = self._graph_for(images01)
         static_in.copy_(images01)
         graph.replay()
         return static_out.clone()

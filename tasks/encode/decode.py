@@ -308,8 +308,8 @@ class DecodeSplit:
         total = sum(self.counts.values())
         return {**self.counts, "gpu_decoder": decoder_name(self.decode_gpu, self.gpu_decoder),
                 "cpu_share": round(self.counts["cpu"] / total, 3) if total else 0.0,
-                "decode_ahead": self.ahead, "decode_priority": self.priority,
-                "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default"), "balanced": self.fixed is None,
+                "decode_ahead": self.ahead, "decode_priority": self.priority, "balanced": self.fixed is None,
+                "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default"),
                 "cpu_decoders": f"{self.processes} processes" if self.processes else "reader threads"}
 
 

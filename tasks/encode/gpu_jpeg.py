@@ -142,7 +142,8 @@ class _HardwareDecoder:
     def __call__(self, datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
         if not datas:
             return []
-        streams = [self.codec.CodeStream(bytes(data)) for data in datas]   # it is given bytes only
+        # bytes, as it was given before the readers gave bytearrays (a bytearray is untried on its CodeStream)
+        streams = [self.codec.CodeStream(bytes(data)) for data in datas]
         caller, own = torch.cuda.current_stream(device), self.stream
         with self.lock, torch.cuda.stream(own):
             try:

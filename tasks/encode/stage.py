@@ -137,8 +137,8 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     laps.lap("latent_template")
     fuse = with_teacher and fusable(cfg)
     if fuse and pending:   # the full batch's encoder graph first: a capture fails beside the warm-up below
-        for device, graph in graphs.items():
-            graph.capture(cfg.encoder.batch_size, cfg.source.image_size, device)
+        for device, encoder_graphs in graphs.items():
+            encoder_graphs.capture(cfg.encoder.batch_size, cfg.source.image_size, device)
     # the hierarchy's Triton kernels compile while the statistics pass runs, not at the pass's first batch
     warm = _warm_hierarchy(cfg, next(iter(models), None), grid, dim) if fuse and pending else None
     stats = _sampled_stats(cfg, layout, models, weights_label, splits, graphs) if cfg.encoder.stats_images else None
