@@ -204,6 +204,27 @@ def build_encoder(
     return encoder.eval(), label
 
 
+def fold_layer_scale(model: nn.Module) -> nn.Module:
+    """Each block's LayerScale multiplied into the linear layer it scales (attn.proj, mlp.fc2), then dropped:
+    gamma (W y + b) = (gamma W) y + gamma b, so the frozen encoder gives the same tokens up to rounding without
+    two elementwise passes over the residual stream a block (on a GPU those passes are memory-bound: a
+    float32 write of every token, twice a block). In place; blocks of another layout are left as they are.
+    The encode stage folds its encoders; build_encoder does not, so a loaded model is the file's tensors."""
+    from timm.layers import LayerScale
+
+    for block in getattr(model, "blocks", ()):
+        for scale_name, linear in (("ls1", getattr(getattr(block, "attn", None), "proj", None)),
+                                   ("ls2", getattr(getattr(block, "mlp", None), "fc2", None))):
+            scale = getattr(block, scale_name, None)
+            if isinstance(scale, LayerScale) and isinstance(linear, nn.Linear):
+                with torch.no_grad():
+                    linear.weight.mul_(scale.gamma[:, None])
+                    if linear.bias is not None:
+                        linear.bias.mul_(scale.gamma)
+                setattr(block, scale_name, nn.Identity())
+    return model
+
+
 def grid_size(model: nn.Module) -> int:
     """Tokens per side of the patch grid (img_size // patch)."""
     rows, cols = model.patch_embed.grid_size

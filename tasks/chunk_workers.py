@@ -112,13 +112,14 @@ def _worker_address() -> str | None:
 
 
 def cached_encoder(model: str, img_size: int, weights: str | None, allow_random_init: bool, device: str):
+    from models.encoder import fold_layer_scale
     from tasks.encode.encoder_load import load_encoder
 
     key = (model, img_size, weights, allow_random_init)
     with _ENCODERS_LOCK:
         if key not in _ENCODERS:
             encoder, label = load_encoder(model, img_size, weights, allow_random_init)
-            _ENCODERS[key] = (encoder.to(device), label)
+            _ENCODERS[key] = (fold_layer_scale(encoder).to(device), label)   # models.encoder: same tokens
         return _ENCODERS[key]
 
 

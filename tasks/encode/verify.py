@@ -38,24 +38,36 @@ def encode_files_plainly(model, files, preprocess: Preprocess, device: str, batc
                          gpu_decoder: str = "torchvision", readers: int = 4) -> np.ndarray:
     """float32 [n, g, g, C] tokens of every file of `files`, decoded and encoded one batch at a time with
     nothing ahead and no CUDA graph; a file that no longer decodes is an error (it was valid in the pass)."""
+    tokens, ok, rejects = plain_tokens(model, files, preprocess, device, batch_size, gpu_decoder, readers)
+    if not ok.all():
+        raise RuntimeError(f"{rejects[0]['path']} decoded in the encode pass but not now: {rejects[0]['reason']}")
+    return tokens
+
+
+def plain_tokens(model, files, preprocess: Preprocess, device: str, batch_size: int,
+                 gpu_decoder: str = "torchvision", readers: int = 4) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(float32 tokens of the files that decode, bool [n] which did, their reject rows): the plain way, as
+    encode_files_plainly, for a sample taken before the pass knows which files it rejects."""
     from models.encoder import encode_tensor
     from tasks.encode.decode import DecodeSplit
 
     device = torch.device(device)
     split = DecodeSplit(0.0, gpu_decoder=gpu_decoder, ahead=0) if device.type == "cuda" else None
-    out = []
+    out, ok, rejects = [], [], []
     with cf.ThreadPoolExecutor(readers) as pool:
         for start in range(0, len(files), batch_size):
             stop = min(start + batch_size, len(files))
             prepared = prepare_batch(collect(read_parts(files, start, stop, pool, readers), None), files, start,
                                      preprocess, device, pool, "verify", split=split)
-            if not prepared.ok.all():
-                raise RuntimeError(f"{prepared.rejects[0]['path']} decoded in the encode pass but not now: "
-                                   f"{prepared.rejects[0]['reason']}")
+            ok.append(prepared.ok)
+            rejects += prepared.rejects
+            if prepared.images01 is None:
+                continue
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 tokens = encode_tensor(model, prepared.images01)
             out.append(tokens.float().cpu().numpy())
-    return np.concatenate(out)   # the split has no decode processes to close (processes=0)
+    ok_all = np.concatenate(ok) if ok else np.zeros(0, bool)
+    return (np.concatenate(out) if out else np.zeros((0,), np.float32)), ok_all, rejects   # no processes to close
 
 
 def check_sample(store: Path, rows: np.ndarray, recomputed: np.ndarray, ids: np.ndarray) -> dict:

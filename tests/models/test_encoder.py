@@ -12,6 +12,7 @@ from models.encoder import (
     MissingWeightsError,
     build_encoder,
     encode_images,
+    fold_layer_scale,
     encode_tensor,
     grid_size,
     token_dim,
@@ -209,3 +210,25 @@ def test_encode_images_resizes_other_resolutions_and_supports_autocast():
     assert cosine.min() > 0.95
     with pytest.raises(ValueError):
         encode_images(model, images.astype(np.float32))
+
+
+def test_folding_layer_scale_keeps_the_tokens():
+    """In float64 the folded encoder's tokens equal timm's own blocks' (gamma (W y + b) = (gamma W) y + gamma b)
+    to rounding, with non-trivial gammas, and no LayerScale is left to run."""
+    from timm.layers import LayerScale
+
+    torch.manual_seed(0)
+    model = timm.create_model(SMALL_REG, pretrained=False, img_size=56, num_classes=0).double().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LayerScale):
+                module.gamma.copy_(torch.empty_like(module.gamma).uniform_(-2.0, 2.0))
+    images01 = torch.from_numpy(_images(2, 56, seed=3)).permute(0, 3, 1, 2).double() / 255.0
+    expected = encode_tensor(model, images01)
+    folded = fold_layer_scale(copy.deepcopy(model))
+    assert not any(isinstance(m, LayerScale) for m in folded.modules())
+    assert sum(isinstance(m, LayerScale) for m in model.modules()) == 2 * len(model.blocks)
+    torch.testing.assert_close(encode_tensor(folded, images01), expected, rtol=1e-12, atol=1e-12)
+    assert (encode_tensor(fold_layer_scale(timm.create_model(SMALL_REG, pretrained=False, img_size=56,
+                                                             num_classes=0).double().eval()), images01)
+            - expected).abs().max() > 0.1   # another encoder's tokens differ: the comparison can fail

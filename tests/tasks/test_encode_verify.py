@@ -84,3 +84,54 @@ def test_a_pass_that_stores_wrong_latents_fails_naming_them_and_completes_nothin
     assert not zarr_store.is_complete(layout.latents())
     if fused:
         assert not zarr_store.is_complete(layout.teacher())
+
+
+def test_the_files_sample_is_encoded_beside_the_pass_and_compared_after_it(tree, tmp_path):
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
+
+    cfg = _cfg(tree, "encoder.read_from=files", "encoder.verify_images=6")
+    ingest_images.fn(cfg, str(tmp_path))
+    verified = encode_latents.fn(cfg, str(tmp_path))["verified"]
+    assert verified["status"] == "passed" and verified["images"] == 6
+    assert verified["encoded_beside_pass_s"] > 0   # the plain encoding ran in its thread, not after the pass
+
+
+def test_a_file_the_pass_rejects_is_left_out_of_the_sample(tree, tmp_path):
+    """The sample is drawn before the pass knows its rejects: a row the pass rejected is not compared."""
+    import shutil
+
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
+
+    broken = tmp_path / "tree"
+    shutil.copytree(tree, broken)
+    (broken / "n01" / "n01_2.JPEG").write_bytes(b"\xff\xd8 not a JPEG")
+    cfg = _cfg(broken, "encoder.read_from=files", "encoder.verify_images=10")
+    root = str(tmp_path / "root")
+    ingest_images.fn(cfg, root)
+    out = encode_latents.fn(cfg, root)
+    assert out["rejected"] == 1
+    assert out["verified"]["status"] == "passed" and out["verified"]["images"] == 9
+
+
+def test_a_file_that_no_longer_decodes_after_the_pass_fails_the_check(tree, tmp_path, monkeypatch):
+    """The pass decoded every file; the plain way then cannot decode one (as a file replaced meanwhile): the
+    stage fails naming it and marks nothing complete."""
+    import tasks.encode.verify as verify
+    from tasks.encode.stage import encode_latents
+    from tasks.ingest.stage import ingest_images
+
+    real = verify.prepare_batch
+
+    def prepare_batch(datas, files, first_slot, *args, **kwargs):
+        return real([b"\xff\xd8 not a JPEG" if first_slot + i == 1 else d for i, d in enumerate(datas)], files,
+                    first_slot, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "prepare_batch", prepare_batch)
+    cfg = _cfg(tree, "encoder.read_from=files", "encoder.verify_images=10")
+    root = str(tmp_path)
+    ingest_images.fn(cfg, root)
+    with pytest.raises(RuntimeError, match="decoded in the encode pass but not now"):
+        encode_latents.fn(cfg, root)
+    assert not zarr_store.is_complete(Layout(root, cfg).latents())
