@@ -18,6 +18,7 @@ its root and stage, so runs on two hosts never write one stage at once (storage.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import importlib
 import time
@@ -69,7 +70,8 @@ def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -
             raise ValueError("generator.sharing is shared: --levels does not apply (one model serves every level)")
         return [train_decoder_task(config, root, force), train_shared_task(config, root, force)]
     wanted = range(config.hierarchy.generator_levels) if levels is None else levels
-    return [train_decoder_task(config, root, force)] + [train_level_task(config, root, l, force) for l in wanted]
+    return [_finished(train_decoder_task(config, root, force))] + [_finished(train_level_task(config, root, l, force))
+                                                                    for l in wanted]
 
 
 def _stage(stage: str, config: TFConfig, root: str, run_id: str, force: str | None,
@@ -217,6 +219,19 @@ def _flow_run_id() -> str:
     return str(flow_run.id or "")
 
 
+# set by _Run while a stage call runs: a call of several stages (train: the decoder, then each level) records
+# each one as it finishes, so a run stopped or failed in level 3 still shows levels 0-2 in its runs table
+_ON_FINISHED: contextvars.ContextVar[Callable[[dict], None] | None] = contextvars.ContextVar("on_finished", default=None)
+
+
+def _finished(result: dict) -> dict:
+    """One stage of a multi-stage call done: into the run's record now (see _ON_FINISHED)."""
+    record_now = _ON_FINISHED.get()
+    if record_now is not None:
+        record_now(result)
+    return result
+
+
 def _stamped(results: list[dict], began: datetime) -> list[dict]:
     """Start and end times for the results of one stage call, in order: each starts where the one before ended."""
     out = []
@@ -296,10 +311,24 @@ class _Run:
         return config
 
     def __call__(self, stage: str, config: TFConfig, work: Callable[[], list[dict]]) -> None:
-        with self.recording(stage), stage_slot(self.root, stage, config):
-            began = now()
-            done = work()
-        self.results += _stamped(done, began)
+        recorded: list[dict] = []
+        began = now()
+
+        def record_now(result: dict) -> None:   # one of several stages in this call (_finished)
+            nonlocal began
+            self.results += _stamped([result], began)
+            began = self.results[-1]["ended_at"]
+            recorded.append(result)
+            self._write("running")
+
+        token = _ON_FINISHED.set(record_now)
+        try:
+            with self.recording(stage), stage_slot(self.root, stage, config):
+                began = now()
+                done = work()
+        finally:
+            _ON_FINISHED.reset(token)
+        self.results += _stamped([r for r in done if not any(r is seen for seen in recorded)], began)
         self._write("running")   # the record so far: progress to read, and what a waiting stage run waits for
 
     def start_deployed(self, stages: tuple[str, ...], pool: str, config: TFConfig, force: str | None,

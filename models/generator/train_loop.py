@@ -20,7 +20,7 @@ step's random choices are drawn once for the whole batch, so only float rounding
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -52,17 +52,50 @@ class LevelData:
     label: Tensor               # [N] int64
     target_ids: Tensor | None   # [N, T] level-l region ids (the region-variance loss's too); None: the latent
     cond_ids: Tensor | None     # [N, T] level-(l-1) region ids; None: no condition (zeros), level 0 and flat
+    host_tokens: HostRows | None = field(default=None, repr=False, compare=False)   # resident(): tokens left on
+    # the host, gathered through pinned buffers
 
     def batch(self, index: Tensor, device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """(target canvas, condition canvas, label, target region ids) of rows `index`, float32 on `device`:
         the same values as canvases of the whole set (each image's region means are its own)."""
-        x = (self.tokens[index].to(device).float() - self.mean.to(device)) / self.std.to(device)
+        tokens = self.host_tokens.to_device(index, device) if self.host_tokens is not None else \
+            self.tokens[index.to(self.tokens.device, non_blocking=True)].to(device, non_blocking=True)
+        index = index.to(self.label.device, non_blocking=True)
+        x = (tokens.float() - self.mean.to(device)) / self.std.to(device)
         bound = x.shape[1] + 1   # a teacher's ids: background 0, regions 1..k <= T (no host sync per step)
         ids = self.target_ids[index].to(device).long() if self.target_ids is not None else None
         target = x if ids is None else region_canvas(x, ids, bound)
         cond = torch.zeros_like(x) if self.cond_ids is None else \
             region_canvas(x, self.cond_ids[index].to(device).long(), bound)
         return target, cond, self.label[index].to(device), ids
+
+
+class HostRows:
+    """Rows of a host tensor gathered into one of two pinned buffers and copied to the GPU without the host
+    waiting: a copy from pageable memory first waits for every kernel queued on the stream, so each
+    micro-batch's start drained the GPU's queue before its forward was launched (about 25 ms a micro-batch
+    of the B step at 50k latents on an H100, where the latents do not fit beside the step)."""
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+        self.buffers: list[tuple[Tensor, torch.cuda.Event | None]] = []
+        self.turn = 0
+
+    def to_device(self, index: Tensor, device) -> Tensor:
+        rows = len(index)
+        if len(self.buffers) < 2 or self.buffers[0][0].shape[0] < rows:
+            shape = (rows, *self.tensor.shape[1:])
+            self.buffers = [(torch.empty(shape, dtype=self.tensor.dtype, pin_memory=True), None) for _ in range(2)]
+        buffer, copied = self.buffers[self.turn]
+        if copied is not None:
+            copied.synchronize()   # this buffer's last copy (two micro-batches ago) has landed: long done
+        torch.index_select(self.tensor, 0, index.cpu(), out=buffer[:rows])
+        out = buffer[:rows].to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.buffers[self.turn] = (buffer, event)
+        self.turn = 1 - self.turn
+        return out
 
 
 # Of the GPU's memory, at most, for a run's training data: the B preset's step at batch 256 takes ~58 GB
@@ -73,18 +106,23 @@ DEVICE_RESIDENT_SHARE = 0.2
 def resident(datasets: list[LevelData], device: str) -> list[LevelData]:
     """The levels' data moved to the GPU once when it fits (DEVICE_RESIDENT_SHARE of its memory), each
     tensor once however many levels share it: gathering a batch on the host and copying it every step
-    otherwise bounds the step rate, far below what the GPU computes."""
+    otherwise bounds the step rate, far below what the GPU computes. When the latents do not fit, everything
+    else (labels, region ids, statistics) still moves, and the latents are gathered through pinned buffers
+    (HostRows): no micro-batch waits for the GPU's queue to drain."""
     if torch.device(device).type != "cuda":
         return datasets
     tensors = {id(t): t for d in datasets for t in (d.tokens, d.mean, d.std, d.label, d.target_ids, d.cond_ids)
                if t is not None}
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    if sum(t.numel() * t.element_size() for t in tensors.values()) > DEVICE_RESIDENT_SHARE * total:
-        return datasets
-    moved = {key: t.to(device) for key, t in tensors.items()}
-    return [LevelData(*(moved[id(t)] if t is not None else None for t in (d.tokens, d.mean, d.std, d.label,
-                                                                            d.target_ids, d.cond_ids)))
-            for d in datasets]
+    fits = sum(t.numel() * t.element_size() for t in tensors.values()) <= DEVICE_RESIDENT_SHARE * total
+    host = {id(d.tokens): HostRows(d.tokens) for d in datasets if not fits and d.tokens.device.type == "cpu"}
+    moved = {key: t if key in host else t.to(device) for key, t in tensors.items()}
+    out = [LevelData(*(moved[id(t)] if t is not None else None for t in (d.tokens, d.mean, d.std, d.label,
+                                                                         d.target_ids, d.cond_ids)))
+           for d in datasets]
+    for level_data, original in zip(out, datasets):
+        level_data.host_tokens = host.get(id(original.tokens))
+    return out
 
 
 def new_state(model: nn.Module, cfg: OptimConfig, device: str, resume: Exported | None = None) -> TrainState:
@@ -289,7 +327,7 @@ def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: 
         chosen, chosen_level = datasets[which], levels_of[which]
         shape = tuple(chosen.tokens.shape[1:])
         index, parts = _batch_index(state, len(chosen.tokens), cfg, rank, world)
-        index = index.to(chosen.tokens.device)
+        index = index.to(chosen.tokens.device, non_blocking=True)   # from pageable memory: staged, no queue drain
         draws = draw((len(index), *shape), objective, state.generators["noise"], device, torch.float32)
 
         def forward(rows: slice) -> tuple[Tensor, dict]:

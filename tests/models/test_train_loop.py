@@ -51,6 +51,35 @@ def test_a_batch_is_the_levels_canvases_of_its_rows_as_a_whole_set_read_would_gi
     assert not first.batch(index, "cpu")[1].any()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned copies need CUDA (runs on the GPU machine)")
+def test_latents_left_on_the_host_give_the_same_batches_without_waiting_for_the_gpu(monkeypatch):
+    """When the latents do not fit on the GPU (resident's share), the rest moves and the latents are gathered
+    through two pinned buffers in turn: the batches equal the resident ones, and no copy synchronises (a
+    copy from pageable memory drains the stream's queue at every micro-batch)."""
+    import models.generator.train_loop as loop
+
+    data = tiny_data(n=40)
+    [on_gpu] = loop.resident([data], "cuda")
+    monkeypatch.setattr(loop, "DEVICE_RESIDENT_SHARE", 0.0)
+    [on_host] = loop.resident([data], "cuda")
+    assert on_gpu.host_tokens is None and on_gpu.tokens.is_cuda
+    assert on_host.tokens.device.type == "cpu" and on_host.host_tokens is not None
+    assert on_host.label.is_cuda and on_host.target_ids.is_cuda and on_host.mean.is_cuda
+    g = torch.Generator().manual_seed(0)
+    indices = [torch.randint(40, (n,), generator=g) for n in (8, 8, 5, 8, 12)]   # the buffers grow once
+    slow = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            slow = slow @ slow / 64   # work queued ahead of the copies, as a step's kernels are
+        got = [on_host.batch(index, "cuda") for index in indices]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for index, batch in zip(indices, got):
+        for mine, expected in zip(batch, on_gpu.batch(index.cuda(), "cuda")):
+            assert torch.equal(mine, expected)
+
+
 class Stop(Exception):
     pass
 
