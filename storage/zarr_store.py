@@ -290,10 +290,14 @@ def write_chunk(path: Path, chunk: int, start: int, values: dict[str, np.ndarray
     atomic_write_text(_marker(path, chunk), json.dumps({"chunk": chunk, "start": start, **(info or {})}))
 
 
+SPARSE_READ_SHARE = 8   # read_stored reads rows one by one when they are under 1/8 of their raw chunk
+
+
 def read_stored(path: Path, name: str, rows: np.ndarray) -> np.ndarray:
     """`array.oindex[rows]` of a per-sample array, as stored (no float decoding). Whole raw chunks or shards
     (the layout write_chunk writes directly) are read as files, several GB/s from the page cache, where
-    zarr's single event loop reads a few hundred MB/s; anything else through zarr."""
+    zarr's single event loop reads a few hundred MB/s, and a few rows of one only as their own bytes (a
+    sample spread over the store read 64 inner chunks, 1.6 GB for 64 latents); anything else through zarr."""
     folder = zarr_path(path) / name
     meta = _array_meta(folder)
     array = open_array(path, name)
@@ -311,6 +315,12 @@ def read_stored(path: Path, name: str, rows: np.ndarray) -> np.ndarray:
         mine = np.flatnonzero(rows // chunk_rows == chunk)
         if count != chunk_rows or not file.is_file():   # a partial last chunk, or one zarr holds as fill
             out[mine] = np.asarray(array.oindex[rows[mine]])
+            continue
+        if len(mine) * SPARSE_READ_SHARE < count:   # a few rows (a spread sample): only their bytes
+            with open(file, "rb") as handle:
+                for i in mine:
+                    handle.seek(int(rows[i] - start) * per_row * dtype.itemsize)
+                    out[i] = np.fromfile(handle, dtype=dtype, count=per_row).reshape(shape[1:])
             continue
         data = np.fromfile(file, dtype=dtype, count=count * per_row).reshape(count, *shape[1:])
         out[mine] = data[rows[mine] - start]

@@ -72,7 +72,8 @@ def plain_tokens(model, files, preprocess: Preprocess, device: str, batch_size: 
 
 def check_sample(store: Path, rows: np.ndarray, recomputed: np.ndarray, ids: np.ndarray) -> dict:
     """Compare `recomputed` tokens with the store's `rows`; raise naming the rows that differ."""
-    stored = zarr_store.read_floats(zarr_store.open_array(store, "tokens"), rows, orthogonal=True)
+    stored = zarr_store.decode_floats(zarr_store.read_stored(store, "tokens", rows),
+                                      zarr_store.open_array(store, "tokens").attrs.asdict())
     errors = relative_errors(stored, recomputed.reshape(stored.shape))
     bad = np.flatnonzero(~(errors <= VERIFY_TOLERANCE))   # NaN counts as different
     if len(bad):

@@ -284,3 +284,29 @@ def test_stored_rows_read_as_files_equal_zarrs_reads(tmp_path):
     for name in ("raw", "packed"):
         assert np.array_equal(zarr_store.read_stored(path, name, rows), data[rows])
     assert np.array_equal(zarr_store.read_stored(path, "raw", np.arange(n)), data)
+
+
+def test_a_few_stored_rows_are_read_as_their_own_bytes(tmp_path, monkeypatch):
+    """A sample spread over a store (the encode stage's check) reads only its rows from a raw shard, not the
+    shard, and gets what zarr gives."""
+    rng = np.random.default_rng(8)
+    n, chunk = 256, 128
+    data = rng.standard_normal((n, 4, 5)).astype(np.float16)
+    path = tmp_path / "s"
+    zarr_store.create_store(path, {"raw": ArraySpec(data.shape, "float16", ("sample", "a", "b"), compressed=False,
+                                                    inner_rows=32)}, chunk, {})
+    for c, (start, stop) in enumerate(zarr_store.chunk_bounds(n, chunk)):
+        zarr_store.write_chunk(path, c, start, {"raw": data[start:stop]})
+    counts, real = [], np.fromfile
+
+    def fromfile(file, dtype, count=-1, **kwargs):
+        counts.append(count)
+        return real(file, dtype=dtype, count=count, **kwargs)
+
+    monkeypatch.setattr(zarr_store.np, "fromfile", fromfile)
+    rows = np.array([200, 3, 100, 3])
+    assert np.array_equal(zarr_store.read_stored(path, "raw", rows), data[rows])
+    assert counts == [20] * 4   # four rows of 4 x 5 values, nothing more
+    counts.clear()
+    assert np.array_equal(zarr_store.read_stored(path, "raw", np.arange(0, n, 2)), data[::2])
+    assert counts == [128 * 20] * 2   # half of every shard: the shards whole
