@@ -221,7 +221,8 @@ def _flow_run_id() -> str:
 
 # set by _Run while a stage call runs: a call of several stages (train: the decoder, then each level) records
 # each one as it finishes, so a run stopped or failed in level 3 still shows levels 0-2 in its runs table
-_ON_FINISHED: contextvars.ContextVar[Callable[[dict], None] | None] = contextvars.ContextVar("on_finished", default=None)
+_ON_FINISHED: contextvars.ContextVar[Callable[[dict], None] | None] = contextvars.ContextVar("on_finished",
+                                                                                            default=None)
 
 
 def _finished(result: dict) -> dict:
