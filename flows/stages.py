@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import importlib
 import time
@@ -64,14 +65,16 @@ def _train(config: TFConfig, root: str, levels: list[int] | None, force: bool) -
     if config.generator.mode == "flat":   # one model for the whole latent: there are no levels to pick
         if levels is not None:
             raise ValueError("generator.mode is flat: --levels does not apply (the flat model has no levels)")
-        return [train_decoder_task(config, root, force), train_flat_task(config, root, force)]
-    if config.generator.sharing == "shared":   # one model for every level: --level names none of its own
+        models = [functools.partial(train_flat_task, config, root, force)]
+    elif config.generator.sharing == "shared":   # one model for every level: --level names none of its own
         if levels is not None:
             raise ValueError("generator.sharing is shared: --levels does not apply (one model serves every level)")
-        return [train_decoder_task(config, root, force), train_shared_task(config, root, force)]
-    wanted = range(config.hierarchy.generator_levels) if levels is None else levels
-    return [_finished(train_decoder_task(config, root, force))] + [_finished(train_level_task(config, root, l, force))
-                                                                    for l in wanted]
+        models = [functools.partial(train_shared_task, config, root, force)]
+    else:
+        wanted = range(config.hierarchy.generator_levels) if levels is None else levels
+        models = [functools.partial(train_level_task, config, root, level, force) for level in wanted]
+    # each recorded as it finishes: a run stopped in a later one keeps the earlier ones' rows
+    return [_finished(train()) for train in [functools.partial(train_decoder_task, config, root, force), *models]]
 
 
 def _stage(stage: str, config: TFConfig, root: str, run_id: str, force: str | None,
@@ -313,7 +316,6 @@ class _Run:
 
     def __call__(self, stage: str, config: TFConfig, work: Callable[[], list[dict]]) -> None:
         recorded: list[dict] = []
-        began = now()
 
         def record_now(result: dict) -> None:   # one of several stages in this call (_finished)
             nonlocal began

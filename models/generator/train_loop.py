@@ -73,8 +73,9 @@ class LevelData:
 class HostRows:
     """Rows of a host tensor gathered into one of two pinned buffers and copied to the GPU without the host
     waiting: a copy from pageable memory first waits for every kernel queued on the stream, so each
-    micro-batch's start drained the GPU's queue before its forward was launched (about 25 ms a micro-batch
-    of the B step at 50k latents on an H100, where the latents do not fit beside the step)."""
+    micro-batch's start drained the GPU's queue before its forward was launched. The likely cause of the
+    compiled B step at batch 1,024 over 50k latents (which stay on the host) taking 1.2-1.25 s on an H100,
+    as long per image as the bench's step of 256 with the latents on the GPU (docs/gpu.md)."""
 
     def __init__(self, tensor: Tensor):
         self.tensor = tensor
@@ -92,7 +93,7 @@ class HostRows:
         torch.index_select(self.tensor, 0, index.cpu(), out=buffer[:rows])
         out = buffer[:rows].to(device, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(out.device))   # the stream the copy was queued on
         self.buffers[self.turn] = (buffer, event)
         self.turn = 1 - self.turn
         return out

@@ -40,8 +40,13 @@ def encode_files_plainly(model, files, preprocess: Preprocess, device: str, batc
     nothing ahead and no CUDA graph; a file that no longer decodes is an error (it was valid in the pass)."""
     tokens, ok, rejects = plain_tokens(model, files, preprocess, device, batch_size, gpu_decoder, readers)
     if not ok.all():
-        raise RuntimeError(f"{rejects[0]['path']} decoded in the encode pass but not now: {rejects[0]['reason']}")
+        raise no_longer_decodes(rejects[0])
     return tokens
+
+
+def no_longer_decodes(reject: dict) -> RuntimeError:
+    """The error for a file the pass decoded and the plain way cannot (changed since, or a decoder is wrong)."""
+    return RuntimeError(f"{reject['path']} decoded in the encode pass but not now: {reject['reason']}")
 
 
 def plain_tokens(model, files, preprocess: Preprocess, device: str, batch_size: int,

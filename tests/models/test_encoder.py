@@ -12,8 +12,8 @@ from models.encoder import (
     MissingWeightsError,
     build_encoder,
     encode_images,
-    fold_layer_scale,
     encode_tensor,
+    fold_layer_scale,
     grid_size,
     token_dim,
 )
