@@ -227,12 +227,14 @@ def tangent_velocity(model: nn.Module, z: Tensor, t: Tensor, cond: Tensor, label
 
 def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, level: Tensor, regions: Tensor | None,
                   cfg: MeanFlowConfig, generator: torch.Generator | None = None, draws: Draws | None = None,
-                  jvp_model: nn.Module | None = None, tangent_fn=None) -> tuple[Tensor, dict[str, float]]:
+                  jvp_model: nn.Module | None = None, tangent_fn=None,
+                  region_scale: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """x: target level-l canvas [B, T, C]; cond [B, T, C]; label [B]; level [B]; regions [B, T] ids or
     None. Randomness comes from `generator`, or from pre-made `draws` (data-parallel slices).
     `jvp_model` (default `model`) runs the tangent pass and the h = 0 forward: pass the plain module
     when `model` is a DDP wrapper, whose hooks expect one forward per backward. `tangent_fn` (default
     `time_derivative`) may be its torch.compile'd version: the whole JVP then runs as one graph.
+    `region_scale` (0-dim) multiplies the region loss: 0 gives the loss of regions None in the same graph.
     Both losses sum over tokens and channels per sample before the adaptive weight (reference).
     Returns (scalar loss with gradient, stats as detached 0-dim tensors: loss; loss_u and loss_v as
     per-element mean squares; loss_region; v_tangent_gap, the relative squared difference between
@@ -286,6 +288,8 @@ def meanflow_loss(model: nn.Module, x: Tensor, cond: Tensor, label: Tensor, leve
     loss_region = torch.zeros((), dtype=loss_dtype, device=x.device)
     if regions is not None and cfg.region_weight > 0:
         loss_region = region_variance_loss(x_hat.to(loss_dtype), target, regions)
+        if region_scale is not None:   # 0: a level without regions inside a graph compiled with them
+            loss_region = loss_region * region_scale.to(loss_dtype)
         loss = loss + cfg.region_weight * loss_region
     elements = x.shape[1] * x.shape[2]
     stats = {"loss": loss, "loss_u": loss_u.mean() / elements, "loss_v": loss_v.mean() / elements,

@@ -59,8 +59,8 @@ class LevelData:
         """(target canvas, condition canvas, label, target region ids) of rows `index`, float32 on `device`:
         the same values as canvases of the whole set (each image's region means are its own)."""
         tokens = self.host_tokens.to_device(index, device) if self.host_tokens is not None else \
-            self.tokens[index.to(self.tokens.device, non_blocking=True)].to(device, non_blocking=True)
-        index = index.to(self.label.device, non_blocking=True)
+            self.tokens[without_waiting(index, self.tokens.device)].to(device, non_blocking=True)
+        index = without_waiting(index, self.label.device)
         x = (tokens.float() - self.mean.to(device)) / self.std.to(device)
         bound = x.shape[1] + 1   # a teacher's ids: background 0, regions 1..k <= T (no host sync per step)
         ids = self.target_ids[index].to(device).long() if self.target_ids is not None else None
@@ -68,6 +68,14 @@ class LevelData:
         cond = torch.zeros_like(x) if self.cond_ids is None else \
             region_canvas(x, self.cond_ids[index].to(device).long(), bound)
         return target, cond, self.label[index].to(device), ids
+
+
+def without_waiting(tensor: Tensor, device) -> Tensor:
+    """`tensor` on `device`; a host tensor goes to a GPU through pinned memory, without the host waiting: the
+    driver may stage a copy from pageable memory only after every kernel queued on the stream has run."""
+    if tensor.is_cuda or torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class HostRows:
@@ -216,6 +224,18 @@ def micro_batch_rows(start: int, count: int, device_batch: int | None) -> list[s
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+def graph_regions(regions: Tensor | None, x: Tensor, objective: MeanFlowConfig,
+                  compiled: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(regions, region_scale) for meanflow_loss. Compiled, every level runs one graph: the latent level,
+    which has no regions, gets one region per image and a region loss scaled by 0 (the same loss and
+    gradients), instead of a graph of its own (a second compile, about two minutes for the B preset)."""
+    if not compiled or objective.region_weight <= 0:
+        return regions, None
+    if regions is None:
+        return torch.zeros(x.shape[:2], dtype=torch.long, device=x.device), torch.zeros((), device=x.device)
+    return regions, torch.ones((), device=x.device)
+
+
 @functools.cache
 def compiled_loss():
     """One compiled meanflow_loss per process: the per-level generators of a run share the architecture, so
@@ -328,18 +348,19 @@ def train_generator(model: nn.Module, data: LevelData | list[LevelData], level: 
         chosen, chosen_level = datasets[which], levels_of[which]
         shape = tuple(chosen.tokens.shape[1:])
         index, parts = _batch_index(state, len(chosen.tokens), cfg, rank, world)
-        index = index.to(chosen.tokens.device, non_blocking=True)   # from pageable memory: staged, no queue drain
+        index = without_waiting(index, chosen.tokens.device)
         draws = draw((len(index), *shape), objective, state.generators["noise"], device, torch.float32)
 
         def forward(rows: slice) -> tuple[Tensor, dict]:
             mine = index[rows]
             x, cond, label, regions = chosen.batch(mine, device)
             levels = torch.full((len(mine),), chosen_level, dtype=torch.long, device=device)
+            regions, region_scale = graph_regions(regions, x, objective, step_loss is not meanflow_loss)
             with amp:
                 # jvp_model: the tangent pass bypasses DDP's one-forward-per-backward hooks
                 loss, stats = step_loss(net, x, cond, label, levels, regions, objective,
                                         draws=draws.rows(rows.start, rows.stop), jvp_model=state.model,
-                                        tangent_fn=tangent_fn)
+                                        tangent_fn=tangent_fn, region_scale=region_scale)
             if len(datasets) > 1:
                 # on the loss's device: LaggedStats stacks every stat into one tensor (a CPU scalar among
                 # CUDA ones fails)

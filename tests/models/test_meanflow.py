@@ -417,6 +417,35 @@ def test_whole_loss_traces_as_one_graph_and_equals_eager():
         assert float((got - want).norm()) <= 1e-5 * float(want.norm()) + 1e-8
 
 
+def test_a_region_loss_scaled_by_zero_over_one_region_gives_the_loss_and_gradients_of_no_regions():
+    """The compiled loop runs the latent level (no regions) through the graph of the levels with regions:
+    one region per image, its loss scaled by a 0 tensor. Loss and gradients equal those of regions None
+    exactly (float64), and a scale of 1 is the plain region loss."""
+    from models.generator.meanflow import draw
+
+    model = perturbed_model(3)
+    x, cond, label, level = make_batch(6, seed=4)
+    cfg = objective(region_weight=0.5)
+    draws = draw(tuple(x.shape), cfg, torch.Generator().manual_seed(1), dtype=torch.float64)
+    params = list(model.parameters())
+
+    def run(regions, scale):
+        loss, stats = meanflow_loss(model, x, cond, label, level, regions, cfg, draws=draws, region_scale=scale)
+        return loss, stats, torch.autograd.grad(loss, params)
+
+    none_loss, none_stats, none_grads = run(None, None)
+    one_region = torch.zeros(x.shape[:2], dtype=torch.long)
+    zero_loss, zero_stats, zero_grads = run(one_region, torch.zeros((), dtype=torch.float64))
+    assert torch.equal(zero_loss, none_loss) and float(zero_stats["loss_region"]) == 0.0
+    for got, want in zip(zero_grads, none_grads):
+        assert torch.equal(got, want)
+    two = torch.tensor([[0] * 8 + [1] * 8] * 6)
+    plain_loss, plain_stats, _ = run(two, None)
+    scaled_loss, scaled_stats, _ = run(two, torch.ones((), dtype=torch.float64))
+    assert float(plain_stats["loss_region"]) > 1e-3 and torch.equal(scaled_loss, plain_loss)
+    assert not torch.equal(plain_loss, none_loss)
+
+
 def test_condition_noise_is_added_to_given_conditions_only_and_leaves_the_reference_draws_alone():
     from models.generator.meanflow import Draws, draw
 

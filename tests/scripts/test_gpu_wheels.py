@@ -66,3 +66,19 @@ def test_extra_holds_only_what_was_asked_this_time(tmp_path):
         (extra / name).write_bytes(b"x")
     gpu_wheels.drop_extra(tmp_path, "py_spy*.whl")
     assert [p.name for p in extra.iterdir()] == ["nvidia_nvimgcodec_cu13-0.9-py3-none-any.whl"]
+
+
+def test_prefects_wheel_loses_only_its_web_ui_and_a_second_slimming_leaves_it_alone(tmp_path):
+    import zipfile
+
+    members = {"prefect/__init__.py": b"", "prefect/server/ui/index.html": b"ui",
+               "prefect/server/ui-v2/assets/app.js": b"ui", "prefect/server/ui_build.py": b"keep",
+               "prefect/server/api/ui/flows.py": b"keep", "prefect-3.9.1.dist-info/RECORD": b"stale,,\n"}
+    wheel = tmp_path / "prefect-3.9.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    assert gpu_wheels.slim_prefect(tmp_path) == [wheel]
+    with zipfile.ZipFile(wheel) as archive:
+        assert set(archive.namelist()) == {n for n, data in members.items() if data != b"ui"}
+    assert gpu_wheels.slim_prefect(tmp_path) == []
