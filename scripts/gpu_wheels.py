@@ -38,6 +38,21 @@ DASHBOARD = {"streamlit"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64", "any")
 
 
+# pip before 24.2 checks Requires-Python against the interpreter it runs in, not --python-version: on
+# Python 3.11 it resolved zarr 3.1.6 for 3.12, where 3.4.2 (Requires-Python >= 3.12) is the newest allowed.
+MIN_PIP = (24, 2)
+
+
+def pip_too_old(version: str) -> str | None:
+    """Why pip `version` cannot resolve for another Python, or None when it can."""
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if numbers >= MIN_PIP:
+        return None
+    return (f"pip {version} resolves Requires-Python against this interpreter, not --python-version (it picks "
+            f"older wheels, zarr 3.1.6 instead of 3.4.2): run this with pip >= {'.'.join(map(str, MIN_PIP))}, "
+            f"e.g. `make setup && .venv/bin/python scripts/gpu_wheels.py`")
+
+
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -177,6 +192,9 @@ def main() -> None:
                         help="fail if the wheels exceed this (the device tool carries 64 MiB with the repo)")
     args = parser.parse_args()
 
+    from importlib.metadata import version
+    if reason := pip_too_old(version("pip")):
+        sys.exit(reason)
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     wanted = runtime_requirements()

@@ -81,9 +81,9 @@ def without_waiting(tensor: Tensor, device) -> Tensor:
 class HostRows:
     """Rows of a host tensor gathered into one of two pinned buffers and copied to the GPU without the host
     waiting: a copy from pageable memory first waits for every kernel queued on the stream, so each
-    micro-batch's start drained the GPU's queue before its forward was launched. The likely cause of the
-    compiled B step at batch 1,024 over 50k latents (which stay on the host) taking 1.2-1.25 s on an H100,
-    as long per image as the bench's step of 256 with the latents on the GPU (docs/gpu.md)."""
+    micro-batch's start drained the GPU's queue before its forward was launched. The compiled B step at batch
+    1,024 over 50k latents (which stay on the host) took 1.2-1.25 s on an H100 before, 1.06 s with these
+    (another H100; docs/gpu.md). A buffer is reused two gathers later, once its copy has landed."""
 
     def __init__(self, tensor: Tensor):
         self.tensor = tensor

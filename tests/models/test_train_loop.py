@@ -67,16 +67,21 @@ def test_latents_left_on_the_host_give_the_same_batches_without_waiting_for_the_
     assert on_host.label.is_cuda and on_host.target_ids.is_cuda and on_host.mean.is_cuda
     g = torch.Generator().manual_seed(0)
     indices = [torch.randint(40, (n,), generator=g) for n in (8, 8, 5, 8, 12)]   # the buffers grow once
+    for index in indices:
+        for mine, expected in zip(on_host.batch(index, "cuda"), on_gpu.batch(index.cuda(), "cuda")):
+            assert torch.equal(mine, expected)
+    # Two more micro-batches behind about 0.2 s of queued work, as a step's kernels are queued ahead: each
+    # buffer's last copy has landed, so neither gather may wait for that work. A copy from pageable memory
+    # may (the driver stages it), which torch's sync check does not see: the queue must still be busy after.
     slow = torch.randn(8192, 8192, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(12):   # ~0.2 s of float32 work queued ahead of the copies, as a step's kernels are
+        for _ in range(12):
             slow = slow @ slow / 90.5
         queued = torch.cuda.Event()
         queued.record()
-        got = [on_host.batch(index, "cuda") for index in indices]
-        # no copy waited for the queue (the driver may do that for pageable memory, which torch's check misses)
+        got = [on_host.batch(index, "cuda") for index in indices[:2]]
         still_busy = not queued.query()
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -84,30 +89,6 @@ def test_latents_left_on_the_host_give_the_same_batches_without_waiting_for_the_
     for index, batch in zip(indices, got):
         for mine, expected in zip(batch, on_gpu.batch(index.cuda(), "cuda")):
             assert torch.equal(mine, expected)
-
-
-def test_compiled_levels_with_and_without_regions_share_one_graph(monkeypatch):
-    """Compiled, a middle level and the latent level (no region ids) run one graph: training the latent
-    level after a middle one compiles nothing more (a second graph is a second compile, about two minutes
-    for the B preset on a GPU). A counting backend stands in for inductor to keep the check fast."""
-    from torch._dynamo.testing import CompileCounter
-
-    import models.generator.train_loop as loop
-    from models.generator.meanflow import meanflow_loss
-
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    monkeypatch.setattr(loop, "compiled_loss", lambda: torch.compile(meanflow_loss, backend=counter))
-    cfg = optim(steps=2, batch_size=4, compile=True)
-    middle = tiny_data()
-    latent = LevelData(middle.tokens, middle.mean, middle.std, middle.label, None, middle.cond_ids)
-    train_generator(tiny_model(), middle, 1, objective(region_weight=0.5), cfg, "cpu")
-    after_middle = counter.frame_count
-    assert after_middle >= 1
-    state = train_generator(tiny_model(), latent, 3, objective(region_weight=0.5), cfg, "cpu")
-    assert counter.frame_count == after_middle
-    assert state.history["loss_region"] == [0.0, 0.0]
-    torch._dynamo.reset()
 
 
 class Stop(Exception):

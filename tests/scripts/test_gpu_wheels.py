@@ -82,3 +82,9 @@ def test_prefects_wheel_loses_only_its_web_ui_and_a_second_slimming_leaves_it_al
     with zipfile.ZipFile(wheel) as archive:
         assert set(archive.namelist()) == {n for n, data in members.items() if data != b"ui"}
     assert gpu_wheels.slim_prefect(tmp_path) == []
+
+
+def test_a_pip_that_resolves_for_its_own_python_is_refused_by_name():
+    """pip 24.1 resolved zarr 3.1.6 for Python 3.12 from a 3.11 interpreter; 24.2 resolves 3.4.2 (both run here)."""
+    assert "24.1" in gpu_wheels.pip_too_old("24.1") and "24.2" in gpu_wheels.pip_too_old("23.2.1")
+    assert gpu_wheels.pip_too_old("24.2") is None and gpu_wheels.pip_too_old("26.3") is None
