@@ -113,8 +113,8 @@ def _compare(workdir: Path, args, name: str, sets: list[str], n: int) -> dict:
         return {"sets": sets, "failed": f"{type(error).__name__}: {error}"}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    keep = ("duration_s", "images_per_s", "gpu_busy_share", "gpu_peak_mem_gib", "stats_pass_s", "phases_s",
-            "wall_s", "decoded_by", "verified")
+    keep = ("duration_s", "images_per_s", "gpu_busy_share", "gpu_peak_mem_gib", "stats_pass_s", "stats_phases_s",
+            "phases_s", "wall_s", "decoded_by", "verified")
     print(f"{name} ({','.join(sets)}): encode {encode['duration_s']:.1f}s: {n / encode['duration_s']:.0f} img/s",
           flush=True)
     return {"sets": sets, "img_per_s": round(n / encode["duration_s"], 1),

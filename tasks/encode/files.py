@@ -275,13 +275,15 @@ def _encode_prepared(model, prepared: Prepared, device: torch.device, clock: Pha
 
 def sample_moments(model, files: SampleFiles, preprocess: Preprocess, device: str | torch.device, *,
                    batch_size: int, readers: int = 8, read_timeout: float | None = None,
-                   split: DecodeSplit | None = None, graphs: EncoderGraphs | None = None) -> tuple:
+                   split: DecodeSplit | None = None, graphs: EncoderGraphs | None = None,
+                   clock: PhaseClock | None = None) -> tuple:
     """(count, mean [C], M2 [C]) of the encoder's tokens over every decodable file of `files`, accumulated on
     the device: the channel statistics of a sample (tasks.encode.stage spreads it over the source) that a fused
-    pass standardises with before it has seen the rest. Nothing is written."""
+    pass standardises with before it has seen the rest. Nothing is written; `clock` collects where the time
+    went."""
     device = torch.device(device)
     moments = DeviceMoments()
-    clock = PhaseClock(device.type == "cuda")
+    clock = clock or PhaseClock(device.type == "cuda")
     spans = [(b, min(b + batch_size, len(files))) for b in range(0, len(files), batch_size)]
     for prepared in prepared_batches(files, spans, preprocess, device, readers, read_timeout, clock, split):
         tokens = _encode_prepared(model, prepared, device, clock, graphs)

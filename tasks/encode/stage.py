@@ -139,11 +139,15 @@ def _encode(cfg: TFConfig, layout: Layout, with_teacher: bool = False) -> Done:
     if fuse and pending:   # the full batch's encoder graph first: a capture fails beside the warm-up below
         for device, encoder_graphs in graphs.items():
             encoder_graphs.capture(cfg.encoder.batch_size, cfg.source.image_size, device)
+        laps.lap("capture_encoder_graph")
     # the hierarchy's Triton kernels compile while the statistics pass runs, not at the pass's first batch
     warm = _warm_hierarchy(cfg, next(iter(models), None), grid, dim) if fuse and pending else None
-    stats = _sampled_stats(cfg, layout, models, weights_label, splits, graphs) if cfg.encoder.stats_images else None
+    stats_clock = PhaseClock(any(device.startswith("cuda") for device in models))
+    stats = _sampled_stats(cfg, layout, models, weights_label, splits, graphs, stats_clock) \
+        if cfg.encoder.stats_images else None
     laps.lap("stats_pass")
-    extra: dict = {"stats_pass_s": laps.seconds["stats_pass"]} if stats is not None else {}
+    extra: dict = {"stats_pass_s": laps.seconds["stats_pass"], "stats_phases_s": stats_clock.summary()} \
+        if stats is not None else {}
     if warm is not None:
         warm.result()
         laps.lap("wait_for_kernel_compile")
@@ -228,7 +232,8 @@ def sample_rows(num: int, images: int) -> np.ndarray:
 
 
 def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: str,
-                   splits: dict | None = None, graphs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   splits: dict | None = None, graphs: dict | None = None,
+                   clock: PhaseClock | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The channel statistics of encoder.stats_images images spread over the source, computed once (before the
     pass, so a fused hierarchy can standardise with them) and kept in the store: a resumed run reuses them."""
     path = layout.latents()
@@ -251,7 +256,8 @@ def _sampled_stats(cfg: TFConfig, layout: Layout, models: dict, weights_label: s
             moments = sample_moments(model, sample_files(cfg.source, sampled), preprocess, device,
                                      batch_size=cfg.encoder.batch_size,
                                      readers=cfg.encoder.readers, read_timeout=cfg.encoder.read_timeout_s,
-                                     split=(splits or {}).get(device), graphs=(graphs or {}).get(device))
+                                     split=(splits or {}).get(device), graphs=(graphs or {}).get(device),
+                                     clock=clock)
             bar.advance(len(rows))
     count, mean, m2 = moments
     stats = mean_std(np.array([count]), np.asarray(mean)[None], np.asarray(m2)[None])

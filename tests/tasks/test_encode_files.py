@@ -642,6 +642,8 @@ def test_the_hierarchy_fused_into_encode_equals_the_hierarchy_stage_and_is_reuse
     result = encode_latents.fn(cfg, root, with_teacher=True)
     assert result["teacher"] == str(layout.teacher()) and zarr_store.is_complete(layout.teacher())
     assert set(result["channel_stats"]) == {"max_mean_shift_in_std", "std_ratio_range"}
+    # where the statistics pass's time went, beside the pass's own phases
+    assert result["stats_pass_s"] > 0 and {"decode", "encoder", "resize"} <= set(result["stats_phases_s"])
     fused = zarr_store.open_array(layout.teacher(), "regions")[:]
     assert build_teacher.fn(cfg, root)["status"] == "reused"
     again = build_teacher.fn(cfg, root, force=True)
