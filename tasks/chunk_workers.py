@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.hierarchy.reference import HierarchySpec, build_hierarchies, ground_truth_hierarchies
 from storage import zarr_store
+
+if TYPE_CHECKING:   # models.hierarchy.reference imports torch, scipy and scikit-learn: ingest workers need none
+    from models.hierarchy.reference import HierarchySpec
 
 
 def ingest_chunk(source: dict, store: str, chunk: int, start: int, ids: list[str], labels: list[int]) -> dict:
@@ -43,6 +46,8 @@ def hierarchy_chunk(spec: HierarchySpec, backend: str, latents: str, store: str,
         device = "cuda" if torch.cuda.is_available() else "cpu"
         regions = build_hierarchies_batched(torch.from_numpy(tokens).to(device), spec, stats=stats).cpu().numpy()
     else:
+        from models.hierarchy.reference import build_hierarchies
+
         regions = build_hierarchies(tokens, spec, stats=stats)
     zarr_store.write_chunk(Path(store), chunk, start, {"regions": regions})
     return chunk
@@ -89,6 +94,8 @@ def batched_chunks(spec: HierarchySpec, latents: Path, store: Path, chunks: list
 def ground_truth_chunk(images: str, store: str, chunk: int, start: int, stop: int, grid: int) -> int:
     """The oracle teacher for samples start:stop: the image store's ground-truth masks voted down
     to the token grid (models.hierarchy.reference.ground_truth_hierarchies), in the clustered teacher's format."""
+    from models.hierarchy.reference import ground_truth_hierarchies
+
     masks = zarr_store.open_array(Path(images), "masks")[start:stop]
     zarr_store.write_chunk(Path(store), chunk, start, {"regions": ground_truth_hierarchies(masks, grid)})
     return chunk
