@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:   # torch is imported by region_canvas alone: the hierarchy's Dask workers never need it
+    import torch
 
 # centroid, median and ward assume Euclidean distances; the part distance is cosine + spatial
 LINKAGE_METHODS = ("single", "complete", "average", "weighted")
@@ -304,6 +307,8 @@ def region_canvas(x: torch.Tensor, ids: torch.Tensor, bound: int | None = None) 
     below it: a teacher's ids are at most T) the rows are image * bound + id, with no host synchronisation
     (what a training step on the GPU wants); the sums are the same either way.
     """
+    import torch
+
     if x.ndim != 3 or ids.shape != x.shape[:2]:
         raise ValueError(f"expected x [B, T, C] and ids [B, T], got {tuple(x.shape)}, {tuple(ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
