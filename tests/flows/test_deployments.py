@@ -215,6 +215,10 @@ def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_pa
             runs["deployed"] = pipeline[0]
             run = final_run(client, pipeline[0].id, workers, everything, limit=480)
             assert run.state.is_completed(), f"{run.state}\n{tails(*everything)}"
+            # Again after the pipeline: its models are scored, so nothing new. Started now, it runs on the gpu
+            # worker while the checks below read the pipeline's runs and logs.
+            runs["nightly-2"] = run_deployment("evaluate/tf-evaluate", timeout=0, parameters={
+                "config_path": "configs/tiny.yaml", "root": str(root), "run_id": "nightly-2"})
             assert run.work_pool_name == "cpu"
             assert watch.wait(60) == 0, tails(logs["watch"])
             # The stages ran in one run of tf-stages-gpu, a subflow of the pipeline, on the gpu worker.
@@ -226,9 +230,6 @@ def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_pa
             assert str(child.id) in gpu_log and str(child.id) not in cpu_log
             assert str(run.id) in cpu_log   # the pipeline (and its ingest) on the cpu pool
 
-            # Again after the pipeline: its models are scored, so nothing new.
-            runs["nightly-2"] = run_deployment("evaluate/tf-evaluate", timeout=0, parameters={
-                "config_path": "configs/tiny.yaml", "root": str(root), "run_id": "nightly-2"})
             again = final_run(client, runs["nightly-2"].id, workers, everything, limit=240)
             assert again.state.is_completed(), f"{again.state}\n{tails(*everything)}"
         finally:
