@@ -156,7 +156,7 @@ def test_losing_every_worker_mid_run_fails_within_the_timeout_and_the_next_run_r
         import time
         from pathlib import Path
 
-        time.sleep(0.5)
+        time.sleep(0.2)   # 12 chunks of 2.4 s in all: the kill after the first marker lands mid-run
         marker = Path(folder) / f"{index}.{time.time_ns()}"   # one file per execution: repeats would show
         marker.write_text("done")
         return index
