@@ -1,0 +1,145 @@
+"""Where the configured generator training step spends its GPU time: the product's own loop
+(models.generator.train_loop.train_generator) with the config's optimiser, EMAs, batch split and compile,
+on synthetic data held on the device.
+
+    python3 bench/train_profile.py [--config configs/imagenet.yaml] [--set KEY=VALUE ...] [--steps 8] [--out DIR]
+
+1. Trains `--steps` steps at level 1 (a middle level: regions and conditions). Step times come from the
+   loop's own per-step callback, after the first `--warmup` steps (the compile); MFU as the train stage
+   records it (tasks.train.stage.StepClock: the model's training FLOPs a sample, 989 TFLOP/s).
+2. torch.profiler over two steps of that run: GPU milliseconds per step by kernel family
+   (bench/step_profile.py's families) and the idle gaps between kernels.
+3. On the trained state, with the last step's gradients in place: the optimiser step(s), the EMA updates
+   and the gradient norm alone, each timed with CUDA events (what a step spends outside the model).
+Writes <out>/train_profile.json. On the CPU it runs the same code uncompiled (for the suite; its figures say
+nothing about GPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.generators import H200_BF16_DENSE, bench_model  # noqa: E402
+from bench.generators_scaling import synthetic_data  # noqa: E402
+from bench.results_io import command_line, commit, machine  # noqa: E402
+from bench.step_profile import family, idle_gaps  # noqa: E402
+from models.generator.train_loop import gradient_norm, train_generator  # noqa: E402
+from storage.config import load_config  # noqa: E402
+from storage.files import atomic_write_text  # noqa: E402
+from tasks.plan import generator_config, generator_optim, objective_config  # noqa: E402
+
+
+def timed_ms(run, repeats: int, device: str) -> float:
+    """Milliseconds a call of `run` takes on `device` (CUDA events; wall clock on the CPU), after one untimed."""
+    run()
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeats
+    began = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - began) * 1e3 / repeats
+
+
+class StepProfiler:
+    """The loop's per-step callback: step end times, and torch.profiler over the two steps before the last
+    (the callback runs one step late, when that step's stats are read: between two calls lies one step)."""
+
+    def __init__(self, steps: int, device: str):
+        self.ends: list[float] = []
+        self.first, self.last = steps - 4, steps - 2
+        activities = [torch.profiler.ProfilerActivity.CUDA if device.startswith("cuda")
+                      else torch.profiler.ProfilerActivity.CPU]
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiled = 0
+
+    def __call__(self, step: int, stats: dict) -> None:
+        self.ends.append(time.perf_counter())
+        if step == self.first:
+            self.profiler.start()
+        elif step == self.last:
+            self.profiler.stop()
+            self.profiled = self.last - self.first
+
+
+def kernel_report(profiler, steps: int, cuda: bool) -> dict:
+    """Milliseconds a step by kernel (on the CPU: by operator, host time) and by family."""
+    kernels: dict[str, float] = {}
+    for event in profiler.key_averages():
+        us = (getattr(event, "self_device_time_total", 0.0) if cuda else event.self_cpu_time_total) or 0.0
+        if us > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + us / 1e3 / steps
+    families: dict[str, float] = {}
+    for name, ms in kernels.items():
+        families[family(name)] = families.get(family(name), 0.0) + ms
+    return {"gpu_ms_per_step": round(sum(kernels.values()), 2), **idle_gaps(profiler, steps),
+            "families_ms": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": {k[:160]: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:30]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/imagenet.yaml")
+    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the step time (the compile)")
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--token-dim", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=5, help="calls per isolated timing")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    if args.steps < max(args.warmup + 1, 5):
+        raise SystemExit("--steps must exceed --warmup and be at least 5 (two profiled steps before the last)")
+    cfg = load_config(args.config, [*args.sets, f"generator.steps={args.steps}", "generator.warmup_steps=0"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dit = generator_config(cfg, args.grid, args.token_dim, 1000)
+    torch.manual_seed(0)
+    model = bench_model(dit, device)
+    optim = generator_optim(cfg, seed=0)
+    objective = objective_config(cfg)
+    data = synthetic_data(dit, 2 * optim.batch_size, device)
+    clock = StepProfiler(args.steps, device)
+    state = train_generator(model, data, 1, objective, optim, device, on_step=clock)
+    timed = len(clock.ends) - args.warmup
+    step_s = (clock.ends[-1] - clock.ends[args.warmup - 1]) / timed   # one step between two callbacks
+    flops = model.training_flops_per_sample(objective.v_tangent)
+    params = [p for p in state.model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        outside = {
+            "optimizer_ms": timed_ms(lambda: [o.step() for o in state.optimizers], args.repeats, device),
+            "emas_ms": timed_ms(lambda: [e.update(state.model, state.step) for e in state.emas], args.repeats, device),
+            "grad_norm_ms": timed_ms(lambda: gradient_norm(params, optim.grad_clip), args.repeats, device),
+        }
+    report = {
+        "machine": machine(), "commit": commit(), "command": command_line(),
+        "settings": {"optimizer": optim.optimizer, "batch_size": optim.batch_size, "device_batch": optim.device_batch,
+                     "compile": optim.compile, "compile_tuning": optim.compile_tuning, "emas": len(state.emas),
+                     "preset": cfg.generator.preset},
+        "step_s": round(step_s, 5), "timed_steps": timed,
+        "flops_per_sample": flops,
+        "mfu": round(flops * optim.batch_size / step_s / H200_BF16_DENSE, 4) if device == "cuda" else None,
+        "outside_model_ms": {k: round(v, 3) for k, v in outside.items()},
+        "profiled_steps": clock.profiled,
+        **kernel_report(clock.profiler, max(clock.profiled, 1), device == "cuda"),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "train_profile.json", json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("step_s", "mfu", "outside_model_ms", "families_ms")}, indent=1),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""bench/train_profile.py on the CPU: it trains through the product's loop with the config's settings, times
+its steps from the loop's own callback, profiles two of them and times the work outside the model. Its
+numbers say nothing about GPUs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_configured_loop_is_profiled_with_its_optimizer_and_emas(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "train_profile.py"), "--config", "configs/tiny.yaml",
+                          "--set", "generator.optimizer=muon", "--set", "generator.compile=false",
+                          "--set", "generator.batch_size=8", "--set", "generator.device_batch=4",
+                          "--steps", "6", "--grid", "4", "--token-dim", "8", "--repeats", "2", "--out", str(tmp_path)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads((tmp_path / "train_profile.json").read_text())
+    settings = report["settings"]
+    assert (settings["optimizer"], settings["batch_size"], settings["device_batch"]) == ("muon", 8, 4)
+    assert settings["emas"] == 3   # configs/tiny.yaml's EDM half-lives and the sampled one, as the stage keeps them
+    assert report["timed_steps"] == 6 - 2 and report["step_s"] > 0 and report["profiled_steps"] == 2
+    assert report["mfu"] is None   # only on an H100 / H200
+    assert all(report["outside_model_ms"][k] > 0 for k in ("optimizer_ms", "emas_ms", "grad_norm_ms"))
+    assert report["families_ms"] and "aten::mm" in report["top_kernels_ms"]
+
+
+def test_too_few_steps_to_profile_are_refused():
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "train_profile.py"), "--steps", "3"], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "--steps must exceed --warmup" in run.stderr
