@@ -4,7 +4,10 @@ on synthetic data held on the device.
 
     python3 bench/train_profile.py [--config configs/imagenet.yaml] [--set KEY=VALUE ...] [--steps 8] [--out DIR]
 
-1. Trains `--steps` steps at level 1 (a middle level: regions and conditions). Step times come from the
+1. Trains `--steps` steps at level 1 (a middle level: regions and conditions). With `--host-latents` the
+   latents stay on the host in their stored dtype and are gathered through pinned buffers, as the train stage
+   does when they exceed models.generator.train_loop.DEVICE_RESIDENT_SHARE of the GPU's memory (50,000 B-sized
+   latents on an H100); without it they are on the device, as on an H200. Step times come from the
    loop's own per-step callback, after the first `--warmup` steps (the compile); MFU as the train stage
    records it (tasks.train.stage.StepClock: the model's training FLOPs a sample, 989 TFLOP/s).
 2. torch.profiler over two steps of that run: GPU milliseconds per step by kernel family
@@ -17,6 +20,7 @@ nothing about GPUs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -30,6 +34,7 @@ from bench.generators import H200_BF16_DENSE, bench_model  # noqa: E402
 from bench.generators_scaling import synthetic_data  # noqa: E402
 from bench.results_io import command_line, commit, machine  # noqa: E402
 from bench.step_profile import family, idle_gaps  # noqa: E402
+import models.generator.train_loop as train_loop  # noqa: E402
 from models.generator.train_loop import gradient_norm, train_generator  # noqa: E402
 from storage.config import load_config  # noqa: E402
 from storage.files import atomic_write_text  # noqa: E402
@@ -98,6 +103,8 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--token-dim", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=5, help="calls per isolated timing")
+    parser.add_argument("--host-latents", action="store_true",
+                        help="latents left on the host, gathered through pinned buffers (an H100 with 50k latents)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if args.steps < max(args.warmup + 1, 5):
@@ -110,6 +117,10 @@ def main() -> None:
     optim = generator_optim(cfg, seed=0)
     objective = objective_config(cfg)
     data = synthetic_data(dit, 2 * optim.batch_size, device)
+    if args.host_latents:   # stored as the encoder writes them: float16, or float32 as bfloat16 reads back
+        train_loop.DEVICE_RESIDENT_SHARE = 0.0   # the rest (labels, ids, statistics) still moves to the device
+        stored = torch.float16 if cfg.encoder.dtype == "float16" else torch.float32
+        data = dataclasses.replace(data, tokens=data.tokens.to("cpu", stored))
     clock = StepProfiler(args.steps, device)
     state = train_generator(model, data, 1, objective, optim, device, on_step=clock)
     timed = len(clock.ends) - args.warmup
@@ -126,7 +137,8 @@ def main() -> None:
         "machine": machine(), "commit": commit(), "command": command_line(),
         "settings": {"optimizer": optim.optimizer, "batch_size": optim.batch_size, "device_batch": optim.device_batch,
                      "compile": optim.compile, "compile_tuning": optim.compile_tuning, "emas": len(state.emas),
-                     "preset": cfg.generator.preset},
+                     "preset": cfg.generator.preset,
+                     "latents": "host (pinned gathers)" if args.host_latents else "device"},
         "step_s": round(step_s, 5), "timed_steps": timed,
         "flops_per_sample": flops,
         "mfu": round(flops * optim.batch_size / step_s / H200_BF16_DENSE, 4) if device == "cuda" else None,

@@ -15,12 +15,14 @@ def test_the_configured_loop_is_profiled_with_its_optimizer_and_emas(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "bench" / "train_profile.py"), "--config", "configs/tiny.yaml",
                           "--set", "generator.optimizer=muon", "--set", "generator.compile=false",
                           "--set", "generator.batch_size=8", "--set", "generator.device_batch=4",
-                          "--steps", "6", "--grid", "4", "--token-dim", "8", "--repeats", "2", "--out", str(tmp_path)],
+                          "--steps", "6", "--grid", "4", "--token-dim", "8", "--repeats", "2", "--host-latents",
+                          "--out", str(tmp_path)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads((tmp_path / "train_profile.json").read_text())
     settings = report["settings"]
     assert (settings["optimizer"], settings["batch_size"], settings["device_batch"]) == ("muon", 8, 4)
+    assert settings["latents"] == "host (pinned gathers)"
     assert settings["emas"] == 3   # configs/tiny.yaml's EDM half-lives and the sampled one, as the stage keeps them
     assert report["timed_steps"] == 6 - 2 and report["step_s"] > 0 and report["profiled_steps"] == 2
     assert report["mfu"] is None   # only on an H100 / H200

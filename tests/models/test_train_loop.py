@@ -89,6 +89,18 @@ def test_latents_left_on_the_host_give_the_same_batches_without_waiting_for_the_
     for index, batch in zip(indices, got):
         for mine, expected in zip(batch, on_gpu.batch(index.cuda(), "cuda")):
             assert torch.equal(mine, expected)
+    # The copy itself overtakes queued work (a stream of its own): on the compute stream it waited for all of
+    # it, the cores idle meanwhile. Only what uses the rows waits for the copy.
+    torch.cuda.synchronize()
+    for _ in range(12):
+        slow = slow @ slow / 90.5
+    queued = torch.cuda.Event()
+    queued.record()
+    rows = on_host.host_tokens.to_device(indices[0], "cuda")
+    landed = on_host.host_tokens.buffers[1 - on_host.host_tokens.turn][1]
+    landed.synchronize()
+    assert not queued.query()
+    assert torch.equal(rows, data.tokens[indices[0]].cuda())
 
 
 class Stop(Exception):
