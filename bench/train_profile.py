@@ -14,7 +14,7 @@ on synthetic data held on the device.
    (bench/step_profile.py's families) and the idle gaps between kernels.
 3. On the trained state, with the last step's gradients in place: the optimiser step(s), the EMA updates
    and the gradient norm alone, each timed with CUDA events (what a step spends outside the model).
-Writes <out>/train_profile.json. On the CPU it runs the same code uncompiled (for the suite; its figures say
+Writes <out>/train_profile.json (DESIGN §7 shape: figures, machine, commit, command; the profile beside). On the CPU it runs the same code uncompiled (for the suite; its figures say
 nothing about GPUs).
 """
 from __future__ import annotations
@@ -32,12 +32,11 @@ import torch  # noqa: E402
 
 from bench.generators import H200_BF16_DENSE, bench_model  # noqa: E402
 from bench.generators_scaling import synthetic_data  # noqa: E402
-from bench.results_io import command_line, commit, machine  # noqa: E402
+from bench.results_io import write_result  # noqa: E402
 from bench.step_profile import family, idle_gaps  # noqa: E402
 import models.generator.train_loop as train_loop  # noqa: E402
 from models.generator.train_loop import gradient_norm, train_generator  # noqa: E402
 from storage.config import load_config  # noqa: E402
-from storage.files import atomic_write_text  # noqa: E402
 from tasks.plan import generator_config, generator_optim, objective_config  # noqa: E402
 
 
@@ -133,24 +132,26 @@ def main() -> None:
             "emas_ms": timed_ms(lambda: [e.update(state.model, state.step) for e in state.emas], args.repeats, device),
             "grad_norm_ms": timed_ms(lambda: gradient_norm(params, optim.grad_clip), args.repeats, device),
         }
-    report = {
-        "machine": machine(), "commit": commit(), "command": command_line(),
-        "settings": {"optimizer": optim.optimizer, "batch_size": optim.batch_size, "device_batch": optim.device_batch,
-                     "compile": optim.compile, "compile_tuning": optim.compile_tuning, "emas": len(state.emas),
-                     "preset": cfg.generator.preset,
-                     "latents": "host (pinned gathers)" if args.host_latents else "device"},
-        "step_s": round(step_s, 5), "timed_steps": timed,
-        "flops_per_sample": flops,
-        "mfu": round(flops * optim.batch_size / step_s / H200_BF16_DENSE, 4) if device == "cuda" else None,
-        "outside_model_ms": {k: round(v, 3) for k, v in outside.items()},
-        "profiled_steps": clock.profiled,
-        **kernel_report(clock.profiler, max(clock.profiled, 1), device == "cuda"),
+    figures = {
+        "step_s": (round(step_s, 5), f"s a step of {optim.batch_size} images, after {args.warmup} steps, "
+                                     f"over {timed} (the loop's own callback)"),
+        "img_per_s": (round(optim.batch_size / step_s, 1), "img/s"),
+        **({"mfu": (round(flops * optim.batch_size / step_s / H200_BF16_DENSE, 4),
+                    "model FLOPs / step time / 989 TFLOP/s (dense bf16), as the train stage records it")}
+           if device == "cuda" else {}),
+        **{name: (round(ms, 3), "ms alone on the trained state (CUDA events; on the CPU wall time)") for name, ms in outside.items()},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "train_profile.json", json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("step_s", "mfu", "outside_model_ms", "families_ms")}, indent=1),
-          flush=True)
+    profile = kernel_report(clock.profiler, max(clock.profiled, 1), device == "cuda")
+    if "gpu_idle_ms_per_step" in profile:
+        figures["gpu_idle_ms_per_step"] = (profile["gpu_idle_ms_per_step"], "ms a step between kernels (profiled)")
+    settings = {"optimizer": optim.optimizer, "batch_size": optim.batch_size, "device_batch": optim.device_batch,
+                "compile": optim.compile, "compile_tuning": optim.compile_tuning, "emas": len(state.emas),
+                "preset": cfg.generator.preset, "latents": "host (pinned gathers)" if args.host_latents else "device"}
+    path = write_result("train_profile", figures, {"settings": settings, "flops_per_sample": flops,
+                                                    "timed_steps": timed, "profiled_steps": clock.profiled,
+                                                    **profile}, args.out)
+    body = json.loads(path.read_text())
+    print(json.dumps({"figures": body["figures"], "families_ms": body["families_ms"]}, indent=1), flush=True)
 
 
 if __name__ == "__main__":

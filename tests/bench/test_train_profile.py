@@ -20,14 +20,17 @@ def test_the_configured_loop_is_profiled_with_its_optimizer_and_emas(tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads((tmp_path / "train_profile.json").read_text())
-    settings = report["settings"]
+    settings, figures = report["settings"], report["figures"]
     assert (settings["optimizer"], settings["batch_size"], settings["device_batch"]) == ("muon", 8, 4)
     assert settings["latents"] == "host (pinned gathers)"
     assert settings["emas"] == 3   # configs/tiny.yaml's EDM half-lives and the sampled one, as the stage keeps them
-    assert report["timed_steps"] == 6 - 2 and report["step_s"] > 0 and report["profiled_steps"] == 2
-    assert report["mfu"] is None   # only on an H100 / H200
-    assert all(report["outside_model_ms"][k] > 0 for k in ("optimizer_ms", "emas_ms", "grad_norm_ms"))
+    assert report["timed_steps"] == 6 - 2 and report["profiled_steps"] == 2
+    step_s = figures["step_s"]["value"]
+    assert step_s > 0 and abs(figures["img_per_s"]["value"] - 8 / step_s) < 0.1
+    assert "mfu" not in figures   # only on an H100 / H200
+    assert all(figures[k]["value"] > 0 for k in ("optimizer_ms", "emas_ms", "grad_norm_ms"))
     assert report["families_ms"] and "aten::mm" in report["top_kernels_ms"]
+    assert report["commit"] and report["command"].endswith("--out " + str(tmp_path))
 
 
 def test_too_few_steps_to_profile_are_refused():
