@@ -107,7 +107,9 @@ class HostRows:
         torch.index_select(self.tensor, 0, index.cpu(), out=buffer[:rows])
         device = torch.device(device)
         compute = torch.cuda.current_stream(device)
-        side = self.streams.setdefault(device, torch.cuda.Stream(device))
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        side = self.streams[device]
         with torch.cuda.stream(side):   # allocated and written in the side stream's order
             out = buffer[:rows].to(device, non_blocking=True)
             event = torch.cuda.Event()
