@@ -14,8 +14,8 @@ on synthetic data held on the device.
    (bench/step_profile.py's families) and the idle gaps between kernels.
 3. On the trained state, with the last step's gradients in place: the optimiser step(s), the EMA updates
    and the gradient norm alone, each timed with CUDA events (what a step spends outside the model).
-Writes <out>/train_profile.json (DESIGN §7 shape: figures, machine, commit, command; the profile beside). On the CPU it runs the same code uncompiled (for the suite; its figures say
-nothing about GPUs).
+Writes <out>/train_profile.json (DESIGN §7 shape: figures, machine, commit, command; the profile beside). On the
+CPU it runs the same code uncompiled (for the suite; its figures say nothing about GPUs).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.generators import H200_BF16_DENSE, bench_model  # noqa: E402
+from bench.generators import bench_model  # noqa: E402
 from bench.generators_scaling import synthetic_data  # noqa: E402
 from bench.results_io import write_result  # noqa: E402
 from bench.step_profile import family, idle_gaps  # noqa: E402
@@ -38,6 +38,7 @@ import models.generator.train_loop as train_loop  # noqa: E402
 from models.generator.train_loop import gradient_norm, train_generator  # noqa: E402
 from storage.config import load_config  # noqa: E402
 from tasks.plan import generator_config, generator_optim, objective_config  # noqa: E402
+from tasks.train.stage import StepClock  # noqa: E402
 
 
 def timed_ms(run, repeats: int, device: str) -> float:
@@ -58,11 +59,12 @@ def timed_ms(run, repeats: int, device: str) -> float:
 
 
 class StepProfiler:
-    """The loop's per-step callback: step end times, and torch.profiler over the two steps before the last
-    (the callback runs one step late, when that step's stats are read: between two calls lies one step)."""
+    """The loop's per-step callback: the train stage's StepClock, and torch.profiler over the two steps before
+    the last (the callback runs one step late, when that step's stats are read: between two calls lies one
+    step)."""
 
-    def __init__(self, steps: int, device: str):
-        self.ends: list[float] = []
+    def __init__(self, steps: int, batch: int, warmup: int, device: str):
+        self.clock = StepClock(steps, batch, skip=warmup)
         self.first, self.last = steps - 4, steps - 2
         activities = [torch.profiler.ProfilerActivity.CUDA if device.startswith("cuda")
                       else torch.profiler.ProfilerActivity.CPU]
@@ -70,7 +72,7 @@ class StepProfiler:
         self.profiled = 0
 
     def __call__(self, step: int, stats: dict) -> None:
-        self.ends.append(time.perf_counter())
+        self.clock.on_step(step)
         if step == self.first:
             self.profiler.start()
         elif step == self.last:
@@ -120,11 +122,10 @@ def main() -> None:
         train_loop.DEVICE_RESIDENT_SHARE = 0.0   # the rest (labels, ids, statistics) still moves to the device
         stored = torch.float16 if cfg.encoder.dtype == "float16" else torch.float32
         data = dataclasses.replace(data, tokens=data.tokens.to("cpu", stored))
-    clock = StepProfiler(args.steps, device)
+    clock = StepProfiler(args.steps, optim.batch_size, args.warmup, device)
     state = train_generator(model, data, 1, objective, optim, device, on_step=clock)
-    timed = len(clock.ends) - args.warmup
-    step_s = (clock.ends[-1] - clock.ends[args.warmup - 1]) / timed   # one step between two callbacks
     flops = model.training_flops_per_sample(objective.v_tangent)
+    rates = clock.clock.rates(device, flops)   # as the train stage records them (MFU on an H100 / H200 only)
     params = [p for p in state.model.parameters() if p.requires_grad]
     with torch.no_grad():
         outside = {
@@ -132,14 +133,14 @@ def main() -> None:
             "emas_ms": timed_ms(lambda: [e.update(state.model, state.step) for e in state.emas], args.repeats, device),
             "grad_norm_ms": timed_ms(lambda: gradient_norm(params, optim.grad_clip), args.repeats, device),
         }
+    timed = rates["timed_steps"]
     figures = {
-        "step_s": (round(step_s, 5), f"s a step of {optim.batch_size} images, after {args.warmup} steps, "
-                                     f"over {timed} (the loop's own callback)"),
-        "img_per_s": (round(optim.batch_size / step_s, 1), "img/s"),
-        **({"mfu": (round(flops * optim.batch_size / step_s / H200_BF16_DENSE, 4),
-                    "model FLOPs / step time / 989 TFLOP/s (dense bf16), as the train stage records it")}
-           if device == "cuda" else {}),
-        **{name: (round(ms, 3), "ms alone on the trained state (CUDA events; on the CPU wall time)") for name, ms in outside.items()},
+        "step_s": (rates["step_s"], f"s a step of {optim.batch_size} images, after {args.warmup} steps, "
+                                    f"over {timed} (the train stage's StepClock)"),
+        "img_per_s": (rates["train_img_per_s"], "img/s"),
+        **({"mfu": (rates["mfu"], rates["mfu_unit"])} if "mfu" in rates else {}),
+        **{name: (round(ms, 3), "ms alone on the trained state (CUDA events; on the CPU wall time)")
+           for name, ms in outside.items()},
     }
     profile = kernel_report(clock.profiler, max(clock.profiled, 1), device == "cuda")
     if "gpu_idle_ms_per_step" in profile:

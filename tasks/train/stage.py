@@ -39,8 +39,8 @@ class StepClock:
     warm-up behind it) to the end of training, over the steps between. `rates` gives img/s, seconds per
     step and, on an H100 / H200, the model FLOPs utilisation for `flops_per_sample`."""
 
-    def __init__(self, total: int, batch: int):
-        self.skip, self.batch = min(max(total // 10, 2), 20), batch
+    def __init__(self, total: int, batch: int, skip: int | None = None):
+        self.skip, self.batch = min(max(total // 10, 2), 20) if skip is None else skip, batch
         self.marks: dict[str, float] = {}
         self.steps = 0
 
