@@ -12,7 +12,8 @@
 #              (--nonblocking: at 73178de py-spy pausing the process at 100 Hz slowed the stage 2-3x);
 #              needs the wheels built with `scripts/gpu_wheels.py --profiler --nvimgcodec-cuda ''`
 #   trainprofile bench/train_profile.py: the configured generator step (the product's loop) by kernel family, and
-#              its optimiser, EMA updates and gradient norm alone (TP_SETS: --set flags; TP_STEPS)
+#              its optimiser, EMA updates and gradient norm alone (TP_SETS: --set flags; TP_STEPS; TP_PROCS: that
+#              many processes at once, their step times combined into train_profile_concurrent.json)
 #   proof      bench/trajectory_proof.py (issue 30), resuming from /tmp/proof while the machine stays warm
 # Usage (device tool, repository root, .whl carried): STEPS="tests pipeline" bash bench/gpu_session.sh
 # (TESTS="<paths>" picks the tests; *_S each step's time limit; GP_FASTEST=1 runs the pipeline with the settings
@@ -72,8 +73,12 @@ for item in $STEPS; do
                python3 bench/pyspy_summary.py "$out/pyspy_$mode.txt" --within encode_file_chunks \
                  > "$out/pyspy_${mode}_summary.json"
              done ;;
-    trainprofile) env $assign timeout "${TRAINPROFILE_S:-240}" python3 bench/train_profile.py --steps "${TP_STEPS:-8}" \
-             --out "$out" ${TP_SETS:-} > "$out/train_profile.log" 2>&1 ;;
+    trainprofile) procs=${TP_PROCS:-1}   # TP_PROCS=12: that many at once on the one GPU, as issue 30's proof trains
+             rm -rf /tmp/tp; for i in $(seq "$procs"); do d="$out"; (( procs > 1 )) && d=/tmp/tp/$i && mkdir -p "$d"
+               env $assign timeout "${TRAINPROFILE_S:-240}" python3 bench/train_profile.py --steps "${TP_STEPS:-8}" \
+               --out "$d" ${TP_SETS:-} > "$d/train_profile.log" 2>&1 &
+             done; wait; (( procs == 1 )) || python3 bench/train_profile.py --combine /tmp/tp --out "$out" \
+               > "$out/train_profile.log" 2>&1 ;;
     proof) env $assign timeout "${PROOF_S:-560}" python3 bench/trajectory_proof.py --device cuda --work /tmp/proof --parallel \
              --time-limit $(( ${PROOF_S:-560} - 20 )) ${PROOF_ARGS:-$PROOF_DEFAULT} --out "$out" \
              --figure "$out/tf_vs_flat_trajectories.png" \

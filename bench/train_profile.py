@@ -16,6 +16,12 @@ on synthetic data held on the device.
    and the gradient norm alone, each timed with CUDA events (what a step spends outside the model).
 Writes <out>/train_profile.json (DESIGN §7 shape: figures, machine, commit, command; the profile beside). On the
 CPU it runs the same code uncompiled (for the suite; its figures say nothing about GPUs).
+
+    python3 bench/train_profile.py --combine DIR --out OUT
+
+reads DIR/*/train_profile.json of processes that ran at once on one GPU (bench/gpu_session.sh TP_PROCS=12: as
+issue 30's proof trains its 12 runs) and writes OUT/train_profile_concurrent.json: each one's step time and
+the img/s of all of them together.
 """
 from __future__ import annotations
 
@@ -95,6 +101,22 @@ def kernel_report(profiler, steps: int, cuda: bool) -> dict:
             "top_kernels_ms": {k[:160]: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:30]}}
 
 
+def combine(folder: Path, out: str) -> Path:
+    """One result from the train_profile.json of processes that shared the GPU (their step times side by side)."""
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*/train_profile.json"))]
+    if not runs:
+        raise SystemExit(f"no */train_profile.json under {folder}")
+    steps = [r["figures"]["step_s"]["value"] for r in runs]
+    batch = runs[0]["settings"]["batch_size"]
+    figures = {"processes": (len(runs), "processes that trained at once on one GPU"),
+               "step_s_mean": (round(sum(steps) / len(steps), 5), f"s a step of {batch} images, mean over processes"),
+               "step_s_max": (max(steps), "s a step, the slowest process"),
+               "img_per_s_total": (round(sum(batch / s for s in steps), 1), "img/s of all processes together")}
+    return write_result("train_profile_concurrent", figures,
+                        {"settings": runs[0]["settings"], "process_commands": [r["command"] for r in runs],
+                         "step_s": steps}, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/imagenet.yaml")
@@ -107,7 +129,11 @@ def main() -> None:
     parser.add_argument("--host-latents", action="store_true",
                         help="latents left on the host, gathered through pinned buffers (an H100 with 50k latents)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--combine", default=None, help="a folder of processes' results: combine them and stop")
     args = parser.parse_args()
+    if args.combine:
+        print(combine(Path(args.combine), args.out).read_text(), flush=True)
+        return
     if args.steps < max(args.warmup + 1, 5):
         raise SystemExit("--steps must exceed --warmup and be at least 5 (two profiled steps before the last)")
     cfg = load_config(args.config, [*args.sets, f"generator.steps={args.steps}", "generator.warmup_steps=0"])

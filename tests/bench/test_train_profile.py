@@ -41,6 +41,19 @@ def test_the_configured_loop_is_profiled_with_its_optimizer_and_emas(tmp_path, m
     assert report["families_ms"] and "aten::mm" in report["top_kernels_ms"]
     assert report["commit"] and report["command"].endswith("--out " + str(tmp_path))
 
+    # --combine: this result and a slower copy of it, as two processes that shared a GPU
+    for name, seconds in (("1", step_s), ("2", 2 * step_s)):
+        (tmp_path / "procs" / name).mkdir(parents=True)
+        body = json.loads(json.dumps(report))
+        body["figures"]["step_s"]["value"] = seconds
+        (tmp_path / "procs" / name / "train_profile.json").write_text(json.dumps(body))
+    monkeypatch.setattr(sys, "argv", ["train_profile.py", "--combine", str(tmp_path / "procs"), "--out", str(tmp_path)])
+    train_profile.main()
+    combined = json.loads((tmp_path / "train_profile_concurrent.json").read_text())["figures"]
+    assert combined["processes"]["value"] == 2 and combined["step_s_max"]["value"] == 2 * step_s
+    assert abs(combined["step_s_mean"]["value"] - 1.5 * step_s) < 1e-4
+    assert abs(combined["img_per_s_total"]["value"] - (8 / step_s + 4 / step_s)) < 0.1
+
 
 def test_too_few_steps_to_profile_are_refused(monkeypatch):
     from bench import train_profile
