@@ -310,3 +310,11 @@ def test_a_few_stored_rows_are_read_as_their_own_bytes(tmp_path, monkeypatch):
     counts.clear()
     assert np.array_equal(zarr_store.read_stored(path, "raw", np.arange(0, n, 2)), data[::2])
     assert counts == [128 * 20] * 2   # half of every shard: the shards whole
+    counts.clear()
+    assert np.array_equal(zarr_store.read_stored(path, "raw", np.arange(n)), data)
+    assert counts == []   # every shard whole and in order: read straight into the result, no copy between
+
+    shard = zarr_store.zarr_path(path) / "raw" / "c" / "1" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:100])   # a short file is an error, never rows of garbage
+    with pytest.raises(OSError, match="short"):
+        zarr_store.read_stored(path, "raw", np.arange(n))
