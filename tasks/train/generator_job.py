@@ -20,6 +20,7 @@ from storage import zarr_store
 from storage.checkpoints import clear_train_state, mark_complete, save_checkpoint, save_train_state
 from storage.config import TFConfig
 from storage.keys import Layout
+from tasks.encode.phase_clock import Laps
 from tasks.train.level_data import load_latents, regions_of
 from tasks.plan import generator_config, generator_optim, objective_config, sampled_ema
 
@@ -69,12 +70,15 @@ class GeneratorJob:
     meta: dict                      # the checkpoints' sidecar
 
 
-def generator_job(cfg: TFConfig, root: str, which: int | str | None) -> GeneratorJob:
+def generator_job(cfg: TFConfig, root: str, which: int | str | None, laps: Laps | None = None) -> GeneratorJob:
     """Level l (an int), the flat baseline (None) or the model shared by every level ("shared"): the
     data, a freshly seeded model, the optimiser and objective configs, the stage folder, key and
-    metadata. The shared model gets steps x levels, the budget of the per-level models together."""
+    metadata. The shared model gets steps x levels, the budget of the per-level models together. `laps`
+    (the stage's) gets the seconds of reading the latents, the teacher's regions and building the model."""
     layout = Layout(root, cfg)
+    laps = laps or Laps()
     latents = load_latents(layout.latents())
+    laps.lap("load_latents")
     num_levels = cfg.hierarchy.generator_levels
     steps = None
     if which is None:
@@ -89,9 +93,11 @@ def generator_job(cfg: TFConfig, root: str, which: int | str | None) -> Generato
     else:
         data = latents.level_data(regions_of(layout.teacher(), latents), which)
         seed, trained_level = cfg.generator.seed + which, which
+    laps.lap("load_teacher_regions")
     folder, key = generator_folder(layout, which)
     torch.manual_seed(seed)
     model = TrajectoryDiT(generator_config(cfg, latents.grid, latents.dim, num_classes(layout)))
+    laps.lap("build_model")
     objective = objective_config(cfg)
     meta = {"stage": "generator", "level": which if isinstance(which, int) else None, "flat": which is None,
             "shared": which == SHARED, "trained_level": trained_level, "num_levels": num_levels,

@@ -26,6 +26,7 @@ from tasks.train.generator_job import SHARED, finish_generator, generator_folder
 from tasks.plan import DECODER_EMA_KIMG, decoder_spec, decoder_optim, generator_config
 from tasks.ingest.stage import with_stored_pixels
 from tasks.train.level_data import load_latents
+from tasks.encode.phase_clock import Laps
 from tasks.progress import Progress
 from tasks.stage import Done, Stage, cpu_threads, divergence_named, pick_device, run_stage, stage_task
 
@@ -43,6 +44,7 @@ class StepClock:
         self.skip, self.batch = min(max(total // 10, 2), 20) if skip is None else skip, batch
         self.marks: dict[str, float] = {}
         self.steps = 0
+        self.began = time.perf_counter()   # made just before training starts
 
     def on_step(self, step: int) -> None:
         self.steps = step + 1
@@ -142,18 +144,25 @@ def _generator_stage(cfg: TFConfig, root: str, which: int | str | None, force: b
 
 
 def _train_generator(cfg: TFConfig, root: str, which: int | str | None, name: str) -> Done:
+    laps = Laps()   # where the stage's wall time goes besides its timed steps (recorded as wall_s)
     device = pick_device(cfg.device)
-    job = generator_job(cfg, root, which)
+    job = generator_job(cfg, root, which, laps)
     resume = load_train_state(job.folder, "generator")   # a killed run continues from its latest snapshot
     start = resume[1]["step"] if resume else 0
     clock = StepClock(job.optim.steps - start, job.optim.batch_size)
+    laps.lap("load_snapshot")
     with cpu_threads(device), divergence_named(name, job.folder):
         state = run_with_progress(f"train {name}", job.optim.steps, start, lambda on_step: train_generator(
             job.model, job.data, job.level, job.objective, job.optim, device, on_step,
             resume=resume, on_checkpoint=snapshotter(job.folder, "generator")), clock)
     rates = clock.rates(device, job.model.training_flops_per_sample(job.objective.v_tangent))
+    laps.lap("train")
+    if "start" in clock.marks:   # the steps before the timed ones: moving the data, the compile, warm-up
+        laps.seconds["train_before_timed_steps"] = round(clock.marks["start"] - clock.began, 3)
     meta = finish_generator(job, state, resumed_from_step=start, **rates)   # writes the marker (shared with torchrun)
-    return Done(None, {"final_loss": meta["final_loss"], "resumed_from_step": start, **rates})
+    laps.lap("save_checkpoints")
+    return Done(None, {"final_loss": meta["final_loss"], "resumed_from_step": start, **rates,
+                       "wall_s": laps.seconds})
 
 
 @stage_task("train-level", task_run_name="train-level-{level}")

@@ -37,6 +37,11 @@ def test_the_acceptance_run_reports_every_stage_from_the_runs_table(tmp_path):
     assert (out / "grid.png").stat().st_size > 1000 and "pipeline" in (out / "pipeline.log").read_text()
     assert result["pipeline"] == "completed" and {"check_source", "pass"} <= set(stages["encode"]["wall_s"])
     assert "random values" in result["encoder_weights"]   # no reader takes the grid for a trained model's
+    for level in ("train-L0", "train-L3"):   # a generator stage's time besides its timed steps
+        laps = stages[level]["wall_s"]
+        assert {"load_latents", "load_teacher_regions", "build_model", "train", "save_checkpoints"} <= set(laps)
+        assert laps["train_before_timed_steps"] <= laps["train"]
+        assert sum(v for k, v in laps.items() if k != "train_before_timed_steps") <= stages[level]["duration_s"] + 0.5
     evaluate_laps = stages["evaluate"]["wall_s"]   # where the evaluation's time went, around its sample loop
     assert {"load_scoring_and_reference", "sample_loop", "edits", "write_outputs"} <= set(evaluate_laps)
     assert sum(evaluate_laps.values()) <= stages["evaluate"]["duration_s"] + 0.5
