@@ -9,13 +9,14 @@ for resume sit beside them until then.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file as load_safetensors_file
-from safetensors.torch import save as save_safetensors_bytes
+from safetensors.torch import save_file as save_safetensors_file
 
-from storage.files import atomic_write_bytes, atomic_write_json, read_json
+from storage.files import atomic_write_by_name, atomic_write_json, read_json
 
 
 def _paths(prefix: Path) -> tuple[Path, Path]:
@@ -29,8 +30,16 @@ class NonFiniteWeights(ValueError):
 
 def refuse_nonfinite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Raise NonFiniteWeights naming `path` and its tensors that hold NaN or infinite values."""
-    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    floats = {name: t for name, t in tensors.items() if t.is_floating_point() and t.numel()}
+    if not floats:
+        return
+    # one reduction a tensor (NaN reaches both of aminmax's ends), read back once: isfinite(t).all() made a
+    # mask as large as the weights and took 3 s for a 1 GB generator on 2 cores, this 0.3-0.9 s
+    ends = torch.stack([torch.stack(torch.aminmax(t.detach())).float().cpu() for t in floats.values()])
+    if bool(torch.isfinite(ends).all()):
+        return
+    bad = {name: int((~torch.isfinite(floats[name])).sum())
+           for name, finite in zip(floats, torch.isfinite(ends).all(dim=1).tolist()) if not finite}
     if bad:
         named = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:3])
         raise NonFiniteWeights(f"{path} holds {sum(bad.values())} NaN or infinite values in {len(bad)} of its "
@@ -40,9 +49,9 @@ def refuse_nonfinite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(prefix: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     weights, sidecar = _paths(prefix)
+    refuse_nonfinite(weights, tensors)   # where they are: on a GPU before the copy
     flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    refuse_nonfinite(weights, flat)
-    atomic_write_bytes(weights, save_safetensors_bytes(flat))
+    atomic_write_by_name(weights, partial(save_safetensors_file, flat))
     atomic_write_json(sidecar, meta)
     return weights
 
@@ -114,7 +123,7 @@ def save_train_state(folder: Path, name: str, step: int, tensors: dict[str, torc
     folder = Path(folder)
     weights = folder / f"{name}-state-{step:09d}.safetensors"
     flat = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
-    atomic_write_bytes(weights, save_safetensors_bytes(flat))
+    atomic_write_by_name(weights, partial(save_safetensors_file, flat))
     atomic_write_json(folder / f"{name}-{STATE_POINTER}", {"step": step, "weights": weights.name, "meta": meta})
     for old in folder.glob(f"{name}-state-*.safetensors"):
         if old.name != weights.name:

@@ -9,7 +9,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -33,14 +35,33 @@ def _umask() -> int:
 def atomic_write_bytes(path: Path, *parts: bytes | memoryview, fsync: bool = True) -> None:
     """Write `parts` back to back into a temporary file beside `path`, then rename it into place.
     The file gets the mode a plain open() would give it (0o666 & ~umask), not mkstemp's 0o600."""
+    def fill(handle, _name: str) -> None:
+        for part in parts:
+            handle.write(part)
+    _atomic_write(path, fill, fsync)
+
+
+def atomic_write_by_name(path: Path, write: Callable[[str], None], fsync: bool = True) -> None:
+    """As atomic_write_bytes, for a library that writes a file by its name (safetensors' save_file):
+    `write(name)` fills the temporary file, so a 1 GB checkpoint is not first built as bytes in memory."""
+    def fill(_handle, name: str) -> None:
+        write(name)
+        # by name: the library may have put a new file there (safetensors 0.8 does, with mode 0o600)
+        with open(name, "rb+") as written:
+            os.fchmod(written.fileno(), 0o666 & ~_umask())
+            if fsync:
+                os.fsync(written.fileno())
+    _atomic_write(path, fill, fsync=False)
+
+
+def _atomic_write(path: Path, fill: Callable[[BinaryIO, str], None], fsync: bool) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
-            for part in parts:
-                handle.write(part)
+            fill(handle, tmp)
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())

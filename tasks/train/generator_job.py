@@ -118,8 +118,8 @@ def finish_generator(job: GeneratorJob, state: TrainState, **extra_meta) -> dict
             "final_loss": float(np.mean(tail)) if tail else None}
     for ema in state.emas:
         save_checkpoint(job.folder / ema_file(ema.name, job.ema),
-                        dict(ema.shadow.cpu().state_dict()), {**meta, "ema": ema.name})
-    save_checkpoint(job.folder / "generator-raw", dict(state.model.cpu().state_dict()), meta)
+                        dict(ema.shadow.state_dict()), {**meta, "ema": ema.name})   # checked where they are
+    save_checkpoint(job.folder / "generator-raw", dict(state.model.state_dict()), meta)
     mark_complete(job.folder, {"stage": "generator", "key": job.key, "steps": state.step})
     clear_train_state(job.folder, "generator")
     return meta

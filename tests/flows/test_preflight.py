@@ -149,16 +149,22 @@ def test_weights_files_of_the_supported_formats_pass(tmp_path):
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask, mode):
+    import torch
+
+    from storage.checkpoints import save_checkpoint
+
     previous = os.umask(umask)
     try:
         atomic_write_bytes(tmp_path / "marker", b"x")
         atomic_write_json(tmp_path / "chunk.json", {"done": True})
         atomic_write_parquet(pd.DataFrame({"a": [1]}), tmp_path / "table.parquet")
+        save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(3)}, {})   # safetensors writes a file of its own
     finally:
         os.umask(previous)
-    for name in ("marker", "chunk.json", "table.parquet"):
+    for name in ("marker", "chunk.json", "table.parquet", "ckpt.safetensors", "ckpt.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk.json", "marker", "table.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk.json", "ckpt.json", "ckpt.safetensors", "marker",
+                                                          "table.parquet"]
 
 
 def test_config_path_is_relative_to_the_repository_whatever_the_working_directory(tmp_path, monkeypatch):
