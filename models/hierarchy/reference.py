@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import pdist
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
-from threadpoolctl import threadpool_limits
 
+# scipy, sklearn and threadpoolctl are imported by the functions that cluster: the generators' training and
+# sampling import region_canvas from here and need none of them (sklearn alone takes ~1 s to import).
 if TYPE_CHECKING:   # torch is imported by region_canvas alone: the hierarchy's Dask workers never need it
     import torch
 
@@ -102,6 +99,9 @@ def object_mask(unit_tokens: np.ndarray, coords: np.ndarray, spec: HierarchySpec
     all_object = np.ones(len(features), dtype=bool)
     if _all_identical(features):
         return all_object
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings():
         # Fewer distinct tokens than k: sklearn warns and leaves a cluster empty, handled below.
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -127,6 +127,8 @@ def object_cluster(mean_distance: np.ndarray) -> int:
 
 def part_distances(unit_tokens: np.ndarray, coords: np.ndarray, lam: float) -> np.ndarray:
     """Condensed pairwise distances (1 - cos) + lam * ||coord_i - coord_j|| (scipy layout)."""
+    from scipy.spatial.distance import pdist
+
     cosine_distance = np.clip(1.0 - unit_tokens @ unit_tokens.T, 0.0, 2.0)
     upper_i, upper_j = np.triu_indices(len(unit_tokens), k=1)
     return cosine_distance[upper_i, upper_j] + lam * pdist(coords)
@@ -134,6 +136,8 @@ def part_distances(unit_tokens: np.ndarray, coords: np.ndarray, lam: float) -> n
 
 def _normalised_tree(condensed: np.ndarray, method: str) -> np.ndarray:
     """Linkage matrix whose merge heights are min-max scaled to [0, 1]."""
+    from scipy.cluster.hierarchy import linkage
+
     tree = linkage(condensed, method=method)
     heights = tree[:, 2]
     span = heights.max() - heights.min()
@@ -163,6 +167,8 @@ def part_levels(unit_tokens: np.ndarray, coords: np.ndarray, spec: HierarchySpec
     n = len(unit_tokens)
     if n == 1 or not spec.cuts:
         return np.ones((len(spec.cuts), n), dtype=np.int64)
+    from scipy.cluster.hierarchy import fcluster
+
     tree = _normalised_tree(part_distances(unit_tokens, coords, spec.lam), spec.linkage)
     levels = [
         _canonical_ids(fcluster(tree, t=threshold, criterion="distance"))
@@ -222,6 +228,8 @@ def build_hierarchy(tokens: np.ndarray, spec: HierarchySpec, stats: Stats | None
     if tokens.ndim != 3:
         raise ValueError(f"tokens must be [g, g, C], got shape {tokens.shape}")
     stats = _checked_stats(stats, tokens.shape[-1])
+    from threadpoolctl import threadpool_limits
+
     # Problems are tiny; thread pools only add start-up cost and contention.
     with threadpool_limits(limits=1):
         return _single_image_hierarchy(tokens, spec, stats)
@@ -234,6 +242,8 @@ def build_hierarchies(tokens: np.ndarray, spec: HierarchySpec, stats: Stats | No
         raise ValueError(f"tokens must be [N, g, g, C], got shape {tokens.shape}")
     stats = _checked_stats(stats, tokens.shape[-1])
     out = np.empty((tokens.shape[0], spec.partition_levels, *tokens.shape[1:3]), dtype=np.int16)
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1):
         for index, image_tokens in enumerate(tokens):
             out[index] = _single_image_hierarchy(image_tokens, spec, stats)

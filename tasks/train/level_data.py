@@ -11,7 +11,6 @@ from models.hierarchy.reference import region_canvas
 from models.generator.flat import flat_level_data
 from models.generator.train_loop import LevelData
 from storage import zarr_store
-from tasks.encode.files import stored_tensor
 
 
 @dataclass
@@ -58,6 +57,8 @@ def valid_rows(path: Path, limit: int | None = None) -> np.ndarray:
 
 
 def load_latents(path: Path, limit: int | None = None) -> Latents:
+    from tasks.encode.files import stored_tensor   # the encode stage's modules (timm, ...) only when reading
+
     valid = valid_rows(path, limit)
     tokens = zarr_store.open_array(path, "tokens")
     raw = zarr_store.read_stored(path, "tokens", valid) if len(valid) else np.asarray(tokens[0:0])
