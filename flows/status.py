@@ -12,7 +12,6 @@ from storage.checkpoints import checkpoint_exists, is_complete
 from storage.config import TFConfig
 from storage.tables import run_summaries
 from tasks import plan
-from tasks.evaluate.stage import evaluation_dir
 
 STAGE_PREFIXES = ("images", "latents", "teacher", "decoder", "generator", "judge", "evaluate")
 
@@ -56,7 +55,8 @@ def expected_stages(root: Path, cfg: TFConfig) -> list[dict]:
         wanted += [(f"train-L{level}", layout.generator(level)) for level in range(cfg.hierarchy.generator_levels)]
     if cfg.source.kind == "scenes":
         wanted.append(("judge", layout.judge()))
-    wanted.append(("evaluate", evaluation_dir(layout, cfg)))
+    # tasks.evaluate.stage.evaluation_dir, without importing the evaluation (torch, timm, torch-fidelity: seconds)
+    wanted.append(("evaluate", layout.mode_evaluation()[0]))
     return [{"stage": stage, "folder": path.name, **_state(path)} for stage, path in wanted]
 
 
