@@ -32,6 +32,13 @@ PROOF_DEFAULT="--preset tiny --batch-size 256 --steps 512 --max-steps 8192 --sam
   --structure-samples 256 --decoder-steps 1500 --judge-steps 1000"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2; df -h /tmp /dev/shm | tail -2
   bash scripts/gpu_install.sh; } > "$OUT/env.txt" 2>&1 || { tail -20 "$OUT/env.txt"; exit 1; }
+# the host's own speed, which the data plane's store writes and JPEG decode depend on (hosts differ 1.4-2.2x):
+# 4 GB written to /tmp and fsynced (as each chunk is), and one core's memory copy
+{ echo "disk, 4 GB fsynced: $(dd if=/dev/zero of=/tmp/dd_probe bs=64M count=64 conv=fsync 2>&1 | tail -1)"
+  rm -f /tmp/dd_probe
+  python3 -c "import numpy as np, time; a = np.ones(2**30, np.uint8); b = np.empty_like(a); np.copyto(b, a)
+t = time.perf_counter(); [np.copyto(b, a) for _ in range(4)]; print(f'memory copy, one core: {4 * 2**30 / (time.perf_counter() - t) / 1e9:.2f} GB/s')"
+} > "$OUT/host_probe.txt" 2>&1; cat "$OUT/host_probe.txt"
 tail -1 "$OUT/env.txt"
 for item in $STEPS; do
   began=$(date +%s); step=${item%%:*}; assign=""; out="$OUT"
