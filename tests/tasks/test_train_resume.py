@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -62,18 +63,14 @@ def test_sigkilled_training_resumes_to_the_unbroken_weights(tmp_path):
     assert 4 <= killed_at < STEPS and not is_complete(folder)
 
     second = child(folder, pause=0.0)
-    out, err = second.communicate(timeout=180)
+    with ThreadPoolExecutor(1) as pool:   # the unbroken run, in this process while the child resumes on its core
+        unbroken = pool.submit(_unbroken, tmp_path / "unbroken")
+        out, err = second.communicate(timeout=180)
+        state = unbroken.result()
     assert second.returncode == 0, err[-2000:]
     assert out.split()[:2] == ["start", str(killed_at)]   # it resumed, it did not restart
     assert is_complete(folder) and not pointer.exists()
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        job = synthetic_job(SEED, tmp_path / "unbroken", STEPS, 8, "muon", 0)
-        state = train_generator(job.model, job.data, job.level, job.objective, job.optim, "cpu")
-    finally:
-        torch.set_num_threads(previous)
     for name, decay, expected in (("generator-raw", None, state.model), ("generator", "0.99", state.ema(0.99)),
                                   ("generator-ema0_9", "0.9", state.ema(0.9))):
         tensors, meta = load_checkpoint(folder / name)
@@ -81,6 +78,17 @@ def test_sigkilled_training_resumes_to_the_unbroken_weights(tmp_path):
         reference = expected.state_dict()
         assert set(tensors) == set(reference)
         assert [k for k in reference if not torch.equal(tensors[k], reference[k])] == [], name
+
+
+def _unbroken(folder: Path):
+    """The children's job trained without a kill, one thread as they use."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        job = synthetic_job(SEED, folder, STEPS, 8, "muon", 0)
+        return train_generator(job.model, job.data, job.level, job.objective, job.optim, "cpu")
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_snapshot_pointer_is_the_commit_point(tmp_path):
