@@ -152,11 +152,11 @@ def test_losing_every_worker_mid_run_fails_within_the_timeout_and_the_next_run_r
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     dask = [sys.executable, "-m", "dask"]
 
-    def chunk(index: int, folder: str) -> int:   # nested: pickled by value, nothing to import on the worker
+    def chunk(index: int, folder: str, pause: float) -> int:   # nested: pickled by value, nothing to import
         import time
         from pathlib import Path
 
-        time.sleep(0.2)   # 12 chunks of 2.4 s in all: the kill after the first marker lands mid-run
+        time.sleep(pause)   # first run 0.2 s: 12 chunks of 2.4 s in all, the kill after the first marker lands mid-run
         marker = Path(folder) / f"{index}.{time.time_ns()}"   # one file per execution: repeats would show
         marker.write_text("done")
         return index
@@ -169,7 +169,7 @@ def test_losing_every_worker_mid_run_fails_within_the_timeout_and_the_next_run_r
         procs.append(_start(worker, logs, "worker-1", env))
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(1, timeout=60)
-        args = [(i, str(markers)) for i in range(12)]
+        args = [(i, str(markers), 0.2) for i in range(12)]
         killer_done = []
 
         def kill_after_first_marker() -> None:
@@ -205,7 +205,8 @@ def test_losing_every_worker_mid_run_fails_within_the_timeout_and_the_next_run_r
         procs.append(_start(worker, logs, "worker-2", env))
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(1, timeout=60)
-        rest = [a for a in args if a[0] not in done]   # what a stage resumes: the chunks without a marker
+        # what a stage resumes: the chunks without a marker (nothing to land a kill in now: no pause)
+        rest = [(i, folder, 0.0) for i, folder, _ in args if i not in done]
         assert run_chunks(chunk, rest, description="test", address=address, workers=1) == [a[0] for a in rest]
         executions = sorted(int(p.name.split(".")[0]) for p in markers.iterdir())
         assert executions == list(range(len(args)))   # every chunk ran, and exactly once
