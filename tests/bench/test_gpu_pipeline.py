@@ -16,8 +16,9 @@ TOY = ["device=cpu", "encoder.model=vit_small_patch14_reg4_dinov2", "source.imag
        "evaluate.structure_workers=0"]   # imagenet.yaml's 12 processes take 19 s to start on 2 cores
 
 
-def test_the_acceptance_run_reports_every_stage_from_the_runs_table(tmp_path):
+def test_the_acceptance_run_reports_every_stage_from_the_runs_table(tmp_path, migrated_prefect_home):
     out = tmp_path / "out"
+    migrated_prefect_home(tmp_path / "work" / "prefect")   # the bench's PREFECT_HOME: its server need not migrate
     command = [sys.executable, str(REPO / "bench" / "gpu_pipeline.py"), "--images", "40", "--classes", "3",
                "--workdir", str(tmp_path / "work"), "--out", str(out), "--jpeg-workers", "1",
                "--model", "vit_small_patch14_reg4_dinov2"]

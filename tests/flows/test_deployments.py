@@ -139,7 +139,7 @@ def test_a_stage_run_waits_for_the_stages_before_it_or_stops_when_its_pipeline_e
 
 # ---------------------------------------------------------------- real server, real worker
 
-def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_path):
+def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_path, migrated_prefect_home):
     """The README's deployment section, line by line, on loopback: `prefect server start`, `python -m
     flows.deploy --pools-only`, a worker per pool, `prefect --no-prompt deploy --all` (prefect.yaml as
     shipped). Then the shipped pipeline deployment runs to completion through `prefect deployment run
@@ -171,6 +171,7 @@ def test_shipped_deployments_run_from_prefect_yaml_on_cpu_and_gpu_workers(tmp_pa
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "configs" / "tiny.yaml").read_text() + "hierarchy:\n  cutz: [0.6, 0.3]\n")
     runs = {}
+    migrated_prefect_home(tmp_path / "prefect-home")   # the server's home: it starts without migrating
     with ExitStack() as stack:
         env, url, workers, logs = stack.enter_context(server_with_workers(tmp_path, REPO))
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))

@@ -16,8 +16,9 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_sigterm_stops_the_run_with_its_prefect_server_and_dask_cluster(tmp_path):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+def test_sigterm_stops_the_run_with_its_prefect_server_and_dask_cluster(tmp_path, migrated_prefect_home):
+    home = migrated_prefect_home(tmp_path / "prefect")   # its server starts without migrating a new database
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_LOGGING_LEVEL": "INFO"}   # the server's port is in an INFO line
     command = [sys.executable, "-m", "flows.cli", "pipeline", "--config", str(REPO / "configs" / "tiny.yaml"),
                "--root", str(tmp_path / "root")]
