@@ -13,14 +13,17 @@
 #              needs the wheels built with `scripts/gpu_wheels.py --profiler --nvimgcodec-cuda ''`
 #   trainprofile bench/train_profile.py: the configured generator step (the product's loop) by kernel family, and
 #              its optimiser, EMA updates and gradient norm alone (TP_SETS: --set flags; TP_STEPS; TP_PROCS: that
-#              many processes at once, their step times combined into train_profile_concurrent.json)
+#              many processes at once, their step times combined into train_profile_concurrent.json; TP_COMPILE="false
+#              true" runs it with each generator.compile in turn)
 #   proof      bench/trajectory_proof.py (issue 30), resuming from /tmp/proof while the machine stays warm
 # Usage (device tool, repository root, .whl carried): STEPS="tests pipeline" bash bench/gpu_session.sh
 # (TESTS="<paths>" picks the tests; *_S each step's time limit; GP_FASTEST=1 runs the pipeline with the settings
 # of the last data plane's fastest --compare on this machine, from an earlier call too while it stays warm).
 # A step written STEP:NAME=VALUE runs with that environment variable set, its logs and results in
 # $OUT/NAME_VALUE: decode:CUDA_DEVICE_MAX_CONNECTIONS=32 times the probe with 32 hardware work queues instead of
-# CUDA's 8 (streams that share one queue wait for each other)
+# CUDA's 8 (streams that share one queue wait for each other). trainprofile:MPS=1 and proof:MPS=1 run that step's
+# processes under CUDA MPS (a daemon started for the step and stopped after it; the GPU's settings are not
+# touched): without it processes on one GPU take turns in time slices, and a tiny model's kernels fill a few SMs
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=/tmp/prefect
@@ -40,9 +43,21 @@ PROOF_DEFAULT="--preset tiny --batch-size 256 --steps 512 --max-steps 8192 --sam
 t = time.perf_counter(); [np.copyto(b, a) for _ in range(4)]; print(f'memory copy, one core: {4 * 2**30 / (time.perf_counter() - t) / 1e9:.2f} GB/s')"
 } > "$OUT/host_probe.txt" 2>&1; cat "$OUT/host_probe.txt"
 tail -1 "$OUT/env.txt"
+mps_stop() {   # quits the MPS daemon this script started, if any
+  [[ -n ${CUDA_MPS_PIPE_DIRECTORY:-} ]] || return 0
+  echo quit | nvidia-cuda-mps-control; sleep 1; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
+mps_start() {   # a per-user MPS daemon with its pipes under /tmp; the step's processes find it by the variables
+  command -v nvidia-cuda-mps-control > /dev/null || { echo "MPS=1: no nvidia-cuda-mps-control here"; return 1; }
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d || { unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; return 1; }
+}
+trap mps_stop EXIT
 for item in $STEPS; do
   began=$(date +%s); step=${item%%:*}; assign=""; out="$OUT"
   if [[ $item == *:* ]]; then assign=${item#*:}; out="$OUT/${assign//=/_}"; mkdir -p "$out"; fi
+  if [[ $assign == MPS=1 ]]; then mps_start > "$out/mps.txt" 2>&1 || { cat "$out/mps.txt"; continue; }; fi
   case $step in
     tests) env $assign timeout "${TESTS_S:-150}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/storage \
              tests/tasks/test_encode_files.py tests/tasks/test_phase_clock.py tests/models/test_channel_stats.py \
@@ -81,17 +96,24 @@ for item in $STEPS; do
                  > "$out/pyspy_${mode}_summary.json"
              done ;;
     trainprofile) procs=${TP_PROCS:-1}   # TP_PROCS=12: that many at once on the one GPU, as issue 30's proof trains
-             rm -rf /tmp/tp; for i in $(seq "$procs"); do d="$out"; (( procs > 1 )) && d=/tmp/tp/$i && mkdir -p "$d"
-               env $assign timeout "${TRAINPROFILE_S:-240}" python3 bench/train_profile.py --steps "${TP_STEPS:-8}" \
-               --out "$d" ${TP_SETS:-} > "$d/train_profile.log" 2>&1 &
-             done; wait; (( procs == 1 )) || python3 bench/train_profile.py --combine /tmp/tp --out "$out" \
-               > "$out/train_profile.log" 2>&1 ;;
+             for compile in ${TP_COMPILE:-configured}; do   # TP_COMPILE="false true": each, into $out/compile_*
+               dest="$out"; sets="${TP_SETS:-}"
+               if [[ $compile != configured ]]; then
+                 dest="$out/compile_$compile"; mkdir -p "$dest"; sets="$sets --set generator.compile=$compile"; fi
+               rm -rf /tmp/tp; for i in $(seq "$procs"); do d="$dest"; (( procs > 1 )) && d=/tmp/tp/$i && mkdir -p "$d"
+                 env $assign timeout "${TRAINPROFILE_S:-240}" python3 bench/train_profile.py --steps "${TP_STEPS:-8}" \
+                 --out "$d" $sets > "$d/train_profile.log" 2>&1 &
+               done; wait   # the processes' logs stay in /tmp/tp (at most 8 files come back from a call)
+               (( procs == 1 )) || python3 bench/train_profile.py --combine /tmp/tp --out "$dest" > /tmp/tp/combine.log 2>&1 \
+                 || { echo "trainprofile $compile:"; tail -4 /tmp/tp/combine.log /tmp/tp/1/train_profile.log; }
+             done ;;
     proof) env $assign timeout "${PROOF_S:-560}" python3 bench/trajectory_proof.py --device cuda --work /tmp/proof --parallel \
              --time-limit $(( ${PROOF_S:-560} - 20 )) ${PROOF_ARGS:-$PROOF_DEFAULT} --out "$out" \
              --figure "$out/tf_vs_flat_trajectories.png" \
              --curves-figure "$out/trajectory_proof_curves.png" > "$out/proof.log" 2>&1 ;;   # /tmp/proof: chain calls
   esac
-  echo "$item: rc $? in $(( $(date +%s) - began ))s"
+  rc=$?; mps_stop
+  echo "$item: rc $rc in $(( $(date +%s) - began ))s"
 done
 tail -3 "$OUT/tests.log" 2>/dev/null; grep -E "img/s|Error" "$OUT"/decode.log "$OUT"/*/decode.log 2>/dev/null | tail -24; grep -E "img/s|Error|error" "$OUT/dataplane.log" 2>/dev/null | tail -5
 grep -E "computed|reused|failed|Error" "$OUT/pipeline.log" 2>/dev/null | tail -14

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -173,7 +174,9 @@ def main() -> None:
         figures["gpu_idle_ms_per_step"] = (profile["gpu_idle_ms_per_step"], "ms a step between kernels (profiled)")
     settings = {"optimizer": optim.optimizer, "batch_size": optim.batch_size, "device_batch": optim.device_batch,
                 "compile": optim.compile, "compile_tuning": optim.compile_tuning, "emas": len(state.emas),
-                "preset": cfg.generator.preset, "latents": "host (pinned gathers)" if args.host_latents else "device"}
+                "preset": cfg.generator.preset, "latents": "host (pinned gathers)" if args.host_latents else "device",
+                # processes at once on one GPU take turns in time slices unless CUDA MPS runs (gpu_session.sh MPS=1)
+                "gpu_sharing": "mps" if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") else "time slices"}
     path = write_result("train_profile", figures, {"settings": settings, "flops_per_sample": flops,
                                                     "timed_steps": timed, "profiled_steps": clock.profiled,
                                                     **profile}, args.out)
