@@ -107,9 +107,9 @@ def figures_of(rows: list[dict], images: int) -> tuple[dict, dict]:
     table = {}
     for row in rows:
         keep = {k: row[k] for k in ("status", "duration_s", "images_per_s", "gpu_peak_mem_gib", "gpu_busy_share",
-                                    "train_img_per_s", "step_s", "mfu", "stats_pass_s", "stats_phases_s",
-                                    "phases_s", "timing_s", "channel_stats", "teacher", "rows", "wall_s", "load_s",
-                                    "decoded_by", "verified")
+                                    "train_img_per_s", "step_s", "mfu", "timed_steps", "after_last_step_s",
+                                    "stats_pass_s", "stats_phases_s", "phases_s", "timing_s", "channel_stats",
+                                    "teacher", "rows", "wall_s", "load_s", "decoded_by", "verified")
                 if k in row and row[k] == row[k]}
         table[row["stage"]] = keep
         figures[f"{row['stage']}_s"] = (round(float(row["duration_s"]), 2), f"s ({row['status']})")

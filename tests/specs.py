@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from models.evaluation.plan import EvalPlan
-from models.generator.dit import DiTConfig
+from models.generator.dit import DiTConfig, TrajectoryDiT
 from models.generator.meanflow import MeanFlowConfig
 from models.generator.optim import OptimConfig
+from models.generator.train_loop import LevelData
 from models.hierarchy.reference import HierarchySpec
 from storage.config import TFConfig
 from tasks import plan
@@ -44,3 +47,21 @@ def dit(**overrides) -> DiTConfig:
 def eval_plan(**overrides) -> EvalPlan:
     cfg = TFConfig()
     return dataclasses.replace(plan.eval_plan(cfg, keep=cfg.evaluate.keep_trajectories), **overrides)
+
+
+# A generator small enough for a few CPU training steps, and a middle level's data for it.
+TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
+
+
+def tiny_model(seed: int = 0) -> TrajectoryDiT:
+    torch.manual_seed(seed)
+    return TrajectoryDiT(dit(**TINY))
+
+
+def tiny_data(n: int = 12, seed: int = 0) -> LevelData:
+    """A middle level's data: random latents (float16, as stored), statistics, labels, two partitions."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = (torch.randn(n, 16, 8, generator=g) * 2 + 1).half()
+    mean, std = torch.full((8,), 1.0), torch.full((8,), 2.0)
+    target_ids, cond_ids = torch.randint(0, 3, (n, 16), generator=g), torch.randint(0, 2, (n, 16), generator=g)
+    return LevelData(tokens, mean, std, torch.randint(0, 3, (n,), generator=g), target_ids, cond_ids)

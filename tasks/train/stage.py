@@ -37,8 +37,11 @@ HOPPER_BF16_FLOPS = 989e12
 
 class StepClock:
     """Training throughput as the stage saw it: wall time from the end of step `skip` (compilation and
-    warm-up behind it) to the end of training, over the steps between. `rates` gives img/s, seconds per
-    step and, on an H100 / H200, the model FLOPs utilisation for `flops_per_sample`."""
+    warm-up behind it) to the end of the last step, over the steps between. The loop reports a step's stats
+    one step late, after waiting for that step's GPU work (train_loop.LaggedStats), so each `on_step` marks
+    the end of a step; what the run does after its last step (the final check of every weight and EMA, the
+    progress bar's close) is no step and is recorded beside as `after_last_step_s`. `rates` gives img/s,
+    seconds per step and, on an H100 / H200, the model FLOPs utilisation for `flops_per_sample`."""
 
     def __init__(self, total: int, batch: int, skip: int | None = None):
         self.skip, self.batch = min(max(total // 10, 2), 20) if skip is None else skip, batch
@@ -48,17 +51,19 @@ class StepClock:
 
     def on_step(self, step: int) -> None:
         self.steps = step + 1
+        self.marks["last"] = time.perf_counter()   # this step's GPU work is done (its stats were read)
         if step + 1 == self.skip:
-            self.marks["start"] = time.perf_counter()
+            self.marks["start"] = self.marks["last"]
 
     def rates(self, device: str, flops_per_sample: int | None = None) -> dict:
         if "start" not in self.marks or self.steps <= self.skip:
             return {}
         if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)   # queued steps are part of the time
-        seconds = (time.perf_counter() - self.marks["start"]) / (self.steps - self.skip)
+            torch.cuda.synchronize(device)   # nothing of the steps is queued by now; the end-of-run work may be
+        seconds = (self.marks["last"] - self.marks["start"]) / (self.steps - self.skip)
         out = {"train_img_per_s": round(self.batch / seconds, 1), "step_s": round(seconds, 5),
-               "timed_steps": self.steps - self.skip}
+               "timed_steps": self.steps - self.skip,
+               "after_last_step_s": round(time.perf_counter() - self.marks["last"], 3)}
         name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else ""
         if flops_per_sample and ("H100" in name or "H200" in name):
             out["mfu"] = round(flops_per_sample * self.batch / seconds / HOPPER_BF16_FLOPS, 4)

@@ -35,6 +35,7 @@ def test_the_acceptance_run_reports_every_stage_from_the_runs_table(tmp_path, mi
     assert 0 < figures["jpeg_to_teacher_img_per_s"]["value"] < 40 / stages["encode"]["duration_s"] + 1
     assert figures["pipeline_wall_s"]["value"] > stages["evaluate"]["duration_s"]
     assert stages["train-L0"]["train_img_per_s"] > 0 and "mfu" not in stages["train-L0"]   # no MFU on a CPU
+    assert stages["train-L0"]["after_last_step_s"] >= 0   # the run's end, kept out of the step time
     assert (out / "grid.png").stat().st_size > 1000 and "pipeline" in (out / "pipeline.log").read_text()
     assert result["pipeline"] == "completed" and {"check_source", "pass"} <= set(stages["encode"]["wall_s"])
     assert "random values" in result["encoder_weights"]   # no reader takes the grid for a trained model's

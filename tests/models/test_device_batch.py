@@ -10,7 +10,7 @@ import torch
 
 from models.generator.train_loop import _batch_index, micro_batch_rows, new_state, train_generator
 from specs import objective, optim
-from test_train_loop import tiny_data, tiny_model
+from specs import tiny_data, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.py
 IMAGENET = Path(__file__).parents[2] / "configs" / "imagenet.yaml"

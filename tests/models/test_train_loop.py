@@ -9,27 +9,12 @@ from models.generator.dit import TrajectoryDiT
 from models.generator.optim import build_optimizers, param_groups
 from models.generator.train_loop import LevelData, train_generator
 from models.generator.train_state import export_state
-from specs import dit, objective, optim
+from specs import TINY, dit, objective, optim, tiny_data, tiny_model
 from storage.checkpoints import load_train_state, save_train_state
 
-TINY = dict(token_dim=8, grid=4, width=32, depth=2, head_depth=1, heads=2, num_classes=3)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.py
-
-
-def tiny_model(seed: int = 0) -> TrajectoryDiT:
-    torch.manual_seed(seed)
-    return TrajectoryDiT(dit(**TINY))
-
-
-def tiny_data(n: int = 12, seed: int = 0) -> LevelData:
-    """A middle level's data: random latents (float16, as stored), statistics, labels, two partitions."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = (torch.randn(n, 16, 8, generator=g) * 2 + 1).half()
-    mean, std = torch.full((8,), 1.0), torch.full((8,), 2.0)
-    target_ids, cond_ids = torch.randint(0, 3, (n, 16), generator=g), torch.randint(0, 2, (n, 16), generator=g)
-    return LevelData(tokens, mean, std, torch.randint(0, 3, (n,), generator=g), target_ids, cond_ids)
 
 
 def test_a_batch_is_the_levels_canvases_of_its_rows_as_a_whole_set_read_would_give():
