@@ -113,6 +113,9 @@ def combine(folder: Path, out: str) -> Path:
                "step_s_mean": (round(sum(steps) / len(steps), 5), f"s a step of {batch} images, mean over processes"),
                "step_s_max": (max(steps), "s a step, the slowest process"),
                "img_per_s_total": (round(sum(batch / s for s in steps), 1), "img/s of all processes together")}
+    before = [r["figures"]["before_timed_steps_s"]["value"] for r in runs if "before_timed_steps_s" in r["figures"]]
+    if before:   # the processes compile at once, sharing the host's cores
+        figures["before_timed_steps_s_max"] = (max(before), "s before the timed steps (compile, warm-up), the slowest")
     return write_result("train_profile_concurrent", figures,
                         {"settings": runs[0]["settings"], "process_commands": [r["command"] for r in runs],
                          "step_s": steps}, out)
@@ -165,6 +168,8 @@ def main() -> None:
         "step_s": (rates["step_s"], f"s a step of {optim.batch_size} images, after {args.warmup} steps, "
                                     f"over {timed} (the train stage's StepClock)"),
         "img_per_s": (rates["train_img_per_s"], "img/s"),
+        "before_timed_steps_s": (round(clock.clock.marks["start"] - clock.clock.began, 2),
+                                 f"s from the loop's start to the end of step {args.warmup} (the compile, warm-up)"),
         **({"mfu": (rates["mfu"], rates["mfu_unit"])} if "mfu" in rates else {}),
         **{name: (round(ms, 3), "ms alone on the trained state (CUDA events; on the CPU wall time)")
            for name, ms in outside.items()},

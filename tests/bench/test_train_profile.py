@@ -37,6 +37,7 @@ def test_the_configured_loop_is_profiled_with_its_optimizer_and_emas(tmp_path, m
     step_s = figures["step_s"]["value"]
     assert step_s > 0 and abs(figures["img_per_s"]["value"] - 8 / step_s) < 0.1
     assert "mfu" not in figures   # only on an H100 / H200
+    assert figures["before_timed_steps_s"]["value"] > 0   # the steps before the timed ones (the compile on a GPU)
     assert all(figures[k]["value"] > 0 for k in ("optimizer_ms", "emas_ms", "grad_norm_ms"))
     assert report["families_ms"] and "aten::mm" in report["top_kernels_ms"]
     assert report["commit"] and report["command"].endswith("--out " + str(tmp_path))
@@ -46,6 +47,7 @@ def test_the_configured_loop_is_profiled_with_its_optimizer_and_emas(tmp_path, m
         (tmp_path / "procs" / name).mkdir(parents=True)
         body = json.loads(json.dumps(report))
         body["figures"]["step_s"]["value"] = seconds
+        body["figures"]["before_timed_steps_s"]["value"] = 10 * seconds
         (tmp_path / "procs" / name / "train_profile.json").write_text(json.dumps(body))
     monkeypatch.setattr(sys, "argv", ["train_profile.py", "--combine", str(tmp_path / "procs"), "--out", str(tmp_path)])
     train_profile.main()
@@ -53,6 +55,7 @@ def test_the_configured_loop_is_profiled_with_its_optimizer_and_emas(tmp_path, m
     assert combined["processes"]["value"] == 2 and combined["step_s_max"]["value"] == 2 * step_s
     assert abs(combined["step_s_mean"]["value"] - 1.5 * step_s) < 1e-4
     assert abs(combined["img_per_s_total"]["value"] - (8 / step_s + 4 / step_s)) < 0.1
+    assert combined["before_timed_steps_s_max"]["value"] == 20 * step_s
 
 
 def test_too_few_steps_to_profile_are_refused(monkeypatch):
