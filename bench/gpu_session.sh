@@ -30,7 +30,8 @@ export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=/t
 # the device's copy of the tree may carry a stale .git: pass BENCH_COMMIT=<the commit sent> with the call
 export BENCH_COMMIT=${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 STEPS=${STEPS:-"tests dataplane pipeline"}
-# issue 30's proof at the tiny preset (docs/trajectory.md section 8); PROOF_ARGS replaces it
+# issue 30's proof at the tiny preset (docs/trajectory.md section 8); PROOF_ARGS replaces it, PROOF_EXTRA adds to
+# it (PROOF_EXTRA=--compile: the generators compiled)
 PROOF_DEFAULT="--preset tiny --batch-size 256 --steps 512 --max-steps 8192 --samples 512 --reencode 128
   --structure-samples 256 --decoder-steps 1500 --judge-steps 1000"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2; df -h /tmp /dev/shm | tail -2
@@ -108,7 +109,7 @@ for item in $STEPS; do
                  || { echo "trainprofile $compile:"; tail -4 /tmp/tp/combine.log /tmp/tp/1/train_profile.log; }
              done ;;
     proof) env $assign timeout "${PROOF_S:-560}" python3 bench/trajectory_proof.py --device cuda --work /tmp/proof --parallel \
-             --time-limit $(( ${PROOF_S:-560} - 20 )) ${PROOF_ARGS:-$PROOF_DEFAULT} --out "$out" \
+             --time-limit $(( ${PROOF_S:-560} - 20 )) ${PROOF_ARGS:-$PROOF_DEFAULT} ${PROOF_EXTRA:-} --out "$out" \
              --figure "$out/tf_vs_flat_trajectories.png" \
              --curves-figure "$out/trajectory_proof_curves.png" > "$out/proof.log" 2>&1 ;;   # /tmp/proof: chain calls
   esac
