@@ -52,7 +52,9 @@ mps_start() {   # a per-user MPS daemon with its pipes under /tmp; the step's pr
   command -v nvidia-cuda-mps-control > /dev/null || { echo "MPS=1: no nvidia-cuda-mps-control here"; return 1; }
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  nvidia-cuda-mps-control -d || { unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; return 1; }
+  # a daemon left by a killed call on this warm machine answers the query and is used as it is
+  nvidia-cuda-mps-control -d || echo get_server_list | nvidia-cuda-mps-control > /dev/null \
+    || { unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; return 1; }
 }
 trap mps_stop EXIT
 for item in $STEPS; do
