@@ -55,8 +55,7 @@ def expected_stages(root: Path, cfg: TFConfig) -> list[dict]:
         wanted += [(f"train-L{level}", layout.generator(level)) for level in range(cfg.hierarchy.generator_levels)]
     if cfg.source.kind == "scenes":
         wanted.append(("judge", layout.judge()))
-    # tasks.evaluate.stage.evaluation_dir, without importing the evaluation (torch, timm, torch-fidelity: seconds)
-    wanted.append(("evaluate", layout.mode_evaluation()[0]))
+    wanted.append(("evaluate", layout.mode_evaluation()[0]))   # evaluate-<key> or evaluate-flat-<key>
     return [{"stage": stage, "folder": path.name, **_state(path)} for stage, path in wanted]
 
 

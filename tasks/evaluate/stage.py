@@ -69,11 +69,6 @@ def _sampled_keys(layout: Layout) -> list[str]:
     return [layout.keys.shared_generator] if layout.sharing == "shared" else list(layout.keys.generators)
 
 
-def evaluation_dir(layout: Layout, cfg: TFConfig) -> Path:
-    """`evaluate-<key>` (staged) or `evaluate-flat-<key>`: both evaluations of one root sit side by side."""
-    return layout.mode_evaluation()[0]
-
-
 def _load_generators(cfg: TFConfig, layout: Layout, grid: int, dim: int, device: str) -> list[TrajectoryDiT]:
     """The sampler of each level: its own model, or the one shared model at every level."""
     loaded: dict = {}

@@ -29,10 +29,8 @@ def test_flat_pipeline_trains_the_flat_model_and_reuses_the_rest(two_runs):
     status = {s["stage"]: s["status"] for s in second["stages"]}
     assert status == {"ingest": "reused", "encode": "reused", "hierarchy": "reused", "train-decoder": "reused",
                       "train-flat": "computed", "judge": "reused", "evaluate": "computed"}
-    from tasks.evaluate.stage import evaluation_dir
-
     layout = plan.layout(root, flat)
-    flat_dir, staged_dir = evaluation_dir(layout, flat), evaluation_dir(plan.layout(root, staged), staged)
+    flat_dir, staged_dir = layout.mode_evaluation()[0], plan.layout(root, staged).mode_evaluation()[0]
     assert flat_dir.name.startswith("evaluate-flat-") and staged_dir == layout.evaluation()
     assert zarr_store.is_complete(flat_dir) and zarr_store.is_complete(staged_dir)
     trajectories = zarr_store.open_dataset(flat_dir / "trajectories.zarr")
