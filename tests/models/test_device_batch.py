@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from models.generator.train_loop import _batch_index, micro_batch_rows, new_state, train_generator
-from specs import objective, optim
-from specs import tiny_data, tiny_model
+from specs import objective, optim, tiny_data, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.py
 IMAGENET = Path(__file__).parents[2] / "configs" / "imagenet.yaml"

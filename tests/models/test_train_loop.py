@@ -5,14 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.generator.dit import TrajectoryDiT
 from models.generator.optim import build_optimizers, param_groups
 from models.generator.train_loop import LevelData, train_generator
 from models.generator.train_state import export_state
-from specs import TINY, dit, objective, optim, tiny_data, tiny_model
+from specs import objective, optim, tiny_data, tiny_model
 from storage.checkpoints import load_train_state, save_train_state
-
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")   # tests/models/conftest.py
 
